@@ -1,0 +1,37 @@
+"""convspec: declarative conversion specs for model checkpoints, compiled to exact, invertible plans."""
+
+from __future__ import annotations
+
+from .api import compile, load_spec, spec_names
+from .bind import BoundPlan
+from .compile.plan import Plan
+from .errors import (
+    BindError,
+    CompileError,
+    ConfigError,
+    ConvspecError,
+    NotInvertibleError,
+    SpecError,
+    SpecNotFoundError,
+    SpecSyntaxError,
+    SpecValidationError,
+)
+from .spec import Spec
+
+__all__ = [
+    "BindError",
+    "BoundPlan",
+    "CompileError",
+    "ConfigError",
+    "ConvspecError",
+    "NotInvertibleError",
+    "Plan",
+    "Spec",
+    "SpecError",
+    "SpecNotFoundError",
+    "SpecSyntaxError",
+    "SpecValidationError",
+    "compile",
+    "load_spec",
+    "spec_names",
+]

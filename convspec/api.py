@@ -1,0 +1,74 @@
+"""The public entry points: load a spec by name or path, compile it with a config."""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .compile.compiler import compile_spec
+from .compile.plan import Plan
+from .errors import SpecNotFoundError
+from .io.config import load_config
+from .spec import Spec, parse_spec
+
+SUFFIXES = (".yaml", ".yml", ".cspec")
+
+
+def _builtin_dir():
+    """specs/ beside the package in a checkout (editable install), else the installed copy."""
+    here = Path(__file__).resolve().parent.parent / "specs"
+    if here.is_dir():
+        return here
+    return resources.files("convspec.specs")
+
+
+@cache
+def _builtin_index() -> dict[str, str]:
+    """Every name a built-in spec answers to (its own name and its model types) -> file name."""
+    index: dict[str, str] = {}
+    for entry in sorted(_builtin_dir().iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith((".yaml", ".yml")):
+            continue
+        spec = parse_spec(entry.read_text(), entry.name)
+        index.setdefault(spec.name, entry.name)
+        for mt in spec.model_types:
+            index.setdefault(mt, entry.name)
+    return index
+
+
+def spec_names() -> builtins.list[str]:
+    """The names of the built-in specs."""
+    return sorted(
+        {parse_spec(_builtin_dir().joinpath(f).read_text(), f).name for f in set(_builtin_index().values())}
+    )
+
+
+def load_spec(name_or_path: str | Path) -> Spec:
+    """A built-in spec by name or model type, or a spec file (.yaml, .yml, .cspec) by path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if text.endswith(SUFFIXES) or path.is_file():
+        if not path.is_file():
+            raise SpecNotFoundError(f"spec file {text} does not exist")
+        return parse_spec(path.read_text(encoding="utf-8"), text)
+    index = _builtin_index()
+    if text not in index:
+        close = difflib.get_close_matches(text, list(index), 3)
+        raise SpecNotFoundError(
+            f"no built-in spec or model type named {text!r}",
+            hint=(f"did you mean {', '.join(close)}? " if close else "")
+            + "see `convspec compile --list`, or pass a path to a .yaml/.cspec file",
+        )
+    entry = _builtin_dir().joinpath(index[text])
+    return parse_spec(entry.read_text(encoding="utf-8"), f"specs/{index[text]}")
+
+
+def compile(spec: Spec | str | Path, config: dict | str | Path | Any | None = None) -> Plan:  # noqa: A001
+    """Compile a spec (or a spec name/path) into a Plan; config is a dict, a config.json path, or None."""
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec)
+    return compile_spec(spec, load_config(config))

@@ -1,0 +1,269 @@
+"""Bind: Plan x checkpoint layout -> concrete groups with inferred output shapes. Reads headers only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .compile.evaluate import evaluate
+from .compile.plan import Plan, PlanRule
+from .errors import BindError, ConfigError
+from .ops import OPS, OpError, TensorInfo
+
+Index = tuple[str, ...]
+Value = dict[Index, Any]  # a collection: capture values (in the value's `free` order) -> leaf
+
+
+class GroupError(Exception):
+    """A problem inside one group; bind adds the rule and the group's name."""
+
+
+def node_params(plan: Plan, rule: PlanRule, node) -> dict:
+    """A node's parameters with any config expression evaluated (cached on the plan)."""
+    key = ("params", rule.index, plan.is_inverse, id(node))
+    cache = plan._cache
+    if key not in cache:
+        out = {}
+        for k, v in node.params:
+            if isinstance(v, dict) and "$expr" in v:
+                v = evaluate(v["$expr"], plan.config, node.where)
+            out[k] = v
+        cache[key] = out
+    return cache[key]
+
+
+def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callable) -> dict[str, Value]:
+    """Walk a rule's op DAG. `fn(op, params, leaves)` is op.apply (tensors) or op.infer (TensorInfos)."""
+    free = rule.free_of
+    for node in rule.nodes:
+        op = OPS[node.op]
+        p = node_params(plan, rule, node)
+        args = [env[a] for a in node.inputs]
+        arg_free = free[node.inputs[0]]
+        if op.reduces:
+            over = p["over"]
+            pos = arg_free.index(over)
+            groups: dict[Index, dict[int, Any]] = {}
+            for idx, leaf in args[0].items():
+                rest = idx[:pos] + idx[pos + 1 :]
+                groups.setdefault(rest, {})[int(idx[pos])] = leaf
+            out: Value = {}
+            for rest, members in groups.items():
+                n = max(members) + 1
+                missing = [i for i in range(n) if i not in members]
+                if missing:
+                    raise GroupError(
+                        f"{over}={missing[0]} is missing: {node.op} over {{{over}}} needs "
+                        f"0..{n - 1} and has {len(members)} of them"
+                        + (f" (missing {', '.join(map(str, missing[:8]))})" if len(missing) > 1 else "")
+                    )
+                out[rest] = fn(op, p, [members[i] for i in range(n)])[0]
+            env[node.outputs[0]] = out
+            continue
+        if op.expands:
+            over = p["over"]
+            out_free = free[node.outputs[0]]
+            pos = out_free.index(over)
+            out = {}
+            for idx, leaf in args[0].items():
+                for i, part in enumerate(fn(op, p, [leaf])):
+                    out[idx[:pos] + (str(i),) + idx[pos:]] = part
+            env[node.outputs[0]] = out
+            continue
+        keys = set(args[0])
+        for a, name in zip(args[1:], node.inputs[1:]):
+            if set(a) != keys:
+                diff = sorted(set(a) ^ keys)[0]
+                raise GroupError(
+                    f"{node.op} inputs {node.inputs[0]} and {name} have different members "
+                    f"({', '.join(f'{c}={v}' for c, v in zip(arg_free, diff))} is in only one)"
+                )
+        outs: list[Value] = [{} for _ in node.outputs]
+        for idx in sorted(keys, key=_index_order):
+            results = fn(op, p, [a[idx] for a in args])
+            if len(results) != len(node.outputs):
+                raise GroupError(
+                    f"{node.op} yields {len(results)} values, the rule names {len(node.outputs)}"
+                )
+            for o, r in zip(outs, results):
+                o[idx] = r
+        for name, o in zip(node.outputs, outs):
+            env[name] = o
+    return env
+
+
+def _index_order(idx: Index):
+    return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in idx)
+
+
+def infer(op, p, leaves):
+    return op.infer(p, leaves)
+
+
+@dataclass
+class Group:
+    """One application of a convert rule: its members (by input and index) and its output keys."""
+
+    rule: PlanRule
+    keep: dict[str, str]
+    members: dict[str, dict[Index, str]] = field(default_factory=dict)  # input -> index -> source key
+    outputs: dict[str, TensorInfo] = field(default_factory=dict)  # final target key -> info
+    out_values: dict[str, tuple[str, Index]] = field(default_factory=dict)  # target key -> (value, index)
+
+    @property
+    def name(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.keep.items()) or "(all)"
+
+    @property
+    def source_keys(self) -> list[str]:
+        return [
+            k for m in self.members.values() for _, k in sorted(m.items(), key=lambda kv: _index_order(kv[0]))
+        ]
+
+
+@dataclass
+class BoundPlan:
+    """A plan bound to one checkpoint layout: every group, every output shape, and what is left over."""
+
+    plan: Plan
+    layout: dict[str, TensorInfo]
+    groups: list[Group]
+    passthrough: dict[str, str]  # source key -> final key (renamed or unchanged)
+    unmatched: list[str]  # source keys no rule touched
+    dropped: list[str]
+    outputs: dict[str, tuple[tuple[int, ...], str]]
+
+    @property
+    def claimed(self) -> int:
+        return len(self.layout) - len(self.unmatched)
+
+    def coverage(self) -> dict[str, Any]:
+        total = len(self.layout)
+        return {
+            "keys": total,
+            "converted": sum(len(g.source_keys) for g in self.groups),
+            "renamed": sum(1 for s, d in self.passthrough.items() if s != d),
+            "dropped": len(self.dropped),
+            "unmatched": len(self.unmatched),
+            "claimed_share": (self.claimed / total) if total else 1.0,
+        }
+
+
+def _info(v) -> TensorInfo:
+    if isinstance(v, TensorInfo):
+        return v
+    shape, dtype = v
+    return TensorInfo(tuple(int(s) for s in shape), str(dtype))
+
+
+def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
+    """Match every key in one pass, form groups, infer outputs, and report every problem at once."""
+    infos = {k: _info(v) for k, v in layout.items()}
+    problems: list[str] = []
+    groups: dict[tuple[int, tuple], Group] = {}
+    passthrough: dict[str, str] = {}
+    unmatched: list[str] = []
+    dropped: list[str] = []
+    rules = plan.rules
+    for key in infos:
+        cur, pos, touched = key, 0, False
+        while True:
+            hit = plan.first_match(cur, pos)
+            if hit is None:
+                break
+            ri, name, caps = hit
+            rule = rules[ri]
+            if rule.kind == "rename":
+                cur = rule.outputs[0][1].format(caps)
+                pos, touched = ri + 1, True
+                continue
+            if rule.kind == "drop":
+                dropped.append(key)
+                break
+            keep = tuple(caps[c] for c in rule.keep)
+            g = groups.get((ri, keep))
+            if g is None:
+                g = groups[(ri, keep)] = Group(rule, dict(zip(rule.keep, keep)))
+            idx = tuple(caps[c] for c in rule.free_of[name])
+            g.members.setdefault(name, {})[idx] = key
+            break
+        else:  # pragma: no cover
+            pass
+        if hit is None:
+            passthrough[key] = cur
+            if not touched:
+                unmatched.append(key)
+
+    outputs: dict[str, TensorInfo] = {}
+    origin: dict[str, str] = {}
+
+    def emit(target: str, info: TensorInfo, source: str) -> None:
+        if target in outputs:
+            problems.append(f"two sources map to the key {target}: {origin[target]} and {source}")
+            return
+        outputs[target] = info
+        origin[target] = source
+
+    for src, dst in passthrough.items():
+        emit(dst, infos[src], src)
+    for g in sorted(groups.values(), key=lambda g: (g.rule.index, _index_order(tuple(g.keep.values())))):
+        rule = g.rule
+        missing = [n for n, _ in rule.inputs if n not in g.members]
+        if missing:
+            pat = dict(rule.inputs)[missing[0]]
+            have = next(iter(g.members.values()))
+            problems.append(
+                f"{rule.label}: group {g.name} has no {missing[0]!r} key (expected "
+                f"{pat.display()} with {g.name}; the group has {next(iter(have.values()))})"
+            )
+            continue
+        env = {n: {idx: infos[k] for idx, k in m.items()} for n, m in g.members.items()}
+        try:
+            env = evaluate_rule(plan, rule, env, infer)
+        except (GroupError, OpError) as exc:
+            msg = exc.message if isinstance(exc, OpError) else str(exc)
+            problems.append(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})")
+            continue
+        except ConfigError as exc:
+            raise exc
+        for value, pat in rule.outputs:
+            vfree = rule.free_of[value]
+            for idx, info in env[value].items():
+                target = _final(plan, pat.format({**g.keep, **dict(zip(vfree, idx))}), rule.index + 1)
+                g.outputs[target] = info
+                g.out_values[target] = (value, idx)
+                emit(target, info, f"{rule.label} group {g.name}")
+    if strict and unmatched:
+        problems.extend(f"no rule claims {k}" for k in unmatched)
+    if problems:
+        raise BindError(
+            problems,
+            hint="nothing was read or written"
+            if not strict or not unmatched
+            else "strict mode: every key must be claimed by a rule",
+        )
+    return BoundPlan(
+        plan=plan,
+        layout=infos,
+        groups=list(groups.values()),
+        passthrough=passthrough,
+        unmatched=unmatched,
+        dropped=dropped,
+        outputs={k: (v.shape, v.dtype) for k, v in outputs.items()},
+    )
+
+
+def _final(plan: Plan, key: str, start: int) -> str:
+    """A convert's output key after the renames that follow the convert."""
+    while True:
+        hit = plan.first_match(key, start, renames_only=True)
+        if hit is None:
+            return key
+        ri, _, caps = hit
+        key = plan.rules[ri].outputs[0][1].format(caps)
+        start = ri + 1
+
+
+def _short(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f", ... ({len(keys)} keys)" if len(keys) > 3 else "")

@@ -1,0 +1,546 @@
+"""Spec IR -> Plan: lower expressions to op DAGs, run the static checks, derive the inverse."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from ..errors import CompileError, ConfigError, Span
+from ..ops import DTYPES, OPS, NotInvertible, OpError
+from ..spec.model import Call, Convert, Drop, Expr, Ref, Rename, Spec, Template
+from .evaluate import _Name, evaluate, needs_config
+from .patterns import Pattern, intersection_witness
+from .plan import Node, Plan, PlanRule
+
+
+def pattern_of(t: Template) -> Pattern:
+    return Pattern(
+        t.text,
+        tuple(("lit", p.text, None) if p.kind == "lit" else ("cap", p.name, p.type) for p in t.parts),
+    )
+
+
+def _where(span: Span | None) -> str:
+    return span.location() if span else "<spec>"
+
+
+def compile_spec(spec: Spec, config: dict | None = None) -> Plan:
+    """Compile a Spec into a Plan; with a config, every config expression is checked and evaluated."""
+    rules = []
+    for i, rule in enumerate(spec.rules):
+        if isinstance(rule, Rename):
+            rules.append(_rename(i, rule))
+        elif isinstance(rule, Drop):
+            src = pattern_of(rule.source)
+            types = {c: t or "seg" for _, c, t in src.parts if _ == "cap"}
+            rules.append(
+                PlanRule(i, "drop", _where(rule.span), (("x", src.typed(types)),), types=tuple(types.items()))
+            )
+        else:
+            rules.append(_Lowering(i, rule, config).build())
+    _check_overlaps(rules, spec)
+    inverse_rules, inverse_error, lossy = None, None, []
+    try:
+        inverse_rules, lossy = invert(rules)
+    except NotInvertible as exc:
+        inverse_error = str(exc)
+    return Plan(
+        name=spec.name,
+        doc=spec.doc,
+        model_types=tuple(spec.model_types),
+        rules=tuple(rules),
+        config=config,
+        inverse_rules=inverse_rules,
+        inverse_error=inverse_error,
+        lossy=tuple(lossy),
+    )
+
+
+def _rename(i: int, rule: Rename) -> PlanRule:
+    src, dst = pattern_of(rule.source), pattern_of(rule.target)
+    types = {c: t or "seg" for k, c, t in src.parts if k == "cap"}
+    for k, c, t in dst.parts:
+        if k == "cap" and c not in types:
+            raise CompileError(
+                f"capture {{{c}}} in the rename target is not bound by its source",
+                span=rule.target.span,
+                hint=f"bound captures: {', '.join(types) or 'none'}",
+            )
+        if k == "cap" and t is not None and t != types[c]:
+            raise CompileError(
+                f"capture {{{c}}} is {types[c]} in the source but {t} in the target", span=rule.target.span
+            )
+    lost = [c for c in types if c not in dst.captures]
+    if lost:
+        raise CompileError(
+            f"rename drops capture {{{lost[0]}}}: different keys would get the same name",
+            span=rule.target.span,
+            hint=f"use {{{lost[0]}}} in the target",
+        )
+    return PlanRule(
+        i,
+        "rename",
+        _where(rule.span),
+        (("x", src.typed(types)),),
+        (("x", dst.typed(types)),),
+        keep=tuple(types),
+        free=(("x", ()),),
+        types=tuple(types.items()),
+    )
+
+
+class _Lowering:
+    """Lowers one convert rule: expressions -> nodes, with capture and arity checks."""
+
+    def __init__(self, index: int, rule: Convert, config: dict | None):
+        self.index, self.rule, self.config = index, rule, config
+        self.nodes: list[Node] = []
+        self.env: dict[str, str] = {}
+        self.n = 0
+        self.types: dict[str, str] = {}
+
+    def err(self, msg: str, span, hint: str | None = None):
+        return CompileError(f"rule {self.index + 1} (convert): {msg}", span=span or self.rule.span, hint=hint)
+
+    def build(self) -> PlanRule:
+        r = self.rule
+        inputs = []
+        for b in r.inputs:
+            if b.name in self.env:
+                raise self.err(f"input name {b.name!r} is used twice", b.span)
+            pat = pattern_of(b.template)
+            for k, c, t in pat.parts:
+                if k == "cap":
+                    t = t or "seg"
+                    if self.types.setdefault(c, t) != t:
+                        raise self.err(
+                            f"capture {{{c}}} is {self.types[c]} in one input and {t} in another",
+                            b.template.span,
+                        )
+            self.env[b.name] = b.name
+            inputs.append((b.name, pat))
+        inputs = [(n, p.typed(self.types)) for n, p in inputs]
+        for let in r.lets:
+            vals = self.lower(let.expr, want=len(let.names))
+            if len(vals) != len(let.names):
+                raise self.err(
+                    f"let binds {len(let.names)} names but the expression yields {len(vals)} values", let.span
+                )
+            for name, v in zip(let.names, vals):
+                if name in self.env:
+                    raise self.err(f"name {name!r} is bound twice", let.span)
+                self.env[name] = v
+        outputs = []
+        for out in r.outputs:
+            if out.chain is not None:
+                vals = self.lower_chain(out.chain, [b.name for b in r.inputs], len(out.targets), out.span)
+            else:
+                vals = self.lower(out.expr, want=len(out.targets))
+            if len(vals) != len(out.targets):
+                raise self.err(
+                    f"{len(out.targets)} target(s) for an expression that yields {len(vals)} value(s)",
+                    out.span,
+                    hint="list one target per value",
+                )
+            for t, v in zip(out.targets, vals):
+                outputs.append((v, pattern_of(t), t.span))
+        return self.check(inputs, outputs)
+
+    # ---- lowering -----------------------------------------------------------------------------
+
+    def fresh(self) -> str:
+        self.n += 1
+        return f"%{self.n}"
+
+    def is_tensor(self, e: Expr) -> bool:
+        return isinstance(e, Call) or (isinstance(e, Ref) and len(e.path) == 1 and e.path[0] in self.env)
+
+    def lower(self, e: Expr, want: int = 1) -> list[str]:
+        if isinstance(e, Ref) and len(e.path) == 1 and e.path[0] in self.env:
+            return [self.env[e.path[0]]]
+        if not isinstance(e, Call):
+            name = ".".join(e.path) if isinstance(e, Ref) else None
+            hint = None
+            if name:
+                close = difflib.get_close_matches(name, list(self.env), 1)
+                hint = f"did you mean {close[0]!r}?" if close else f"inputs: {', '.join(self.env)}"
+            raise self.err(
+                f"{name!r} is not an input or a let value" if name else "expected a tensor expression",
+                e.span,
+                hint,
+            )
+        n_tensors = 0
+        for a in e.args:
+            if not self.is_tensor(a):
+                break
+            n_tensors += 1
+        args = []
+        for a in e.args[:n_tensors]:
+            vals = self.lower(a)
+            if len(vals) != 1:
+                raise self.err(
+                    f"{a.op} yields {len(vals)} values where one tensor is expected",
+                    a.span,
+                    hint="name them first: let a, b = ...",
+                )
+            args.append(vals[0])
+        return self.emit(e, args, e.args[n_tensors:], want)
+
+    def emit(self, call: Call, args: list[str], pos_params: list[Expr], want: int) -> list[str]:
+        op = OPS.get(call.op)
+        if op is None:
+            close = difflib.get_close_matches(call.op, list(OPS), 1)
+            raise self.err(
+                f"unknown op {call.op!r}",
+                call.span,
+                hint=(f"did you mean {close[0]!r}? " if close else "") + f"ops: {', '.join(sorted(OPS))}",
+            )
+        if len(args) < op.min_inputs or (op.max_inputs is not None and len(args) > op.max_inputs):
+            need = (
+                str(op.min_inputs)
+                if op.max_inputs == op.min_inputs
+                else f"at least {op.min_inputs}"
+                if op.max_inputs is None
+                else f"{op.min_inputs} to {op.max_inputs}"
+            )
+            raise self.err(f"{op.name} takes {need} tensor input(s), got {len(args)}", call.span)
+        params = self.params(op, call, pos_params, want)
+        if op.name == "split" and _is_expr(params["sizes"]):
+            if "$len" not in params["sizes"]:
+                raise self.err(
+                    "split sizes must be a list [...] so the number of outputs is known", call.span
+                )
+            n_out = len(params["sizes"]["$len"])
+        elif op.name == "chunk" and _is_expr(params.get("n")):
+            n_out = want
+        else:
+            n_out = op.n_outputs(params)
+        if n_out is None:
+            n_out = want
+            params["n"] = want
+        outs = [self.fresh() for _ in range(n_out)]
+        self.nodes.append(Node(op.name, tuple(args), tuple(outs), tuple(params.items()), _where(call.span)))
+        return outs
+
+    def params(self, op, call: Call, pos: list[Expr], want: int) -> dict[str, Any]:
+        spec = {p.name: p for p in op.params}
+        given: dict[str, Expr] = {}
+        if len(pos) > len(op.params):
+            raise self.err(
+                f"{op.name} takes at most {len(op.params)} parameter(s) after its tensor inputs, "
+                f"got {len(pos)}",
+                call.span,
+                hint=f"parameters: {', '.join(spec)}",
+            )
+        for p, e in zip(op.params, pos):
+            given[p.name] = e
+        for kw in call.kwargs:
+            if kw.name not in spec:
+                close = difflib.get_close_matches(kw.name, list(spec), 1)
+                raise self.err(
+                    f"{op.name} has no parameter {kw.name!r}",
+                    kw.span,
+                    hint=(f"did you mean {close[0]!r}? " if close else "")
+                    + f"parameters: {', '.join(spec) or 'none'}",
+                )
+            if kw.name in given:
+                raise self.err(f"parameter {kw.name} of {op.name} is given twice", kw.span)
+            given[kw.name] = kw.value
+        out: dict[str, Any] = {}
+        from ..ops.base import REQUIRED
+
+        for p in op.params:
+            if p.name not in given:
+                if p.default is REQUIRED:
+                    if p.name == "n":
+                        continue
+                    raise self.err(f"{op.name} needs parameter {p.name}", call.span)
+                out[p.name] = p.default
+                continue
+            out[p.name] = self.param_value(op, p, given[p.name])
+        concrete = {k: v for k, v in out.items() if not _is_expr(v)}
+        try:
+            if len(concrete) == len(out):
+                op.check(concrete)
+        except OpError as exc:
+            raise self.err(f"{op.name}: {exc.message}", call.span) from None
+        return out
+
+    def param_value(self, op, p, e: Expr) -> Any:
+        dumped = e.model_dump()
+        where = _where(e.span)
+        if needs_config(dumped) and self.config is None:
+            value: Any = {"$expr": dumped, "text": _expr_text(e)}
+            if p.kind in ("ints", "shape") and dumped["kind"] == "list":
+                value["$len"] = dumped["items"]
+            return value
+        try:
+            v = evaluate(dumped, self.config, where)
+        except ConfigError as exc:
+            raise CompileError(
+                f"rule {self.index + 1} (convert): {exc.message.split(': ', 1)[-1]}",
+                span=e.span,
+                hint=exc.hint,
+            ) from None
+        return self.typed_value(op, p, v, e)
+
+    def typed_value(self, op, p, v: Any, e: Expr) -> Any:
+        bad = lambda what: self.err(f"parameter {p.name} of {op.name} must be {what}, got {v!r}", e.span)  # noqa: E731
+        if p.kind == "int":
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad("an integer")
+            return v
+        if p.kind in ("ints", "shape"):
+            if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+                raise bad("a list of integers")
+            return v
+        if p.kind == "bool":
+            if not isinstance(v, bool):
+                raise bad("true or false")
+            return v
+        if p.kind == "dtype":
+            if not isinstance(v, str) or v not in DTYPES:
+                close = difflib.get_close_matches(str(v), list(DTYPES), 1)
+                raise self.err(
+                    f"unknown dtype {v!r} for {op.name}",
+                    e.span,
+                    hint=(f"did you mean {close[0]!r}? " if close else "") + f"dtypes: {', '.join(DTYPES)}",
+                )
+            return str(v)
+        if p.kind == "capture":
+            if not isinstance(v, _Name):
+                raise bad("a capture name")
+            return str(v)
+        raise AssertionError(p.kind)  # pragma: no cover
+
+    def lower_chain(self, chain: list[Call], inputs: list[str], n_targets: int, span) -> list[str]:
+        values = [self.env[i] for i in inputs]
+        for k, call in enumerate(chain):
+            op = OPS.get(call.op)
+            last = k == len(chain) - 1
+            if op is None or op.max_inputs == 1:
+                per = n_targets // max(len(values), 1) if last else 1
+                values = [v for val in values for v in self.emit(call, [val], call.args, per)]
+            else:
+                values = self.emit(call, values, call.args, n_targets if last else 1)
+        return values
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def check(self, inputs, outputs) -> PlanRule:
+        r = self.rule
+        in_caps = [set(p.captures) for _, p in inputs]
+        bound_by_all = set.intersection(*in_caps) if in_caps else set()
+        out_caps = set().union(*(set(p.captures) for _, p, _ in outputs)) if outputs else set()
+        keep = sorted(out_caps & bound_by_all)
+        free: dict[str, tuple[str, ...]] = {n: tuple(sorted(set(p.captures) - set(keep))) for n, p in inputs}
+        uses: dict[str, int] = {}
+        for node in self.nodes:
+            op = OPS[node.op]
+            arg_free = [set(free[a]) for a in node.inputs]
+            for a in node.inputs:
+                uses[a] = uses.get(a, 0) + 1
+            params = dict(node.params)
+            base = arg_free[0]
+            if any(f != base for f in arg_free[1:]):
+                desc = ", ".join(
+                    f"{a} over {{{', '.join(sorted(f)) or 'nothing'}}}" for a, f in zip(node.inputs, arg_free)
+                )
+                raise CompileError(
+                    f"rule {self.index + 1} (convert): {node.op} mixes collections: {desc}",
+                    span=r.span,
+                    hint="stack each input over the same captures first",
+                )
+            if op.reduces:
+                over = params["over"]
+                if over not in base:
+                    raise CompileError(
+                        f"rule {self.index + 1} (convert): {node.op}(over={over}) but its input is not a collection "
+                        f"over {{{over}}}" + (f" (it is over {{{', '.join(sorted(base))}}})" if base else ""),
+                        span=r.span,
+                        hint="stack over a capture that the input has and the target does not",
+                    )
+                if self.types.get(over) != "int":
+                    raise CompileError(
+                        f"rule {self.index + 1} (convert): stack over {{{over}}} needs an int "
+                        f"capture ({{{over}:int}}) to order its members",
+                        span=r.span,
+                    )
+                out_free = tuple(sorted(base - {over}))
+            elif op.expands:
+                over = params["over"]
+                if over in base or over in keep:
+                    raise CompileError(
+                        f"rule {self.index + 1} (convert): unstack over {{{over}}}, which is already bound",
+                        span=r.span,
+                    )
+                self.types.setdefault(over, "int")
+                out_free = tuple(sorted(base | {over}))
+            else:
+                out_free = tuple(sorted(base))
+            for o in node.outputs:
+                free[o] = out_free
+        seen_out: set[str] = set()
+        for v, pat, span in outputs:
+            uses[v] = uses.get(v, 0) + 1
+            caps = set(pat.captures)
+            for c in pat.captures:
+                if c not in keep and c not in free[v]:
+                    why = (
+                        "it is not bound by every input"
+                        if any(c in ic for ic in in_caps)
+                        else "no input binds it"
+                    )
+                    raise CompileError(
+                        f"rule {self.index + 1} (convert): capture {{{c}}} in target {pat.text} "
+                        f"is not bound: {why}",
+                        span=span,
+                        hint="use only captures that every input binds",
+                    )
+            extra = set(free[v]) - caps
+            if extra:
+                c = sorted(extra)[0]
+                raise CompileError(
+                    f"rule {self.index + 1} (convert): capture {{{c}}} is present in the inputs and absent from "
+                    f"target {pat.text}, and no op reduces it",
+                    span=span,
+                    hint=f"reduce it with stack(x, over={c}), or keep {{{c}}} in the target",
+                )
+            if pat.text in seen_out:
+                raise CompileError(
+                    f"rule {self.index + 1} (convert): target {pat.text} is written twice", span=span
+                )
+            seen_out.add(pat.text)
+        for name, _ in inputs:
+            if uses.get(name, 0) == 0:
+                raise CompileError(
+                    f"rule {self.index + 1} (convert): input {name!r} is never used",
+                    span=r.span,
+                    hint="use it in an output, or remove it (a drop rule discards keys)",
+                )
+        for node in self.nodes:
+            for o in node.outputs:
+                if uses.get(o, 0) == 0:
+                    raise CompileError(
+                        f"rule {self.index + 1} (convert): a value of {node.op} is never used "
+                        "(it would be lost)",
+                        span=r.span,
+                    )
+        types = {c: self.types.get(c, "seg") for c in sorted(set(self.types) | out_caps)}
+        return PlanRule(
+            index=self.index,
+            kind="convert",
+            where=_where(r.span),
+            inputs=tuple((n, p) for n, p in inputs),
+            outputs=tuple((v, p.typed(types)) for v, p, _ in outputs),
+            nodes=tuple(self.nodes),
+            keep=tuple(keep),
+            free=tuple(sorted(free.items())),
+            types=tuple(types.items()),
+        )
+
+
+def _is_expr(v: Any) -> bool:
+    return isinstance(v, dict) and "$expr" in v
+
+
+def _expr_text(e: Expr) -> str:
+    d = e.model_dump()
+
+    def show(x):
+        k = x["kind"]
+        if k == "ref":
+            return ".".join(x["path"])
+        if k == "num":
+            return str(x["value"])
+        if k == "str":
+            return repr(x["value"])
+        if k == "list":
+            return "[" + ", ".join(show(i) for i in x["items"]) + "]"
+        if k == "neg":
+            return "-" + show(x["operand"])
+        if k == "binop":
+            return f"({show(x['left'])} {x['op']} {show(x['right'])})"
+        return x.get("op", "?") + "(...)"
+
+    s = show(d)
+    return s[1:-1] if s.startswith("(") and s.endswith(")") else s
+
+
+# ---- overlap between converts -----------------------------------------------------------------
+
+
+def _check_overlaps(rules: list[PlanRule], spec: Spec) -> None:
+    claims = [(r, name, pat) for r in rules if r.kind == "convert" for name, pat in r.inputs]
+    for i, (ra, na, pa) in enumerate(claims):
+        for rb, nb, pb in claims[i + 1 :]:
+            w = intersection_witness(pa, pb)
+            if w is None:
+                continue
+            span = spec.rules[rb.index].span
+            if ra.index == rb.index:
+                raise CompileError(
+                    f"rule {ra.index + 1} (convert): inputs {na} and {nb} can both match the key {w!r}",
+                    span=span,
+                    hint="make the input templates disjoint",
+                )
+            raise CompileError(
+                f"rules {ra.index + 1} and {rb.index + 1} can both claim the key {w!r} "
+                f"({pa.text} and {pb.text})",
+                span=span,
+                hint="at most one convert may claim a key: make the templates disjoint",
+            )
+
+
+# ---- the inverse ------------------------------------------------------------------------------
+
+
+def invert(rules: list[PlanRule]) -> tuple[tuple[PlanRule, ...], list[str]]:
+    """The rules that undo `rules`, in reverse order, and the reasons (if any) the result is lossy."""
+    out, lossy = [], []
+    for r in reversed(rules):
+        if r.kind == "drop":
+            lossy.append(f"{r.label} drops {r.inputs[0][1].text}")
+            continue
+        if r.kind == "rename":
+            (_, src), (_, dst) = r.inputs[0], r.outputs[0]
+            out.append(
+                PlanRule(
+                    len(out),
+                    "rename",
+                    r.where,
+                    (("x", dst),),
+                    (("x", src),),
+                    keep=r.keep,
+                    free=r.free,
+                    types=r.types,
+                )
+            )
+            continue
+        nodes = []
+        for node in reversed(r.nodes):
+            op = OPS[node.op]
+            params = dict(node.params)
+            try:
+                inv_name, inv_params = op.inverse(params, len(node.inputs))
+            except NotInvertible as exc:
+                if "lossy" not in str(exc):
+                    raise NotInvertible(f"{r.label}: {exc} (at {node.where})") from None
+                lossy.append(f"{r.label}: {exc} (at {node.where})")
+                inv_name, inv_params = "cast", {"dtype": params.get("from"), "from": params["dtype"]}
+            nodes.append(Node(inv_name, node.outputs, node.inputs, tuple(inv_params.items()), node.where))
+        types = dict(r.types)
+        out.append(
+            PlanRule(
+                index=len(out),
+                kind="convert",
+                where=r.where,
+                inputs=tuple((v, p.typed(types)) for v, p in r.outputs),
+                outputs=tuple((n, p) for n, p in r.inputs),
+                nodes=tuple(nodes),
+                keep=r.keep,
+                free=r.free,
+                types=r.types,
+            )
+        )
+    return tuple(out), lossy

@@ -1,0 +1,113 @@
+"""A whitelist interpreter for parameter expressions over the model config. Never `eval`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+
+MAX_INT_BITS = 64
+
+
+class Missing(Exception):
+    """A config field is absent (or null); `a ?? b` catches it, anything else reports it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+
+def needs_config(expr: dict) -> bool:
+    kind = expr.get("kind")
+    if kind == "ref":
+        return expr["path"][0] == "config"
+    return any(needs_config(v) for v in _children(expr))
+
+
+def _children(expr: dict):
+    kind = expr.get("kind")
+    if kind == "list":
+        return expr["items"]
+    if kind == "binop":
+        return [expr["left"], expr["right"]]
+    if kind == "neg":
+        return [expr["operand"]]
+    if kind == "call":
+        return expr["args"] + [k["value"] for k in expr["kwargs"]]
+    return []
+
+
+def evaluate(expr: dict, config: dict | None, where: str = "") -> Any:
+    """Evaluate a parameter expression (IR dump form) to a plain value."""
+    try:
+        return _eval(expr, config)
+    except Missing as m:
+        if config is None:
+            raise ConfigError(
+                f"{where}: this parameter needs {m.path}, but no config was given",
+                hint="pass config= (a dict or a config.json path) to compile",
+            ) from None
+        raise ConfigError(
+            f"{where}: the config has no field {m.path}",
+            hint=f"add it to the config, or give a default: {m.path} ?? VALUE",
+        ) from None
+
+
+def _eval(e: dict, config: dict | None) -> Any:
+    kind = e["kind"]
+    if kind == "num":
+        return e["value"]
+    if kind == "str":
+        return e["value"]
+    if kind == "list":
+        return [_eval(i, config) for i in e["items"]]
+    if kind == "neg":
+        return -_int(_eval(e["operand"], config), "-")
+    if kind == "ref":
+        path = e["path"]
+        if path[0] == "config":
+            return _lookup(config, path)
+        if len(path) == 1:
+            if path[0] == "true":
+                return True
+            if path[0] == "false":
+                return False
+            return _Name(path[0])
+        raise ConfigError(f"unknown name {'.'.join(path)}: only config.<field> may be dotted")
+    if kind == "binop":
+        op = e["op"]
+        if op == "??":
+            try:
+                return _eval(e["left"], config)
+            except Missing:
+                return _eval(e["right"], config)
+        a, b = _int(_eval(e["left"], config), op), _int(_eval(e["right"], config), op)
+        if op in ("//", "%") and b == 0:
+            raise ConfigError(f"division by zero in {op}")
+        r = {"+": a + b, "-": a - b, "*": a * b}.get(op) if op in "+-*" else (a // b if op == "//" else a % b)
+        if abs(r).bit_length() > MAX_INT_BITS:
+            raise ConfigError(f"integer overflow: result has more than {MAX_INT_BITS} bits")
+        return r
+    if kind == "call":
+        raise ConfigError(f"an op call ({e['op']}) cannot stand where a parameter value is expected")
+    raise ConfigError(f"unknown expression kind {kind}")  # pragma: no cover
+
+
+class _Name(str):
+    """A bare name in a parameter position: a capture, a dtype, or a typo the caller reports."""
+
+
+def _lookup(config: dict | None, path: list[str]) -> Any:
+    if config is None:
+        raise Missing(".".join(path))
+    node: Any = config
+    for i, part in enumerate(path[1:], start=1):
+        if not isinstance(node, dict) or part not in node or node[part] is None:
+            raise Missing(".".join(path[: i + 1]))
+        node = node[part]
+    return node
+
+
+def _int(v: Any, op: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"'{op}' needs integers, got {v!r}")
+    return v

@@ -1,0 +1,161 @@
+"""Key patterns: templates compiled to regexes, formatted back to keys, and intersected exactly."""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from functools import cached_property
+
+CAPTURE_REGEX = {
+    "path": r"[^.]+(?:\.[^.]+)*",
+    "int": r"(?:0|[1-9][0-9]*)",
+    "seg": r"[^.]+",
+}
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A whole-key template: literal parts and typed captures, e.g. `{p:path}.experts.{e:int}.w1.weight`."""
+
+    text: str
+    parts: tuple[tuple[str, str, str | None], ...]  # ("lit", text, None) | ("cap", name, type)
+
+    @property
+    def captures(self) -> tuple[str, ...]:
+        return tuple(name for kind, name, _ in self.parts if kind == "cap")
+
+    def typed(self, types: dict[str, str]) -> Pattern:
+        """The same pattern with capture types filled in from `types` (where a target borrows them)."""
+        parts = tuple((k, a, (b or types.get(a, "seg")) if k == "cap" else None) for k, a, b in self.parts)
+        text = "".join(a if k == "lit" else "{%s:%s}" % (a, b) for k, a, b in parts)
+        return Pattern(text, parts)
+
+    def regex(self, prefix: str = "") -> str:
+        out = []
+        for kind, a, b in self.parts:
+            if kind == "lit":
+                out.append(re.escape(a))
+            else:
+                out.append(f"(?P<{prefix}{a}>{CAPTURE_REGEX[b or 'seg']})")
+        return "".join(out)
+
+    @cached_property
+    def compiled(self) -> re.Pattern:
+        return re.compile(self.regex())
+
+    def match(self, key: str) -> dict[str, str] | None:
+        m = self.compiled.fullmatch(key)
+        return m.groupdict() if m else None
+
+    def format(self, values: dict[str, str]) -> str:
+        return "".join(a if k == "lit" else values[a] for k, a, _ in self.parts)
+
+    def display(self) -> str:
+        """The pattern with bare captures, as a target is written: `{p}.mlp.gate.weight`."""
+        return "".join(a if k == "lit" else "{%s}" % a for k, a, _ in self.parts)
+
+
+# ---- exact intersection of two patterns (both regular languages) -----------------------------
+
+_PRED = {
+    "notdot": lambda c: c != ".",
+    "digit": lambda c: c.isascii() and c.isdigit(),
+    "nonzero": lambda c: c in "123456789",
+    "zero": lambda c: c == "0",
+}
+
+
+class _NFA:
+    def __init__(self, pattern: Pattern):
+        self.edges: list[list[tuple[object, int]]] = [[]]  # state -> [(predicate or char, next)]
+        self.eps: list[list[int]] = [[]]
+        end = self._build(pattern, 0)
+        self.accept = end
+
+    def _new(self) -> int:
+        self.edges.append([])
+        self.eps.append([])
+        return len(self.edges) - 1
+
+    def _edge(self, a: int, label, b: int) -> None:
+        self.edges[a].append((label, b))
+
+    def _build(self, pattern: Pattern, s: int) -> int:
+        for kind, a, b in pattern.parts:
+            if kind == "lit":
+                for ch in a:
+                    t = self._new()
+                    self._edge(s, ch, t)
+                    s = t
+            elif (b or "seg") == "seg":
+                t = self._new()
+                self._edge(s, "notdot", t)
+                self._edge(t, "notdot", t)
+                s = t
+            elif b == "int":
+                zero, many, end = self._new(), self._new(), self._new()
+                self._edge(s, "zero", zero)
+                self._edge(s, "nonzero", many)
+                self._edge(many, "digit", many)
+                self.eps[zero].append(end)
+                self.eps[many].append(end)
+                s = end
+            else:  # path
+                seg, dot = self._new(), self._new()
+                self._edge(s, "notdot", seg)
+                self._edge(seg, "notdot", seg)
+                self._edge(seg, ".", dot)
+                self._edge(dot, "notdot", seg)
+                s = seg
+        return s
+
+    def closure(self, states: frozenset[int]) -> frozenset[int]:
+        todo, seen = list(states), set(states)
+        while todo:
+            for t in self.eps[todo.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return frozenset(seen)
+
+    def step(self, states: frozenset[int], ch: str) -> frozenset[int]:
+        nxt = set()
+        for s in states:
+            for label, t in self.edges[s]:
+                if (label == ch) if len(label) == 1 else _PRED[label](ch):
+                    nxt.add(t)
+        return self.closure(frozenset(nxt))
+
+
+def _alphabet(*patterns: Pattern) -> list[str]:
+    """One representative character for each class of characters the patterns cannot tell apart."""
+    lits = {ch for p in patterns for k, a, _ in p.parts if k == "lit" for ch in a}
+    reps = set(lits) | {".", "0"}
+    reps.add(next((d for d in "123456789" if d not in lits), "1"))
+    reps.add(next(c for c in "xyzqXYZQ_~" + "".join(map(chr, range(0x100, 0x200))) if c not in lits))
+    return sorted(reps)
+
+
+def intersection_witness(a: Pattern, b: Pattern, limit: int = 100_000) -> str | None:
+    """A key both patterns match, or None when no key can match both (decided exactly)."""
+    na, nb = _NFA(a), _NFA(b)
+    alphabet = _alphabet(a, b)
+    start = (na.closure(frozenset([0])), nb.closure(frozenset([0])))
+    prev: dict[tuple, tuple | None] = {start: None}
+    queue = deque([start])
+    while queue and len(prev) < limit:
+        state = queue.popleft()
+        sa, sb = state
+        if na.accept in sa and nb.accept in sb:
+            chars = []
+            while prev[state] is not None:
+                state, ch = prev[state]
+                chars.append(ch)
+            return "".join(reversed(chars))
+        for ch in alphabet:
+            nxt = (na.step(sa, ch), nb.step(sb, ch))
+            if nxt[0] and nxt[1] and nxt not in prev:
+                prev[nxt] = (state, ch)
+                queue.append(nxt)
+    return None

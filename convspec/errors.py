@@ -1,0 +1,95 @@
+"""Typed errors: every failure a user can cause is one of these, and renders as one clear message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where something came from in a spec file: 1-based line and column."""
+
+    file: str | None
+    line: int
+    col: int
+    text: str | None = None  # the whole source line, for the caret display
+
+    def location(self) -> str:
+        return f"{self.file or '<spec>'}:{self.line}:{self.col}"
+
+
+class ConvspecError(Exception):
+    """Base of every error convspec raises on purpose."""
+
+    def __init__(self, message: str, *, span: Span | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.span = span
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def render(self) -> str:
+        """The message a person reads: location, message, the offending line with a caret, a hint."""
+        lines = []
+        if self.span is not None:
+            lines.append(f"{self.span.location()}: error: {self.message}")
+            if self.span.text is not None:
+                src = self.span.text.rstrip("\n").expandtabs(1)
+                lines.append(f"    {src}")
+                lines.append("    " + " " * max(self.span.col - 1, 0) + "^")
+        else:
+            lines.append(f"error: {self.message}")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+
+class SpecError(ConvspecError):
+    """A spec file is wrong: syntax, structure or meaning."""
+
+
+class SpecSyntaxError(SpecError):
+    """The text of a spec does not parse."""
+
+
+class SpecValidationError(SpecError):
+    """A spec parses but a value has the wrong type or shape."""
+
+
+class CompileError(SpecError):
+    """A spec is well formed but a static check of the compiler fails."""
+
+
+class ConfigError(ConvspecError):
+    """The model config lacks a field, or has the wrong type, for an expression of the spec."""
+
+
+class BindError(ConvspecError):
+    """A checkpoint layout does not fit the plan; names the keys. Raised before any data is read."""
+
+    def __init__(self, problems: list[str], *, hint: str | None = None):
+        self.problems = list(problems)
+        head = (
+            self.problems[0] if len(self.problems) == 1 else f"{len(self.problems)} problems binding the plan"
+        )
+        super().__init__(head, hint=hint)
+
+    def render(self) -> str:
+        if len(self.problems) == 1:
+            return super().render()
+        shown = self.problems[:20]
+        more = len(self.problems) - len(shown)
+        body = "\n".join(f"  - {p}" for p in shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        hint = f"\n  hint: {self.hint}" if self.hint else ""
+        return f"error: {self.message}:\n{body}{tail}{hint}"
+
+
+class NotInvertibleError(ConvspecError):
+    """The plan cannot be undone exactly: names the rule and the op that loses information."""
+
+
+class SpecNotFoundError(ConvspecError):
+    """No built-in spec or file by that name."""

@@ -1,0 +1,1 @@
+"""Checkpoint and config I/O. Knows nothing of specs."""

@@ -1,0 +1,117 @@
+"""The op interface: each op validates its parameters, infers shapes, applies with torch, and inverts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConvspecError
+
+REQUIRED = object()
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise OpError(f"unsupported dtype {dtype}") from None
+
+
+class OpError(ConvspecError):
+    """An op cannot run on these shapes or parameters; the caller adds the rule and the keys."""
+
+
+class NotInvertible(Exception):
+    """Raised by `Op.inverse` with the reason the op cannot be undone exactly."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What bind knows of a tensor before reading it: its shape and dtype name."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * DTYPES[self.dtype].itemsize
+
+    @staticmethod
+    def of(t: torch.Tensor) -> TensorInfo:
+        return TensorInfo(tuple(t.shape), dtype_name(t.dtype))
+
+
+@dataclass(frozen=True)
+class Param:
+    """One op parameter: its name, its kind (int, ints, bool, dtype, capture, shape) and its default."""
+
+    name: str
+    kind: str
+    default: Any = REQUIRED
+    doc: str = ""
+
+
+class Op:
+    """Base of every op. Subclasses are stateless: parameters come in as a dict of plain values."""
+
+    name: ClassVar[str]
+    doc: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    min_inputs: ClassVar[int] = 1
+    max_inputs: ClassVar[int | None] = 1
+    reduces: ClassVar[bool] = False  # takes a collection over `over` and makes one tensor (stack)
+    expands: ClassVar[bool] = False  # takes one tensor and makes a collection over `over` (unstack)
+    block_copy: ClassVar[bool] = False  # only moves whole contiguous blocks (the byte-copy fast path)
+
+    def n_outputs(self, p: dict) -> int | None:
+        """How many values the op yields; None when it follows the number of targets (chunk)."""
+        return 1
+
+    def check(self, p: dict) -> None:
+        """Static checks on evaluated parameters; raise OpError with what to fix."""
+
+    def infer(self, p: dict, ins: list[TensorInfo]) -> list[TensorInfo]:
+        raise NotImplementedError
+
+    def apply(self, p: dict, ins: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, p: dict, n_inputs: int) -> tuple[str, dict]:
+        """The op (name, params) that undoes this one; raises NotInvertible with the reason."""
+        raise NotInvertible(f"{self.name} has no inverse")
+
+    # ---- helpers for subclasses --------------------------------------------------------------
+
+    @staticmethod
+    def norm_dim(dim: int, ndim: int, what: str = "dim") -> int:
+        if not -ndim <= dim < max(ndim, 1):
+            raise OpError(f"{what}={dim} is out of range for a tensor with {ndim} dims")
+        return dim % ndim if ndim else 0
+
+
+def same_dtype(op: str, ins: list[TensorInfo]) -> str:
+    dtypes = {i.dtype for i in ins}
+    if len(dtypes) > 1:
+        raise OpError(f"{op} over tensors of different dtypes: {', '.join(sorted(dtypes))}")
+    return ins[0].dtype

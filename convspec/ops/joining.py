@@ -1,0 +1,134 @@
+"""cat / split / chunk: joining tensors along a dim and cutting them apart again."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import NotInvertible, Op, OpError, Param, TensorInfo, same_dtype
+
+
+def _check_sizes(p):
+    sizes = p.get("sizes")
+    if sizes is not None and any(s < 0 for s in sizes):
+        raise OpError(f"sizes={sizes} has a negative size")
+
+
+class Cat(Op):
+    name = "cat"
+    doc = "Concatenate tensors along `dim`."
+    params = (
+        Param("dim", "int", 0),
+        Param("sizes", "ints", None, "the part sizes along dim: checked forward, used by the inverse"),
+        Param("equal", "bool", False, "the parts are equal: checked forward, the inverse chunks"),
+    )
+    min_inputs = 2
+    max_inputs = None
+    block_copy = True
+
+    def check(self, p):
+        _check_sizes(p)
+
+    def infer(self, p, ins):
+        dtype = same_dtype("cat", ins)
+        ndims = {len(i.shape) for i in ins}
+        if len(ndims) > 1:
+            raise OpError(
+                "cat of tensors with different numbers of dims: " + ", ".join(str(list(i.shape)) for i in ins)
+            )
+        dim = self.norm_dim(p["dim"], len(ins[0].shape))
+        rest = {i.shape[:dim] + i.shape[dim + 1 :] for i in ins}
+        if len(rest) > 1:
+            raise OpError(
+                f"cat along dim {dim} of tensors whose other dims differ: "
+                + ", ".join(str(list(i.shape)) for i in ins)
+            )
+        parts = [i.shape[dim] for i in ins]
+        if p.get("sizes") is not None and list(p["sizes"]) != parts:
+            raise OpError(
+                f"cat declares sizes={list(p['sizes'])} but the parts have sizes {parts} along dim {dim}"
+            )
+        if p.get("equal") and len(set(parts)) > 1:
+            raise OpError(f"cat declares equal=true but the parts have sizes {parts} along dim {dim}")
+        shape = list(ins[0].shape)
+        shape[dim] = sum(parts)
+        return [TensorInfo(tuple(shape), dtype)]
+
+    def apply(self, p, ins):
+        return [torch.cat(ins, dim=p["dim"])]
+
+    def inverse(self, p, n_inputs):
+        if p.get("sizes") is not None:
+            return "split", {"dim": p["dim"], "sizes": p["sizes"]}
+        if p.get("equal"):
+            return "chunk", {"dim": p["dim"], "n": n_inputs}
+        raise NotInvertible(
+            f"the inverse of cat(dim={p['dim']}) needs the part sizes, which the fused tensor does not carry: "
+            "add sizes=[...] (config expressions allowed) or equal=true"
+        )
+
+
+class Split(Op):
+    name = "split"
+    doc = "Cut a tensor along `dim` into parts of the given sizes (one output per size)."
+    params = (Param("dim", "int", 0), Param("sizes", "ints"))
+    block_copy = True
+
+    def n_outputs(self, p):
+        return len(p["sizes"])
+
+    def check(self, p):
+        _check_sizes(p)
+
+    def infer(self, p, ins):
+        (x,) = ins
+        dim = self.norm_dim(p["dim"], len(x.shape))
+        sizes = list(p["sizes"])
+        if sum(sizes) != x.shape[dim]:
+            raise OpError(
+                f"split sizes {sizes} add up to {sum(sizes)}, but dim {dim} of "
+                f"{list(x.shape)} has {x.shape[dim]}"
+            )
+        out = []
+        for s in sizes:
+            shape = list(x.shape)
+            shape[dim] = s
+            out.append(TensorInfo(tuple(shape), x.dtype))
+        return out
+
+    def apply(self, p, ins):
+        return [t.contiguous() for t in torch.split(ins[0], list(p["sizes"]), dim=p["dim"])]
+
+    def inverse(self, p, n_inputs):
+        return "cat", {"dim": p["dim"], "sizes": p["sizes"]}
+
+
+class Chunk(Op):
+    name = "chunk"
+    doc = "Cut a tensor along `dim` into `n` equal parts (n defaults to the number of targets)."
+    params = (Param("n", "int", None), Param("dim", "int", 0))
+    block_copy = True
+
+    def n_outputs(self, p):
+        return p.get("n")
+
+    def check(self, p):
+        if p.get("n") is not None and p["n"] < 1:
+            raise OpError(f"chunk needs n >= 1, got {p['n']}")
+
+    def infer(self, p, ins):
+        (x,) = ins
+        dim = self.norm_dim(p["dim"], len(x.shape))
+        n = p["n"]
+        if x.shape[dim] % n:
+            raise OpError(
+                f"chunk into {n} parts: dim {dim} of {list(x.shape)} ({x.shape[dim]}) is not divisible by {n}"
+            )
+        shape = list(x.shape)
+        shape[dim] //= n
+        return [TensorInfo(tuple(shape), x.dtype)] * n
+
+    def apply(self, p, ins):
+        return [t.contiguous() for t in torch.chunk(ins[0], p["n"], dim=p["dim"])]
+
+    def inverse(self, p, n_inputs):
+        return "cat", {"dim": p["dim"], "equal": True}

@@ -1,0 +1,98 @@
+"""transpose / permute / reshape: the same elements in another arrangement."""
+
+from __future__ import annotations
+
+import math
+
+from .base import NotInvertible, Op, OpError, Param, TensorInfo
+
+
+class Transpose(Op):
+    name = "transpose"
+    doc = "Swap two dims."
+    params = (Param("dim0", "int", 0), Param("dim1", "int", 1))
+
+    def infer(self, p, ins):
+        (x,) = ins
+        a = self.norm_dim(p["dim0"], len(x.shape), "dim0")
+        b = self.norm_dim(p["dim1"], len(x.shape), "dim1")
+        shape = list(x.shape)
+        shape[a], shape[b] = shape[b], shape[a]
+        return [TensorInfo(tuple(shape), x.dtype)]
+
+    def apply(self, p, ins):
+        return [ins[0].transpose(p["dim0"], p["dim1"]).contiguous()]
+
+    def inverse(self, p, n_inputs):
+        return "transpose", {"dim0": p["dim0"], "dim1": p["dim1"]}
+
+
+class Permute(Op):
+    name = "permute"
+    doc = "Reorder all dims: output dim i is input dim dims[i]."
+    params = (Param("dims", "ints"),)
+
+    def check(self, p):
+        dims = list(p["dims"])
+        if sorted(dims) != list(range(len(dims))):
+            raise OpError(f"permute dims={dims} is not a permutation of 0..{len(dims) - 1}")
+
+    def infer(self, p, ins):
+        (x,) = ins
+        dims = list(p["dims"])
+        if len(dims) != len(x.shape):
+            raise OpError(f"permute dims={dims} for a tensor with {len(x.shape)} dims {list(x.shape)}")
+        return [TensorInfo(tuple(x.shape[d] for d in dims), x.dtype)]
+
+    def apply(self, p, ins):
+        return [ins[0].permute(*p["dims"]).contiguous()]
+
+    def inverse(self, p, n_inputs):
+        dims = list(p["dims"])
+        return "permute", {"dims": sorted(range(len(dims)), key=dims.__getitem__)}
+
+
+def _resolve(shape: list[int], numel: int) -> tuple[int, ...]:
+    """Fill in one -1 of a target shape, checking the element count."""
+    if shape.count(-1) > 1:
+        raise OpError(f"shape {shape} has more than one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if known == 0 or numel % known:
+            raise OpError(f"cannot reshape {numel} elements to {shape}")
+        shape = [numel // known if s == -1 else s for s in shape]
+    if math.prod(shape) != numel:
+        raise OpError(f"cannot reshape {numel} elements to {shape}")
+    return tuple(shape)
+
+
+class Reshape(Op):
+    name = "reshape"
+    doc = "View the elements in another shape (one -1 allowed); from_shape makes it invertible."
+    params = (
+        Param("shape", "shape"),
+        Param("from_shape", "shape", None, "the input's shape, which the inverse reshapes back to"),
+    )
+    block_copy = True
+
+    def infer(self, p, ins):
+        (x,) = ins
+        numel = math.prod(x.shape)
+        if p.get("from_shape") is not None:
+            expected = _resolve(list(p["from_shape"]), numel)
+            if expected != x.shape:
+                raise OpError(
+                    f"reshape declares from_shape={list(p['from_shape'])} but the input is {list(x.shape)}"
+                )
+        return [TensorInfo(_resolve(list(p["shape"]), numel), x.dtype)]
+
+    def apply(self, p, ins):
+        return [ins[0].reshape(list(p["shape"])).contiguous()]
+
+    def inverse(self, p, n_inputs):
+        if p.get("from_shape") is None:
+            raise NotInvertible(
+                "the inverse of reshape needs the input's shape, which the output does not carry: "
+                "add from_shape=[...]"
+            )
+        return "reshape", {"shape": p["from_shape"], "from_shape": p["shape"]}

@@ -1,0 +1,57 @@
+"""stack / unstack: between a collection of tensors indexed by a capture and one tensor."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Op, OpError, Param, TensorInfo, same_dtype
+
+
+class Stack(Op):
+    name = "stack"
+    doc = "Stack the tensors of a collection, ordered by the integer capture `over`, along a new dim."
+    params = (Param("over", "capture"), Param("dim", "int", 0))
+    reduces = True
+    block_copy = True
+
+    def infer(self, p, ins):
+        shapes = {i.shape for i in ins}
+        if len(shapes) > 1:
+            raise OpError(
+                f"stack over {p['over']} of tensors with different shapes: "
+                + ", ".join(str(list(s)) for s in sorted(shapes))
+            )
+        dtype = same_dtype("stack", ins)
+        shape = list(ins[0].shape)
+        dim = self.norm_dim(p["dim"], len(shape) + 1)
+        shape.insert(dim, len(ins))
+        return [TensorInfo(tuple(shape), dtype)]
+
+    def apply(self, p, ins):
+        return [torch.stack(ins, dim=p["dim"])]
+
+    def inverse(self, p, n_inputs):
+        return "unstack", {"over": p["over"], "dim": p["dim"]}
+
+
+class Unstack(Op):
+    name = "unstack"
+    doc = "Split a tensor along `dim` into a collection indexed by the integer capture `over` (0..n-1)."
+    params = (Param("over", "capture"), Param("dim", "int", 0))
+    expands = True
+    block_copy = True
+
+    def n_outputs(self, p):
+        return 1  # one collection value
+
+    def infer(self, p, ins):
+        (x,) = ins
+        dim = self.norm_dim(p["dim"], len(x.shape))
+        shape = x.shape[:dim] + x.shape[dim + 1 :]
+        return [TensorInfo(shape, x.dtype)] * x.shape[dim]
+
+    def apply(self, p, ins):
+        return [t.contiguous() for t in torch.unbind(ins[0], dim=p["dim"])]
+
+    def inverse(self, p, n_inputs):
+        return "stack", {"over": p["over"], "dim": p["dim"]}

@@ -1,0 +1,172 @@
+"""The Spec IR: pydantic models both front ends produce. Spans are metadata, excluded from dumps."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import Span
+
+CaptureType = Literal["path", "int", "seg"]
+
+
+class IRNode(BaseModel):
+    """Base of every IR node: immutable, strict about fields, with an optional source span."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    span: Annotated[Span | None, Field(default=None, exclude=True, repr=False)] = None
+
+
+# ---- key templates ---------------------------------------------------------------------------
+
+
+class Lit(IRNode):
+    kind: Literal["lit"] = "lit"
+    text: str
+
+
+class Cap(IRNode):
+    """A named capture: `{p:path}`, `{e:int}`, `{name}` (one segment fragment)."""
+
+    kind: Literal["cap"] = "cap"
+    name: str
+    type: CaptureType | None = None  # None in a target: the type comes from where it is bound
+
+
+TemplatePart = Annotated[Lit | Cap, Field(discriminator="kind")]
+
+
+class Template(IRNode):
+    """A whole-key template such as `{p:path}.experts.{e:int}.w1.weight`."""
+
+    text: str
+    parts: list[TemplatePart]
+
+    def captures(self) -> list[Cap]:
+        return [p for p in self.parts if isinstance(p, Cap)]
+
+
+# ---- op expressions --------------------------------------------------------------------------
+
+
+class Num(IRNode):
+    kind: Literal["num"] = "num"
+    value: int | float
+
+
+class Str(IRNode):
+    kind: Literal["str"] = "str"
+    value: str
+
+
+class Ref(IRNode):
+    """A name: an input, a `let` value, a capture, a dtype, `true`/`false`, or `config.a.b`."""
+
+    kind: Literal["ref"] = "ref"
+    path: list[str]
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+
+class ListExpr(IRNode):
+    kind: Literal["list"] = "list"
+    items: list[Expr]
+
+
+class BinOp(IRNode):
+    """Integer arithmetic, and `a ?? b`: `a` unless it is absent from the config (or null)."""
+
+    kind: Literal["binop"] = "binop"
+    op: Literal["+", "-", "*", "//", "%", "??"]
+    left: Expr
+    right: Expr
+
+
+class Neg(IRNode):
+    kind: Literal["neg"] = "neg"
+    operand: Expr
+
+
+class KwArg(IRNode):
+    name: str
+    value: Expr
+
+
+class Call(IRNode):
+    """An op applied to tensors and parameters: `cat(a, b, dim=1)`."""
+
+    kind: Literal["call"] = "call"
+    op: str
+    args: list[Expr] = []
+    kwargs: list[KwArg] = []
+
+
+Expr = Annotated[Num | Str | Ref | ListExpr | BinOp | Neg | Call, Field(discriminator="kind")]
+
+
+# ---- rules -----------------------------------------------------------------------------------
+
+
+class Rename(IRNode):
+    """One key to one key, no data change."""
+
+    kind: Literal["rename"] = "rename"
+    source: Template
+    target: Template
+
+
+class Drop(IRNode):
+    """Keys the target layout does not keep (lossy: the inverse cannot recreate them)."""
+
+    kind: Literal["drop"] = "drop"
+    source: Template
+
+
+class Binding(IRNode):
+    name: str
+    template: Template
+
+
+class Let(IRNode):
+    """Names for intermediate values: `let q, k, v = split(qkv, ...)`."""
+
+    names: list[str]
+    expr: Expr
+
+
+class Output(IRNode):
+    """Target keys computed by one expression (several when the op has several outputs), or by a
+    chain of ops applied to the convert's inputs in order (`ops: [stack(e), cat(dim=1)]`)."""
+
+    targets: list[Template]
+    expr: Expr | None = None
+    chain: list[Call] | None = None
+
+
+class Convert(IRNode):
+    """Named inputs -> outputs, each output an op expression over inputs: an op DAG."""
+
+    kind: Literal["convert"] = "convert"
+    inputs: list[Binding]
+    lets: list[Let] = []
+    outputs: list[Output]
+
+
+Rule = Annotated[Rename | Drop | Convert, Field(discriminator="kind")]
+
+
+class Spec(IRNode):
+    """A whole spec: a name, a one-line doc, the model types it serves, and ordered rules."""
+
+    name: str
+    doc: str = ""
+    model_types: list[str] = []
+    rules: list[Rule] = []
+    file: Annotated[str | None, Field(default=None, exclude=True)] = None
+
+
+for _model in (ListExpr, BinOp, Neg, KwArg, Call, Let, Output):
+    _model.model_rebuild()

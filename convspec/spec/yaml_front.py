@@ -1,0 +1,255 @@
+"""The YAML front end: a safely composed YAML tree -> the same Spec IR as the DSL.
+
+Template and expression strings inside the YAML are parsed with the DSL's own grammar rules.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from ..errors import SpecSyntaxError, SpecValidationError
+from .model import Binding, Convert, Drop, Let, Output, Rename, Spec
+from .parse import MAX_SPEC_CHARS, parse_expr, parse_template
+from .source import Embedded, Source
+
+MAX_YAML_NODES = 200_000
+_STR = "tag:yaml.org,2002:str"
+
+TOP_KEYS = ("spec", "doc", "model_types", "rules")
+RULE_KEYS = {
+    "rename": ("rename", "to"),
+    "drop": ("drop",),
+    "convert": ("convert", "let", "to", "ops"),
+}
+
+
+def parse_yaml(text: str, file: str | None = None) -> Spec:
+    """Parse a YAML spec into the Spec IR; every error names the file, line and column."""
+    source = Source(text, file)
+    if len(text) > MAX_SPEC_CHARS:
+        raise SpecValidationError(f"spec is larger than {MAX_SPEC_CHARS} characters", span=source.span(1, 1))
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise SpecSyntaxError(
+            f"invalid YAML: {exc.problem or exc.context}", span=source.span(line, col)
+        ) from None
+    except yaml.YAMLError as exc:  # pragma: no cover - every yaml error we know is marked
+        raise SpecSyntaxError(f"invalid YAML: {exc}", span=source.span(1, 1)) from None
+    return _YamlBuilder(source).spec(root)
+
+
+class _YamlBuilder:
+    def __init__(self, source: Source):
+        self.source = source
+        self.budget = MAX_YAML_NODES
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def span(self, node: yaml.Node):
+        return self.source.span(node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def where(self, node: yaml.ScalarNode) -> Embedded:
+        quoted = 1 if node.style in ("'", '"') else 0
+        return Embedded(self.source, node.start_mark.line + 1, node.start_mark.column + 1 + quoted)
+
+    def _count(self, node: yaml.Node) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise SpecValidationError(f"spec has more than {MAX_YAML_NODES} YAML nodes", span=self.span(node))
+
+    def string(self, node: yaml.Node, what: str) -> str:
+        self._count(node)
+        if not isinstance(node, yaml.ScalarNode) or node.tag != _STR and node.style is None and False:
+            pass
+        if not isinstance(node, yaml.ScalarNode):
+            raise SpecValidationError(f"{what} must be a string, not a {_kind(node)}", span=self.span(node))
+        if node.tag not in (_STR,) and not node.tag.startswith("tag:yaml.org,2002:"):
+            raise SpecValidationError(f"unsupported YAML tag {node.tag!r} in {what}", span=self.span(node))
+        if node.tag != _STR:
+            raise SpecValidationError(
+                f"{what} must be a string, got {node.value!r}",
+                span=self.span(node),
+                hint='quote it: "..."',
+            )
+        return node.value
+
+    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...] | None = None):
+        """The (key node, key, value node) triples of a mapping; refuses duplicate and unknown keys."""
+        self._count(node)
+        if not isinstance(node, yaml.MappingNode):
+            raise SpecValidationError(f"{what} must be a mapping, not a {_kind(node)}", span=self.span(node))
+        seen: dict[str, yaml.Node] = {}
+        out = []
+        for knode, vnode in node.value:
+            key = self.string(knode, f"a key of {what}")
+            if key in seen:
+                raise SpecValidationError(
+                    f"key {key!r} appears twice in {what}",
+                    span=self.span(knode),
+                    hint=f"first given at line {seen[key].start_mark.line + 1}",
+                )
+            if allowed is not None and key not in allowed:
+                raise SpecValidationError(
+                    f"unknown key {key!r} in {what}",
+                    span=self.span(knode),
+                    hint=f"allowed keys: {', '.join(allowed)}",
+                )
+            seen[key] = knode
+            out.append((knode, key, vnode))
+        return out
+
+    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
+        self._count(node)
+        if not isinstance(node, yaml.SequenceNode):
+            raise SpecValidationError(f"{what} must be a list, not a {_kind(node)}", span=self.span(node))
+        return list(node.value)
+
+    def template(self, node: yaml.Node, what: str):
+        return parse_template(self.string(node, what), self.where(node))
+
+    def expr(self, node: yaml.Node, what: str):
+        return parse_expr(self.string(node, what), self.where(node))
+
+    # ---- the spec ------------------------------------------------------------------------
+
+    def spec(self, root: yaml.Node | None) -> Spec:
+        if root is None:
+            raise SpecValidationError(
+                "spec is empty", span=self.source.span(1, 1), hint="start with 'spec: NAME'"
+            )
+        fields = {key: (knode, vnode) for knode, key, vnode in self.mapping(root, "the spec", TOP_KEYS)}
+        if "spec" not in fields:
+            raise SpecValidationError(
+                "the spec has no 'spec:' key naming it",
+                span=self.span(root),
+                hint="add 'spec: NAME' at the top",
+            )
+        name_node = fields["spec"][1]
+        name = self.string(name_node, "'spec' (the spec's name)")
+        if not name.isidentifier():
+            raise SpecValidationError(
+                f"spec name {name!r} is not a plain name",
+                span=self.span(name_node),
+                hint="use letters, digits and _",
+            )
+        doc = self.string(fields["doc"][1], "'doc'") if "doc" in fields else ""
+        model_types = []
+        if "model_types" in fields:
+            for item in self.sequence(fields["model_types"][1], "'model_types'"):
+                model_types.append(self.string(item, "a model type"))
+        rules = []
+        if "rules" in fields:
+            for item in self.sequence(fields["rules"][1], "'rules'"):
+                rules.append(self.rule(item))
+        return Spec(
+            name=name,
+            doc=doc,
+            model_types=model_types,
+            rules=rules,
+            file=self.source.file,
+            span=self.span(root),
+        )
+
+    def rule(self, node: yaml.Node):
+        if not isinstance(node, yaml.MappingNode):
+            raise SpecValidationError(
+                f"a rule must be a mapping, not a {_kind(node)}",
+                span=self.span(node),
+                hint="start a rule with 'rename:', 'convert:' or 'drop:'",
+            )
+        keys = [self.string(k, "a rule key") for k, _ in node.value]
+        kinds = [k for k in keys if k in RULE_KEYS]
+        if len(kinds) != 1:
+            raise SpecValidationError(
+                "a rule needs exactly one of 'rename', 'convert', 'drop'"
+                + (f" (found {', '.join(kinds)})" if kinds else ""),
+                span=self.span(node),
+            )
+        kind = kinds[0]
+        fields = {key: (k, v) for k, key, v in self.mapping(node, f"a {kind} rule", RULE_KEYS[kind])}
+        span = self.span(node)
+        if kind == "rename":
+            if "to" not in fields:
+                raise SpecValidationError("a rename rule needs 'to:'", span=span)
+            return Rename(
+                source=self.template(fields["rename"][1], "a rename source"),
+                target=self.template(fields["to"][1], "a rename target"),
+                span=span,
+            )
+        if kind == "drop":
+            return Drop(source=self.template(fields["drop"][1], "a drop template"), span=span)
+        return self.convert(fields, span)
+
+    def convert(self, fields, span) -> Convert:
+        inputs = [
+            Binding(
+                name=_ident(self, k, name, "an input name"),
+                template=self.template(v, "an input template"),
+                span=self.span(k),
+            )
+            for k, name, v in self.mapping(fields["convert"][1], "'convert' (the inputs)")
+        ]
+        lets = []
+        if "let" in fields:
+            for k, names, v in self.mapping(fields["let"][1], "'let'"):
+                idents = [n.strip() for n in names.split(",")]
+                for n in idents:
+                    if not n.isidentifier():
+                        raise SpecValidationError(f"{n!r} is not a name for a let value", span=self.span(k))
+                lets.append(Let(names=idents, expr=self.expr(v, "a let expression"), span=self.span(k)))
+        if "to" not in fields:
+            raise SpecValidationError("a convert rule needs 'to:'", span=span)
+        to_node = fields["to"][1]
+        if "ops" in fields:
+            chain = []
+            for item in self.sequence(fields["ops"][1], "'ops'"):
+                call = self.expr(item, "an op of 'ops'")
+                if call.kind != "call":
+                    raise SpecValidationError(
+                        "each item of 'ops' must be an op call such as cat(dim=1)", span=self.span(item)
+                    )
+                chain.append(call)
+            if isinstance(to_node, yaml.SequenceNode):
+                targets = [self.template(t, "a target template") for t in self.sequence(to_node, "'to'")]
+            else:
+                targets = [self.template(to_node, "a target template")]
+            outputs = [Output(targets=targets, chain=chain, span=self.span(to_node))]
+        else:
+            if isinstance(to_node, yaml.ScalarNode):
+                raise SpecValidationError(
+                    "'to:' is a single key but the rule has no 'ops:'",
+                    span=self.span(to_node),
+                    hint="map each target to an expression ('KEY: expr'), or add 'ops: [...]'",
+                )
+            outputs = []
+            for k, text, v in self.mapping(to_node, "'to' (targets -> expressions)"):
+                where = self.where(k)
+                targets, offset = [], 0
+                for piece in text.split(","):
+                    lead = len(piece) - len(piece.lstrip())
+                    sub = Embedded(where.source, where.line, where.col + offset + lead)
+                    targets.append(parse_template(piece.strip(), sub))
+                    offset += len(piece) + 1
+                outputs.append(
+                    Output(targets=targets, expr=self.expr(v, "an output expression"), span=self.span(k))
+                )
+        return Convert(inputs=inputs, lets=lets, outputs=outputs, span=span)
+
+
+def _ident(builder: _YamlBuilder, node, name: str, what: str) -> str:
+    if not name.isidentifier():
+        raise SpecValidationError(
+            f"{name!r} is not a valid {what}", span=builder.span(node), hint="use letters, digits and _"
+        )
+    return name
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "list"
+    return "scalar"
