@@ -22,7 +22,7 @@ class Node:
     where: str = ""
 
     def __str__(self) -> str:
-        args = list(self.inputs) + [f"{k}={_show(v)}" for k, v in self.params]
+        args = list(self.inputs) + [f"{k}={_show(v)}" for k, v in self.params if v is not None]
         return f"{', '.join(self.outputs)} = {self.op}({', '.join(args)})"
 
 

@@ -52,6 +52,8 @@ class _YamlBuilder:
         return self.source.span(node.start_mark.line + 1, node.start_mark.column + 1)
 
     def where(self, node: yaml.ScalarNode) -> Embedded:
+        if node.style in (">", "|"):
+            return Embedded.block(self.source, node.start_mark.line + 2, node.end_mark.line + 1)
         quoted = 1 if node.style in ("'", '"') else 0
         return Embedded(self.source, node.start_mark.line + 1, node.start_mark.column + 1 + quoted)
 
