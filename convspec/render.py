@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 
 from .bind import BoundPlan
-from .compile.plan import Plan, PlanRule
+from .compile.plan import Plan, PlanRule, _show
 from .ops import TensorInfo
 
 
@@ -140,7 +140,7 @@ def plan_dot(plan: Plan) -> str:
         producer = {n: f"{r}:{n}" for n, _ in rule.inputs}
         for i, node in enumerate(rule.nodes):
             nid = f"{r}:op{i}"
-            params = ", ".join(f"{k}={v}" for k, v in node.params if not isinstance(v, dict))
+            params = ", ".join(f"{k}={_show(v)}" for k, v in node.params if v is not None)
             out.append(f"    {_q(nid)} [shape=ellipse, label={_q(f'{node.op}({params})')}];")
             for a in node.inputs:
                 out.append(f"    {_q(producer[a])} -> {_q(nid)};")
