@@ -95,6 +95,7 @@ class _Lowering:
     def __init__(self, index: int, rule: Convert, config: dict | None):
         self.index, self.rule, self.config = index, rule, config
         self.nodes: list[Node] = []
+        self.spans: list[Span | None] = []  # the call that made each node, for error carets
         self.env: dict[str, str] = {}
         self.n = 0
         self.types: dict[str, str] = {}
@@ -220,6 +221,7 @@ class _Lowering:
             params["n"] = want
         outs = [self.fresh() for _ in range(n_out)]
         self.nodes.append(Node(op.name, tuple(args), tuple(outs), tuple(params.items()), _where(call.span)))
+        self.spans.append(call.span)
         return outs
 
     def params(self, op, call: Call, pos: list[Expr], want: int) -> dict[str, Any]:
@@ -335,7 +337,7 @@ class _Lowering:
         keep = sorted(out_caps & bound_by_all)
         free: dict[str, tuple[str, ...]] = {n: tuple(sorted(set(p.captures) - set(keep))) for n, p in inputs}
         uses: dict[str, int] = {}
-        for node in self.nodes:
+        for node, node_span in zip(self.nodes, self.spans):
             op = OPS[node.op]
             arg_free = [set(free[a]) for a in node.inputs]
             for a in node.inputs:
@@ -348,7 +350,7 @@ class _Lowering:
                 )
                 raise CompileError(
                     f"rule {self.index + 1} (convert): {node.op} mixes collections: {desc}",
-                    span=r.span,
+                    span=node_span or r.span,
                     hint="stack each input over the same captures first",
                 )
             if op.reduces:
@@ -357,14 +359,15 @@ class _Lowering:
                     raise CompileError(
                         f"rule {self.index + 1} (convert): {node.op}(over={over}) but its input is not a collection "
                         f"over {{{over}}}" + (f" (it is over {{{', '.join(sorted(base))}}})" if base else ""),
-                        span=r.span,
+                        span=node_span or r.span,
                         hint="stack over a capture that the input has and the target does not",
                     )
                 if self.types.get(over) != "int":
                     raise CompileError(
                         f"rule {self.index + 1} (convert): stack over {{{over}}} needs an int "
                         f"capture ({{{over}:int}}) to order its members",
-                        span=r.span,
+                        span=node_span or r.span,
+                        hint=f"declare it as {{{over}:int}} in the input templates",
                     )
                 out_free = tuple(sorted(base - {over}))
             elif op.expands:
@@ -372,7 +375,7 @@ class _Lowering:
                 if over in base or over in keep:
                     raise CompileError(
                         f"rule {self.index + 1} (convert): unstack over {{{over}}}, which is already bound",
-                        span=r.span,
+                        span=node_span or r.span,
                     )
                 self.types.setdefault(over, "int")
                 out_free = tuple(sorted(base | {over}))
@@ -411,20 +414,21 @@ class _Lowering:
                     f"rule {self.index + 1} (convert): target {pat.text} is written twice", span=span
                 )
             seen_out.add(pat.text)
+        binding_span = {b.name: b.span for b in r.inputs}
         for name, _ in inputs:
             if uses.get(name, 0) == 0:
                 raise CompileError(
                     f"rule {self.index + 1} (convert): input {name!r} is never used",
-                    span=r.span,
+                    span=binding_span.get(name) or r.span,
                     hint="use it in an output, or remove it (a drop rule discards keys)",
                 )
-        for node in self.nodes:
+        for node, node_span in zip(self.nodes, self.spans):
             for o in node.outputs:
                 if uses.get(o, 0) == 0:
                     raise CompileError(
                         f"rule {self.index + 1} (convert): a value of {node.op} is never used "
                         "(it would be lost)",
-                        span=r.span,
+                        span=node_span or r.span,
                     )
         types = {c: self.types.get(c, "seg") for c in sorted(set(self.types) | out_caps)}
         return PlanRule(

@@ -73,9 +73,17 @@ def _parser() -> Lark:
     )
 
 
+def _terminal_text(name: str) -> str:
+    if name in _TOKEN_NAMES:
+        return _TOKEN_NAMES[name]
+    for term in _parser().terminals:  # anonymous terminals such as '->' and '??' by their text
+        if term.name == name and term.pattern.type == "str":
+            return f"'{term.pattern.value}'"
+    return f"'{name.lower()}'" if name.isupper() else name
+
+
 def _describe_expected(expected: set[str]) -> str:
-    names = sorted({_TOKEN_NAMES.get(t, f"'{t.lower()}'" if t.isupper() else t) for t in expected})
-    names = [n.replace("__ANON", "") for n in names]
+    names = sorted({_terminal_text(t) for t in expected})
     if len(names) > 8:
         names = names[:8] + ["..."]
     return ", ".join(names)

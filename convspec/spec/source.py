@@ -28,24 +28,38 @@ class Embedded:
         self.pieces = pieces  # for folded block scalars: (offset in string, file line, file col)
 
     @staticmethod
-    def block(source: Source, first_line: int, last_line: int) -> Embedded:
-        """A folded or literal YAML block scalar: each source line's text joined by one character."""
-        pieces, offset = [], 0
-        for ln in range(first_line, last_line + 1):
-            text = source.lines[ln - 1] if ln <= len(source.lines) else ""
-            if not text.strip():
+    def block(source: Source, first_line: int, last_line: int, value: str) -> Embedded:
+        """A folded or literal YAML block scalar: each source line's text is found in the value.
+
+        Folding joins lines with a space or a newline and keeps the extra indentation of more
+        indented lines, so each line's text (less the block's indentation) is located in `value`.
+        """
+        lines = [
+            (ln, source.lines[ln - 1])
+            for ln in range(first_line, min(last_line, len(source.lines)) + 1)
+            if source.lines[ln - 1].strip()
+        ]
+        if not lines:
+            return Embedded(source, first_line, 1, [(0, first_line, 1)])
+        indent = len(lines[0][1]) - len(lines[0][1].lstrip())
+        pieces, pos = [], 0
+        for ln, text in lines:
+            if len(text) - len(text.lstrip()) < indent:
+                break  # the block has ended
+            content = text[indent:].rstrip()
+            found = value.find(content, pos)
+            if found < 0:
                 continue
-            indent = len(text) - len(text.lstrip())
-            pieces.append((offset, ln, indent + 1))
-            offset += len(text.strip()) + 1
-        if not pieces:
-            pieces = [(0, first_line, 1)]
-        return Embedded(source, pieces[0][1], pieces[0][2], pieces)
+            pieces.append((found, ln, indent + 1))
+            pos = found + len(content)
+        return Embedded(source, lines[0][0], indent + 1, pieces or [(0, first_line, 1)])
 
     def span(self, line: int, col: int) -> Span:
-        if self.pieces is not None and line == 1:
-            start, ln, c = max((p for p in self.pieces if p[0] <= col - 1), default=self.pieces[0])
-            return self.source.span(ln, c + (col - 1 - start))
+        if self.pieces is not None:
+            string = getattr(self, "string", "")
+            offset = sum(len(s) + 1 for s in string.split("\n")[: line - 1]) + col - 1
+            start, ln, c = max((p for p in self.pieces if p[0] <= offset), default=self.pieces[0])
+            return self.source.span(ln, c + (offset - start))
         if line == 1:
             return self.source.span(self.line, self.col + col - 1)
         return self.source.span(self.line + line - 1, col)

@@ -34,7 +34,9 @@ def parse_yaml(text: str, file: str | None = None) -> Spec:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise SpecSyntaxError(
-            f"invalid YAML: {exc.problem or exc.context}", span=source.span(line, col)
+            f"invalid YAML: {exc.problem or exc.context}",
+            span=source.span(line, col),
+            hint="check the indentation, and quote values that contain ': ', '{' or '#'",
         ) from None
     except yaml.YAMLError as exc:  # pragma: no cover - every yaml error we know is marked
         raise SpecSyntaxError(f"invalid YAML: {exc}", span=source.span(1, 1)) from None
@@ -53,7 +55,7 @@ class _YamlBuilder:
 
     def where(self, node: yaml.ScalarNode) -> Embedded:
         if node.style in (">", "|"):
-            return Embedded.block(self.source, node.start_mark.line + 2, node.end_mark.line + 1)
+            return Embedded.block(self.source, node.start_mark.line + 2, node.end_mark.line + 1, node.value)
         quoted = 1 if node.style in ("'", '"') else 0
         return Embedded(self.source, node.start_mark.line + 1, node.start_mark.column + 1 + quoted)
 
