@@ -175,6 +175,15 @@ class _Lowering:
             if not self.is_tensor(a):
                 break
             n_tensors += 1
+        op = OPS.get(e.op)
+        if op is not None and n_tensors < min(op.min_inputs, len(e.args)):
+            missing = e.args[n_tensors]
+            if (
+                isinstance(missing, Ref)
+                and len(missing.path) == 1
+                and missing.path[0] not in ("true", "false")
+            ):
+                self.lower(missing)  # a misspelt input: say so rather than count tensor inputs
         args = []
         for a in e.args[:n_tensors]:
             vals = self.lower(a)
@@ -337,7 +346,7 @@ class _Lowering:
         keep = sorted(out_caps & bound_by_all)
         free: dict[str, tuple[str, ...]] = {n: tuple(sorted(set(p.captures) - set(keep))) for n, p in inputs}
         uses: dict[str, int] = {}
-        for node, node_span in zip(self.nodes, self.spans):
+        for node, node_span in zip(self.nodes, self.spans, strict=True):
             op = OPS[node.op]
             arg_free = [set(free[a]) for a in node.inputs]
             for a in node.inputs:
@@ -422,7 +431,7 @@ class _Lowering:
                     span=binding_span.get(name) or r.span,
                     hint="use it in an output, or remove it (a drop rule discards keys)",
                 )
-        for node, node_span in zip(self.nodes, self.spans):
+        for node, node_span in zip(self.nodes, self.spans, strict=True):
             for o in node.outputs:
                 if uses.get(o, 0) == 0:
                     raise CompileError(
