@@ -72,12 +72,12 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
             env[node.outputs[0]] = out
             continue
         keys = set(args[0])
-        for a, name in zip(args[1:], node.inputs[1:]):
+        for a, name in zip(args[1:], node.inputs[1:], strict=False):
             if set(a) != keys:
                 diff = sorted(set(a) ^ keys)[0]
                 raise GroupError(
                     f"{node.op} inputs {node.inputs[0]} and {name} have different members "
-                    f"({', '.join(f'{c}={v}' for c, v in zip(arg_free, diff))} is in only one)"
+                    f"({', '.join(f'{c}={v}' for c, v in zip(arg_free, diff, strict=False))} is in only one)"
                 )
         outs: list[Value] = [{} for _ in node.outputs]
         for idx in sorted(keys, key=_index_order):
@@ -86,9 +86,9 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
                 raise GroupError(
                     f"{node.op} yields {len(results)} values, the rule names {len(node.outputs)}"
                 )
-            for o, r in zip(outs, results):
+            for o, r in zip(outs, results, strict=False):
                 o[idx] = r
-        for name, o in zip(node.outputs, outs):
+        for name, o in zip(node.outputs, outs, strict=False):
             env[name] = o
     return env
 
@@ -133,6 +133,7 @@ class BoundPlan:
     unmatched: list[str]  # source keys no rule touched
     dropped: list[str]
     outputs: dict[str, tuple[tuple[int, ...], str]]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def claimed(self) -> int:
@@ -184,7 +185,7 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
             keep = tuple(caps[c] for c in rule.keep)
             g = groups.get((ri, keep))
             if g is None:
-                g = groups[(ri, keep)] = Group(rule, dict(zip(rule.keep, keep)))
+                g = groups[(ri, keep)] = Group(rule, dict(zip(rule.keep, keep, strict=False)))
             idx = tuple(caps[c] for c in rule.free_of[name])
             g.members.setdefault(name, {})[idx] = key
             break
@@ -230,12 +231,17 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
         for value, pat in rule.outputs:
             vfree = rule.free_of[value]
             for idx, info in env[value].items():
-                target = _final(plan, pat.format({**g.keep, **dict(zip(vfree, idx))}), rule.index + 1)
+                target = _final(
+                    plan, pat.format({**g.keep, **dict(zip(vfree, idx, strict=False))}), rule.index + 1
+                )
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
                 emit(target, info, f"{rule.label} group {g.name}")
+    warnings = _inverse_collisions(plan, passthrough)
     if strict and unmatched:
         problems.extend(f"no rule claims {k}" for k in unmatched)
+    if strict:
+        problems.extend(warnings)
     if problems:
         raise BindError(
             problems,
@@ -251,7 +257,34 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
         unmatched=unmatched,
         dropped=dropped,
         outputs={k: (v.shape, v.dtype) for k, v in outputs.items()},
+        warnings=warnings,
     )
+
+
+def _inverse_collisions(plan: Plan, passthrough: dict[str, str]) -> list[str]:
+    """Pass-through keys that the inverse plan would not give back unchanged (a rename's target already
+    present in the source, e.g. a half-converted checkpoint): forward-then-inverse would rename them."""
+    if plan.inverse_rules is None:
+        return []
+    inverse = plan.inverse(allow_lossy=True)
+    out = []
+    for src, dst in passthrough.items():
+        cur, pos = dst, 0
+        while (hit := inverse.first_match(cur, pos)) is not None:
+            ri, _, caps = hit
+            rule = inverse.rules[ri]
+            if rule.kind != "rename":
+                cur = None
+                break
+            cur = rule.outputs[0][1].format(caps)
+            pos = ri + 1
+        if cur != src:
+            why = "would be claimed by a convert" if cur is None else f"would come back as {cur}"
+            out.append(
+                f"{src} passes through as {dst}, but the inverse {why}: "
+                "the checkpoint already has keys of the target layout"
+            )
+    return out
 
 
 def _final(plan: Plan, key: str, start: int) -> str:

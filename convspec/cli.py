@@ -10,12 +10,16 @@ from .errors import ConvspecError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convspec", description="Declarative conversion specs for model checkpoints.")
+    p = argparse.ArgumentParser(
+        prog="convspec", description="Declarative conversion specs for model checkpoints."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a spec and show its plan")
     c.add_argument("spec", nargs="?", help="a built-in spec name or model type, or a .yaml/.cspec path")
     c.add_argument("--config", help="a config.json (default with --against: the checkpoint's config.json)")
-    c.add_argument("--against", metavar="CHECKPOINT", help="bind to a checkpoint's headers and show every group")
+    c.add_argument(
+        "--against", metavar="CHECKPOINT", help="bind to a checkpoint's headers and show every group"
+    )
     c.add_argument("--format", choices=("text", "json", "dot"), default="text")
     c.add_argument("--reverse", action="store_true", help="show the inverse plan")
     c.add_argument("--strict", action="store_true", help="with --against: every key must be claimed")
@@ -41,8 +45,10 @@ def _compile(args) -> int:
             print(f"{name:<16} {spec.doc}")
         return 0
     if not args.spec:
-        raise ConvspecError("compile needs a SPEC (a built-in name, a model type, or a spec file)",
-                            hint="see `convspec compile --list`")
+        raise ConvspecError(
+            "compile needs a SPEC (a built-in name, a model type, or a spec file)",
+            hint="see `convspec compile --list`",
+        )
     config = args.config
     if config is None and args.against:
         from pathlib import Path

@@ -59,7 +59,7 @@ def _table(rows: list[tuple[str, ...]], indent: str = "    ") -> list[str]:
     if not rows:
         return []
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
 
 
 def bound_text(bound: BoundPlan) -> str:
@@ -71,15 +71,27 @@ def bound_text(bound: BoundPlan) -> str:
         lines.append(f"  rule {ri + 1} ({groups[0].rule.where}): {len(groups)} group(s)")
         for g in groups:
             lines.append(f"    group {g.name}")
-            rows = [("in", k, str(list(bound.layout[k].shape)), bound.layout[k].dtype,
-                     _fmt_bytes(bound.layout[k].nbytes)) for k in g.source_keys]
-            rows += [("out", k, str(list(i.shape)), i.dtype, _fmt_bytes(i.nbytes)) for k, i in g.outputs.items()]
+            rows = [
+                (
+                    "in",
+                    k,
+                    str(list(bound.layout[k].shape)),
+                    bound.layout[k].dtype,
+                    _fmt_bytes(bound.layout[k].nbytes),
+                )
+                for k in g.source_keys
+            ]
+            rows += [
+                ("out", k, str(list(i.shape)), i.dtype, _fmt_bytes(i.nbytes)) for k, i in g.outputs.items()
+            ]
             lines += _table(rows, "      ")
     renamed = [(s, d) for s, d in bound.passthrough.items() if s != d]
     if renamed:
         lines.append(f"  renamed: {len(renamed)} key(s)")
-        lines += _table([(s, "->", d, str(list(bound.layout[s].shape)), bound.layout[s].dtype) for s, d in renamed],
-                        "    ")
+        lines += _table(
+            [(s, "->", d, str(list(bound.layout[s].shape)), bound.layout[s].dtype) for s, d in renamed],
+            "    ",
+        )
     cov = bound.coverage()
     lines += [
         "",
@@ -95,6 +107,9 @@ def bound_text(bound: BoundPlan) -> str:
         lines.append(f"      {k}")
     if len(bound.unmatched) > 50:
         lines.append(f"      ... and {len(bound.unmatched) - 50} more")
+    if bound.warnings:
+        lines.append(f"warnings: {len(bound.warnings)}")
+        lines += [f"    {w}" for w in bound.warnings[:20]]
     total_out = sum(TensorInfo(s, d).nbytes for s, d in bound.outputs.values())
     lines.append(f"outputs: {len(bound.outputs)} tensors, {_fmt_bytes(total_out)}")
     return "\n".join(lines)
@@ -110,8 +125,10 @@ def bound_json(bound: BoundPlan) -> str:
         {
             "rule": g.rule.index + 1,
             "group": g.keep,
-            "inputs": {k: {"shape": list(bound.layout[k].shape), "dtype": bound.layout[k].dtype}
-                       for k in g.source_keys},
+            "inputs": {
+                k: {"shape": list(bound.layout[k].shape), "dtype": bound.layout[k].dtype}
+                for k in g.source_keys
+            },
             "outputs": {k: {"shape": list(i.shape), "dtype": i.dtype} for k, i in g.outputs.items()},
         }
         for g in bound.groups
@@ -120,6 +137,7 @@ def bound_json(bound: BoundPlan) -> str:
     d["unmatched"] = bound.unmatched
     d["dropped"] = bound.dropped
     d["coverage"] = bound.coverage()
+    d["warnings"] = bound.warnings
     return json.dumps(d, indent=2)
 
 
@@ -129,8 +147,12 @@ def _q(s: str) -> str:
 
 def plan_dot(plan: Plan) -> str:
     """One cluster per rule: input patterns -> op nodes -> output patterns (drawn once, not per layer)."""
-    out = ["digraph plan {", "  rankdir=LR;", '  node [fontname="Helvetica", fontsize=10];',
-           f"  label={_q(plan.name)};"]
+    out = [
+        "digraph plan {",
+        "  rankdir=LR;",
+        '  node [fontname="Helvetica", fontsize=10];',
+        f"  label={_q(plan.name)};",
+    ]
     for rule in plan.rules:
         r = f"r{rule.index}"
         out.append(f"  subgraph cluster_{r} {{")

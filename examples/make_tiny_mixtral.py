@@ -42,8 +42,11 @@ def make(out: Path, layers: int = 2, experts: int = 4, seed: int = 0, dtype=torc
     def w(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
 
-    sd = {"model.embed_tokens.weight": w(cfg["vocab_size"], h), "model.norm.weight": w(h),
-          "lm_head.weight": w(cfg["vocab_size"], h)}
+    sd = {
+        "model.embed_tokens.weight": w(cfg["vocab_size"], h),
+        "model.norm.weight": w(h),
+        "lm_head.weight": w(cfg["vocab_size"], h),
+    }
     for layer in range(layers):
         p = f"model.layers.{layer}"
         sd[f"{p}.input_layernorm.weight"] = w(h)

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from make_tiny_mixtral import make  # noqa: E402
+
 import convspec  # noqa: E402
 from convspec import render  # noqa: E402
 from convspec.io.safetensors import read_layout  # noqa: E402
-from make_tiny_mixtral import make  # noqa: E402
 
 
 def main(work: Path) -> int:
@@ -28,8 +29,10 @@ def main(work: Path) -> int:
     plan = convspec.compile("mixtral", config=ckpt / "config.json")
     layout = {k: (e.shape, e.dtype) for k, e in read_layout(ckpt).items()}
     bound = plan.bind(layout)
-    print(f"2. bound the mixtral plan to its headers: {len(bound.groups)} groups, "
-          f"{len(layout)} keys in -> {len(bound.outputs)} keys out (no tensor data read)")
+    print(
+        f"2. bound the mixtral plan to its headers: {len(bound.groups)} groups, "
+        f"{len(layout)} keys in -> {len(bound.outputs)} keys out (no tensor data read)"
+    )
     print()
     print(render.bound_text(bound))
     print()
@@ -41,8 +44,10 @@ def main(work: Path) -> int:
 
     back = plan.inverse().apply(converted)
     same = sorted(back) == sorted(source) and all(torch.equal(back[k], source[k]) for k in source)
-    print(f"4. converted back with the inverse plan: {len(back)} tensors, "
-          f"{'bit-exact' if same else 'MISMATCH'} against the source")
+    print(
+        f"4. converted back with the inverse plan: {len(back)} tensors, "
+        f"{'bit-exact' if same else 'MISMATCH'} against the source"
+    )
     return 0 if same else 1
 
 

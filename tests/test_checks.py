@@ -308,3 +308,25 @@ def test_intersection_matches_brute_force(a, b):
         assert ra.fullmatch(w) and rb.fullmatch(w), (a.text, b.text, w)
     else:
         assert not both
+
+
+def test_chunk_without_n_inside_a_chain_is_refused():
+    from convspec.spec import parse_spec
+
+    text = "spec a\nconvert q = {p:path}.qkv -> {p}.a, {p}.b ops [chunk(dim=0), transpose()]\n"
+    with pytest.raises(convspec.CompileError, match="chunk needs n= here"):
+        convspec.compile(parse_spec(text, "a.cspec"))
+
+
+def test_yaml_flow_list_comma_gets_a_quoting_hint():
+    from convspec.spec import parse_spec
+
+    text = (
+        "spec: a\nrules:\n  - convert: {g: '{p:path}.e.{e:int}.w', u: '{p:path}.e.{e:int}.v'}\n"
+        "    to: '{p}.x'\n    ops: [stack(e), cat(dim=1, equal=true)]\n"
+    )
+    with pytest.raises(convspec.SpecSyntaxError) as exc:
+        parse_spec(text, "a.yaml")
+    assert 'quote calls with several arguments, e.g. ["cat(dim=1, equal=true)"]' in exc.value.hint
+    quoted = text.replace("cat(dim=1, equal=true)", '"cat(dim=1, equal=true)"')
+    assert convspec.compile(parse_spec(quoted, "a.yaml")).rules[0].nodes[-1].op == "cat"

@@ -61,7 +61,9 @@ def test_compile_against_lists_groups_in_numeric_order(capsys, ckpt):
     i9 = out.index("model.layers.0.block_sparse_moe.experts.9.w1.weight")
     i10 = out.index("model.layers.0.block_sparse_moe.experts.10.w1.weight")
     assert i9 < i10
-    assert re.search(r"out  model\.layers\.0\.mlp\.experts\.gate_up_proj +\[11, 96, 32\] +bfloat16 +66\.0 KiB", out)
+    assert re.search(
+        r"out  model\.layers\.0\.mlp\.experts\.gate_up_proj +\[11, 96, 32\] +bfloat16 +66\.0 KiB", out
+    )
     assert "unmatched  15  (passed through unchanged)" in out
     assert "renamed    2" in out
 

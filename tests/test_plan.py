@@ -233,3 +233,52 @@ def test_bad_config_file(cfg_spec, tmp_path):
         convspec.compile(cfg_spec, str(bad))
     with pytest.raises(convspec.ConfigError, match="does not exist"):
         convspec.compile(cfg_spec, str(tmp_path / "missing.json"))
+
+
+# ---- keys that the inverse would not give back, and defaults without a config -------------------
+
+
+def test_bind_warns_when_a_passthrough_key_would_not_come_back():
+    import convspec as cs
+
+    plan = cs.compile("mixtral")
+    layout = {
+        "m.block_sparse_moe.experts.0.w1.weight": ((2, 2), "float32"),
+        "m.block_sparse_moe.experts.0.w3.weight": ((2, 2), "float32"),
+        "m.mlp.foo.weight": ((1,), "float32"),  # already in the target layout
+    }
+    bound = plan.bind(layout)
+    assert bound.warnings == [
+        "m.mlp.foo.weight passes through as m.mlp.foo.weight, but the inverse would come back as "
+        "m.block_sparse_moe.foo.weight: the checkpoint already has keys of the target layout"
+    ]
+    with pytest.raises(cs.BindError) as exc:
+        plan.bind(layout, strict=True)
+    assert any("m.mlp.foo.weight passes through" in p for p in exc.value.problems)
+
+
+def test_bind_has_no_warnings_for_a_clean_source_layout():
+    import convspec as cs
+
+    plan = cs.compile("mixtral")
+    layout = {
+        "m.block_sparse_moe.experts.0.w1.weight": ((2, 2), "float32"),
+        "m.block_sparse_moe.experts.0.w3.weight": ((2, 2), "float32"),
+        "m.block_sparse_moe.gate.weight": ((1, 2), "float32"),
+        "m.embed.weight": ((3, 2), "float32"),
+    }
+    assert plan.bind(layout).warnings == []
+
+
+def test_default_is_not_taken_when_no_config_was_given_at_all():
+    import convspec as cs
+    from convspec.spec import parse_spec
+
+    spec = parse_spec(
+        "spec s\nconvert x = {p:path}.w -> {p}.a, {p}.b = chunk(x, n=config.parts ?? 2)\n", "s.cspec"
+    )
+    plan = cs.compile(spec)
+    with pytest.raises(cs.ConfigError, match="needs config.parts, but no config was given"):
+        plan.apply({"m.w": torch.zeros(4)})
+    out = cs.compile(spec, config={}).apply({"m.w": torch.arange(4)})
+    assert out["m.a"].tolist() == [0, 1] and out["m.b"].tolist() == [2, 3]

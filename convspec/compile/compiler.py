@@ -127,7 +127,7 @@ class _Lowering:
                 raise self.err(
                     f"let binds {len(let.names)} names but the expression yields {len(vals)} values", let.span
                 )
-            for name, v in zip(let.names, vals):
+            for name, v in zip(let.names, vals, strict=False):
                 if name in self.env:
                     raise self.err(f"name {name!r} is bound twice", let.span)
                 self.env[name] = v
@@ -143,7 +143,7 @@ class _Lowering:
                     out.span,
                     hint="list one target per value",
                 )
-            for t, v in zip(out.targets, vals):
+            for t, v in zip(out.targets, vals, strict=False):
                 outputs.append((v, pattern_of(t), t.span))
         return self.check(inputs, outputs)
 
@@ -156,7 +156,7 @@ class _Lowering:
     def is_tensor(self, e: Expr) -> bool:
         return isinstance(e, Call) or (isinstance(e, Ref) and len(e.path) == 1 and e.path[0] in self.env)
 
-    def lower(self, e: Expr, want: int = 1) -> list[str]:
+    def lower(self, e: Expr, want: int | None = None) -> list[str]:
         if isinstance(e, Ref) and len(e.path) == 1 and e.path[0] in self.env:
             return [self.env[e.path[0]]]
         if not isinstance(e, Call):
@@ -226,6 +226,12 @@ class _Lowering:
         else:
             n_out = op.n_outputs(params)
         if n_out is None:
+            if want is None:
+                raise self.err(
+                    f"{op.name} needs n= here: only an op whose values go straight to targets "
+                    "or let names takes its count from them",
+                    call.span,
+                )
             n_out = want
             params["n"] = want
         outs = [self.fresh() for _ in range(n_out)]
@@ -243,7 +249,7 @@ class _Lowering:
                 call.span,
                 hint=f"parameters: {', '.join(spec)}",
             )
-        for p, e in zip(op.params, pos):
+        for p, e in zip(op.params, pos, strict=False):
             given[p.name] = e
         for kw in call.kwargs:
             if kw.name not in spec:
@@ -330,10 +336,10 @@ class _Lowering:
             op = OPS.get(call.op)
             last = k == len(chain) - 1
             if op is None or op.max_inputs == 1:
-                per = n_targets // max(len(values), 1) if last else 1
+                per = n_targets // max(len(values), 1) if last else None
                 values = [v for val in values for v in self.emit(call, [val], call.args, per)]
             else:
-                values = self.emit(call, values, call.args, n_targets if last else 1)
+                values = self.emit(call, values, call.args, n_targets if last else None)
         return values
 
     # ---- checks -----------------------------------------------------------------------------
@@ -355,7 +361,8 @@ class _Lowering:
             base = arg_free[0]
             if any(f != base for f in arg_free[1:]):
                 desc = ", ".join(
-                    f"{a} over {{{', '.join(sorted(f)) or 'nothing'}}}" for a, f in zip(node.inputs, arg_free)
+                    f"{a} over {{{', '.join(sorted(f)) or 'nothing'}}}"
+                    for a, f in zip(node.inputs, arg_free, strict=False)
                 )
                 raise CompileError(
                     f"rule {self.index + 1} (convert): {node.op} mixes collections: {desc}",

@@ -79,6 +79,8 @@ def _eval(e: dict, config: dict | None) -> Any:
             try:
                 return _eval(e["left"], config)
             except Missing:
+                if config is None:  # no config at all is not "field absent": never default silently
+                    raise
                 return _eval(e["right"], config)
         a, b = _int(_eval(e["left"], config), op), _int(_eval(e["right"], config), op)
         if op in ("//", "%") and b == 0:

@@ -28,7 +28,7 @@ class Pattern:
     def typed(self, types: dict[str, str]) -> Pattern:
         """The same pattern with capture types filled in from `types` (where a target borrows them)."""
         parts = tuple((k, a, (b or types.get(a, "seg")) if k == "cap" else None) for k, a, b in self.parts)
-        text = "".join(a if k == "lit" else "{%s:%s}" % (a, b) for k, a, b in parts)
+        text = "".join(a if k == "lit" else f"{{{a}:{b}}}" for k, a, b in parts)
         return Pattern(text, parts)
 
     def regex(self, prefix: str = "") -> str:
@@ -53,7 +53,7 @@ class Pattern:
 
     def display(self) -> str:
         """The pattern with bare captures, as a target is written: `{p}.mlp.gate.weight`."""
-        return "".join(a if k == "lit" else "{%s}" % a for k, a, _ in self.parts)
+        return "".join(a if k == "lit" else f"{{{a}}}" for k, a, _ in self.parts)
 
 
 # ---- exact intersection of two patterns (both regular languages) -----------------------------

@@ -13,12 +13,33 @@ from ..errors import ConvspecError
 MAX_HEADER = 100 * 1024 * 1024
 
 DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
     "BOOL": "bool",
 }
-ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
-            "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 
 
 class CheckpointError(ConvspecError):
@@ -85,10 +106,12 @@ def read_header(path: str | Path) -> list[Entry]:
         if not 0 <= a <= b or base + b > size:
             raise CheckpointError(f"{path}: tensor {key}: data offsets [{a}, {b}] are outside the file")
         if b - a != numel * ITEMSIZE[dtype]:
-            raise CheckpointError(f"{path}: tensor {key}: {b - a} bytes of data for shape {list(shape)} {dtype}")
+            raise CheckpointError(
+                f"{path}: tensor {key}: {b - a} bytes of data for shape {list(shape)} {dtype}"
+            )
         entries.append(Entry(key, str(path), shape, dtype, base + a, base + b))
     ordered = sorted(entries, key=lambda e: e.start)
-    for x, y in zip(ordered, ordered[1:]):
+    for x, y in zip(ordered, ordered[1:], strict=False):
         if y.start < x.end:
             raise CheckpointError(f"{path}: tensors {x.key} and {y.key} overlap in the file")
     return entries

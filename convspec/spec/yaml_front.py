@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import yaml
 
-from ..errors import SpecSyntaxError, SpecValidationError
+from ..errors import SpecError, SpecSyntaxError, SpecValidationError
 from .model import Binding, Convert, Drop, Let, Output, Rename, Spec
 from .parse import MAX_SPEC_CHARS, parse_expr, parse_template
 from .source import Embedded, Source
@@ -209,8 +209,17 @@ class _YamlBuilder:
         to_node = fields["to"][1]
         if "ops" in fields:
             chain = []
-            for item in self.sequence(fields["ops"][1], "'ops'"):
-                call = self.expr(item, "an op of 'ops'")
+            ops_node = fields["ops"][1]
+            for item in self.sequence(ops_node, "'ops'"):
+                try:
+                    call = self.expr(item, "an op of 'ops'")
+                except SpecError as exc:
+                    if ops_node.flow_style and isinstance(item, yaml.ScalarNode) and item.style is None:
+                        exc.hint = (exc.hint + "; " if exc.hint else "") + (
+                            "in a [...] list YAML splits at every comma: quote calls with several "
+                            'arguments, e.g. ["cat(dim=1, equal=true)"]'
+                        )
+                    raise
                 if call.kind != "call":
                     raise SpecValidationError(
                         "each item of 'ops' must be an op call such as cat(dim=1)", span=self.span(item)
