@@ -8,7 +8,7 @@ from typing import Any
 
 from .compile.evaluate import evaluate
 from .compile.plan import Plan, PlanRule
-from .errors import BindError, ConfigError
+from .errors import BindError
 from .ops import OPS, OpError, TensorInfo
 
 Index = tuple[str, ...]
@@ -189,8 +189,6 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
             idx = tuple(caps[c] for c in rule.free_of[name])
             g.members.setdefault(name, {})[idx] = key
             break
-        else:  # pragma: no cover
-            pass
         if hit is None:
             passthrough[key] = cur
             if not touched:
@@ -226,8 +224,6 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
             msg = exc.message if isinstance(exc, OpError) else str(exc)
             problems.append(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})")
             continue
-        except ConfigError as exc:
-            raise exc
         for value, pat in rule.outputs:
             vfree = rule.free_of[value]
             for idx, info in env[value].items():

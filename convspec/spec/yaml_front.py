@@ -66,8 +66,6 @@ class _YamlBuilder:
 
     def string(self, node: yaml.Node, what: str) -> str:
         self._count(node)
-        if not isinstance(node, yaml.ScalarNode) or node.tag != _STR and node.style is None and False:
-            pass
         if not isinstance(node, yaml.ScalarNode):
             raise SpecValidationError(f"{what} must be a string, not a {_kind(node)}", span=self.span(node))
         if node.tag not in (_STR,) and not node.tag.startswith("tag:yaml.org,2002:"):
