@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import compile, load_spec, spec_names
+from .api import compile, convert, load_spec, spec_names
 from .bind import BoundPlan
 from .compile.plan import Plan
 from .errors import (
@@ -32,6 +32,7 @@ __all__ = [
     "SpecSyntaxError",
     "SpecValidationError",
     "compile",
+    "convert",
     "load_spec",
     "spec_names",
 ]

@@ -72,3 +72,36 @@ def compile(spec: Spec | str | Path, config: dict | str | Path | Any | None = No
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     return compile_spec(spec, load_config(config))
+
+
+def convert(
+    spec,
+    src,
+    dst,
+    reverse: bool = False,
+    device: str = "cpu",
+    max_shard_size: str | int = "5GB",
+    dtype: str | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+):
+    """Convert the checkpoint at `src` into `dst` (sharded safetensors, written atomically)."""
+    from .io.checkpoint import Checkpoint
+    from .streaming import convert_checkpoint
+
+    cfg = Checkpoint(src).config_path
+    plan = compile(spec, config=cfg)
+    if reverse:
+        plan = plan.inverse()
+    return convert_checkpoint(
+        plan,
+        src,
+        dst,
+        device=device,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        strict=strict,
+        overwrite=overwrite,
+        dry_run=dry_run,
+    )

@@ -146,6 +146,34 @@ class Plan:
 
         return apply_plan(self, state_dict, strict=strict)
 
+    def stream(self, src, device: str = "cpu", dtype: str | None = None, strict: bool = False):
+        """Yield (target_key, tensor) from a checkpoint, one group in memory at a time."""
+        from ..io.checkpoint import Checkpoint
+        from ..streaming import bind_checkpoint, stream_bound
+
+        ckpt = Checkpoint(src)
+        yield from stream_bound(bind_checkpoint(self, ckpt, strict), ckpt, device, dtype)
+
+    def load(self, src, device: str = "cpu", dtype: str | None = None, strict: bool = False) -> dict:
+        """A checkpoint converted into a dict of tensors {target_key: tensor}."""
+        return dict(self.stream(src, device=device, dtype=dtype, strict=strict))
+
+    def save(
+        self, state_dict: dict, dst, max_shard_size: str | int = "5GB", overwrite: bool = False
+    ) -> list[str]:
+        """Apply the plan to a state dict and write it as sharded safetensors, atomically."""
+        from ..io.writer import AtomicDir, parse_size, write_sharded
+        from ..ops import TensorInfo
+        from ..streaming import output_order
+
+        bound = self.bind({k: TensorInfo.of(t) for k, t in state_dict.items()})
+        out = self.apply(state_dict)
+        entries = output_order(bound)
+        with AtomicDir(dst, overwrite=overwrite) as tmp:
+            return write_sharded(
+                tmp, entries, ((k, out[k]) for k, _, _ in entries), parse_size(max_shard_size)
+            )
+
     # ---- JSON --------------------------------------------------------------------------------
 
     def to_json(self, indent: int | None = None) -> str:

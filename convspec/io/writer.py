@@ -1,0 +1,174 @@
+"""The sharded safetensors writer: headers computed before a byte is written, atomic directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from .safetensors import ITEMSIZE, CheckpointError
+
+SAFETENSORS_DTYPE = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+TMP_MARK = ".convspec-tmp-"
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal, as Hugging Face), '512MiB' -> binary; ints pass through."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.I)
+    if not m:
+        raise CheckpointError(
+            f"cannot read the size {text!r}", hint="use e.g. 5GB, 500MB, 2GiB or a byte count"
+        )
+    num, unit = float(m.group(1)), m.group(2).upper().rstrip("B")
+    scale = {
+        "": 1,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "T": 10**12,
+        "KI": 2**10,
+        "MI": 2**20,
+        "GI": 2**30,
+        "TI": 2**40,
+    }[unit]
+    return int(num * scale)
+
+
+def plan_shards(entries: list[tuple[str, tuple[int, ...], str]], max_shard_size: int) -> list[list[int]]:
+    """Greedy, in order: a new shard when the next tensor would pass the limit (a big tensor stands alone)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dtype) in enumerate(entries):
+        n = ITEMSIZE[dtype]
+        for s in shape:
+            n *= s
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    return shards
+
+
+def _header(entries, metadata: dict) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key, shape, dtype in entries:
+        n = ITEMSIZE[dtype]
+        for s in shape:
+            n *= s
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPE[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+class AtomicDir:
+    """A temporary directory beside `dst`, renamed into place only by `commit()`; removed on failure."""
+
+    def __init__(self, dst: str | Path, overwrite: bool = False):
+        self.dst = Path(dst)
+        if self.dst.exists() and not overwrite:
+            raise CheckpointError(f"{self.dst} already exists", hint="pass --overwrite to replace it")
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.dst.parent / f".{self.dst.name}{TMP_MARK}{os.getpid()}"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir()
+
+    def commit(self) -> None:
+        for f in self.tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if self.dst.exists():
+            old = self.dst.parent / f".{self.dst.name}{TMP_MARK}old-{os.getpid()}"
+            os.rename(self.dst, old)
+        os.rename(self.tmp, self.dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_sharded(
+    out_dir: Path,
+    entries: list[tuple[str, tuple[int, ...], str]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    max_shard_size: int,
+    metadata: dict | None = None,
+) -> list[str]:
+    """Write tensors (arriving in `entries` order) as HF-named shards plus an index when there are several."""
+    metadata = {"format": "pt", **(metadata or {})}
+    shards = plan_shards(entries, max_shard_size)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    it: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
+    weight_map = {}
+    for name, idx in zip(names, shards, strict=True):
+        part = [entries[i] for i in idx]
+        with open(out_dir / name, "wb") as f:
+            f.write(_header(part, metadata))
+            for key, shape, dtype in part:
+                got_key, t = next(it)
+                if got_key != key or tuple(t.shape) != tuple(shape):
+                    raise RuntimeError(f"writer expected {key} {list(shape)}, got {got_key} {list(t.shape)}")
+                f.write(tensor_bytes(t))
+                weight_map[key] = name
+    if len(names) > 1:
+        total = sum(ITEMSIZE[d] * _numel(s) for _, s, d in entries)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

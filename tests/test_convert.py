@@ -1,0 +1,132 @@
+"""Converting real files: sharded and single-file output, reverse, verify, atomicity, determinism."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import convspec
+from convspec.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from make_tiny_mixtral import make  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    d = tmp_path_factory.mktemp("src") / "tiny"
+    make(d, layers=3, experts=5)
+    (d / "tokenizer.json").write_text('{"fake": true}\n')
+    return d
+
+
+def _load_dir(d: Path) -> dict:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_sharded_convert_and_reverse_are_bit_exact(src, tmp_path):
+    r = convspec.convert("mixtral", src, tmp_path / "fused", max_shard_size="40KB")
+    assert len(r.files) > 1 and r.files[0] == f"model-00001-of-{len(r.files):05d}.safetensors"
+    index = json.loads((tmp_path / "fused" / "model.safetensors.index.json").read_text())
+    fused = _load_dir(tmp_path / "fused")
+    assert set(index["weight_map"]) == set(fused)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in fused.values())
+    with safe_open(str(tmp_path / "fused" / r.files[0]), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert (tmp_path / "fused" / "tokenizer.json").read_text() == '{"fake": true}\n'
+    assert (tmp_path / "fused" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+
+    source = load_file(str(src / "model.safetensors"))
+    expected = convspec.compile("mixtral").apply(source)
+    assert sorted(fused) == sorted(expected) and all(torch.equal(fused[k], expected[k]) for k in fused)
+
+    convspec.convert("mixtral", tmp_path / "fused", tmp_path / "back", reverse=True)
+    back = _load_dir(tmp_path / "back")
+    assert sorted(back) == sorted(source) and all(torch.equal(back[k], source[k]) for k in source)
+
+
+def test_convert_is_deterministic(src, tmp_path):
+    convspec.convert("mixtral", src, tmp_path / "a", max_shard_size="40KB")
+    convspec.convert("mixtral", src, tmp_path / "b", max_shard_size="40KB")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_a_failure_midway_leaves_nothing_behind(src, tmp_path, monkeypatch):
+    import convspec.streaming as conv
+
+    real = conv.run_group
+    calls = {"n": 0}
+
+    def failing(bound, group, tensors):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real(bound, group, tensors)
+
+    monkeypatch.setattr(conv, "run_group", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        convspec.convert("mixtral", src, tmp_path / "out", max_shard_size="40KB")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination_is_refused_unless_overwrite(src, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    assert main(["convert", "mixtral", str(src), str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").exists()
+    assert main(["convert", "mixtral", str(src), str(tmp_path / "out"), "--overwrite"]) == 0
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_already_converted_checkpoint_is_refused_with_a_hint(src, tmp_path, capsys):
+    convspec.convert("mixtral", src, tmp_path / "fused")
+    assert main(["convert", "mixtral", str(tmp_path / "fused"), str(tmp_path / "twice")]) == 2
+    err = capsys.readouterr().err
+    assert "claims no key" in err and "it looks already converted" in err and "--reverse" in err
+    assert not (tmp_path / "twice").exists()
+
+
+def test_dry_run_writes_nothing(src, tmp_path, capsys):
+    assert main(["convert", "mixtral", str(src), str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.2.mlp.experts.gate_up_proj  [5, 96, 32]  bfloat16" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_passes_on_good_data(src, capsys):
+    assert main(["verify", "mixtral", str(src)]) == 0
+    assert capsys.readouterr().out.strip() == "ok: 69 tensors come back bit for bit"
+
+
+def test_load_stream_and_save(src, tmp_path):
+    plan = convspec.compile("mixtral")
+    loaded = plan.load(src)
+    streamed = dict(plan.stream(src))
+    assert sorted(loaded) == sorted(streamed)
+    assert all(torch.equal(loaded[k], streamed[k]) for k in loaded)
+    assert loaded["model.layers.1.mlp.experts.down_proj"].shape == (5, 32, 48)
+    as_f32 = plan.load(src, dtype="float32")
+    assert as_f32["model.norm.weight"].dtype == torch.float32
+    plan.inverse().save(loaded, tmp_path / "saved")
+    back = _load_dir(tmp_path / "saved")
+    source = load_file(str(src / "model.safetensors"))
+    assert sorted(back) == sorted(source) and all(torch.equal(back[k], source[k]) for k in source)
+
+
+def test_missing_source_exits_2(tmp_path, capsys):
+    assert main(["convert", "mixtral", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
