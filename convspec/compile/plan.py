@@ -158,6 +158,13 @@ class Plan:
         """A checkpoint converted into a dict of tensors {target_key: tensor}."""
         return dict(self.stream(src, device=device, dtype=dtype, strict=strict))
 
+    def load_into(self, model, src, strict: bool = True, device: str | None = None):
+        """Fill `model` (on meta: assigned; allocated: copied in place); returns missing/unexpected/mismatched."""
+        from ..load_into import load_into
+
+        dev = device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu")
+        return load_into(model, self.stream(src, device=dev), strict=strict)
+
     def save(
         self, state_dict: dict, dst, max_shard_size: str | int = "5GB", overwrite: bool = False
     ) -> list[str]:

@@ -156,8 +156,9 @@ def write_sharded(
             f.write(_header(part, metadata))
             for key, shape, dtype in part:
                 got_key, t = next(it)
-                if got_key != key or tuple(t.shape) != tuple(shape):
-                    raise RuntimeError(f"writer expected {key} {list(shape)}, got {got_key} {list(t.shape)}")
+                got = (got_key, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                if got != (key, tuple(shape), dtype):
+                    raise RuntimeError(f"writer expected {key} {list(shape)} {dtype}, got {got}")
                 f.write(tensor_bytes(t))
                 weight_map[key] = name
     if len(names) > 1:
