@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .safetensors import Entry, read_layout
+from .safetensors import CheckpointError, Entry, read_layout
+
+_TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -19,7 +34,7 @@ class Checkpoint:
     def __init__(self, src: str | Path):
         self.src = Path(src)
         self.entries: dict[str, Entry] = read_layout(self.src)
-        self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
 
     @property
     def layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -31,11 +46,33 @@ class Checkpoint:
         return p if p.is_file() else None
 
     def get(self, key: str) -> torch.Tensor:
+        """Read one tensor into fresh memory with pread (no mmap: memory is bounded by what is alive)."""
         e = self.entries[key]
-        h = self._handles.get(e.file)
-        if h is None:
-            h = self._handles[e.file] = safe_open(e.file, framework="pt", device="cpu")
-        return h.get_tensor(key)
+        fd = self._fds.get(e.file)
+        if fd is None:
+            fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
+        n = e.end - e.start
+        out = torch.empty(n, dtype=torch.uint8)
+        view, done = memoryview(out.numpy()), 0
+        while done < n:
+            got = os.preadv(fd, [view[done:]], e.start + done)
+            if got == 0:
+                raise CheckpointError(
+                    f"{e.file}: tensor {key} is truncated (file ended after {done} of {n} bytes)"
+                )
+            done += got
+        return out.view(_TORCH_DTYPES[e.dtype]).reshape(e.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def copy_side_files(self, dst: Path) -> None:
         """Every non-weight file beside the weights (config, tokenizer, ...) copied unchanged."""
