@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("spec")
     v.add_argument("src")
     v.add_argument("--device", default="cpu")
+    v.add_argument(
+        "--converted", metavar="DIR", help="compare a converted directory with SRC converted afresh"
+    )
     return p
 
 
@@ -115,9 +118,10 @@ def _verify(args) -> int:
     from .streaming import verify_checkpoint
 
     plan = api.compile(args.spec, config=Checkpoint(args.src).config_path)
-    checked, bad = verify_checkpoint(plan, args.src, device=args.device)
+    checked, bad = verify_checkpoint(plan, args.src, device=args.device, converted=args.converted)
     if not bad:
-        print(f"ok: {checked} tensors come back bit for bit")
+        what = f"match {args.converted}" if args.converted else "come back"
+        print(f"ok: {checked} tensors {what} bit for bit")
         return 0
     for m in bad:
         diff = "" if m.max_abs_diff is None else f", max abs diff {m.max_abs_diff:g}"

@@ -99,7 +99,7 @@ def convert_checkpoint(
     if dry_run:
         return ConvertResult(None, [], len(entries), total, bound)
     with AtomicDir(dst, overwrite=overwrite) as tmp:
-        files = write_sharded(tmp, entries, stream_bound(bound, ckpt, "cpu", dtype), limit)
+        files = write_sharded(tmp, entries, stream_bound(bound, ckpt, device, dtype), limit)
         ckpt.copy_side_files(tmp)
     return ConvertResult(Path(dst), files, len(entries), total, bound)
 
@@ -115,18 +115,38 @@ class Mismatch:
 
 @torch.no_grad()
 def verify_checkpoint(
-    plan: Plan, src: str | Path, device: str = "cpu", limit: int = 20
+    plan: Plan, src: str | Path, device: str = "cpu", limit: int = 20, converted: str | Path | None = None
 ) -> tuple[int, list[Mismatch]]:
-    """Forward then inverse, group by group, compared with the source bit for bit. Returns (checked, mismatches)."""
+    """Forward then inverse, group by group, compared with the source bit for bit; or, with `converted`,
+    the forward outputs compared with a converted directory. Returns (checked, mismatches)."""
     ckpt = Checkpoint(src)
     bound = bind_checkpoint(plan, ckpt)
-    inverse = plan.inverse()
+    other = Checkpoint(converted) if converted is not None else None
+    inverse = plan.inverse() if other is None else None
     bad: list[Mismatch] = []
     checked = 0
+    if other is not None:
+        extra = sorted(set(other.entries) - set(bound.outputs))
+        bad += [
+            Mismatch(k, other.entries[k].shape, other.entries[k].dtype, None, "not produced by the plan")
+            for k in extra[:limit]
+        ]
 
     def compare(originals: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         nonlocal checked
-        back = inverse.apply(outputs)
+        if other is None:
+            back = inverse.apply(outputs)
+        else:  # the converted directory is the reference; the fresh forward outputs are checked against it
+            back, originals = outputs, {}
+            for k, t in outputs.items():
+                if k in other.entries:
+                    originals[k] = other.get(k)
+                else:
+                    bad.append(
+                        Mismatch(
+                            k, tuple(t.shape), str(t.dtype), None, "missing from the converted directory"
+                        )
+                    )
         for k, t in originals.items():
             checked += 1
             b = back.get(k)

@@ -130,3 +130,30 @@ def test_missing_source_exits_2(tmp_path, capsys):
     assert main(["convert", "mixtral", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_converted_passes_then_fails_on_a_tampered_file(src, tmp_path, capsys):
+    dst = tmp_path / "fused"
+    convspec.convert("mixtral", src, dst)
+    assert main(["verify", "mixtral", str(src), "--converted", str(dst)]) == 0
+    assert capsys.readouterr().out.strip() == f"ok: 30 tensors match {dst} bit for bit"
+    # flip one byte inside the data of a fused tensor, keeping the header intact
+    path = dst / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert "model.layers.1.mlp.experts.gate_up_proj" in keys
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert main(["verify", "mixtral", str(src), "--converted", str(dst)]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH" in out and "bits differ" in out and "1 mismatch(es) among 30 tensors checked" in out
+
+
+def test_stale_temporary_from_a_dead_run_is_removed(src, tmp_path):
+    stale = tmp_path / ".out.convspec-tmp-999999999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    convspec.convert("mixtral", src, tmp_path / "out")
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -94,6 +94,28 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+def remove_stale_temporaries(dst: Path) -> list[Path]:
+    """Temporary directories a killed run left beside `dst` (their process is gone): removed, and returned."""
+    removed = []
+    for tmp in dst.parent.glob(f".{dst.name}{TMP_MARK}*"):
+        pid_text = tmp.name.rsplit("-", 1)[-1]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and _alive(int(pid_text)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class AtomicDir:
     """A temporary directory beside `dst`, renamed into place only by `commit()`; removed on failure."""
 
@@ -102,6 +124,7 @@ class AtomicDir:
         if self.dst.exists() and not overwrite:
             raise CheckpointError(f"{self.dst} already exists", hint="pass --overwrite to replace it")
         self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.stale = remove_stale_temporaries(self.dst)
         self.tmp = self.dst.parent / f".{self.dst.name}{TMP_MARK}{os.getpid()}"
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
