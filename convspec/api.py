@@ -85,6 +85,7 @@ def convert(
     strict: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
+    on_tensor=None,
 ):
     """Convert the checkpoint at `src` into `dst` (sharded safetensors, written atomically)."""
     from .io.checkpoint import Checkpoint
@@ -104,4 +105,5 @@ def convert(
         strict=strict,
         overwrite=overwrite,
         dry_run=dry_run,
+        on_tensor=on_tensor,
     )

@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--strict", action="store_true", help="every key must be claimed by a rule")
     cv.add_argument("--dry-run", action="store_true", help="print what would be written, from headers only")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    cv.add_argument("--quiet", action="store_true", help="no progress display")
     v = sub.add_parser("verify", help="convert forward and back, and compare with the source bit for bit")
     v.add_argument("spec")
     v.add_argument("src")
@@ -90,6 +91,7 @@ def _compile(args) -> int:
 
 
 def _convert(args) -> int:
+    progress = None if args.quiet or args.dry_run or not sys.stderr.isatty() else _Progress()
     r = api.convert(
         args.spec,
         args.src,
@@ -101,7 +103,10 @@ def _convert(args) -> int:
         strict=args.strict,
         overwrite=args.overwrite,
         dry_run=args.dry_run,
+        on_tensor=progress,
     )
+    if progress is not None:
+        progress.done()
     if args.dry_run:
         from .streaming import output_order
 
@@ -111,6 +116,33 @@ def _convert(args) -> int:
         return 0
     print(f"wrote {r.tensors} tensors ({r.bytes} bytes) in {len(r.files)} file(s) to {r.dst}")
     return 0
+
+
+class _Progress:
+    """A one-line progress display on a terminal: tensors, bytes and bytes per second."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.clock = time.monotonic
+        self.start = self.last = self.clock()
+        self.n = self.bytes = 0
+
+    def __call__(self, key: str, nbytes: int) -> None:
+        self.n += 1
+        self.bytes += nbytes
+        now = self.clock()
+        if now - self.last >= 0.1:
+            self.last = now
+            rate = self.bytes / max(now - self.start, 1e-9) / 2**20
+            print(
+                f"\r  {self.n} tensors, {self.bytes / 2**20:.1f} MiB, {rate:.1f} MiB/s",
+                end="",
+                file=sys.stderr,
+            )
+
+    def done(self) -> None:
+        print("\r\033[K", end="", file=sys.stderr)
 
 
 def _verify(args) -> int:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,23 +31,43 @@ def output_order(bound: BoundPlan, dtype: str | None = None) -> list[tuple[str, 
 
 @torch.no_grad()
 def stream_bound(
-    bound: BoundPlan, ckpt: Checkpoint, device: str = "cpu", dtype: str | None = None
+    bound: BoundPlan,
+    ckpt: Checkpoint,
+    device: str = "cpu",
+    dtype: str | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield converted tensors group by group; only one group's tensors are alive at a time."""
+    """Yield converted tensors group by group. The next unit's reads run in a background thread while
+    the current one is computed, so at most two units' tensors are alive at a time."""
     cast = DTYPES[dtype] if dtype else None
+    pinned = str(device).startswith("cuda")
 
-    def finish(t: torch.Tensor) -> torch.Tensor:
+    def finish(key: str, t: torch.Tensor) -> torch.Tensor:
         t = t.to(device, non_blocking=True)
-        return t.to(cast) if cast is not None else t
+        t = t.to(cast) if cast is not None else t
+        if on_tensor is not None:
+            on_tensor(key, t.numel() * t.element_size())
+        return t
 
-    for src, dst in bound.passthrough.items():
-        yield dst, finish(ckpt.get(src))
-    for g in bound.groups:
-        tensors = {k: ckpt.get(k).to(device) for k in g.source_keys}
-        outs = run_group(bound, g, tensors)
-        del tensors
-        for k in g.outputs:
-            yield k, finish(outs.pop(k))
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        out = {k: ckpt.get(k) for k in keys}
+        return {k: v.pin_memory() for k, v in out.items()} if pinned else out
+
+    units: list[tuple[list[str], object]] = [([src], dst) for src, dst in bound.passthrough.items()]
+    units += [(g.source_keys, g) for g in bound.groups]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convspec-read") as pool:
+        pending = pool.submit(read, units[0][0]) if units else None
+        for i, (_, what) in enumerate(units):
+            tensors = pending.result()
+            pending = pool.submit(read, units[i + 1][0]) if i + 1 < len(units) else None
+            if isinstance(what, str):
+                (t,) = tensors.values()
+                yield what, finish(what, t)
+                continue
+            outs = run_group(bound, what, {k: v.to(device, non_blocking=True) for k, v in tensors.items()})
+            del tensors
+            for k in what.outputs:
+                yield k, finish(k, outs.pop(k))
 
 
 def bind_checkpoint(plan: Plan, ckpt: Checkpoint, strict: bool = False) -> BoundPlan:
@@ -89,6 +110,7 @@ def convert_checkpoint(
     strict: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
+    on_tensor: Callable[[str, int], None] | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent)."""
     ckpt = Checkpoint(src)
@@ -99,7 +121,7 @@ def convert_checkpoint(
     if dry_run:
         return ConvertResult(None, [], len(entries), total, bound)
     with AtomicDir(dst, overwrite=overwrite) as tmp:
-        files = write_sharded(tmp, entries, stream_bound(bound, ckpt, device, dtype), limit)
+        files = write_sharded(tmp, entries, stream_bound(bound, ckpt, device, dtype, on_tensor), limit)
         ckpt.copy_side_files(tmp)
     return ConvertResult(Path(dst), files, len(entries), total, bound)
 

@@ -157,3 +157,48 @@ def test_stale_temporary_from_a_dead_run_is_removed(src, tmp_path):
     convspec.convert("mixtral", src, tmp_path / "out")
     assert not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_progress_shows_on_a_terminal_and_not_with_quiet(src, tmp_path, capsys, monkeypatch):
+    import convspec.cli as cli
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    ticks = iter(range(0, 10_000))
+    monkeypatch.setattr(
+        cli._Progress,
+        "__init__",
+        lambda self: (
+            (
+                setattr(self, "clock", lambda: next(ticks)),
+                setattr(self, "start", 0),
+                setattr(self, "last", 0),
+                setattr(self, "n", 0),
+                setattr(self, "bytes", 0),
+            )
+            and None
+        ),
+    )
+    assert main(["convert", "mixtral", str(src), str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "30 tensors" in err and "MiB/s" in err
+    assert main(["convert", "mixtral", str(src), str(tmp_path / "b"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_checkpoints_exit_2_and_leave_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    assert main(["convert", "mixtral", str(bad), str(tmp_path / "o1")]) == 2
+    assert "header length" in capsys.readouterr().err
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    (idx / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors"}}'
+    )
+    assert main(["convert", "mixtral", str(idx), str(tmp_path / "o2")]) == 2
+    assert "shard model-00001-of-00002.safetensors is listed but missing" in capsys.readouterr().err
+    (idx / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../../etc/passwd"}}')
+    assert main(["convert", "mixtral", str(idx), str(tmp_path / "o3")]) == 2
+    assert "outside the checkpoint directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "idx"]

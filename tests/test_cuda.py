@@ -48,3 +48,18 @@ def test_mixtral_plan_round_trips_on_cuda():
     assert out["m.mlp.experts.gate_up_proj"].device.type == "cuda"
     back = plan.inverse().apply(out)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_load_to_cuda_equals_cpu(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from make_tiny_mixtral import make
+
+    make(tmp_path / "ckpt")
+    plan = convspec.compile("mixtral")
+    cpu = plan.load(tmp_path / "ckpt")
+    gpu = plan.load(tmp_path / "ckpt", device="cuda")
+    assert all(t.device.type == "cuda" for t in gpu.values())
+    assert all(torch.equal(cpu[k], gpu[k].cpu()) for k in cpu)
