@@ -202,3 +202,17 @@ def test_bad_checkpoints_exit_2_and_leave_nothing(tmp_path, capsys):
     assert main(["convert", "mixtral", str(idx), str(tmp_path / "o3")]) == 2
     assert "outside the checkpoint directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "idx"]
+
+
+def test_a_list_of_files_and_a_single_file_are_checkpoints_too(src, tmp_path):
+    convspec.convert("mixtral", src, tmp_path / "sharded", max_shard_size="40KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    plan = convspec.compile("mixtral")
+    from_list = plan.inverse().load(shards)
+    from_file = plan.load(src / "model.safetensors")
+    source = load_file(str(src / "model.safetensors"))
+    assert sorted(from_list) == sorted(source) and all(torch.equal(from_list[k], source[k]) for k in source)
+    assert len(from_file) == 30
+    dup = [src / "model.safetensors", src / "model.safetensors"]
+    with pytest.raises(convspec.ConvspecError, match="appears in both"):
+        plan.load(dup)

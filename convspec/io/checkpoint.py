@@ -31,9 +31,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 class Checkpoint:
     """A safetensors checkpoint (a directory, an index, or one file) read lazily."""
 
-    def __init__(self, src: str | Path):
-        self.src = Path(src)
-        self.entries: dict[str, Entry] = read_layout(self.src)
+    def __init__(self, src: str | Path | list):
+        self.files = [Path(f) for f in src] if isinstance(src, list | tuple) else None
+        self.src = self.files[0].parent if self.files else Path(src)
+        self.entries: dict[str, Entry] = read_layout(self.files or self.src)
         self._fds: dict[str, int] = {}
 
     @property
@@ -76,7 +77,7 @@ class Checkpoint:
 
     def copy_side_files(self, dst: Path) -> None:
         """Every non-weight file beside the weights (config, tokenizer, ...) copied unchanged."""
-        if not self.src.is_dir():
+        if not self.src.is_dir() or self.files:
             return
         for f in sorted(self.src.iterdir()):
             if (

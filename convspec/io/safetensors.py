@@ -146,10 +146,16 @@ def checkpoint_files(src: str | Path) -> list[Path]:
     return files
 
 
-def read_layout(src: str | Path) -> dict[str, Entry]:
-    """Every tensor of a checkpoint by key, from headers only; duplicate keys across files are an error."""
+def read_layout(src: str | Path | list) -> dict[str, Entry]:
+    """Every tensor of a checkpoint (a directory, one file, or a list of files) by key, from headers only;
+    duplicate keys across files are an error."""
     out: dict[str, Entry] = {}
-    for f in checkpoint_files(src):
+    files = (
+        [f for part in src for f in checkpoint_files(part)]
+        if isinstance(src, list | tuple)
+        else checkpoint_files(src)
+    )
+    for f in files:
         for e in read_header(f):
             if e.key in out:
                 raise CheckpointError(f"tensor {e.key} appears in both {out[e.key].file} and {e.file}")
