@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def convert_checkpoint(
     ckpt = Checkpoint(src)
     bound = bind_checkpoint(plan, ckpt, strict)
     entries = output_order(bound, dtype)
-    total = sum(DTYPES[d].itemsize * _numel(s) for _, s, d in entries)
+    total = sum(DTYPES[d].itemsize * math.prod(s) for _, s, d in entries)
     limit = parse_size(max_shard_size)
     if dry_run:
         return ConvertResult(None, [], len(entries), total, bound)
@@ -194,10 +195,3 @@ def verify_checkpoint(
         if len(bad) >= limit:
             break
     return checked, bad
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -8,22 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import DTYPES
 from .safetensors import CheckpointError, Entry, read_layout
-
-_TORCH_DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -62,7 +48,7 @@ class Checkpoint:
                     f"{e.file}: tensor {key} is truncated (file ended after {done} of {n} bytes)"
                 )
             done += got
-        return out.view(_TORCH_DTYPES[e.dtype]).reshape(e.shape)
+        return out.view(DTYPES[e.dtype]).reshape(e.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
