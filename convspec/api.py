@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import builtins
 import difflib
+
+import yaml
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -28,23 +30,25 @@ def _builtin_dir():
 
 @cache
 def _builtin_index() -> dict[str, str]:
-    """Every name a built-in spec answers to (its own name and its model types) -> file name."""
-    index: dict[str, str] = {}
+    """Every name a built-in spec answers to (its own name, its model types and class names) -> file.
+    Only the YAML header is read here (with the C loader when present); specs are parsed on use."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    names: dict[str, str] = {}
+    aliases: dict[str, str] = {}
     for entry in sorted(_builtin_dir().iterdir(), key=lambda e: e.name):
         if not entry.name.endswith((".yaml", ".yml")):
             continue
-        spec = parse_spec(entry.read_text(), entry.name)
-        index.setdefault(spec.name, entry.name)
-        for mt in spec.model_types:
-            index.setdefault(mt, entry.name)
-    return index
+        head = yaml.load(entry.read_text(encoding="utf-8"), Loader=loader) or {}
+        names.setdefault(str(head.get("spec")), entry.name)
+        for mt in head.get("model_types") or ():
+            aliases.setdefault(str(mt), entry.name)
+    return {**aliases, **names}
 
 
 def spec_names() -> builtins.list[str]:
     """The names of the built-in specs."""
-    return sorted(
-        {parse_spec(_builtin_dir().joinpath(f).read_text(), f).name for f in set(_builtin_index().values())}
-    )
+    index = _builtin_index()
+    return sorted(name for name, file in index.items() if file.rsplit(".", 1)[0] == name)
 
 
 def load_spec(name_or_path: str | Path) -> Spec:
@@ -71,7 +75,21 @@ def compile(spec: Spec | str | Path, config: dict | str | Path | Any | None = No
     """Compile a spec (or a spec name/path) into a Plan; config is a dict, a config.json path, or None."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
-    return compile_spec(spec, load_config(config))
+    return compile_spec(spec, load_config(config), resolve=_resolver(spec))
+
+
+def _resolver(spec: Spec):
+    """Included specs: a file beside the including spec (NAME.yaml / NAME.cspec), else a built-in."""
+
+    def resolve(name: str) -> Spec:
+        if spec.file:
+            here = Path(spec.file).parent
+            for suffix in SUFFIXES:
+                if (here / f"{name}{suffix}").is_file():
+                    return load_spec(here / f"{name}{suffix}")
+        return load_spec(name)
+
+    return resolve
 
 
 def convert(

@@ -166,6 +166,7 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
     passthrough: dict[str, str] = {}
     unmatched: list[str] = []
     dropped: list[str] = []
+    aliased: set[str] = set()
     rules = plan.rules
     for key in infos:
         cur, pos, touched = key, 0, False
@@ -178,6 +179,8 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
             if rule.kind == "rename":
                 cur = rule.outputs[0][1].format(caps)
                 pos, touched = ri + 1, True
+                if rule.one_way:
+                    aliased.add(key)
                 continue
             if rule.kind == "drop":
                 dropped.append(key)
@@ -233,7 +236,7 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
                 emit(target, info, f"{rule.label} group {g.name}")
-    warnings = _inverse_collisions(plan, passthrough)
+    warnings = _inverse_collisions(plan, {s: d for s, d in passthrough.items() if s not in aliased})
     if strict and unmatched:
         problems.extend(f"no rule claims {k}" for k in unmatched)
     if strict:

@@ -11,9 +11,12 @@ from .ops import TensorInfo
 
 
 def _rule_lines(rule: PlanRule) -> list[str]:
-    head = f"rule {rule.index + 1}  {rule.kind:<8} {rule.where}"
+    kind = "alias" if rule.one_way else rule.kind
+    head = f"rule {rule.index + 1}  {kind:<8} {rule.where}"
     if rule.kind == "rename":
-        return [head, f"    {rule.inputs[0][1].text}", f"    -> {rule.outputs[0][1].display()}"]
+        lines = [head, f"    {rule.inputs[0][1].text}", f"    -> {rule.outputs[0][1].display()}"]
+        lines += [f"    unless {u.text}" for u in rule.unless]
+        return lines
     if rule.kind == "drop":
         return [head, f"    {rule.inputs[0][1].text}"]
     width = max(len(n) for n, _ in rule.inputs)

@@ -88,7 +88,8 @@ CASES = [
         "FILE:2:11: error: unknown capture type 'paht' for {p}\n"
         "    rename {p:paht}.a -> {p}.b\n"
         "              ^\n"
-        "  hint: a capture type is one of: path (dot-separated segments), int (a decimal index), seg (one segment fragment)\n",
+        "  hint: a capture type is one of: path (dot-separated segments), path? (zero or more segments), "
+        "int (a decimal index), seg (one segment fragment)\n",
     ),
     Case(
         "touching",
@@ -128,7 +129,7 @@ CASES = [
         "FILE:4:5: error: unknown key 'too' in a rename rule\n"
         '        too: "{p}.b"\n'
         "        ^\n"
-        "  hint: allowed keys: rename, to\n",
+        "  hint: allowed keys: rename, to, unless\n",
     ),
     Case(
         "unknown_top",

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import CompileError, ConfigError, Span
 from ..ops import DTYPES, OPS, NotInvertible, OpError
-from ..spec.model import Call, Convert, Drop, Expr, Ref, Rename, Spec, Template
+from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
 from .evaluate import _Name, evaluate, needs_config
 from .patterns import Pattern, intersection_witness
 from .plan import Node, Plan, PlanRule
@@ -24,10 +25,14 @@ def _where(span: Span | None) -> str:
     return span.location() if span else "<spec>"
 
 
-def compile_spec(spec: Spec, config: dict | None = None) -> Plan:
-    """Compile a Spec into a Plan; with a config, every config expression is checked and evaluated."""
+def compile_spec(
+    spec: Spec, config: dict | None = None, resolve: Callable[[str], Spec] | None = None
+) -> Plan:
+    """Compile a Spec into a Plan; with a config, every config expression is checked and evaluated.
+    `resolve` finds the specs that `include` rules name (by default: none may be included)."""
+    flat = flatten(spec, resolve)
     rules = []
-    for i, rule in enumerate(spec.rules):
+    for i, rule in enumerate(flat):
         if isinstance(rule, Rename):
             rules.append(_rename(i, rule))
         elif isinstance(rule, Drop):
@@ -38,7 +43,7 @@ def compile_spec(spec: Spec, config: dict | None = None) -> Plan:
             )
         else:
             rules.append(_Lowering(i, rule, config).build())
-    _check_overlaps(rules, spec)
+    _check_overlaps(rules, flat)
     inverse_rules, inverse_error, lossy = None, None, []
     try:
         inverse_rules, lossy = invert(rules)
@@ -77,6 +82,10 @@ def _rename(i: int, rule: Rename) -> PlanRule:
             span=rule.target.span,
             hint=f"use {{{lost[0]}}} in the target",
         )
+    unless = []
+    for t in rule.unless:
+        u = pattern_of(t)
+        unless.append(u.typed({**types, **{c: ty for k, c, ty in u.parts if k == "cap" and ty}}))
     return PlanRule(
         i,
         "rename",
@@ -86,6 +95,8 @@ def _rename(i: int, rule: Rename) -> PlanRule:
         keep=tuple(types),
         free=(("x", ()),),
         types=tuple(types.items()),
+        unless=tuple(unless),
+        one_way=rule.one_way,
     )
 
 
@@ -490,14 +501,14 @@ def _expr_text(e: Expr) -> str:
 # ---- overlap between converts -----------------------------------------------------------------
 
 
-def _check_overlaps(rules: list[PlanRule], spec: Spec) -> None:
+def _check_overlaps(rules: list[PlanRule], flat: list) -> None:
     claims = [(r, name, pat) for r in rules if r.kind == "convert" for name, pat in r.inputs]
     for i, (ra, na, pa) in enumerate(claims):
         for rb, nb, pb in claims[i + 1 :]:
             w = intersection_witness(pa, pb)
             if w is None:
                 continue
-            span = spec.rules[rb.index].span
+            span = flat[rb.index].span
             if ra.index == rb.index:
                 raise CompileError(
                     f"rule {ra.index + 1} (convert): inputs {na} and {nb} can both match the key {w!r}",
@@ -512,6 +523,56 @@ def _check_overlaps(rules: list[PlanRule], spec: Spec) -> None:
             )
 
 
+# ---- includes -----------------------------------------------------------------------------
+
+
+def flatten(spec: Spec, resolve: Callable[[str], Spec] | None, _stack: tuple[str, ...] = ()) -> list:
+    """The spec's rules with every `include` replaced by the included rules, once per prefix."""
+    out = []
+    for rule in spec.rules:
+        if not isinstance(rule, Include):
+            out.append(rule)
+            continue
+        if rule.spec in _stack or rule.spec == spec.name:
+            raise CompileError(
+                f"include {rule.spec} is circular ({' -> '.join((*_stack, spec.name, rule.spec))})",
+                span=rule.span,
+            )
+        if resolve is None:
+            raise CompileError(f"include {rule.spec}: no spec library to resolve it from", span=rule.span)
+        inner = flatten(resolve(rule.spec), resolve, (*_stack, spec.name))
+        for prefix in rule.under or [""]:
+            out.extend(_under(r, prefix) for r in inner)
+    return out
+
+
+def _under(rule, prefix: str):
+    """A rule whose every template is moved under `prefix.` (no prefix: the rule itself)."""
+    if not prefix:
+        return rule
+
+    def t(tpl: Template) -> Template:
+        parts = list(tpl.parts)
+        if parts and isinstance(parts[0], Lit):
+            parts[0] = Lit(text=f"{prefix}.{parts[0].text}", span=parts[0].span)
+        else:
+            parts.insert(0, Lit(text=f"{prefix}."))
+        return Template(text=f"{prefix}.{tpl.text}", parts=parts, span=tpl.span)
+
+    if isinstance(rule, Rename):
+        return rule.model_copy(
+            update={"source": t(rule.source), "target": t(rule.target), "unless": [t(u) for u in rule.unless]}
+        )
+    if isinstance(rule, Drop):
+        return rule.model_copy(update={"source": t(rule.source)})
+    return rule.model_copy(
+        update={
+            "inputs": [b.model_copy(update={"template": t(b.template)}) for b in rule.inputs],
+            "outputs": [o.model_copy(update={"targets": [t(x) for x in o.targets]}) for o in rule.outputs],
+        }
+    )
+
+
 # ---- the inverse ------------------------------------------------------------------------------
 
 
@@ -522,6 +583,8 @@ def invert(rules: list[PlanRule]) -> tuple[tuple[PlanRule, ...], list[str]]:
         if r.kind == "drop":
             lossy.append(f"{r.label} drops {r.inputs[0][1].text}")
             continue
+        if r.kind == "rename" and r.one_way:
+            continue  # an alias normalises on load; the inverse writes the canonical name
         if r.kind == "rename":
             (_, src), (_, dst) = r.inputs[0], r.outputs[0]
             out.append(

@@ -9,6 +9,7 @@ from functools import cached_property
 
 CAPTURE_REGEX = {
     "path": r"[^.]+(?:\.[^.]+)*",
+    "path?": r"[^.]+(?:\.[^.]+)*",
     "int": r"(?:0|[1-9][0-9]*)",
     "seg": r"[^.]+",
 }
@@ -31,13 +32,40 @@ class Pattern:
         text = "".join(a if k == "lit" else f"{{{a}:{b}}}" for k, a, b in parts)
         return Pattern(text, parts)
 
-    def regex(self, prefix: str = "") -> str:
+    @cached_property
+    def elements(self) -> tuple[tuple[str, str, str | None], ...]:
+        """The parts with every optional path (`path?`) owning the dot beside it:
+        ("lit", text, None) | ("cap", name, type) | ("opt", name, "after" | "before" | None)."""
+        out: list[list] = [list(p) for p in self.parts]
+        for i, (kind, name, typ) in enumerate(out):
+            if kind != "cap" or typ != "path?":
+                continue
+            nxt = out[i + 1] if i + 1 < len(out) else None
+            prv = out[i - 1] if i > 0 else None
+            if nxt is not None and nxt[1].startswith("."):
+                nxt[1], side = nxt[1][1:], "after"
+            elif prv is not None and prv[1].endswith("."):
+                prv[1], side = prv[1][:-1], "before"
+            else:
+                side = None
+            out[i] = ["opt", name, side]
+        return tuple(tuple(e) for e in out if not (e[0] == "lit" and e[1] == ""))
+
+    def regex(self, prefix: str = "", named: bool = True) -> str:
         out = []
-        for kind, a, b in self.parts:
+        for i, (kind, a, b) in enumerate(self.elements):
             if kind == "lit":
                 out.append(re.escape(a))
-            else:
-                out.append(f"(?P<{prefix}{a}>{CAPTURE_REGEX[b or 'seg']})")
+                continue
+            group = f"?P<{prefix}{a}>" if named else "?:"
+            if kind == "cap":
+                out.append(f"({group}{CAPTURE_REGEX[b or 'seg']})")
+                continue
+            lazy = "?" if i == 0 else ""  # a leading optional path takes the first occurrence
+            body = f"({group}[^.]+(?:\\.[^.]+)*{lazy})"
+            out.append(
+                f"(?:{body}\\.)?{lazy}" if b == "after" else f"(?:\\.{body})?" if b == "before" else f"{body}?"
+            )
         return "".join(out)
 
     @cached_property
@@ -49,7 +77,15 @@ class Pattern:
         return m.groupdict() if m else None
 
     def format(self, values: dict[str, str]) -> str:
-        return "".join(a if k == "lit" else values[a] for k, a, _ in self.parts)
+        out = []
+        for kind, a, b in self.elements:
+            if kind == "lit":
+                out.append(a)
+            elif kind == "cap":
+                out.append(values[a])
+            elif values.get(a):
+                out.append(values[a] + "." if b == "after" else "." + values[a] if b == "before" else values[a])
+        return "".join(out)
 
     def display(self) -> str:
         """The pattern with bare captures, as a target is written: `{p}.mlp.gate.weight`."""
@@ -81,9 +117,30 @@ class _NFA:
     def _edge(self, a: int, label, b: int) -> None:
         self.edges[a].append((label, b))
 
+    def _path(self, s: int) -> int:
+        seg, dot = self._new(), self._new()
+        self._edge(s, "notdot", seg)
+        self._edge(seg, "notdot", seg)
+        self._edge(seg, ".", dot)
+        self._edge(dot, "notdot", seg)
+        return seg
+
     def _build(self, pattern: Pattern, s: int) -> int:
-        for kind, a, b in pattern.parts:
-            if kind == "lit":
+        for kind, a, b in pattern.elements:
+            if kind == "opt":
+                end = self._new()
+                self.eps[s].append(end)
+                if b == "before":
+                    d = self._new()
+                    self._edge(s, ".", d)
+                    self.eps[self._path(d)].append(end)
+                elif b == "after":
+                    x, d = self._path(s), end
+                    self._edge(x, ".", d)
+                else:
+                    self.eps[self._path(s)].append(end)
+                s = end
+            elif kind == "lit":
                 for ch in a:
                     t = self._new()
                     self._edge(s, ch, t)
@@ -102,12 +159,7 @@ class _NFA:
                 self.eps[many].append(end)
                 s = end
             else:  # path
-                seg, dot = self._new(), self._new()
-                self._edge(s, "notdot", seg)
-                self._edge(seg, "notdot", seg)
-                self._edge(seg, ".", dot)
-                self._edge(dot, "notdot", seg)
-                s = seg
+                s = self._path(s)
         return s
 
     def closure(self, states: frozenset[int]) -> frozenset[int]:

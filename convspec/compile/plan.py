@@ -48,7 +48,9 @@ class PlanRule:
     nodes: tuple[Node, ...] = ()
     keep: tuple[str, ...] = ()  # captures that name a group (kept in the outputs)
     free: tuple[tuple[str, tuple[str, ...]], ...] = ()  # value -> captures it is a collection over
-    types: tuple[tuple[str, str], ...] = ()  # capture -> path | int | seg
+    types: tuple[tuple[str, str], ...] = ()  # capture -> path | path? | int | seg
+    unless: tuple[Pattern, ...] = ()  # a rename leaves keys matching these alone
+    one_way: bool = False  # an alias: applied on load, not undone by the inverse
 
     @property
     def label(self) -> str:
@@ -95,7 +97,10 @@ class Plan:
                     for cap in pat.captures:
                         n += 1
                         caps.append((cap, n))
-                    alts.append(f"({pat.regex(prefix=f'r{rule.index}_{k}__')})")
+                    guard = ""
+                    if rule.unless:
+                        guard = "(?!(?:" + "|".join(u.regex(named=False) for u in rule.unless) + r")\Z)"
+                    alts.append(f"({guard}{pat.regex(prefix=f'r{rule.index}_{k}__')})")
                     groups[outer] = (rule.index, name, tuple(caps))
             self._cache[key] = (re.compile("|".join(alts) if alts else r"(?!)"), groups)
         return self._cache[key]
@@ -108,7 +113,7 @@ class Plan:
         if m is None:
             return None
         rule, name, caps = groups[m.lastindex]
-        return rule, name, {c: m.group(i) for c, i in caps}
+        return rule, name, {c: m.group(i) or "" for c, i in caps}
 
     # ---- the public API ----------------------------------------------------------------------
 
@@ -225,6 +230,7 @@ class Plan:
 def _rule_json(r: PlanRule) -> dict:
     d = asdict(r)
     d["inputs"] = [[n, _pat_json(p)] for n, p in r.inputs]
+    d["unless"] = [_pat_json(p) for p in r.unless]
     d["outputs"] = [[n, _pat_json(p)] for n, p in r.outputs]
     d["nodes"] = [
         {
@@ -267,4 +273,6 @@ def _rule_from(d: dict) -> PlanRule:
         keep=tuple(d["keep"]),
         free=tuple((v, tuple(c)) for v, c in d["free"]),
         types=tuple((c, t) for c, t in d["types"]),
+        unless=tuple(_pat_from(p) for p in d.get("unless", ())),
+        one_way=d.get("one_way", False),
     )

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import Span
 
-CaptureType = Literal["path", "int", "seg"]
+CaptureType = Literal["path", "path?", "int", "seg"]
 
 
 class IRNode(BaseModel):
@@ -111,11 +111,14 @@ Expr = Annotated[Num | Str | Ref | ListExpr | BinOp | Neg | Call, Field(discrimi
 
 
 class Rename(IRNode):
-    """One key to one key, no data change."""
+    """One key to one key, no data change. `unless` lists keys the rule leaves alone; a one-way
+    rename (`alias`) is applied on load only: the inverse writes the canonical (target) name."""
 
     kind: Literal["rename"] = "rename"
     source: Template
     target: Template
+    unless: list[Template] = []
+    one_way: bool = False
 
 
 class Drop(IRNode):
@@ -155,7 +158,16 @@ class Convert(IRNode):
     outputs: list[Output]
 
 
-Rule = Annotated[Rename | Drop | Convert, Field(discriminator="kind")]
+class Include(IRNode):
+    """Another spec's rules, applied to the keys under each prefix (a sub-model inside a larger
+    model, e.g. a text model under `model.language_model`); no prefix applies them to every key."""
+
+    kind: Literal["include"] = "include"
+    spec: str
+    under: list[str] = []
+
+
+Rule = Annotated[Rename | Drop | Convert | Include, Field(discriminator="kind")]
 
 
 class Spec(IRNode):

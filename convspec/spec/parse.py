@@ -17,6 +17,7 @@ from .model import (
     Convert,
     Drop,
     Expr,
+    Include,
     KwArg,
     Let,
     ListExpr,
@@ -32,7 +33,7 @@ from .model import (
 )
 from .source import Embedded, Source
 
-CAPTURE_TYPES = ("path", "int", "seg")
+CAPTURE_TYPES = ("path", "path?", "int", "seg")
 MAX_SPEC_CHARS = 2_000_000
 MAX_EXPR_DEPTH = 64
 
@@ -142,15 +143,15 @@ def parse_template(text: str, where: Embedded) -> Template:
         if isinstance(child, Token):
             parts.append(Lit(text=str(child), span=where.span(1, child.column)))
             continue
-        name_tok, type_tok = child.children
+        name_tok, type_tok, opt_tok = child.children
         span = where.span(1, name_tok.column)
-        ctype = str(type_tok) if type_tok is not None else None
+        ctype = str(type_tok) + ("?" if opt_tok is not None else "") if type_tok is not None else None
         if ctype is not None and ctype not in CAPTURE_TYPES:
             raise SpecValidationError(
                 f"unknown capture type {ctype!r} for {{{name_tok}}}",
                 span=where.span(1, type_tok.column),
-                hint="a capture type is one of: path (dot-separated segments), int (a decimal index), "
-                "seg (one segment fragment)",
+                hint="a capture type is one of: path (dot-separated segments), path? (zero or more "
+                "segments), int (a decimal index), seg (one segment fragment)",
             )
         if str(name_tok) in seen:
             raise SpecValidationError(
@@ -167,14 +168,14 @@ def parse_template(text: str, where: Embedded) -> Template:
             )
         parts.append(Cap(name=str(name_tok), type=ctype, span=span))
     for i, part in enumerate(parts):
-        if isinstance(part, Cap) and part.type == "path":
+        if isinstance(part, Cap) and part.type in ("path", "path?"):
             before_ok = i == 0 or (isinstance(parts[i - 1], Lit) and parts[i - 1].text.endswith("."))
             after_ok = i == len(parts) - 1 or (
                 isinstance(parts[i + 1], Lit) and parts[i + 1].text.startswith(".")
             )
             if not (before_ok and after_ok):
                 raise SpecValidationError(
-                    f"path capture {{{part.name}:path}} must stand for whole segments",
+                    f"path capture {{{part.name}:{part.type}}} must stand for whole segments",
                     span=part.span,
                     hint="put it at the start or end of the key, or between dots: '{p:path}.mlp.weight'",
                 )
@@ -300,9 +301,21 @@ class _DslBuilder(_ExprBuilder):
                 model_types.extend(str(t) for t in st.children)
             elif kind == "doc":
                 doc = _unquote(str(st.children[0]))
-            elif kind == "rename":
-                src, dst = st.children
-                rules.append(Rename(source=self.template(src), target=self.template(dst), span=span))
+            elif kind in ("rename", "alias"):
+                src, dst, unless = st.children
+                rules.append(
+                    Rename(
+                        source=self.template(src),
+                        target=self.template(dst),
+                        unless=[self.template(t) for t in unless.children] if unless is not None else [],
+                        one_way=kind == "alias",
+                        span=span,
+                    )
+                )
+            elif kind == "include":
+                name, *prefixes = st.children
+                under = [str(p) for p in prefixes if p is not None]
+                rules.append(Include(spec=str(name), under=under, span=span))
             elif kind == "drop":
                 rules.append(Drop(source=self.template(st.children[0]), span=span))
             elif kind == "convert":

@@ -5,10 +5,12 @@ Template and expression strings inside the YAML are parsed with the DSL's own gr
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from ..errors import SpecError, SpecSyntaxError, SpecValidationError
-from .model import Binding, Convert, Drop, Let, Output, Rename, Spec
+from .model import Binding, Convert, Drop, Include, Let, Output, Rename, Spec
 from .parse import MAX_SPEC_CHARS, parse_expr, parse_template
 from .source import Embedded, Source
 
@@ -17,7 +19,9 @@ _STR = "tag:yaml.org,2002:str"
 
 TOP_KEYS = ("spec", "doc", "model_types", "rules")
 RULE_KEYS = {
-    "rename": ("rename", "to"),
+    "rename": ("rename", "to", "unless"),
+    "alias": ("alias", "to", "unless"),
+    "include": ("include", "under"),
     "drop": ("drop",),
     "convert": ("convert", "let", "to", "ops"),
 }
@@ -160,27 +164,51 @@ class _YamlBuilder:
             raise SpecValidationError(
                 f"a rule must be a mapping, not a {_kind(node)}",
                 span=self.span(node),
-                hint="start a rule with 'rename:', 'convert:' or 'drop:'",
+                hint="start a rule with 'rename:', 'alias:', 'convert:', 'drop:' or 'include:'",
             )
         keys = [self.string(k, "a rule key") for k, _ in node.value]
         kinds = [k for k in keys if k in RULE_KEYS]
         if len(kinds) != 1:
             raise SpecValidationError(
-                "a rule needs exactly one of 'rename', 'convert', 'drop'"
+                "a rule needs exactly one of 'rename', 'alias', 'convert', 'drop', 'include'"
                 + (f" (found {', '.join(kinds)})" if kinds else ""),
                 span=self.span(node),
             )
         kind = kinds[0]
         fields = {key: (k, v) for k, key, v in self.mapping(node, f"a {kind} rule", RULE_KEYS[kind])}
         span = self.span(node)
-        if kind == "rename":
+        if kind in ("rename", "alias"):
             if "to" not in fields:
-                raise SpecValidationError("a rename rule needs 'to:'", span=span)
+                raise SpecValidationError(f"a {kind} rule needs 'to:'", span=span)
+            unless = []
+            if "unless" in fields:
+                node_u = fields["unless"][1]
+                items = [node_u] if isinstance(node_u, yaml.ScalarNode) else self.sequence(node_u, "'unless'")
+                unless = [self.template(t, "an 'unless' template") for t in items]
             return Rename(
-                source=self.template(fields["rename"][1], "a rename source"),
-                target=self.template(fields["to"][1], "a rename target"),
+                source=self.template(fields[kind][1], f"a {kind} source"),
+                target=self.template(fields["to"][1], f"a {kind} target"),
+                unless=unless,
+                one_way=kind == "alias",
                 span=span,
             )
+        if kind == "include":
+            name_node = fields["include"][1]
+            name = self.string(name_node, "'include' (a spec name)")
+            under = []
+            if "under" in fields:
+                node_u = fields["under"][1]
+                items = [node_u] if isinstance(node_u, yaml.ScalarNode) else self.sequence(node_u, "'under'")
+                for item in items:
+                    prefix = self.string(item, "a prefix")
+                    if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", prefix):
+                        raise SpecValidationError(
+                            f"prefix {prefix!r} is not a dotted name",
+                            span=self.span(item),
+                            hint="a prefix is literal key text such as model.language_model",
+                        )
+                    under.append(prefix)
+            return Include(spec=name, under=under, span=span)
         if kind == "drop":
             return Drop(source=self.template(fields["drop"][1], "a drop template"), span=span)
         return self.convert(fields, span)
