@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import builtins
 import difflib
-
-import yaml
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .compile.compiler import compile_spec
 from .compile.plan import Plan

@@ -134,6 +134,7 @@ class BoundPlan:
     dropped: list[str]
     outputs: dict[str, tuple[tuple[int, ...], str]]
     warnings: list[str] = field(default_factory=list)
+    aliased: list[str] = field(default_factory=list)  # keys an alias renamed: saved under the new name
 
     @property
     def claimed(self) -> int:
@@ -257,6 +258,7 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
         dropped=dropped,
         outputs={k: (v.shape, v.dtype) for k, v in outputs.items()},
         warnings=warnings,
+        aliased=sorted(aliased),
     )
 
 

@@ -30,7 +30,7 @@ def compile_spec(
 ) -> Plan:
     """Compile a Spec into a Plan; with a config, every config expression is checked and evaluated.
     `resolve` finds the specs that `include` rules name (by default: none may be included)."""
-    flat = flatten(spec, resolve)
+    flat, origins = _flatten(spec, resolve)
     rules = []
     for i, rule in enumerate(flat):
         if isinstance(rule, Rename):
@@ -43,7 +43,7 @@ def compile_spec(
             )
         else:
             rules.append(_Lowering(i, rule, config).build())
-    _check_overlaps(rules, flat)
+    _check_overlaps(rules, flat, origins)
     inverse_rules, inverse_error, lossy = None, None, []
     try:
         inverse_rules, lossy = invert(rules)
@@ -501,10 +501,14 @@ def _expr_text(e: Expr) -> str:
 # ---- overlap between converts -----------------------------------------------------------------
 
 
-def _check_overlaps(rules: list[PlanRule], flat: list) -> None:
+def _check_overlaps(rules: list[PlanRule], flat: list, origins: list) -> None:
+    """Two converts of one spec that can claim the same key are an error. Across an `include` the
+    first claim wins, as in transformers (a sub-model's converter after the model's own)."""
     claims = [(r, name, pat) for r in rules if r.kind == "convert" for name, pat in r.inputs]
     for i, (ra, na, pa) in enumerate(claims):
         for rb, nb, pb in claims[i + 1 :]:
+            if origins[ra.index] != origins[rb.index]:
+                continue
             w = intersection_witness(pa, pb)
             if w is None:
                 continue
@@ -526,12 +530,20 @@ def _check_overlaps(rules: list[PlanRule], flat: list) -> None:
 # ---- includes -----------------------------------------------------------------------------
 
 
-def flatten(spec: Spec, resolve: Callable[[str], Spec] | None, _stack: tuple[str, ...] = ()) -> list:
+def flatten(spec: Spec, resolve: Callable[[str], Spec] | None) -> list:
     """The spec's rules with every `include` replaced by the included rules, once per prefix."""
-    out = []
-    for rule in spec.rules:
+    return _flatten(spec, resolve)[0]
+
+
+def _flatten(spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "") -> tuple[list, list]:
+    """Rules and, for each, which include it came from. Under several prefixes the first prefix a
+    key has wins (transformers' `base_model_prefix.scope.` before `scope.`): a rename under a later
+    prefix leaves keys under an earlier, longer one alone."""
+    out, origins = [], []
+    for n, rule in enumerate(spec.rules):
         if not isinstance(rule, Include):
             out.append(rule)
+            origins.append(_origin)
             continue
         if rule.spec in _stack or rule.spec == spec.name:
             raise CompileError(
@@ -540,14 +552,21 @@ def flatten(spec: Spec, resolve: Callable[[str], Spec] | None, _stack: tuple[str
             )
         if resolve is None:
             raise CompileError(f"include {rule.spec}: no spec library to resolve it from", span=rule.span)
-        inner = flatten(resolve(rule.spec), resolve, (*_stack, spec.name))
-        for prefix in rule.under or [""]:
-            out.extend(_under(r, prefix) for r in inner)
-    return out
+        inner, inner_origins = _flatten(resolve(rule.spec), resolve, (*_stack, spec.name), f"{_origin}/{n}")
+        for k, prefix in enumerate(rule.under or [""]):
+            earlier = [p for p in (rule.under or [""])[:k] if p.startswith(prefix)]
+            for r, o in zip(inner, inner_origins, strict=True):
+                out.append(_under(r, prefix, earlier))
+                origins.append(f"{o}@{prefix}")
+    return out, origins
 
 
-def _under(rule, prefix: str):
-    """A rule whose every template is moved under `prefix.` (no prefix: the rule itself)."""
+def _under(rule, prefix: str, excluded: list[str] = ()):
+    """A rule whose every template is moved under `prefix.` ("": every key). A rename also leaves
+    keys under the `excluded` prefixes alone."""
+    if excluded and isinstance(rule, Rename):
+        guards = [_template(f"{e}.{{_scope:path}}", rule) for e in excluded]
+        rule = rule.model_copy(update={"unless": [*rule.unless, *guards]})
     if not prefix:
         return rule
 
@@ -571,6 +590,13 @@ def _under(rule, prefix: str):
             "outputs": [o.model_copy(update={"targets": [t(x) for x in o.targets]}) for o in rule.outputs],
         }
     )
+
+
+def _template(text: str, rule) -> Template:
+    from ..spec.parse import parse_template
+    from ..spec.source import Embedded, Source
+
+    return parse_template(text, Embedded(Source(text, "<include>"), 1, 1))
 
 
 # ---- the inverse ------------------------------------------------------------------------------

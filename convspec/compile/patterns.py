@@ -64,7 +64,11 @@ class Pattern:
             lazy = "?" if i == 0 else ""  # a leading optional path takes the first occurrence
             body = f"({group}[^.]+(?:\\.[^.]+)*{lazy})"
             out.append(
-                f"(?:{body}\\.)?{lazy}" if b == "after" else f"(?:\\.{body})?" if b == "before" else f"{body}?"
+                f"(?:{body}\\.)?{lazy}"
+                if b == "after"
+                else f"(?:\\.{body})?"
+                if b == "before"
+                else f"{body}?"
             )
         return "".join(out)
 
@@ -84,7 +88,9 @@ class Pattern:
             elif kind == "cap":
                 out.append(values[a])
             elif values.get(a):
-                out.append(values[a] + "." if b == "after" else "." + values[a] if b == "before" else values[a])
+                out.append(
+                    values[a] + "." if b == "after" else "." + values[a] if b == "before" else values[a]
+                )
         return "".join(out)
 
     def display(self) -> str:

@@ -314,7 +314,16 @@ class _DslBuilder(_ExprBuilder):
                 )
             elif kind == "include":
                 name, *prefixes = st.children
-                under = [str(p) for p in prefixes if p is not None]
+                under = [
+                    _unquote(str(p)) if str(p).startswith('"') else str(p) for p in prefixes if p is not None
+                ]
+                bad = [u for u in under if u and not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", u)]
+                if bad:
+                    raise SpecValidationError(
+                        f"prefix {bad[0]!r} is not a dotted name",
+                        span=span,
+                        hint='a prefix is literal key text such as model.language_model, or "" for every key',
+                    )
                 rules.append(Include(spec=str(name), under=under, span=span))
             elif kind == "drop":
                 rules.append(Drop(source=self.template(st.children[0]), span=span))

@@ -201,11 +201,11 @@ class _YamlBuilder:
                 items = [node_u] if isinstance(node_u, yaml.ScalarNode) else self.sequence(node_u, "'under'")
                 for item in items:
                     prefix = self.string(item, "a prefix")
-                    if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", prefix):
+                    if prefix and not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", prefix):
                         raise SpecValidationError(
                             f"prefix {prefix!r} is not a dotted name",
                             span=self.span(item),
-                            hint="a prefix is literal key text such as model.language_model",
+                            hint='a prefix is literal key text such as model.language_model, or "" for every key',
                         )
                     under.append(prefix)
             return Include(spec=name, under=under, span=span)
