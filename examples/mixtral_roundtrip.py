@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from make_tiny_mixtral import make  # noqa: E402
+
 import convspec  # noqa: E402
 from convspec import render  # noqa: E402
 from convspec.io.safetensors import read_layout  # noqa: E402
-from make_tiny_mixtral import make  # noqa: E402
 
 
 def _load_dir(d: Path) -> dict:
@@ -39,8 +40,10 @@ def main(work: Path) -> int:
     plan = convspec.compile("mixtral", config=ckpt / "config.json")
     layout = {k: (e.shape, e.dtype) for k, e in read_layout(ckpt).items()}
     bound = plan.bind(layout)
-    print(f"2. bound the mixtral plan to its headers: {len(bound.groups)} groups, "
-          f"{len(layout)} keys in -> {len(bound.outputs)} keys out (no tensor data read)")
+    print(
+        f"2. bound the mixtral plan to its headers: {len(bound.groups)} groups, "
+        f"{len(layout)} keys in -> {len(bound.outputs)} keys out (no tensor data read)"
+    )
     print()
     print(render.bound_text(bound))
     print()
@@ -58,14 +61,18 @@ def main(work: Path) -> int:
             model = transformers.MixtralForCausalLM(config)
         report = plan.load_into(model, ckpt, strict=True)
         same_as_hf = all(torch.equal(model.state_dict()[k], v) for k, v in _load_dir(fused).items())
-        print(f"4. loaded into transformers' MixtralForCausalLM: {report}, "
-              f"{'identical to' if same_as_hf else 'DIFFERENT from'} the converted files")
+        print(
+            f"4. loaded into transformers' MixtralForCausalLM: {report}, "
+            f"{'identical to' if same_as_hf else 'DIFFERENT from'} the converted files"
+        )
 
     convspec.convert("mixtral", fused, back, reverse=True)
     source, returned = _load_dir(ckpt), _load_dir(back)
     same = sorted(returned) == sorted(source) and all(torch.equal(returned[k], source[k]) for k in source)
-    print(f"5. converted back with the inverse plan: {len(returned)} tensors, "
-          f"{'bit-exact' if same else 'MISMATCH'} against the source")
+    print(
+        f"5. converted back with the inverse plan: {len(returned)} tensors, "
+        f"{'bit-exact' if same else 'MISMATCH'} against the source"
+    )
     return 0 if same else 1
 
 

@@ -207,9 +207,11 @@ def test_good_specs_compile(text):
 
 @pytest.mark.parametrize("name", convspec.spec_names())
 def test_builtin_specs_pass_the_checks(name):
+    """Every built-in spec compiles (overlaps, captures, ops all checked) and has an exact inverse."""
     config = {"num_attention_heads": 4, "hidden_size": 32, "num_key_value_heads": 2}
-    assert convspec.compile(name).rules
-    assert convspec.compile(name, config).rules
+    for plan in (convspec.compile(name), convspec.compile(name, config)):
+        assert plan.inverse_error is None, plan.inverse_error
+        assert not plan.lossy, plan.lossy
 
 
 # ---- overlap detection ------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Differential conformance against transformers: for a mapping key, build its model on the meta device
+from the default config; its `state_dict()` is the converted layout and transformers'
+`revert_weight_conversion` the original. convspec's plan must map original -> converted exactly
+(keys, shapes, dtypes), and its inverse converted -> original. Headers only: no tensor data."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..errors import ConvspecError
+from .mapping import applied, meta_model, observe
+
+
+@dataclass
+class Result:
+    key: str
+    spec: str | None
+    status: str  # pass | fail | error | no model | transformers inconsistent
+    forward: str = ""  # "" when exact, else what differs
+    inverse: str = ""
+    keys: int = 0  # keys in the converted layout
+    changed: int = 0  # keys whose name or shape the conversion changes
+    seconds: float = 0.0
+
+
+def _diff(got: dict, want: dict, limit: int = 3) -> str:
+    missing = [k for k in want if k not in got]
+    extra = [k for k in got if k not in want]
+    shape = [k for k in want if k in got and tuple(got[k][0]) != tuple(want[k][0])]
+    dtype = [k for k in want if k in got and got[k][1] != want[k][1]]
+    out = []
+    if missing:
+        out.append(f"{len(missing)} missing (e.g. {', '.join(missing[:limit])})")
+    if extra:
+        out.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:limit])})")
+    if shape:
+        k = shape[0]
+        out.append(f"{len(shape)} with other shapes (e.g. {k}: {list(got[k][0])} vs {list(want[k][0])})")
+    if dtype:
+        out.append(f"{len(dtype)} with other dtypes (e.g. {dtype[0]})")
+    return "; ".join(out)
+
+
+def check(key: str, spec_name: str | None = None) -> Result:
+    """Run both directions for one mapping key against its spec (default: `load_spec(key)`)."""
+    from .. import api
+
+    t0 = time.perf_counter()
+    try:
+        model = meta_model(key)
+        obs = observe(applied(model))
+    except Exception as exc:  # noqa: BLE001 - transformers could not build this model here
+        msg = str(exc).strip().splitlines()[0][:140] if str(exc).strip() else ""
+        return Result(key, None, "no model", forward=f"{type(exc).__name__}: {msg}".rstrip(": "))
+    original, converted = obs.original, obs.converted
+    res = Result(key, None, "pass", keys=len(converted))
+    res.changed = len(set(original.items()) ^ set(converted.items())) // 2 or len(
+        set(original) ^ set(converted)
+    )
+    # transformers' own load of the keys it reverted: where does each land?
+    astray = {k: v for k, v in obs.forward.items() if v not in converted}
+    try:
+        spec = api.load_spec(spec_name or key)
+        res.spec = spec.name
+        plan = api.compile(spec, config=model.config.to_dict())
+        bound = plan.bind(original)
+        res.forward = _diff(bound.outputs, converted)
+        inv = plan.inverse(allow_lossy=True).bind(converted).outputs
+        res.inverse = _diff(inv, original)
+    except ConvspecError as exc:
+        res.status, res.forward = "error", exc.render().splitlines()[0][:300]
+    else:
+        if astray:
+            k, v = next(iter(astray.items()))
+            ours = bound.passthrough.get(k)
+            follows = all(bound.passthrough.get(a) == b for a, b in astray.items())
+            res.status = "transformers inconsistent"
+            res.forward = (
+                f"transformers' own load of its reverted layout puts {len(astray)} key(s) where the model has "
+                f"none, e.g. {k} -> {v}; convspec {'follows that load' if follows else f'gives {ours}'}"
+            )
+        elif res.forward or res.inverse:
+            res.status = "fail"
+    res.seconds = time.perf_counter() - t0
+    return res
