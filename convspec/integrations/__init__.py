@@ -1,0 +1,1 @@
+"""Exporters from compiled plans to other libraries' conversion formats."""

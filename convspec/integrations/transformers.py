@@ -1,0 +1,745 @@
+"""Export a compiled plan as transformers weight conversions (`WeightRenaming` / `WeightConverter`).
+
+```python
+import convspec
+from convspec.integrations.transformers import to_weight_conversions
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+
+plan = convspec.compile(convspec.load_spec("mixtral"))
+register_checkpoint_conversion_mapping("mixtral", to_weight_conversions(plan), overwrite=True)
+```
+
+transformers loads a checkpoint by renaming every key with all its `WeightRenaming`s, in order, and
+then with at most one `WeightConverter`; it saves by reversing each object. Its patterns are regexes
+that are *searched* in the key (not matched against the whole key), and the matched text is replaced
+by the target text, in which `\\1` stands for the one capturing group a pattern may have. The
+exported patterns are written so that they match exactly the keys the spec's templates match:
+
+- A rename becomes a regex anchored at the start of the key. The text that the rename leaves alone
+  at the end of the key (a common suffix such as `.{rest}`) is not replaced but checked by a
+  lookahead up to the end of the key; in what remains, the text from the first capture to the last
+  must be the same in source and target, and becomes the group `\\1`.
+  `{p:path}.block_sparse_moe.{rest:path} -> {p}.mlp.{rest}` becomes
+  `^(?!...)(.+)\\.block_sparse_moe(?=\\..+\\Z)` -> `^(?!...)\\1\\.mlp(?=\\..+\\Z)`. The target is a
+  pattern too (transformers strips `^` and lookarounds from it when renaming, and uses it as the
+  source when saving), so the reverse rename is exact as well.
+- A convert becomes a `WeightConverter` whose patterns cover the text between the part that all its
+  templates share at the start (one leading `{p:path}`) and at the end, with that context checked by
+  a lookbehind and a lookahead; the stacked `{e:int}` capture is transformers' `*`, pinned to a
+  decimal index by a lookahead. Its ops become transformers ops (see `docs/integrations.md`).
+
+Keys are assumed to have no empty segments (`a..b`, a leading or trailing dot), as no torch module
+path has. Anything that cannot be exported faithfully raises `ExportError`, naming the rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..compile.patterns import Pattern, intersection_witness
+from ..compile.plan import Node, Plan, PlanRule
+from ..errors import ConvspecError
+
+__all__ = ["ExportError", "to_weight_conversions"]
+
+
+class ExportError(ConvspecError):
+    """A plan, or one of its rules, has no faithful transformers equivalent."""
+
+
+# No empty segment anywhere in the key: with it, `.+` matches exactly what a `path` capture matches.
+_NO_EMPTY_SEGMENT = r"(?!\.|.*\.\.|.*\.\Z)"
+# Regex characters a literal must not contain: transformers unescapes only `\.` in a target.
+_SPECIAL = set("\\^$*+?{}[]|()")
+_MAX_ALTERNATIVES = 256
+_OPT_BODY = {"after": r".+\.", "before": r"\..+", None: ".+"}
+_OPT_LAZY_BODY = {"after": r".+?\.", "before": r"\..+?", None: ".+?"}
+
+
+def to_weight_conversions(plan: Plan) -> list:
+    """The plan as a list of transformers `WeightRenaming` / `WeightConverter` objects.
+
+    Renames come first, in plan order, then the converters, in plan order (transformers applies every
+    renaming and then at most one converter). Register the list with
+    `transformers.conversion_mapping.register_checkpoint_conversion_mapping`; transformers reverses it
+    itself when saving. Raises `ExportError` for a rule that transformers cannot express exactly.
+    """
+    try:
+        from transformers import core_model_loading as tml
+    except ImportError as exc:
+        raise ExportError(
+            "exporting a plan to transformers needs the transformers package, which is not installed",
+            hint="pip install 'transformers>=5'",
+        ) from exc
+
+    _check_order(plan)
+    renames, converters = [], []
+    for rule in plan.rules:
+        if rule.kind == "rename":
+            pair = _rename_patterns(rule)
+            if pair is not None:
+                renames.append(tml.WeightRenaming(source_patterns=pair[0], target_patterns=pair[1]))
+        elif rule.kind == "convert":
+            for component in _components(rule):
+                converters.append(_Converter(rule, component, plan.config, tml).build())
+        else:
+            raise ExportError(
+                f"{rule.label}: a {rule.kind} rule has no transformers equivalent "
+                "(transformers cannot drop a checkpoint key; it reports it as unexpected)",
+                hint="remove the drop from the spec you export",
+            )
+    return renames + converters
+
+
+# ---- templates as tokens -----------------------------------------------------------------------
+# A pattern is a list of tokens: ("c", char) | ("cap", name, "path" | "seg" | "int")
+# | ("opt", name, "after" | "before" | None), an optional path that owns the dot beside it.
+
+
+def _tokens(pattern: Pattern) -> list[tuple]:
+    out: list[tuple] = []
+    for kind, a, b in getattr(pattern, "elements", pattern.parts):  # elements: `path?` owns its dot
+        if kind == "lit":
+            out.extend(("c", ch) for ch in a)
+        elif kind == "cap":
+            out.append(("cap", a, b or "seg"))
+        else:
+            out.append(("opt", a, b))
+    return out
+
+
+def _is_path(tok: tuple) -> bool:
+    return tok[0] == "opt" or (tok[0] == "cap" and tok[2] == "path")
+
+
+def _clean(tokens: list[tuple]) -> bool:
+    """Whether the template only matches keys without empty segments."""
+    for present in (True, False):
+        text = ""
+        for tok in tokens:
+            if tok[0] == "c":
+                text += tok[1]
+            elif tok[0] == "cap":
+                text += "0" if tok[2] == "int" else "x"
+            elif present:
+                text += {"after": "x.", "before": ".x", None: "x"}[tok[2]]
+        if "" in text.split("."):
+            return False
+    return True
+
+
+def _lit(ch: str, rule: PlanRule) -> str:
+    if ch == ".":
+        return r"\."
+    if ch in _SPECIAL or not ch.isprintable() or ch.isspace():
+        raise ExportError(
+            f"{rule.label}: the template character {ch!r} cannot be written in a transformers pattern "
+            "(transformers unescapes only '\\.' in a target)"
+        )
+    return ch
+
+
+def _alternatives(tokens: list[tuple], rule: PlanRule) -> list[str]:
+    """Flat regexes (no groups) whose union matches what `tokens` match."""
+    alts = [""]
+    for tok in tokens:
+        if tok[0] == "c":
+            options = [_lit(tok[1], rule)]
+        elif tok[0] == "cap":
+            options = {"int": ["0", "[1-9][0-9]*"], "seg": ["[^.]+"], "path": [".+"]}[tok[2]]
+        else:
+            options = ["", _OPT_BODY[tok[2]]]
+        alts = [a + o for a in alts for o in options]
+        if len(alts) > _MAX_ALTERNATIVES:
+            raise ExportError(f"{rule.label}: too many optional or integer captures to export")
+    return alts
+
+
+def _until_end(tokens: list[tuple], rule: PlanRule) -> str:
+    """A lookahead: what follows, up to the end of the key, matches `tokens`."""
+    if not tokens:
+        return "(?!.)"
+    return "(?=" + "|".join(a + r"\Z" for a in _alternatives(tokens, rule)) + ")"
+
+
+def _group(tok: tuple, first: bool) -> str:
+    """The capturing group for one capture, preferring what the spec's own regex prefers."""
+    if tok[0] == "cap":
+        return {"path": "(.+)", "seg": "([^.]+)", "int": "(0|[1-9][0-9]*)"}[tok[2]]
+    if tok[2] == "after" and first:  # a leading optional path: absent first, then the shortest
+        return "(|" + _OPT_LAZY_BODY["after"] + ")"
+    body = (_OPT_LAZY_BODY if first else _OPT_BODY)[tok[2]]
+    return "(" + body + "|)"
+
+
+def _wide_group(tokens: list[tuple], first: bool, following: list[tuple], rule: PlanRule) -> str:
+    """One capturing group over several captures and the text between them.
+
+    It prefers what the spec's own regex prefers (paths and segments greedy, in order), so it needs
+    no nested group: an `int` is `[0-9]+` behind a lookahead against leading zeros, and an optional
+    path, allowed only at the start, is spelled out as two alternatives in the order the spec tries
+    them. When saving, transformers strips lookarounds from this group (it becomes the pattern of the
+    reverse rename), so there an `int` also takes leading zeros, which no model key has.
+    """
+    opt, body = (tokens[0], tokens[1:]) if tokens[0][0] == "opt" else (None, tokens)
+    parts = []
+    for i, tok in enumerate(body):
+        if tok[0] == "c":
+            parts.append(_lit(tok[1], rule))
+        elif tok[0] == "opt":
+            raise ExportError(
+                f"{rule.label}: cannot export this rename to transformers: the optional capture "
+                f"{{{tok[1]}}} comes after another capture in the part that moves"
+            )
+        elif tok[2] == "int":
+            nxt = (body[i + 1 :] + following)[:1]
+            if nxt and nxt[0][0] == "c" and nxt[0][1].isdigit():
+                raise ExportError(f"{rule.label}: the capture {{{tok[1]}}} is followed by a digit")
+            parts.append("(?!0[0-9])[0-9]+")
+        else:
+            parts.append({"path": ".+", "seg": "[^.]+"}[tok[2]])
+    rest = "".join(parts)
+    if opt is None:
+        return "(" + rest + ")"
+    if opt[2] == "after" and first:  # a leading optional path: absent first, then the shortest
+        alternatives = [rest, _OPT_LAZY_BODY["after"] + rest]
+    else:
+        alternatives = [(_OPT_LAZY_BODY if first else _OPT_BODY)[opt[2]] + rest, rest]
+    return "(" + "|".join(alternatives) + ")"
+
+
+def _names(tokens: list[tuple]) -> list[str]:
+    return ["{" + t[1] + "}" for t in tokens if t[0] != "c"]
+
+
+# ---- renames -----------------------------------------------------------------------------------
+
+
+def _rename_patterns(rule: PlanRule) -> tuple[str, str] | None:
+    """(source, target) regexes for a rename, or None when it changes no key.
+
+    Both are anchored at the start of the key. The end that source and target share is checked by a
+    lookahead and left in place; the rest is `A M B` in the source and `A' M B'` in the target, where
+    `M` runs from the first capture to the last and is the same in both: it is the one group, `\\1`.
+    """
+    (_, src), (_, dst) = rule.inputs[0], rule.outputs[0]
+    s, t = _tokens(src), _tokens(dst)
+    unless = [_tokens(u) for u in (getattr(rule, "unless", ()) or ())]
+    one_way = bool(getattr(rule, "one_way", False))
+    shown = f"{src.text} -> {dst.display()}"
+
+    # The common end, from a dot or a capture on, is left in place (checked, not replaced).
+    k = 0
+    while k < min(len(s), len(t)) and s[len(s) - 1 - k] == t[len(t) - 1 - k]:
+        k += 1
+    while k and s[len(s) - k][0] == "c" and s[len(s) - k][1] != ".":
+        k -= 1
+    s_pre, t_pre, rest = s[: len(s) - k], t[: len(t) - k], s[len(s) - k :]
+    if s_pre == t_pre:
+        return None  # the identity
+
+    caps = [i for i, tok in enumerate(s_pre) if tok[0] != "c"]
+    t_caps = [i for i, tok in enumerate(t_pre) if tok[0] != "c"]
+    s_group = t_group = ""
+    if caps:
+        first, last = caps[0], caps[-1]
+        middle = s_pre[first : last + 1]
+        t_first = t_caps[0] if t_caps else 0
+        if t_pre[t_first : t_first + len(middle)] != middle or len(t_caps) != len(caps):
+            raise ExportError(
+                f"{rule.label}: cannot export {shown} to transformers: the text between or around the "
+                f"captures {', '.join(_names(s_pre))} changes in more than one place, and a transformers "
+                "pattern has one capturing group",
+                hint="write it as renames that each change the key in one place",
+            )
+        following = (s_pre[last + 1 :] + rest)[:1]
+        if len(caps) == 1:
+            s_group, t_group = _group(middle[0], first == 0), _group(middle[0], t_first == 0)
+        else:
+            s_group = _wide_group(middle, first == 0, following, rule)
+            t_group = _wide_group(middle, t_first == 0, following, rule)
+        if s_group != t_group:
+            raise ExportError(
+                f"{rule.label}: cannot export {shown} to transformers: the optional capture "
+                f"{{{middle[0][1]}}} is matched differently in the source and the target"
+            )
+        s_parts = (s_pre[:first], s_group, s_pre[last + 1 :])
+        t_parts = (t_pre[:t_first], r"\1", t_pre[t_first + len(middle) :])
+    else:
+        s_parts, t_parts = (s_pre, "", []), (t_pre, "", [])
+
+    guard_s = any(_is_path(tok) for tok in s + [x for u in unless for x in u])
+    guard_t = any(_is_path(tok) for tok in t)
+    if (guard_s and not _clean(s)) or (guard_t and not _clean(t)):
+        raise ExportError(f"{rule.label}: the template makes keys with an empty segment ('..')")
+
+    def body(parts) -> str:
+        before, group, after = parts
+        return (
+            "".join(_lit(tok[1], rule) for tok in before)
+            + group
+            + "".join(_lit(tok[1], rule) for tok in after)
+        )
+
+    end = _until_end(rest, rule)
+    excluded = ""
+    if unless:
+        excluded = "(?!" + "|".join(a + r"\Z" for u in unless for a in _alternatives(u, rule)) + ")"
+    source = "^" + (_NO_EMPTY_SEGMENT if guard_s else "") + excluded + body(s_parts) + end
+    # `(?!)` never matches: the reverse of a one-way rename (an alias) renames nothing on save.
+    target = "^" + ("(?!)" if one_way else "") + (_NO_EMPTY_SEGMENT if guard_t else "") + body(t_parts) + end
+    return source, target
+
+
+# ---- rule order --------------------------------------------------------------------------------
+
+
+def _check_order(plan: Plan) -> None:
+    """transformers renames every key before any converter sees it, and never renames a converter's
+    output; convspec renames keys in rule order. The two agree when no rename after a convert can
+    touch the keys that convert reads or writes."""
+    converts: list[PlanRule] = []
+    for rule in plan.rules:
+        if rule.kind == "convert":
+            converts.append(rule)
+            continue
+        if rule.kind != "rename":
+            continue
+        for side, pattern in (("source", rule.inputs[0][1]), ("target", rule.outputs[0][1])):
+            for conv in converts:
+                for role, patterns in (("reads", conv.inputs), ("writes", conv.outputs)):
+                    for _, other in patterns:
+                        key = intersection_witness(pattern, other)
+                        if key is not None:
+                            raise ExportError(
+                                f"{rule.label}: cannot export to transformers: this rename comes after "
+                                f"{conv.label}, and its {side} {pattern.text} can match the key {key!r}, "
+                                f"which that convert {role} ({other.text}); transformers applies every "
+                                "rename before any converter and none after",
+                                hint="put the rename before the convert (its templates then name the "
+                                "renamed keys), or make the templates disjoint",
+                            )
+
+
+# ---- converts ----------------------------------------------------------------------------------
+
+
+def _components(rule: PlanRule) -> list[tuple[list[str], list[str], list[Node]]]:
+    """The rule's DAG split into connected parts: (input names, output values, nodes) each."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for name, _ in rule.inputs:
+        find(name)
+    for node in rule.nodes:
+        for v in (*node.inputs, *node.outputs):
+            parent[find(v)] = find(node.inputs[0] if node.inputs else node.outputs[0])
+    roots: list[str] = []
+    parts: dict[str, tuple[list[str], list[str], list[Node]]] = {}
+    for name, _ in rule.inputs:
+        r = find(name)
+        if r not in parts:
+            roots.append(r)
+            parts[r] = ([], [], [])
+        parts[r][0].append(name)
+    for value, _ in rule.outputs:
+        parts.setdefault(find(value), ([], [], []))[1].append(value)
+    for node in rule.nodes:
+        parts.setdefault(find(node.outputs[0]), ([], [], []))[2].append(node)
+    return [parts[r] for r in roots] + [p for r, p in parts.items() if r not in roots]
+
+
+def _int(value: Any, what: str, rule: PlanRule, node: Node) -> int:
+    if isinstance(value, dict) or isinstance(value, bool) or not isinstance(value, int):
+        raise ExportError(
+            f"{rule.label}: {node.op}'s {what} depends on the model config (at {node.where})",
+            hint="compile the plan with the model's config: convspec.compile(spec, config=...)",
+        )
+    return value
+
+
+def _same(a: Node, b: Node) -> bool:
+    return a.op == b.op and [p for p in a.params if p[0] != "over"] == [p for p in b.params if p[0] != "over"]
+
+
+class _Converter:
+    """One connected part of a convert's DAG -> one WeightConverter.
+
+    Supported shapes (n inputs, m outputs): a chain of unary ops (n = m = 1); per-input chains joined
+    by `cat` and followed by a chain (n > 1, m = 1); a chain cut by `chunk` / `split`, each part
+    followed by the same chain (n = 1, m > 1). Each op must do in transformers what it does here,
+    forwards and (reversed by transformers) backwards."""
+
+    def __init__(self, rule: PlanRule, component, config: Any, tml):
+        self.rule, self.config, self.tml = rule, config, tml
+        self.inputs, self.outputs, self.nodes = component
+        self.patterns = dict(rule.inputs)
+        self.targets = dict(rule.outputs)
+
+    def fail(self, message: str, node: Node | None = None, hint: str | None = None) -> ExportError:
+        where = f" (at {node.where})" if node is not None and node.where else ""
+        return ExportError(f"{self.rule.label}: cannot export to transformers: {message}{where}", hint=hint)
+
+    # -- the DAG as pre-chains, a join and a post-chain
+
+    def build(self):
+        if not self.nodes:
+            raise self.fail(
+                "a convert without ops has no transformers equivalent (a WeightConverter needs an op)"
+            )
+        producer = {v: n for n in self.nodes for v in n.outputs}
+        uses: dict[str, int] = {}
+        for n in self.nodes:
+            for v in n.inputs:
+                uses[v] = uses.get(v, 0) + 1
+        for v in self.outputs:
+            uses[v] = uses.get(v, 0) + 1
+        for v, count in uses.items():
+            if count > 1:
+                raise self.fail(f"the value {v} is used {count} times; transformers ops form a chain")
+
+        def back(v: str) -> tuple[list[Node], str]:
+            chain = []
+            while v in producer and len(producer[v].inputs) == 1 and len(producer[v].outputs) == 1:
+                chain.append(producer[v])
+                v = producer[v].inputs[0]
+            return chain[::-1], v
+
+        join: Node | None = None
+        partial: list[list[Node]] = []
+        if len(self.outputs) == 1:
+            post, v = back(self.outputs[0])
+            if v in self.inputs:
+                sources, pres, post = [v], [post], []
+            elif producer[v].op == "cat":
+                join = producer[v]
+                pres, sources = [], []
+                for operand in join.inputs:
+                    chain, src = back(operand)
+                    if src not in self.inputs:
+                        raise self.fail(
+                            f"cat's operand {operand} does not come from one input by a chain", join
+                        )
+                    pres.append(chain)
+                    sources.append(src)
+            else:
+                raise self.fail(
+                    f"op {producer[v].op} in this position has no transformers equivalent", producer[v]
+                )
+            targets = [self.outputs[0]]
+        else:
+            chains = [back(v) for v in self.outputs]
+            join = producer.get(chains[0][1])
+            if (
+                join is None
+                or join.op not in ("chunk", "split")
+                or {c[1] for c in chains} != set(join.outputs)
+            ):
+                raise self.fail(
+                    "several outputs must come from one chunk or split (transformers converts many keys "
+                    "to one, or one to many)"
+                )
+            order = {v: i for i, v in enumerate(join.outputs)}
+            ranked = sorted(zip(self.outputs, chains, strict=True), key=lambda x: order[x[1][1]])
+            targets = [out for out, _ in ranked]
+            posts = [chain for _, (chain, _) in ranked]
+            post = posts[0]
+            if not all(len(c) == len(post) and all(map(_same, c, post)) for c in posts):
+                # transformers applies each op to every part, but can leave some out of a rope
+                # permutation (by name): allow parts that go through one rope op or none.
+                if any(
+                    len(c) > 1 or (c and c[0].op not in ("permute_rope", "unpermute_rope")) for c in posts
+                ):
+                    raise self.fail(
+                        "the parts of a chunk or split go through different ops (transformers applies "
+                        "each op to all of them; only a rope permutation can leave some out)",
+                        join,
+                    )
+                partial, post = posts, []
+            pre, src = back(join.inputs[0])
+            if src not in self.inputs:
+                raise self.fail(f"{join.op}'s input does not come from one input by a chain", join)
+            sources, pres = [src], [pre]
+        if sorted(sources) != sorted(self.inputs) or len(set(sources)) != len(sources):
+            raise self.fail("every input must feed the join exactly once")
+        for chain in pres[1:]:
+            if len(chain) != len(pres[0]) or not all(map(_same, chain, pres[0])):
+                raise self.fail(
+                    "the inputs go through different ops before they are joined (transformers "
+                    "applies each op to all of them)"
+                )
+
+        n, m = len(sources), len(targets)
+        ops = self.pre_ops(sources, pres[0], n, m)
+        if join is not None:
+            ops.append(self.join_op(join, post))
+        for node in post:
+            ops.append(self.unary(node, single=(m == 1), fan_out=(m > 1)))
+        source_patterns, target_patterns = self.patterns_for(sources, targets)
+        kinds: list[Node] = []
+        for chain in partial:
+            if chain and not any(_same(chain[0], k) for k in kinds):
+                kinds.append(chain[0])
+        for kind in kinds:
+            chosen = [i for i, chain in enumerate(partial) if chain and _same(chain[0], kind)]
+            names = self.layer_names(chosen, target_patterns)
+            ops.append(self.rope(kind, inverse=(kind.op == "unpermute_rope"), names=names))
+        return self.tml.WeightConverter(
+            source_patterns=source_patterns, target_patterns=target_patterns, operations=ops
+        )
+
+    # -- ops
+
+    def pre_ops(self, sources: list[str], chain: list[Node], n: int, m: int) -> list:
+        free = self.rule.free_of
+        collection = [free.get(s, ()) for s in sources]
+        ops = []
+        for i, node in enumerate(chain):
+            if node.op == "stack":
+                if i != 0 or any(len(c) != 1 for c in collection):
+                    raise self.fail(
+                        "stack must be the first op, on an input that is a collection over one capture", node
+                    )
+                if n == 1 and m > 1:
+                    raise self.fail(
+                        "transformers cannot stack a collection and then cut it into several "
+                        "targets in one converter",
+                        node,
+                    )
+                ops.append(
+                    self.tml.MergeModulelist(dim=_int(dict(node.params)["dim"], "dim", self.rule, node))
+                )
+                continue
+            if i == 0 and any(collection):
+                raise self.fail(
+                    f"{node.op} on a collection (over {{{collection[0][0]}}}): transformers "
+                    "applies ops to whole stacked tensors only; stack it first",
+                    node,
+                )
+            ops.append(self.unary(node, single=(n == 1), fan_out=False))
+        if not chain and any(collection):
+            raise self.fail("a collection input must be stacked")
+        return ops
+
+    def join_op(self, node: Node, post: list[Node]):
+        p = dict(node.params)
+        dim = _int(p.get("dim", 0), "dim", self.rule, node)
+        if node.op == "cat":
+            sizes = p.get("sizes")
+            if not p.get("equal"):
+                if sizes is None:
+                    raise self.fail(
+                        "cat without sizes=[...] or equal=true: transformers saves a "
+                        "Concatenate by cutting it into equal parts",
+                        node,
+                        hint="add equal=true",
+                    )
+                if isinstance(sizes, dict) or any(not isinstance(s, int) for s in sizes):
+                    raise self.fail(
+                        "cat's sizes depend on the model config",
+                        node,
+                        hint="compile the plan with the model's config",
+                    )
+                if len(set(sizes)) > 1:
+                    raise self.fail(
+                        f"cat with unequal sizes={list(sizes)}: transformers saves a Concatenate "
+                        "by cutting it into equal parts (Chunk)",
+                        node,
+                    )
+            return self.tml.Concatenate(dim=dim)
+        if node.op == "chunk":
+            return self.tml.Chunk(dim=dim)
+        # split: transformers reads the sizes from the model's parameters, so they must be the targets'
+        # sizes along dim: no op after it may change the shape.
+        for later in post:
+            if later.op not in ("permute_rope", "unpermute_rope"):
+                raise self.fail(
+                    f"{later.op} after split (transformers' Split reads the sizes from the "
+                    "targets' parameters)",
+                    later,
+                )
+        return self.tml.Split(dim=dim)
+
+    def unary(self, node: Node, single: bool, fan_out: bool):
+        p = dict(node.params)
+        op = node.op
+        if op in ("permute_rope", "unpermute_rope"):
+            return self.rope(node, inverse=(op == "unpermute_rope"))
+        if fan_out or not single:
+            raise self.fail(
+                f"op {op} on several tensors at once: transformers applies it to one tensor", node
+            )
+        if op == "transpose":
+            return self.tml.Transpose(
+                dim0=_int(p["dim0"], "dim0", self.rule, node), dim1=_int(p["dim1"], "dim1", self.rule, node)
+            )
+        if op in ("interleave", "deinterleave"):
+            dim, parts = _int(p["dim"], "dim", self.rule, node), _int(p["parts"], "parts", self.rule, node)
+            if parts != 2:
+                raise self.fail(f"{op} with parts={parts}: transformers' Interleave has two parts", node)
+            if dim < 0:
+                raise self.fail(f"{op} with dim={dim}: transformers' Interleave needs a dim >= 0", node)
+            # Interleave(dim) reshapes dim to [n // 2, 2] and swaps: our deinterleave(parts=2);
+            # Interleave(dim, inverse=True) reshapes to [2, n // 2]: our interleave(parts=2).
+            return self.tml.Interleave(dim=dim, inverse=(op == "interleave"))
+        if op == "reshape":
+            conv = self.conv3d(node)
+            if conv is not None:
+                return conv
+        raise self.fail(f"op {op} has no transformers equivalent", node)
+
+    def layer_names(self, chosen: list[int], targets: list[str]) -> list[str]:
+        """For PermuteForRope(permute_layer_names=...): one name per chosen part, found in that part's
+        key both as transformers loads (the processed target) and as it saves (the raw pattern), and in
+        no other part's key."""
+        forms = [(raw, self.tml.process_target_pattern(raw)[0]) for raw in targets]
+        others = [form for i, pair in enumerate(forms) if i not in chosen for form in pair]
+        names = []
+        for i in chosen:
+            raw, text = forms[i]
+            name = next(
+                (c for c in text.split(".") if c and c in raw and not any(c in o for o in others)), None
+            )
+            if name is None:
+                raise self.fail(f"no name tells the permuted part {text} apart from the others")
+            names.append(name)
+        return names
+
+    def rope(self, node: Node, inverse: bool, names: list[str] | None = None):
+        heads = dict(node.params)["heads"]
+        kw = {"inverse": inverse, "permute_layer_names": names}
+        # PermuteForRope reads the head count as getattr(config, "num_attention_heads", 1), from
+        # getattr(config, subconfig_key, config) when it has a subconfig_key.
+        if isinstance(heads, dict):
+            expr = heads.get("$expr", {})
+            if (
+                expr.get("kind") == "binop"
+                and expr.get("op") == "??"
+                and expr.get("right") == {"kind": "num", "value": 1}
+                and expr.get("left", {}).get("path") == ["config", "num_attention_heads"]
+            ):
+                expr = expr["left"]
+            path = expr.get("path") if expr.get("kind") == "ref" else None
+            if path == ["config", "num_attention_heads"]:
+                return self.tml.PermuteForRope(**kw)
+            if path and len(path) == 3 and path[0] == "config" and path[2] == "num_attention_heads":
+                return self.tml.PermuteForRope(subconfig_key=path[1], **kw)
+        elif isinstance(self.config, dict) and self.config.get("num_attention_heads") == heads:
+            return self.tml.PermuteForRope(**kw)
+        shown = heads.get("text", "an expression") if isinstance(heads, dict) else heads
+        raise self.fail(
+            f"{node.op} with heads={shown}: transformers' PermuteForRope always uses "
+            "config.num_attention_heads",
+            node,
+            hint="write heads=config.num_attention_heads",
+        )
+
+    def conv3d(self, node: Node):
+        p = dict(node.params)
+        shape, frm = p.get("shape"), p.get("from_shape")
+        concrete = all(isinstance(x, list) and all(type(v) is int for v in x) for x in (shape, frm))
+        if not concrete or len(shape) != 2 or len(frm) != 5 or any(v < 1 for v in frm[1:]):
+            return None
+        if shape[0] != frm[0] or shape[1] not in (-1, math.prod(frm[1:])) or shape == [-1, -1]:
+            return None
+        return self.tml.Conv3dToLinear(in_channels=frm[1], kernel_size=tuple(frm[2:]))
+
+    # -- patterns
+
+    def patterns_for(self, sources: list[str], targets: list[str]) -> tuple[list[str], list[str]]:
+        rule = self.rule
+        ins = [_tokens(self.patterns[s]) for s in sources]
+        outs = [_tokens(self.targets[t]) for t in targets]
+        seqs = ins + outs
+        plen = 0
+        while all(len(s) > plen for s in seqs) and all(s[plen] == seqs[0][plen] for s in seqs):
+            plen += 1
+        slen = 0
+        while all(len(s) - plen > slen for s in seqs) and all(
+            s[-1 - slen] == seqs[0][-1 - slen] for s in seqs
+        ):
+            slen += 1
+        head, tail = seqs[0][:plen], seqs[0][len(seqs[0]) - slen :]
+        lit = len(head)
+        while lit and head[lit - 1][0] == "c":
+            lit -= 1
+        head_var, head_lit = head[:lit], head[lit:]
+        lit = 0
+        while lit < len(tail) and tail[lit][0] == "c":
+            lit += 1
+        tail_lit, tail_var = tail[:lit], tail[lit:]
+
+        if not head_var:
+            ctx = "^"
+        elif len(head_var) == 1 and head_lit and _is_path(head_var[0]) and head_var[0][2] != "before":
+            ctx = "(?<=[^.])" if head_var[0][0] == "cap" else "(?<![^.])"
+        else:
+            raise self.fail(
+                f"the keys must start with the same text or one {{p:path}} capture before the part that "
+                f"changes, here {''.join(t[1] if t[0] == 'c' else '{' + t[1] + '}' for t in head)}"
+            )
+        stars = {s: self.rule.free_of.get(s, ()) for s in sources}
+        if any(_is_path(t) for t in tail_var) and (head_var or any(stars.values())):
+            raise self.fail("a path capture after the part that changes makes the converted part ambiguous")
+        if any(_is_path(t) for t in tail_var) and not all(_clean(s) for s in seqs):
+            raise self.fail("a template makes keys with an empty segment ('..')")
+        if not head_var and any(_is_path(t) for t in tail_var):
+            ctx += _NO_EMPTY_SEGMENT
+        fixed_head = "".join(_lit(t[1], rule) for t in head_lit)
+        fixed_tail = "".join(_lit(t[1], rule) for t in tail_lit)
+        end = _until_end(tail_var, rule)
+
+        source_patterns = []
+        for name, tokens in zip(sources, ins, strict=True):
+            mid = tokens[plen : len(tokens) - slen]
+            out = []
+            skip = star_in_tail = False
+            for i, tok in enumerate(mid):
+                if skip:
+                    skip = False
+                    continue
+                if tok[0] == "c":
+                    out.append(_lit(tok[1], rule))
+                    continue
+                if tok[0] != "cap" or tok[2] != "int" or stars[name] != (tok[1],):
+                    raise self.fail(
+                        f"the capture {{{tok[1]}}} of input {name} must be in the part of the key that "
+                        "all the templates share (transformers keeps only that part)"
+                    )
+                after = mid[i + 1 :] + tail
+                if not after or after[0] != ("c", "."):
+                    raise self.fail(
+                        f"the stacked capture {{{tok[1]}}} must be followed by a '.' "
+                        "(it becomes transformers' '*.' wildcard)"
+                    )
+                # transformers reads `*.` as `.*\.` (the lookahead pins it to a decimal index), and
+                # `*` in the saved key names is replaced by 0, 1, ...
+                out.append(_until_end([tok, *after], rule) + "*.")
+                if i + 1 < len(mid):
+                    skip = True  # the dot is written
+                else:
+                    star_in_tail = True
+            text = "".join(out)
+            head_of_tail = fixed_tail
+            if star_in_tail:
+                head_of_tail = fixed_tail[2:]  # its leading r"\." is written as the wildcard's dot
+            source_patterns.append(ctx + fixed_head + text + head_of_tail + end)
+        target_patterns = []
+        for name, tokens in zip(targets, outs, strict=True):
+            mid = tokens[plen : len(tokens) - slen]
+            if any(tok[0] != "c" for tok in mid):
+                raise self.fail(
+                    f"the capture {_names(mid)[0]} of target {self.targets[name].display()} must be in the "
+                    "part of the key that all the templates share"
+                )
+            target_patterns.append(
+                ctx + fixed_head + "".join(_lit(t[1], rule) for t in mid) + fixed_tail + end
+            )
+        return source_patterns, target_patterns
