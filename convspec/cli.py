@@ -43,13 +43,25 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--converted", metavar="DIR", help="compare a converted directory with SRC converted afresh"
     )
+    im = sub.add_parser(
+        "import-transformers",
+        help="write the spec for a transformers model type or class (needs transformers)",
+    )
+    im.add_argument("key", metavar="MODEL_TYPE_OR_CLASS")
+    im.add_argument("-o", "--output", metavar="FILE", help="write the spec here (included specs beside it)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"compile": _compile, "convert": _convert, "verify": _verify}[args.command](args)
+        commands = {
+            "compile": _compile,
+            "convert": _convert,
+            "verify": _verify,
+            "import-transformers": _import,
+        }
+        return commands[args.command](args)
     except ConvspecError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
@@ -160,6 +172,40 @@ def _verify(args) -> int:
         print(f"MISMATCH {m.key} {list(m.shape)} {m.dtype}: {m.why}{diff}")
     print(f"{len(bad)} mismatch(es) among {checked} tensors checked")
     return 1
+
+
+
+
+
+def _import(args) -> int:
+    from pathlib import Path
+
+    from .hf.library import import_key
+
+    imp = import_key(args.key)
+    main_text = imp.specs[imp.name]
+    for note in imp.notes:
+        print(f"warning: not expressible: {note}", file=sys.stderr)
+    if imp.verified is not None:
+        print(f"warning: not checked against a model: {imp.verified}", file=sys.stderr)
+    if args.output is None:
+        sys.stdout.write(main_text)
+        rest = [n for n in imp.specs if n != imp.name]
+        if rest:
+            print(
+                f"note: {imp.name} includes {', '.join(rest)}; -o FILE writes them beside it", file=sys.stderr
+            )
+        return 0
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(main_text)
+    written = [str(out)]
+    for name, text in imp.specs.items():
+        if name != imp.name:
+            (out.parent / f"{name}.yaml").write_text(text)
+            written.append(str(out.parent / f"{name}.yaml"))
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

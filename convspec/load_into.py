@@ -51,13 +51,20 @@ class LoadError(ConvspecError):
 
 
 @torch.no_grad()
-def load_into(model: torch.nn.Module, items, strict: bool = True) -> LoadReport:
-    """Place (key, tensor) pairs into `model`'s parameters and buffers; returns the report."""
+def load_into(model: torch.nn.Module, items, strict: bool = True, base_prefix: str = "") -> LoadReport:
+    """Place (key, tensor) pairs into `model`'s parameters and buffers; returns the report. With the
+    spec's `base_prefix`, a key the model lacks is tried with that prefix added or removed, so a
+    base-model checkpoint fills a model with a head and the other way round."""
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
     report = LoadReport()
     filled: set[str] = set()
     for key, tensor in items:
+        if base_prefix and key not in targets:
+            if f"{base_prefix}.{key}" in targets:
+                key = f"{base_prefix}.{key}"
+            elif key.startswith(base_prefix + ".") and key[len(base_prefix) + 1 :] in targets:
+                key = key[len(base_prefix) + 1 :]
         param = targets.get(key)
         if param is None:
             report.unexpected.append(key)

@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
 def test_compile_text_shows_rules_inverse_and_regex(capsys):
     assert main(["compile", "mixtral"]) == 0
     out = capsys.readouterr().out
-    assert "rule 2  convert  specs/mixtral.yaml:7:5" in out
+    assert "rule 2  convert  specs/mixtral.yaml:8:5" in out  # after the base_prefix line
     assert "op   %3 = cat(%1, %2, dim=1, equal=true)" in out
     assert "inverse: exact" in out
     assert "(?P<r1_0__e>(?:0|[1-9][0-9]*))" in out

@@ -9,23 +9,10 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from convspec.hf.conformance import check  # noqa: E402
+from convspec.hf.conformance import KNOWN, check  # noqa: E402
 from convspec.hf.mapping import raw_mapping  # noqa: E402
 
 KEYS = [k for k in raw_mapping() if k != "legacy"]
-
-# Known differences, each with its evidence. strict: a fix must remove the entry.
-KNOWN = {
-    "hy_v4": "renames whose outputs overlap (`.hc_pre.hc_` -> `.hc_`, then `.hc_head_fn` -> `.hc_fn`) "
-    "are not injective: transformers' revert and convspec's inverse undo them differently",
-    "inkling2": "Inkling2IndexOffsetWeightRename shifts a layer index by one (`attn_queries.{i}` -> "
-    "`layers.{i+1}`): templates have no index arithmetic",
-    "inkling2_text": "same index-offset rename as inkling2",
-    "ernie4_5_vl_moe": "ErnieFuseAndSplitTextVisionExperts stacks the text and the vision half of the "
-    "experts separately, and by default they differ in shape; convspec's stack needs one shape",
-    "RfDetrForInstanceSegmentation": "transformers' `^` rename adds `model.` and its loader undoes "
-    "it per key against the model's parameters, in a way the imported `unless` list does not capture",
-}
 
 
 @pytest.mark.parametrize("key", KEYS)

@@ -70,3 +70,40 @@ def test_strict_load_into_refuses_a_model_that_would_keep_random_weights(saved):
     with pytest.raises(convspec.ConvspecError) as exc:
         convspec.compile("mixtral").load_into(model, d, strict=True)
     assert "model.layers.2." in str(exc.value) and "missing" in str(exc.value)
+
+
+def test_base_model_checkpoint_fills_a_model_with_a_head(tmp_path):
+    """The spec's `base_prefix: model` lets a MixtralModel checkpoint (keys without `model.`) fill a
+    MixtralForCausalLM, and a causal-LM checkpoint fill a bare MixtralModel; only the head is left."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(
+        num_local_experts=4,
+        intermediate_size=24,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+    )
+    torch.manual_seed(1)
+    base = transformers.MixtralModel(cfg)
+    base.save_pretrained(tmp_path / "base")
+    saved = load_file(tmp_path / "base" / "model.safetensors")
+    assert not any(k.startswith("model.") for k in saved)
+    plan = convspec.compile("mixtral", config=tmp_path / "base" / "config.json")
+    assert plan.base_prefix == "model"
+    with torch.device("meta"):
+        lm = transformers.MixtralForCausalLM(cfg)
+    report = plan.load_into(lm, tmp_path / "base", strict=False)
+    assert report.missing == ["lm_head.weight"] and not report.unexpected and not report.mismatched
+    for k, v in base.state_dict().items():
+        assert torch.equal(lm.state_dict()[f"model.{k}"], v), k
+
+    lm_full = transformers.MixtralForCausalLM(cfg)
+    lm_full.save_pretrained(tmp_path / "lm")
+    with torch.device("meta"):
+        bare = transformers.MixtralModel(cfg)
+    report = plan.load_into(bare, tmp_path / "lm", strict=False)
+    assert report.unexpected == ["lm_head.weight"] and not report.missing
+    for k, v in bare.state_dict().items():
+        assert torch.equal(v, lm_full.state_dict()[f"model.{k}"]), k

@@ -39,7 +39,7 @@ def main() -> int:
     import transformers
 
     from convspec.api import _builtin_dir, _builtin_index
-    from convspec.hf.conformance import check
+    from convspec.hf.conformance import KNOWN, check
     from convspec.hf.mapping import raw_mapping
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +95,8 @@ def main() -> int:
             detail = (detail + "; " if detail else "") + "importer: " + " / ".join(notes)
         elif r.status == "pass" and notes:
             detail = "importer notes: " + " / ".join(notes)
+        if r.key in KNOWN:
+            detail = f"**why**: {KNOWN[r.key]}. " + detail
         detail = detail.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| `{r.key}` | {f'`{r.spec}`' if r.spec else ''} | {r.status} | {detail} |")
     out = ROOT / "docs" / "conformance.md"

@@ -58,6 +58,7 @@ def compile_spec(
         inverse_rules=inverse_rules,
         inverse_error=inverse_error,
         lossy=tuple(lossy),
+        base_prefix=spec.base_prefix,
     )
 
 

@@ -74,6 +74,7 @@ class Plan:
     inverse_error: str | None = None
     lossy: tuple[str, ...] = ()  # why an exact inverse is impossible, rule by rule
     is_inverse: bool = False
+    base_prefix: str = ""  # load_into matches keys with or without it (a base-model checkpoint)
     _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     # ---- matching ----------------------------------------------------------------------------
@@ -137,6 +138,7 @@ class Plan:
             inverse_error="the forward plan is lossy" if self.lossy else None,
             lossy=(),
             is_inverse=not self.is_inverse,
+            base_prefix=self.base_prefix,
         )
 
     def bind(self, layout: dict, strict: bool = False):
@@ -168,7 +170,7 @@ class Plan:
         from ..load_into import load_into
 
         dev = device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu")
-        return load_into(model, self.stream(src, device=dev), strict=strict)
+        return load_into(model, self.stream(src, device=dev), strict=strict, base_prefix=self.base_prefix)
 
     def save(
         self, state_dict: dict, dst, max_shard_size: str | int = "5GB", overwrite: bool = False
@@ -202,6 +204,7 @@ class Plan:
             "inverse_error": self.inverse_error,
             "lossy": list(self.lossy),
             "is_inverse": self.is_inverse,
+            "base_prefix": self.base_prefix,
             "regex": self.regex,
         }
         return json.dumps(d, indent=indent)
@@ -224,6 +227,7 @@ class Plan:
             inverse_error=d.get("inverse_error"),
             lossy=tuple(d.get("lossy", ())),
             is_inverse=d.get("is_inverse", False),
+            base_prefix=d.get("base_prefix", ""),
         )
 
 

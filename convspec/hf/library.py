@@ -203,7 +203,11 @@ def build(
         for m in members:
             base_name[m] = name
         t = trans[members[0]]
-        specs[name] = _emit(name, own, t, version, f"transformers' conversion for {', '.join(members[:4])}")
+        bases = {apps[m].model.base_model_prefix for m in own if m in apps} - {""}
+        base = bases.pop() if len(bases) == 1 else ""
+        specs[name] = _emit(
+            name, own, t, version, f"transformers' conversion for {', '.join(members[:4])}", base
+        )
         notes[name] = t.notes
         for m in own:
             serves[m] = name
@@ -215,16 +219,25 @@ def build(
             lines.append(f"include {base_name[k]}" + (f" under {text}" if under else ""))
         t = Translation(key, lines)
         types = [key] + [mt for mt, cls in by_class.items() if cls == key]
-        specs[name] = _emit(name, types, t, version, f"{key}: its own conversion and its sub-models'")
+        specs[name] = _emit(
+            name,
+            types,
+            t,
+            version,
+            f"{key}: its own conversion and its sub-models'",
+            apps[key].model.base_model_prefix,
+        )
         notes[name] = []
         serves[key] = name
     return Library(specs, serves, why, notes, by_class)
 
 
-def _emit(name: str, model_types: list[str], t: Translation, version: str, doc: str) -> str:
+def _emit(name: str, model_types: list[str], t: Translation, version: str, doc: str, base: str = "") -> str:
     dsl = f"spec {name} {_quote(doc)}\n"
     if model_types:
         dsl += "model_types " + ", ".join(model_types) + "\n"
+    if base:
+        dsl += f"base_prefix {base}\n"
     dsl += "\n" + "\n\n".join(t.lines) + "\n"
     spec = parse_spec(dsl, f"{name}.cspec")
     header = [HEADER.format(version=version)]
@@ -263,3 +276,59 @@ def identity_spec(lib: Library, version: str) -> str:
         "model_types " + ", ".join(types) + "\n" if types else ""
     )
     return to_yaml(parse_spec(dsl, "identity.cspec"), header=HEADER.format(version=version))
+
+
+@dataclass
+class Imported:
+    """One key imported: its spec's name and YAML, the specs it includes, and what was not exact."""
+
+    key: str
+    name: str
+    specs: dict[str, str]  # name -> YAML (the key's spec first, then what it includes)
+    notes: list[str]
+    verified: str | None  # None: observed on the meta model; else why it could not be built
+
+
+def import_key(key: str) -> Imported:
+    """`convspec import-transformers KEY`: the spec for one model type or class name."""
+    import difflib
+
+    import transformers
+
+    from ..errors import ConvspecError
+
+    raw = raw_mapping()
+    if key not in raw:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if key in CONFIG_MAPPING_NAMES or hasattr(transformers, key):
+            cls = class_name(key) if key in CONFIG_MAPPING_NAMES else None
+            if cls in raw:
+                key = cls
+            else:
+                name = spec_name(key)
+                doc = f"transformers {transformers.__version__} converts nothing for {key}: its checkpoints load as they are"
+                text = to_yaml(
+                    parse_spec(f"spec {name} {_quote(doc)}\nmodel_types {key}\n", f"{name}.cspec"),
+                    header=HEADER.format(version=transformers.__version__),
+                )
+                return Imported(key, name, {name: text}, [], None)
+        else:
+            close = difflib.get_close_matches(key, list(raw), 3)
+            raise ConvspecError(
+                f"transformers {transformers.__version__} has no conversion mapping for {key!r}",
+                hint=(
+                    f"did you mean {', '.join(close)}?"
+                    if close
+                    else "give a model type or a model class name"
+                ),
+            )
+    lib = build([key], version=transformers.__version__)
+    name = lib.serves[key]
+    order = [name] + [n for n in lib.specs if n != name and f"include {n}" in _includes(lib.specs[name])]
+    notes = [n for spec in order for n in lib.notes.get(spec, [])]
+    return Imported(key, name, {n: lib.specs[n] for n in order}, notes, lib.models.get(key))
+
+
+def _includes(text: str) -> str:
+    return "\n".join(f"include {m}" for m in re.findall(r"^  - include: (\S+)", text, re.M))

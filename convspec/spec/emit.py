@@ -68,6 +68,8 @@ def to_yaml(spec: Spec, header: str = "") -> str:
     if spec.doc:
         lines.append(f"doc: {_q(spec.doc)}")
     lines.append("model_types: [" + ", ".join(_q(m) for m in spec.model_types) + "]")
+    if spec.base_prefix:
+        lines.append(f"base_prefix: {spec.base_prefix}")
     lines.append("rules:" if spec.rules else "rules: []")
     for rule in spec.rules:
         if isinstance(rule, Rename):
@@ -111,6 +113,8 @@ def to_dsl(spec: Spec, header: str = "") -> str:
     lines.append(f"spec {spec.name}" + (f" {json.dumps(spec.doc)}" if spec.doc else ""))
     if spec.model_types:
         lines.append("model_types " + ", ".join(spec.model_types))
+    if spec.base_prefix:
+        lines.append(f"base_prefix {spec.base_prefix}")
     for rule in spec.rules:
         lines.append("")
         if isinstance(rule, Rename):

@@ -176,6 +176,7 @@ class Spec(IRNode):
     name: str
     doc: str = ""
     model_types: list[str] = []
+    base_prefix: str = ""  # the base model's prefix in full-model keys (transformers' base_model_prefix)
     rules: list[Rule] = []
     file: Annotated[str | None, Field(default=None, exclude=True)] = None
 

@@ -293,6 +293,7 @@ class _DslBuilder(_ExprBuilder):
         name_tok, doc_tok = header.children
         doc = _unquote(str(doc_tok)) if doc_tok is not None else ""
         model_types: list[str] = []
+        base_prefix = ""
         rules = []
         for st in stmts:
             kind = st.data
@@ -301,6 +302,8 @@ class _DslBuilder(_ExprBuilder):
                 model_types.extend(str(t) for t in st.children)
             elif kind == "doc":
                 doc = _unquote(str(st.children[0]))
+            elif kind == "base_prefix":
+                base_prefix = str(st.children[0])
             elif kind in ("rename", "alias"):
                 src, dst, unless = st.children
                 rules.append(
@@ -333,6 +336,7 @@ class _DslBuilder(_ExprBuilder):
             name=str(name_tok),
             doc=doc,
             model_types=model_types,
+            base_prefix=base_prefix,
             rules=rules,
             file=self.source.file,
             span=self.span(tree),

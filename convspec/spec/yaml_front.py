@@ -17,7 +17,7 @@ from .source import Embedded, Source
 MAX_YAML_NODES = 200_000
 _STR = "tag:yaml.org,2002:str"
 
-TOP_KEYS = ("spec", "doc", "model_types", "rules")
+TOP_KEYS = ("spec", "doc", "model_types", "base_prefix", "rules")
 RULE_KEYS = {
     "rename": ("rename", "to", "unless"),
     "alias": ("alias", "to", "unless"),
@@ -146,6 +146,16 @@ class _YamlBuilder:
         if "model_types" in fields:
             for item in self.sequence(fields["model_types"][1], "'model_types'"):
                 model_types.append(self.string(item, "a model type"))
+        base_prefix = ""
+        if "base_prefix" in fields:
+            node = fields["base_prefix"][1]
+            base_prefix = self.string(node, "'base_prefix'")
+            if not base_prefix.isidentifier():
+                raise SpecValidationError(
+                    f"base_prefix {base_prefix!r} is not a plain name",
+                    span=self.span(node),
+                    hint="the base model's attribute name, e.g. model",
+                )
         rules = []
         if "rules" in fields:
             for item in self.sequence(fields["rules"][1], "'rules'"):
@@ -154,6 +164,7 @@ class _YamlBuilder:
             name=name,
             doc=doc,
             model_types=model_types,
+            base_prefix=base_prefix,
             rules=rules,
             file=self.source.file,
             span=self.span(root),
