@@ -174,9 +174,6 @@ def _verify(args) -> int:
     return 1
 
 
-
-
-
 def _import(args) -> int:
     from pathlib import Path
 
