@@ -59,7 +59,10 @@ class Pattern:
                 continue
             group = f"?P<{prefix}{a}>" if named else "?:"
             if kind == "cap":
-                out.append(f"({group}{CAPTURE_REGEX[b or 'seg']})")
+                body = CAPTURE_REGEX[b or "seg"]
+                if i == 0 and b == "path":
+                    body += "?"  # a leading path takes the first occurrence of what follows
+                out.append(f"({group}{body})")
                 continue
             lazy = "?" if i == 0 else ""  # a leading optional path takes the first occurrence
             body = f"({group}[^.]+(?:\\.[^.]+)*{lazy})"

@@ -14,15 +14,15 @@ from .mapping import applied, meta_model, observe
 # Where convspec and transformers differ, and why (tests/test_conformance.py requires these to
 # still differ: a fix must remove the entry).
 KNOWN = {
-    "hy_v4": "renames whose outputs overlap (`.hc_pre.hc_` -> `.hc_`, then `.hc_head_fn` -> `.hc_fn`) "
-    "are not injective: transformers' revert and convspec's inverse undo them differently",
     "inkling2": "Inkling2IndexOffsetWeightRename shifts a layer index by one (`attn_queries.{i}` -> "
     "`layers.{i+1}`): templates have no index arithmetic",
     "inkling2_text": "same index-offset rename as inkling2",
     "ernie4_5_vl_moe": "ErnieFuseAndSplitTextVisionExperts stacks the text and the vision half of the "
     "experts separately, and by default they differ in shape; convspec's stack needs one shape",
-    "RfDetrForInstanceSegmentation": "transformers' `^` rename adds `model.` and its loader undoes "
-    "it per key against the model's parameters, in a way the imported `unless` list does not capture",
+    "RfDetrForInstanceSegmentation": "transformers' `^` rename (add `model.`) is undone by its loader for "
+    "`class_embed`/`bbox_embed` when it loads RfDetrForObjectDetection (they sit at its root) but kept "
+    "when the same transform loads them inside RfDetrForInstanceSegmentation: the loader decides per "
+    "model, and the one shared spec (rf_detr_for_object_detection_base) follows the first",
 }
 
 

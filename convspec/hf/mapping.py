@@ -162,7 +162,7 @@ def observe(app: Applied) -> Observed:
     converters = [(k, i, t) for k, i, _, t in app.entries if isinstance(t, cl.WeightConverter)]
     base = model.base_model_prefix
     for key in sorted(original, key=cl.dot_natural_key):
-        cur, hits, seen_as = key, [], {}
+        cur, hits, seen_as, added = key, [], {}, {}
         for k, i, t in renamings:
             hit = t._scoped_match(cur)
             if hit is None:
@@ -175,6 +175,7 @@ def observe(app: Applied) -> Observed:
             obs.seen.setdefault((k, i, src), Seen()).add(ktm[: mo.start()], ktm[mo.end() :], mo.group(0))
             hits.append((k, i))
             seen_as[(k, i)] = ktm
+            added[(k, i)] = bool(base) and new.startswith(base + ".") and not cur.startswith(base + ".")
             cur = new
         for k, i, t in converters:
             hit = t._scoped_match(cur)
@@ -186,10 +187,10 @@ def observe(app: Applied) -> Observed:
             hits.append((k, i))
             cur, _ = t.rename_source_key(cur)
             break
-        final = cur
+        final, stripped = cur, False
         if base:
             if final.startswith(base + ".") and final.removeprefix(base + ".") in sd:
-                final = final.removeprefix(base + ".")
+                final, stripped = final.removeprefix(base + "."), True
             elif f"{base}.{final}" in sd:
                 final = f"{base}.{final}"
             if final != cur:
@@ -198,12 +199,13 @@ def observe(app: Applied) -> Observed:
             obs.fired[h] = obs.fired.get(h, 0) + 1
         if final not in sd and key in sd:
             final = key
-        if final == key and hits:  # loading undid the renames (or the base-prefix fix did)
-            for h in hits:
+        for h in hits:
+            # loading undid this rename: all of them (the key kept its name), or the one that added
+            # the base prefix the base-prefix fix then stripped again
+            if (final == key) or (stripped and added.get(h)):
                 obs.undone[h] = obs.undone.get(h, 0) + 1
                 obs.undone_keys.setdefault(h, []).append(seen_as.get(h, key))
-        else:
-            for h in hits:
+            else:
                 obs.kept_keys.setdefault(h, []).append(seen_as.get(h, key))
         obs.forward[key] = final
     return obs

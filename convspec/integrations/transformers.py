@@ -166,6 +166,8 @@ def _until_end(tokens: list[tuple], rule: PlanRule) -> str:
 def _group(tok: tuple, first: bool) -> str:
     """The capturing group for one capture, preferring what the spec's own regex prefers."""
     if tok[0] == "cap":
+        if tok[2] == "path" and first:  # a leading path takes the first occurrence, as convspec's does
+            return "(.+?)"
         return {"path": "(.+)", "seg": "([^.]+)", "int": "(0|[1-9][0-9]*)"}[tok[2]]
     if tok[2] == "after" and first:  # a leading optional path: absent first, then the shortest
         return "(|" + _OPT_LAZY_BODY["after"] + ")"
@@ -176,7 +178,8 @@ def _group(tok: tuple, first: bool) -> str:
 def _wide_group(tokens: list[tuple], first: bool, following: list[tuple], rule: PlanRule) -> str:
     """One capturing group over several captures and the text between them.
 
-    It prefers what the spec's own regex prefers (paths and segments greedy, in order), so it needs
+    It prefers what the spec's own regex prefers (a leading path lazy, other paths and segments
+    greedy, in order), so it needs
     no nested group: an `int` is `[0-9]+` behind a lookahead against leading zeros, and an optional
     path, allowed only at the start, is spelled out as two alternatives in the order the spec tries
     them. When saving, transformers strips lookarounds from this group (it becomes the pattern of the
@@ -198,7 +201,8 @@ def _wide_group(tokens: list[tuple], first: bool, following: list[tuple], rule: 
                 raise ExportError(f"{rule.label}: the capture {{{tok[1]}}} is followed by a digit")
             parts.append("(?!0[0-9])[0-9]+")
         else:
-            parts.append({"path": ".+", "seg": "[^.]+"}[tok[2]])
+            lazy = "?" if tok[2] == "path" and i == 0 and first and opt is None else ""
+            parts.append({"path": ".+", "seg": "[^.]+"}[tok[2]] + lazy)
     rest = "".join(parts)
     if opt is None:
         return "(" + rest + ")"
