@@ -238,6 +238,7 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
                 g.out_values[target] = (value, idx)
                 emit(target, info, f"{rule.label} group {g.name}")
     warnings = _inverse_collisions(plan, {s: d for s, d in passthrough.items() if s not in aliased})
+    warnings += _inverse_claims(plan, groups.values())
     if strict and unmatched:
         problems.extend(f"no rule claims {k}" for k in unmatched)
     if strict:
@@ -286,6 +287,50 @@ def _inverse_collisions(plan: Plan, passthrough: dict[str, str]) -> list[str]:
                 "the checkpoint already has keys of the target layout"
             )
     return out
+
+
+def _inverse_claims(plan: Plan, groups) -> list[str]:
+    """Convert outputs that the inverse plan would hand to another rule than this convert's inverse
+    (possible when an included spec's rules overlap the including spec's): saving back would differ."""
+    if plan.inverse_rules is None or plan.is_inverse or not groups:
+        return []
+    inverse = plan.inverse(allow_lossy=True)
+    origin = [r.index for r in reversed(plan.rules) if r.kind != "drop" and not r.one_way]
+    out = []
+    for g in groups:
+        for target in g.outputs:
+            cur, pos = target, 0
+            while (hit := inverse.first_match(cur, pos)) is not None:
+                ri, _, caps = hit
+                rule = inverse.rules[ri]
+                if rule.kind != "rename":
+                    break
+                cur, pos = rule.outputs[0][1].format(caps), ri + 1
+            if hit is None or (
+                origin[hit[0]] != g.rule.index and not _same_convert(g.rule, plan.rules[origin[hit[0]]])
+            ):
+                other = "passes it through" if hit is None else f"gives it to rule {origin[hit[0]] + 1}"
+                out.append(
+                    f"{target} comes from {g.rule.label}, but the inverse plan {other}: saving back would "
+                    "not undo this convert"
+                )
+    return out
+
+
+def _same_convert(a: PlanRule, b: PlanRule) -> bool:
+    """Two converts that do the same to the same keys but for a prefix (a spec and its include)."""
+
+    def sig(r: PlanRule):
+        return [(n.op, n.params) for n in r.nodes], len(r.inputs), len(r.outputs)
+
+    def near(x, y) -> bool:
+        return all(
+            p.text.endswith(q.text) or q.text.endswith(p.text) for (_, p), (_, q) in zip(x, y, strict=True)
+        )
+
+    return (
+        b.kind == "convert" and sig(a) == sig(b) and near(a.inputs, b.inputs) and near(a.outputs, b.outputs)
+    )
 
 
 def _final(plan: Plan, key: str, start: int) -> str:

@@ -201,3 +201,65 @@ def test_forward_then_inverse_is_identity(name):
         assert_same_state(again.inverse().apply(again.apply(state)), state)
 
     check()
+
+
+# ---- every convert of every spec, with data ----------------------------------------------------
+
+_SUB = {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 2, "hidden_size": 4}
+SMALL_CONFIG = {**_SUB, "text_config": dict(_SUB), "vision_config": dict(_SUB)}
+_VALUES = {"int": "1", "seg": "weight", "path": "layers.0", "path?": "layers.0"}
+
+
+def _group_layout(plan, rule, shape: tuple[int, ...], n_experts: int = 4) -> Layout:
+    """One group of a convert in the spec's source layout: its input templates filled in and taken
+    back through the renames before it, every tensor of `shape` (divisible by the chunk, split and
+    rope sizes SMALL_CONFIG gives), the stacked capture 0..n-1."""
+    from convspec.bind import _final
+
+    inverse = plan.inverse()
+    # the inverse lists the rules from this one on first (aliases and drops have no inverse rule)
+    start = sum(1 for r in plan.rules[rule.index :] if not r.one_way and r.kind != "drop")
+    layout: Layout = {}
+    stacked = {c for free in rule.free_of.values() for c in free}
+    for _, pat in rule.inputs:
+        types = dict(rule.types)
+        base = {c: _VALUES.get(types.get(c, "seg"), "x") for c in pat.captures}
+        if "f" in base:
+            base["f"] = "self_"
+        over = [c for c in pat.captures if c in stacked]
+        for e in range(n_experts if over else 1):
+            values = {**base, **{c: str(e) for c in over}}
+            layout[_final(inverse, pat.format(values), start)] = (shape, "float32")
+    return layout
+
+
+CONVERT_SPECS = [n for n in NAMES if any(r.kind == "convert" for r in convspec.compile(n).rules)]
+
+
+@pytest.mark.parametrize("name", CONVERT_SPECS)
+def test_every_convert_round_trips_bit_exact(name):
+    """Each convert rule on a synthetic group: forward, then inverse, gives back the same bits."""
+    plan = convspec.compile(name, SMALL_CONFIG)
+    tried = 0
+    for rule in plan.rules:
+        if rule.kind != "convert":
+            continue
+        for shape in ((12, 6), (2, 12, 6)):  # 3-d for ops on already-stacked experts
+            layout = _group_layout(plan, rule, shape)
+            try:
+                bound = plan.bind(layout)
+                break
+            except convspec.BindError as exc:
+                problems = exc.problems
+        else:
+            pytest.fail(f"{rule.label}: the synthetic group does not bind: {problems[:2]}")
+        if len(bound.groups) != 1 or bound.groups[0].rule.index != rule.index:
+            continue  # an earlier rule (e.g. a convert of the including spec) claims these keys
+        if bound.warnings:
+            continue  # bind reports that saving back would not undo it (overlapping includes)
+        state = {k: random_tensor(s, d, i) for i, (k, (s, d)) in enumerate(layout.items())}
+        out = plan.apply(state)
+        back = plan.inverse().apply(out)
+        assert_same_state(back, state)
+        tried += 1
+    assert tried, "no convert of this spec claimed its own synthetic group"

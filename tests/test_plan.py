@@ -9,6 +9,7 @@ import torch
 from helpers.tensors import assert_same_state, random_tensor
 
 import convspec
+from convspec.spec import parse_spec
 
 P = "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
 
@@ -282,3 +283,28 @@ def test_default_is_not_taken_when_no_config_was_given_at_all():
         plan.apply({"m.w": torch.zeros(4)})
     out = cs.compile(spec, config={}).apply({"m.w": torch.arange(4)})
     assert out["m.a"].tolist() == [0, 1] and out["m.b"].tolist() == [2, 3]
+
+
+def test_bind_warns_when_saving_back_would_not_undo_a_convert():
+    """A rename after a convert can, in the inverse order, rename the convert's output away from
+    its inverse (what happens when an including spec and an included one overlap)."""
+    plan = convspec.compile(
+        parse_spec(
+            "spec overlap\n"
+            "convert w = {p:path}.attention.wq.weight -> {p}.attention.q_proj.weight = transpose(w)\n"
+            "rename {p:path}.attention.{r:path} -> {p}.self_attn.{r}\n"
+            "rename {p:path}.wq.{r:path} -> {p}.q_proj.{r}\n",
+            "overlap.cspec",
+        )
+    )
+    layout = {"x.attention.wq.weight": ((2, 3), "float32")}
+    bound = plan.bind(layout)
+    assert list(bound.outputs) == ["x.self_attn.q_proj.weight"]
+    assert len(bound.warnings) == 1
+    assert "x.self_attn.q_proj.weight comes from rule 1" in bound.warnings[0]
+    assert "saving back would not undo this convert" in bound.warnings[0]
+    with pytest.raises(convspec.BindError):
+        plan.bind(layout, strict=True)
+    # and it is right: the inverse indeed skips the transpose
+    back = plan.inverse().bind(bound.outputs).outputs
+    assert back == {"x.attention.wq.weight": ((3, 2), "float32")}

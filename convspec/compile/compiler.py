@@ -554,6 +554,13 @@ def _flatten(spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "
         if resolve is None:
             raise CompileError(f"include {rule.spec}: no spec library to resolve it from", span=rule.span)
         inner, inner_origins = _flatten(resolve(rule.spec), resolve, (*_stack, spec.name), f"{_origin}/{n}")
+        if rule.only != "all":
+            keep = [
+                (r, o)
+                for r, o in zip(inner, inner_origins, strict=True)
+                if (r.kind == "convert") == (rule.only == "converts")
+            ]
+            inner, inner_origins = [r for r, _ in keep], [o for _, o in keep]
         for k, prefix in enumerate(rule.under or [""]):
             earlier = [p for p in (rule.under or [""])[:k] if p.startswith(prefix)]
             for r, o in zip(inner, inner_origins, strict=True):

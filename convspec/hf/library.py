@@ -213,10 +213,17 @@ def build(
             serves[m] = name
     for key, parts in composite.items():
         name = spec_name(key)
+        # transformers applies every rename (the model's and its sub-models') before any converter
+        has_convert = {k for k, _ in parts if any(type(t).__name__ == "WeightConverter" for t in raw[k])}
+        has_rename = {k for k, _ in parts if any(type(t).__name__ != "WeightConverter" for t in raw[k])}
         lines = []
-        for k, under in parts:
-            text = ", ".join(u or '""' for u in under)
-            lines.append(f"include {base_name[k]}" + (f" under {text}" if under else ""))
+        for phase in ("renames", "converts"):
+            for k, under in parts:
+                if phase == "converts" and k not in has_convert or phase == "renames" and k not in has_rename:
+                    continue
+                text = ", ".join(u or '""' for u in under)
+                only = f" only {phase}" if k in has_convert else ""
+                lines.append(f"include {base_name[k]}" + (f" under {text}" if under else "") + only)
         t = Translation(key, lines)
         types = [key] + [mt for mt, cls in by_class.items() if cls == key]
         specs[name] = _emit(

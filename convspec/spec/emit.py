@@ -84,6 +84,8 @@ def to_yaml(spec: Spec, header: str = "") -> str:
             lines.append(f"  - include: {rule.spec}")
             if rule.under:
                 lines.append("    under: [" + ", ".join(u or '""' for u in rule.under) + "]")
+            if rule.only != "all":
+                lines.append(f"    only: {rule.only}")
         elif isinstance(rule, Convert):
             lines.append("  - convert:")
             for b in rule.inputs:
@@ -127,7 +129,8 @@ def to_dsl(spec: Spec, header: str = "") -> str:
             lines.append(f"drop {rule.source.text}")
         elif isinstance(rule, Include):
             under = ", ".join(u or '""' for u in rule.under)
-            lines.append(f"include {rule.spec}" + (f" under {under}" if rule.under else ""))
+            only = f" only {rule.only}" if rule.only != "all" else ""
+            lines.append(f"include {rule.spec}" + (f" under {under}" if rule.under else "") + only)
         elif isinstance(rule, Convert):
             pad = "convert "
             for i, b in enumerate(rule.inputs):

@@ -165,6 +165,7 @@ class Include(IRNode):
     kind: Literal["include"] = "include"
     spec: str
     under: list[str] = []
+    only: Literal["all", "renames", "converts"] = "all"  # transformers renames everything first
 
 
 Rule = Annotated[Rename | Drop | Convert | Include, Field(discriminator="kind")]

@@ -316,7 +316,13 @@ class _DslBuilder(_ExprBuilder):
                     )
                 )
             elif kind == "include":
-                name, *prefixes = st.children
+                name, *prefixes, only = st.children
+                if only is not None and str(only) not in ("renames", "converts"):
+                    raise SpecValidationError(
+                        f"include ... only {only}: expected 'renames' or 'converts'",
+                        span=span,
+                        hint="`only renames` takes the renames and aliases, `only converts` the converts",
+                    )
                 under = [
                     _unquote(str(p)) if str(p).startswith('"') else str(p) for p in prefixes if p is not None
                 ]
@@ -327,7 +333,9 @@ class _DslBuilder(_ExprBuilder):
                         span=span,
                         hint='a prefix is literal key text such as model.language_model, or "" for every key',
                     )
-                rules.append(Include(spec=str(name), under=under, span=span))
+                rules.append(
+                    Include(spec=str(name), under=under, only=str(only) if only else "all", span=span)
+                )
             elif kind == "drop":
                 rules.append(Drop(source=self.template(st.children[0]), span=span))
             elif kind == "convert":

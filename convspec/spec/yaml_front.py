@@ -21,7 +21,7 @@ TOP_KEYS = ("spec", "doc", "model_types", "base_prefix", "rules")
 RULE_KEYS = {
     "rename": ("rename", "to", "unless"),
     "alias": ("alias", "to", "unless"),
-    "include": ("include", "under"),
+    "include": ("include", "under", "only"),
     "drop": ("drop",),
     "convert": ("convert", "let", "to", "ops"),
 }
@@ -219,7 +219,16 @@ class _YamlBuilder:
                             hint='a prefix is literal key text such as model.language_model, or "" for every key',
                         )
                     under.append(prefix)
-            return Include(spec=name, under=under, span=span)
+            only = "all"
+            if "only" in fields:
+                only = self.string(fields["only"][1], "'only'")
+                if only not in ("all", "renames", "converts"):
+                    raise SpecValidationError(
+                        f"only: {only!r}: expected renames, converts or all",
+                        span=self.span(fields["only"][1]),
+                        hint="`only: renames` takes the renames and aliases, `only: converts` the converts",
+                    )
+            return Include(spec=name, under=under, only=only, span=span)
         if kind == "drop":
             return Drop(source=self.template(fields["drop"][1], "a drop template"), span=span)
         return self.convert(fields, span)
