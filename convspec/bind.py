@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .compile.evaluate import evaluate
+from .compile.patterns import OffsetError
 from .compile.plan import Plan, PlanRule
 from .errors import BindError
 from .ops import OPS, OpError, TensorInfo
@@ -178,7 +179,12 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
             ri, name, caps = hit
             rule = rules[ri]
             if rule.kind == "rename":
-                cur = rule.outputs[0][1].format(caps)
+                try:
+                    cur = rule.outputs[0][1].format(caps)
+                except OffsetError as exc:
+                    problems.append(f"{rule.label}: {key}: {exc}")
+                    hit = None
+                    break
                 pos, touched = ri + 1, True
                 if rule.one_way:
                     aliased.add(key)

@@ -308,3 +308,28 @@ def test_bind_warns_when_saving_back_would_not_undo_a_convert():
     # and it is right: the inverse indeed skips the transpose
     back = plan.inverse().bind(bound.outputs).outputs
     assert back == {"x.attention.wq.weight": ((3, 2), "float32")}
+
+
+def test_an_index_offset_round_trips_and_refuses_negative_indices():
+    plan = convspec.compile(
+        parse_spec("spec off\nrename {p:path}.attn_queries.{i:int} -> {p}.layers.{i+1}.query\n", "off.cspec")
+    )
+    state = {f"m.attn_queries.{i}": random_tensor((2,), "float32", i) for i in (0, 9)}
+    out = plan.apply(state)
+    assert sorted(out) == ["m.layers.1.query", "m.layers.10.query"]
+    assert_same_state(plan.inverse().apply(out), state)
+    with pytest.raises(convspec.BindError, match=r"\{i-1\} is -1 for i=0"):
+        plan.inverse().bind({"m.layers.0.query": ((1,), "float32")})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rename {p:path}.a.{i:int+1} -> {p}.b.{i}", "only in a rename target"),
+        ("rename {p:path}.a.{i} -> {p}.b.{i+1}", "is seg, so no constant can be added"),
+        ("convert w = {p:path}.w.{i:int} -> {p}.x.{i+1} = transpose(w)", "only in a rename target"),
+    ],
+)
+def test_index_offsets_are_checked(text, message):
+    with pytest.raises(convspec.CompileError, match=message):
+        convspec.compile(parse_spec(f"spec off\n{text}\n", "off.cspec"))

@@ -10,15 +10,28 @@ from ..errors import CompileError, ConfigError, Span
 from ..ops import DTYPES, OPS, NotInvertible, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
 from .evaluate import _Name, evaluate, needs_config
-from .patterns import Pattern, intersection_witness
+from .patterns import Pattern, intersection_witness, split_offset, with_offset
 from .plan import Node, Plan, PlanRule
 
 
 def pattern_of(t: Template) -> Pattern:
     return Pattern(
         t.text,
-        tuple(("lit", p.text, None) if p.kind == "lit" else ("cap", p.name, p.type) for p in t.parts),
+        tuple(
+            ("lit", p.text, None) if p.kind == "lit" else ("cap", with_offset(p.name, p.offset), p.type)
+            for p in t.parts
+        ),
     )
+
+
+def _no_offsets(t: Template, what: str) -> None:
+    for p in t.parts:
+        if p.kind == "cap" and p.offset:
+            raise CompileError(
+                f"{{{p.name}{p.offset:+d}}}: a constant can be added to a capture only in a rename target",
+                span=p.span or t.span,
+                hint=f"write {{{p.name}}} in {what}",
+            )
 
 
 def _where(span: Span | None) -> str:
@@ -63,9 +76,20 @@ def compile_spec(
 
 
 def _rename(i: int, rule: Rename) -> PlanRule:
+    _no_offsets(rule.source, "a rename source")
+    for u in rule.unless:
+        _no_offsets(u, "an unless template")
     src, dst = pattern_of(rule.source), pattern_of(rule.target)
     types = {c: t or "seg" for k, c, t in src.parts if k == "cap"}
+    for c in dst.offsets:
+        if types.get(c) != "int":
+            raise CompileError(
+                f"{{{c}}} is {types.get(c, 'unbound')}, so no constant can be added to it",
+                span=rule.target.span,
+                hint=f"bind it as {{{c}:int}} in the source",
+            )
     for k, c, t in dst.parts:
+        c = split_offset(c)[0]
         if k == "cap" and c not in types:
             raise CompileError(
                 f"capture {{{c}}} in the rename target is not bound by its source",
@@ -117,6 +141,11 @@ class _Lowering:
 
     def build(self) -> PlanRule:
         r = self.rule
+        for b in r.inputs:
+            _no_offsets(b.template, "a convert input")
+        for o in r.outputs:
+            for t in o.targets:
+                _no_offsets(t, "a convert target")
         inputs = []
         for b in r.inputs:
             if b.name in self.env:
@@ -621,6 +650,16 @@ def invert(rules: list[PlanRule]) -> tuple[tuple[PlanRule, ...], list[str]]:
             continue  # an alias normalises on load; the inverse writes the canonical name
         if r.kind == "rename":
             (_, src), (_, dst) = r.inputs[0], r.outputs[0]
+            shift = dst.offsets
+            if shift:  # `{i}` -> `{i+1}` is undone by `{i}` -> `{i-1}`
+                plain = lambda a: split_offset(a)[0]  # noqa: E731
+                dst = Pattern(dst.text, tuple((k, plain(a) if k == "cap" else a, b) for k, a, b in dst.parts))
+                src = Pattern(
+                    src.text,
+                    tuple(
+                        (k, with_offset(a, -shift.get(a, 0)) if k == "cap" else a, b) for k, a, b in src.parts
+                    ),
+                )
             out.append(
                 PlanRule(
                     len(out),

@@ -15,6 +15,20 @@ CAPTURE_REGEX = {
 }
 
 
+class OffsetError(ValueError):
+    """`{i-1}` of a key whose index is 0: no key has a negative index."""
+
+
+def split_offset(name: str) -> tuple[str, int]:
+    """`i+1` -> ("i", 1); `i` -> ("i", 0)."""
+    m = re.fullmatch(r"(.+?)([+-][0-9]+)", name)
+    return (m.group(1), int(m.group(2))) if m else (name, 0)
+
+
+def with_offset(name: str, offset: int) -> str:
+    return f"{name}{offset:+d}" if offset else name
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A whole-key template: literal parts and typed captures, e.g. `{p:path}.experts.{e:int}.w1.weight`."""
@@ -24,11 +38,19 @@ class Pattern:
 
     @property
     def captures(self) -> tuple[str, ...]:
-        return tuple(name for kind, name, _ in self.parts if kind == "cap")
+        return tuple(split_offset(name)[0] for kind, name, _ in self.parts if kind == "cap")
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """Captures written with a constant added (`{i+1}`, in a rename target): name -> constant."""
+        return {b: o for kind, name, _ in self.parts if kind == "cap" for b, o in [split_offset(name)] if o}
 
     def typed(self, types: dict[str, str]) -> Pattern:
         """The same pattern with capture types filled in from `types` (where a target borrows them)."""
-        parts = tuple((k, a, (b or types.get(a, "seg")) if k == "cap" else None) for k, a, b in self.parts)
+        parts = tuple(
+            (k, a, (b or types.get(split_offset(a)[0], "seg")) if k == "cap" else None)
+            for k, a, b in self.parts
+        )
         text = "".join(a if k == "lit" else f"{{{a}:{b}}}" for k, a, b in parts)
         return Pattern(text, parts)
 
@@ -89,7 +111,14 @@ class Pattern:
             if kind == "lit":
                 out.append(a)
             elif kind == "cap":
-                out.append(values[a])
+                name, offset = split_offset(a)
+                if offset:
+                    n = int(values[name]) + offset
+                    if n < 0:
+                        raise OffsetError(f"{{{a}}} is {n} for {name}={values[name]}")
+                    out.append(str(n))
+                else:
+                    out.append(values[a])
             elif values.get(a):
                 out.append(
                     values[a] + "." if b == "after" else "." + values[a] if b == "before" else values[a]

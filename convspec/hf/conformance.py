@@ -14,9 +14,6 @@ from .mapping import applied, meta_model, observe
 # Where convspec and transformers differ, and why (tests/test_conformance.py requires these to
 # still differ: a fix must remove the entry).
 KNOWN = {
-    "inkling2": "Inkling2IndexOffsetWeightRename shifts a layer index by one (`attn_queries.{i}` -> "
-    "`layers.{i+1}`): templates have no index arithmetic",
-    "inkling2_text": "same index-offset rename as inkling2",
     "ernie4_5_vl_moe": "ErnieFuseAndSplitTextVisionExperts stacks the text and the vision half of the "
     "experts separately, and by default they differ in shape; convspec's stack needs one shape",
     "RfDetrForInstanceSegmentation": "transformers' `^` rename (add `model.`) is undone by its loader for "

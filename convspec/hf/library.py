@@ -85,8 +85,22 @@ def translate(
                     obs,
                     (guards or {}).get((key, i), []),
                 )
+            elif kind == "Inkling2IndexOffsetWeightRename":
+                # the captured index plus a constant: `{i}` in the target becomes `{i+offset}`
+                lines = rename_rules(
+                    "rename", list(t._original_source_patterns), list(t._original_target_patterns), obs
+                )
+                shift = f"{t.offset:+d}"
+                for line in lines:
+                    head, _, target = line.partition(" -> ")
+                    shifted = re.sub(
+                        r"\{(i\d*)\}", lambda m, s=shift: "{" + m.group(1) + s + "}", target, count=1
+                    )
+                    if shifted == target:
+                        raise NotExpressible(f"{kind}: its target keeps no index")
+                    renames.append(f"{head} -> {shifted}")
             else:
-                raise NotExpressible(f"{kind} (an index offset or other code-defined rename)")
+                raise NotExpressible(f"{kind} (a rename defined by code)")
         except NotExpressible as exc:
             out.notes.append(f"{describe(t)}: {exc}")
     out.lines = renames + converts

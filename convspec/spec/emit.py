@@ -64,7 +64,7 @@ def _tlist(ts: list[Template]) -> str:
 def to_yaml(spec: Spec, header: str = "") -> str:
     """The spec in the YAML syntax. `header` is written first (comment lines)."""
     lines = [header.rstrip("\n")] if header else []
-    lines.append(f"spec: {spec.name}")
+    lines.append(f"spec: {_q(spec.name)}")
     if spec.doc:
         lines.append(f"doc: {_q(spec.doc)}")
     lines.append("model_types: [" + ", ".join(_q(m) for m in spec.model_types) + "]")

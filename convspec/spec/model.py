@@ -32,6 +32,7 @@ class Cap(IRNode):
     kind: Literal["cap"] = "cap"
     name: str
     type: CaptureType | None = None  # None in a target: the type comes from where it is bound
+    offset: int = 0  # `{i+1}` in a rename target: the int capture plus a constant
 
 
 TemplatePart = Annotated[Lit | Cap, Field(discriminator="kind")]

@@ -143,7 +143,7 @@ def parse_template(text: str, where: Embedded) -> Template:
         if isinstance(child, Token):
             parts.append(Lit(text=str(child), span=where.span(1, child.column)))
             continue
-        name_tok, type_tok, opt_tok = child.children
+        name_tok, type_tok, opt_tok, offset_tok = child.children
         span = where.span(1, name_tok.column)
         ctype = str(type_tok) + ("?" if opt_tok is not None else "") if type_tok is not None else None
         if ctype is not None and ctype not in CAPTURE_TYPES:
@@ -166,7 +166,8 @@ def parse_template(text: str, where: Embedded) -> Template:
                 span=span,
                 hint="separate captures with literal text such as '.'",
             )
-        parts.append(Cap(name=str(name_tok), type=ctype, span=span))
+        offset = int(str(offset_tok)) if offset_tok is not None else 0
+        parts.append(Cap(name=str(name_tok), type=ctype, offset=offset, span=span))
     for i, part in enumerate(parts):
         if isinstance(part, Cap) and part.type in ("path", "path?"):
             before_ok = i == 0 or (isinstance(parts[i - 1], Lit) and parts[i - 1].text.endswith("."))
