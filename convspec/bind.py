@@ -49,7 +49,8 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
             for idx, leaf in args[0].items():
                 rest = idx[:pos] + idx[pos + 1 :]
                 groups.setdefault(rest, {})[int(idx[pos])] = leaf
-            out: Value = {}
+            parts = p.get("parts", 1)
+            outs_r: list[Value] = [{} for _ in range(parts)]
             for rest, members in groups.items():
                 n = max(members) + 1
                 missing = [i for i in range(n) if i not in members]
@@ -59,17 +60,27 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
                         f"0..{n - 1} and has {len(members)} of them"
                         + (f" (missing {', '.join(map(str, missing[:8]))})" if len(missing) > 1 else "")
                     )
-                out[rest] = fn(op, p, [members[i] for i in range(n)])[0]
-            env[node.outputs[0]] = out
+                ordered = [members[i] for i in range(n)]
+                size = -(-n // parts)  # torch.chunk: parts of ceil(n / parts), the last one shorter
+                chunks = [ordered[k * size : (k + 1) * size] for k in range(parts)]
+                if not chunks[-1]:
+                    raise GroupError(f"{node.op}(parts={parts}) of {n} members leaves a part empty")
+                for k, chunk in enumerate(chunks):
+                    outs_r[k][rest] = fn(op, p, chunk)[0]
+            for name, o in zip(node.outputs, outs_r, strict=True):
+                env[name] = o
             continue
         if op.expands:
             over = p["over"]
             out_free = free[node.outputs[0]]
             pos = out_free.index(over)
             out = {}
-            for idx, leaf in args[0].items():
-                for i, part in enumerate(fn(op, p, [leaf])):
-                    out[idx[:pos] + (str(i),) + idx[pos:]] = part
+            for idx in args[0]:
+                i = 0  # with parts, the members of each input are numbered on from the last
+                for a in args:
+                    for part in fn(op, p, [a[idx]]):
+                        out[idx[:pos] + (str(i),) + idx[pos:]] = part
+                        i += 1
             env[node.outputs[0]] = out
             continue
         keys = set(args[0])

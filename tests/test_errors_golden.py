@@ -178,7 +178,7 @@ CASES = [
         "FILE:3:26: error: rule 1 (convert): stack has no parameter 'ovr'\n"
         "         -> {p}.y = stack(x, ovr=e)\n"
         "                             ^\n"
-        "  hint: did you mean 'over'? parameters: over, dim\n",
+        "  hint: did you mean 'over'? parameters: over, dim, parts\n",
     ),
     Case(
         "bad_param_type",

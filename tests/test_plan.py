@@ -333,3 +333,32 @@ def test_an_index_offset_round_trips_and_refuses_negative_indices():
 def test_index_offsets_are_checked(text, message):
     with pytest.raises(convspec.CompileError, match=message):
         convspec.compile(parse_spec(f"spec off\n{text}\n", "off.cspec"))
+
+
+def test_stack_in_parts_keeps_halves_of_different_shapes_apart():
+    """Ernie 4.5 VL: text experts and vision experts, stacked separately (they differ in shape)."""
+    plan = convspec.compile(
+        parse_spec(
+            "spec ernie\n"
+            "convert gate = {p:path}.experts.{e:int}.gate.weight, up = {p:path}.experts.{e:int}.up.weight\n"
+            "  let g1, g2 = stack(gate, over=e, parts=2)\n"
+            "  let u1, u2 = stack(up, over=e, parts=2)\n"
+            "  -> {p}.text.gate_up = cat(g1, u1, dim=1, equal=true)\n"
+            "  -> {p}.vision.gate_up = cat(g2, u2, dim=1, equal=true)\n",
+            "ernie.cspec",
+        )
+    )
+    state = {}
+    for e in range(5):  # 3 + 2, as torch.chunk splits 5
+        for w in ("gate", "up"):
+            state[f"m.experts.{e}.{w}.weight"] = random_tensor((3, 4) if e < 3 else (2, 4), "bfloat16", e)
+    assert plan.bind({k: (tuple(v.shape), "bfloat16") for k, v in state.items()}).outputs == {
+        "m.text.gate_up": ((3, 6, 4), "bfloat16"),
+        "m.vision.gate_up": ((2, 4, 4), "bfloat16"),
+    }
+    out = plan.apply(state)
+    assert_same_state(plan.inverse().apply(out), state)
+    with pytest.raises(convspec.BindError, match="leaves a part empty"):
+        plan.bind(
+            {"m.experts.0.gate.weight": ((3, 4), "float32"), "m.experts.0.up.weight": ((3, 4), "float32")}
+        )

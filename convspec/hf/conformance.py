@@ -14,8 +14,6 @@ from .mapping import applied, meta_model, observe
 # Where convspec and transformers differ, and why (tests/test_conformance.py requires these to
 # still differ: a fix must remove the entry).
 KNOWN = {
-    "ernie4_5_vl_moe": "ErnieFuseAndSplitTextVisionExperts stacks the text and the vision half of the "
-    "experts separately, and by default they differ in shape; convspec's stack needs one shape",
     "RfDetrForInstanceSegmentation": "transformers' `^` rename (add `model.`) is undone by its loader for "
     "`class_embed`/`bbox_embed` when it loads RfDetrForObjectDetection (they sit at its root) but kept "
     "when the same transform loads them inside RfDetrForInstanceSegmentation: the loader decides per "

@@ -423,9 +423,8 @@ def _convert(sources: list[str], targets: list[str], ops: list, merged: Seen, fr
             parts = []
             for _, e in values:
                 outs = [fresh() for _ in range(n)]
-                lets.append(
-                    f"  let {', '.join(outs)} = chunk(stack({e}, over=e, dim={op.stack_dim}), {n}, dim={op.stack_dim})"
-                )
+                # each half of the experts (text, vision) stacked on its own: they may differ in shape
+                lets.append(f"  let {', '.join(outs)} = stack({e}, over=e, dim={op.stack_dim}, parts={n})")
                 parts.append(outs)
             values = [
                 (targets[i], f"cat({', '.join(p[i] for p in parts)}, dim={op.concat_dim}, equal=true)")

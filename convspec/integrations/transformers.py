@@ -507,6 +507,8 @@ class _Converter:
         ops = []
         for i, node in enumerate(chain):
             if node.op == "stack":
+                if dict(node.params).get("parts", 1) != 1:
+                    raise self.fail("stack(parts=...) has no transformers op (Ernie's is code)", node)
                 if i != 0 or any(len(c) != 1 for c in collection):
                     raise self.fail(
                         "stack must be the first op, on an input that is a collection over one capture", node

@@ -9,10 +9,16 @@ from .base import Op, OpError, Param, TensorInfo, same_dtype
 
 class Stack(Op):
     name = "stack"
-    doc = "Stack the tensors of a collection, ordered by the integer capture `over`, along a new dim."
-    params = (Param("over", "capture"), Param("dim", "int", 0))
+    doc = (
+        "Stack the tensors of a collection, ordered by the integer capture `over`, along a new dim; "
+        "with parts=k, k stacks of consecutive members (as torch.chunk splits them)."
+    )
+    params = (Param("over", "capture"), Param("dim", "int", 0), Param("parts", "int", 1))
     reduces = True
     block_copy = True
+
+    def n_outputs(self, p):
+        return p.get("parts", 1)
 
     def infer(self, p, ins):
         shapes = {i.shape for i in ins}
@@ -31,13 +37,17 @@ class Stack(Op):
         return [torch.stack(ins, dim=p["dim"])]
 
     def inverse(self, p, n_inputs):
-        return "unstack", {"over": p["over"], "dim": p["dim"]}
+        return "unstack", {"over": p["over"], "dim": p["dim"], "parts": p.get("parts", 1)}
 
 
 class Unstack(Op):
     name = "unstack"
-    doc = "Split a tensor along `dim` into a collection indexed by the integer capture `over` (0..n-1)."
-    params = (Param("over", "capture"), Param("dim", "int", 0))
+    doc = (
+        "Split a tensor along `dim` into a collection indexed by the integer capture `over` (0..n-1); "
+        "with parts=k, k tensors whose members are numbered on from one to the next."
+    )
+    params = (Param("over", "capture"), Param("dim", "int", 0), Param("parts", "int", 1))
+    max_inputs = None
     expands = True
     block_copy = True
 
@@ -54,4 +64,4 @@ class Unstack(Op):
         return [t.contiguous() for t in torch.unbind(ins[0], dim=p["dim"])]
 
     def inverse(self, p, n_inputs):
-        return "stack", {"over": p["over"], "dim": p["dim"]}
+        return "stack", {"over": p["over"], "dim": p["dim"], "parts": p.get("parts", 1)}
