@@ -12,11 +12,9 @@ import convspec
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(
-        num_local_experts=11,
+def tiny_config(experts: int):
+    return transformers.MixtralConfig(
+        num_local_experts=experts,
         intermediate_size=24,
         hidden_size=16,
         num_hidden_layers=2,
@@ -24,6 +22,12 @@ def saved(tmp_path_factory):
         num_key_value_heads=2,
         vocab_size=64,
     )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = tiny_config(11)
     model = transformers.MixtralForCausalLM(cfg)
     d = tmp_path_factory.mktemp("hf") / "tiny-mixtral"
     model.save_pretrained(d)
@@ -75,16 +79,7 @@ def test_strict_load_into_refuses_a_model_that_would_keep_random_weights(saved):
 def test_base_model_checkpoint_fills_a_model_with_a_head(tmp_path):
     """The spec's `base_prefix: model` lets a MixtralModel checkpoint (keys without `model.`) fill a
     MixtralForCausalLM, and a causal-LM checkpoint fill a bare MixtralModel; only the head is left."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.MixtralConfig(
-        num_local_experts=4,
-        intermediate_size=24,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
+    cfg = tiny_config(4)
     torch.manual_seed(1)
     base = transformers.MixtralModel(cfg)
     base.save_pretrained(tmp_path / "base")
