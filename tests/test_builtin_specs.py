@@ -184,13 +184,13 @@ def test_forward_then_inverse_is_identity(name):
             bound = plan.bind(layout)
         except convspec.BindError:
             assume(False)  # drawn keys that collide (two map to one name): bind refuses them
+        assert produced <= set(bound.outputs), sorted(produced - set(bound.outputs))
         # an aliased key is saved under its canonical name by design; a warned one was reported
         warned = {w.split(" ", 1)[0] for w in bound.warnings} | set(bound.aliased)
         layout = {k: v for k, v in layout.items() if k not in warned}
         state = {k: random_tensor(s, d, seed + i) for i, (k, (s, d)) in enumerate(layout.items())}
         bound = plan.bind(layout)
         out = plan.apply(state)
-        assert produced <= set(out), sorted(produced - set(out))
         assert {
             k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in out.items()
         } == bound.outputs

@@ -29,3 +29,26 @@ def test_transformers_conformance(key):
         assert not r.inverse, r.inverse
         return
     assert r.status == "pass", f"{r.spec}: {r.forward} | inverse: {r.inverse}"
+
+
+def test_legacy_renames_like_transformers_on_load_and_not_on_save():
+    """transformers applies its `legacy` renames on every load and never when saving: aliases."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import apply_renamings
+
+    import convspec
+
+    keys = [
+        "bert.encoder.layer.0.output.LayerNorm.gamma",
+        "bert.encoder.layer.0.output.LayerNorm.beta",
+        "decoder.conv.weight_g",
+        "decoder.conv.weight_v",
+        "model.language_model.model.layers.0.mlp.up_proj.weight",
+        "language_model.model.model.embed_tokens.weight",
+        "lm_head.weight",
+    ]
+    legacy = get_checkpoint_conversion_mapping("legacy")
+    plan = convspec.compile("legacy")
+    bound = plan.bind({k: ((1,), "float32") for k in keys})
+    assert bound.passthrough == {k: apply_renamings(k, legacy) for k in keys}
+    assert plan.inverse().rules == ()  # nothing is written back under the old names
