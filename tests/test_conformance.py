@@ -52,3 +52,21 @@ def test_legacy_renames_like_transformers_on_load_and_not_on_save():
     bound = plan.bind({k: ((1,), "float32") for k in keys})
     assert bound.passthrough == {k: apply_renamings(k, legacy) for k in keys}
     assert plan.inverse().rules == ()  # nothing is written back under the old names
+
+
+def test_specs_are_what_the_importer_writes():
+    """specs/ is generated: a change to the importer (or to transformers) must be regenerated with
+    `python tools/import_library.py`, not patched by hand in the generated files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(
+        [sys.executable, str(root / "tools" / "import_library.py"), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    stale = [line for line in res.stdout.splitlines() if line.startswith("out of date")]
+    assert res.returncode == 0 and not stale, "\n".join(stale[:10]) or res.stderr[-2000:]
