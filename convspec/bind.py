@@ -165,10 +165,12 @@ class BoundPlan:
 
 
 def _info(v) -> TensorInfo:
-    if isinstance(v, TensorInfo):
+    if type(v) is TensorInfo:
         return v
     shape, dtype = v
-    return TensorInfo(tuple(int(s) for s in shape), str(dtype))
+    if type(shape) is not tuple or not all(type(s) is int for s in shape):
+        shape = tuple(int(s) for s in shape)
+    return TensorInfo(shape, dtype if type(dtype) is str else str(dtype))
 
 
 def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:

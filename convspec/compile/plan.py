@@ -102,7 +102,7 @@ class Plan:
                     if rule.unless:
                         guard = "(?!(?:" + "|".join(u.regex(named=False) for u in rule.unless) + r")\Z)"
                     alts.append(f"({guard}{pat.regex(prefix=f'r{rule.index}_{k}__')})")
-                    groups[outer] = (rule.index, name, tuple(caps))
+                    groups[outer] = (rule.index, name, tuple(c for c, _ in caps), tuple(i for _, i in caps))
             self._cache[key] = (re.compile("|".join(alts) if alts else r"(?!)"), groups)
         return self._cache[key]
 
@@ -113,8 +113,13 @@ class Plan:
         m = regex.fullmatch(key)
         if m is None:
             return None
-        rule, name, caps = groups[m.lastindex]
-        return rule, name, {c: m.group(i) or "" for c, i in caps}
+        rule, name, names, idx = groups[m.lastindex]
+        if not idx:
+            return rule, name, {}
+        values = m.group(*idx) if len(idx) > 1 else (m.group(idx[0]),)
+        if None in values:  # an absent optional path is empty
+            values = tuple(v or "" for v in values)
+        return rule, name, dict(zip(names, values, strict=True))
 
     # ---- the public API ----------------------------------------------------------------------
 

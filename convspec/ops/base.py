@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -30,9 +30,9 @@ class NotInvertible(Exception):
     """Raised by `Op.inverse` with the reason the op cannot be undone exactly."""
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """What bind knows of a tensor before reading it: its shape and dtype name."""
+class TensorInfo(NamedTuple):
+    """What bind knows of a tensor before reading it: its shape and dtype name. A named tuple: bind
+    makes one per checkpoint key, so it must be cheap."""
 
     shape: tuple[int, ...]
     dtype: str
