@@ -1,20 +1,46 @@
-"""The dtypes convspec handles, by the names specs and headers use (a leaf module: imports only torch)."""
+"""The dtypes convspec handles, by the names specs and headers use. A leaf module, and torch-free:
+names and sizes are plain data, and the torch dtypes are looked up on first use, so reading
+headers and binding a plan (`convspec compile --against`) never import torch."""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
+ITEMSIZE: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
 }
+
+
+class _TorchDtypes(Mapping):
+    """name -> torch.dtype; iterating or testing membership does not import torch."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in ITEMSIZE:
+            raise KeyError(name)
+        import torch
+
+        return getattr(torch, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(ITEMSIZE)
+
+    def __len__(self) -> int:
+        return len(ITEMSIZE)
+
+    def __contains__(self, name: object) -> bool:
+        return name in ITEMSIZE
+
+
+DTYPES: Mapping[str, Any] = _TorchDtypes()

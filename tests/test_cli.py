@@ -138,3 +138,14 @@ def test_example_main_job_runs(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "bit-exact against the source" in r.stdout
+
+
+def test_compile_against_reads_headers_without_importing_torch(ckpt):
+    """Binding is headers and shapes only: `compile --against` must not pay torch's import time."""
+    code = (
+        "import sys; from convspec.cli import main; "
+        f"rc = main(['compile', 'mixtral', '--against', {str(ckpt)!r}]); "
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.strip().splitlines()[-1] == "NO-TORCH 0", res.stdout[-500:] + res.stderr[-500:]

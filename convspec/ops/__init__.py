@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import DTYPES, NotInvertible, Op, OpError, Param, TensorInfo, dtype_name
+from ..dtypes import DTYPES
+from .base import NotInvertible, Op, OpError, Param, TensorInfo, dtype_name
 from .cast import Cast
 from .joining import Cat, Chunk, Split
 from .layout import Permute, Reshape, Transpose

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-import torch
-
-from ..dtypes import DTYPES
+from ..dtypes import ITEMSIZE
 from ..errors import ConvspecError
+
+if TYPE_CHECKING:
+    import torch
 
 REQUIRED = object()
 
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
 
 def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return DTYPE_NAMES[dtype]
-    except KeyError:
-        raise OpError(f"unsupported dtype {dtype}") from None
+    name = str(dtype).removeprefix("torch.")
+    if name not in ITEMSIZE:
+        raise OpError(f"unsupported dtype {dtype}")
+    return name
 
 
 class OpError(ConvspecError):
@@ -42,7 +41,7 @@ class TensorInfo(NamedTuple):
         n = 1
         for s in self.shape:
             n *= s
-        return n * DTYPES[self.dtype].itemsize
+        return n * ITEMSIZE[self.dtype]
 
     @staticmethod
     def of(t: torch.Tensor) -> TensorInfo:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import DTYPES, NotInvertible, Op, OpError, Param, TensorInfo
+from ..dtypes import DTYPES
+from .base import NotInvertible, Op, OpError, Param, TensorInfo
 
 # (from, to) pairs where every value of `from` is exactly representable in `to`.
 _FLOATS = ("float8_e4m3fn", "float8_e5m2", "float16", "bfloat16", "float32", "float64")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .base import NotInvertible, Op, OpError, Param, TensorInfo, same_dtype
 
 
@@ -54,6 +52,8 @@ class Cat(Op):
         return [TensorInfo(tuple(shape), dtype)]
 
     def apply(self, p, ins):
+        import torch
+
         return [torch.cat(ins, dim=p["dim"])]
 
     def inverse(self, p, n_inputs):
@@ -96,6 +96,8 @@ class Split(Op):
         return out
 
     def apply(self, p, ins):
+        import torch
+
         return [t.contiguous() for t in torch.split(ins[0], list(p["sizes"]), dim=p["dim"])]
 
     def inverse(self, p, n_inputs):
@@ -128,6 +130,8 @@ class Chunk(Op):
         return [TensorInfo(tuple(shape), x.dtype)] * n
 
     def apply(self, p, ins):
+        import torch
+
         return [t.contiguous() for t in torch.chunk(ins[0], p["n"], dim=p["dim"])]
 
     def inverse(self, p, n_inputs):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from .base import Op, OpError, Param, TensorInfo, same_dtype
 
 
@@ -34,6 +32,8 @@ class Stack(Op):
         return [TensorInfo(tuple(shape), dtype)]
 
     def apply(self, p, ins):
+        import torch
+
         return [torch.stack(ins, dim=p["dim"])]
 
     def inverse(self, p, n_inputs):
@@ -61,6 +61,8 @@ class Unstack(Op):
         return [TensorInfo(shape, x.dtype)] * x.shape[dim]
 
     def apply(self, p, ins):
+        import torch
+
         return [t.contiguous() for t in torch.unbind(ins[0], dim=p["dim"])]
 
     def inverse(self, p, n_inputs):
