@@ -51,7 +51,8 @@ def best_of(fn, repeat: int) -> float:
 
 def write_sparse_shards(layout: dict, out: Path, shards: int) -> None:
     """safetensors files with real headers and sparse (unwritten) data sections, plus the index."""
-    from convspec.dtypes import DTYPES
+    from convspec.dtypes import ITEMSIZE
+    from convspec.io.writer import SAFETENSORS_DTYPE
 
     keys = sorted(layout)
     per = -(-len(keys) // shards)
@@ -61,11 +62,14 @@ def write_sparse_shards(layout: dict, out: Path, shards: int) -> None:
         header, offset = {}, 0
         for k in keys[s * per : (s + 1) * per]:
             shape, dtype = layout[k]
-            n = DTYPES[dtype].itemsize
+            n = ITEMSIZE[dtype]
             for d in shape:
                 n *= d
-            st_dtype = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}[dtype]
-            header[k] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[k] = {
+                "dtype": SAFETENSORS_DTYPE[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + n],
+            }
             offset += n
             weight_map[k] = name
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -82,9 +86,10 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
 
-    import convspec
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    import convspec
 
     model, config, layout = deepseek_layouts()
     plan = convspec.compile("deepseek_v3", config=config.to_dict())
@@ -123,8 +128,10 @@ def main() -> int:
                 print(res.stderr)
                 return 1
         t_cli = min(times)
-    print(f"`convspec compile deepseek_v3 --against` ({SHARDS} shards, whole process): {t_cli:.2f} s "
-          f"(target < {TARGET_COMPILE_S:.0f} s)")
+    print(
+        f"`convspec compile deepseek_v3 --against` ({SHARDS} shards, whole process): {t_cli:.2f} s "
+        f"(target < {TARGET_COMPILE_S:.0f} s)"
+    )
     ok = ratio >= TARGET_RATIO and t_cli < TARGET_COMPILE_S
     print("targets met" if ok else "targets NOT met")
     return 0 if ok else 1

@@ -12,22 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .safetensors import ITEMSIZE, CheckpointError
+from ..dtypes import ITEMSIZE
+from .safetensors import DTYPES, CheckpointError
 
-SAFETENSORS_DTYPE = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
-}
+SAFETENSORS_DTYPE = {name: code for code, name in DTYPES.items()}  # float32 -> F32
 TMP_MARK = ".convspec-tmp-"
 
 
