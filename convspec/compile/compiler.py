@@ -602,7 +602,7 @@ def _under(rule, prefix: str, excluded: list[str] = ()):
     """A rule whose every template is moved under `prefix.` ("": every key). A rename also leaves
     keys under the `excluded` prefixes alone."""
     if excluded and isinstance(rule, Rename):
-        guards = [_template(f"{e}.{{_scope:path}}", rule) for e in excluded]
+        guards = [_template(f"{e}.{{_scope:path}}") for e in excluded]
         rule = rule.model_copy(update={"unless": [*rule.unless, *guards]})
     if not prefix:
         return rule
@@ -629,7 +629,7 @@ def _under(rule, prefix: str, excluded: list[str] = ()):
     )
 
 
-def _template(text: str, rule) -> Template:
+def _template(text: str) -> Template:
     from ..spec.parse import parse_template
     from ..spec.source import Embedded, Source
 

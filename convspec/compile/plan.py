@@ -124,7 +124,8 @@ class Plan:
     # ---- the public API ----------------------------------------------------------------------
 
     def inverse(self, allow_lossy: bool = False) -> Plan:
-        """The plan that undoes this one bit for bit (with allow_lossy, the best effort)."""
+        """The plan that undoes this one bit for bit (with allow_lossy, the best effort). Made once:
+        bind's checks and every save share it, and its compiled regexes."""
         from ..errors import NotInvertibleError
 
         if self.inverse_rules is None or (self.lossy and not allow_lossy):
@@ -133,6 +134,11 @@ class Plan:
                 + (self.inverse_error or "; ".join(self.lossy)),
                 hint=None if self.inverse_error else "pass allow_lossy=True for a best-effort inverse",
             )
+        if "inverse" not in self._cache:
+            self._cache["inverse"] = self._make_inverse()
+        return self._cache["inverse"]
+
+    def _make_inverse(self) -> Plan:
         return Plan(
             name=self.name,
             doc=self.doc,
