@@ -362,3 +362,13 @@ def test_stack_in_parts_keeps_halves_of_different_shapes_apart():
         plan.bind(
             {"m.experts.0.gate.weight": ((3, 4), "float32"), "m.experts.0.up.weight": ((3, 4), "float32")}
         )
+
+
+def test_an_unknown_include_names_the_including_line(tmp_path):
+    f = tmp_path / "a.cspec"
+    f.write_text("spec a\ninclude nosuch under model\n")
+    with pytest.raises(convspec.CompileError) as exc:
+        convspec.compile(convspec.load_spec(f))
+    text = exc.value.render()
+    assert text.startswith(f"{f}:2:1: error: include nosuch: no built-in spec or model type named 'nosuch'")
+    assert "include nosuch under model" in text

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import CompileError, ConfigError, Span
+from ..errors import CompileError, ConfigError, Span, SpecNotFoundError
 from ..ops import DTYPES, OPS, NotInvertible, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
 from .evaluate import _Name, evaluate, needs_config
@@ -582,7 +582,11 @@ def _flatten(spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "
             )
         if resolve is None:
             raise CompileError(f"include {rule.spec}: no spec library to resolve it from", span=rule.span)
-        inner, inner_origins = _flatten(resolve(rule.spec), resolve, (*_stack, spec.name), f"{_origin}/{n}")
+        try:
+            included = resolve(rule.spec)
+        except SpecNotFoundError as exc:
+            raise CompileError(f"include {rule.spec}: {exc.message}", span=rule.span, hint=exc.hint) from None
+        inner, inner_origins = _flatten(included, resolve, (*_stack, spec.name), f"{_origin}/{n}")
         if rule.only != "all":
             keep = [
                 (r, o)
