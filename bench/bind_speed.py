@@ -90,6 +90,7 @@ def main() -> int:
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     import convspec
+    from convspec.io.checkpoint import Checkpoint
 
     model, config, layout = deepseek_layouts()
     plan = convspec.compile("deepseek_v3", config=config.to_dict())
@@ -103,21 +104,30 @@ def main() -> int:
         for k in layout:
             rename_source_key(k, renamings, converters, base, meta_sd)
 
-    bound = plan.bind(layout)
-    assert set(bound.outputs) == set(meta_sd), "convspec's outputs differ from the model's keys"
-    t_ours = best_of(lambda: plan.bind(layout), args.repeat)
-    t_peer = best_of(peer, args.repeat)
-    ratio = t_peer / t_ours
-    n = len(layout)
-    print(f"keys: {n:,} original -> {len(bound.outputs):,} converted ({len(bound.groups)} groups)")
-    print(f"convspec bind (match, group, infer shapes): {t_ours * 1e3:8.1f} ms  {n / t_ours:>12,.0f} keys/s")
-    print(f"transformers rename_source_key loop:        {t_peer * 1e3:8.1f} ms  {n / t_peer:>12,.0f} keys/s")
-    print(f"ratio: convspec is {ratio:.2f}x the peer (target >= {TARGET_RATIO:.0f}x)")
-
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         config.to_json_file(d / "config.json")
         write_sparse_shards(layout, d, SHARDS)
+        # bind sees the layout as the header reader gives it (equal shapes share one TensorInfo)
+        t = time.perf_counter()
+        read = Checkpoint(d).layout
+        t_read = time.perf_counter() - t
+        bound = plan.bind(read)
+        assert set(bound.outputs) == set(meta_sd), "convspec's outputs differ from the model's keys"
+        t_ours = best_of(lambda: plan.bind(read), args.repeat)
+        t_peer = best_of(peer, args.repeat)
+        ratio = t_peer / t_ours
+        n = len(layout)
+        print(f"keys: {n:,} original -> {len(bound.outputs):,} converted ({len(bound.groups)} groups)")
+        print(
+            f"convspec bind (match, group, infer shapes): {t_ours * 1e3:8.1f} ms  {n / t_ours:>12,.0f} keys/s"
+        )
+        print(
+            f"transformers rename_source_key loop:        {t_peer * 1e3:8.1f} ms  {n / t_peer:>12,.0f} keys/s"
+        )
+        print(f"ratio: convspec is {ratio:.2f}x the peer (target >= {TARGET_RATIO:.0f}x)")
+        print(f"(reading the {SHARDS} headers, not part of the ratio: {t_read * 1e3:.0f} ms)")
+
         cmd = [sys.executable, "-m", "convspec.cli", "compile", "deepseek_v3", "--against", str(d)]
         times = []
         for _ in range(args.repeat):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from .compile.evaluate import evaluate
-from .compile.patterns import OffsetError
 from .compile.plan import Plan, PlanRule
 from .errors import BindError
 from .ops import OPS, OpError, TensorInfo
+from .routing import route_all
 
 Index = tuple[str, ...]
 Value = dict[Index, Any]  # a collection: capture values (in the value's `free` order) -> leaf
@@ -45,22 +46,15 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
         if op.reduces:
             over = p["over"]
             pos = arg_free.index(over)
-            groups: dict[Index, dict[int, Any]] = {}
-            for idx, leaf in args[0].items():
-                rest = idx[:pos] + idx[pos + 1 :]
-                groups.setdefault(rest, {})[int(idx[pos])] = leaf
+            ordered = _in_order(args[0]) if len(arg_free) == 1 else None
+            if ordered is not None:  # the common case, in bulk: one collection over 0..n-1
+                lists = {(): ordered}
+            else:
+                lists = _ordered_by_rest(args[0], pos, over, node.op)
             parts = p.get("parts", 1)
             outs_r: list[Value] = [{} for _ in range(parts)]
-            for rest, members in groups.items():
-                n = max(members) + 1
-                missing = [i for i in range(n) if i not in members]
-                if missing:
-                    raise GroupError(
-                        f"{over}={missing[0]} is missing: {node.op} over {{{over}}} needs "
-                        f"0..{n - 1} and has {len(members)} of them"
-                        + (f" (missing {', '.join(map(str, missing[:8]))})" if len(missing) > 1 else "")
-                    )
-                ordered = [members[i] for i in range(n)]
+            for rest, ordered in lists.items():
+                n = len(ordered)
                 size = -(-n // parts)  # torch.chunk: parts of ceil(n / parts), the last one shorter
                 chunks = [ordered[k * size : (k + 1) * size] for k in range(parts)]
                 if not chunks[-1]:
@@ -105,11 +99,57 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
     return env
 
 
+def _ordered_by_rest(value: Value, pos: int, over: str, op: str) -> dict[Index, list]:
+    """A collection split by its other captures, each part a list ordered by `over` (0..n-1)."""
+    groups: dict[Index, dict[int, Any]] = {}
+    for idx, leaf in value.items():
+        groups.setdefault(idx[:pos] + idx[pos + 1 :], {})[int(idx[pos])] = leaf
+    out = {}
+    for rest, members in groups.items():
+        n = max(members) + 1
+        missing = [i for i in range(n) if i not in members]
+        if missing:
+            raise GroupError(
+                f"{over}={missing[0]} is missing: {op} over {{{over}}} needs "
+                f"0..{n - 1} and has {len(members)} of them"
+                + (f" (missing {', '.join(map(str, missing[:8]))})" if len(missing) > 1 else "")
+            )
+        out[rest] = [members[i] for i in range(n)]
+    return out
+
+
+def _in_order(value: Value) -> list | None:
+    """A collection over one integer capture as a list ordered by it, or None unless it is 0..n-1."""
+    try:
+        return list(map(value.__getitem__, _indices(len(value))))
+    except KeyError:
+        return None
+
+
+_INDICES: list[tuple[str]] = []
+
+
+def _indices(n: int) -> list[tuple[str]]:
+    """[("0",), ("1",), ... (str(n-1),)]: the indices of a complete collection, made once."""
+    while len(_INDICES) < n:
+        _INDICES.append((str(len(_INDICES)),))
+    return _INDICES[:n]
+
+
 def _index_order(idx: Index):
     return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in idx)
 
 
 def infer(op, p, leaves):
+    return op.infer(p, leaves)
+
+
+def _infer_keys(infos: dict, op, p, leaves):
+    """op.infer where a rule's first ops see source keys in place of their TensorInfos."""
+    if set(map(type, leaves)) == {str}:  # a collection's members, or a rule's inputs
+        leaves = list(map(infos.__getitem__, leaves))
+    else:  # keys mixed with values that earlier ops made
+        leaves = [infos[x] if type(x) is str else x for x in leaves]
     return op.infer(p, leaves)
 
 
@@ -164,6 +204,13 @@ class BoundPlan:
         }
 
 
+def _infos(layout: dict) -> dict[str, TensorInfo]:
+    """The layout with every value a TensorInfo (as it comes from a checkpoint's headers: no copy)."""
+    if set(map(type, layout.values())) <= {TensorInfo}:
+        return layout
+    return {k: _info(v) for k, v in layout.items()}
+
+
 def _info(v) -> TensorInfo:
     if type(v) is TensorInfo:
         return v
@@ -175,47 +222,17 @@ def _info(v) -> TensorInfo:
 
 def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
     """Match every key in one pass, form groups, infer outputs, and report every problem at once."""
-    infos = {k: _info(v) for k, v in layout.items()}
-    problems: list[str] = []
-    groups: dict[tuple[int, tuple], Group] = {}
-    passthrough: dict[str, str] = {}
-    unmatched: list[str] = []
-    dropped: list[str] = []
-    aliased: set[str] = set()
+    infos = _infos(layout)
+    inverse = plan.inverse(allow_lossy=True) if plan.inverse_rules is not None else None
+    routes = route_all(plan, list(infos), inverse)
+    problems: list[str] = routes.problems
+    passthrough, unmatched, dropped = routes.passthrough, routes.unmatched, routes.dropped
+    aliased = set(routes.aliased)
     rules = plan.rules
-    for key in infos:
-        cur, pos, touched = key, 0, False
-        while True:
-            hit = plan.first_match(cur, pos)
-            if hit is None:
-                break
-            ri, name, caps = hit
-            rule = rules[ri]
-            if rule.kind == "rename":
-                try:
-                    cur = rule.outputs[0][1].format(caps)
-                except OffsetError as exc:
-                    problems.append(f"{rule.label}: {key}: {exc}")
-                    hit = None
-                    break
-                pos, touched = ri + 1, True
-                if rule.one_way:
-                    aliased.add(key)
-                continue
-            if rule.kind == "drop":
-                dropped.append(key)
-                break
-            keep = tuple(caps[c] for c in rule.keep)
-            g = groups.get((ri, keep))
-            if g is None:
-                g = groups[(ri, keep)] = Group(rule, dict(zip(rule.keep, keep, strict=False)))
-            idx = tuple(caps[c] for c in rule.free_of[name])
-            g.members.setdefault(name, {})[idx] = key
-            break
-        if hit is None:
-            passthrough[key] = cur
-            if not touched:
-                unmatched.append(key)
+    groups: dict[tuple[int, tuple], Group] = {}
+    for (ri, keep), members in routes.members.items():
+        rule = rules[ri]
+        groups[(ri, keep)] = Group(rule, dict(zip(rule.keep, keep, strict=False)), members)
 
     outputs: dict[str, TensorInfo] = {}
     origin: dict[str, str] = {}
@@ -240,9 +257,8 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
                 f"{pat.display()} with {g.name}; the group has {next(iter(have.values()))})"
             )
             continue
-        env = {n: {idx: infos[k] for idx, k in m.items()} for n, m in g.members.items()}
-        try:
-            env = evaluate_rule(plan, rule, env, infer)
+        try:  # the members' leaves are source keys: infer looks their TensorInfos up
+            env = evaluate_rule(plan, rule, dict(g.members), partial(_infer_keys, infos))
         except (GroupError, OpError) as exc:
             msg = exc.message if isinstance(exc, OpError) else str(exc)
             problems.append(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})")
@@ -256,7 +272,12 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
                 emit(target, info, f"{rule.label} group {g.name}")
-    warnings = _inverse_collisions(plan, {s: d for s, d in passthrough.items() if s not in aliased})
+    warnings = [
+        f"{src} passes through as {dst}, but the inverse "
+        + ("would be claimed by a convert" if back is None else f"would come back as {back}")
+        + ": the checkpoint already has keys of the target layout"
+        for src, dst, back in routes.collisions
+    ]
     warnings += _inverse_claims(plan, groups.values())
     if strict and unmatched:
         problems.extend(f"no rule claims {k}" for k in unmatched)
@@ -280,32 +301,6 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
         warnings=warnings,
         aliased=sorted(aliased),
     )
-
-
-def _inverse_collisions(plan: Plan, passthrough: dict[str, str]) -> list[str]:
-    """Pass-through keys that the inverse plan would not give back unchanged (a rename's target already
-    present in the source, e.g. a half-converted checkpoint): forward-then-inverse would rename them."""
-    if plan.inverse_rules is None:
-        return []
-    inverse = plan.inverse(allow_lossy=True)
-    out = []
-    for src, dst in passthrough.items():
-        cur, pos = dst, 0
-        while (hit := inverse.first_match(cur, pos)) is not None:
-            ri, _, caps = hit
-            rule = inverse.rules[ri]
-            if rule.kind != "rename":
-                cur = None
-                break
-            cur = rule.outputs[0][1].format(caps)
-            pos = ri + 1
-        if cur != src:
-            why = "would be claimed by a convert" if cur is None else f"would come back as {cur}"
-            out.append(
-                f"{src} passes through as {dst}, but the inverse {why}: "
-                "the checkpoint already has keys of the target layout"
-            )
-    return out
 
 
 def _inverse_claims(plan: Plan, groups) -> list[str]:

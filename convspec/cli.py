@@ -92,7 +92,7 @@ def _compile(args) -> int:
     if args.against:
         from .io.safetensors import read_layout
 
-        layout = {k: (e.shape, e.dtype) for k, e in read_layout(args.against).items()}
+        layout = {k: e.info for k, e in read_layout(args.against).items()}
         bound = plan.bind(layout, strict=args.strict)
         out = {"text": render.bound_text, "json": render.bound_json, "dot": lambda b: render.plan_dot(b.plan)}
         print(out[args.format](bound))

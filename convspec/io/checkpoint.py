@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import DTYPES
+from ..ops.base import TensorInfo
 from .safetensors import CheckpointError, Entry, read_layout
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -24,8 +25,8 @@ class Checkpoint:
         self._fds: dict[str, int] = {}
 
     @property
-    def layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {k: (e.shape, e.dtype) for k, e in self.entries.items()}
+    def layout(self) -> dict[str, TensorInfo]:
+        return {k: e.info for k, e in self.entries.items()}
 
     @property
     def config_path(self) -> Path | None:

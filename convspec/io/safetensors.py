@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
+from typing import NamedTuple
 
 from ..dtypes import ITEMSIZE
 from ..errors import ConvspecError
+from ..ops.base import TensorInfo
 
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -33,20 +35,28 @@ class CheckpointError(ConvspecError):
     """A checkpoint file or directory is missing, unreadable or malformed; names the file."""
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One tensor as a header describes it: where it lives and what it is."""
+class Entry(NamedTuple):
+    """One tensor as a header describes it: where it lives and what it is. Equal tensors share one
+    TensorInfo, so binding compares them by identity."""
 
     key: str
     file: str
-    shape: tuple[int, ...]
-    dtype: str
+    info: TensorInfo
     start: int  # absolute byte offset of the data in the file
     end: int
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
 
-def read_header(path: str | Path) -> list[Entry]:
-    """Parse one .safetensors header; every inconsistency is a CheckpointError naming the file."""
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+
+def read_header(path: str | Path, seen: dict | None = None) -> list[Entry]:
+    """Parse one .safetensors header; every inconsistency is a CheckpointError naming the file.
+    `seen` shares TensorInfos between the files of one checkpoint."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -71,37 +81,49 @@ def read_header(path: str | Path) -> list[Entry]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     base = 8 + n
+    file = str(path)
+    seen = {} if seen is None else seen  # (dtype, *shape) -> its TensorInfo and byte size
     entries = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            a, b = (int(x) for x in info["data_offsets"])
+            sig = (info["dtype"], *info["shape"])
+            a, b = info["data_offsets"]
+            known = seen.get(sig)
+            if known is None:
+                known = seen[sig] = _tensor_info(path, key, info)
         except KeyError as exc:
-            if isinstance(info, dict) and "dtype" in info and info["dtype"] not in DTYPES:
-                raise CheckpointError(f"{path}: tensor {key}: unknown dtype {info['dtype']!r}") from None
             raise CheckpointError(f"{path}: tensor {key}: header entry lacks {exc}") from None
         except (TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {key}: malformed header entry") from None
-        numel = 1
-        for s in shape:
-            if s < 0:
-                raise CheckpointError(f"{path}: tensor {key}: negative dim in shape {list(shape)}")
-            numel *= s
-        if not 0 <= a <= b or base + b > size:
+        if type(a) is not int or type(b) is not int or not 0 <= a <= b or base + b > size:
             raise CheckpointError(f"{path}: tensor {key}: data offsets [{a}, {b}] are outside the file")
-        if b - a != numel * ITEMSIZE[dtype]:
+        if b - a != known[1]:
+            shape = list(known[0].shape)
             raise CheckpointError(
-                f"{path}: tensor {key}: {b - a} bytes of data for shape {list(shape)} {dtype}"
+                f"{path}: tensor {key}: {b - a} bytes of data for shape {shape} {known[0].dtype}"
             )
-        entries.append(Entry(key, str(path), shape, dtype, base + a, base + b))
-    ordered = sorted(entries, key=lambda e: e.start)
+        entries.append(Entry(key, file, known[0], base + a, base + b))
+    ordered = sorted(entries, key=itemgetter(3))
     for x, y in zip(ordered, ordered[1:], strict=False):
         if y.start < x.end:
             raise CheckpointError(f"{path}: tensors {x.key} and {y.key} overlap in the file")
     return entries
+
+
+def _tensor_info(path: Path, key: str, info: dict) -> tuple[TensorInfo, int]:
+    """A header entry's dtype and shape, checked, and its size in bytes (once per distinct pair)."""
+    if info["dtype"] not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {key}: unknown dtype {info['dtype']!r}")
+    dtype = DTYPES[info["dtype"]]
+    shape = tuple(int(s) for s in info["shape"])
+    numel = 1
+    for s in shape:
+        if s < 0:
+            raise CheckpointError(f"{path}: tensor {key}: negative dim in shape {list(shape)}")
+        numel *= s
+    return TensorInfo(shape, dtype), numel * ITEMSIZE[dtype]
 
 
 def checkpoint_files(src: str | Path) -> list[Path]:
@@ -142,8 +164,9 @@ def read_layout(src: str | Path | list) -> dict[str, Entry]:
         if isinstance(src, list | tuple)
         else checkpoint_files(src)
     )
+    seen: dict[tuple, tuple[TensorInfo, int]] = {}
     for f in files:
-        for e in read_header(f):
+        for e in read_header(f, seen):
             if e.key in out:
                 raise CheckpointError(f"tensor {e.key} appears in both {out[e.key].file} and {e.file}")
             out[e.key] = e

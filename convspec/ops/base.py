@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from ..dtypes import ITEMSIZE
@@ -97,7 +98,9 @@ class Op:
 
 
 def same_dtype(op: str, ins: list[TensorInfo]) -> str:
-    dtypes = {i.dtype for i in ins}
+    if ins.count(ins[0]) == len(ins):  # one identity check per member when infos are shared
+        return ins[0].dtype
+    dtypes = set(map(itemgetter(1), ins))  # TensorInfo is (shape, dtype)
     if len(dtypes) > 1:
         raise OpError(f"{op} over tensors of different dtypes: {', '.join(sorted(dtypes))}")
     return ins[0].dtype

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 from .base import Op, OpError, Param, TensorInfo, same_dtype
 
 
@@ -19,7 +21,10 @@ class Stack(Op):
         return p.get("parts", 1)
 
     def infer(self, p, ins):
-        shapes = {i.shape for i in ins}
+        if ins.count(ins[0]) == len(ins):  # one identity check per member when infos are shared
+            shapes = {ins[0].shape}
+        else:
+            shapes = set(map(itemgetter(0), ins))  # TensorInfo is (shape, dtype)
         if len(shapes) > 1:
             raise OpError(
                 f"stack over {p['over']} of tensors with different shapes: "
