@@ -4,8 +4,8 @@ numbers (`layers.3.mlp` and `layers.41.mlp`) take the same route, so bind matche
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from bisect import bisect_right
+from dataclasses import dataclass, field
 from itertools import accumulate, groupby
 from operator import itemgetter
 
