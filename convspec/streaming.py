@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from .bind import BoundPlan
+from .blocks import block_runs
 from .compile.plan import Plan
 from .errors import BindError
 from .io.checkpoint import Checkpoint
-from .io.writer import AtomicDir, parse_size, write_sharded
+from .io.writer import AtomicDir, FileCopy, parse_size, write_sharded
 from .ops import DTYPES
 from .run import run_group
 
@@ -37,11 +38,15 @@ def stream_bound(
     device: str = "cpu",
     dtype: str | None = None,
     on_tensor: Callable[[str, int], None] | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
+    copies: bool = False,
+) -> Iterator[tuple[str, torch.Tensor | FileCopy]]:
     """Yield converted tensors group by group. The next unit's reads run in a background thread while
-    the current one is computed, so at most two units' tensors are alive at a time."""
+    the current one is computed, so at most two units' tensors are alive at a time. A group that only
+    moves blocks is read straight into its preallocated outputs; with `copies`, such units (and
+    renamed tensors) come out as FileCopy byte ranges for the writer to copy file to file."""
     cast = DTYPES[dtype] if dtype else None
     pinned = str(device).startswith("cuda")
+    layout = bound.layout
 
     def finish(key: str, t: torch.Tensor) -> torch.Tensor:
         t = t.to(device, non_blocking=True)
@@ -50,25 +55,54 @@ def stream_bound(
             on_tensor(key, t.numel() * t.element_size())
         return t
 
-    def read(keys: list[str]) -> dict[str, torch.Tensor]:
-        out = {k: ckpt.get(k) for k in keys}
-        return {k: v.pin_memory() for k, v in out.items()} if pinned else out
+    def moved(keys) -> bool:  # the bytes go out as they are: no cast
+        return dtype is None or all(layout[k].dtype == dtype for k in keys)
 
-    units: list[tuple[list[str], object]] = [([src], dst) for src, dst in bound.passthrough.items()]
-    units += [(g.source_keys, g) for g in bound.groups]
+    units: list[tuple[str, object, object]] = [("pass", src, dst) for src, dst in bound.passthrough.items()]
+    for g in bound.groups:
+        runs = block_runs(bound, g) if moved(g.source_keys) else None
+        units.append(("block", g, runs) if runs is not None else ("compute", g, None))
+
+    def read(unit) -> dict[str, torch.Tensor] | None:
+        kind, what, runs = unit
+        if kind == "pass":
+            if copies and moved([what]):
+                return None
+            t = ckpt.get(what)
+            return {what: t.pin_memory() if pinned else t}
+        if kind == "block":
+            if copies:
+                return None
+            return {k: ckpt.assemble(i.shape, i.dtype, runs[k], pin=pinned) for k, i in what.outputs.items()}
+        return {k: ckpt.get(k) for k in what.source_keys}
+
+    def copy(key: str, runs) -> tuple[str, FileCopy]:
+        spans = [(*ckpt.file_offset(src, a), b, n) for src, a, b, n in runs]
+        if on_tensor is not None:
+            on_tensor(key, sum(n for *_, n in spans))
+        return key, FileCopy(spans)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convspec-read") as pool:
-        pending = pool.submit(read, units[0][0]) if units else None
-        for i, (_, what) in enumerate(units):
+        pending = pool.submit(read, units[0]) if units else None
+        for i, (kind, what, runs) in enumerate(units):
             tensors = pending.result()
-            pending = pool.submit(read, units[i + 1][0]) if i + 1 < len(units) else None
-            if isinstance(what, str):
-                (t,) = tensors.values()
-                yield what, finish(what, t)
-                continue
-            outs = run_group(bound, what, {k: v.to(device, non_blocking=True) for k, v in tensors.items()})
-            del tensors
-            for k in what.outputs:
-                yield k, finish(k, outs.pop(k))
+            pending = pool.submit(read, units[i + 1]) if i + 1 < len(units) else None
+            if kind == "pass":
+                if tensors is None:
+                    e = layout[what]
+                    yield copy(runs, [(what, 0, 0, e.nbytes)])
+                else:
+                    yield runs, finish(runs, tensors[what])
+            elif kind == "block":
+                for k in what.outputs:
+                    yield copy(k, runs[k]) if tensors is None else (k, finish(k, tensors.pop(k)))
+            else:
+                outs = run_group(
+                    bound, what, {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+                )
+                del tensors
+                for k in what.outputs:
+                    yield k, finish(k, outs.pop(k))
 
 
 def bind_checkpoint(plan: Plan, ckpt: Checkpoint, strict: bool = False) -> BoundPlan:
@@ -122,7 +156,8 @@ def convert_checkpoint(
     if dry_run:
         return ConvertResult(None, [], len(entries), total, bound)
     with AtomicDir(dst, overwrite=overwrite) as tmp:
-        files = write_sharded(tmp, entries, stream_bound(bound, ckpt, device, dtype, on_tensor), limit)
+        stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
+        files = write_sharded(tmp, entries, stream, limit)
         ckpt.copy_side_files(tmp)
     return ConvertResult(Path(dst), files, len(entries), total, bound)
 

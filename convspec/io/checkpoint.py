@@ -36,20 +36,39 @@ class Checkpoint:
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor into fresh memory with pread (no mmap: memory is bounded by what is alive)."""
         e = self.entries[key]
+        out = torch.empty(e.end - e.start, dtype=torch.uint8)
+        self.read_into(key, 0, memoryview(out.numpy()))
+        return out.view(DTYPES[e.dtype]).reshape(e.shape)
+
+    def assemble(self, shape: tuple[int, ...], dtype: str, runs, pin: bool = False) -> torch.Tensor:
+        """A tensor made of byte runs (source key, source offset, offset here, size) of this checkpoint,
+        each read straight into its place: no intermediate tensor. Reads go in file order."""
+        out = torch.empty(shape, dtype=DTYPES[dtype], pin_memory=pin)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        for key, src, dst, size in sorted(runs, key=lambda r: self.file_offset(r[0], r[1])):
+            self.read_into(key, src, view[dst : dst + size])
+        return out
+
+    def file_offset(self, key: str, offset: int = 0) -> tuple[str, int]:
+        """Where byte `offset` of a tensor's data lies: (file, absolute offset)."""
+        e = self.entries[key]
+        return e.file, e.start + offset
+
+    def read_into(self, key: str, offset: int, view: memoryview) -> None:
+        """Bytes [offset, offset + len(view)) of a tensor's data, read into `view` with pread."""
+        e = self.entries[key]
         fd = self._fds.get(e.file)
         if fd is None:
             fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
-        n = e.end - e.start
-        out = torch.empty(n, dtype=torch.uint8)
-        view, done = memoryview(out.numpy()), 0
+        n, done = len(view), 0
         while done < n:
-            got = os.preadv(fd, [view[done:]], e.start + done)
+            got = os.preadv(fd, [view[done:]], e.start + offset + done)
             if got == 0:
                 raise CheckpointError(
-                    f"{e.file}: tensor {key} is truncated (file ended after {done} of {n} bytes)"
+                    f"{e.file}: tensor {key} is truncated (file ended after {offset + done} of "
+                    f"{e.end - e.start} bytes)"
                 )
             done += got
-        return out.view(DTYPES[e.dtype]).reshape(e.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -144,14 +146,22 @@ class AtomicDir:
             self.abort()
 
 
+class FileCopy(NamedTuple):
+    """A tensor to write as byte ranges of existing files, copied file to file by the kernel:
+    spans of (file, absolute offset, offset within the tensor, size)."""
+
+    spans: list[tuple[str, int, int, int]]
+
+
 def write_sharded(
     out_dir: Path,
     entries: list[tuple[str, tuple[int, ...], str]],
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor | FileCopy]],
     max_shard_size: int,
     metadata: dict | None = None,
 ) -> list[str]:
-    """Write tensors (arriving in `entries` order) as HF-named shards plus an index when there are several."""
+    """Write tensors (arriving in `entries` order) as HF-named shards plus an index when there are several.
+    Every header is computed before a byte is written; each tensor then goes straight to its offset."""
     metadata = {"format": "pt", **(metadata or {})}
     shards = plan_shards(entries, max_shard_size)
     names = (
@@ -159,24 +169,80 @@ def write_sharded(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    it: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
+    it: Iterator[tuple[str, torch.Tensor | FileCopy]] = iter(tensors)
     weight_map = {}
-    for name, idx in zip(names, shards, strict=True):
-        part = [entries[i] for i in idx]
-        with open(out_dir / name, "wb") as f:
-            f.write(_header(part, metadata))
-            for key, shape, dtype in part:
-                got_key, t = next(it)
-                got = (got_key, tuple(t.shape), str(t.dtype).removeprefix("torch."))
-                if got != (key, tuple(shape), dtype):
-                    raise RuntimeError(f"writer expected {key} {list(shape)} {dtype}, got {got}")
-                f.write(tensor_bytes(t))
-                weight_map[key] = name
+    sources: dict[str, int] = {}
+    try:
+        for name, idx in zip(names, shards, strict=True):
+            part = [entries[i] for i in idx]
+            with open(out_dir / name, "wb") as f:
+                head = _header(part, metadata)
+                f.write(head)
+                f.flush()
+                fd, pos = f.fileno(), len(head)
+                for key, shape, dtype in part:
+                    got_key, item = next(it)
+                    size = ITEMSIZE[dtype] * _numel(shape)
+                    if isinstance(item, FileCopy):
+                        got_size = sum(span[3] for span in item.spans)
+                        if got_key != key or got_size != size:
+                            raise RuntimeError(
+                                f"writer expected {key} ({size} bytes), got {got_key} ({got_size})"
+                            )
+                        for file, offset, dst, n in sorted(item.spans):
+                            src = sources.get(file)
+                            if src is None:
+                                src = sources[file] = os.open(file, os.O_RDONLY)
+                            copy_range(src, offset, fd, pos + dst, n)
+                    else:
+                        got = (got_key, tuple(item.shape), str(item.dtype).removeprefix("torch."))
+                        if got != (key, tuple(shape), dtype):
+                            raise RuntimeError(f"writer expected {key} {list(shape)} {dtype}, got {got}")
+                        pwrite_all(fd, tensor_bytes(item), pos)
+                    pos += size
+                    weight_map[key] = name
+    finally:
+        for src in sources.values():
+            os.close(src)
     if len(names) > 1:
         total = sum(ITEMSIZE[d] * _numel(s) for _, s, d in entries)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+_COPY_CHUNK = 16 << 20
+
+
+def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, size: int) -> None:
+    """`size` bytes from one file to another at given offsets: in the kernel with copy_file_range
+    where the filesystems allow it, else through one reused buffer."""
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < size:
+                n = os.copy_file_range(src, dst, size - done, src_offset + done, dst_offset + done)
+                if n == 0:
+                    raise CheckpointError(f"a source file ended {size - done} bytes early while copying")
+                done += n
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+    buf = bytearray(min(_COPY_CHUNK, size - done))
+    view = memoryview(buf)
+    while done < size:
+        n = os.preadv(src, [view[: min(len(buf), size - done)]], src_offset + done)
+        if n == 0:
+            raise CheckpointError(f"a source file ended {size - done} bytes early while copying")
+        pwrite_all(dst, view[:n], dst_offset + done)
+        done += n
 
 
 def _numel(shape) -> int:
