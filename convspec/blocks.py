@@ -5,10 +5,9 @@ output, or as in-kernel file copies, with no tensor decoded and no intermediate 
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from functools import partial
 from typing import NamedTuple
-
-import torch
 
 from .bind import BoundPlan, Group, _infer_keys, evaluate_rule, node_params
 from .dtypes import ITEMSIZE
@@ -69,7 +68,7 @@ def _runs_by_position(bound: BoundPlan, group: Group, itemsize: int):
     if None in untouched or min(untouched) < 1:
         return None
     t = min(untouched)
-    # one index per block (the last t dims of a source, contiguous in its file); the ops move indices
+    # one id per block (the last t dims of a source, contiguous in its file); the ops move ids
     env, bases, base = {}, [], 0
     for name, m in group.members.items():
         env[name] = {}
@@ -77,7 +76,7 @@ def _runs_by_position(bound: BoundPlan, group: Group, itemsize: int):
             shape = layout[key].shape
             lead = shape[: len(shape) - t]
             n = math.prod(lead)
-            env[name][idx] = torch.arange(base, base + n, dtype=torch.int64).reshape(lead)
+            env[name][idx] = Blocks(lead, list(range(base, base + n)))
             bases.append(base)
             base += n
             if base > MAX_BLOCKS:
@@ -87,38 +86,88 @@ def _runs_by_position(bound: BoundPlan, group: Group, itemsize: int):
     block = math.prod(shape[len(shape) - t :]) * itemsize
 
     def apply(op, p, leaves):
-        rank = leaves[0].dim() + t
-        return op.apply({**p, "dim": p["dim"] % (rank + 1 if op.reduces else rank)}, leaves)
+        rank = len(leaves[0].shape) + t
+        return _MOVES[op.name](leaves, p, p["dim"] % (rank + 1 if op.reduces else rank))
 
     env = evaluate_rule(plan, rule, env, apply)
-    starts = torch.tensor(bases, dtype=torch.int64)
     out, total_runs, total_bytes = [], 0, 0
     for value, idx in group.out_values.values():
-        ids = env[value][idx].reshape(-1)
-        new = torch.ones(len(ids), dtype=torch.bool)
-        new[1:] = ids[1:] != ids[:-1] + 1
-        new |= torch.isin(ids, starts)  # a run never crosses from one source into the next
-        pos = new.nonzero().reshape(-1)
-        lengths = torch.diff(pos, append=torch.tensor([len(ids)]))
-        first = ids[pos]
-        src = torch.searchsorted(starts, first, right=True) - 1
-        offsets = (first - starts[src]) * block
-        out.append(
-            list(
-                zip(
-                    src.tolist(),
-                    offsets.tolist(),
-                    (pos * block).tolist(),
-                    (lengths * block).tolist(),
-                    strict=True,
-                )
-            )
-        )
-        total_runs += len(pos)
+        ids = env[value][idx].ids
+        starts = _run_starts(ids, bases)
+        runs = []
+        for p, end in zip(starts, starts[1:] + [len(ids)], strict=True):
+            j = bisect_right(bases, ids[p]) - 1
+            runs.append((j, (ids[p] - bases[j]) * block, p * block, (end - p) * block))
+        out.append(runs)
+        total_runs += len(runs)
         total_bytes += len(ids) * block
     if total_runs and total_bytes / total_runs < MIN_AVERAGE_RUN:
         return None
     return out
+
+
+def _run_starts(ids: list[int], bases: list[int]) -> list[int]:
+    """Positions where a run of consecutive ids begins: a gap, or the first block of a source."""
+    if not ids:
+        return []
+    first = set(bases)
+    pairs = enumerate(zip(ids, ids[1:], strict=False), 1)
+    return [0] + [p for p, (a, b) in pairs if b != a + 1 or b in first]
+
+
+class Blocks(NamedTuple):
+    """A value as its blocks' ids: `shape` is its leading dims (each block is the rest), row-major."""
+
+    shape: tuple[int, ...]
+    ids: list[int]
+
+
+def _rows(x: Blocks, dim: int, start: int, stop: int) -> list[int]:
+    """The ids of x[..., start:stop, ...] along `dim`, row-major."""
+    rest = math.prod(x.shape[dim + 1 :])
+    span = x.shape[dim] * rest
+    out: list[int] = []
+    for o in range(math.prod(x.shape[:dim])):
+        out += x.ids[o * span + start * rest : o * span + stop * rest]
+    return out
+
+
+def _stack(xs: list[Blocks], p: dict, dim: int) -> list[Blocks]:
+    inner, ids = math.prod(xs[0].shape[dim:]), []
+    for o in range(math.prod(xs[0].shape[:dim])):
+        for x in xs:
+            ids += x.ids[o * inner : (o + 1) * inner]
+    return [Blocks(xs[0].shape[:dim] + (len(xs),) + xs[0].shape[dim:], ids)]
+
+
+def _cat(xs: list[Blocks], p: dict, dim: int) -> list[Blocks]:
+    inners, ids = [math.prod(x.shape[dim:]) for x in xs], []
+    for o in range(math.prod(xs[0].shape[:dim])):
+        for x, inner in zip(xs, inners, strict=True):
+            ids += x.ids[o * inner : (o + 1) * inner]
+    size = sum(x.shape[dim] for x in xs)
+    return [Blocks(xs[0].shape[:dim] + (size,) + xs[0].shape[dim + 1 :], ids)]
+
+
+def _split(xs: list[Blocks], p: dict, dim: int, sizes=None) -> list[Blocks]:
+    (x,) = xs
+    out, start = [], 0
+    for size in sizes if sizes is not None else p["sizes"]:
+        out.append(Blocks(x.shape[:dim] + (size,) + x.shape[dim + 1 :], _rows(x, dim, start, start + size)))
+        start += size
+    return out
+
+
+def _chunk(xs: list[Blocks], p: dict, dim: int) -> list[Blocks]:
+    return _split(xs, p, dim, [xs[0].shape[dim] // p["n"]] * p["n"])
+
+
+def _unstack(xs: list[Blocks], p: dict, dim: int) -> list[Blocks]:
+    parts = _split(xs, p, dim, [1] * xs[0].shape[dim])
+    return [Blocks(b.shape[:dim] + b.shape[dim + 1 :], b.ids) for b in parts]
+
+
+_MOVES = {"stack": _stack, "cat": _cat, "split": _split, "chunk": _chunk, "unstack": _unstack}
 
 
 def _untouched(plan, rule, node, ranks: dict[str, int]) -> int | None:

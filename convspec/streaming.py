@@ -7,17 +7,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .bind import BoundPlan
 from .blocks import block_runs
 from .compile.plan import Plan
+from .dtypes import DTYPES, ITEMSIZE
 from .errors import BindError
 from .io.checkpoint import Checkpoint
 from .io.writer import AtomicDir, FileCopy, parse_size, write_sharded
-from .ops import DTYPES
-from .run import run_group
+
+if TYPE_CHECKING:
+    import torch
 
 
 def output_order(bound: BoundPlan, dtype: str | None = None) -> list[tuple[str, tuple[int, ...], str]]:
@@ -31,7 +32,6 @@ def output_order(bound: BoundPlan, dtype: str | None = None) -> list[tuple[str, 
     return out
 
 
-@torch.no_grad()
 def stream_bound(
     bound: BoundPlan,
     ckpt: Checkpoint,
@@ -43,7 +43,8 @@ def stream_bound(
     """Yield converted tensors group by group. The next unit's reads run in a background thread while
     the current one is computed, so at most two units' tensors are alive at a time. A group that only
     moves blocks is read straight into its preallocated outputs; with `copies`, such units (and
-    renamed tensors) come out as FileCopy byte ranges for the writer to copy file to file."""
+    renamed tensors) come out as FileCopy byte ranges for the writer to copy file to file. Torch is
+    imported only if a tensor is made: a conversion that is all copies never loads it."""
     cast = DTYPES[dtype] if dtype else None
     pinned = str(device).startswith("cuda")
     layout = bound.layout
@@ -97,9 +98,14 @@ def stream_bound(
                 for k in what.outputs:
                     yield copy(k, runs[k]) if tensors is None else (k, finish(k, tensors.pop(k)))
             else:
-                outs = run_group(
-                    bound, what, {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
-                )
+                import torch
+
+                from .run import run_group
+
+                with torch.no_grad():
+                    outs = run_group(
+                        bound, what, {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+                    )
                 del tensors
                 for k in what.outputs:
                     yield k, finish(k, outs.pop(k))
@@ -151,13 +157,13 @@ def convert_checkpoint(
     ckpt = Checkpoint(src)
     bound = bind_checkpoint(plan, ckpt, strict)
     entries = output_order(bound, dtype)
-    total = sum(DTYPES[d].itemsize * math.prod(s) for _, s, d in entries)
+    total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
     limit = parse_size(max_shard_size)
     if dry_run:
         return ConvertResult(None, [], len(entries), total, bound)
     with AtomicDir(dst, overwrite=overwrite) as tmp:
         stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
-        files = write_sharded(tmp, entries, stream, limit)
+        files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
         ckpt.copy_side_files(tmp)
     return ConvertResult(Path(dst), files, len(entries), total, bound)
 
@@ -171,12 +177,22 @@ class Mismatch:
     why: str
 
 
-@torch.no_grad()
 def verify_checkpoint(
     plan: Plan, src: str | Path, device: str = "cpu", limit: int = 20, converted: str | Path | None = None
 ) -> tuple[int, list[Mismatch]]:
     """Forward then inverse, group by group, compared with the source bit for bit; or, with `converted`,
     the forward outputs compared with a converted directory. Returns (checked, mismatches)."""
+    import torch
+
+    with torch.no_grad():
+        return _verify(plan, src, device, limit, converted)
+
+
+def _verify(plan: Plan, src, device: str, limit: int, converted) -> tuple[int, list[Mismatch]]:
+    import torch
+
+    from .run import run_group
+
     ckpt = Checkpoint(src)
     bound = bind_checkpoint(plan, ckpt)
     other = Checkpoint(converted) if converted is not None else None

@@ -63,7 +63,7 @@ def test_convert_is_deterministic(src, tmp_path):
 
 
 def test_a_failure_midway_leaves_nothing_behind(src, tmp_path, monkeypatch):
-    import convspec.streaming as conv
+    import convspec.run as conv
 
     real = conv.run_group
     calls = {"n": 0}

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES
 from ..ops.base import TensorInfo
 from .safetensors import CheckpointError, Entry, read_layout
 
+if TYPE_CHECKING:
+    import torch
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+READ_PIECE = 8 << 20  # reads are cut into pieces of this size, read by READERS threads at once
+READERS = min(4, os.cpu_count() or 1)
 
 
 class Checkpoint:
@@ -23,6 +28,7 @@ class Checkpoint:
         self.src = self.files[0].parent if self.files else Path(src)
         self.entries: dict[str, Entry] = read_layout(self.files or self.src)
         self._fds: dict[str, int] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def layout(self) -> dict[str, TensorInfo]:
@@ -35,19 +41,44 @@ class Checkpoint:
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor into fresh memory with pread (no mmap: memory is bounded by what is alive)."""
+        import torch
+
         e = self.entries[key]
         out = torch.empty(e.end - e.start, dtype=torch.uint8)
-        self.read_into(key, 0, memoryview(out.numpy()))
+        self.read_many([(key, 0, memoryview(out.numpy()))])
         return out.view(DTYPES[e.dtype]).reshape(e.shape)
 
     def assemble(self, shape: tuple[int, ...], dtype: str, runs, pin: bool = False) -> torch.Tensor:
         """A tensor made of byte runs (source key, source offset, offset here, size) of this checkpoint,
         each read straight into its place: no intermediate tensor. Reads go in file order."""
+        import torch
+
         out = torch.empty(shape, dtype=DTYPES[dtype], pin_memory=pin)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        for key, src, dst, size in sorted(runs, key=lambda r: self.file_offset(r[0], r[1])):
-            self.read_into(key, src, view[dst : dst + size])
+        self.read_many([(key, src, view[dst : dst + size]) for key, src, dst, size in runs])
         return out
+
+    def read_many(self, reads: list[tuple[str, int, memoryview]]) -> None:
+        """Several reads (key, offset in its data, destination), in file order, cut into pieces that a
+        few threads read at once: preads release the GIL, and first touches of fresh memory (the
+        page faults that dominate a load from a warm cache) then run on every core."""
+        pieces = [
+            (key, offset + a, view[a : a + READ_PIECE])
+            for key, offset, view in reads
+            for a in range(0, len(view), READ_PIECE)
+        ]
+        pieces.sort(key=lambda r: self.file_offset(r[0], r[1]))
+        if len(pieces) < 2 or READERS < 2:
+            for piece in pieces:
+                self.read_into(*piece)
+            return
+        for file in {self.entries[key].file for key, _, _ in reads}:  # opened here, not in the threads
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="convspec-pread")
+        for f in [self._pool.submit(self.read_into, *piece) for piece in pieces]:
+            f.result()
 
     def file_offset(self, key: str, offset: int = 0) -> tuple[str, int]:
         """Where byte `offset` of a tensor's data lies: (file, absolute offset)."""
@@ -71,6 +102,9 @@ class Checkpoint:
             done += got
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -9,13 +9,15 @@ import re
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..dtypes import ITEMSIZE
 from .safetensors import DTYPES, CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 SAFETENSORS_DTYPE = {name: code for code, name in DTYPES.items()}  # float32 -> F32
 TMP_MARK = ".convspec-tmp-"
@@ -80,6 +82,8 @@ def _header(entries, metadata: dict) -> bytes:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
     t = t.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy())
 
@@ -159,9 +163,12 @@ def write_sharded(
     tensors: Iterable[tuple[str, torch.Tensor | FileCopy]],
     max_shard_size: int,
     metadata: dict | None = None,
+    flush_behind: bool = False,
 ) -> list[str]:
     """Write tensors (arriving in `entries` order) as HF-named shards plus an index when there are several.
-    Every header is computed before a byte is written; each tensor then goes straight to its offset."""
+    Every header is computed before a byte is written; each tensor then goes straight to its offset.
+    With `flush_behind`, a background thread pushes written data to disk while the rest is written,
+    so that the fsync before the directory is committed finds little left to do."""
     metadata = {"format": "pt", **(metadata or {})}
     shards = plan_shards(entries, max_shard_size)
     names = (
@@ -172,6 +179,7 @@ def write_sharded(
     it: Iterator[tuple[str, torch.Tensor | FileCopy]] = iter(tensors)
     weight_map = {}
     sources: dict[str, int] = {}
+    behind = _FlushBehind() if flush_behind else None
     try:
         for name, idx in zip(names, shards, strict=True):
             part = [entries[i] for i in idx]
@@ -201,7 +209,13 @@ def write_sharded(
                         pwrite_all(fd, tensor_bytes(item), pos)
                     pos += size
                     weight_map[key] = name
+                    if behind is not None:
+                        behind.written(fd, size)
+                if behind is not None:
+                    behind.wait()
     finally:
+        if behind is not None:
+            behind.close()
         for src in sources.values():
             os.close(src)
     if len(names) > 1:
@@ -209,6 +223,34 @@ def write_sharded(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
+
+
+class _FlushBehind:
+    """fdatasync in a background thread after every FLUSH_EVERY bytes written, one at a time: the disk
+    writes while the writer copies on."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="convspec-flush")
+        self.pending = None
+        self.since = 0
+
+    def written(self, fd: int, n: int) -> None:
+        self.since += n
+        if self.since >= FLUSH_EVERY and (self.pending is None or self.pending.done()):
+            self.since = 0
+            self.pending = self.pool.submit(os.fdatasync, fd)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+        self.since = 0
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+FLUSH_EVERY = 256 << 20
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
