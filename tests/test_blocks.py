@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,4 +145,22 @@ def test_copies_fall_back_to_reads_and_writes(tmp_path, monkeypatch, every_group
     plan = convspec.compile("mixtral")
     src, state = _checkpoint(tmp_path)
     convert_checkpoint(plan, src, tmp_path / "out")
+    assert_same_state(load_file(str(tmp_path / "out" / "model.safetensors")), plan.apply(state))
+
+
+def test_a_conversion_of_copies_only_never_imports_torch(tmp_path):
+    """Experts large enough to move as blocks, attention renamed: `convspec convert` is file copies,
+    and does not pay torch's import time; the output is the same as converting with torch."""
+    state = moe_state(moe_layout(layers=2, experts=4, inter=128, hidden=256, dtype="bfloat16"))
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(state, str(src / "model.safetensors"))
+    code = (
+        "import sys; from convspec.cli import main; "
+        f"rc = main(['convert', 'mixtral', {str(src)!r}, {str(tmp_path / 'out')!r}, '--quiet']); "
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.strip().splitlines()[-1] == "NO-TORCH 0", res.stdout[-500:] + res.stderr[-500:]
+    plan = convspec.compile("mixtral")
     assert_same_state(load_file(str(tmp_path / "out" / "model.safetensors")), plan.apply(state))
