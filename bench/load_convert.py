@@ -211,8 +211,9 @@ def main() -> int:
 
         best: dict[str, float] = {}
         n_out = n_hf = 0
-        for _ in range(args.repeat):
-            for name, fn in (("lazy", lazy), ("floor", floor), ("ours", ours), ("theirs", theirs)):
+        contenders = [("lazy", lazy), ("floor", floor), ("ours", ours), ("theirs", theirs)]
+        for r in range(args.repeat):  # the order rotates, so no contender always follows the same one
+            for name, fn in contenders[r % 4 :] + contenders[: r % 4]:
                 t, out = timed(fn)
                 best[name] = min(best.get(name, t), t)
                 if name == "ours":
@@ -252,8 +253,9 @@ def main() -> int:
         cp_sync = ["sh", "-c", f"cp -r {small} {copied} && sync -f {copied}/*"]
         times: dict[str, float] = {}
         rss_small = 0
-        for _ in range(args.repeat):
-            for name, cmd in (("convert", cli), ("cp", cp), ("cp_sync", cp_sync)):
+        commands = [("convert", cli), ("cp", cp), ("cp_sync", cp_sync)]
+        for r in range(args.repeat):
+            for name, cmd in commands[r % 3 :] + commands[: r % 3]:
                 shutil.rmtree(copied, ignore_errors=True)
                 os.sync()  # earlier writes are not flushed inside the next measurement
                 t, rss = run_measured(cmd, peak=name == "convert")
