@@ -164,3 +164,31 @@ def test_a_conversion_of_copies_only_never_imports_torch(tmp_path):
     assert res.stdout.strip().splitlines()[-1] == "NO-TORCH 0", res.stdout[-500:] + res.stderr[-500:]
     plan = convspec.compile("mixtral")
     assert_same_state(load_file(str(tmp_path / "out" / "model.safetensors")), plan.apply(state))
+
+
+def test_flushing_behind_the_writer_keeps_output_and_failures_clean(tmp_path, monkeypatch):
+    """The background fdatasync after every few bytes: the output is the same, and a failure midway
+    waits for the flush in flight before the file closes and leaves nothing behind."""
+    import convspec.run
+
+    monkeypatch.setattr(writer, "FLUSH_EVERY", 1)
+    plan = convspec.compile("mixtral")
+    src, state = _checkpoint(tmp_path)
+    convert_checkpoint(plan, src, tmp_path / "out", max_shard_size="2KB")
+    written = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        written.update(load_file(str(f)))
+    assert_same_state(written, plan.apply(state))
+    real, calls = convspec.run.run_group, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real(*args)
+
+    monkeypatch.setattr(convspec.run, "run_group", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        convert_checkpoint(plan, src, tmp_path / "failed", max_shard_size="2KB")
+    assert not (tmp_path / "failed").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -188,29 +188,18 @@ def write_sharded(
                 f.write(head)
                 f.flush()
                 fd, pos = f.fileno(), len(head)
-                for key, shape, dtype in part:
-                    got_key, item = next(it)
-                    size = ITEMSIZE[dtype] * _numel(shape)
-                    if isinstance(item, FileCopy):
-                        got_size = sum(span[3] for span in item.spans)
-                        if got_key != key or got_size != size:
-                            raise RuntimeError(
-                                f"writer expected {key} ({size} bytes), got {got_key} ({got_size})"
-                            )
-                        for file, offset, dst, n in sorted(item.spans):
-                            src = sources.get(file)
-                            if src is None:
-                                src = sources[file] = os.open(file, os.O_RDONLY)
-                            copy_range(src, offset, fd, pos + dst, n)
-                    else:
-                        got = (got_key, tuple(item.shape), str(item.dtype).removeprefix("torch."))
-                        if got != (key, tuple(shape), dtype):
-                            raise RuntimeError(f"writer expected {key} {list(shape)} {dtype}, got {got}")
-                        pwrite_all(fd, tensor_bytes(item), pos)
-                    pos += size
-                    weight_map[key] = name
+                try:
+                    for key, shape, dtype in part:
+                        size = ITEMSIZE[dtype] * _numel(shape)
+                        _write_item(fd, pos, (key, shape, dtype, size), next(it), sources)
+                        pos += size
+                        weight_map[key] = name
+                        if behind is not None:
+                            behind.written(fd, size)
+                except BaseException:
                     if behind is not None:
-                        behind.written(fd, size)
+                        behind.settle()  # no flush may outlive the file it flushes
+                    raise
                 if behind is not None:
                     behind.wait()
     finally:
@@ -246,11 +235,37 @@ class _FlushBehind:
             self.pending = None
         self.since = 0
 
+    def settle(self) -> None:
+        """Wait for a flush in flight, ignoring its outcome (the write already failed)."""
+        if self.pending is not None:
+            self.pending.exception()
+            self.pending = None
+
     def close(self) -> None:
         self.pool.shutdown()
 
 
 FLUSH_EVERY = 256 << 20
+
+
+def _write_item(fd: int, pos: int, expected: tuple, got: tuple, sources: dict[str, int]) -> None:
+    """One tensor at its offset: copied file to file, or its bytes written; checked against its entry."""
+    key, shape, dtype, size = expected
+    got_key, item = got
+    if isinstance(item, FileCopy):
+        got_size = sum(span[3] for span in item.spans)
+        if got_key != key or got_size != size:
+            raise RuntimeError(f"writer expected {key} ({size} bytes), got {got_key} ({got_size})")
+        for file, offset, dst, n in sorted(item.spans):
+            src = sources.get(file)
+            if src is None:
+                src = sources[file] = os.open(file, os.O_RDONLY)
+            copy_range(src, offset, fd, pos + dst, n)
+        return
+    seen = (got_key, tuple(item.shape), str(item.dtype).removeprefix("torch."))
+    if seen != (key, tuple(shape), dtype):
+        raise RuntimeError(f"writer expected {key} {list(shape)} {dtype}, got {seen}")
+    pwrite_all(fd, tensor_bytes(item), pos)
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
