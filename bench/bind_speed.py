@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import struct
 import subprocess
 import sys
 import tempfile
@@ -51,33 +50,20 @@ def best_of(fn, repeat: int) -> float:
 
 def write_sparse_shards(layout: dict, out: Path, shards: int) -> None:
     """safetensors files with real headers and sparse (unwritten) data sections, plus the index."""
-    from convspec.dtypes import ITEMSIZE
-    from convspec.io.writer import SAFETENSORS_DTYPE
+    from convspec.io.writer import shard_header
+    from convspec.ops import TensorInfo
 
     keys = sorted(layout)
     per = -(-len(keys) // shards)
     weight_map = {}
     for s in range(shards):
         name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        header, offset = {}, 0
-        for k in keys[s * per : (s + 1) * per]:
-            shape, dtype = layout[k]
-            n = ITEMSIZE[dtype]
-            for d in shape:
-                n *= d
-            header[k] = {
-                "dtype": SAFETENSORS_DTYPE[dtype],
-                "shape": list(shape),
-                "data_offsets": [offset, offset + n],
-            }
-            offset += n
-            weight_map[k] = name
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
+        part = keys[s * per : (s + 1) * per]
+        head = shard_header([(k, *layout[k]) for k in part], {})
         with open(out / name, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            f.truncate(8 + len(blob) + offset)  # sparse: no data written
+            f.write(head)
+            f.truncate(len(head) + sum(TensorInfo(*layout[k]).nbytes for k in part))  # sparse: no data
+        weight_map.update(dict.fromkeys(part, name))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 

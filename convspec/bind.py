@@ -12,7 +12,7 @@ from .compile.evaluate import evaluate
 from .compile.plan import Plan, PlanRule
 from .errors import BindError
 from .ops import OPS, OpError, TensorInfo
-from .routing import route_all
+from .routing import follow_renames, route_all
 
 Index = tuple[str, ...]
 Value = dict[Index, Any]  # a collection: capture values (in the value's `free` order) -> leaf
@@ -277,9 +277,8 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
         for value, pat in rule.outputs:
             vfree = rule.free_of[value]
             for idx, info in env[value].items():
-                target = _final(
-                    plan, pat.format({**g.keep, **dict(zip(vfree, idx, strict=False))}), rule.index + 1
-                )
+                key = pat.format({**g.keep, **dict(zip(vfree, idx, strict=False))})
+                target, _ = follow_renames(plan, key, rule.index + 1, renames_only=True)
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
                 emit(target, info, f"{rule.label} group {g.name}")
@@ -324,13 +323,7 @@ def _inverse_claims(plan: Plan, groups) -> list[str]:
     out = []
     for g in groups:
         for target in g.outputs:
-            cur, pos = target, 0
-            while (hit := inverse.first_match(cur, pos)) is not None:
-                ri, _, caps = hit
-                rule = inverse.rules[ri]
-                if rule.kind != "rename":
-                    break
-                cur, pos = rule.outputs[0][1].format(caps), ri + 1
+            _, hit = follow_renames(inverse, target)
             if hit is None or (
                 origin[hit[0]] != g.rule.index and not _same_convert(g.rule, plan.rules[origin[hit[0]]])
             ):
@@ -356,17 +349,6 @@ def _same_convert(a: PlanRule, b: PlanRule) -> bool:
     return (
         b.kind == "convert" and sig(a) == sig(b) and near(a.inputs, b.inputs) and near(a.outputs, b.outputs)
     )
-
-
-def _final(plan: Plan, key: str, start: int) -> str:
-    """A convert's output key after the renames that follow the convert."""
-    while True:
-        hit = plan.first_match(key, start, renames_only=True)
-        if hit is None:
-            return key
-        ri, _, caps = hit
-        key = plan.rules[ri].outputs[0][1].format(caps)
-        start = ri + 1
 
 
 def _short(keys: list[str]) -> str:

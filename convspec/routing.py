@@ -38,16 +38,24 @@ def route_one(plan: Plan, key: str) -> tuple:
         return ("member", ri, name, caps)
 
 
+def follow_renames(
+    plan: Plan, key: str, start: int = 0, renames_only: bool = False
+) -> tuple[str, tuple | None]:
+    """A key through the plan's renames from rule `start` on: the key they leave, and the match of
+    the rule that then claims it (a convert or a drop), or None when none does."""
+    while (hit := plan.first_match(key, start, renames_only)) is not None:
+        ri, _, caps = hit
+        rule = plan.rules[ri]
+        if rule.kind != "rename":
+            return key, hit
+        key, start = rule.outputs[0][1].format(caps), ri + 1
+    return key, None
+
+
 def inverse_back(inverse: Plan, key: str) -> str | None:
     """Where the inverse plan's renames take a key, or None when a convert of the inverse claims it."""
-    cur, pos = key, 0
-    while (hit := inverse.first_match(cur, pos)) is not None:
-        ri, _, caps = hit
-        rule = inverse.rules[ri]
-        if rule.kind != "rename":
-            return None
-        cur, pos = rule.outputs[0][1].format(caps), ri + 1
-    return cur
+    key, claimed = follow_renames(inverse, key)
+    return None if claimed else key
 
 
 @dataclass

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers.processes import cli_without_torch
 from helpers.tensors import assert_same_state, random_tensor
 from safetensors.torch import load_file, save_file
 from test_builtin_specs import CONVERT_SPECS, SMALL_CONFIG, _group_layout
@@ -155,13 +154,8 @@ def test_a_conversion_of_copies_only_never_imports_torch(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     save_file(state, str(src / "model.safetensors"))
-    code = (
-        "import sys; from convspec.cli import main; "
-        f"rc = main(['convert', 'mixtral', {str(src)!r}, {str(tmp_path / 'out')!r}, '--quiet']); "
-        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.stdout.strip().splitlines()[-1] == "NO-TORCH 0", res.stdout[-500:] + res.stderr[-500:]
+    last, output = cli_without_torch(["convert", "mixtral", str(src), str(tmp_path / "out"), "--quiet"])
+    assert last == "NO-TORCH 0", output
     plan = convspec.compile("mixtral")
     assert_same_state(load_file(str(tmp_path / "out" / "model.safetensors")), plan.apply(state))
 

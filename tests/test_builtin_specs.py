@@ -214,7 +214,7 @@ def _group_layout(plan, rule, shape: tuple[int, ...], n_experts: int = 4) -> Lay
     """One group of a convert in the spec's source layout: its input templates filled in and taken
     back through the renames before it, every tensor of `shape` (divisible by the chunk, split and
     rope sizes SMALL_CONFIG gives), the stacked capture 0..n-1."""
-    from convspec.bind import _final
+    from convspec.routing import follow_renames
 
     inverse = plan.inverse()
     # the inverse lists the rules from this one on first (aliases and drops have no inverse rule)
@@ -229,7 +229,10 @@ def _group_layout(plan, rule, shape: tuple[int, ...], n_experts: int = 4) -> Lay
         over = [c for c in pat.captures if c in stacked]
         for e in range(n_experts if over else 1):
             values = {**base, **{c: str(e) for c in over}}
-            layout[_final(inverse, pat.format(values), start)] = (shape, "float32")
+            layout[follow_renames(inverse, pat.format(values), start, renames_only=True)[0]] = (
+                shape,
+                "float32",
+            )
     return layout
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.processes import cli_without_torch
 
 from convspec.cli import main
 
@@ -142,10 +143,5 @@ def test_example_main_job_runs(tmp_path):
 
 def test_compile_against_reads_headers_without_importing_torch(ckpt):
     """Binding is headers and shapes only: `compile --against` must not pay torch's import time."""
-    code = (
-        "import sys; from convspec.cli import main; "
-        f"rc = main(['compile', 'mixtral', '--against', {str(ckpt)!r}]); "
-        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.stdout.strip().splitlines()[-1] == "NO-TORCH 0", res.stdout[-500:] + res.stderr[-500:]
+    last, output = cli_without_torch(["compile", "mixtral", "--against", str(ckpt)])
+    assert last == "NO-TORCH 0", output

@@ -41,12 +41,8 @@ class Checkpoint:
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor into fresh memory with pread (no mmap: memory is bounded by what is alive)."""
-        import torch
-
         e = self.entries[key]
-        out = torch.empty(e.end - e.start, dtype=torch.uint8)
-        self.read_many([(key, 0, memoryview(out.numpy()))])
-        return out.view(DTYPES[e.dtype]).reshape(e.shape)
+        return self.assemble(e.shape, e.dtype, [(key, 0, 0, e.end - e.start)])
 
     def assemble(self, shape: tuple[int, ...], dtype: str, runs, pin: bool = False) -> torch.Tensor:
         """A tensor made of byte runs (source key, source offset, offset here, size) of this checkpoint,

@@ -63,7 +63,8 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], str]], max_shard_size:
     return shards
 
 
-def _header(entries, metadata: dict) -> bytes:
+def shard_header(entries, metadata: dict) -> bytes:
+    """A shard's header (length prefix included) for (key, shape, dtype) entries laid out in order."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for key, shape, dtype in entries:
@@ -184,7 +185,7 @@ def write_sharded(
         for name, idx in zip(names, shards, strict=True):
             part = [entries[i] for i in idx]
             with open(out_dir / name, "wb") as f:
-                head = _header(part, metadata)
+                head = shard_header(part, metadata)
                 f.write(head)
                 f.flush()
                 fd, pos = f.fileno(), len(head)
