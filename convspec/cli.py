@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from . import api, render
 from .errors import ConvspecError
+from .style import Style
+from .style import table as style_table
+
+
+def _style(stream) -> Style:
+    return Style.for_stream(stream)
+
+
+def _error_json(exc: ConvspecError) -> dict:
+    span = exc.span
+    d: dict = {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    if span is not None:
+        d.update(file=span.file, line=span.line, col=span.col)
+    problems = getattr(exc, "problems", None)
+    if problems is not None:
+        d["problems"] = problems
+    return d
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,10 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--against", metavar="CHECKPOINT", help="bind to a checkpoint's headers and show every group"
     )
-    c.add_argument("--format", choices=("text", "json", "dot"), default="text")
+    c.add_argument(
+        "--format",
+        choices=("text", "json", "dot", "svg", "png"),
+        default="text",
+        help="svg and png draw the op DAG of each rule with graphviz (with --against: one group too)",
+    )
+    c.add_argument(
+        "--group", help="with --against and a picture format: the group to draw (default: the first)"
+    )
+    c.add_argument("-o", "--output", metavar="FILE", help="write the output here (svg, png, dot)")
     c.add_argument("--reverse", action="store_true", help="show the inverse plan")
     c.add_argument("--strict", action="store_true", help="with --against: every key must be claimed")
     c.add_argument("--list", action="store_true", help="list the built-in specs")
+    _json_flag(c)
     cv = sub.add_parser("convert", help="convert a checkpoint with a spec (atomic, sharded safetensors)")
     cv.add_argument("spec")
     cv.add_argument("src")
@@ -36,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--dry-run", action="store_true", help="print what would be written, from headers only")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     cv.add_argument("--quiet", action="store_true", help="no progress display")
+    _json_flag(cv)
     v = sub.add_parser("verify", help="convert forward and back, and compare with the source bit for bit")
     v.add_argument("spec")
     v.add_argument("src")
@@ -43,6 +72,30 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--converted", metavar="DIR", help="compare a converted directory with SRC converted afresh"
     )
+    _json_flag(v)
+    ch = sub.add_parser("check", help="lint a spec: overlaps, shadowed renames, dead rules, coverage")
+    ch.add_argument("specs", nargs="+", metavar="SPEC", help="spec files or built-in names")
+    ch.add_argument("--against", metavar="CHECKPOINT", help="also check against a checkpoint's headers")
+    ch.add_argument("--config", help="a config.json (default with --against: the checkpoint's config.json)")
+    ch.add_argument("--select", metavar="CODES", help="only these rule codes or prefixes, comma-separated")
+    ch.add_argument("--ignore", metavar="CODES", help="skip these rule codes or prefixes, comma-separated")
+    _json_flag(ch)
+    ex = sub.add_parser("explain", help="the life of one key: renames, the convert, its group, its outputs")
+    ex.add_argument("spec")
+    ex.add_argument("key")
+    ex.add_argument("--against", metavar="CHECKPOINT", help="bind to a checkpoint: the real group and shapes")
+    ex.add_argument("--config", help="a config.json (default with --against: the checkpoint's config.json)")
+    ex.add_argument("--reverse", action="store_true", help="explain the key through the inverse plan")
+    _json_flag(ex)
+    f = sub.add_parser("fmt", help="format spec files canonically, or translate between YAML and .cspec")
+    f.add_argument("specs", nargs="+", metavar="SPEC", help="spec files (.yaml, .yml, .cspec)")
+    f.add_argument("--to", choices=("yaml", "cspec"), help="translate to this syntax (printed, or -o FILE)")
+    f.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is not formatted")
+    f.add_argument("--stdout", action="store_true", help="print the result instead of rewriting the file")
+    f.add_argument("-o", "--output", metavar="FILE", help="with one SPEC: write the result here")
+    _json_flag(f)
+    sc = sub.add_parser("schema", help="the JSON Schema of the YAML spec form (for editors)")
+    sc.add_argument("-o", "--output", metavar="FILE", help="write the schema here")
     im = sub.add_parser(
         "import-transformers",
         help="write the spec for a transformers model type or class (needs transformers)",
@@ -52,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable JSON output (errors too)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -59,11 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             "compile": _compile,
             "convert": _convert,
             "verify": _verify,
+            "check": _check,
+            "explain": _explain,
+            "fmt": _fmt,
+            "schema": _schema,
             "import-transformers": _import,
         }
         return commands[args.command](args)
     except ConvspecError as exc:
-        print(exc.render(), file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": _error_json(exc)}), file=sys.stderr)
+        else:
+            print(exc.render(_style(sys.stderr)), file=sys.stderr)
         return 2
     except BrokenPipeError:  # pragma: no cover - e.g. `| head`
         return 0
@@ -71,34 +135,70 @@ def main(argv: list[str] | None = None) -> int:
 
 def _compile(args) -> int:
     if args.list:
-        for name in api.spec_names():
-            spec = api.load_spec(name)
-            print(f"{name:<16} {spec.doc}")
+        names = api.spec_names()
+        if args.json:
+            print(json.dumps({n: api.load_spec(n).doc for n in names}, indent=2))
+            return 0
+        s = _style(sys.stdout)
+        for row in style_table([(s.bold(n), api.load_spec(n).doc) for n in names], indent=""):
+            print(row)
         return 0
     if not args.spec:
         raise ConvspecError(
             "compile needs a SPEC (a built-in name, a model type, or a spec file)",
             hint="see `convspec compile --list`",
         )
-    config = args.config
-    if config is None and args.against:
-        from pathlib import Path
-
-        candidate = Path(args.against) / "config.json"
-        config = str(candidate) if candidate.is_file() else None
+    fmt = "json" if args.json else args.format
+    config = args.config or _checkpoint_config(args.against)
     plan = api.compile(args.spec, config=config)
     if args.reverse:
         plan = plan.inverse()
+    bound = None
     if args.against:
         from .io.safetensors import read_layout
 
         layout = {k: e.info for k, e in read_layout(args.against).items()}
         bound = plan.bind(layout, strict=args.strict)
-        out = {"text": render.bound_text, "json": render.bound_json, "dot": lambda b: render.plan_dot(b.plan)}
-        print(out[args.format](bound))
+    if fmt in ("dot", "svg", "png"):
+        from . import dot
+
+        text = dot.plan_dot(plan) if bound is None else dot.bound_dot(bound, args.group)
+        if fmt == "dot":
+            return _emit(text.encode() + b"\n", args.output)
+        from .pictures import render_dot
+
+        data = render_dot(text, fmt)
+        if args.output is None and fmt == "png" and sys.stdout.isatty():
+            raise ConvspecError("a png is binary: it is not printed to a terminal", hint="pass -o FILE.png")
+        return _emit(data, args.output)
+    s = _style(sys.stdout)
+    if bound is not None:
+        text = render.bound_json(bound) if fmt == "json" else render.bound_text(bound, s)
     else:
-        out = {"text": render.plan_text, "json": render.plan_json, "dot": render.plan_dot}
-        print(out[args.format](plan))
+        text = render.plan_json(plan) if fmt == "json" else render.plan_text(plan, s)
+    return _emit((text + "\n").encode(), args.output)
+
+
+def _checkpoint_config(against: str | None) -> str | None:
+    """The checkpoint's own config.json, when there is one."""
+    if against is None:
+        return None
+    from pathlib import Path
+
+    candidate = Path(against) / "config.json"
+    return str(candidate) if candidate.is_file() else None
+
+
+def _emit(data: bytes, output: str | None) -> int:
+    """Bytes to stdout, or to a file written whole (never half-written)."""
+    if output is None:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return 0
+    from .io.files import write_file_atomic
+
+    write_file_atomic(output, data)
     return 0
 
 
@@ -119,11 +219,31 @@ def _convert(args) -> int:
     )
     if progress is not None:
         progress.done()
+    if args.json:
+        from .streaming import output_order
+
+        outputs = {k: {"shape": list(s), "dtype": d} for k, s, d in output_order(r.bound, args.dtype)}
+        print(
+            json.dumps(
+                {
+                    "dry_run": args.dry_run,
+                    "dst": str(args.dst),
+                    "files": r.files,
+                    "tensors": r.tensors,
+                    "bytes": r.bytes,
+                    "coverage": r.bound.coverage(),
+                    "warnings": r.bound.warnings,
+                    **({"outputs": outputs} if args.dry_run else {}),
+                },
+                indent=2,
+            )
+        )
+        return 0
     if args.dry_run:
         from .streaming import output_order
 
-        for key, shape, dtype in output_order(r.bound, args.dtype):
-            print(f"{key}  {list(shape)}  {dtype}")
+        rows = [(key, str(list(shape)), dtype) for key, shape, dtype in output_order(r.bound, args.dtype)]
+        print("\n".join(style_table(rows, indent="")))
         print(f"would write {r.tensors} tensors, {r.bytes} bytes to {args.dst}")
         return 0
     print(f"wrote {r.tensors} tensors ({r.bytes} bytes) in {len(r.files)} file(s) to {r.dst}")
@@ -163,6 +283,19 @@ def _verify(args) -> int:
 
     plan = api.compile(args.spec, config=Checkpoint(args.src).config_path)
     checked, bad = verify_checkpoint(plan, args.src, device=args.device, converted=args.converted)
+    if args.json:
+        mismatches = [
+            {
+                "key": m.key,
+                "shape": list(m.shape),
+                "dtype": m.dtype,
+                "why": m.why,
+                "max_abs_diff": m.max_abs_diff,
+            }
+            for m in bad
+        ]
+        print(json.dumps({"checked": checked, "ok": not bad, "mismatches": mismatches}, indent=2))
+        return 1 if bad else 0
     if not bad:
         what = f"match {args.converted}" if args.converted else "come back"
         print(f"ok: {checked} tensors {what} bit for bit")
@@ -174,13 +307,112 @@ def _verify(args) -> int:
     return 1
 
 
-def _import(args) -> int:
+def _check(args) -> int:
+    from .lint import check_spec
+
+    config = args.config or _checkpoint_config(args.against)
+    layout = None
+    if args.against:
+        from .io.safetensors import read_layout
+
+        layout = {k: e.info for k, e in read_layout(args.against).items()}
+    select = _codes(args.select)
+    ignore = _codes(args.ignore)
+    reports = [
+        check_spec(spec, config=config, layout=layout, select=select, ignore=ignore) for spec in args.specs
+    ]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        s = _style(sys.stdout)
+        print("\n".join(r.text(s) for r in reports))
+    return 1 if any(r.errors for r in reports) else 0
+
+
+def _codes(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(c.strip().upper() for c in text.split(",") if c.strip())
+
+
+def _explain(args) -> int:
+    from .explain import explain, explanation_text
+
+    config = args.config or _checkpoint_config(args.against)
+    plan = api.compile(args.spec, config=config)
+    if args.reverse:
+        plan = plan.inverse()
+    layout = None
+    if args.against:
+        from .io.safetensors import read_layout
+
+        layout = {k: e.info for k, e in read_layout(args.against).items()}
+    e = explain(plan, args.key, layout)
+    if args.json:
+        print(json.dumps(e.to_dict(), indent=2))
+    else:
+        print(explanation_text(e, _style(sys.stdout)))
+    return 0
+
+
+def _fmt(args) -> int:
     from pathlib import Path
+
+    from .io.files import write_file_atomic
+    from .spec.format import format_text
+
+    if args.output and len(args.specs) > 1:
+        raise ConvspecError("-o FILE takes one SPEC", hint="format several files in place, or one at a time")
+    results = []
+    for name in args.specs:
+        path = Path(name)
+        if not path.is_file():
+            raise ConvspecError(
+                f"spec file {name} does not exist", hint="fmt works on files, not built-in names"
+            )
+        text = path.read_text(encoding="utf-8")
+        out = format_text(text, name, to=args.to)
+        target = Path(args.output) if args.output else path
+        changed = out != text or target != path
+        results.append({"file": name, "output": str(target), "changed": changed})
+        if args.check:
+            continue
+        if args.stdout or (args.to and not args.output):
+            sys.stdout.write(out)
+        elif out != text or target != path:
+            write_file_atomic(target, out.encode("utf-8"))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif args.check:
+        for r in results:
+            if r["changed"]:
+                print(f"would reformat {r['file']}")
+        n = sum(r["changed"] for r in results)
+        print(f"{n} file(s) would be reformatted, {len(results) - n} already formatted", file=sys.stderr)
+    elif not (args.stdout or (args.to and not args.output)):
+        n = sum(r["changed"] for r in results)
+        print(f"{n} file(s) reformatted, {len(results) - n} unchanged", file=sys.stderr)
+    return 1 if args.check and any(r["changed"] for r in results) else 0
+
+
+def _schema(args) -> int:
+    from .spec.schema import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    return _emit(text.encode("utf-8"), args.output)
+
+
+def _import(args) -> int:
 
     from .hf.library import import_key
 
     imp = import_key(args.key)
     main_text = imp.specs[imp.name]
+    if args.json:
+        written = _write_imported(imp, args.output) if args.output else []
+        d = {"name": imp.name, "notes": imp.notes, "verified": imp.verified, "written": written}
+        if not args.output:
+            d["specs"] = imp.specs
+        print(json.dumps(d, indent=2))
+        return 0
     for note in imp.notes:
         print(f"warning: not expressible: {note}", file=sys.stderr)
     if imp.verified is not None:
@@ -193,16 +425,26 @@ def _import(args) -> int:
                 f"note: {imp.name} includes {', '.join(rest)}; -o FILE writes them beside it", file=sys.stderr
             )
         return 0
-    out = Path(args.output)
+    written = _write_imported(imp, args.output)
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
+    return 0
+
+
+def _write_imported(imp, output: str) -> list[str]:
+    """The imported spec at `output`, and the specs it includes beside it, each written whole."""
+    from pathlib import Path
+
+    from .io.files import write_file_atomic
+
+    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(main_text)
+    write_file_atomic(out, imp.specs[imp.name].encode("utf-8"))
     written = [str(out)]
     for name, text in imp.specs.items():
         if name != imp.name:
-            (out.parent / f"{name}.yaml").write_text(text)
+            write_file_atomic(out.parent / f"{name}.yaml", text.encode("utf-8"))
             written.append(str(out.parent / f"{name}.yaml"))
-    print(f"wrote {', '.join(written)}", file=sys.stderr)
-    return 0
+    return written
 
 
 if __name__ == "__main__":  # pragma: no cover

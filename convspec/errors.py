@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .style import PLAIN, Style
+
 
 @dataclass(frozen=True)
 class Span:
@@ -18,6 +20,24 @@ class Span:
         return f"{self.file or '<spec>'}:{self.line}:{self.col}"
 
 
+def render_message(
+    span: Span | None, label: str, message: str, hint: str | None, style: Style = PLAIN
+) -> str:
+    """`file:line:col: LABEL: message`, the source line with a caret under the column, and a hint."""
+    lines = []
+    if span is not None:
+        lines.append(f"{style.bold(span.location())}: {label}: {message}")
+        if span.text is not None:
+            src = span.text.rstrip("\n").expandtabs(1)
+            lines.append(f"    {src}")
+            lines.append("    " + " " * max(span.col - 1, 0) + style("^", "bold", "green"))
+    else:
+        lines.append(f"{label}: {message}")
+    if hint:
+        lines.append(f"  {style.dim('hint')}: {hint}")
+    return "\n".join(lines)
+
+
 class ConvspecError(Exception):
     """Base of every error convspec raises on purpose."""
 
@@ -30,20 +50,9 @@ class ConvspecError(Exception):
     def __str__(self) -> str:
         return self.render()
 
-    def render(self) -> str:
+    def render(self, style: Style = PLAIN) -> str:
         """The message a person reads: location, message, the offending line with a caret, a hint."""
-        lines = []
-        if self.span is not None:
-            lines.append(f"{self.span.location()}: error: {self.message}")
-            if self.span.text is not None:
-                src = self.span.text.rstrip("\n").expandtabs(1)
-                lines.append(f"    {src}")
-                lines.append("    " + " " * max(self.span.col - 1, 0) + "^")
-        else:
-            lines.append(f"error: {self.message}")
-        if self.hint:
-            lines.append(f"  hint: {self.hint}")
-        return "\n".join(lines)
+        return render_message(self.span, style.error("error"), self.message, self.hint, style)
 
 
 class SpecError(ConvspecError):
@@ -76,15 +85,15 @@ class BindError(ConvspecError):
         )
         super().__init__(head, hint=hint)
 
-    def render(self) -> str:
+    def render(self, style: Style = PLAIN) -> str:
         if len(self.problems) == 1:
-            return super().render()
+            return super().render(style)
         shown = self.problems[:20]
         more = len(self.problems) - len(shown)
         body = "\n".join(f"  - {p}" for p in shown)
         tail = f"\n  ... and {more} more" if more else ""
         hint = f"\n  hint: {self.hint}" if self.hint else ""
-        return f"error: {self.message}:\n{body}{tail}{hint}"
+        return f"{style.error('error')}: {self.message}:\n{body}{tail}{hint}"
 
 
 class NotInvertibleError(ConvspecError):

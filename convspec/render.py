@@ -6,13 +6,15 @@ import json
 from collections import defaultdict
 
 from .bind import BoundPlan
-from .compile.plan import Plan, PlanRule, _show
+from .compile.plan import Plan, PlanRule
+from .dot import plan_dot  # noqa: F401  (re-exported: render is where callers look)
 from .ops import TensorInfo
+from .style import PLAIN, Style, table
 
 
-def _rule_lines(rule: PlanRule) -> list[str]:
+def _rule_lines(rule: PlanRule, s: Style = PLAIN) -> list[str]:
     kind = "alias" if rule.one_way else rule.kind
-    head = f"rule {rule.index + 1}  {kind:<8} {rule.where}"
+    head = s.bold(f"rule {rule.index + 1}") + f"  {s(f'{kind:<8}', 'magenta')} {s.dim(rule.where)}"
     if rule.kind == "rename":
         lines = [head, f"    {rule.inputs[0][1].text}", f"    -> {rule.outputs[0][1].display()}"]
         lines += [f"    unless {u.text}" for u in rule.unless]
@@ -29,21 +31,23 @@ def _rule_lines(rule: PlanRule) -> list[str]:
     return lines
 
 
-def plan_text(plan: Plan) -> str:
-    lines = [f"plan {plan.name}: {plan.doc}" if plan.doc else f"plan {plan.name}"]
+def plan_text(plan: Plan, s: Style = PLAIN) -> str:
+    """The plan for a person: each rule with its patterns and ops, the inverse, the combined regex."""
+    name = s.bold(f"plan {plan.name}")
+    lines = [f"{name}: {plan.doc}" if plan.doc else name]
     if plan.model_types:
         lines.append(f"model types: {', '.join(plan.model_types)}")
     lines.append(f"rules: {len(plan.rules)}")
     lines.append("")
     for rule in plan.rules:
-        lines += _rule_lines(rule)
+        lines += _rule_lines(rule, s)
         lines.append("")
     if plan.inverse_error:
-        lines.append(f"inverse: not available: {plan.inverse_error}")
+        lines.append(f"inverse: {s.warning('not available')}: {plan.inverse_error}")
     elif plan.lossy:
-        lines.append("inverse: lossy: " + "; ".join(plan.lossy))
+        lines.append(f"inverse: {s.warning('lossy')}: " + "; ".join(plan.lossy))
     else:
-        lines.append("inverse: exact")
+        lines.append(f"inverse: {s.ok('exact')}")
     lines.append("")
     lines.append("combined regex:")
     lines.append(f"    {plan.regex}")
@@ -58,15 +62,9 @@ def _fmt_bytes(n: int) -> str:
     return str(n)  # pragma: no cover
 
 
-def _table(rows: list[tuple[str, ...]], indent: str = "    ") -> list[str]:
-    if not rows:
-        return []
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
-
-
-def bound_text(bound: BoundPlan) -> str:
-    lines = [plan_text(bound.plan), "", "groups:"]
+def bound_text(bound: BoundPlan, s: Style = PLAIN) -> str:
+    """The bound plan: every group with its keys, shapes, dtypes and bytes, then the coverage."""
+    lines = [plan_text(bound.plan, s), "", s.bold("groups:")]
     by_rule: dict[int, list] = defaultdict(list)
     for g in bound.groups:
         by_rule[g.rule.index].append(g)
@@ -87,18 +85,18 @@ def bound_text(bound: BoundPlan) -> str:
             rows += [
                 ("out", k, str(list(i.shape)), i.dtype, _fmt_bytes(i.nbytes)) for k, i in g.outputs.items()
             ]
-            lines += _table(rows, "      ")
+            lines += table(rows, "      ")
     renamed = [(s, d) for s, d in bound.passthrough.items() if s != d]
     if renamed:
         lines.append(f"  renamed: {len(renamed)} key(s)")
-        lines += _table(
+        lines += table(
             [(s, "->", d, str(list(bound.layout[s].shape)), bound.layout[s].dtype) for s, d in renamed],
             "    ",
         )
     cov = bound.coverage()
     lines += [
         "",
-        "coverage:",
+        s.bold("coverage:"),
         f"    keys       {cov['keys']}",
         f"    converted  {cov['converted']}",
         f"    renamed    {cov['renamed']}",
@@ -142,39 +140,3 @@ def bound_json(bound: BoundPlan) -> str:
     d["coverage"] = bound.coverage()
     d["warnings"] = bound.warnings
     return json.dumps(d, indent=2)
-
-
-def _q(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def plan_dot(plan: Plan) -> str:
-    """One cluster per rule: input patterns -> op nodes -> output patterns (drawn once, not per layer)."""
-    out = [
-        "digraph plan {",
-        "  rankdir=LR;",
-        '  node [fontname="Helvetica", fontsize=10];',
-        f"  label={_q(plan.name)};",
-    ]
-    for rule in plan.rules:
-        r = f"r{rule.index}"
-        out.append(f"  subgraph cluster_{r} {{")
-        out.append(f"    label={_q(f'rule {rule.index + 1}: {rule.kind}')};")
-        for name, pat in rule.inputs:
-            out.append(f"    {_q(f'{r}:{name}')} [shape=box, style=rounded, label={_q(pat.text)}];")
-        producer = {n: f"{r}:{n}" for n, _ in rule.inputs}
-        for i, node in enumerate(rule.nodes):
-            nid = f"{r}:op{i}"
-            params = ", ".join(f"{k}={_show(v)}" for k, v in node.params if v is not None)
-            out.append(f"    {_q(nid)} [shape=ellipse, label={_q(f'{node.op}({params})')}];")
-            for a in node.inputs:
-                out.append(f"    {_q(producer[a])} -> {_q(nid)};")
-            for o in node.outputs:
-                producer[o] = nid
-        for j, (v, pat) in enumerate(rule.outputs):
-            oid = f"{r}:out{j}"
-            out.append(f"    {_q(oid)} [shape=box, label={_q(pat.display())}];")
-            out.append(f"    {_q(producer[v])} -> {_q(oid)};")
-        out.append("  }")
-    out.append("}")
-    return "\n".join(out)
