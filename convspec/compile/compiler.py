@@ -39,10 +39,14 @@ def _where(span: Span | None) -> str:
 
 
 def compile_spec(
-    spec: Spec, config: dict | None = None, resolve: Callable[[str], Spec] | None = None
+    spec: Spec,
+    config: dict | None = None,
+    resolve: Callable[[str], Spec] | None = None,
+    check_overlaps: bool = True,
 ) -> Plan:
     """Compile a Spec into a Plan; with a config, every config expression is checked and evaluated.
-    `resolve` finds the specs that `include` rules name (by default: none may be included)."""
+    `resolve` finds the specs that `include` rules name (by default: none may be included).
+    `check_overlaps=False` is for the linter, which reports every overlap rather than the first."""
     flat, origins = _flatten(spec, resolve)
     rules = []
     for i, rule in enumerate(flat):
@@ -56,7 +60,8 @@ def compile_spec(
             )
         else:
             rules.append(_Lowering(i, rule, config).build())
-    _check_overlaps(rules, flat, origins)
+    if check_overlaps:
+        _check_overlaps(rules, flat, origins)
     inverse_rules, inverse_error, lossy = None, None, []
     try:
         inverse_rules, lossy = invert(rules)
@@ -531,30 +536,39 @@ def _expr_text(e: Expr) -> str:
 # ---- overlap between converts -----------------------------------------------------------------
 
 
-def _check_overlaps(rules: list[PlanRule], flat: list, origins: list) -> None:
-    """Two converts of one spec that can claim the same key are an error. Across an `include` the
-    first claim wins, as in transformers (a sub-model's converter after the model's own)."""
+def overlaps(rules: list[PlanRule], origins: list):
+    """Pairs of convert inputs of one spec (not across an include) that can claim the same key:
+    (rule a, input a, rule b, input b, a key both match)."""
     claims = [(r, name, pat) for r in rules if r.kind == "convert" for name, pat in r.inputs]
     for i, (ra, na, pa) in enumerate(claims):
         for rb, nb, pb in claims[i + 1 :]:
             if origins[ra.index] != origins[rb.index]:
                 continue
             w = intersection_witness(pa, pb)
-            if w is None:
-                continue
-            span = flat[rb.index].span
-            if ra.index == rb.index:
-                raise CompileError(
-                    f"rule {ra.index + 1} (convert): inputs {na} and {nb} can both match the key {w!r}",
-                    span=span,
-                    hint="make the input templates disjoint",
-                )
-            raise CompileError(
-                f"rules {ra.index + 1} and {rb.index + 1} can both claim the key {w!r} "
-                f"({pa.text} and {pb.text})",
-                span=span,
-                hint="at most one convert may claim a key: make the templates disjoint",
-            )
+            if w is not None:
+                yield ra, na, rb, nb, w
+
+
+def _check_overlaps(rules: list[PlanRule], flat: list, origins: list) -> None:
+    """Two converts of one spec that can claim the same key are an error. Across an `include` the
+    first claim wins, as in transformers (a sub-model's converter after the model's own)."""
+    for ra, na, rb, nb, w in overlaps(rules, origins):
+        raise overlap_error(ra, na, rb, nb, w, flat[rb.index].span)
+
+
+def overlap_error(ra: PlanRule, na: str, rb: PlanRule, nb: str, w: str, span: Span | None) -> CompileError:
+    if ra.index == rb.index:
+        return CompileError(
+            f"rule {ra.index + 1} (convert): inputs {na} and {nb} can both match the key {w!r}",
+            span=span,
+            hint="make the input templates disjoint",
+        )
+    pa, pb = dict(ra.inputs)[na], dict(rb.inputs)[nb]
+    return CompileError(
+        f"rules {ra.index + 1} and {rb.index + 1} can both claim the key {w!r} ({pa.text} and {pb.text})",
+        span=span,
+        hint="at most one convert may claim a key: make the templates disjoint",
+    )
 
 
 # ---- includes -----------------------------------------------------------------------------

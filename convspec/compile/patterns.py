@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 CAPTURE_REGEX = {
     "path": r"[^.]+(?:\.[^.]+)*",
@@ -141,11 +141,26 @@ _PRED = {
 
 
 class _NFA:
-    def __init__(self, pattern: Pattern):
+    """The keys one or more patterns match, as an automaton over characters (state 0 starts)."""
+
+    def __init__(self, pattern: Pattern | None = None, union: tuple[Pattern, ...] = ()):
         self.edges: list[list[tuple[object, int]]] = [[]]  # state -> [(predicate or char, next)]
         self.eps: list[list[int]] = [[]]
-        end = self._build(pattern, 0)
-        self.accept = end
+        if pattern is not None:
+            self.accept = self._build(pattern, 0)
+            self.accepts = frozenset([self.accept])
+        else:  # any of several patterns: one branch each from the start
+            ends = []
+            for p in union:
+                s = self._new()
+                self.eps[0].append(s)
+                ends.append(self._build(p, s))
+            self.accept = -1
+            self.accepts = frozenset(ends)
+        self._steps: dict[tuple[frozenset[int], str], frozenset[int]] = {}
+
+    def accepting(self, states: frozenset[int]) -> bool:
+        return not self.accepts.isdisjoint(states)
 
     def _new(self) -> int:
         self.edges.append([])
@@ -210,6 +225,13 @@ class _NFA:
         return frozenset(seen)
 
     def step(self, states: frozenset[int], ch: str) -> frozenset[int]:
+        key = (states, ch)
+        cached = self._steps.get(key)
+        if cached is None:
+            cached = self._steps[key] = self._step(states, ch)
+        return cached
+
+    def _step(self, states: frozenset[int], ch: str) -> frozenset[int]:
         nxt = set()
         for s in states:
             for label, t in self.edges[s]:
@@ -246,6 +268,110 @@ def intersection_witness(a: Pattern, b: Pattern, limit: int = 100_000) -> str | 
         for ch in alphabet:
             nxt = (na.step(sa, ch), nb.step(sb, ch))
             if nxt[0] and nxt[1] and nxt not in prev:
+                prev[nxt] = (state, ch)
+                queue.append(nxt)
+    return None
+
+
+_SAMPLE_VALUES = {
+    "seg": ("x", "zq_7", "weight"),
+    "int": ("0", "7", "10"),
+    "path": ("x", "zq.y", "model.layers.0"),
+    "path?": ("", "x", "zq.y"),
+}
+
+
+@lru_cache(maxsize=4096)
+def samples(pattern: Pattern) -> tuple[str, ...]:
+    """A few keys the pattern matches, its captures filled with plain values (each capture type's
+    first value in every key, then its second, ...)."""
+    caps = [(split_offset(a)[0], b or "seg") for k, a, b in pattern.parts if k == "cap"]
+    out = []
+    for i in range(3):
+        values = {name: _SAMPLE_VALUES[t][i] for name, t in caps}
+        try:
+            key = pattern.format(values)
+        except (OffsetError, ValueError):
+            continue
+        if _matches(pattern, key):
+            out.append(key)
+    return tuple(dict.fromkeys(out))
+
+
+@lru_cache(maxsize=4096)
+def _matcher(pattern: Pattern) -> re.Pattern:
+    return re.compile(pattern.regex(named=False))
+
+
+def _matches(pattern: Pattern, key: str) -> bool:
+    return _matcher(pattern).fullmatch(key) is not None
+
+
+@lru_cache(maxsize=4096)
+def _nfa(pattern: Pattern) -> _NFA:
+    """One automaton per pattern, its steps cached: the linter asks many questions of each rule."""
+    return _NFA(pattern)
+
+
+@lru_cache(maxsize=1024)
+def _union(patterns: tuple[Pattern, ...]) -> _NFA:
+    return _NFA(union=patterns)
+
+
+class Unknown(Exception):
+    """A language question too large to decide within the search limit."""
+
+
+def witness(
+    must: list[Pattern], avoid: list[tuple[Pattern, tuple[Pattern, ...]]] = (), limit: int = 50_000
+) -> str | None:
+    """A key every `must` pattern matches and no `avoid` rule does (a rule: a pattern less the keys
+    its `unless` patterns match), or None when there is none. Decided exactly; raises Unknown when
+    the search passes `limit` states. The linter asks whether a rule can ever see a key with it."""
+    for key in samples(must[0]):  # most questions have an easy yes: try a few keys first
+        if all(_matches(p, key) for p in must[1:]) and not any(
+            _matches(p, key) and not any(_matches(u, key) for u in unless) for p, unless in avoid
+        ):
+            return key
+    plain = tuple(sorted({p for p, unless in avoid if not unless}, key=lambda p: p.text))
+    guarded = [(p, unless) for p, unless in avoid if unless]
+    flat = [_nfa(p) for p in must]
+    m = len(flat)
+    if plain:
+        flat.append(_union(plain))
+    pairs = []  # (index of the rule's automaton, indices of its unless automata)
+    for p, unless in guarded:
+        flat.append(_nfa(p))
+        at = len(flat) - 1
+        flat.extend(_nfa(u) for u in unless)
+        pairs.append((at, range(at + 1, len(flat))))
+    alphabet = _alphabet(*must, *plain, *(q for p, unless in guarded for q in (p, *unless)))
+    start = tuple(n.closure(frozenset([0])) for n in flat)
+
+    def accepted(state: tuple) -> bool:
+        if not all(flat[i].accepting(state[i]) for i in range(m)):
+            return False
+        if plain and flat[m].accepting(state[m]):
+            return False
+        return not any(
+            flat[a].accepting(state[a]) and not any(flat[u].accepting(state[u]) for u in us) for a, us in pairs
+        )
+
+    prev: dict[tuple, tuple | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        state = queue.popleft()
+        if accepted(state):
+            chars = []
+            while prev[state] is not None:
+                state, ch = prev[state]
+                chars.append(ch)
+            return "".join(reversed(chars))
+        for ch in alphabet:
+            nxt = tuple(n.step(s, ch) if s else s for n, s in zip(flat, state, strict=True))
+            if all(nxt[:m]) and nxt not in prev:
+                if len(prev) >= limit:
+                    raise Unknown(f"more than {limit} states")
                 prev[nxt] = (state, ch)
                 queue.append(nxt)
     return None

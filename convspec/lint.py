@@ -1,0 +1,552 @@
+"""`convspec check`: lint a spec (and, given one, against a checkpoint's headers) with stable rule codes.
+
+Each rule below has a code, a severity and a one-line reason; `RULES` is the reference
+(docs/authoring.md lists it). Errors make `check` exit 1; warnings and notes do not.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import api
+from .compile.compiler import _flatten, compile_spec, overlap_error
+from .compile.patterns import OffsetError, Pattern, Unknown, _matches, witness
+from .compile.plan import Plan
+from .errors import BindError, CompileError, ConvspecError, Span, SpecError
+from .io.config import load_config
+from .ops import OPS, NotInvertible
+from .style import PLAIN, Style
+
+
+@dataclass(frozen=True)
+class LintRule:
+    code: str
+    name: str
+    severity: str  # error | warning | info
+    summary: str
+
+
+RULES: dict[str, LintRule] = {
+    r.code: r
+    for r in (
+        LintRule("E001", "parse-error", "error", "the spec does not parse"),
+        LintRule(
+            "E002", "compile-error", "error", "the spec parses but a static check of the compiler fails"
+        ),
+        LintRule("E101", "overlapping-converts", "error", "two converts (or two inputs) can claim one key"),
+        LintRule("E102", "unused-binding", "error", "a capture, input or value is bound but never used"),
+        LintRule(
+            "E103", "bind-error", "error", "the checkpoint does not fit the plan (checked from headers)"
+        ),
+        LintRule("W201", "unreachable-rule", "warning", "earlier rules claim every key the rule matches"),
+        LintRule("W202", "rename-chain", "warning", "a later rename renames every key a rename makes"),
+        LintRule("W203", "identity-rename", "warning", "a rename whose target is its source"),
+        LintRule("W204", "lossy-rule", "warning", "a rule whose inverse cannot give the source back"),
+        LintRule("W205", "not-invertible", "warning", "an op with no inverse: the spec cannot save back"),
+        LintRule("W206", "dead-rule", "warning", "no key of the checkpoint reaches the rule"),
+        LintRule("I301", "unclaimed-keys", "info", "checkpoint keys no rule claims (they pass through)"),
+    )
+}
+
+_UNUSED = re.compile(r"is never used|rename drops capture|is present in the inputs and absent from target")
+_NOQA = re.compile(r"#\s*noqa(?::\s*(?P<codes>[A-Z][0-9]{3}(?:\s*,\s*[A-Z][0-9]{3})*))?", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: where (file, line, column), which rule, what, and what to do."""
+
+    code: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    col: int | None = None
+    hint: str | None = None
+
+    @property
+    def severity(self) -> str:
+        return RULES[self.code].severity
+
+    def location(self) -> str:
+        if self.line is None:
+            return self.file or "<spec>"
+        return f"{self.file or '<spec>'}:{self.line}:{self.col or 1}"
+
+    def text(self, s: Style = PLAIN) -> str:
+        colour = {"error": s.error, "warning": s.warning, "info": s.dim}[self.severity]
+        tail = f"; {self.hint}" if self.hint else ""
+        return f"{s.bold(self.location())}: {colour(self.code)} {self.message}{tail}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "severity": self.severity, "rule": RULES[self.code].name}
+
+
+@dataclass(frozen=True)
+class KeyShape:
+    """Keys that differ only in their numbers, written once: `model.layers.{0..31}.norm.weight`."""
+
+    text: str
+    count: int
+    example: str
+    closest: str | None = None  # the rule input pattern the keys nearly match, if any
+
+
+@dataclass
+class Report:
+    """The findings for one spec, and with a checkpoint its coverage and unclaimed key shapes."""
+
+    spec: str
+    findings: list[Finding] = field(default_factory=list)
+    coverage: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    unclaimed: list[KeyShape] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    def counts(self) -> dict[str, int]:
+        out = {"error": 0, "warning": 0, "info": 0}
+        for f in self.findings:
+            out[f.severity] += 1
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "spec": self.spec,
+            "findings": [f.to_dict() for f in self.findings],
+            "counts": self.counts(),
+            "checkpoint": self.checkpoint,
+            "coverage": self.coverage,
+            "unclaimed": [asdict(u) for u in self.unclaimed],
+        }
+
+    def text(self, s: Style = PLAIN) -> str:
+        lines = [f.text(s) for f in self.findings]
+        if self.coverage is not None:
+            c = self.coverage
+            lines.append(
+                f"{self.checkpoint}: {c['keys'] - c['unmatched']} of {c['keys']} keys claimed "
+                f"({c['claimed_share']:.1%}): {c['converted']} converted, {c['renamed']} renamed, "
+                f"{c['dropped']} dropped, {c['unmatched']} unclaimed"
+            )
+        n = self.counts()
+        summary = ", ".join(f"{v} {k}{'s' if v != 1 else ''}" for k, v in n.items() if v)
+        lines.append(f"{self.spec}: {summary or s.ok('no problems')}")
+        return "\n".join(lines)
+
+
+def check_spec(
+    spec: str,
+    config: Any = None,
+    layout: dict | None = None,
+    select: tuple[str, ...] | None = None,
+    ignore: tuple[str, ...] | None = None,
+    checkpoint: str | None = None,
+) -> Report:
+    """Lint `spec` (a built-in name or a file); with `layout` ({key: TensorInfo}), also against it.
+    A spec that cannot be found, or a config that cannot be read, raises: that is not a finding."""
+    report = Report(spec, checkpoint=checkpoint or ("<checkpoint>" if layout is not None else None))
+    findings: list[Finding] = []
+    try:
+        parsed = api.load_spec(spec)
+    except SpecError as exc:
+        findings.append(_from_error("E001", exc))
+        return _finish(report, findings, select, ignore, {})
+    resolve = api._resolver(parsed)
+    try:
+        flat, origins = _flatten(parsed, resolve)
+        plan = compile_spec(parsed, load_config(config), resolve, check_overlaps=False)
+    except CompileError as exc:
+        code = "E102" if _UNUSED.search(exc.message) else "E002"
+        findings.append(_from_error(code, exc))
+        return _finish(report, findings, select, ignore, {})
+    lines = {i: r.span for i, r in enumerate(flat)}
+    analysis = _Analysis(plan, flat, origins)
+    findings += analysis.overlaps()
+    findings += analysis.unreachable()
+    findings += analysis.renames()
+    findings += analysis.lossy()
+    if layout is not None:
+        findings += _against(plan, flat, layout, report)
+    return _finish(report, findings, select, ignore, lines)
+
+
+def _finish(report: Report, findings: list[Finding], select, ignore, spans) -> Report:
+    def wanted(code: str) -> bool:
+        if select is not None and not any(code.startswith(c) for c in select):
+            return False
+        return not (ignore is not None and any(code.startswith(c) for c in ignore))
+
+    report.findings = [f for f in findings if wanted(f.code) and not _suppressed(f, spans)]
+    return report
+
+
+def _suppressed(f: Finding, spans: dict[int, Span | None]) -> bool:
+    """A `# noqa` or `# noqa: W201` comment on the finding's line silences it."""
+    text = next(
+        (s.text for s in spans.values() if s is not None and s.file == f.file and s.line == f.line), None
+    )
+    m = _NOQA.search(text or "")
+    if m is None:
+        return False
+    codes = m.group("codes")
+    return codes is None or f.code in {c.strip().upper() for c in codes.split(",")}
+
+
+def _from_error(code: str, exc: ConvspecError) -> Finding:
+    span = exc.span
+    return Finding(
+        code,
+        exc.message,
+        span.file if span else None,
+        span.line if span else None,
+        span.col if span else None,
+        exc.hint,
+    )
+
+
+def _at(code: str, span: Span | None, message: str, hint: str | None = None) -> Finding:
+    if span is None:
+        return Finding(code, message, hint=hint)
+    return Finding(code, message, span.file, span.line, span.col, hint)
+
+
+# ---- static analysis: the languages the rules match ------------------------------------------
+
+
+class _Analysis:
+    """Questions about which keys reach which rule, answered exactly on the rules' patterns."""
+
+    def __init__(self, plan: Plan, flat: list, origins: list):
+        self.plan, self.flat, self.origins = plan, flat, origins
+        self.rules = plan.rules
+        self._meets: dict[tuple[str, str], bool] = {}
+
+    def meets(self, a: Pattern, b: Pattern) -> bool:
+        """Whether some key matches both (undecided counts as yes: no finding on a guess)."""
+        key = (a.text, b.text) if a.text <= b.text else (b.text, a.text)
+        if key not in self._meets:
+            if not _ends_agree(a, b):
+                self._meets[key] = False
+                return False
+            try:
+                self._meets[key] = witness([a, b]) is not None
+            except Unknown:
+                self._meets[key] = True
+        return self._meets[key]
+
+    def own(self, i: int) -> bool:
+        """Rule i is the linted spec's own, not an included spec's (those are linted on their own)."""
+        return self.origins[i] == ""
+
+    def claims(self, k: int) -> list[tuple[Pattern, tuple[Pattern, ...]]]:
+        """What rule k takes from the keys that reach it: each input, less its `unless` keys."""
+        r = self.rules[k]
+        return [(p, r.unless) for _, p in r.inputs]
+
+    def span(self, i: int, input_name: str | None = None) -> Span | None:
+        rule = self.flat[i]
+        if input_name is not None and rule.kind == "convert":
+            for b in rule.inputs:
+                if b.name == input_name:
+                    return b.span or rule.span
+        return rule.span
+
+    def overlaps(self) -> list[Finding]:
+        from .compile.compiler import overlaps
+
+        out = []
+        for ra, na, rb, nb, w in overlaps(list(self.rules), self.origins):
+            exc = overlap_error(ra, na, rb, nb, w, self.span(rb.index, nb))
+            out.append(_from_error("E101", exc))
+        return out
+
+    def reaches(self, i: int, pat: Pattern) -> bool:
+        """Whether any key can reach rule i and match `pat`."""
+        return next(self.sources(i, pat), None) is not None
+
+    def sources(self, i: int, pat: Pattern):
+        """Where the keys that reach rule i and match `pat` can come from: -1 for the checkpoint's
+        own keys (that no earlier rule takes), j for the keys rename j makes (that no rule between
+        takes). Undecided questions count as a source."""
+        own = [(u, ()) for u in self.rules[i].unless]
+        origins: list[tuple[int, int, list[Pattern]]] = [(-1, 0, [pat])]
+        for j in range(i):
+            r = self.rules[j]
+            if r.kind == "rename" and self.meets(r.outputs[0][1], pat):
+                origins.append((j, j + 1, [r.outputs[0][1], pat]))
+        for origin, lo, must in origins:
+            avoid = [c for k in range(lo, i) for c in self.claims(k) if self.meets(c[0], pat)]
+            try:
+                found = witness(must, avoid + own) is not None
+            except Unknown:
+                found = True
+            if found:
+                yield origin
+
+    def unreachable(self) -> list[Finding]:
+        out = []
+        for i, rule in enumerate(self.rules):
+            if not self.own(i):
+                continue
+            dead = [name for name, pat in rule.inputs if not self.reaches(i, pat)]
+            if not dead:
+                continue
+            pat = dict(rule.inputs)[dead[0]]
+            by = self._shadowed_by(i, pat)
+            what = (
+                f"rule {i + 1} ({rule.kind})" if len(rule.inputs) == 1 else f"input {dead[0]} of rule {i + 1}"
+            )
+            who = f"rule {by + 1} ({self.rules[by].kind}) claims" if by is not None else "earlier rules claim"
+            out.append(
+                _at(
+                    "W201",
+                    self.span(i, dead[0] if len(rule.inputs) > 1 else None),
+                    f"{what} can never see a key: {who} every key {pat.text} matches first",
+                    "remove it, or move it before the rule that shadows it",
+                )
+            )
+        return out
+
+    def _shadowed_by(self, i: int, pat: Pattern) -> int | None:
+        for k in range(i):
+            if not any(self.meets(p, pat) for p, _ in self.claims(k)):
+                continue
+            try:
+                if witness([pat], self.claims(k)) is None:
+                    return k
+            except Unknown:
+                continue
+        return None
+
+    def renames(self) -> list[Finding]:
+        out = []
+        for i, rule in enumerate(self.rules):
+            if rule.kind != "rename" or not self.own(i):
+                continue
+            src, dst = rule.inputs[0][1], rule.outputs[0][1]
+            if src.text == dst.text:
+                out.append(
+                    _at("W203", self.span(i), f"rule {i + 1} renames {src.text} to itself", "remove it")
+                )
+                continue
+            k = self._next_claim(i, dst)
+            if k is None:
+                continue
+            later = self.rules[k]
+            if later.kind != "rename" or self.origins[k] != self.origins[i]:
+                continue
+            try:
+                if witness([dst], self.claims(k)) is not None:
+                    continue
+            except Unknown:
+                continue
+            ldst, lsrc = later.outputs[0][1], later.inputs[0][1]
+            undo = ldst.text == src.text and lsrc.text == dst.text
+            # a rename that also sees other keys (a prefix for every key, say) is a layer, not a chain
+            if not undo and set(self.sources(k, lsrc)) != {i}:
+                continue
+            if undo:
+                msg = f"rule {k + 1} renames every key rule {i + 1} makes back: {dst.text} -> {src.text}"
+                hint = "remove both"
+            else:
+                msg = (
+                    f"every key rule {i + 1} makes ({dst.display()}) is renamed again by rule {k + 1} "
+                    f"(to {ldst.display()})"
+                )
+                hint = f"rename {src.display()} to the final name in one rule"
+            out.append(_at("W202", self.span(i), msg, hint))
+        return out
+
+    def _next_claim(self, i: int, made: Pattern) -> int | None:
+        """The first rule after i that can take a key matching `made` (the rename's output)."""
+        for k in range(i + 1, len(self.rules)):
+            for p, unless in self.claims(k):
+                if not self.meets(p, made):
+                    continue
+                try:
+                    if witness([made, p], [(u, ()) for u in unless]) is not None:
+                        return k
+                except Unknown:
+                    return k
+        return None
+
+    def lossy(self) -> list[Finding]:
+        out = []
+        for i, rule in enumerate(self.rules):
+            if rule.kind == "drop":
+                out.append(
+                    _at(
+                        "W204",
+                        self.span(i),
+                        f"rule {i + 1} drops {rule.inputs[0][1].text}: saving back cannot recreate those keys",
+                        "add `# noqa: W204` to the rule's line if the loss is intended",
+                    )
+                )
+            for node in rule.nodes:
+                try:
+                    OPS[node.op].inverse(dict(node.params), len(node.inputs))
+                except NotInvertible as exc:
+                    code = "W204" if "lossy" in str(exc) else "W205"
+                    out.append(_where(code, node.where, f"rule {i + 1}: {node}: {exc}"))
+        return out
+
+
+def _ends_agree(a: Pattern, b: Pattern) -> bool:
+    """False when the two patterns' leading or trailing literal text cannot both hold (a quick test
+    that answers most pairs of rules before the exact one)."""
+    for pa, pb, start in ((a.parts, b.parts, True), (a.parts, b.parts, False)):
+        ea, eb = (pa[0], pb[0]) if start else (pa[-1], pb[-1])
+        if ea[0] != "lit" or eb[0] != "lit":
+            continue
+        x, y = ea[1], eb[1]
+        n = min(len(x), len(y))
+        if (x[:n] != y[:n]) if start else (x[len(x) - n :] != y[len(y) - n :]):
+            return False
+    return True
+
+
+def _where(code: str, where: str, message: str) -> Finding:
+    """A finding at a `file:line:col` location string (an op node's)."""
+    m = re.fullmatch(r"(.*):(\d+):(\d+)", where)
+    if m is None:
+        return Finding(code, message, where or None)
+    return Finding(code, message, m.group(1), int(m.group(2)), int(m.group(3)))
+
+
+# ---- against a checkpoint ----------------------------------------------------------------------
+
+
+def _against(plan: Plan, flat: list, layout: dict, report: Report) -> list[Finding]:
+    out: list[Finding] = []
+    try:
+        bound = plan.bind(layout)
+    except BindError as exc:
+        for problem in exc.problems:
+            m = re.match(r"rule (\d+) ", problem)
+            span = flat[int(m.group(1)) - 1].span if m else None
+            out.append(_at("E103", span, problem, exc.hint))
+        bound = None
+    hits, later = _trace(plan, list(layout))
+    for i, rule in enumerate(plan.rules):
+        if hits[i]:
+            continue
+        hint = None
+        if i in later:
+            j, before, after = later[i]
+            hint = (
+                f"keys match it only after rule {j + 1} renames them ({before} -> {after}), "
+                f"which comes later: move rule {i + 1} after rule {j + 1}"
+            )
+        out.append(
+            _at(
+                "W206",
+                flat[i].span,
+                f"no key of the checkpoint reaches rule {i + 1} ({rule.kind} {rule.inputs[0][1].text})",
+                hint,
+            )
+        )
+    if bound is not None:
+        report.coverage = bound.coverage()
+        report.unclaimed = key_shapes(bound.unmatched, plan)
+        for shape in report.unclaimed:
+            near = f"; nearest rule input: {shape.closest}" if shape.closest else ""
+            out.append(
+                Finding(
+                    "I301",
+                    f"no rule claims {shape.text} ({shape.count} key{'s' if shape.count != 1 else ''}): "
+                    f"passed through unchanged{near}",
+                    report.checkpoint,
+                )
+            )
+    return out
+
+
+def _trace(plan: Plan, keys: list[str]) -> tuple[list[int], dict[int, tuple[int, str, str]]]:
+    """How many keys reach each rule, and for rules a key matches only once a later rename has
+    renamed it: that rename, and one key before and after it."""
+    rules = plan.rules
+    hits = [0] * len(rules)
+    names: list[tuple[str, int, str]] = []  # (name, rename that made it, the name before)
+    for key in keys:
+        cur, pos = key, 0
+        while (hit := plan.first_match(cur, pos)) is not None:
+            ri, _, caps = hit
+            hits[ri] += 1
+            if rules[ri].kind != "rename":
+                break
+            try:
+                nxt = rules[ri].outputs[0][1].format(caps)
+            except OffsetError:
+                break
+            names.append((nxt, ri, cur))
+            cur, pos = nxt, ri + 1
+    later: dict[int, tuple[int, str, str]] = {}
+    dead = [i for i, h in enumerate(hits) if not h]
+    for name, j, before in names:
+        for i in dead:
+            if i < j and i not in later and any(_matches(p, name) for _, p in rules[i].inputs):
+                later[i] = (j, before, name)
+    return hits, later
+
+
+# ---- keys grouped by shape ---------------------------------------------------------------------
+
+_NUMBER = re.compile(r"(?<![^.])(0|[1-9][0-9]*)(?![^.])")
+
+
+def key_shapes(keys: list[str], plan: Plan | None = None, limit: int = 200) -> list[KeyShape]:
+    """Keys grouped by their text with whole-segment numbers folded, each group written once with
+    its numbers as ranges: 32 keys `model.layers.N.foo.weight` -> `model.layers.{0..31}.foo.weight`."""
+    groups: dict[str, list[list[int]]] = defaultdict(list)
+    first: dict[str, str] = {}
+    for key in keys:
+        folded = _NUMBER.sub("\0", key)
+        groups[folded].append([int(n) for n in _NUMBER.findall(key)])
+        first.setdefault(folded, key)
+    out = []
+    for folded, numbers in groups.items():
+        slots = [sorted({n[i] for n in numbers}) for i in range(len(numbers[0]))]
+        text = "".join(
+            piece + (_ranges(slots[i]) if i < len(slots) else "")
+            for i, piece in enumerate(folded.split("\0"))
+        )
+        out.append(KeyShape(text, len(numbers), first[folded], _closest(first[folded], plan)))
+    out.sort(key=lambda s: (-s.count, s.text))
+    return out[:limit]
+
+
+def _ranges(values: list[int]) -> str:
+    if len(values) == 1:
+        return str(values[0])
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"{{{values[0]}..{values[-1]}}}"
+    if len(values) <= 6:
+        return "{" + ",".join(map(str, values)) + "}"
+    return f"{{{values[0]}..{values[-1]} ({len(values)} of them)}}"
+
+
+def _closest(key: str, plan: Plan | None) -> str | None:
+    """The convert or drop input whose literal text the key holds nearly all of, in order: the
+    rule the author probably meant these keys for (a typo, a suffix, a renamed block)."""
+    if plan is None:
+        return None
+    import difflib
+
+    best, score = None, 0.9
+    for r in plan.rules:
+        if r.kind == "rename":
+            continue
+        for _, p in r.inputs:
+            lits = "".join(a for k, a, _ in p.parts if k == "lit")
+            if not lits:
+                continue
+            blocks = difflib.SequenceMatcher(None, key, lits, autojunk=False).get_matching_blocks()
+            ratio = sum(b.size for b in blocks) / len(lits)
+            if ratio > score:
+                best, score = f"rule {r.index + 1} {p.text}", ratio
+    return best
