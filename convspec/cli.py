@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     im.add_argument("key", metavar="MODEL_TYPE_OR_CLASS")
     im.add_argument("-o", "--output", metavar="FILE", help="write the spec here (included specs beside it)")
+    _json_flag(im)
     return p
 
 
@@ -319,7 +320,8 @@ def _check(args) -> int:
     select = _codes(args.select)
     ignore = _codes(args.ignore)
     reports = [
-        check_spec(spec, config=config, layout=layout, select=select, ignore=ignore) for spec in args.specs
+        check_spec(spec, config=config, layout=layout, select=select, ignore=ignore, checkpoint=args.against)
+        for spec in args.specs
     ]
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
