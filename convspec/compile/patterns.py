@@ -354,7 +354,8 @@ def witness(
         if plain and flat[m].accepting(state[m]):
             return False
         return not any(
-            flat[a].accepting(state[a]) and not any(flat[u].accepting(state[u]) for u in us) for a, us in pairs
+            flat[a].accepting(state[a]) and not any(flat[u].accepting(state[u]) for u in us)
+            for a, us in pairs
         )
 
     prev: dict[tuple, tuple | None] = {start: None}
