@@ -150,6 +150,10 @@ def _compile(args) -> int:
             hint="see `convspec compile --list`",
         )
     fmt = "json" if args.json else args.format
+    if args.group and not (args.against and fmt in ("dot", "svg", "png")):
+        raise ConvspecError(
+            "--group draws one group of a checkpoint", hint="use it with --against and --format svg|png|dot"
+        )
     config = args.config or _checkpoint_config(args.against)
     plan = api.compile(args.spec, config=config)
     if args.reverse:
@@ -352,10 +356,11 @@ def _explain(args) -> int:
         print(json.dumps(e.to_dict(), indent=2))
     else:
         print(explanation_text(e, _style(sys.stdout)))
-    return 0
+    return 1 if e.problems or e.claim == "error" else 0
 
 
 def _fmt(args) -> int:
+    """Every file is formatted before any is written: a bad spec among several changes none."""
     from pathlib import Path
 
     from .io.files import write_file_atomic
@@ -363,6 +368,14 @@ def _fmt(args) -> int:
 
     if args.output and len(args.specs) > 1:
         raise ConvspecError("-o FILE takes one SPEC", hint="format several files in place, or one at a time")
+    if args.output and args.to:
+        suffix = ".cspec" if args.to == "cspec" else (".yaml", ".yml")
+        if not args.output.endswith(suffix):
+            raise ConvspecError(
+                f"-o {args.output}: --to {args.to} writes a {'.cspec' if args.to == 'cspec' else '.yaml'} file",
+                hint="name the output after the syntax it holds",
+            )
+    printing = args.stdout or (args.to is not None and not args.output)
     results = []
     for name in args.specs:
         path = Path(name)
@@ -373,23 +386,28 @@ def _fmt(args) -> int:
         text = path.read_text(encoding="utf-8")
         out = format_text(text, name, to=args.to)
         target = Path(args.output) if args.output else path
-        changed = out != text or target != path
-        results.append({"file": name, "output": str(target), "changed": changed})
-        if args.check:
+        before = target.read_text(encoding="utf-8") if target.is_file() else None
+        results.append({"file": name, "output": str(target), "changed": out != before, "text": out})
+    for r in results:
+        if args.check or printing:
             continue
-        if args.stdout or (args.to and not args.output):
-            sys.stdout.write(out)
-        elif out != text or target != path:
-            write_file_atomic(target, out.encode("utf-8"))
+        if r["changed"]:
+            write_file_atomic(r["output"], r["text"].encode("utf-8"))
     if args.json:
+        for r in results:
+            if not printing:
+                del r["text"]
         print(json.dumps(results, indent=2))
+    elif printing:
+        for r in results:
+            sys.stdout.write(r["text"])
     elif args.check:
         for r in results:
             if r["changed"]:
                 print(f"would reformat {r['file']}")
         n = sum(r["changed"] for r in results)
         print(f"{n} file(s) would be reformatted, {len(results) - n} already formatted", file=sys.stderr)
-    elif not (args.stdout or (args.to and not args.output)):
+    else:
         n = sum(r["changed"] for r in results)
         print(f"{n} file(s) reformatted, {len(results) - n} unchanged", file=sys.stderr)
     return 1 if args.check and any(r["changed"] for r in results) else 0
