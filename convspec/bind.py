@@ -87,7 +87,7 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
                     f"({', '.join(f'{c}={v}' for c, v in zip(arg_free, diff, strict=False))} is in only one)"
                 )
         outs: list[Value] = [{} for _ in node.outputs]
-        for idx in sorted(keys, key=_index_order):
+        for idx in sorted(keys, key=index_order):
             results = fn(op, p, [a[idx] for a in args])
             if len(results) != len(node.outputs):
                 raise GroupError(
@@ -137,7 +137,8 @@ def _indices(n: int) -> list[tuple[str]]:
     return _INDICES[:n]
 
 
-def _index_order(idx: Index):
+def index_order(idx: Index):
+    """Sort key of a collection index: numbers in numeric order, then names."""
     return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in idx)
 
 
@@ -145,13 +146,18 @@ def infer(op, p, leaves):
     return op.infer(p, leaves)
 
 
-def _infer_keys(infos: dict, op, p, leaves):
+def infer_keys(infos: dict, op, p, leaves):
     """op.infer where a rule's first ops see source keys in place of their TensorInfos."""
     if set(map(type, leaves)) == {str}:  # a collection's members, or a rule's inputs
         leaves = list(map(infos.__getitem__, leaves))
     else:  # keys mixed with values that earlier ops made
         leaves = [infos[x] if type(x) is str else x for x in leaves]
     return op.infer(p, leaves)
+
+
+def infer_group(plan: Plan, rule: PlanRule, members: dict, infos: dict) -> dict[str, Value]:
+    """Every value of one group's op DAG as TensorInfos, from the members' source keys."""
+    return evaluate_rule(plan, rule, dict(members), partial(infer_keys, infos))
 
 
 @dataclass
@@ -171,7 +177,7 @@ class Group:
     @property
     def source_keys(self) -> list[str]:
         return [
-            k for m in self.members.values() for _, k in sorted(m.items(), key=lambda kv: _index_order(kv[0]))
+            k for m in self.members.values() for _, k in sorted(m.items(), key=lambda kv: index_order(kv[0]))
         ]
 
 
@@ -205,7 +211,7 @@ class BoundPlan:
         }
 
 
-def _infos(layout: dict) -> dict[str, TensorInfo]:
+def as_infos(layout: dict) -> dict[str, TensorInfo]:
     """The layout with every value a TensorInfo (as it comes from a checkpoint's headers: no copy)."""
     if set(map(type, layout.values())) <= {TensorInfo}:
         return layout
@@ -233,7 +239,7 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
 
 
 def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
-    infos = _infos(layout)
+    infos = as_infos(layout)
     inverse = plan.inverse(allow_lossy=True) if plan.inverse_rules is not None else None
     routes = route_all(plan, list(infos), inverse)
     problems: list[str] = routes.problems
@@ -257,7 +263,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
 
     for src, dst in passthrough.items():
         emit(dst, infos[src], src)
-    for g in sorted(groups.values(), key=lambda g: (g.rule.index, _index_order(tuple(g.keep.values())))):
+    for g in sorted(groups.values(), key=lambda g: (g.rule.index, index_order(tuple(g.keep.values())))):
         rule = g.rule
         missing = [n for n, _ in rule.inputs if n not in g.members]
         if missing:
@@ -269,7 +275,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
             )
             continue
         try:  # the members' leaves are source keys: infer looks their TensorInfos up
-            env = evaluate_rule(plan, rule, dict(g.members), partial(_infer_keys, infos))
+            env = infer_group(plan, rule, g.members, infos)
         except (GroupError, OpError) as exc:
             msg = exc.message if isinstance(exc, OpError) else str(exc)
             problems.append(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})")

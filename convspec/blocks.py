@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from functools import partial
 from typing import NamedTuple
 
-from .bind import BoundPlan, Group, _infer_keys, evaluate_rule, node_params
+from .bind import BoundPlan, Group, evaluate_rule, infer_group, node_params
 from .dtypes import ITEMSIZE
 from .ops import OPS
 
@@ -59,7 +58,7 @@ def _runs_by_position(bound: BoundPlan, group: Group, itemsize: int):
     """The runs with sources by their position in the group's member order (shared by every group
     of the same rule and shapes, e.g. every layer of a model)."""
     plan, rule, layout = bound.plan, group.rule, bound.layout
-    values = evaluate_rule(plan, rule, dict(group.members), partial(_infer_keys, layout))
+    values = infer_group(plan, rule, group.members, layout)
     ranks = {}
     for name, value in values.items():
         leaf = next(iter(value.values()))

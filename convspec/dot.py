@@ -7,7 +7,6 @@ import difflib
 import re
 from collections import Counter
 from collections.abc import Iterable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .compile.plan import Node, Plan, PlanRule, _show
@@ -411,10 +410,10 @@ def _value_shapes(value: dict) -> list[str]:
 
 def _group(d: _Dot, bound: BoundPlan, g: Group, count: int) -> None:
     """One group drawn in full: its real member keys, each op's inferred shape, its output keys."""
-    from .bind import _index_order, _infer_keys, evaluate_rule
+    from .bind import index_order, infer_group
 
     plan, rule, infos = bound.plan, g.rule, bound.layout
-    env = evaluate_rule(plan, rule, dict(g.members), partial(_infer_keys, infos))
+    env = infer_group(plan, rule, g.members, infos)
     shapes = {name: _value_shapes(v) for name, v in env.items()}
     of = f"rule {rule.index + 1}" + ("" if count == 1 else f", one of {count:,}")
     label = [f"<b>group {_h(g.name)} \u00b7 {of}</b>", _small("its real keys and inferred shapes", C_COUNT)]
@@ -422,7 +421,7 @@ def _group(d: _Dot, bound: BoundPlan, g: Group, count: int) -> None:
     producer = {}
     for k, (name, _) in enumerate(rule.inputs):
         members = g.members.get(name, {})
-        keys = [members[i] for i in sorted(members, key=_index_order)]
+        keys = [members[i] for i in sorted(members, key=index_order)]
         d.node(
             f"g_in{k}",
             _keys_html(keys, infos),
@@ -454,9 +453,9 @@ def _group(d: _Dot, bound: BoundPlan, g: Group, count: int) -> None:
 
 
 def _sorted_groups(bound: BoundPlan) -> list[Group]:
-    from .bind import _index_order
+    from .bind import index_order
 
-    return sorted(bound.groups, key=lambda g: (g.rule.index, _index_order(tuple(g.keep.values()))))
+    return sorted(bound.groups, key=lambda g: (g.rule.index, index_order(tuple(g.keep.values()))))
 
 
 def find_group(bound: BoundPlan, name: str | None) -> Group | None:

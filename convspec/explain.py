@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any
 
-from .bind import GroupError, _index_order, _infer_keys, _infos, evaluate_rule
+from .bind import GroupError, as_infos, index_order, infer_group
 from .compile.patterns import OffsetError, Pattern
 from .compile.plan import Plan, PlanRule
 from .errors import ConvspecError, NotInvertibleError
@@ -152,7 +151,7 @@ class Explanation:
 def explain(plan: Plan, key: str, layout: dict | None = None) -> Explanation:
     """Follow one key through the plan; with a layout ({key: TensorInfo}), bind its group for real
     shapes. Raises ConvspecError for a key the layout lacks, naming close matches."""
-    infos = None if layout is None else _infos(layout)
+    infos = None if layout is None else as_infos(layout)
     if infos is not None and key not in infos:
         raise _not_found(plan, key, infos)
     steps, final, hit, error = _walk(plan, key)
@@ -255,7 +254,7 @@ def _bind_group(e: Explanation, infos: dict[str, TensorInfo]) -> None:
         )
         return _pattern_outputs(e)
     try:
-        env = evaluate_rule(e.plan, rule, dict(members), partial(_infer_keys, infos))
+        env = infer_group(e.plan, rule, members, infos)
     except GroupError as exc:
         e.problems.append(f"{rule.label}: group {e.group_name}: {exc}")
         return _pattern_outputs(e)
@@ -274,7 +273,7 @@ def _bind_group(e: Explanation, infos: dict[str, TensorInfo]) -> None:
 
 
 def _sorted(value: dict[Index, Any]) -> list[tuple[Index, Any]]:
-    return sorted(value.items(), key=lambda kv: _index_order(kv[0]))
+    return sorted(value.items(), key=lambda kv: index_order(kv[0]))
 
 
 def _other_claim(plan: Plan, key: str) -> str | None:
