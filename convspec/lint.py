@@ -7,7 +7,6 @@ Each rule below has a code, a severity and a one-line reason; `RULES` is the ref
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from .compile.patterns import OffsetError, Pattern, Unknown, _matches, witness
 from .compile.plan import Plan
 from .errors import BindError, CompileError, ConvspecError, Span, SpecError
 from .io.config import load_config
+from .keyshapes import compact_keys
 from .ops import OPS, NotInvertible
 from .style import PLAIN, Style
 
@@ -496,38 +496,16 @@ def _trace(plan: Plan, keys: list[str]) -> tuple[list[int], dict[int, tuple[int,
 
 # ---- keys grouped by shape ---------------------------------------------------------------------
 
-_NUMBER = re.compile(r"(?<![^.])(0|[1-9][0-9]*)(?![^.])")
-
 
 def key_shapes(keys: list[str], plan: Plan | None = None, limit: int = 200) -> list[KeyShape]:
-    """Keys grouped by their text with whole-segment numbers folded, each group written once with
-    its numbers as ranges: 32 keys `model.layers.N.foo.weight` -> `model.layers.{0..31}.foo.weight`."""
-    groups: dict[str, list[list[int]]] = defaultdict(list)
-    first: dict[str, str] = {}
-    for key in keys:
-        folded = _NUMBER.sub("\0", key)
-        groups[folded].append([int(n) for n in _NUMBER.findall(key)])
-        first.setdefault(folded, key)
-    out = []
-    for folded, numbers in groups.items():
-        slots = [sorted({n[i] for n in numbers}) for i in range(len(numbers[0]))]
-        text = "".join(
-            piece + (_ranges(slots[i]) if i < len(slots) else "")
-            for i, piece in enumerate(folded.split("\0"))
-        )
-        out.append(KeyShape(text, len(numbers), first[folded], _closest(first[folded], plan)))
+    """Keys grouped by shape, each group one template whose whole-segment numbers are ranges (32 keys
+    `model.layers.N.foo.weight` -> `model.layers.{0..31}.foo.weight`), the largest groups first."""
+    out = [
+        KeyShape(text, len(members), members[0], _closest(members[0], plan))
+        for text, members in compact_keys(keys, segments=True)
+    ]
     out.sort(key=lambda s: (-s.count, s.text))
     return out[:limit]
-
-
-def _ranges(values: list[int]) -> str:
-    if len(values) == 1:
-        return str(values[0])
-    if values == list(range(values[0], values[-1] + 1)):
-        return f"{{{values[0]}..{values[-1]}}}"
-    if len(values) <= 6:
-        return "{" + ",".join(map(str, values)) + "}"
-    return f"{{{values[0]}..{values[-1]} ({len(values)} of them)}}"
 
 
 def _closest(key: str, plan: Plan | None) -> str | None:

@@ -272,6 +272,13 @@ def test_key_shapes_folds_numbers_into_ranges_and_lists():
     assert shapes[0].example == "m.layers.0.experts.0.w"
 
 
+def test_key_shapes_fold_whole_segments_only_and_only_exact_products():
+    keys = ["m.0.experts.0.w1", "m.0.experts.0.w3", "m.1.experts.0.w1", "m.1.experts.0.w3"]
+    assert [s.text for s in key_shapes(keys)] == ["m.{0,1}.experts.0.w1", "m.{0,1}.experts.0.w3"]
+    ragged = ["a.0.b.0", "a.0.b.1", "a.1.b.0"]  # not layers x experts: no template claims a.1.b.1
+    assert [(s.text, s.count) for s in key_shapes(ragged)] == [("a.0.b.{0,1}", 2), ("a.1.b.0", 1)]
+
+
 def test_key_shapes_names_the_rule_the_keys_nearly_match():
     plan = api.compile("mixtral")
     (shape,) = key_shapes([f"model.layers.{i}.mlp.experts.0.w1.weights" for i in range(2)], plan)
@@ -330,7 +337,7 @@ def test_cli_against_a_checkpoint_reports_coverage(tmp_path, capsys):
     make(ckpt, layers=2, experts=4)
     assert main(["check", "mixtral", "--against", str(ckpt)]) == 0
     out = capsys.readouterr().out
-    assert f"{ckpt}: I301 no rule claims model.layers.{{0..1}}.self_attn.q_proj.weight (2 keys)" in out
+    assert f"{ckpt}: I301 no rule claims model.layers.{{0,1}}.self_attn.q_proj.weight (2 keys)" in out
     assert "keys claimed" in out and "24 converted" in out
 
 

@@ -16,6 +16,7 @@ import convspec
 from convspec import dot, pictures
 from convspec.cli import main
 from convspec.errors import ConvspecError
+from convspec.keyshapes import compact_keys
 from convspec.ops import TensorInfo
 from convspec.pictures import render_dot
 
@@ -174,12 +175,12 @@ def test_an_unknown_group_is_an_error_with_close_matches(qwen60):
 
 def test_compact_keys_folds_number_ranges():
     keys = [f"m.layers.{i}.experts.{e}.w1.weight" for i in (0, 1, 2) for e in range(8)]
-    assert dot.compact_keys(keys) == [("m.layers.{0..2}.experts.{0..7}.w1.weight", keys)]
+    assert compact_keys(keys) == [("m.layers.{0..2}.experts.{0..7}.w1.weight", keys)]
     ragged = [f"x.{e}.w" for e in (0, 1, 2, 3, 5, 9, 10)] + ["y.w"]
-    assert [t for t, _ in dot.compact_keys(ragged)] == ["x.{0..3,5,9,10}.w", "y.w"]
+    assert [t for t, _ in compact_keys(ragged)] == ["x.{0..3,5,9,10}.w", "y.w"]
     not_a_product = ["a.0.b.0", "a.0.b.1", "a.1.b.0"]
-    assert [t for t, _ in dot.compact_keys(not_a_product)] == ["a.0.b.{0,1}", "a.1.b.0"]
-    assert [t for t, _ in dot.compact_keys(["k.01", "k.02"])] == ["k.{01,02}"]  # leading zeros as written
+    assert [t for t, _ in compact_keys(not_a_product)] == ["a.0.b.{0,1}", "a.1.b.0"]
+    assert [t for t, _ in compact_keys(["k.01", "k.02"])] == ["k.{01,02}"]  # leading zeros as written
 
 
 HOSTILE = 'we"ird\\<b>&amp;\n\t\x00}{]'
