@@ -12,7 +12,7 @@ from typing import Any
 
 from . import api
 from .compile.compiler import _flatten, compile_spec, overlap_error
-from .compile.patterns import OffsetError, Pattern, Unknown, _matches, witness
+from .compile.patterns import OffsetError, Pattern, Unknown, _matches, meet, witness
 from .compile.plan import Plan
 from .errors import BindError, CompileError, ConvspecError, Span, SpecError
 from .io.config import load_config
@@ -224,19 +224,13 @@ class _Analysis:
     def __init__(self, plan: Plan, flat: list, origins: list):
         self.plan, self.flat, self.origins = plan, flat, origins
         self.rules = plan.rules
-        self._meets: dict[tuple[str, str], bool] = {}
+        self._meets: dict[tuple[Pattern, Pattern], bool] = {}
 
     def meets(self, a: Pattern, b: Pattern) -> bool:
-        """Whether some key matches both (undecided counts as yes: no finding on a guess)."""
-        key = (a.text, b.text) if a.text <= b.text else (b.text, a.text)
+        """Whether some key matches both (decided exactly, segment by segment)."""
+        key = (a, b) if a.text <= b.text else (b, a)
         if key not in self._meets:
-            if not _ends_agree(a, b):
-                self._meets[key] = False
-                return False
-            try:
-                self._meets[key] = witness([a, b]) is not None
-            except Unknown:
-                self._meets[key] = True
+            self._meets[key] = meet(a, b)
         return self._meets[key]
 
     def own(self, i: int) -> bool:
@@ -394,20 +388,6 @@ class _Analysis:
                     code = "W204" if "lossy" in str(exc) else "W205"
                     out.append(_where(code, node.where, f"rule {i + 1}: {node}: {exc}"))
         return out
-
-
-def _ends_agree(a: Pattern, b: Pattern) -> bool:
-    """False when the two patterns' leading or trailing literal text cannot both hold (a quick test
-    that answers most pairs of rules before the exact one)."""
-    for pa, pb, start in ((a.parts, b.parts, True), (a.parts, b.parts, False)):
-        ea, eb = (pa[0], pb[0]) if start else (pa[-1], pb[-1])
-        if ea[0] != "lit" or eb[0] != "lit":
-            continue
-        x, y = ea[1], eb[1]
-        n = min(len(x), len(y))
-        if (x[:n] != y[:n]) if start else (x[len(x) - n :] != y[len(y) - n :]):
-            return False
-    return True
 
 
 def _where(code: str, where: str, message: str) -> Finding:

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convspec import api
 from convspec.cli import main
 from convspec.compile.compiler import pattern_of
-from convspec.compile.patterns import Unknown, witness
+from convspec.compile.patterns import Unknown, intersection_witness, meet, witness
 from convspec.lint import RULES, check_spec, key_shapes
 from convspec.ops import TensorInfo
 from convspec.spec.parse import parse_template
@@ -353,3 +355,37 @@ def test_every_builtin_spec_is_clean():
         if report.findings:
             dirty[name] = [f.text() for f in report.findings]
     assert dirty == {}
+
+
+# ---- the segment-wise meet agrees with the automata ---------------------------------------------
+
+_SEGMENT = st.sampled_from(
+    [
+        "a",
+        "b",
+        "ab",
+        "0",
+        "1",
+        "01",
+        "10",
+        "{S:seg}",
+        "{S:int}",
+        "{S:path}",
+        "{S:path?}",
+        "w{S:int}",
+        "{S:int}b",
+    ]
+)
+
+
+@st.composite
+def templates(draw) -> str:
+    segments = draw(st.lists(_SEGMENT, min_size=1, max_size=5))
+    return ".".join(s.replace("S", f"c{i}") for i, s in enumerate(segments))
+
+
+@settings(max_examples=300, deadline=None)
+@given(templates(), templates())
+def test_meet_agrees_with_the_automata(a, b):
+    pa, pb = tpl(a), tpl(b)
+    assert meet(pa, pb) == (intersection_witness(pa, pb) is not None)

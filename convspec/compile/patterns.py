@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import cache, cached_property, lru_cache
 
 CAPTURE_REGEX = {
     "path": r"[^.]+(?:\.[^.]+)*",
@@ -376,3 +376,84 @@ def witness(
                 prev[nxt] = (state, ch)
                 queue.append(nxt)
     return None
+
+
+# ---- whether two patterns meet, decided segment by segment -----------------------------------
+
+
+def meet(a: Pattern, b: Pattern) -> bool:
+    """Whether some key matches both patterns. Exact, like `intersection_witness`, and fast: keys are
+    dot-separated segments, path captures are runs of whole segments, so this is a match of two
+    segment sequences with wildcards, asking the automata only whether two single segments meet."""
+    if _odd(a) or _odd(b):  # an optional path with no dot of its own: leave it to the automata
+        return intersection_witness(a, b) is not None
+    sa, sb = _segments(a), _segments(b)
+
+    @cache
+    def can(i: int, j: int) -> bool:
+        if i == len(sa) and j == len(sb):
+            return True
+        x = sa[i] if i < len(sa) else None
+        y = sb[j] if j < len(sb) else None
+        if x == "*" and can(i + 1, j):  # a path? that stands for no segment
+            return True
+        if y == "*" and can(i, j + 1):
+            return True
+        if x is None or y is None:
+            return False
+        if x == "*":  # it takes the other side's next segment, whatever it is
+            return can(i, j + 1) if y != "*" else False
+        if y == "*":
+            return can(i + 1, j)
+        return _segments_meet(x, y) and can(i + 1, j + 1)
+
+    return can(0, 0)
+
+
+_ANY_SEGMENT = (("cap", "_", "seg"),)
+
+
+def _odd(p: Pattern) -> bool:
+    """A `path?` that cannot take a dot with it when empty (two in a row, say): its empty form
+    leaves an empty segment, which the segment view does not model."""
+    return len(p.elements) > 1 and any(k == "opt" and side is None for k, _, side in p.elements)
+
+
+@lru_cache(maxsize=4096)
+def _segments(p: Pattern) -> tuple:
+    """The pattern as segments: "*" for any run of segments (a path is one segment then "*"), else
+    the fragments of one segment (literal text and seg/int captures)."""
+    out: list = []
+    cur: list | None = []  # None: just after a path, whose closing dot is the next literal's first
+    for kind, a, b in p.parts:
+        if kind == "cap" and b in ("path", "path?"):
+            if cur:
+                out.append(tuple(cur))
+            if b == "path":
+                out.append(_ANY_SEGMENT)
+            out.append("*")
+            cur = None
+            continue
+        if kind == "cap":
+            cur = [] if cur is None else cur
+            cur.append((kind, a, b or "seg"))
+            continue
+        for k, piece in enumerate(a.split(".")):
+            if k > 0:
+                if cur is not None:
+                    out.append(tuple(cur))
+                cur = []
+            if piece:
+                cur = [] if cur is None else cur
+                cur.append(("lit", piece, None))
+    if cur is not None:
+        out.append(tuple(cur))
+    return tuple(out)
+
+
+@lru_cache(maxsize=16384)
+def _segments_meet(x: tuple, y: tuple) -> bool:
+    def pat(frags: tuple) -> Pattern:
+        return Pattern("".join(a if k == "lit" else "{" + a + "}" for k, a, _ in frags), frags)
+
+    return intersection_witness(pat(x), pat(y)) is not None
