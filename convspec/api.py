@@ -16,6 +16,7 @@ from .compile.plan import Plan
 from .errors import SpecNotFoundError
 from .io.config import load_config
 from .spec import Spec, parse_spec
+from .spec.source import read_spec_text
 
 SUFFIXES = (".yaml", ".yml", ".cspec")
 
@@ -55,10 +56,12 @@ def load_spec(name_or_path: str | Path) -> Spec:
     """A built-in spec by name or model type, or a spec file (.yaml, .yml, .cspec) by path."""
     text = str(name_or_path)
     path = Path(text)
+    if path.is_dir():
+        raise SpecNotFoundError(f"{text} is a directory, not a spec", hint="pass a .yaml or .cspec file")
     if text.endswith(SUFFIXES) or path.is_file():
         if not path.is_file():
             raise SpecNotFoundError(f"spec file {text} does not exist")
-        return parse_spec(path.read_text(encoding="utf-8"), text)
+        return parse_spec(read_spec_text(path), text)
     index = _builtin_index()
     if text not in index:
         close = difflib.get_close_matches(text, list(index), 3)

@@ -365,6 +365,7 @@ def _fmt(args) -> int:
 
     from .io.files import write_file_atomic
     from .spec.format import format_text
+    from .spec.source import read_spec_text
 
     if args.output and len(args.specs) > 1:
         raise ConvspecError("-o FILE takes one SPEC", hint="format several files in place, or one at a time")
@@ -379,11 +380,11 @@ def _fmt(args) -> int:
     results = []
     for name in args.specs:
         path = Path(name)
-        if not path.is_file():
+        if not path.exists():
             raise ConvspecError(
                 f"spec file {name} does not exist", hint="fmt works on files, not built-in names"
             )
-        text = path.read_text(encoding="utf-8")
+        text = read_spec_text(path)
         out = format_text(text, name, to=args.to)
         target = Path(args.output) if args.output else path
         before = target.read_text(encoding="utf-8") if target.is_file() else None

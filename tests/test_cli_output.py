@@ -139,3 +139,21 @@ def test_explain_exits_1_when_the_group_has_a_problem(tmp_path, capsys):
 def test_group_needs_a_checkpoint_and_a_picture(capsys):
     assert main(["compile", "mixtral", "--group", "p=model.layers.0"]) == 2
     assert "--group draws one group of a checkpoint" in capsys.readouterr().err
+
+
+def test_a_spec_that_is_not_utf8_is_an_error_at_its_first_bad_byte(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"spec: t\ndoc: caf\xe9\n")
+    assert main(["compile", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"{path}:2:9: error: the file is not UTF-8 text (byte 0xe9)")
+    assert main(["fmt", str(path)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert path.read_bytes() == b"spec: t\ndoc: caf\xe9\n"
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().out.startswith(f"{path}:2:9: E001 the file is not UTF-8 text")
+
+
+def test_a_directory_is_not_a_spec(tmp_path, capsys):
+    for command in (["compile", str(tmp_path)], ["check", str(tmp_path)], ["fmt", str(tmp_path)]):
+        assert main(command) == 2
+        assert "is a directory" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import Span
+from pathlib import Path
+
+from ..errors import ConvspecError, Span, SpecSyntaxError
 
 
 class Source:
@@ -63,3 +65,25 @@ class Embedded:
         if line == 1:
             return self.source.span(self.line, self.col + col - 1)
         return self.source.span(self.line + line - 1, col)
+
+
+def read_spec_text(path: str | Path) -> str:
+    """A spec file's text; a file that is not UTF-8 is a syntax error at the first bad byte."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConvspecError(f"{path} is a directory, not a spec file", hint="pass a .yaml or .cspec file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConvspecError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start].decode("utf-8", errors="replace")
+        line = before.count("\n") + 1
+        col = len(before) - (before.rfind("\n") + 1) + 1
+        raise SpecSyntaxError(
+            f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x})",
+            span=Span(str(path), line, col),
+            hint="save the spec as UTF-8",
+        ) from None
