@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     _json_flag(f)
     sc = sub.add_parser("schema", help="the JSON Schema of the YAML spec form (for editors)")
     sc.add_argument("-o", "--output", metavar="FILE", help="write the schema here")
+    _json_flag(sc)  # the schema is JSON already; accepted so that every command takes --json
     im = sub.add_parser(
         "import-transformers",
         help="write the spec for a transformers model type or class (needs transformers)",
@@ -287,7 +288,8 @@ def _verify(args) -> int:
     from .streaming import verify_checkpoint
 
     plan = api.compile(args.spec, config=Checkpoint(args.src).config_path)
-    checked, bad = verify_checkpoint(plan, args.src, device=args.device, converted=args.converted)
+    v = verify_checkpoint(plan, args.src, device=args.device, converted=args.converted)
+    bad = v.mismatches
     if args.json:
         mismatches = [
             {
@@ -299,16 +301,25 @@ def _verify(args) -> int:
             }
             for m in bad
         ]
-        print(json.dumps({"checked": checked, "ok": not bad, "mismatches": mismatches}, indent=2))
+        d = {
+            "checked": v.checked,
+            "total": v.total,
+            "ok": not bad,
+            "stopped": v.stopped,
+            "mismatches": mismatches,
+        }
+        print(json.dumps(d, indent=2))
         return 1 if bad else 0
+    s = _style(sys.stdout)
     if not bad:
         what = f"match {args.converted}" if args.converted else "come back"
-        print(f"ok: {checked} tensors {what} bit for bit")
+        print(f"{s.ok('ok')}: {v.checked} tensors {what} bit for bit")
         return 0
     for m in bad:
         diff = "" if m.max_abs_diff is None else f", max abs diff {m.max_abs_diff:g}"
-        print(f"MISMATCH {m.key} {list(m.shape)} {m.dtype}: {m.why}{diff}")
-    print(f"{len(bad)} mismatch(es) among {checked} tensors checked")
+        print(f"{s.error('MISMATCH')} {m.key} {list(m.shape)} {m.dtype}: {m.why}{diff}")
+    tail = f"; stopped at the first {len(bad)} (the source has {v.total} tensors)" if v.stopped else ""
+    print(f"{len(bad)} mismatch(es) among {v.checked} tensors checked{tail}")
     return 1
 
 

@@ -211,7 +211,7 @@ def _rule_head(rule: PlanRule) -> list[str]:
     where = rule.where + (
         "  \u00b7  one group per " + ", ".join(f"{{{k}}}" for k in rule.keep) if rule.keep else ""
     )
-    return [f"<b>rule {rule.index + 1} \u00b7 {_h(rule.kind)}</b>", _small(_h(where))]
+    return [f"<b>rule {rule.number} \u00b7 {_h(rule.kind)}</b>", _small(_h(where))]
 
 
 def _split_where(where: str) -> tuple[str, str]:
@@ -229,7 +229,7 @@ def _plural(n: int, word: str) -> str:
 def _table(d: _Dot, run: list[PlanRule]) -> None:
     """A run of consecutive renames, aliases and drops as one table node, a row each, in spec order:
     dozens of renames take one compact node, not a cluster each."""
-    first, last = run[0].index + 1, run[-1].index + 1
+    first, last = run[0].number, run[-1].number
     kinds = Counter("alias" if r.one_way else r.kind for r in run)
     what = ", ".join(_plural(n, k) for k, n in kinds.items())
     files = {_split_where(r.where)[0] for r in run}
@@ -250,7 +250,7 @@ def _table(d: _Dot, run: list[PlanRule]) -> None:
         if r.unless:
             src += "<br/>" + _small(_mono("unless " + ", ".join(u.text for u in r.unless), 9))
         kind = "alias" if r.one_way else r.kind
-        num = f"{r.index + 1}" + (f"<br/>{_small(kind)}" if kind != "rename" else "")
+        num = f"{r.number}" + (f"<br/>{_small(kind)}" if kind != "rename" else "")
         if r.kind == "drop":
             dst, bg = '<font color="#b42318"><b>dropped</b></font>', f' bgcolor="{C_DROP}"'
         else:
@@ -359,7 +359,7 @@ def _group(d: _Dot, bound: BoundPlan, g: Group, count: int) -> None:
     plan, rule, infos = bound.plan, g.rule, bound.layout
     env = infer_group(plan, rule, g.members, infos)
     shapes = {name: _value_shapes(v) for name, v in env.items()}
-    of = f"rule {rule.index + 1}" + ("" if count == 1 else f", one of {count:,}")
+    of = f"rule {rule.number}" + ("" if count == 1 else f", one of {count:,}")
     label = [f"<b>group {_h(g.name)} \u00b7 {of}</b>", _small("its real keys and inferred shapes", C_COUNT)]
     d.open("group", _left(label), C_GROUP, C_GROUP_LINE, "rounded,filled,bold")
     producer = {}
@@ -409,7 +409,7 @@ def find_group(bound: BoundPlan, name: str | None) -> Group | None:
     if name is None:
         return groups[0] if groups else None
     for g in groups:
-        if name in (g.name, f"{g.rule.index + 1}:{g.name}"):
+        if name in (g.name, f"{g.rule.number}:{g.name}"):
             return g
     names = list(dict.fromkeys(g.name for g in groups))
     if not names:

@@ -30,7 +30,7 @@ class Rename:
 
     def to_dict(self) -> dict:
         return {
-            "rule": self.rule.index + 1,
+            "rule": self.rule.number,
             "where": self.rule.where,
             "kind": "alias" if self.rule.one_way else "rename",
             "pattern": self.rule.inputs[0][1].text,
@@ -105,7 +105,7 @@ class Explanation:
             "final_key": self.final,
             "claim": {
                 "kind": self.claim,
-                "rule": None if rule is None else rule.index + 1,
+                "rule": None if rule is None else rule.number,
                 "where": None if rule is None else rule.where,
                 "input": self.input,
                 "pattern": None if rule is None else dict(rule.inputs)[self.input].text,
@@ -343,7 +343,7 @@ def explanation_text(e: Explanation, style: Style = PLAIN) -> str:
 
 def _rule_head(rule: PlanRule, s: Style) -> str:
     kind = "alias, one-way" if rule.one_way else rule.kind
-    return f"rule {rule.index + 1} ({s(kind, 'magenta')}, {s.dim(rule.where)})"
+    return f"rule {rule.number} ({s(kind, 'magenta')}, {s.dim(rule.where)})"
 
 
 def _rename_lines(r: Rename, s: Style) -> list[str]:
@@ -366,7 +366,7 @@ def _output_lines(e: Explanation, s: Style) -> list[str]:
     renamed = any(r.after for o in e.outputs for r in o.renames)
     rows, last = [], None
     for (key, final), n, info, o in _fold_outputs(e.outputs):
-        via = ", ".join(str(r.rule.index + 1) for r in o.renames if r.after)
+        via = ", ".join(str(r.rule.number) for r in o.renames if r.after)
         row = [o.value if o.value != last else "", key if via else s.key(key)]
         if renamed:
             row.append(f"-> {s.key(final)}  (rule {via})" if via else "")

@@ -7,6 +7,7 @@ Each rule below has a code, a severity and a one-line reason; `RULES` is the ref
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ from . import api
 from .compile.compiler import _flatten, compile_spec, overlap_error
 from .compile.patterns import OffsetError, Pattern, Unknown, _matches, meet, witness
 from .compile.plan import Plan
-from .errors import BindError, CompileError, ConvspecError, Span, SpecError
+from .errors import BindError, CompileError, ConfigError, ConvspecError, Span, SpecError
 from .io.config import load_config
 from .keyshapes import compact_keys
 from .ops import OPS, NotInvertible
@@ -47,6 +48,12 @@ RULES: dict[str, LintRule] = {
         LintRule("W204", "lossy-rule", "warning", "a rule whose inverse cannot give the source back"),
         LintRule("W205", "not-invertible", "warning", "an op with no inverse: the spec cannot save back"),
         LintRule("W206", "dead-rule", "warning", "no key of the checkpoint reaches the rule"),
+        LintRule(
+            "W207",
+            "not-undone",
+            "warning",
+            "saving back would not undo a rule (the inverse takes its keys elsewhere)",
+        ),
         LintRule("I301", "unclaimed-keys", "info", "checkpoint keys no rule claims (they pass through)"),
     )
 }
@@ -92,6 +99,7 @@ class KeyShape:
     count: int
     example: str
     closest: str | None = None  # the rule input pattern the keys nearly match, if any
+    tensor: str = ""  # their shape and dtype (`[48, 32] bfloat16`), or how many kinds they have
 
 
 @dataclass
@@ -170,8 +178,18 @@ def check_spec(
     findings += analysis.unreachable()
     findings += analysis.renames()
     findings += analysis.lossy()
+    if plan.inverse_rules is not None:
+        inverse = plan.inverse(allow_lossy=True)
+        forward = [r.index for r in reversed(plan.rules) if r.kind != "drop" and not r.one_way]
+        back = _Analysis(inverse, [flat[i] for i in forward], [origins[i] for i in forward])
+        findings += back.not_undone(forward)
     if layout is not None:
-        findings += _against(plan, flat, layout, report)
+        shadowed = {(f.file, f.line) for f in findings if f.code == "W201"}
+        findings += [
+            f
+            for f in _against(plan, flat, origins, parsed, layout, report)
+            if not (f.code == "W206" and (f.file, f.line) in shadowed)  # said already, and why
+        ]
     return _finish(report, findings, select, ignore, lines)
 
 
@@ -306,6 +324,40 @@ class _Analysis:
             )
         return out
 
+    def not_undone(self, forward: list[int]) -> list[Finding]:
+        """On the inverse plan: forward rules whose inverse can never see a key, because the inverse
+        of another rule, which runs before it on the way back, takes every key it should undo."""
+        out = []
+        for k, rule in enumerate(self.rules):
+            i = forward[k]
+            if not self.own(k):
+                continue
+            dead = [name for name, pat in rule.inputs if not self.reaches(k, pat)]
+            if not dead:
+                continue
+            pat = dict(rule.inputs)[dead[0]]
+            by = self._shadowed_by(k, pat)
+            who = f"the inverse of rule {forward[by] + 1}" if by is not None else "other rules"
+            hint = (
+                "rules are undone in reverse order: make the outputs disjoint, or rename the common "
+                "part first and the specific part of its output after"
+            )
+            if by is not None and self.rules[by].inputs[0][1].text == pat.text:
+                hint = (
+                    f"rules {i + 1} and {forward[by] + 1} make the same keys and saving back can write "
+                    f"only one source: make rule {i + 1} an alias (applied on load only)"
+                )
+            out.append(
+                _at(
+                    "W207",
+                    self.span(k),
+                    f"saving back never undoes rule {i + 1}: on the way back {who} takes every key "
+                    f"it makes ({pat.display()}) first",
+                    hint,
+                )
+            )
+        return out
+
     def _shadowed_by(self, i: int, pat: Pattern) -> int | None:
         for k in range(i):
             if not any(self.meets(p, pat) for p, _ in self.claims(k)):
@@ -390,18 +442,18 @@ class _Analysis:
         return out
 
 
-def _where(code: str, where: str, message: str) -> Finding:
+def _where(code: str, where: str, message: str, hint: str | None = None) -> Finding:
     """A finding at a `file:line:col` location string (an op node's)."""
     m = re.fullmatch(r"(.*):(\d+):(\d+)", where)
     if m is None:
-        return Finding(code, message, where or None)
-    return Finding(code, message, m.group(1), int(m.group(2)), int(m.group(3)))
+        return Finding(code, message, where or None, hint=hint)
+    return Finding(code, message, m.group(1), int(m.group(2)), int(m.group(3)), hint)
 
 
 # ---- against a checkpoint ----------------------------------------------------------------------
 
 
-def _against(plan: Plan, flat: list, layout: dict, report: Report) -> list[Finding]:
+def _against(plan: Plan, flat: list, origins: list, spec, layout: dict, report: Report) -> list[Finding]:
     out: list[Finding] = []
     try:
         bound = plan.bind(layout)
@@ -411,9 +463,29 @@ def _against(plan: Plan, flat: list, layout: dict, report: Report) -> list[Findi
             span = flat[int(m.group(1)) - 1].span if m else None
             out.append(_at("E103", span, problem, exc.hint))
         bound = None
+    except ConfigError as exc:  # the spec needs a config value to bind, and none was given
+        where, _, message = exc.message.partition(": ")
+        out.append(_where("E103", where, message, exc.hint))
+        bound = None
     hits, later = _trace(plan, list(layout))
+    includes: dict[int, list[int]] = defaultdict(list)  # include rule of the spec -> the rules it gave
+    for i, origin in enumerate(origins):
+        if origin:  # "/N...": rule N of the spec included it (under each of its prefixes)
+            includes[int(origin.split("/")[1].split("@")[0])].append(i)
+    for n, members in includes.items():
+        if not any(hits[i] for i in members):
+            inc = spec.rules[n]
+            out.append(
+                _at(
+                    "W206",
+                    inc.span,
+                    f"no key of the checkpoint reaches any rule of include {inc.spec} "
+                    f"({len(members)} rule{'s' if len(members) != 1 else ''})",
+                    "check its prefixes against the checkpoint's keys, or remove it",
+                )
+            )
     for i, rule in enumerate(plan.rules):
-        if hits[i]:
+        if hits[i] or origins[i]:  # an included rule: its include is reported as a whole
             continue
         hint = None
         if i in later:
@@ -431,15 +503,17 @@ def _against(plan: Plan, flat: list, layout: dict, report: Report) -> list[Findi
             )
         )
     if bound is not None:
+        for warning in bound.warnings:
+            out.append(Finding("W207", warning, report.checkpoint))
         report.coverage = bound.coverage()
-        report.unclaimed = key_shapes(bound.unmatched, plan)
+        report.unclaimed = key_shapes(bound.unmatched, plan, bound.layout)
         for shape in report.unclaimed:
             near = f"; nearest rule input: {shape.closest}" if shape.closest else ""
+            count = f"{shape.count} key{'s' if shape.count != 1 else ''}"
             out.append(
                 Finding(
                     "I301",
-                    f"no rule claims {shape.text} ({shape.count} key{'s' if shape.count != 1 else ''}): "
-                    f"passed through unchanged{near}",
+                    f"no rule claims {shape.text} ({count}, {shape.tensor}): passed through unchanged{near}",
                     report.checkpoint,
                 )
             )
@@ -477,15 +551,27 @@ def _trace(plan: Plan, keys: list[str]) -> tuple[list[int], dict[int, tuple[int,
 # ---- keys grouped by shape ---------------------------------------------------------------------
 
 
-def key_shapes(keys: list[str], plan: Plan | None = None, limit: int = 200) -> list[KeyShape]:
+def key_shapes(
+    keys: list[str], plan: Plan | None = None, layout: dict | None = None, limit: int = 200
+) -> list[KeyShape]:
     """Keys grouped by shape, each group one template whose whole-segment numbers are ranges (32 keys
     `model.layers.N.foo.weight` -> `model.layers.{0..31}.foo.weight`), the largest groups first."""
     out = [
-        KeyShape(text, len(members), members[0], _closest(members[0], plan))
+        KeyShape(text, len(members), members[0], _closest(members[0], plan), _tensors(members, layout))
         for text, members in compact_keys(keys, segments=True)
     ]
     out.sort(key=lambda s: (-s.count, s.text))
     return out[:limit]
+
+
+def _tensors(keys: list[str], layout: dict | None) -> str:
+    if layout is None:
+        return ""
+    kinds = {(tuple(layout[k].shape), layout[k].dtype) for k in keys}
+    if len(kinds) == 1:
+        shape, dtype = next(iter(kinds))
+        return f"{list(shape)} {dtype}"
+    return f"{len(kinds)} shapes"
 
 
 def _closest(key: str, plan: Plan | None) -> str | None:

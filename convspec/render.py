@@ -14,7 +14,7 @@ from .style import PLAIN, Style, table
 
 def _rule_lines(rule: PlanRule, s: Style = PLAIN) -> list[str]:
     kind = "alias" if rule.one_way else rule.kind
-    head = s.bold(f"rule {rule.index + 1}") + f"  {s(f'{kind:<8}', 'magenta')} {s.dim(rule.where)}"
+    head = s.bold(f"rule {rule.number}") + f"  {s(f'{kind:<8}', 'magenta')} {s.dim(rule.where)}"
     if rule.kind == "rename":
         lines = [head, f"    {rule.inputs[0][1].text}", f"    -> {rule.outputs[0][1].display()}"]
         lines += [f"    unless {u.text}" for u in rule.unless]
@@ -124,7 +124,7 @@ def bound_json(bound: BoundPlan) -> str:
     d = json.loads(bound.plan.to_json())
     d["groups"] = [
         {
-            "rule": g.rule.index + 1,
+            "rule": g.rule.number,
             "group": g.keep,
             "inputs": {
                 k: {"shape": list(bound.layout[k].shape), "dtype": bound.layout[k].dtype}

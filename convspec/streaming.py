@@ -177,18 +177,35 @@ class Mismatch:
     why: str
 
 
+@dataclass
+class Verification:
+    """What `verify` found: tensors compared, the first mismatches, and whether it stopped early."""
+
+    checked: int
+    total: int  # tensors the source has
+    mismatches: list[Mismatch]
+    stopped: bool  # the limit of mismatches was reached before every tensor was compared
+
+    def __iter__(self):  # `checked, bad = verify_checkpoint(...)` as before
+        return iter((self.checked, self.mismatches))
+
+
 def verify_checkpoint(
     plan: Plan, src: str | Path, device: str = "cpu", limit: int = 20, converted: str | Path | None = None
-) -> tuple[int, list[Mismatch]]:
+) -> Verification:
     """Forward then inverse, group by group, compared with the source bit for bit; or, with `converted`,
-    the forward outputs compared with a converted directory. Returns (checked, mismatches)."""
+    the forward outputs compared with a converted directory. Stops after `limit` mismatches."""
     import torch
 
     with torch.no_grad():
         return _verify(plan, src, device, limit, converted)
 
 
-def _verify(plan: Plan, src, device: str, limit: int, converted) -> tuple[int, list[Mismatch]]:
+def _dtype(t) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _verify(plan: Plan, src, device: str, limit: int, converted) -> Verification:
     import torch
 
     from .run import run_group
@@ -217,32 +234,41 @@ def _verify(plan: Plan, src, device: str, limit: int, converted) -> tuple[int, l
                     originals[k] = other.get(k)
                 else:
                     bad.append(
-                        Mismatch(
-                            k, tuple(t.shape), str(t.dtype), None, "missing from the converted directory"
-                        )
+                        Mismatch(k, tuple(t.shape), _dtype(t), None, "missing from the converted directory")
                     )
+        strays = [k for k in back if k not in originals]
         for k, t in originals.items():
             checked += 1
             b = back.get(k)
             if b is None:
-                bad.append(Mismatch(k, tuple(t.shape), str(t.dtype), None, "missing after the round trip"))
+                why = "missing after the round trip"
+                if strays:
+                    why += (
+                        f" (it came back as {strays[0]})"
+                        if len(strays) == 1
+                        else f" (the group gave back {', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''})"
+                    )
+                bad.append(Mismatch(k, tuple(t.shape), _dtype(t), None, why))
             elif b.shape != t.shape or b.dtype != t.dtype:
                 bad.append(
-                    Mismatch(k, tuple(t.shape), str(t.dtype), None, f"came back as {list(b.shape)} {b.dtype}")
+                    Mismatch(k, tuple(t.shape), _dtype(t), None, f"came back as {list(b.shape)} {_dtype(b)}")
                 )
             elif not torch.equal(b.cpu().reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)):
                 diff = (b.cpu().double() - t.double()).abs().max().item() if t.dtype != torch.bool else None
-                bad.append(
-                    Mismatch(k, tuple(t.shape), str(t.dtype).removeprefix("torch."), diff, "bits differ")
-                )
+                bad.append(Mismatch(k, tuple(t.shape), _dtype(t), diff, "bits differ"))
 
-    for src_key, dst in bound.passthrough.items():
-        t = ckpt.get(src_key)
-        compare({src_key: t}, {dst: t.to(device)})
-    for g in bound.groups:
-        originals = {k: ckpt.get(k) for k in g.source_keys}
-        outs = run_group(bound, g, {k: v.to(device) for k, v in originals.items()})
-        compare(originals, outs)
+    units: list = [*bound.passthrough.items(), *bound.groups]  # (source key, final key) or a Group
+    stopped = False
+    for unit in units:
         if len(bad) >= limit:
+            stopped = True
             break
-    return checked, bad
+        if isinstance(unit, tuple):
+            src_key, dst = unit
+            t = ckpt.get(src_key)
+            compare({src_key: t}, {dst: t.to(device)})
+        else:
+            originals = {k: ckpt.get(k) for k in unit.source_keys}
+            outs = run_group(bound, unit, {k: v.to(device) for k, v in originals.items()})
+            compare(originals, outs)
+    return Verification(checked, len(ckpt.entries), bad[:limit], stopped)

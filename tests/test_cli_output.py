@@ -67,7 +67,13 @@ def test_compile_list_and_convert_and_verify_speak_json(ckpt, tmp_path, capsys):
     assert dry["outputs"]["model.layers.0.mlp.experts.gate_up_proj"]["shape"][0] == 4
     assert not (tmp_path / "dry").exists()
     assert main(["verify", "mixtral", str(ckpt), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"checked": 41, "ok": True, "mismatches": []}
+    assert json.loads(capsys.readouterr().out) == {
+        "checked": 41,
+        "total": 41,
+        "ok": True,
+        "stopped": False,
+        "mismatches": [],
+    }
 
 
 def test_errors_are_plain_off_a_terminal_and_coloured_on_one(tmp_path, capsys, monkeypatch):
@@ -157,3 +163,26 @@ def test_a_directory_is_not_a_spec(tmp_path, capsys):
     for command in (["compile", str(tmp_path)], ["check", str(tmp_path)], ["fmt", str(tmp_path)]):
         assert main(command) == 2
         assert "is a directory" in capsys.readouterr().err
+
+
+def test_verify_says_what_a_lost_key_came_back_as_and_when_it_stopped(ckpt, tmp_path, capsys):
+    # forward: the specific rename first; backward the general one runs first and takes its keys
+    spec = tmp_path / "bad_inverse.yaml"
+    spec.write_text(
+        'spec: t\nrules:\n  - rename: "model.layers.{i:int}.{rest:path}"\n    to: "net.blocks.{i}.{rest}"\n'
+        '  - rename: "model.{rest:path}"\n    to: "net.{rest}"\n'
+    )
+    assert main(["verify", str(spec), str(ckpt)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("MISMATCH model.layers.0.")
+    assert "missing after the round trip (it came back as model.blocks.0." in out[0]
+    assert "bfloat16" in out[0] and "torch." not in out[0]
+    assert len(out) == 21 and out[-1].endswith("; stopped at the first 20 (the source has 41 tensors)")
+    assert main(["verify", str(spec), str(ckpt), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["stopped"] is True and result["total"] == 41 and len(result["mismatches"]) == 20
+
+
+def test_schema_takes_json_like_every_command(capsys):
+    assert main(["schema", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == "convspec spec"

@@ -228,13 +228,82 @@ def test_W206_a_rule_no_checkpoint_key_reaches_with_the_reason(tmp_path):
     )
 
 
+def test_W206_an_include_is_dead_as_a_whole_not_rule_by_rule(tmp_path):
+    path = spec_file(tmp_path, "  - include: mixtral\n    under: [text_model, model.text]\n")
+    layout = {f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight": bf16(4, 2) for e in (0, 1)}
+    f = only(check_spec(path, layout=layout, checkpoint="ckpt"), "W206")
+    assert f.message == "no key of the checkpoint reaches any rule of include mixtral (6 rules)"
+    assert f.line == 3
+    moved = {f"text_model.{k}": v for k, v in layout.items()}
+    assert "W206" not in codes(check_spec(path, layout=moved, checkpoint="ckpt"))  # one prefix reached
+
+
+def test_W206_is_not_repeated_for_a_rule_W201_already_shows_unreachable(tmp_path):
+    path = spec_file(
+        tmp_path,
+        '  - rename: "{p:path}.attn.{rest:path}"\n    to: "{p}.self_attn.{rest}"\n'
+        '  - rename: "model.attn.qkv.weight"\n    to: "model.self_attn.qkv_proj.weight"\n',
+    )
+    report = check_spec(path, layout={"model.attn.qkv.weight": bf16(6, 2)}, checkpoint="ckpt")
+    assert codes(report) == ["W201"]
+
+
+def test_W207_a_rename_whose_inverse_never_runs(tmp_path):
+    # forward: the specific prefix first, then the general one; backward the general one runs
+    # first and sends layer keys to transformer.layers.N
+    path = spec_file(
+        tmp_path,
+        '  - rename: "transformer.h.{i:int}.{rest:path}"\n    to: "model.layers.{i}.{rest}"\n'
+        '  - rename: "transformer.{rest:path}"\n    to: "model.{rest}"\n',
+    )
+    f = only(check_spec(path), "W207")
+    assert f.message == (
+        "saving back never undoes rule 1: on the way back the inverse of rule 2 takes every key "
+        "it makes (model.layers.{i}.{rest}) first"
+    )
+    assert f.line == 3 and "rename the common part first" in f.hint
+    fixed = spec_file(
+        tmp_path,
+        '  - rename: "transformer.{rest:path}"\n    to: "model.{rest}"\n'
+        '  - rename: "model.h.{i:int}.{rest:path}"\n    to: "model.layers.{i}.{rest}"\n',
+        "fixed.yaml",
+    )
+    assert codes(check_spec(fixed)) == []
+
+
+def test_W207_two_renames_to_one_name_suggest_an_alias(tmp_path):
+    path = spec_file(
+        tmp_path,
+        '  - rename: "model.vit.{r:path}"\n    to: "model.vision_tower.{r}"\n'
+        '  - rename: "vit.{r:path}"\n    to: "model.vision_tower.{r}"\n',
+    )
+    assert "make rule 1 an alias" in only(check_spec(path), "W207").hint
+    aliased = spec_file(
+        tmp_path,
+        '  - alias: "model.vit.{r:path}"\n    to: "model.vision_tower.{r}"\n'
+        '  - rename: "vit.{r:path}"\n    to: "model.vision_tower.{r}"\n',
+        "aliased.yaml",
+    )
+    assert codes(check_spec(aliased)) == []
+
+
+def test_W207_against_a_checkpoint_a_key_that_would_come_back_renamed():
+    # a key already in the target layout passes through, but saving back would rename it
+    report = check_spec("mixtral", layout={"model.layers.0.mlp.gate.weight": bf16(4, 2)}, checkpoint="ckpt")
+    f = only(report, "W207")
+    assert f.file == "ckpt"
+    assert "the inverse would come back as model.layers.0.block_sparse_moe.gate.weight" in f.message
+
+
 def test_I301_unclaimed_keys_grouped_by_shape():
     layout = {f"model.layers.{i}.input_layernorm.weight": bf16(2) for i in range(32)}
     layout["lm_head.weight"] = bf16(3, 2)
     report = check_spec("mixtral", layout=layout, checkpoint="ckpt")
     lines = [f.message for f in report.findings if f.code == "I301"]
-    assert lines[0].startswith("no rule claims model.layers.{0..31}.input_layernorm.weight (32 keys)")
-    assert lines[1].startswith("no rule claims lm_head.weight (1 key)")
+    assert lines[0].startswith(
+        "no rule claims model.layers.{0..31}.input_layernorm.weight (32 keys, [2] bfloat16)"
+    )
+    assert lines[1].startswith("no rule claims lm_head.weight (1 key, [3, 2] bfloat16)")
     assert report.coverage["unmatched"] == 33 and not report.errors
     assert "ckpt: 0 of 33 keys claimed (0.0%)" in report.text()
 
@@ -339,7 +408,10 @@ def test_cli_against_a_checkpoint_reports_coverage(tmp_path, capsys):
     make(ckpt, layers=2, experts=4)
     assert main(["check", "mixtral", "--against", str(ckpt)]) == 0
     out = capsys.readouterr().out
-    assert f"{ckpt}: I301 no rule claims model.layers.{{0,1}}.self_attn.q_proj.weight (2 keys)" in out
+    assert (
+        f"{ckpt}: I301 no rule claims model.layers.{{0,1}}.self_attn.q_proj.weight (2 keys, [32, 32] bfloat16)"
+        in out
+    )
     assert "keys claimed" in out and "24 converted" in out
 
 
@@ -389,3 +461,10 @@ def templates(draw) -> str:
 def test_meet_agrees_with_the_automata(a, b):
     pa, pb = tpl(a), tpl(b)
     assert meet(pa, pb) == (intersection_witness(pa, pb) is not None)
+
+
+def test_E103_a_spec_that_needs_a_config_to_bind_says_how_to_give_one(tmp_path):
+    layout = {"model.layers.0.self_attn.qkv_proj.weight": bf16(64, 32)}
+    f = only(check_spec("split_qkv", layout=layout, checkpoint="ckpt"), "E103")
+    assert "needs config.num_attention_heads, but no config was given" in f.message
+    assert "--config FILE" in f.hint and f.file == "specs/split_qkv.yaml"

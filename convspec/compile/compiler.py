@@ -688,6 +688,7 @@ def invert(rules: list[PlanRule]) -> tuple[tuple[PlanRule, ...], list[str]]:
                     keep=r.keep,
                     free=r.free,
                     types=r.types,
+                    undoes=r.number,
                 )
             )
             continue
@@ -715,6 +716,7 @@ def invert(rules: list[PlanRule]) -> tuple[tuple[PlanRule, ...], list[str]]:
                 keep=r.keep,
                 free=r.free,
                 types=r.types,
+                undoes=r.number,
             )
         )
     return tuple(out), lossy

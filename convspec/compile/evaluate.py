@@ -44,7 +44,7 @@ def evaluate(expr: dict, config: dict | None, where: str = "") -> Any:
         if config is None:
             raise ConfigError(
                 f"{where}: this parameter needs {m.path}, but no config was given",
-                hint="pass config= (a dict or a config.json path) to compile",
+                hint="give the model config: --config FILE on the command line (or a config.json beside the checkpoint), config= in Python",
             ) from None
         raise ConfigError(
             f"{where}: the config has no field {m.path}",

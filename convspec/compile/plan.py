@@ -51,10 +51,16 @@ class PlanRule:
     types: tuple[tuple[str, str], ...] = ()  # capture -> path | path? | int | seg
     unless: tuple[Pattern, ...] = ()  # a rename leaves keys matching these alone
     one_way: bool = False  # an alias: applied on load, not undone by the inverse
+    undoes: int = 0  # in an inverse plan: the number of the spec's rule this one undoes
+
+    @property
+    def number(self) -> int:
+        """The rule's number as the spec file counts them (an inverse rule: the rule it undoes)."""
+        return self.undoes or self.index + 1
 
     @property
     def label(self) -> str:
-        return f"rule {self.index + 1} ({self.kind}, {self.where})"
+        return f"rule {self.number} ({self.kind}, {self.where})"
 
     @cached_property
     def free_of(self) -> dict[str, tuple[str, ...]]:
@@ -290,4 +296,5 @@ def _rule_from(d: dict) -> PlanRule:
         types=tuple((c, t) for c, t in d["types"]),
         unless=tuple(_pat_from(p) for p in d.get("unless", ())),
         one_way=d.get("one_way", False),
+        undoes=d.get("undoes", 0),
     )

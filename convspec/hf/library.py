@@ -109,7 +109,20 @@ def translate(
                 raise NotExpressible(f"{kind} (a rename defined by code)")
         except NotExpressible as exc:
             out.notes.append(f"{describe(t)}: {exc}")
-    out.lines = renames + converts
+    out.lines = _aliases_for_shared_targets(renames) + converts
+    return out
+
+
+def _aliases_for_shared_targets(lines: list[str]) -> list[str]:
+    """Two renames to the same target (`model.vit.{r}` and `vit.{r}` -> `model.vision_tower.{r}`):
+    saving back can write only one source, the later rule's (its inverse runs first), so the earlier
+    rule is an alias, applied on load only. The plan is the same; the spec says what it does."""
+    target = [line.split("\n")[0].partition(" -> ")[2] for line in lines]
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith("rename ") and target[i] in target[i + 1 :]:
+            line = "alias " + line.removeprefix("rename ")
+        out.append(line)
     return out
 
 
