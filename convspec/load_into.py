@@ -18,10 +18,11 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(
         default_factory=list
     )  # key, checkpoint shape, model shape
+    on_meta: list[str] = field(default_factory=list)  # non-persistent buffers left without data
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.on_meta)
 
     def __str__(self) -> str:
         parts = []
@@ -35,6 +36,11 @@ class LoadReport:
             parts.append(
                 "shape mismatch: "
                 + ", ".join(f"{k} {list(a)} vs model {list(b)}" for k, a, b in self.mismatched[:5])
+            )
+        if self.on_meta:
+            parts.append(
+                f"{len(self.on_meta)} buffer(s) no checkpoint holds left on meta (the model cannot run): "
+                + ", ".join(self.on_meta[:5])
             )
         return "; ".join(parts) or "ok"
 
@@ -85,9 +91,31 @@ def load_into(model: torch.nn.Module, items, strict: bool = True, base_prefix: s
         filled.add(key)
     persistent = {k for k in targets if _persistent(model, k)}
     report.missing = sorted(persistent - filled)
+    left = [k for k, t in targets.items() if t.is_meta and k not in persistent]
+    if left and filled:
+        _materialize_buffers(model, left, filled)
+        left = [k for k, t in model.named_buffers(remove_duplicate=False) if t.is_meta and k in set(left)]
+    report.on_meta = sorted(left)
     if strict and not report.ok:
         raise LoadError(report)
     return report
+
+
+def _materialize_buffers(model: torch.nn.Module, keys: list[str], filled: set[str]) -> None:
+    """Non-persistent buffers (rotary `inv_freq`, `position_ids`) are in no checkpoint: a model built
+    on meta gets them as transformers' own loader does, allocated on the model's device and computed
+    by the model's weight initialisation, which skips every tensor this load filled."""
+    if not (hasattr(model, "initialize_weights") and hasattr(model, "get_parameter_or_buffer")):
+        return  # not a transformers model: the caller must compute them (the report lists them)
+    device = model.get_parameter_or_buffer(next(iter(filled))).device
+    for key in keys:
+        owner_name, _, attr = key.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        owner._buffers[attr] = torch.empty_like(owner._buffers[attr], device=device)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in keys:
+            t._is_hf_initialized = True
+    model.initialize_weights()
 
 
 def _persistent(model: torch.nn.Module, key: str) -> bool:

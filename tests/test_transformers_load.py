@@ -102,3 +102,38 @@ def test_base_model_checkpoint_fills_a_model_with_a_head(tmp_path):
     assert report.unexpected == ["lm_head.weight"] and not report.missing
     for k, v in bare.state_dict().items():
         assert torch.equal(v, lm_full.state_dict()[f"model.{k}"]), k
+
+
+def test_a_meta_model_runs_after_load_into_its_non_persistent_buffers_computed(saved):
+    cfg, d = saved
+    ref = transformers.MixtralForCausalLM.from_pretrained(d)
+    with torch.device("meta"):
+        model = transformers.MixtralForCausalLM(cfg)
+    report = convspec.compile("mixtral", config=d / "config.json").load_into(model, d, strict=True)
+    assert report.ok and report.on_meta == []
+    assert not [k for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    buffers = dict(ref.named_buffers())
+    assert all(torch.equal(t, buffers[k]) for k, t in model.named_buffers())  # rotary inv_freq
+    x = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_a_plain_module_is_told_which_buffers_no_checkpoint_fills():
+    from convspec.load_into import LoadError, load_into
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("freq", torch.ones(2), persistent=False)
+
+    with torch.device("meta"):
+        net = Net()
+    items = [("lin.weight", torch.zeros(2, 2)), ("lin.bias", torch.zeros(2))]
+    report = load_into(net, items, strict=False)
+    assert report.on_meta == ["freq"] and not report.ok
+    assert "left on meta (the model cannot run): freq" in str(report)
+    with torch.device("meta"):
+        net = Net()
+    with pytest.raises(LoadError):
+        load_into(net, items, strict=True)
