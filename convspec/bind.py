@@ -291,7 +291,11 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
     warnings = [
         f"{src} passes through as {dst}, but the inverse "
         + ("would be claimed by a convert" if back is None else f"would come back as {back}")
-        + ": the checkpoint already has keys of the target layout"
+        + (
+            ": the checkpoint already has keys of the target layout"
+            if src == dst
+            else ": the inverse of another rename takes it first on the way back"
+        )
         for src, dst, back in routes.collisions
     ]
     warnings += _inverse_claims(plan, groups.values())

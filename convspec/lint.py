@@ -187,7 +187,7 @@ def check_spec(
         shadowed = {(f.file, f.line) for f in findings if f.code == "W201"}
         findings += [
             f
-            for f in _against(plan, flat, origins, parsed, layout, report)
+            for f in _against(plan, flat, origins, parsed, layout, report, findings)
             if not (f.code == "W206" and (f.file, f.line) in shadowed)  # said already, and why
         ]
     return _finish(report, findings, select, ignore, lines)
@@ -453,7 +453,9 @@ def _where(code: str, where: str, message: str, hint: str | None = None) -> Find
 # ---- against a checkpoint ----------------------------------------------------------------------
 
 
-def _against(plan: Plan, flat: list, origins: list, spec, layout: dict, report: Report) -> list[Finding]:
+def _against(
+    plan: Plan, flat: list, origins: list, spec, layout: dict, report: Report, prior: list[Finding]
+) -> list[Finding]:
     out: list[Finding] = []
     try:
         bound = plan.bind(layout)
@@ -503,8 +505,10 @@ def _against(plan: Plan, flat: list, origins: list, spec, layout: dict, report: 
             )
         )
     if bound is not None:
-        for warning in bound.warnings:
-            out.append(Finding("W207", warning, report.checkpoint))
+        static = any(f.code == "W207" for f in prior)  # the keys below only show what it explains
+        for warning, more in [] if static else _alike(bound.warnings):
+            tail = f" (and {more} more key{'s' if more != 1 else ''} like it)" if more else ""
+            out.append(Finding("W207", warning + tail, report.checkpoint))
         report.coverage = bound.coverage()
         report.unclaimed = key_shapes(bound.unmatched, plan, bound.layout)
         for shape in report.unclaimed:
@@ -518,6 +522,15 @@ def _against(plan: Plan, flat: list, origins: list, spec, layout: dict, report: 
                 )
             )
     return out
+
+
+def _alike(messages: list[str]) -> list[tuple[str, int]]:
+    """Messages that differ only in their numbers (one per layer, one per expert), once each, with
+    how many more there were."""
+    groups: dict[str, list[str]] = {}
+    for m in messages:
+        groups.setdefault(re.sub(r"\d+", "#", m), []).append(m)
+    return [(ms[0], len(ms) - 1) for ms in groups.values()]
 
 
 def _trace(plan: Plan, keys: list[str]) -> tuple[list[int], dict[int, tuple[int, str, str]]]:
