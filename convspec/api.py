@@ -107,6 +107,7 @@ def convert(
     overwrite: bool = False,
     dry_run: bool = False,
     on_tensor=None,
+    manifest: bool = False,
 ):
     """Convert the checkpoint at `src` into `dst` (sharded safetensors, written atomically)."""
     from .io.checkpoint import Checkpoint
@@ -127,4 +128,5 @@ def convert(
         overwrite=overwrite,
         dry_run=dry_run,
         on_tensor=on_tensor,
+        manifest=manifest,
     )

@@ -8,6 +8,7 @@ import sys
 
 from . import api, render
 from .errors import ConvspecError
+from .manifest import MANIFEST as MANIFEST_NAME
 from .style import Style
 from .style import table as style_table
 
@@ -64,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--dry-run", action="store_true", help="print what would be written, from headers only")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     cv.add_argument("--quiet", action="store_true", help="no progress display")
+    cv.add_argument(
+        "--manifest",
+        action="store_true",
+        help=f"also write {MANIFEST_NAME}: sha256 of every source and output tensor (see verify --manifest)",
+    )
     _json_flag(cv)
     v = sub.add_parser("verify", help="convert forward and back, and compare with the source bit for bit")
     v.add_argument("spec")
@@ -71,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu")
     v.add_argument(
         "--converted", metavar="DIR", help="compare a converted directory with SRC converted afresh"
+    )
+    v.add_argument(
+        "--manifest",
+        action="store_true",
+        help="with --converted: check SRC and DIR against the hash manifest written by convert --manifest",
     )
     _json_flag(v)
     ch = sub.add_parser("check", help="lint a spec: overlaps, shadowed renames, dead rules, coverage")
@@ -222,6 +233,7 @@ def _convert(args) -> int:
         overwrite=args.overwrite,
         dry_run=args.dry_run,
         on_tensor=progress,
+        manifest=args.manifest,
     )
     if progress is not None:
         progress.done()
@@ -287,6 +299,8 @@ def _verify(args) -> int:
     from .io.checkpoint import Checkpoint
     from .streaming import verify_checkpoint
 
+    if args.manifest:
+        return _verify_manifest(args)
     plan = api.compile(args.spec, config=Checkpoint(args.src).config_path)
     v = verify_checkpoint(plan, args.src, device=args.device, converted=args.converted)
     bad = v.mismatches
@@ -320,6 +334,36 @@ def _verify(args) -> int:
         print(f"{s.error('MISMATCH')} {m.key} {list(m.shape)} {m.dtype}: {m.why}{diff}")
     tail = f"; stopped at the first {len(bad)} (the source has {v.total} tensors)" if v.stopped else ""
     print(f"{len(bad)} mismatch(es) among {v.checked} tensors checked{tail}")
+    return 1
+
+
+def _verify_manifest(args) -> int:
+    """SRC and the converted directory hashed again and compared with the manifest convert wrote."""
+    from . import manifest
+
+    if not args.converted:
+        raise ConvspecError("verify --manifest checks a converted directory", hint="pass --converted DIR")
+    spec = manifest.load(args.converted).get("spec")
+    result = manifest.check(args.src, args.converted)
+    expected = api.load_spec(args.spec).name
+    if spec != expected:
+        result.problems.insert(0, f"the manifest was written by spec {spec}, not {expected}")
+    if args.json:
+        print(
+            json.dumps(
+                {"checked": result.checked, "ok": result.ok, "spec": spec, "problems": result.problems},
+                indent=2,
+            )
+        )
+        return 0 if result.ok else 1
+    s = _style(sys.stdout)
+    if result.ok:
+        print(f"{s.ok('ok')}: {result.checked} tensors of {args.src} and {args.converted} match the manifest")
+        return 0
+    for p in result.problems[:50]:
+        print(f"{s.error('CHANGED')} {p}")
+    more = " (first 50 shown)" if len(result.problems) > 50 else ""
+    print(f"{len(result.problems)} difference(s) from the manifest among {result.checked} tensors{more}")
     return 1
 
 

@@ -152,8 +152,10 @@ def convert_checkpoint(
     overwrite: bool = False,
     dry_run: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
+    manifest: bool = False,
 ) -> ConvertResult:
-    """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent)."""
+    """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
+    `manifest`, a per-tensor hash manifest of the source and the output is written inside it."""
     ckpt = Checkpoint(src)
     bound = bind_checkpoint(plan, ckpt, strict)
     entries = output_order(bound, dtype)
@@ -165,6 +167,11 @@ def convert_checkpoint(
         stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
         files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
         ckpt.copy_side_files(tmp)
+        from . import manifest as hashes
+
+        (tmp / hashes.MANIFEST).unlink(missing_ok=True)  # the source's own would not describe this output
+        if manifest:
+            hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
     return ConvertResult(Path(dst), files, len(entries), total, bound)
 
 
