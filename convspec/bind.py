@@ -289,7 +289,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
                 g.out_values[target] = (value, idx)
                 emit(target, info, f"{rule.label} group {g.name}")
     warnings = [
-        f"{src} passes through as {dst}, but the inverse "
+        f"{src} {'passes through as' if src == dst else 'is renamed to'} {dst}, but the inverse "
         + ("would be claimed by a convert" if back is None else f"would come back as {back}")
         + (
             ": the checkpoint already has keys of the target layout"
@@ -342,6 +342,30 @@ def _inverse_claims(plan: Plan, groups) -> list[str]:
                     f"{target} comes from {g.rule.label}, but the inverse plan {other}: saving back would "
                     "not undo this convert"
                 )
+    out += _members_back(plan, inverse, groups)
+    return out
+
+
+def _members_back(plan: Plan, inverse: Plan, groups) -> list[str]:
+    """A convert's inputs are undone under the names its rule saw (after the renames before it);
+    the inverse's renames after that must give back the checkpoint's names. Checked on the first
+    member of each input of each rule: renames see a key's shape, and all members share it."""
+    out, seen = [], set()
+    for g in groups:
+        for name, members in g.members.items():
+            if (g.rule.index, name) in seen or not members:
+                continue
+            seen.add((g.rule.index, name))
+            src = next(iter(members.values()))
+            renamed, hit = follow_renames(plan, src)
+            if hit is None or hit[0] != g.rule.index:
+                continue
+            undone = next((r.index for r in inverse.rules if r.undoes == g.rule.number), None)
+            if undone is None:
+                continue
+            back, _ = follow_renames(inverse, renamed, undone + 1, renames_only=True)
+            if back != src:
+                out.append(f"{src} is an input of {g.rule.label}, but saving back would write it as {back}")
     return out
 
 

@@ -460,10 +460,11 @@ def _against(
     try:
         bound = plan.bind(layout)
     except BindError as exc:
-        for problem in exc.problems:
+        for problem, more in _alike(exc.problems):
             m = re.match(r"rule (\d+) ", problem)
             span = flat[int(m.group(1)) - 1].span if m else None
-            out.append(_at("E103", span, problem, exc.hint))
+            tail = f" (and {more} more like it)" if more else ""
+            out.append(_at("E103", span, problem + tail, exc.hint))
         bound = None
     except ConfigError as exc:  # the spec needs a config value to bind, and none was given
         where, _, message = exc.message.partition(": ")

@@ -372,3 +372,19 @@ def test_an_unknown_include_names_the_including_line(tmp_path):
     text = exc.value.render()
     assert text.startswith(f"{f}:2:1: error: include nosuch: no built-in spec or model type named 'nosuch'")
     assert "include nosuch under model" in text
+
+
+def test_bind_warns_when_saving_back_would_rename_a_converts_input_wrongly():
+    import convspec as cs
+    from convspec.spec import parse_spec
+
+    spec = parse_spec(
+        'spec: t\nrules:\n  - rename: "t.h.{i:int}.{rest:path}"\n    to: "m.layers.{i}.{rest}"\n'
+        '  - rename: "t.{rest:path}"\n    to: "m.{rest}"\n'
+        '  - convert:\n      x: "{p:path}.qkv"\n    to:\n      "{p}.q, {p}.k": chunk(x, dim=0, n=2)\n',
+        "t.yaml",
+    )
+    bound = cs.compile(spec).bind({"t.h.0.qkv": ((4, 2), "float32")})
+    assert "t.h.0.qkv is an input of rule 3 (convert, t.yaml:7:5), but saving back would write it as " in (
+        "\n".join(bound.warnings)
+    )
