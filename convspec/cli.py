@@ -66,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     cv.add_argument("--quiet", action="store_true", help="no progress display")
     cv.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read a .bin/.pt checkpoint with torch.load(weights_only=True) (never its code)",
+    )
+    cv.add_argument(
         "--manifest",
         action="store_true",
         help=f"also write {MANIFEST_NAME}: sha256 of every source and output tensor (see verify --manifest)",
@@ -78,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--converted", metavar="DIR", help="compare a converted directory with SRC converted afresh"
     )
+    v.add_argument("--allow-pickle", action="store_true", help="read a .bin/.pt SRC (weights only)")
     v.add_argument(
         "--manifest",
         action="store_true",
@@ -203,7 +209,14 @@ def _checkpoint_config(against: str | None) -> str | None:
     from pathlib import Path
 
     candidate = Path(against) / "config.json"
-    return str(candidate) if candidate.is_file() else None
+    if not candidate.is_file():
+        return None
+    from .io.safetensors import check_inside
+
+    check_inside(
+        Path(against), candidate, candidate
+    )  # a link out of the checkpoint is refused, as convert does
+    return str(candidate)
 
 
 def _emit(data: bytes, output: str | None) -> int:
@@ -234,6 +247,7 @@ def _convert(args) -> int:
         dry_run=args.dry_run,
         on_tensor=progress,
         manifest=args.manifest,
+        allow_pickle=args.allow_pickle,
     )
     if progress is not None:
         progress.done()
@@ -301,8 +315,9 @@ def _verify(args) -> int:
 
     if args.manifest:
         return _verify_manifest(args)
-    plan = api.compile(args.spec, config=Checkpoint(args.src).config_path)
-    v = verify_checkpoint(plan, args.src, device=args.device, converted=args.converted)
+    with api.safetensors_source(args.src, args.allow_pickle) as src:
+        plan = api.compile(args.spec, config=Checkpoint(src).config_path)
+        v = verify_checkpoint(plan, src, device=args.device, converted=args.converted)
     bad = v.mismatches
     if args.json:
         mismatches = [
@@ -463,6 +478,9 @@ def _fmt(args) -> int:
                 print(f"would reformat {r['file']}")
         n = sum(r["changed"] for r in results)
         print(f"{n} file(s) would be reformatted, {len(results) - n} already formatted", file=sys.stderr)
+    elif args.output:
+        r = results[0]
+        print(f"wrote {r['output']}" if r["changed"] else f"{r['output']} already holds it", file=sys.stderr)
     else:
         n = sum(r["changed"] for r in results)
         print(f"{n} file(s) reformatted, {len(results) - n} unchanged", file=sys.stderr)
@@ -473,7 +491,10 @@ def _schema(args) -> int:
     from .spec.schema import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
-    return _emit(text.encode("utf-8"), args.output)
+    _emit(text.encode("utf-8"), args.output)
+    if args.output and args.json:  # the schema went to the file: say where, as one JSON document
+        print(json.dumps({"output": args.output}))
+    return 0
 
 
 def _import(args) -> int:

@@ -44,3 +44,18 @@ class _TorchDtypes(Mapping):
 
 
 DTYPES: Mapping[str, Any] = _TorchDtypes()
+
+
+def check_dtype(name: str | None) -> None:
+    """A dtype a user names (`--dtype`) is one convspec handles; else an error with the names."""
+    if name is None or name in ITEMSIZE:
+        return
+    import difflib
+
+    from .errors import ConvspecError
+
+    close = difflib.get_close_matches(name, list(ITEMSIZE), 1)
+    raise ConvspecError(
+        f"unknown dtype {name!r}",
+        hint=(f"did you mean {close[0]!r}? " if close else "") + f"dtypes: {', '.join(ITEMSIZE)}",
+    )

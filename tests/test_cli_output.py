@@ -186,3 +186,19 @@ def test_verify_says_what_a_lost_key_came_back_as_and_when_it_stopped(ckpt, tmp_
 def test_schema_takes_json_like_every_command(capsys):
     assert main(["schema", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["title"] == "convspec spec"
+
+
+def test_schema_to_a_file_with_json_says_where(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert main(["schema", "-o", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"output": str(out)}
+    assert json.loads(out.read_text())["title"] == "convspec spec"
+
+
+def test_fmt_to_another_file_says_it_wrote_it(tmp_path, capsys):
+    path = tmp_path / "t.yaml"
+    path.write_text(GOOD)
+    assert main(["fmt", str(path), "-o", str(tmp_path / "u.yaml")]) == 0
+    assert capsys.readouterr().err.strip() == f"wrote {tmp_path / 'u.yaml'}"
+    assert main(["fmt", str(path), "-o", str(tmp_path / "u.yaml")]) == 0
+    assert capsys.readouterr().err.strip() == f"{tmp_path / 'u.yaml'} already holds it"
