@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES
 from ..ops.base import TensorInfo
-from .safetensors import CheckpointError, Entry, read_layout
+from .safetensors import INDEX, CheckpointError, Entry, check_inside, read_layout
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,7 @@ class Checkpoint:
         self.files = [Path(f) for f in src] if isinstance(src, list | tuple) else None
         self.src = self.files[0].parent if self.files else Path(src)
         self.entries: dict[str, Entry] = read_layout(self.files or self.src)
+        self.side_files = self._side_files()  # checked now: a bad one is refused before any output
         self._fds: dict[str, int] = {}
         self._pool: ThreadPoolExecutor | None = None
 
@@ -36,6 +37,8 @@ class Checkpoint:
 
     @property
     def config_path(self) -> Path | None:
+        if self.src.is_dir() and not self.files:
+            return next((f for f in self.side_files if f.name == "config.json"), None)
         p = (self.src if self.src.is_dir() else self.src.parent) / "config.json"
         return p if p.is_file() else None
 
@@ -111,14 +114,22 @@ class Checkpoint:
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
 
+    def _side_files(self) -> list[Path]:
+        """Every non-weight file beside the weights (config, tokenizer, ...), each inside the directory:
+        one that links out of it is refused, so a conversion never copies a file from elsewhere."""
+        if not self.src.is_dir() or self.files:
+            return []
+        out = []
+        for f in sorted(self.src.iterdir()):
+            if f.name.endswith(WEIGHT_SUFFIXES) or f.name == INDEX:
+                continue
+            if f.is_file():  # a subdirectory is not copied, so wherever it leads does not matter
+                if f.is_symlink():
+                    check_inside(self.src, f, f)
+                out.append(f)
+        return out
+
     def copy_side_files(self, dst: Path) -> None:
         """Every non-weight file beside the weights (config, tokenizer, ...) copied unchanged."""
-        if not self.src.is_dir() or self.files:
-            return
-        for f in sorted(self.src.iterdir()):
-            if (
-                f.is_file()
-                and not f.name.endswith(WEIGHT_SUFFIXES)
-                and f.name != "model.safetensors.index.json"
-            ):
-                shutil.copy2(f, dst / f.name)
+        for f in self.side_files:
+            shutil.copy2(f, dst / f.name)
