@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import difflib
+from contextlib import contextmanager
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -108,25 +109,61 @@ def convert(
     dry_run: bool = False,
     on_tensor=None,
     manifest: bool = False,
+    allow_pickle: bool = False,
 ):
-    """Convert the checkpoint at `src` into `dst` (sharded safetensors, written atomically)."""
-    from .io.checkpoint import Checkpoint
+    """Convert the checkpoint at `src` into `dst` (sharded safetensors, written atomically). A pickle
+    checkpoint is read only with `allow_pickle` (torch.load(weights_only=True), never its code)."""
     from .streaming import convert_checkpoint
 
-    cfg = Checkpoint(src).config_path
-    plan = compile(spec, config=cfg)
-    if reverse:
-        plan = plan.inverse()
-    return convert_checkpoint(
-        plan,
-        src,
-        dst,
-        device=device,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        strict=strict,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        on_tensor=on_tensor,
-        manifest=manifest,
+    with safetensors_source(src, allow_pickle, beside=dst) as src:
+        from .io.checkpoint import Checkpoint
+
+        cfg = Checkpoint(src).config_path
+        plan = compile(spec, config=cfg)
+        if reverse:
+            plan = plan.inverse()
+        return convert_checkpoint(
+            plan,
+            src,
+            dst,
+            device=device,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            strict=strict,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            on_tensor=on_tensor,
+            manifest=manifest,
+        )
+
+
+@contextmanager
+def safetensors_source(src, allow_pickle: bool, beside=None):
+    """`src` itself, or with `allow_pickle` and a pickle checkpoint, a safetensors copy of it made
+    in a temporary folder beside `beside` (the destination: same disk) and removed afterwards."""
+    from .io.pickled import pickle_files, transcode
+
+    path = Path(src)
+    has_safetensors = (
+        path.is_file()
+        and path.suffix == ".safetensors"
+        or (
+            path.is_dir()
+            and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists())
+        )
     )
+    if not allow_pickle or has_safetensors or not path.exists() or not pickle_files(path):
+        yield src
+        return
+    import os
+    import shutil
+    import tempfile
+
+    parent = Path(beside).parent if beside is not None else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".convspec-pickle-{os.getpid()}-", dir=parent))
+    try:
+        yield transcode(path, tmp / "checkpoint")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

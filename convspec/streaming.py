@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .bind import BoundPlan
 from .blocks import block_runs
 from .compile.plan import Plan
-from .dtypes import DTYPES, ITEMSIZE
+from .dtypes import DTYPES, ITEMSIZE, check_dtype
 from .errors import BindError
 from .io.checkpoint import Checkpoint
 from .io.writer import AtomicDir, FileCopy, parse_size, write_sharded
@@ -156,6 +156,7 @@ def convert_checkpoint(
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
     `manifest`, a per-tensor hash manifest of the source and the output is written inside it."""
+    check_dtype(dtype)
     ckpt = Checkpoint(src)
     bound = bind_checkpoint(plan, ckpt, strict)
     entries = output_order(bound, dtype)

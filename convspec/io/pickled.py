@@ -1,0 +1,87 @@
+"""Pickle checkpoints (`.bin`, `.pt`, `.pth`), read only when the user asks: torch.load with
+weights_only=True, one shard at a time, rewritten as safetensors so the rest of convspec never sees
+a pickle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .safetensors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def pickle_files(src: str | Path) -> list[Path]:
+    """The pickle shards of a checkpoint directory (by its index when there is one), or one file."""
+    src = Path(src)
+    if src.is_file():
+        return [src] if src.suffix in PICKLE_SUFFIXES else []
+    index = src / PICKLE_INDEX
+    if index.is_file():
+        try:
+            names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a valid index ({exc})") from None
+        root = src.resolve()
+        out = []
+        for name in names:
+            p = (src / name).resolve()
+            if Path(name).is_absolute() or root not in p.parents:
+                raise CheckpointError(f"{index}: shard {name!r} is outside the checkpoint directory")
+            if not p.is_file():
+                raise CheckpointError(f"{index}: shard {name} is listed but missing")
+            out.append(src / name)
+        return out
+    return sorted(p for p in src.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def transcode(src: str | Path, out: str | Path) -> Path:
+    """Rewrite a pickle checkpoint as safetensors in `out` (one shard per pickle shard, an index when
+    there are several, the other files copied). Each shard is loaded with weights_only=True: a pickle
+    that would run code or build anything but tensors is refused by torch, and so here."""
+    import torch
+    from safetensors.torch import save_file
+
+    src, out = Path(src), Path(out)
+    files = pickle_files(src)
+    if not files:
+        raise CheckpointError(f"{src}: no pickle checkpoint files ({', '.join(PICKLE_SUFFIXES)})")
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for i, f in enumerate(files):
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds; all mean "not a safe weights pickle"
+            raise CheckpointError(
+                f"{f}: not loadable as weights only ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                hint="convspec reads pickles with torch.load(weights_only=True) and never runs their code",
+            ) from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()
+        ):
+            raise CheckpointError(f"{f}: not a state dict of tensors")
+        name = (
+            "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        )
+        dup = [k for k in sd if k in weight_map]
+        if dup:
+            raise CheckpointError(f"tensor {dup[0]} appears in both {weight_map[dup[0]]} and {f.name}")
+        # shared storage (tied weights) is written once per key, contiguous
+        save_file(
+            {k: v.contiguous().clone() for k, v in sd.items()}, str(out / name), metadata={"format": "pt"}
+        )
+        weight_map.update(dict.fromkeys(sd, name))
+        del sd
+    if len(files) > 1:
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if src.is_dir():
+        for p in src.iterdir():
+            if p.is_file() and p.suffix not in PICKLE_SUFFIXES and p.name != PICKLE_INDEX:
+                shutil.copy2(p, out / p.name)
+    return out
