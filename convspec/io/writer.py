@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,11 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from ..dtypes import ITEMSIZE
 from .safetensors import DTYPES, CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: temporaries are told apart by pid alone
+    fcntl = None
 
 if TYPE_CHECKING:
     import torch
@@ -89,16 +95,108 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+class Cleanup(NamedTuple):
+    """What `clean_temporaries` found beside a destination."""
+
+    removed: list[Path]  # temporaries of dead runs, deleted
+    restored: Path | None  # a destination a killed --overwrite had moved aside, renamed back into place
+    kept: list[tuple[Path, int | None]]  # temporaries of running processes (their pid), left alone
+
+
+def clean_temporaries(dst: Path) -> Cleanup:
+    """Delete what killed runs left beside `dst`, restore a destination one of them had moved aside,
+    and leave alone the temporaries of conversions still running."""
+    removed: list[Path] = []
+    kept: list[tuple[Path, int | None]] = []
+    restored = None
+    asides = []
+    for path, aside, pid, start in _temporaries(dst):
+        if _in_use(path, pid, start):
+            kept.append((path, pid))
+        elif aside:
+            asides.append(path)
+        else:
+            _remove(path)
+            removed.append(path)
+    for path in sorted(asides, key=_ctime, reverse=True):
+        # a run killed between moving the old destination aside and renaming the new one in
+        if restored is None and not os.path.lexists(dst):
+            try:
+                os.rename(path, dst)
+                restored = path
+                _fsync_dir(dst.parent)
+                continue
+            except OSError:
+                pass
+        _remove(path)
+        removed.append(path)
+    return Cleanup(removed, restored, kept)
+
+
 def remove_stale_temporaries(dst: Path) -> list[Path]:
-    """Temporary directories a killed run left beside `dst` (their process is gone): removed, and returned."""
-    removed = []
-    for tmp in dst.parent.glob(f".{dst.name}{TMP_MARK}*"):
-        pid_text = tmp.name.rsplit("-", 1)[-1]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and _alive(int(pid_text)):
-            continue
-        shutil.rmtree(tmp, ignore_errors=True)
-        removed.append(tmp)
-    return removed
+    """Temporary directories killed runs left beside `dst` (their process is gone): removed, and returned."""
+    return clean_temporaries(dst).removed
+
+
+def _temporaries(dst: Path) -> Iterator[tuple[Path, bool, int | None, int | None]]:
+    """Every temporary beside `dst` named as this writer names them: (path, moved aside?, pid, start)."""
+    prefix = f".{dst.name}{TMP_MARK}"
+    try:
+        names = [n for n in os.listdir(dst.parent) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in sorted(names):
+        m = re.fullmatch(r"(old-)?(\d+)(?:-(\d+))?", name[len(prefix) :])
+        if m is None:
+            continue  # not a name this writer makes: not ours to delete
+        yield dst.parent / name, m.group(1) is not None, int(m.group(2)), m.group(3) and int(m.group(3))
+
+
+def _in_use(path: Path, pid: int | None, start: int | None) -> bool:
+    """A writer holds a lock on its temporary until it ends (the kernel drops it with the process, in
+    any pid namespace); the pid and start time in the name cover the instant before the lock is taken."""
+    if _locked(path):
+        return True
+    if pid is None or pid == os.getpid() or not _alive(pid):
+        return False
+    if start is None:
+        return True  # named by an older writer: a live pid is all there is to go on
+    now = _start_time(pid)
+    return now is None or now == start  # a different start time: the pid was reused
+
+
+def _locked(path: Path) -> bool:
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also drops the lock just taken
+    return False
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on `path` (a directory); None where it cannot."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _alive(pid: int) -> bool:
@@ -111,44 +209,187 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (Linux); None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ctime(path: Path) -> float:
+    try:
+        return path.lstat().st_ctime
+    except OSError:
+        return 0.0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems cannot sync a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+_RENAMEAT2: object = ...  # libc's renameat2, looked up on first use; None where there is none
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(2) with `flags`: True when done, False where the system or filesystem lacks it."""
+    global _RENAMEAT2
+    if _RENAMEAT2 is ...:
+        _RENAMEAT2 = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _RENAMEAT2 = fn
+            except (OSError, AttributeError):
+                pass
+    if _RENAMEAT2 is None:
+        return False
+    import ctypes
+
+    at_fdcwd = -100
+    if _RENAMEAT2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _mark() -> str:
+    """This process in a temporary's name: pid, and start time where known (a reused pid is not alive)."""
+    start = _start_time(os.getpid())
+    return f"{os.getpid()}" if start is None else f"{os.getpid()}-{start}"
+
+
 class AtomicDir:
-    """A temporary directory beside `dst`, renamed into place only by `commit()`; removed on failure."""
+    """A temporary directory beside `dst`, renamed into place only by `commit()`; removed on failure.
+    A kill at any instant leaves `dst` as it was or complete; the next run clears what the dead one left."""
 
     def __init__(self, dst: str | Path, overwrite: bool = False):
         self.dst = Path(dst)
-        if self.dst.exists() and not overwrite:
+        self.overwrite = overwrite
+        parent = self.dst.parent
+        self.cleanup = clean_temporaries(self.dst) if parent.is_dir() else Cleanup([], None, [])
+        self.stale = self.cleanup.removed
+        if os.path.lexists(self.dst) and not overwrite:
             raise CheckpointError(f"{self.dst} already exists", hint="pass --overwrite to replace it")
+        self._made = []  # folders created for dst: their entries are synced at commit
+        while not parent.exists():
+            self._made.append(parent)
+            parent = parent.parent
         self.dst.parent.mkdir(parents=True, exist_ok=True)
-        self.stale = remove_stale_temporaries(self.dst)
-        self.tmp = self.dst.parent / f".{self.dst.name}{TMP_MARK}{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
+        self.tmp = self.dst.parent / f".{self.dst.name}{TMP_MARK}{_mark()}"
+        if os.path.lexists(self.tmp):
+            if _locked(self.tmp):
+                raise CheckpointError(f"{self.dst} is being written by this process already")
+            _remove(self.tmp)
         self.tmp.mkdir()
+        self._lock = _lock(self.tmp)
+        self._aside_lock = None
 
     def commit(self) -> None:
-        for f in self.tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        """Everything synced, then the directory swapped in by one atomic rename; the old one goes last."""
+        _fsync_tree(self.tmp)
         old = None
-        if self.dst.exists():
-            old = self.dst.parent / f".{self.dst.name}{TMP_MARK}old-{os.getpid()}"
-            os.rename(self.dst, old)
-        os.rename(self.tmp, self.dst)
+        if not self._rename_noreplace():
+            if not self.overwrite:
+                raise CheckpointError(
+                    f"{self.dst} appeared while converting; it was left as it is",
+                    hint="pass --overwrite to replace it",
+                )
+            if _rename2(self.tmp, self.dst, RENAME_EXCHANGE):
+                old = self.tmp  # the old destination, now under the temporary's name
+            else:
+                old = self._swap_aside()
+        _fsync_dir(self.dst.parent)
+        for made in reversed(self._made):
+            _fsync_dir(made.parent)
+        self._release()
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
+
+    def _rename_noreplace(self) -> bool:
+        """Rename the temporary to `dst` unless something is there: False, and nothing done, if it is."""
+        try:
+            if _rename2(self.tmp, self.dst, RENAME_NOREPLACE):
+                return True
+        except FileExistsError:
+            return False
+        if os.path.lexists(self.dst):
+            return False
+        os.rename(self.tmp, self.dst)
+        return True
+
+    def _swap_aside(self) -> Path:
+        """Without an atomic exchange: old moved aside (locked: no other run takes it for a dead one's), new
+        renamed in. A kill between the renames leaves the old one aside; the next run renames it back."""
+        old = self.dst.parent / f".{self.dst.name}{TMP_MARK}old-{_mark()}"
+        self._aside_lock = _lock(self.dst) if self.dst.is_dir() and not self.dst.is_symlink() else None
+        os.rename(self.dst, old)
+        try:
+            os.rename(self.tmp, self.dst)
+        except BaseException:
+            os.rename(old, self.dst)
+            raise
+        return old
+
+    def _release(self) -> None:
+        for fd in (self._lock, self._aside_lock):
+            if fd is not None:
+                os.close(fd)
+        self._lock = self._aside_lock = None
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._release()
 
     def __enter__(self) -> Path:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
 
 
 class FileCopy(NamedTuple):
