@@ -13,6 +13,9 @@ from .evaluate import _Name, evaluate, needs_config
 from .patterns import Pattern, intersection_witness, split_offset, with_offset
 from .plan import Node, Plan, PlanRule
 
+MAX_OP_VALUES = 4096  # values one op may yield (chunk n=, stack parts=, split sizes=): each is a name
+MAX_RULE_VALUES = 65_536  # values one convert may make: an ops chain multiplies them
+
 
 def pattern_of(t: Template) -> Pattern:
     return Pattern(
@@ -269,6 +272,13 @@ class _Lowering:
             n_out = len(params["sizes"]["$len"])
         elif op.name == "chunk" and _is_expr(params.get("n")):
             n_out = want
+        elif op.name == "stack" and _is_expr(params.get("parts")):
+            raise self.err(
+                f"stack parts={params['parts']['text']} sets how many values it yields, so it must be "
+                "a number here",
+                call.span,
+                hint="write the number, or compile with the config",
+            )
         else:
             n_out = op.n_outputs(params)
         if n_out is None:
@@ -280,6 +290,18 @@ class _Lowering:
                 )
             n_out = want
             params["n"] = want
+        if not 1 <= n_out <= MAX_OP_VALUES:
+            raise self.err(
+                f"{op.name} would yield {n_out} values: an op yields 1 to {MAX_OP_VALUES}",
+                call.span,
+                hint="check its n=, parts= or sizes=",
+            )
+        if self.n + n_out > MAX_RULE_VALUES:
+            raise self.err(
+                f"the rule makes more than {MAX_RULE_VALUES} values",
+                call.span,
+                hint="an ops [...] chain applies each op to every value the one before yields",
+            )
         outs = [self.fresh() for _ in range(n_out)]
         self.nodes.append(Node(op.name, tuple(args), tuple(outs), tuple(params.items()), _where(call.span)))
         self.spans.append(call.span)
@@ -333,6 +355,17 @@ class _Lowering:
         dumped = e.model_dump()
         where = _where(e.span)
         if needs_config(dumped) and self.config is None:
+            if p.kind == "capture":  # a capture is named in the spec: no config can supply one
+                raise self.err(
+                    f"parameter {p.name} of {op.name} must be a capture name, got {_expr_text(e)}", e.span
+                )
+            if p.kind == "dtype":  # the inverse (and whether the cast loses values) depends on it
+                raise self.err(
+                    f"parameter {p.name} of {op.name} must be a dtype name without a config, "
+                    f"got {_expr_text(e)}",
+                    e.span,
+                    hint="write the dtype, or compile with the config",
+                )
             value: Any = {"$expr": dumped, "text": _expr_text(e)}
             if p.kind in ("ints", "shape") and dumped["kind"] == "list":
                 value["$len"] = dumped["items"]
@@ -584,14 +617,15 @@ def _flatten(spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "
     key has wins (transformers' `base_model_prefix.scope.` before `scope.`): a rename under a later
     prefix leaves keys under an earlier, longer one alone."""
     out, origins = [], []
+    stack = _stack or (spec.name,)  # the names included so far: a file need not hold the spec it is named for
     for n, rule in enumerate(spec.rules):
         if not isinstance(rule, Include):
             out.append(rule)
             origins.append(_origin)
             continue
-        if rule.spec in _stack or rule.spec == spec.name:
+        if rule.spec in stack or rule.spec == spec.name:
             raise CompileError(
-                f"include {rule.spec} is circular ({' -> '.join((*_stack, spec.name, rule.spec))})",
+                f"include {rule.spec} is circular ({' -> '.join((*stack, rule.spec))})",
                 span=rule.span,
             )
         if resolve is None:
@@ -600,7 +634,7 @@ def _flatten(spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "
             included = resolve(rule.spec)
         except SpecNotFoundError as exc:
             raise CompileError(f"include {rule.spec}: {exc.message}", span=rule.span, hint=exc.hint) from None
-        inner, inner_origins = _flatten(included, resolve, (*_stack, spec.name), f"{_origin}/{n}")
+        inner, inner_origins = _flatten(included, resolve, (*stack, rule.spec), f"{_origin}/{n}")
         if rule.only != "all":
             keep = [
                 (r, o)

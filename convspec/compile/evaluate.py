@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 from ..errors import ConfigError
@@ -40,6 +41,8 @@ def evaluate(expr: dict, config: dict | None, where: str = "") -> Any:
     """Evaluate a parameter expression (IR dump form) to a plain value."""
     try:
         return _eval(expr, config)
+    except ConfigError as exc:  # every message names the parameter, as a missing field's does
+        raise ConfigError(f"{where}: {exc.message}" if where else exc.message, hint=exc.hint) from None
     except Missing as m:
         if config is None:
             raise ConfigError(
@@ -55,7 +58,7 @@ def evaluate(expr: dict, config: dict | None, where: str = "") -> Any:
 def _eval(e: dict, config: dict | None) -> Any:
     kind = e["kind"]
     if kind == "num":
-        return e["value"]
+        return _fits(e["value"], "a number")
     if kind == "str":
         return e["value"]
     if kind == "list":
@@ -65,7 +68,7 @@ def _eval(e: dict, config: dict | None) -> Any:
     if kind == "ref":
         path = e["path"]
         if path[0] == "config":
-            return _lookup(config, path)
+            return _fits(_lookup(config, path), ".".join(path))
         if len(path) == 1:
             if path[0] == "true":
                 return True
@@ -86,9 +89,7 @@ def _eval(e: dict, config: dict | None) -> Any:
         if op in ("//", "%") and b == 0:
             raise ConfigError(f"division by zero in {op}")
         r = {"+": a + b, "-": a - b, "*": a * b}.get(op) if op in "+-*" else (a // b if op == "//" else a % b)
-        if abs(r).bit_length() > MAX_INT_BITS:
-            raise ConfigError(f"integer overflow: result has more than {MAX_INT_BITS} bits")
-        return r
+        return _fits(r)
     if kind == "call":
         raise ConfigError(f"an op call ({e['op']}) cannot stand where a parameter value is expected")
     raise ConfigError(f"unknown expression kind {kind}")  # pragma: no cover
@@ -111,5 +112,28 @@ def _lookup(config: dict | None, path: list[str]) -> Any:
 
 def _int(v: Any, op: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"'{op}' needs integers, got {v!r}")
+        raise ConfigError(f"'{op}' needs integers, got {_short(v)}")
     return v
+
+
+def _fits(v: Any, what: str = "") -> Any:
+    """Every integer in or out of the arithmetic stays within 64 bits, so no product of two config
+    values can grow without bound (a config dict may hold 10**10**6)."""
+    if isinstance(v, list):
+        for item in v:
+            _fits(item, what)
+    elif isinstance(v, int) and not isinstance(v, bool) and abs(v).bit_length() > MAX_INT_BITS:
+        if not what:
+            raise ConfigError(f"integer overflow: result has more than {MAX_INT_BITS} bits")
+        raise ConfigError(
+            f"integer overflow: {what} has {abs(v).bit_length()} bits, more than {MAX_INT_BITS}"
+        )
+    return v
+
+
+def _short(v: Any) -> str:
+    """A value for a message, cut short: a config value may be huge (reprlib bounds its size)."""
+    try:
+        return reprlib.repr(v)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        return f"a {type(v).__name__} too large to show"

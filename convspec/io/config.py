@@ -23,6 +23,8 @@ def load_config(config: Any) -> dict | None:
         raise ConfigError(f"config file {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # an int past 4300 digits; nesting past the stack
+        raise ConfigError(f"{path}: invalid JSON ({str(exc)[:200] or 'nested too deeply'})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a JSON object, not {type(data).__name__}")
     return data

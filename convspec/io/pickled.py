@@ -23,7 +23,7 @@ def pickle_files(src: str | Path) -> list[Path]:
     if index.is_file():
         try:
             names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CheckpointError(f"{index}: not a valid index ({exc})") from None
         root = src.resolve()
         out = []

@@ -87,8 +87,8 @@ def read_header(path: str | Path, seen: dict | None = None) -> list[Entry]:
         raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and ints past 4300 digits
+        raise CheckpointError(f"{path}: header is not valid JSON ({str(exc)[:200]})") from None
     except RecursionError:
         raise CheckpointError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
@@ -235,6 +235,8 @@ def _index_files(src: Path, index: Path) -> list[Path]:
         raise CheckpointError(f"{index}: not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{index}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except ValueError as exc:  # an int past 4300 digits
+        raise CheckpointError(f"{index}: invalid JSON ({str(exc)[:200]})") from None
     except RecursionError:
         raise CheckpointError(f"{index}: JSON nested too deeply") from None
     if not isinstance(data, dict):

@@ -36,6 +36,7 @@ from .source import Embedded, Source
 CAPTURE_TYPES = ("path", "path?", "int", "seg")
 MAX_SPEC_CHARS = 2_000_000
 MAX_EXPR_DEPTH = 64
+MAX_INT_BITS = 64  # the evaluator's bound; a literal past it could only overflow later
 
 # What lark calls a terminal, as a person would say it.
 _TOKEN_NAMES = {
@@ -166,7 +167,9 @@ def parse_template(text: str, where: Embedded) -> Template:
                 span=span,
                 hint="separate captures with literal text such as '.'",
             )
-        offset = int(str(offset_tok)) if offset_tok is not None else 0
+        offset = 0
+        if offset_tok is not None:
+            offset = _int64(str(offset_tok), str(offset_tok), "offset", where.span(1, offset_tok.column))
         parts.append(Cap(name=str(name_tok), type=ctype, offset=offset, span=span))
     for i, part in enumerate(parts):
         if isinstance(part, Cap) and part.type in ("path", "path?"):
@@ -219,7 +222,8 @@ class _ExprBuilder:
         ch = node.children
         if kind == "number":
             text = str(ch[0])
-            return Num(value=float(text) if "." in text else int(text), span=span)
+            whole = _int64(text.split(".")[0], text, "number", span)
+            return Num(value=float(text) if "." in text else whole, span=span)
         if kind == "string":
             return Str(value=_unquote(str(ch[0])), span=span)
         if kind == "dotted":
@@ -259,6 +263,14 @@ class _ExprBuilder:
                     )
                 pos.append(self.build(arg.children[0], depth))
         return Call(op=str(name), args=pos, kwargs=kws, span=self.span(node))
+
+
+def _int64(digits: str, literal: str, what: str, span) -> int:
+    """A literal's decimal digits as an int, refused past 64 bits before int() meets thousands of them."""
+    if len(digits.lstrip("+-").lstrip("0")) > 20 or int(digits).bit_length() > MAX_INT_BITS:
+        shown = literal if len(literal) <= 24 else f"{literal[:20]}... ({len(literal)} characters)"
+        raise SpecValidationError(f"{what} {shown} does not fit in {MAX_INT_BITS} bits", span=span)
+    return int(digits)
 
 
 def _unquote(text: str) -> str:

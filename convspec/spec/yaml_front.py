@@ -15,7 +15,13 @@ from .parse import MAX_SPEC_CHARS, parse_expr, parse_template
 from .source import Embedded, Source
 
 MAX_YAML_NODES = 200_000
+MAX_YAML_DEPTH = 64  # a spec nests 6 deep; PyYAML composes recursively and would overflow the stack
 _STR = "tag:yaml.org,2002:str"
+_PLAIN_TAGS = {  # the tags plain YAML resolves to: anything else was written as an explicit tag
+    yaml.ScalarNode: tuple(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null")),
+    yaml.MappingNode: ("tag:yaml.org,2002:map",),
+    yaml.SequenceNode: ("tag:yaml.org,2002:seq",),
+}
 
 TOP_KEYS = ("spec", "doc", "model_types", "base_prefix", "rules")
 RULE_KEYS = {
@@ -33,7 +39,12 @@ def parse_yaml(text: str, file: str | None = None) -> Spec:
     if len(text) > MAX_SPEC_CHARS:
         raise SpecValidationError(f"spec is larger than {MAX_SPEC_CHARS} characters", span=source.span(1, 1))
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_DepthLimitedLoader)
+    except _TooDeep as exc:
+        raise SpecValidationError(
+            f"YAML nested deeper than {MAX_YAML_DEPTH} levels",
+            span=source.span(exc.mark.line + 1, exc.mark.column + 1),
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -45,6 +56,30 @@ def parse_yaml(text: str, file: str | None = None) -> Spec:
     except yaml.YAMLError as exc:  # pragma: no cover - every yaml error we know is marked
         raise SpecSyntaxError(f"invalid YAML: {exc}", span=source.span(1, 1)) from None
     return _YamlBuilder(source).spec(root)
+
+
+class _TooDeep(Exception):
+    """Nesting past MAX_YAML_DEPTH, with the mark of the node where it happened."""
+
+    def __init__(self, mark):
+        self.mark = mark
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses deep nesting before its recursive composer runs out of stack."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 class _YamlBuilder:
@@ -64,6 +99,13 @@ class _YamlBuilder:
         return Embedded(self.source, node.start_mark.line + 1, node.start_mark.column + 1 + quoted)
 
     def _count(self, node: yaml.Node) -> None:
+        allowed = _PLAIN_TAGS[type(node)] if type(node) in _PLAIN_TAGS else ()
+        if node.tag not in allowed:  # `!!python/object...` and friends: specs are plain data
+            raise SpecValidationError(
+                f"unsupported YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')!r}",
+                span=self.span(node),
+                hint="a spec holds plain strings, lists and mappings: remove the tag",
+            )
         self.budget -= 1
         if self.budget < 0:
             raise SpecValidationError(f"spec has more than {MAX_YAML_NODES} YAML nodes", span=self.span(node))
@@ -72,8 +114,6 @@ class _YamlBuilder:
         self._count(node)
         if not isinstance(node, yaml.ScalarNode):
             raise SpecValidationError(f"{what} must be a string, not a {_kind(node)}", span=self.span(node))
-        if node.tag not in (_STR,) and not node.tag.startswith("tag:yaml.org,2002:"):
-            raise SpecValidationError(f"unsupported YAML tag {node.tag!r} in {what}", span=self.span(node))
         if node.tag != _STR:
             raise SpecValidationError(
                 f"{what} must be a string, got {node.value!r}",
@@ -171,6 +211,7 @@ class _YamlBuilder:
         )
 
     def rule(self, node: yaml.Node):
+        self._count(node)
         if not isinstance(node, yaml.MappingNode):
             raise SpecValidationError(
                 f"a rule must be a mapping, not a {_kind(node)}",
@@ -206,6 +247,13 @@ class _YamlBuilder:
         if kind == "include":
             name_node = fields["include"][1]
             name = self.string(name_node, "'include' (a spec name)")
+            if not name.isidentifier():  # a name, never a path: an include must not read other files
+                raise SpecValidationError(
+                    f"include {name!r} is not a spec name",
+                    span=self.span(name_node),
+                    hint="name a spec of the library or one beside this file, without its suffix: "
+                    "include: qwen2_moe",
+                )
             under = []
             if "under" in fields:
                 node_u = fields["under"][1]
