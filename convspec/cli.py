@@ -278,8 +278,27 @@ def _convert(args) -> int:
         print("\n".join(style_table(rows, indent="")))
         print(f"would write {r.tensors} tensors, {r.bytes} bytes to {args.dst}")
         return 0
+    for line in _cleanup_notes(r.cleanup):
+        print(f"note: {line}", file=sys.stderr)
     print(f"wrote {r.tensors} tensors ({r.bytes} bytes) in {len(r.files)} file(s) to {r.dst}")
     return 0
+
+
+def _cleanup_notes(cleanup) -> list[str]:
+    """What convert found of earlier runs beside the destination, as a person would want to know."""
+    if cleanup is None:
+        return []
+    out = [f"removed {p.name}, left by a conversion that died" for p in cleanup.removed]
+    if cleanup.restored is not None:
+        out.append(
+            f"restored the destination, which a killed --overwrite had moved aside ({cleanup.restored.name})"
+        )
+    out += [
+        f"left {p.name} alone: "
+        + (f"process {pid} is still writing it" if pid else "a live process holds it")
+        for p, pid in cleanup.kept
+    ]
+    return out
 
 
 class _Progress:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .bind import BoundPlan
 from .blocks import block_runs
@@ -138,6 +138,7 @@ class ConvertResult:
     tensors: int
     bytes: int
     bound: BoundPlan
+    cleanup: Any = None  # what was found of earlier runs beside dst (io.writer.Cleanup)
 
 
 def convert_checkpoint(
@@ -164,7 +165,8 @@ def convert_checkpoint(
     limit = parse_size(max_shard_size)
     if dry_run:
         return ConvertResult(None, [], len(entries), total, bound)
-    with AtomicDir(dst, overwrite=overwrite) as tmp:
+    atomic = AtomicDir(dst, overwrite=overwrite)
+    with atomic as tmp:
         stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
         files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
         ckpt.copy_side_files(tmp)
@@ -173,7 +175,7 @@ def convert_checkpoint(
         (tmp / hashes.MANIFEST).unlink(missing_ok=True)  # the source's own would not describe this output
         if manifest:
             hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
-    return ConvertResult(Path(dst), files, len(entries), total, bound)
+    return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup)
 
 
 @dataclass

@@ -217,3 +217,12 @@ def test_a_list_of_files_and_a_single_file_are_checkpoints_too(src, tmp_path):
     dup = [src / "model.safetensors", src / "model.safetensors"]
     with pytest.raises(convspec.ConvspecError, match="appears in both"):
         plan.load(dup)
+
+
+def test_convert_says_what_it_cleaned_up_from_a_dead_run(src, tmp_path, capsys):
+    stale = tmp_path / ".out.convspec-tmp-999999999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    assert main(["convert", "mixtral", str(src), str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "note: removed .out.convspec-tmp-999999999, left by a conversion that died" in err
