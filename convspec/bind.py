@@ -27,13 +27,41 @@ def node_params(plan: Plan, rule: PlanRule, node) -> dict:
     key = ("params", rule.index, plan.is_inverse, id(node))
     cache = plan._cache
     if key not in cache:
-        out = {}
+        out, deferred = {}, False
         for k, v in node.params:
             if isinstance(v, dict) and "$expr" in v:
-                v = evaluate(v["$expr"], plan.config, node.where)
+                v, deferred = evaluate(v["$expr"], plan.config, node.where), True
             out[k] = v
+        if deferred:  # the compiler checked literal parameters; these it could not see
+            _check_evaluated(node, out)
         cache[key] = out
     return cache[key]
+
+
+def _check_evaluated(node, params: dict) -> None:
+    """Parameters evaluated from the config at bind: the types the op takes, its own checks, and
+    as many values as the rule names (a config cannot make an op yield a million tensors)."""
+    from .dtypes import ITEMSIZE
+
+    op = OPS[node.op]
+    for p in op.params:
+        v = params.get(p.name)
+        if v is None:
+            continue
+        ok = {
+            "int": lambda v: type(v) is int,
+            "ints": lambda v: isinstance(v, list) and all(type(x) is int for x in v),
+            "shape": lambda v: isinstance(v, list) and all(type(x) is int for x in v),
+            "bool": lambda v: type(v) is bool,
+            "dtype": lambda v: isinstance(v, str) and v in ITEMSIZE,
+            "capture": lambda v: isinstance(v, str),
+        }.get(p.kind, lambda v: True)(v)
+        if not ok:
+            raise OpError(f"{node.op}: parameter {p.name} from the config is {v!r}, not a valid {p.kind}")
+    op.check(params)
+    n = op.n_outputs(params)
+    if n is not None and n != len(node.outputs):
+        raise OpError(f"{node.op} yields {n} values with this config, the rule names {len(node.outputs)}")
 
 
 def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callable) -> dict[str, Value]:

@@ -388,3 +388,30 @@ def test_bind_warns_when_saving_back_would_rename_a_converts_input_wrongly():
     assert "t.h.0.qkv is an input of rule 3 (convert, t.yaml:7:5), but saving back would write it as " in (
         "\n".join(bound.warnings)
     )
+
+
+@pytest.mark.parametrize(
+    "n, problem",
+    [
+        (100_000_000, "chunk yields 100000000 values with this config, the rule names 2"),
+        ("2", "chunk: parameter n from the config is '2', not a valid int"),
+        (0, "chunk needs n >= 1, got 0"),
+    ],
+)
+def test_parameters_evaluated_at_bind_are_checked_like_literals(n, problem):
+    """A plan compiled without a config (or shipped as JSON) meets its config at bind: the values
+    the config gives are checked there, before any op runs on them."""
+    import dataclasses
+
+    import convspec as cs
+    from convspec.spec import parse_spec
+
+    spec = parse_spec(
+        'spec: t\nrules:\n  - convert:\n      x: "{p:path}.qkv"\n    to:\n'
+        '      "{p}.q, {p}.k": chunk(x, dim=0, n=config.n)\n',
+        "t.yaml",
+    )
+    plan = dataclasses.replace(cs.compile(spec), config={"n": n}, _cache={})
+    with pytest.raises(cs.BindError) as exc:
+        plan.bind({"a.qkv": ((4, 2), "float32")})
+    assert problem in exc.value.problems[0]
