@@ -172,16 +172,10 @@ def _compile(args) -> int:
         raise ConvspecError(
             "--group draws one group of a checkpoint", hint="use it with --against and --format svg|png|dot"
         )
-    config = args.config or _checkpoint_config(args.against)
-    plan = api.compile(args.spec, config=config)
-    if args.reverse:
-        plan = plan.inverse()
+    plan = _plan(args)
     bound = None
     if args.against:
-        from .io.safetensors import read_layout
-
-        layout = {k: e.info for k, e in read_layout(args.against).items()}
-        bound = plan.bind(layout, strict=args.strict)
+        bound = plan.bind(_layout(args.against), strict=args.strict)
     if fmt in ("dot", "svg", "png"):
         from . import dot
 
@@ -200,6 +194,21 @@ def _compile(args) -> int:
     else:
         text = render.plan_json(plan) if fmt == "json" else render.plan_text(plan, s)
     return _emit((text + "\n").encode(), args.output)
+
+
+def _layout(against: str | None) -> dict | None:
+    """A checkpoint's layout from its headers ({key: TensorInfo}), or None without --against."""
+    if against is None:
+        return None
+    from .io.safetensors import read_layout
+
+    return {k: e.info for k, e in read_layout(against).items()}
+
+
+def _plan(args):
+    """The spec compiled with --config or the checkpoint's config.json, inverted with --reverse."""
+    plan = api.compile(args.spec, config=args.config or _checkpoint_config(args.against))
+    return plan.inverse() if args.reverse else plan
 
 
 def _checkpoint_config(against: str | None) -> str | None:
@@ -405,11 +414,7 @@ def _check(args) -> int:
     from .lint import check_spec
 
     config = args.config or _checkpoint_config(args.against)
-    layout = None
-    if args.against:
-        from .io.safetensors import read_layout
-
-        layout = {k: e.info for k, e in read_layout(args.against).items()}
+    layout = _layout(args.against)
     select = _codes(args.select)
     ignore = _codes(args.ignore)
     reports = [
@@ -431,16 +436,7 @@ def _codes(text: str | None) -> tuple[str, ...] | None:
 def _explain(args) -> int:
     from .explain import explain, explanation_text
 
-    config = args.config or _checkpoint_config(args.against)
-    plan = api.compile(args.spec, config=config)
-    if args.reverse:
-        plan = plan.inverse()
-    layout = None
-    if args.against:
-        from .io.safetensors import read_layout
-
-        layout = {k: e.info for k, e in read_layout(args.against).items()}
-    e = explain(plan, args.key, layout)
+    e = explain(_plan(args), args.key, _layout(args.against))
     if args.json:
         print(json.dumps(e.to_dict(), indent=2))
     else:

@@ -22,41 +22,13 @@ from convspec.pictures import render_dot
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "docs" / "img"))
+from make_pictures import qwen2_moe_layout  # noqa: E402  (the layout the docs' picture draws)
 from make_tiny_mixtral import make  # noqa: E402
 
 needs_graphviz = pytest.mark.skipif(
     not pictures.find_graphviz(), reason="neither graphviz `dot` nor graphviz-pure is on PATH"
 )
-
-
-def qwen2_moe_layout(layers: int, experts: int = 64, h: int = 2048, i: int = 1408) -> dict:
-    """A qwen2_moe-style checkpoint's headers: per-expert gate/up/down, attention, norms, shared expert."""
-    bf = "bfloat16"
-    out = {
-        "model.embed_tokens.weight": TensorInfo((151936, h), bf),
-        "model.norm.weight": TensorInfo((h,), bf),
-        "lm_head.weight": TensorInfo((151936, h), bf),
-    }
-    for layer in range(layers):
-        p = f"model.layers.{layer}"
-        for name, shape in [
-            ("input_layernorm.weight", (h,)),
-            ("post_attention_layernorm.weight", (h,)),
-            ("self_attn.q_proj.weight", (h, h)),
-            ("self_attn.q_proj.bias", (h,)),
-            ("self_attn.k_proj.weight", (256, h)),
-            ("self_attn.v_proj.weight", (256, h)),
-            ("self_attn.o_proj.weight", (h, h)),
-            ("mlp.gate.weight", (experts, h)),
-            ("mlp.shared_expert.gate_proj.weight", (5632, h)),
-            ("mlp.shared_expert_gate.weight", (1, h)),
-        ]:
-            out[f"{p}.{name}"] = TensorInfo(shape, bf)
-        for e in range(experts):
-            out[f"{p}.mlp.experts.{e}.gate_proj.weight"] = TensorInfo((i, h), bf)
-            out[f"{p}.mlp.experts.{e}.up_proj.weight"] = TensorInfo((i, h), bf)
-            out[f"{p}.mlp.experts.{e}.down_proj.weight"] = TensorInfo((h, i), bf)
-    return out
 
 
 @pytest.fixture(scope="module")

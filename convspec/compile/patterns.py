@@ -249,6 +249,15 @@ def _alphabet(*patterns: Pattern) -> list[str]:
     return sorted(reps)
 
 
+def _path_to(prev: dict, state) -> str:
+    """The key a breadth-first search over automaton states spelled on its way to `state`."""
+    chars = []
+    while prev[state] is not None:
+        state, ch = prev[state]
+        chars.append(ch)
+    return "".join(reversed(chars))
+
+
 def intersection_witness(a: Pattern, b: Pattern, limit: int = 100_000) -> str | None:
     """A key both patterns match, or None when no key can match both (decided exactly)."""
     na, nb = _NFA(a), _NFA(b)
@@ -260,11 +269,7 @@ def intersection_witness(a: Pattern, b: Pattern, limit: int = 100_000) -> str | 
         state = queue.popleft()
         sa, sb = state
         if na.accept in sa and nb.accept in sb:
-            chars = []
-            while prev[state] is not None:
-                state, ch = prev[state]
-                chars.append(ch)
-            return "".join(reversed(chars))
+            return _path_to(prev, state)
         for ch in alphabet:
             nxt = (na.step(sa, ch), nb.step(sb, ch))
             if nxt[0] and nxt[1] and nxt not in prev:
@@ -363,11 +368,7 @@ def witness(
     while queue:
         state = queue.popleft()
         if accepted(state):
-            chars = []
-            while prev[state] is not None:
-                state, ch = prev[state]
-                chars.append(ch)
-            return "".join(reversed(chars))
+            return _path_to(prev, state)
         for ch in alphabet:
             nxt = tuple(n.step(s, ch) if s else s for n, s in zip(flat, state, strict=True))
             if all(nxt[:m]) and nxt not in prev:
