@@ -7,13 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from convspec import api
 from convspec.cli import main
 from convspec.compile.compiler import pattern_of
-from convspec.compile.patterns import Unknown, intersection_witness, meet, witness
+from convspec.compile.patterns import (
+    Unknown,
+    _matches,
+    _segment_simple,
+    intersection_witness,
+    meet,
+    witness,
+)
 from convspec.lint import RULES, check_spec, key_shapes
 from convspec.ops import TensorInfo
 from convspec.spec.parse import parse_template
@@ -468,3 +475,34 @@ def test_E103_a_spec_that_needs_a_config_to_bind_says_how_to_give_one(tmp_path):
     f = only(check_spec("split_qkv", layout=layout, checkpoint="ckpt"), "E103")
     assert "needs config.num_attention_heads, but no config was given" in f.message
     assert "--config FILE" in f.hint and f.file == "specs/split_qkv.yaml"
+
+
+_WHOLE_SEGMENT = st.sampled_from(
+    ["a", "b", "ab", "0", "1", "01", "10", "{S:seg}", "{S:int}", "{S:path}", "{S:path?}"]
+)
+
+
+@st.composite
+def whole_segment_templates(draw) -> str:
+    segments = draw(st.lists(_WHOLE_SEGMENT, min_size=1, max_size=4))
+    return ".".join(s.replace("S", f"c{i}") for i, s in enumerate(segments))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(whole_segment_templates(), min_size=1, max_size=2),
+    st.lists(
+        st.tuples(whole_segment_templates(), st.lists(whole_segment_templates(), max_size=1)), max_size=3
+    ),
+)
+def test_the_segment_search_agrees_with_the_character_search(must, avoid):
+    must_p = [tpl(t) for t in must]
+    avoid_p = [(tpl(a), tuple(tpl(u) for u in us)) for a, us in avoid]
+    everything = [*must_p, *(q for a, us in avoid_p for q in (a, *us))]
+    assume(all(_segment_simple(p) for p in everything))  # the others go to the character search
+    by_seg = witness(must_p, avoid_p, by_segment=True)
+    by_char = witness(must_p, avoid_p, by_segment=False)
+    assert (by_seg is None) == (by_char is None)
+    if by_seg is not None:  # and what it found is a real witness
+        assert all(_matches(p, by_seg) for p in must_p)
+        assert not any(_matches(a, by_seg) and not any(_matches(u, by_seg) for u in us) for a, us in avoid_p)

@@ -251,11 +251,15 @@ def _alphabet(*patterns: Pattern) -> list[str]:
 
 def _path_to(prev: dict, state) -> str:
     """The key a breadth-first search over automaton states spelled on its way to `state`."""
-    chars = []
+    return "".join(_symbols_to(prev, state))
+
+
+def _symbols_to(prev: dict, state) -> list[str]:
+    out = []
     while prev[state] is not None:
-        state, ch = prev[state]
-        chars.append(ch)
-    return "".join(reversed(chars))
+        state, symbol = prev[state]
+        out.append(symbol)
+    return out[::-1]
 
 
 def intersection_witness(a: Pattern, b: Pattern, limit: int = 100_000) -> str | None:
@@ -328,29 +332,38 @@ class Unknown(Exception):
 
 
 def witness(
-    must: list[Pattern], avoid: list[tuple[Pattern, tuple[Pattern, ...]]] = (), limit: int = 50_000
+    must: list[Pattern],
+    avoid: list[tuple[Pattern, tuple[Pattern, ...]]] = (),
+    limit: int = 50_000,
+    by_segment: bool | None = None,
 ) -> str | None:
     """A key every `must` pattern matches and no `avoid` rule does (a rule: a pattern less the keys
     its `unless` patterns match), or None when there is none. Decided exactly; raises Unknown when
     the search passes `limit` states. The linter asks whether a rule can ever see a key with it."""
-    for key in samples(must[0]):  # most questions have an easy yes: try a few keys first
+    for key in samples(must[0]) if by_segment is None else ():  # an easy yes first: a few keys
         if all(_matches(p, key) for p in must[1:]) and not any(
             _matches(p, key) and not any(_matches(u, key) for u in unless) for p, unless in avoid
         ):
             return key
     plain = tuple(sorted({p for p, unless in avoid if not unless}, key=lambda p: p.text))
     guarded = [(p, unless) for p, unless in avoid if unless]
-    flat = [_nfa(p) for p in must]
+    everything = [*must, *plain, *(q for p, unless in guarded for q in (p, *unless))]
+    # whole-segment patterns (nearly all) are searched a segment at a time: far fewer states
+    if by_segment is None:
+        by_segment = all(_segment_simple(p) for p in everything)
+    one, union = (_seg_nfa, _seg_union) if by_segment else (_nfa, _union)
+    flat = [one(p) for p in must]
     m = len(flat)
     if plain:
-        flat.append(_union(plain))
+        flat.append(union(plain))
     pairs = []  # (index of the rule's automaton, indices of its unless automata)
     for p, unless in guarded:
-        flat.append(_nfa(p))
+        flat.append(one(p))
         at = len(flat) - 1
-        flat.extend(_nfa(u) for u in unless)
+        flat.extend(one(u) for u in unless)
         pairs.append((at, range(at + 1, len(flat))))
-    alphabet = _alphabet(*must, *plain, *(q for p, unless in guarded for q in (p, *unless)))
+    alphabet = _segment_alphabet(everything) if by_segment else _alphabet(*everything)
+    join = ".".join if by_segment else "".join
     start = tuple(n.closure(frozenset([0])) for n in flat)
 
     def accepted(state: tuple) -> bool:
@@ -368,7 +381,7 @@ def witness(
     while queue:
         state = queue.popleft()
         if accepted(state):
-            return _path_to(prev, state)
+            return join(_symbols_to(prev, state))
         for ch in alphabet:
             nxt = tuple(n.step(s, ch) if s else s for n, s in zip(flat, state, strict=True))
             if all(nxt[:m]) and nxt not in prev:
@@ -458,3 +471,78 @@ def _segments_meet(x: tuple, y: tuple) -> bool:
         return Pattern("".join(a if k == "lit" else "{" + a + "}" for k, a, _ in frags), frags)
 
     return intersection_witness(pat(x), pat(y)) is not None
+
+
+# ---- the same automata a segment at a time ---------------------------------------------------
+
+_INT = re.compile(r"0|[1-9][0-9]*")
+
+
+def _segment_simple(p: Pattern) -> bool:
+    """Every segment of the pattern is one literal, one seg or int capture, or a path."""
+    return not _odd(p) and all(x == "*" or len(x) == 1 for x in _segments(p))
+
+
+class _SegNFA:
+    """Keys as sequences of segments: state (branch, position); a path loops on any segment."""
+
+    def __init__(self, patterns: tuple[Pattern, ...]):
+        self.branches = [_segments(p) for p in patterns]
+        self.accepts = frozenset((b, len(items)) for b, items in enumerate(self.branches))
+        self._steps: dict = {}
+
+    def accepting(self, states: frozenset) -> bool:
+        return not self.accepts.isdisjoint(states)
+
+    def closure(self, states: frozenset) -> frozenset:
+        if states == frozenset([0]):  # the start: every branch at its first segment
+            states = frozenset((b, 0) for b in range(len(self.branches)))
+        out, todo = set(states), list(states)
+        while todo:
+            b, i = todo.pop()
+            items = self.branches[b]
+            if i < len(items) and items[i] == "*" and (b, i + 1) not in out:
+                out.add((b, i + 1))
+                todo.append((b, i + 1))
+        return frozenset(out)
+
+    def step(self, states: frozenset, segment: str) -> frozenset:
+        key = (states, segment)
+        if key not in self._steps:
+            nxt = set()
+            for b, i in states:
+                items = self.branches[b]
+                if i == len(items):
+                    continue
+                if items[i] == "*":
+                    nxt.add((b, i))
+                elif _segment_matches(items[i][0], segment):
+                    nxt.add((b, i + 1))
+            self._steps[key] = self.closure(frozenset(nxt)) if nxt else frozenset()
+        return self._steps[key]
+
+
+def _segment_matches(fragment: tuple, segment: str) -> bool:
+    kind, a, b = fragment
+    if kind == "lit":
+        return segment == a
+    return b != "int" or _INT.fullmatch(segment) is not None
+
+
+@lru_cache(maxsize=4096)
+def _seg_nfa(pattern: Pattern) -> _SegNFA:
+    return _SegNFA((pattern,))
+
+
+@lru_cache(maxsize=1024)
+def _seg_union(patterns: tuple[Pattern, ...]) -> _SegNFA:
+    return _SegNFA(patterns)
+
+
+def _segment_alphabet(patterns: list[Pattern]) -> list[str]:
+    """One segment for each class the patterns cannot tell apart: each literal segment, a number
+    none of them spells, and a word none of them spells."""
+    lits = {x[0][1] for p in patterns for x in _segments(p) if x != "*" and x[0][0] == "lit"}
+    number = next(str(n) for n in range(987654321, 987654400) if str(n) not in lits)
+    word = next(w for w in ("zq", "zqx", "zqxw", "zqxwv") if w not in lits)
+    return sorted(lits) + [number, word]
