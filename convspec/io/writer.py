@@ -165,38 +165,43 @@ def _in_use(path: Path, pid: int | None, start: int | None) -> bool:
     return now is None or now == start  # a different start time: the pid was reused
 
 
-def _locked(path: Path) -> bool:
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on `path` (a directory), or None where no lock
+    can be taken here; raises BlockingIOError when another process holds it."""
     if fcntl is None:
-        return False
+        return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
+        os.close(fd)
+        raise
     except OSError:
-        return False
-    finally:
-        os.close(fd)  # also drops the lock just taken
+        os.close(fd)
+        return None
+    return fd
+
+
+def _locked(path: Path) -> bool:
+    """Whether a live process holds `path`'s lock (the lock is taken and dropped to find out)."""
+    try:
+        fd = _try_lock(path)
+    except BlockingIOError:
+        return True
+    if fd is not None:
+        os.close(fd)
     return False
 
 
 def _lock(path: Path) -> int | None:
     """An open descriptor holding an exclusive lock on `path` (a directory); None where it cannot."""
-    if fcntl is None:
-        return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
+        return _try_lock(path)
+    except BlockingIOError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def _alive(pid: int) -> bool:
