@@ -35,10 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a spec and show its plan")
     c.add_argument("spec", nargs="?", help="a built-in spec name or model type, or a .yaml/.cspec path")
-    c.add_argument("--config", help="a config.json (default with --against: the checkpoint's config.json)")
-    c.add_argument(
-        "--against", metavar="CHECKPOINT", help="bind to a checkpoint's headers and show every group"
-    )
+    _checkpoint_flags(c, "bind to a checkpoint's headers and show every group")
     c.add_argument(
         "--format",
         choices=("text", "json", "dot", "svg", "png"),
@@ -92,16 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     _json_flag(v)
     ch = sub.add_parser("check", help="lint a spec: overlaps, shadowed renames, dead rules, coverage")
     ch.add_argument("specs", nargs="+", metavar="SPEC", help="spec files or built-in names")
-    ch.add_argument("--against", metavar="CHECKPOINT", help="also check against a checkpoint's headers")
-    ch.add_argument("--config", help="a config.json (default with --against: the checkpoint's config.json)")
+    _checkpoint_flags(ch, "also check against a checkpoint's headers")
     ch.add_argument("--select", metavar="CODES", help="only these rule codes or prefixes, comma-separated")
     ch.add_argument("--ignore", metavar="CODES", help="skip these rule codes or prefixes, comma-separated")
     _json_flag(ch)
     ex = sub.add_parser("explain", help="the life of one key: renames, the convert, its group, its outputs")
     ex.add_argument("spec")
     ex.add_argument("key")
-    ex.add_argument("--against", metavar="CHECKPOINT", help="bind to a checkpoint: the real group and shapes")
-    ex.add_argument("--config", help="a config.json (default with --against: the checkpoint's config.json)")
+    _checkpoint_flags(ex, "bind to a checkpoint: the real group and shapes")
     ex.add_argument("--reverse", action="store_true", help="explain the key through the inverse plan")
     _json_flag(ex)
     f = sub.add_parser("fmt", help="format spec files canonically, or translate between YAML and .cspec")
@@ -122,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     im.add_argument("-o", "--output", metavar="FILE", help="write the spec here (included specs beside it)")
     _json_flag(im)
     return p
+
+
+def _checkpoint_flags(p: argparse.ArgumentParser, against_help: str) -> None:
+    """--against CHECKPOINT and --config FILE, which default to each other's config.json."""
+    p.add_argument("--against", metavar="CHECKPOINT", help=against_help)
+    p.add_argument("--config", help="a config.json (default with --against: the checkpoint's config.json)")
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
