@@ -94,3 +94,20 @@ def test_a_pickle_that_would_run_code_is_refused_and_its_code_never_runs(tmp_pat
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".convspec-pickle")]
+
+
+def test_a_pickle_checkpoint_is_held_to_the_readers_rules_for_files(pair, tmp_path, capsys):
+    """With --allow-pickle the same checks apply as to safetensors: no shard or side file from
+    outside the checkpoint directory."""
+    _, pk = pair
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"num_local_experts": 4}')
+    (pk / "config.json").unlink()
+    (pk / "config.json").symlink_to(secret)
+    assert main(["convert", "mixtral", str(pk), str(tmp_path / "out"), "--allow-pickle"]) == 2
+    assert "outside the checkpoint directory" in capsys.readouterr().err
+    (pk / "config.json").unlink()
+    (pk / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "../elsewhere.bin"}}))
+    assert main(["convert", "mixtral", str(pk), str(tmp_path / "out"), "--allow-pickle"]) == 2
+    assert "outside the checkpoint directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -8,34 +8,24 @@ import json
 import shutil
 from pathlib import Path
 
-from .safetensors import CheckpointError
+from .safetensors import PICKLE_SUFFIXES, CheckpointError, check_inside, index_files
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
 def pickle_files(src: str | Path) -> list[Path]:
-    """The pickle shards of a checkpoint directory (by its index when there is one), or one file."""
+    """The pickle shards of a checkpoint directory (by its index when there is one), or one file;
+    checked as the safetensors reader checks its shards: each inside the directory."""
     src = Path(src)
     if src.is_file():
-        return [src] if src.suffix in PICKLE_SUFFIXES else []
+        return [src] if src.name.endswith(PICKLE_SUFFIXES) else []
     index = src / PICKLE_INDEX
     if index.is_file():
-        try:
-            names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-            raise CheckpointError(f"{index}: not a valid index ({exc})") from None
-        root = src.resolve()
-        out = []
-        for name in names:
-            p = (src / name).resolve()
-            if Path(name).is_absolute() or root not in p.parents:
-                raise CheckpointError(f"{index}: shard {name!r} is outside the checkpoint directory")
-            if not p.is_file():
-                raise CheckpointError(f"{index}: shard {name} is listed but missing")
-            out.append(src / name)
-        return out
-    return sorted(p for p in src.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+        return index_files(src, index)
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+    for f in files:
+        check_inside(src, f, f)
+    return files
 
 
 def transcode(src: str | Path, out: str | Path) -> Path:
@@ -82,6 +72,8 @@ def transcode(src: str | Path, out: str | Path) -> Path:
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if src.is_dir():
         for p in src.iterdir():
-            if p.is_file() and p.suffix not in PICKLE_SUFFIXES and p.name != PICKLE_INDEX:
+            if p.is_file() and not p.name.endswith(PICKLE_SUFFIXES) and p.name != PICKLE_INDEX:
+                if p.is_symlink():  # as the safetensors reader: never a file from elsewhere
+                    check_inside(src, p, p)
                 shutil.copy2(p, out / p.name)
     return out

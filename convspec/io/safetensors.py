@@ -203,7 +203,7 @@ def checkpoint_files(src: str | Path) -> list[Path]:
             raise CheckpointError(f"{src}: not a regular file or directory")
         index = src / INDEX
         if index.is_file() or index.is_symlink():
-            return _index_files(src, index)
+            return index_files(src, index)
         files = sorted(src.glob("*.safetensors"))
         if not files:
             pickles = sorted(p for p in src.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
@@ -226,7 +226,7 @@ def _pickle_refused(path: Path) -> CheckpointError:
     )
 
 
-def _index_files(src: Path, index: Path) -> list[Path]:
+def index_files(src: Path, index: Path) -> list[Path]:
     """The shards an index names, each a file inside the checkpoint directory."""
     check_inside(src, index, index)
     try:
