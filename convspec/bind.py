@@ -357,15 +357,13 @@ def _inverse_claims(plan: Plan, groups) -> list[str]:
     if plan.inverse_rules is None or plan.is_inverse or not groups:
         return []
     inverse = plan.inverse(allow_lossy=True)
-    origin = [r.index for r in reversed(plan.rules) if r.kind != "drop" and not r.one_way]
     out = []
     for g in groups:
         for target in g.outputs:
             _, hit = follow_renames(inverse, target)
-            if hit is None or (
-                origin[hit[0]] != g.rule.index and not _same_convert(g.rule, plan.rules[origin[hit[0]]])
-            ):
-                other = "passes it through" if hit is None else f"gives it to rule {origin[hit[0]] + 1}"
+            undoes = None if hit is None else inverse.rules[hit[0]].number - 1  # the forward rule
+            if hit is None or (undoes != g.rule.index and not _same_convert(g.rule, plan.rules[undoes])):
+                other = "passes it through" if hit is None else f"gives it to rule {undoes + 1}"
                 out.append(
                     f"{target} comes from {g.rule.label}, but the inverse plan {other}: saving back would "
                     "not undo this convert"

@@ -180,9 +180,9 @@ def check_spec(
     findings += analysis.lossy()
     if plan.inverse_rules is not None:
         inverse = plan.inverse(allow_lossy=True)
-        forward = [r.index for r in reversed(plan.rules) if r.kind != "drop" and not r.one_way]
+        forward = [r.number - 1 for r in inverse.rules]  # the spec's rule each inverse rule undoes
         back = _Analysis(inverse, [flat[i] for i in forward], [origins[i] for i in forward])
-        findings += back.not_undone(forward)
+        findings += back.not_undone()
     if layout is not None:
         shadowed = {(f.file, f.line) for f in findings if f.code == "W201"}
         findings += [
@@ -300,58 +300,55 @@ class _Analysis:
             if found:
                 yield origin
 
-    def unreachable(self) -> list[Finding]:
-        out = []
+    def _blind(self):
+        """The linted spec's own rules with an input no key can reach: (index, rule, that input's
+        name, its pattern, the first rule that alone takes every key it matches, or None)."""
         for i, rule in enumerate(self.rules):
             if not self.own(i):
                 continue
             dead = [name for name, pat in rule.inputs if not self.reaches(i, pat)]
-            if not dead:
-                continue
-            pat = dict(rule.inputs)[dead[0]]
-            by = self._shadowed_by(i, pat)
-            what = (
-                f"rule {i + 1} ({rule.kind})" if len(rule.inputs) == 1 else f"input {dead[0]} of rule {i + 1}"
-            )
+            if dead:
+                pat = dict(rule.inputs)[dead[0]]
+                yield i, rule, dead[0], pat, self._shadowed_by(i, pat)
+
+    def unreachable(self) -> list[Finding]:
+        out = []
+        for i, rule, name, pat, by in self._blind():
+            several = len(rule.inputs) > 1
+            what = f"input {name} of rule {i + 1}" if several else f"rule {i + 1} ({rule.kind})"
             who = f"rule {by + 1} ({self.rules[by].kind}) claims" if by is not None else "earlier rules claim"
             out.append(
                 _at(
                     "W201",
-                    self.span(i, dead[0] if len(rule.inputs) > 1 else None),
+                    self.span(i, name if several else None),
                     f"{what} can never see a key: {who} every key {pat.text} matches first",
                     "remove it, or move it before the rule that shadows it",
                 )
             )
         return out
 
-    def not_undone(self, forward: list[int]) -> list[Finding]:
+    def not_undone(self) -> list[Finding]:
         """On the inverse plan: forward rules whose inverse can never see a key, because the inverse
         of another rule, which runs before it on the way back, takes every key it should undo."""
         out = []
-        for k, rule in enumerate(self.rules):
-            i = forward[k]
-            if not self.own(k):
-                continue
-            dead = [name for name, pat in rule.inputs if not self.reaches(k, pat)]
-            if not dead:
-                continue
-            pat = dict(rule.inputs)[dead[0]]
-            by = self._shadowed_by(k, pat)
-            who = f"the inverse of rule {forward[by] + 1}" if by is not None else "other rules"
+        for k, rule, _, pat, by in self._blind():
+            n = rule.number  # the spec's rule this one undoes
+            other = self.rules[by].number if by is not None else None
+            who = f"the inverse of rule {other}" if by is not None else "other rules"
             hint = (
                 "rules are undone in reverse order: make the outputs disjoint, or rename the common "
                 "part first and the specific part of its output after"
             )
             if by is not None and self.rules[by].inputs[0][1].text == pat.text:
                 hint = (
-                    f"rules {i + 1} and {forward[by] + 1} make the same keys and saving back can write "
-                    f"only one source: make rule {i + 1} an alias (applied on load only)"
+                    f"rules {n} and {other} make the same keys and saving back can write "
+                    f"only one source: make rule {n} an alias (applied on load only)"
                 )
             out.append(
                 _at(
                     "W207",
                     self.span(k),
-                    f"saving back never undoes rule {i + 1}: on the way back {who} takes every key "
+                    f"saving back never undoes rule {n}: on the way back {who} takes every key "
                     f"it makes ({pat.display()}) first",
                     hint,
                 )

@@ -415,3 +415,21 @@ def test_parameters_evaluated_at_bind_are_checked_like_literals(n, problem):
     with pytest.raises(cs.BindError) as exc:
         plan.bind({"a.qkv": ((4, 2), "float32")})
     assert problem in exc.value.problems[0]
+
+
+def test_a_plan_json_without_undoes_gets_it_back_from_the_rule_order():
+    """Plans written before inverse rules named the rule they undo still number them as the spec."""
+    import json
+
+    import convspec as cs
+
+    plan = cs.compile("mixtral")
+    for d, side in (
+        (json.loads(plan.to_json()), "inverse_rules"),
+        (json.loads(plan.inverse().to_json()), "rules"),
+    ):
+        for r in d[side]:
+            del r["undoes"]
+        back = cs.Plan.from_json(json.dumps(d))
+        rules = back.inverse_rules if side == "inverse_rules" else back.rules
+        assert [r.undoes for r in rules] == [r.undoes for r in plan.inverse_rules] == [3, 2, 1]

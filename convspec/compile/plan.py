@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -234,18 +234,32 @@ class Plan:
 
             raise ConvspecError("not a convspec plan (missing 'convspec_plan': 1)")
         inv = d.get("inverse_rules")
+        rules = tuple(_rule_from(r) for r in d["rules"])
+        inverse = None if inv is None else tuple(_rule_from(r) for r in inv)
+        if inverse is not None:  # a plan written before inverse rules named the rule they undo
+            if d.get("is_inverse", False):
+                rules = _undoing(rules, inverse)
+            else:
+                inverse = _undoing(inverse, rules)
         return Plan(
             name=d["name"],
             doc=d["doc"],
             model_types=tuple(d["model_types"]),
-            rules=tuple(_rule_from(r) for r in d["rules"]),
+            rules=rules,
             config=d.get("config"),
-            inverse_rules=None if inv is None else tuple(_rule_from(r) for r in inv),
+            inverse_rules=inverse,
             inverse_error=d.get("inverse_error"),
             lossy=tuple(d.get("lossy", ())),
             is_inverse=d.get("is_inverse", False),
             base_prefix=d.get("base_prefix", ""),
         )
+
+
+def _undoing(inverse: tuple[PlanRule, ...], forward: tuple[PlanRule, ...]) -> tuple[PlanRule, ...]:
+    """Inverse rules with `undoes` filled in where it is missing: they undo the forward rules that
+    have an inverse (not drops, not aliases), last first."""
+    undone = [r.number for r in reversed(forward) if r.kind != "drop" and not r.one_way]
+    return tuple(r if r.undoes else replace(r, undoes=n) for r, n in zip(inverse, undone, strict=True))
 
 
 def _rule_json(r: PlanRule) -> dict:
