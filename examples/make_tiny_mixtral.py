@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from convspec.io.writer import write_file
 
 CONFIG = {
     "architectures": ["MixtralForCausalLM"],
@@ -61,7 +62,7 @@ def make(out: Path, layers: int = 2, experts: int = 4, seed: int = 0, dtype=torc
             sd[f"{p}.block_sparse_moe.experts.{e}.w2.weight"] = w(h, i)
             sd[f"{p}.block_sparse_moe.experts.{e}.w3.weight"] = w(i, h)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_file(out / "model.safetensors", dict(sorted(sd.items())))  # convspec's writer: no numpy needed
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return cfg
 

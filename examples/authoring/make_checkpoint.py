@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from convspec.io.writer import write_file
 
 CONFIG = {
     "architectures": ["OrcaForCausalLM"],
@@ -59,7 +60,7 @@ def make(out: Path, layers: int = 4, experts: int = 8, seed: int = 0, dtype=torc
             sd[f"{p}.moe.experts.{e}.up.weight"] = w(f, h)
             sd[f"{p}.moe.experts.{e}.down.weight"] = w(h, f)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_file(out / "model.safetensors", dict(sorted(sd.items())))  # convspec's writer: no numpy needed
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return cfg
 
