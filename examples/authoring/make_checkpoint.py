@@ -10,8 +10,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from convspec.io.writer import write_file
 
 CONFIG = {
@@ -32,8 +30,10 @@ CONFIG = {
 }
 
 
-def make(out: Path, layers: int = 4, experts: int = 8, seed: int = 0, dtype=torch.bfloat16) -> dict:
+def make(out: Path, layers: int = 4, experts: int = 8, seed: int = 0, dtype: str = "bfloat16") -> dict:
     """Create the checkpoint directory and return its config."""
+    import torch  # after convspec, which quiets torch's warning where numpy is absent
+
     g = torch.Generator().manual_seed(seed)
     cfg = dict(CONFIG, n_layer=layers, n_expert=experts)
     h, f, hd = cfg["n_embd"], cfg["ffn_dim"], cfg["head_dim"]
@@ -41,7 +41,7 @@ def make(out: Path, layers: int = 4, experts: int = 8, seed: int = 0, dtype=torc
 
     def w(*shape):
         # a fresh tensor each call: safetensors refuses tensors that share memory
-        return (torch.randn(*shape, generator=g) * 0.02).to(dtype).clone()
+        return (torch.randn(*shape, generator=g) * 0.02).to(getattr(torch, dtype)).clone()
 
     sd = {
         "transformer.wte.weight": w(cfg["vocab_size"], h),
