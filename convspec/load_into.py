@@ -22,7 +22,7 @@ class LoadReport:
             model gets them computed; another model's caller must).
 
     Example:
-        >>> report = LoadReport(missing=["lm_head.weight"])
+        >>> report = convspec.LoadReport(missing=["lm_head.weight"])
         >>> report.ok, str(report)
         (False, '1 missing (would keep random init): lm_head.weight')
     """

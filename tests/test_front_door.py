@@ -180,7 +180,7 @@ def test_the_docstring_examples_run_and_print_what_they_show(name, example_dir, 
     transformers = pytest.importorskip("transformers")
     monkeypatch.chdir(example_dir)
     obj = PUBLIC[name]
-    globs = {"convspec": convspec, "torch": torch, "transformers": transformers, "LoadReport": LoadReport}
+    globs = {"convspec": convspec, "torch": torch, "transformers": transformers}
     tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs=globs)
     assert tests and tests[0].examples, name
     runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
