@@ -63,8 +63,9 @@ def write_checkpoint(d: Path, layers: int, shard_bytes: int = 1 << 30) -> dict:
     """The original Mixtral layout (what transformers reverts its model to), random bf16, sharded."""
     import torch
     import transformers
-    from safetensors.torch import save_file
     from transformers.core_model_loading import revert_weight_conversion
+
+    from convspec.io.writer import write_file
 
     config = mixtral_config(layers)
     with torch.device("meta"):
@@ -88,7 +89,7 @@ def write_checkpoint(d: Path, layers: int, shard_bytes: int = 1 << 30) -> dict:
     weight_map = {}
     for i, part in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(part, str(d / name), metadata={"format": "pt"})
+        write_file(d / name, part)
         weight_map.update(dict.fromkeys(part, name))
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return {"bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")), "keys": len(original)}

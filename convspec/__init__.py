@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from .api import compile, convert, load_spec, spec_names
 from .bind import BoundPlan
 from .compile.plan import Plan
@@ -15,15 +17,25 @@ from .errors import (
     SpecNotFoundError,
     SpecSyntaxError,
     SpecValidationError,
+    TransformersMissing,
 )
 from .spec import Spec
 
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it
+
+# torch warns on import where numpy is not installed; convspec never needs numpy (docs/decisions.md).
+# Importing convspec imports no torch, so this is in place before torch is first imported.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+
 __all__ = [
+    "__version__",
     "BindError",
     "BoundPlan",
     "CompileError",
     "ConfigError",
     "ConvspecError",
+    "LoadError",
+    "LoadReport",
     "NotInvertibleError",
     "Plan",
     "Spec",
@@ -31,8 +43,19 @@ __all__ = [
     "SpecNotFoundError",
     "SpecSyntaxError",
     "SpecValidationError",
+    "TransformersMissing",
     "compile",
     "convert",
     "load_spec",
     "spec_names",
 ]
+
+
+def __getattr__(name: str):
+    """`LoadReport` and `LoadError` on first use: their module imports torch, and `import convspec`
+    does not (reading headers and binding plans never need it)."""
+    if name in ("LoadReport", "LoadError"):
+        from . import load_into
+
+        return getattr(load_into, name)
+    raise AttributeError(f"module 'convspec' has no attribute {name!r}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import builtins
 import difflib
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -18,6 +19,9 @@ from .errors import SpecNotFoundError
 from .io.config import load_config
 from .spec import Spec, parse_spec
 from .spec.source import read_spec_text
+
+if TYPE_CHECKING:
+    from .streaming import ConvertResult
 
 SUFFIXES = (".yaml", ".yml", ".cspec")
 
@@ -76,7 +80,29 @@ def load_spec(name_or_path: str | Path) -> Spec:
 
 
 def compile(spec: Spec | str | Path, config: dict | str | Path | Any | None = None) -> Plan:  # noqa: A001
-    """Compile a spec (or a spec name/path) into a Plan; config is a dict, a config.json path, or None."""
+    """Compile a spec into a Plan: every rule checked, its ops resolved, its inverse derived.
+
+    Args:
+        spec: a `Spec` (from `load_spec`), or what `load_spec` takes: a built-in spec name, a model
+            type or transformers class name, or the path of a `.yaml`/`.cspec` file.
+        config: the model config that the spec's `config.*` expressions read: a dict, the path of a
+            `config.json` (or of its directory), an object with `to_dict()` (a transformers config),
+            or None when the spec reads none (an expression that needs it fails at `bind`).
+
+    Returns:
+        The compiled `Plan`, immutable and JSON-serialisable (`Plan.to_json`).
+
+    Raises:
+        SpecNotFoundError: no built-in spec or file by that name.
+        SpecSyntaxError, SpecValidationError: the spec's text or structure is wrong (file, line, column).
+        CompileError: a static check fails (overlapping rules, an op's parameters, an unknown capture).
+        ConfigError: the config file is missing or not a JSON object.
+
+    Example:
+        >>> plan = convspec.compile("mixtral", config="tiny-mixtral/config.json")
+        >>> plan.name, plan.model_types
+        ('mixtral', ('mixtral', 'minimax'))
+    """
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     return compile_spec(spec, load_config(config), resolve=_resolver(spec))
@@ -97,9 +123,10 @@ def _resolver(spec: Spec):
 
 
 def convert(
-    spec,
-    src,
-    dst,
+    spec: Spec | str | Path,
+    src: str | Path,
+    dst: str | Path,
+    *,
     reverse: bool = False,
     device: str = "cpu",
     max_shard_size: str | int = "5GB",
@@ -107,12 +134,45 @@ def convert(
     strict: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
-    on_tensor=None,
+    on_tensor: Callable[[str, int], None] | None = None,
     manifest: bool = False,
     allow_pickle: bool = False,
-):
-    """Convert the checkpoint at `src` into `dst` (sharded safetensors, written atomically). A pickle
-    checkpoint is read only with `allow_pickle` (torch.load(weights_only=True), never its code)."""
+) -> ConvertResult:
+    """Convert the checkpoint at `src` into `dst`: sharded safetensors named as Hugging Face names
+    them, written atomically (complete, or absent), the source's other files copied beside. The
+    spec is compiled with the source's `config.json`. Flags are keyword-only.
+
+    Args:
+        spec: what `compile` takes (a `Spec`, a built-in name, a model type or a spec file).
+        src: a checkpoint directory, a `model.safetensors.index.json`, or one `.safetensors` file.
+        dst: the output directory; it must not exist unless `overwrite`.
+        reverse: run the inverse plan (converted layout -> original).
+        device: where computed ops run (`"cpu"`, `"cuda"`, ...); block moves are file copies.
+        max_shard_size: the largest shard, `"5GB"` (decimal), `"512MiB"` (binary) or a byte count.
+        dtype: cast every floating tensor to this dtype (`"bfloat16"`, ...); None keeps each dtype.
+        strict: refuse source keys no rule claims, instead of passing them through unchanged.
+        overwrite: replace an existing `dst` (swapped in atomically).
+        dry_run: bind and plan the output, write nothing (`result.dst` is None).
+        on_tensor: called with (key, bytes) as each output tensor is written (progress).
+        manifest: also write `convspec-manifest.json` (sha256 of every source and output tensor).
+        allow_pickle: read a `.bin`/`.pt` checkpoint with `torch.load(weights_only=True)` (never its
+            code), through a safetensors copy in a temporary folder beside `dst`.
+
+    Returns:
+        A `ConvertResult`: `dst`, the shard file names (`files`), the number of tensors and bytes
+        written, the `BoundPlan` (`bound`), and what was cleaned up of killed earlier runs.
+
+    Raises:
+        CheckpointError: `src` is missing or malformed, `dst` exists, a pickle without `allow_pickle`.
+        BindError: the checkpoint does not fit the plan (every problem, by key), before any write.
+        SpecError, ConfigError, NotInvertibleError: as `compile` and `Plan.inverse`.
+
+    Example:
+        >>> r = convspec.convert("mixtral", "tiny-mixtral", "tiny-mixtral-fused", max_shard_size="64KB")
+        >>> r.tensors, r.files[0]
+        (21, 'model-00001-of-00002.safetensors')
+        >>> back = convspec.convert("mixtral", "tiny-mixtral-fused", "tiny-mixtral-back", reverse=True)
+    """
     from .streaming import convert_checkpoint
 
     with safetensors_source(src, allow_pickle, beside=dst) as src:

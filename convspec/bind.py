@@ -211,7 +211,31 @@ class Group:
 
 @dataclass
 class BoundPlan:
-    """A plan bound to one checkpoint layout: every group, every output shape, and what is left over."""
+    """A plan bound to one checkpoint layout (`Plan.bind`): every group, every output key with its
+    shape and dtype, and what is left over. Made from headers alone; no tensor data is read.
+
+    Attributes:
+        plan: the `Plan` that was bound.
+        layout: the source layout, {key: TensorInfo(shape, dtype)}.
+        groups: each application of a convert rule: its members (source keys) and outputs.
+        passthrough: source key -> output key for keys renamed or left unchanged.
+        unmatched: source keys no rule claimed (passed through unchanged).
+        dropped: source keys a drop rule removed.
+        outputs: {target_key: (shape, dtype)}, every key the conversion writes.
+        warnings: notes found while binding (none are errors).
+        aliased: keys a one-way alias renamed (saved back under the new name).
+
+    Example:
+        >>> shapes = {"w1": (48, 32), "w2": (32, 48), "w3": (48, 32)}
+        >>> layout = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight": (s, "bfloat16")
+        ...           for e in range(4) for w, s in shapes.items()}
+        >>> layout["lm_head.weight"] = ((128, 32), "bfloat16")
+        >>> bound = convspec.compile("mixtral").bind(layout)
+        >>> len(bound.groups), bound.unmatched, bound.claimed
+        (2, ['lm_head.weight'], 12)
+        >>> bound.coverage()["converted"], bound.coverage()["unmatched"]
+        (12, 1)
+    """
 
     plan: Plan
     layout: dict[str, TensorInfo]
@@ -225,9 +249,12 @@ class BoundPlan:
 
     @property
     def claimed(self) -> int:
+        """How many source keys some rule claimed (converted, renamed or dropped)."""
         return len(self.layout) - len(self.unmatched)
 
     def coverage(self) -> dict[str, Any]:
+        """Counts of the source keys: `keys`, `converted`, `renamed`, `dropped`, `unmatched`, and
+        `claimed_share` (claimed / keys, 1.0 for an empty layout)."""
         total = len(self.layout)
         return {
             "keys": total,

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import api, render
+from . import __version__, api, render
 from .errors import ConvspecError
 from .manifest import MANIFEST as MANIFEST_NAME
 from .style import Style
@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convspec", description="Declarative conversion specs for model checkpoints."
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a spec and show its plan")
     c.add_argument("spec", nargs="?", help="a built-in spec name or model type, or a .yaml/.cspec path")

@@ -102,3 +102,7 @@ class NotInvertibleError(ConvspecError):
 
 class SpecNotFoundError(ConvspecError):
     """No built-in spec or file by that name."""
+
+
+class TransformersMissing(ConvspecError):
+    """A part that needs transformers (the importer, the exporter) ran where it is not installed."""

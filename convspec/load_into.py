@@ -11,7 +11,21 @@ from .errors import ConvspecError
 
 @dataclass
 class LoadReport:
-    """What a load left out or could not place."""
+    """What `Plan.load_into` left out or could not place; `ok` when nothing.
+
+    Attributes:
+        missing: model parameters and persistent buffers the checkpoint did not fill (they would
+            keep their random initialisation).
+        unexpected: converted keys the model has no place for.
+        mismatched: (key, checkpoint shape, model shape) for each shape that differs.
+        on_meta: non-persistent buffers no checkpoint holds, left on the meta device (a transformers
+            model gets them computed; another model's caller must).
+
+    Example:
+        >>> report = convspec.LoadReport(missing=["lm_head.weight"])
+        >>> report.ok, str(report)
+        (False, '1 missing (would keep random init): lm_head.weight')
+    """
 
     missing: list[str] = field(default_factory=list)  # model parameters/buffers the checkpoint did not fill
     unexpected: list[str] = field(default_factory=list)  # converted keys the model has no place for
@@ -22,6 +36,7 @@ class LoadReport:
 
     @property
     def ok(self) -> bool:
+        """True when every parameter was filled, every key placed, and every shape right."""
         return not (self.missing or self.unexpected or self.mismatched or self.on_meta)
 
     def __str__(self) -> str:

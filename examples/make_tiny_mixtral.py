@@ -10,8 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from convspec.io.writer import write_file
 
 CONFIG = {
     "architectures": ["MixtralForCausalLM"],
@@ -32,15 +31,17 @@ CONFIG = {
 }
 
 
-def make(out: Path, layers: int = 2, experts: int = 4, seed: int = 0, dtype=torch.bfloat16) -> dict:
+def make(out: Path, layers: int = 2, experts: int = 4, seed: int = 0, dtype: str = "bfloat16") -> dict:
     """Create the checkpoint directory and return its config."""
+    import torch  # after convspec, which quiets torch's warning where numpy is absent
+
     g = torch.Generator().manual_seed(seed)
     cfg = dict(CONFIG, num_hidden_layers=layers, num_local_experts=experts)
     h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
 
     def w(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+        return (torch.randn(*shape, generator=g) * 0.02).to(getattr(torch, dtype))
 
     sd = {
         "model.embed_tokens.weight": w(cfg["vocab_size"], h),
@@ -61,7 +62,7 @@ def make(out: Path, layers: int = 2, experts: int = 4, seed: int = 0, dtype=torc
             sd[f"{p}.block_sparse_moe.experts.{e}.w2.weight"] = w(h, i)
             sd[f"{p}.block_sparse_moe.experts.{e}.w3.weight"] = w(i, h)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_file(out / "model.safetensors", dict(sorted(sd.items())))  # convspec's writer: no numpy needed
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return cfg
 

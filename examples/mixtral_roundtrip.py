@@ -11,9 +11,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 sys.path.insert(0, str(Path(__file__).parent))
 
 from make_tiny_mixtral import make  # noqa: E402
@@ -24,6 +21,8 @@ from convspec.io.safetensors import read_layout  # noqa: E402
 
 
 def _load_dir(d: Path) -> dict:
+    from safetensors.torch import load_file
+
     out = {}
     for f in sorted(d.glob("*.safetensors")):
         out.update(load_file(str(f)))
@@ -31,6 +30,8 @@ def _load_dir(d: Path) -> dict:
 
 
 def main(work: Path) -> int:
+    import torch  # here, after convspec, which quiets torch's warning where numpy is not installed
+
     ckpt, fused, back = work / "tiny-mixtral", work / "tiny-mixtral-fused", work / "tiny-mixtral-back"
     for d in (ckpt, fused, back):
         shutil.rmtree(d, ignore_errors=True)

@@ -576,11 +576,11 @@ def test_unsupported_rule_from_a_spec_file(tmp_path):
         to_weight_conversions(convspec.compile(convspec.load_spec(path)))
 
 
-def test_missing_transformers_is_an_export_error(monkeypatch):
+def test_missing_transformers_is_a_typed_error_naming_the_extra(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ExportError, match="transformers"):
+    with pytest.raises(convspec.TransformersMissing, match="convspec\\[transformers\\]"):
         to_weight_conversions(convspec.compile("mixtral"))
 
 

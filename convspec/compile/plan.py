@@ -69,7 +69,17 @@ class PlanRule:
 
 @dataclass(frozen=True)
 class Plan:
-    """A compiled spec. `regex` is one alternation over every input pattern, one group per pattern."""
+    """A compiled spec: its rules as key patterns and op DAGs, the config it was compiled with, and
+    its exact inverse. Immutable; made by `convspec.compile`, shipped with `to_json`/`from_json`.
+    `regex` is one alternation over every input pattern, one group per pattern.
+
+    Example:
+        >>> plan = convspec.compile("mixtral")
+        >>> [r.kind for r in plan.rules]
+        ['rename', 'convert', 'convert']
+        >>> plan.inverse().is_inverse
+        True
+    """
 
     name: str
     doc: str
@@ -130,8 +140,24 @@ class Plan:
     # ---- the public API ----------------------------------------------------------------------
 
     def inverse(self, allow_lossy: bool = False) -> Plan:
-        """The plan that undoes this one bit for bit (with allow_lossy, the best effort). Made once:
-        bind's checks and every save share it, and its compiled regexes."""
+        """The plan that undoes this one bit for bit: it loads what this one saves. Made once, and
+        shared by bind's checks, every save and its compiled regexes.
+
+        Args:
+            allow_lossy: for a plan with a lossy rule (a drop, a narrowing cast), give the best-effort
+                inverse instead of refusing.
+
+        Returns:
+            The inverse `Plan` (`is_inverse` flipped); its own inverse is this plan's rules again.
+
+        Raises:
+            NotInvertibleError: the plan cannot be undone exactly; names the rule and why.
+
+        Example:
+            >>> back = convspec.compile("mixtral").inverse()
+            >>> back.rules[0].kind, back.rules[0].number
+            ('convert', 3)
+        """
         from ..errors import NotInvertibleError
 
         if self.inverse_rules is None or (self.lossy and not allow_lossy):
@@ -159,19 +185,85 @@ class Plan:
         )
 
     def bind(self, layout: dict, strict: bool = False):
-        """Plan x checkpoint layout ({key: (shape, dtype)}) -> BoundPlan; reads no tensor data."""
+        """Match a checkpoint's layout against the plan: every group, every output key with its shape
+        and dtype, what is passed through, and every problem at once. Reads no tensor data.
+
+        Args:
+            layout: {key: (shape, dtype)} for every tensor (dtype as a name: "bfloat16"), as in a
+                checkpoint's safetensors headers; `TensorInfo` values work too.
+            strict: refuse keys no rule claims, instead of passing them through unchanged.
+
+        Returns:
+            A `BoundPlan`.
+
+        Raises:
+            BindError: the layout does not fit (an incomplete group, a shape an op cannot take, a
+                key claimed twice, unclaimed keys with `strict`); lists every problem by key.
+            ConfigError: a `config.*` expression needs a field the config lacks.
+
+        Example:
+            >>> shapes = {"w1": (48, 32), "w2": (32, 48), "w3": (48, 32)}
+            >>> layout = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight": (s, "bfloat16")
+            ...           for e in range(4) for w, s in shapes.items()}
+            >>> bound = convspec.compile("mixtral").bind(layout)
+            >>> bound.outputs["model.layers.0.mlp.experts.gate_up_proj"]
+            ((4, 96, 32), 'bfloat16')
+        """
         from ..bind import bind
 
         return bind(self, layout, strict=strict)
 
     def apply(self, state_dict: dict, strict: bool = False) -> dict:
-        """Convert a dict of tensors (any device, meta included) to the target layout."""
+        """Convert a dict of tensors to the target layout, in memory.
+
+        Args:
+            state_dict: {key: tensor}, on any device (meta tensors too: shapes only).
+            strict: refuse keys no rule claims, instead of passing them through unchanged.
+
+        Returns:
+            {target_key: tensor}.
+
+        Raises:
+            BindError, ConfigError: as `bind`, before any op runs.
+
+        Example:
+            >>> plan = convspec.compile("mixtral")
+            >>> sd = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight": torch.zeros(32, 32)
+            ...       for e in range(2) for w in ("w1", "w2", "w3")}
+            >>> out = plan.apply(sd)
+            >>> out["model.layers.0.mlp.experts.gate_up_proj"].shape
+            torch.Size([2, 64, 32])
+            >>> back = plan.inverse().apply(out)
+            >>> all(torch.equal(back[k], sd[k]) for k in sd)
+            True
+        """
         from ..run import apply_plan
 
         return apply_plan(self, state_dict, strict=strict)
 
     def stream(self, src, device: str = "cpu", dtype: str | None = None, strict: bool = False):
-        """Yield (target_key, tensor) from a checkpoint, one group in memory at a time."""
+        """Convert a checkpoint as it is read: (target_key, tensor) pairs, one group in memory at a
+        time. The layout is bound (and every problem reported) before any tensor is read.
+
+        Args:
+            src: a checkpoint directory, a `model.safetensors.index.json`, or one `.safetensors` file.
+            device: where the tensors are placed and the ops run.
+            dtype: cast every tensor to this dtype ("bfloat16", ...); None keeps each one's.
+            strict: refuse keys no rule claims, instead of passing them through unchanged.
+
+        Returns:
+            An iterator of (target_key, tensor).
+
+        Raises:
+            CheckpointError: `src` is missing, malformed or truncated (names the file).
+            BindError, ConfigError: as `bind`.
+
+        Example:
+            >>> plan = convspec.compile("mixtral", config="tiny-mixtral/config.json")
+            >>> key, tensor = next(plan.stream("tiny-mixtral"))
+            >>> sum(1 for _ in plan.stream("tiny-mixtral"))
+            21
+        """
         from ..io.checkpoint import Checkpoint
         from ..streaming import bind_checkpoint, stream_bound
 
@@ -179,11 +271,54 @@ class Plan:
         yield from stream_bound(bind_checkpoint(self, ckpt, strict), ckpt, device, dtype)
 
     def load(self, src, device: str = "cpu", dtype: str | None = None, strict: bool = False) -> dict:
-        """A checkpoint converted into a dict of tensors {target_key: tensor}."""
+        """A checkpoint read and converted into a dict of tensors.
+
+        Args:
+            src, device, dtype, strict: as `stream`.
+
+        Returns:
+            {target_key: tensor}.
+
+        Raises:
+            CheckpointError, BindError, ConfigError: as `stream`.
+
+        Example:
+            >>> plan = convspec.compile("mixtral", config="tiny-mixtral/config.json")
+            >>> sd = plan.load("tiny-mixtral")
+            >>> sd["model.layers.1.mlp.experts.down_proj"].shape
+            torch.Size([4, 32, 48])
+        """
         return dict(self.stream(src, device=device, dtype=dtype, strict=strict))
 
     def load_into(self, model, src, strict: bool = True, device: str | None = None):
-        """Fill `model` (on meta: assigned; allocated: copied in place); returns missing/unexpected/mismatched."""
+        """Fill a model's parameters and buffers from a checkpoint, converted as it is read. A model
+        on the meta device gets the tensors assigned (no memory until they arrive); an allocated one
+        has them copied in place. Keys are tried with and without the spec's `base_prefix`, so a
+        base-model checkpoint fills a model with a head and the other way round. For a transformers
+        model (`pip install 'convspec[transformers]'`), its non-persistent buffers are computed too.
+
+        Args:
+            model: a `torch.nn.Module`.
+            src: the checkpoint, as `stream` takes it.
+            strict: raise unless every parameter is filled, every key placed and every shape right.
+            device: where tensors go; default the device of the model's first allocated parameter,
+                else the CPU.
+
+        Returns:
+            A `LoadReport`: missing, unexpected and mismatched keys, and buffers left on meta.
+
+        Raises:
+            LoadError: with `strict`, when the report is not ok (it carries the report).
+            CheckpointError, BindError, ConfigError: as `stream`.
+
+        Example:
+            >>> config = transformers.MixtralConfig.from_pretrained("tiny-mixtral")
+            >>> with torch.device("meta"):
+            ...     model = transformers.MixtralForCausalLM(config)
+            >>> report = convspec.compile("mixtral", config=config).load_into(model, "tiny-mixtral")
+            >>> report.ok, str(report)
+            (True, 'ok')
+        """
         from ..load_into import load_into
 
         dev = device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu")
@@ -192,7 +327,27 @@ class Plan:
     def save(
         self, state_dict: dict, dst, max_shard_size: str | int = "5GB", overwrite: bool = False
     ) -> list[str]:
-        """Apply the plan to a state dict and write it as sharded safetensors, atomically."""
+        """Convert a state dict and write it as sharded safetensors, atomically (the directory is
+        complete, or absent). To save a loaded model in its checkpoint's layout, use the inverse.
+
+        Args:
+            state_dict: {key: tensor}, in this plan's source layout.
+            dst: the output directory; it must not exist unless `overwrite`.
+            max_shard_size: the largest shard, "5GB" (decimal), "512MiB" (binary) or a byte count.
+            overwrite: replace an existing `dst` (swapped in atomically).
+
+        Returns:
+            The shard file names written (with an index beside them when there are several).
+
+        Raises:
+            CheckpointError: `dst` exists without `overwrite`, or the size cannot be read.
+            BindError, ConfigError: as `bind`, before anything is written.
+
+        Example:
+            >>> plan = convspec.compile("mixtral", config="tiny-mixtral/config.json")
+            >>> plan.inverse().save(plan.load("tiny-mixtral"), "tiny-mixtral-saved")
+            ['model.safetensors']
+        """
         from ..io.writer import AtomicDir, parse_size, write_sharded
         from ..ops import TensorInfo
         from ..streaming import output_order
@@ -208,6 +363,20 @@ class Plan:
     # ---- JSON --------------------------------------------------------------------------------
 
     def to_json(self, indent: int | None = None) -> str:
+        """The plan as a JSON document (rules, config, inverse) that `Plan.from_json` reads back: a
+        compiled plan can be shipped without its spec.
+
+        Args:
+            indent: as `json.dumps`; None for one line.
+
+        Returns:
+            The JSON text.
+
+        Example:
+            >>> text = convspec.compile("mixtral").to_json()
+            >>> convspec.Plan.from_json(text).name
+            'mixtral'
+        """
         d = {
             "convspec_plan": 1,
             "name": self.name,

@@ -333,9 +333,10 @@ def import_key(key: str) -> Imported:
     """`convspec import-transformers KEY`: the spec for one model type or class name."""
     import difflib
 
-    import transformers
-
     from ..errors import ConvspecError
+    from ..extras import require_transformers
+
+    transformers = require_transformers("convspec import-transformers")
 
     raw = raw_mapping()
     if key not in raw:

@@ -13,22 +13,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConvspecError
+from ..errors import ConvspecError, TransformersMissing  # noqa: F401 - importable from here as before
+from ..extras import require_transformers
 from .translate import Seen
 
 
-class TransformersMissing(ConvspecError):
-    """transformers is needed for this and is not installed."""
-
-
 def _tf():
-    try:
-        import transformers  # noqa: F401
-        from transformers import conversion_mapping, core_model_loading
-    except ImportError:
-        raise TransformersMissing(
-            "this needs transformers, which is not installed", hint="pip install transformers"
-        ) from None
+    require_transformers("importing transformers' conversions")
+    from transformers import conversion_mapping, core_model_loading
+
     return conversion_mapping, core_model_loading
 
 

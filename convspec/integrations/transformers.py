@@ -63,15 +63,12 @@ def to_weight_conversions(plan: Plan) -> list:
     Renames come first, in plan order, then the converters, in plan order (transformers applies every
     renaming and then at most one converter). Register the list with
     `transformers.conversion_mapping.register_checkpoint_conversion_mapping`; transformers reverses it
-    itself when saving. Raises `ExportError` for a rule that transformers cannot express exactly.
+    itself when saving. Raises `ExportError` for a rule that transformers cannot express exactly, and
+    `TransformersMissing` where transformers is not installed (`pip install 'convspec[transformers]'`).
     """
-    try:
-        from transformers import core_model_loading as tml
-    except ImportError as exc:
-        raise ExportError(
-            "exporting a plan to transformers needs the transformers package, which is not installed",
-            hint="pip install 'transformers>=5'",
-        ) from exc
+    from ..extras import require_transformers
+
+    tml = require_transformers("exporting a plan to transformers").core_model_loading
 
     _check_order(plan)
     renames, converters = [], []

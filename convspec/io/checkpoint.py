@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES
 from ..ops.base import TensorInfo
+from .memory import tensor_memory
 from .safetensors import INDEX, CheckpointError, Entry, check_inside, read_layout
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class Checkpoint:
         import torch
 
         out = torch.empty(shape, dtype=DTYPES[dtype], pin_memory=pin)
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        view = tensor_memory(out)
         self.read_many([(key, src, view[dst : dst + size]) for key, src, dst, size in runs])
         return out
 

@@ -33,7 +33,8 @@ def transcode(src: str | Path, out: str | Path) -> Path:
     there are several, the other files copied). Each shard is loaded with weights_only=True: a pickle
     that would run code or build anything but tensors is refused by torch, and so here."""
     import torch
-    from safetensors.torch import save_file
+
+    from .writer import write_file
 
     src, out = Path(src), Path(out)
     files = pickle_files(src)
@@ -61,10 +62,8 @@ def transcode(src: str | Path, out: str | Path) -> Path:
         dup = [k for k in sd if k in weight_map]
         if dup:
             raise CheckpointError(f"tensor {dup[0]} appears in both {weight_map[dup[0]]} and {f.name}")
-        # shared storage (tied weights) is written once per key, contiguous
-        save_file(
-            {k: v.contiguous().clone() for k, v in sd.items()}, str(out / name), metadata={"format": "pt"}
-        )
+        # tensors sharing storage (tied weights) are written once per key
+        write_file(out / name, sd)
         weight_map.update(dict.fromkeys(sd, name))
         del sd
     if len(files) > 1:

@@ -9,12 +9,13 @@ import re
 import shutil
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..dtypes import ITEMSIZE
+from .memory import tensor_memory
 from .safetensors import DTYPES, CheckpointError
 
 try:
@@ -89,10 +90,8 @@ def shard_header(entries, metadata: dict) -> bytes:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    import torch
-
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy())
+    """A tensor's bytes as safetensors stores them (C order, on the CPU), without numpy."""
+    return tensor_memory(t.detach().to("cpu").contiguous())
 
 
 class Cleanup(NamedTuple):
@@ -459,6 +458,27 @@ def write_sharded(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return names
+
+
+def write_file(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """One safetensors file holding `tensors` in the given order, header metadata {"format": "pt"}: what
+    `safetensors.torch.save_file` writes, without the numpy it needs. Not atomic (a folder of them is:
+    `AtomicDir`); shared or non-contiguous tensors are written as contiguous copies."""
+    entries = []
+    for key, t in tensors.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in ITEMSIZE:
+            raise CheckpointError(f"tensor {key}: dtype {t.dtype} cannot be written as safetensors")
+        entries.append((key, tuple(t.shape), dtype))
+    with open(path, "wb") as f:
+        head = shard_header(entries, {"format": "pt", **(metadata or {})})
+        f.write(head)
+        f.flush()
+        pos = len(head)
+        for t in tensors.values():
+            data = tensor_bytes(t)
+            pwrite_all(f.fileno(), data, pos)
+            pos += len(data)
 
 
 class _FlushBehind:

@@ -10,8 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from convspec.io.writer import write_file
 
 CONFIG = {
     "architectures": ["OrcaForCausalLM"],
@@ -31,8 +30,10 @@ CONFIG = {
 }
 
 
-def make(out: Path, layers: int = 4, experts: int = 8, seed: int = 0, dtype=torch.bfloat16) -> dict:
+def make(out: Path, layers: int = 4, experts: int = 8, seed: int = 0, dtype: str = "bfloat16") -> dict:
     """Create the checkpoint directory and return its config."""
+    import torch  # after convspec, which quiets torch's warning where numpy is absent
+
     g = torch.Generator().manual_seed(seed)
     cfg = dict(CONFIG, n_layer=layers, n_expert=experts)
     h, f, hd = cfg["n_embd"], cfg["ffn_dim"], cfg["head_dim"]
@@ -40,7 +41,7 @@ def make(out: Path, layers: int = 4, experts: int = 8, seed: int = 0, dtype=torc
 
     def w(*shape):
         # a fresh tensor each call: safetensors refuses tensors that share memory
-        return (torch.randn(*shape, generator=g) * 0.02).to(dtype).clone()
+        return (torch.randn(*shape, generator=g) * 0.02).to(getattr(torch, dtype)).clone()
 
     sd = {
         "transformer.wte.weight": w(cfg["vocab_size"], h),
@@ -59,7 +60,7 @@ def make(out: Path, layers: int = 4, experts: int = 8, seed: int = 0, dtype=torc
             sd[f"{p}.moe.experts.{e}.up.weight"] = w(f, h)
             sd[f"{p}.moe.experts.{e}.down.weight"] = w(h, f)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_file(out / "model.safetensors", dict(sorted(sd.items())))  # convspec's writer: no numpy needed
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return cfg
 
