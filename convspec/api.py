@@ -14,6 +14,8 @@ import yaml
 
 from .compile.compiler import compile_spec
 from .compile.plan import Plan
+from .devices import WRITES, check_device
+from .dtypes import check_dtype
 from .errors import SpecNotFoundError
 from .io.config import load_config
 from .spec import Spec, parse_spec
@@ -115,6 +117,8 @@ def convert(
     checkpoint is read only with `allow_pickle` (torch.load(weights_only=True), never its code)."""
     from .streaming import convert_checkpoint
 
+    device = check_device(device, needs_data=WRITES)  # options first: before a pickle is transcoded
+    check_dtype(dtype)
     with safetensors_source(src, allow_pickle, beside=dst) as src:
         from .io.checkpoint import Checkpoint
 

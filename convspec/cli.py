@@ -339,9 +339,11 @@ class _Progress:
 
 
 def _verify(args) -> int:
+    from .devices import COMPARES, check_device
     from .io.checkpoint import Checkpoint
     from .streaming import verify_checkpoint
 
+    check_device(args.device, needs_data=COMPARES)  # before a pickle source is transcoded
     if args.manifest:
         return _verify_manifest(args)
     with api.safetensors_source(args.src, args.allow_pickle) as src:

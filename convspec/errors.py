@@ -102,3 +102,8 @@ class NotInvertibleError(ConvspecError):
 
 class SpecNotFoundError(ConvspecError):
     """No built-in spec or file by that name."""
+
+
+class DeviceError(ConvspecError):
+    """A device (`--device`, `device=`) that cannot be used: unknown, absent on this machine, or the
+    meta device where the tensors' data is needed."""
