@@ -116,7 +116,9 @@ def test_the_device_is_checked_before_the_checkpoint_is_opened(tmp_path):
         next(plan.stream(tmp_path / "no-such-checkpoint", device="gpu"))
 
 
-def test_a_pickle_source_is_not_read_when_the_device_is_bad(tiny, tmp_path, monkeypatch, capsys, plain):
+def test_a_pickle_source_is_not_read_when_the_device_or_dtype_is_bad(
+    tiny, tmp_path, monkeypatch, capsys, plain
+):
     from convspec.io import pickled
 
     pk = tmp_path / "pk"
@@ -124,7 +126,7 @@ def test_a_pickle_source_is_not_read_when_the_device_is_bad(tiny, tmp_path, monk
     torch.save({"x": torch.zeros(1)}, pk / "pytorch_model.bin")
 
     def never(*a, **k):
-        raise AssertionError("the pickle was transcoded before the device was checked")
+        raise AssertionError("the pickle was transcoded before the options were checked")
 
     monkeypatch.setattr(pickled, "transcode", never)
     assert (
@@ -132,6 +134,9 @@ def test_a_pickle_source_is_not_read_when_the_device_is_bad(tiny, tmp_path, monk
         == 2
     )
     assert main(["verify", "mixtral", str(pk), "--allow-pickle", "--device", "gpu"]) == 2
+    assert (
+        main(["convert", "mixtral", str(pk), str(tmp_path / "out"), "--allow-pickle", "--dtype", "f99"]) == 2
+    )
     assert "Traceback" not in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pk"]
 
