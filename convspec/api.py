@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import builtins
 import difflib
-import os
 from contextlib import contextmanager
 from functools import cache
 from importlib import resources
@@ -85,7 +84,7 @@ def load_spec(name_or_path: str | Path) -> Spec:
         'qwen2_moe'
     """
     text = str(name_or_path)
-    if isinstance(name_or_path, os.PathLike) or _is_path(text):
+    if hasattr(name_or_path, "__fspath__") or _is_path(text):
         return _load_file(text)
     index = _builtin_index()
     if text not in index:
@@ -101,9 +100,9 @@ def load_spec(name_or_path: str | Path) -> Spec:
 
 
 def _is_path(text: str) -> bool:
-    """The spec-name rule: a separator or a spec suffix makes a path; anything else is a name."""
-    separators = "/" + os.sep + (os.altsep or "")
-    return any(c in text for c in separators) or text.endswith(SUFFIXES)
+    """The spec-name rule: a separator (`/`, or Windows' `\\`) or a spec suffix makes a path; anything
+    else is a name (no built-in name holds either)."""
+    return "/" in text or "\\" in text or text.endswith(SUFFIXES)
 
 
 def _load_file(text: str) -> Spec:
