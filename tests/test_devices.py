@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import convspec
+from convspec import DeviceError
 from convspec.cli import main
 from convspec.devices import check_device
-from convspec.errors import DeviceError
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
