@@ -15,6 +15,8 @@ import yaml
 
 from .compile.compiler import compile_spec
 from .compile.plan import Plan
+from .devices import WRITES, check_device
+from .dtypes import check_dtype
 from .errors import SpecNotFoundError
 from .io.config import load_config
 from .spec import Spec, parse_spec
@@ -58,25 +60,82 @@ def spec_names() -> builtins.list[str]:
 
 
 def load_spec(name_or_path: str | Path) -> Spec:
-    """A built-in spec by name or model type, or a spec file (.yaml, .yml, .cspec) by path."""
+    """A spec, by built-in name or by path. One rule decides which, in every command taking a SPEC:
+
+    - a `Path` (any os.PathLike), or a string holding a `/` (`./mixtral`, `specs/x.yaml`, `/abs/x.cspec`) or ending
+      in `.yaml`, `.yml` or `.cspec`, is a path, and must be a spec file (a directory never is);
+    - any other string is a name: a built-in spec, a model type or a transformers class name a
+      built-in spec lists. The working directory is not looked at, so a file or folder there named
+      `mixtral` never shadows the built-in; `./mixtral` reads such a file.
+
+    Args:
+        name_or_path: a built-in name (`"mixtral"`, `"deepseek_v3"`, `"CLIPVisionModel"`) or the
+            path of a spec file, YAML (`.yaml`, `.yml`) or the DSL (`.cspec`, or no suffix).
+
+    Returns:
+        The parsed Spec, not yet compiled (see `compile`).
+
+    Raises:
+        SpecNotFoundError: no built-in of that name (the hint names close ones, or says `./NAME`
+            reads a file of that name here), or a path that does not exist or is a directory.
+        SpecError: the file is not a valid spec (the message gives file:line:col).
+
+    Example:
+        >>> import convspec
+        >>> convspec.load_spec("mixtral").name
+        'mixtral'
+        >>> convspec.load_spec("deepseek_v3").name  # a model type names the spec that serves it
+        'qwen2_moe'
+    """
     text = str(name_or_path)
-    path = Path(text)
-    if path.is_dir():
-        raise SpecNotFoundError(f"{text} is a directory, not a spec", hint="pass a .yaml or .cspec file")
-    if text.endswith(SUFFIXES) or path.is_file():
-        if not path.is_file():
-            raise SpecNotFoundError(f"spec file {text} does not exist")
-        return parse_spec(read_spec_text(path), text)
+    if hasattr(name_or_path, "__fspath__") or _is_path(text):
+        return _load_file(text)
     index = _builtin_index()
     if text not in index:
         close = difflib.get_close_matches(text, list(index), 3)
         raise SpecNotFoundError(
             f"no built-in spec or model type named {text!r}",
-            hint=(f"did you mean {', '.join(close)}? " if close else "")
+            hint=_here_hint(text)
+            or (f"did you mean {', '.join(close)}? " if close else "")
             + "see `convspec compile --list`, or pass a path to a .yaml/.cspec file",
         )
     entry = _builtin_dir().joinpath(index[text])
     return parse_spec(entry.read_text(encoding="utf-8"), f"specs/{index[text]}")
+
+
+def _is_path(text: str) -> bool:
+    """The spec-name rule: a separator (`/`, or Windows' `\\`) or a spec suffix makes a path; anything
+    else is a name (no built-in name holds either)."""
+    return "/" in text or "\\" in text or text.endswith(SUFFIXES)
+
+
+def _load_file(text: str) -> Spec:
+    path = Path(text)
+    if path.is_file():
+        return parse_spec(read_spec_text(path), text)
+    builtin = path.name.removesuffix(path.suffix)
+    named = f"the built-in spec is named {builtin}, with no path or suffix"
+    if path.is_dir():
+        raise SpecNotFoundError(
+            f"{text} is a directory, not a spec file",
+            hint="pass a .yaml, .yml or .cspec file" + (f"; {named}" if builtin in _builtin_index() else ""),
+        )
+    raise SpecNotFoundError(
+        f"spec file {text} does not exist",
+        hint=named
+        if builtin in _builtin_index()
+        else "check the path, or name a built-in spec (no path, no suffix): see `convspec compile --list`",
+    )
+
+
+def _here_hint(name: str) -> str | None:
+    """For a name that is no built-in: what to type if the user meant a file of that name here."""
+    path = Path(name)
+    if path.is_file():
+        return f"a name is never read from the working directory; for the file {name} here, pass ./{name}"
+    if path.is_dir():
+        return f"{name} here is a directory, and a spec is a .yaml, .yml or .cspec file"
+    return None
 
 
 def compile(spec: Spec | str | Path, config: dict | str | Path | Any | None = None) -> Plan:  # noqa: A001
@@ -175,6 +234,8 @@ def convert(
     """
     from .streaming import convert_checkpoint
 
+    device = check_device(device, needs_data=WRITES)  # options first: before a pickle is transcoded
+    check_dtype(dtype)
     with safetensors_source(src, allow_pickle, beside=dst) as src:
         from .io.checkpoint import Checkpoint
 

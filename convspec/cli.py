@@ -28,6 +28,12 @@ def _error_json(exc: ConvspecError) -> dict:
     return d
 
 
+SPEC_HELP = (
+    "a built-in spec name or model type, or a spec file: a path with a / or a .yaml/.yml/.cspec suffix"
+)
+DEVICE_HELP = "where computed tensors go: cpu (default), cuda, cuda:N, mps; checked before anything is read"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convspec", description="Declarative conversion specs for model checkpoints."
@@ -35,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a spec and show its plan")
-    c.add_argument("spec", nargs="?", help="a built-in spec name or model type, or a .yaml/.cspec path")
+    c.add_argument("spec", nargs="?", help=SPEC_HELP)
     _checkpoint_flags(c, "bind to a checkpoint's headers and show every group")
     c.add_argument(
         "--format",
@@ -52,11 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--list", action="store_true", help="list the built-in specs")
     _json_flag(c)
     cv = sub.add_parser("convert", help="convert a checkpoint with a spec (atomic, sharded safetensors)")
-    cv.add_argument("spec")
+    cv.add_argument("spec", help=SPEC_HELP)
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--reverse", action="store_true", help="apply the inverse plan (save back)")
-    cv.add_argument("--device", default="cpu")
+    cv.add_argument("--device", default="cpu", help=DEVICE_HELP)
     cv.add_argument("--dtype", help="cast every output to this dtype")
     cv.add_argument("--max-shard-size", default="5GB")
     cv.add_argument("--strict", action="store_true", help="every key must be claimed by a rule")
@@ -75,9 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _json_flag(cv)
     v = sub.add_parser("verify", help="convert forward and back, and compare with the source bit for bit")
-    v.add_argument("spec")
+    v.add_argument("spec", help=SPEC_HELP)
     v.add_argument("src")
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--device", default="cpu", help=DEVICE_HELP)
     v.add_argument(
         "--converted", metavar="DIR", help="compare a converted directory with SRC converted afresh"
     )
@@ -89,13 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _json_flag(v)
     ch = sub.add_parser("check", help="lint a spec: overlaps, shadowed renames, dead rules, coverage")
-    ch.add_argument("specs", nargs="+", metavar="SPEC", help="spec files or built-in names")
+    ch.add_argument("specs", nargs="+", metavar="SPEC", help=SPEC_HELP)
     _checkpoint_flags(ch, "also check against a checkpoint's headers")
     ch.add_argument("--select", metavar="CODES", help="only these rule codes or prefixes, comma-separated")
     ch.add_argument("--ignore", metavar="CODES", help="skip these rule codes or prefixes, comma-separated")
     _json_flag(ch)
     ex = sub.add_parser("explain", help="the life of one key: renames, the convert, its group, its outputs")
-    ex.add_argument("spec")
+    ex.add_argument("spec", help=SPEC_HELP)
     ex.add_argument("key")
     _checkpoint_flags(ex, "bind to a checkpoint: the real group and shapes")
     ex.add_argument("--reverse", action="store_true", help="explain the key through the inverse plan")
@@ -340,9 +346,11 @@ class _Progress:
 
 
 def _verify(args) -> int:
+    from .devices import COMPARES, check_device
     from .io.checkpoint import Checkpoint
     from .streaming import verify_checkpoint
 
+    check_device(args.device, needs_data=COMPARES)  # before a pickle source is transcoded
     if args.manifest:
         return _verify_manifest(args)
     with api.safetensors_source(args.src, args.allow_pickle) as src:

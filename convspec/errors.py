@@ -75,6 +75,11 @@ class ConfigError(ConvspecError):
     """The model config lacks a field, or has the wrong type, for an expression of the spec."""
 
 
+class DeviceError(ConvspecError):
+    """A device (`--device`, `device=`) that cannot be used: unknown, absent on this machine, or the
+    meta device where the tensors' data is needed."""
+
+
 class BindError(ConvspecError):
     """A checkpoint layout does not fit the plan; names the keys. Raised before any data is read."""
 

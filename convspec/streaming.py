@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .bind import BoundPlan
 from .blocks import block_runs
 from .compile.plan import Plan
+from .devices import COMPARES, WRITES, check_device
 from .dtypes import DTYPES, ITEMSIZE, check_dtype
 from .errors import BindError
 from .io.checkpoint import Checkpoint
@@ -158,6 +159,7 @@ def convert_checkpoint(
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
     `manifest`, a per-tensor hash manifest of the source and the output is written inside it."""
     check_dtype(dtype)
+    device = check_device(device, needs_data=WRITES)
     ckpt = Checkpoint(src)
     bound = bind_checkpoint(plan, ckpt, strict)
     entries = output_order(bound, dtype)
@@ -207,6 +209,7 @@ def verify_checkpoint(
     the forward outputs compared with a converted directory. Stops after `limit` mismatches."""
     import torch
 
+    device = check_device(device, needs_data=COMPARES)
     with torch.no_grad():
         return _verify(plan, src, device, limit, converted)
 

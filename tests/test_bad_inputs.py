@@ -593,6 +593,27 @@ CASES = [
         kind="option",
     ),
     ckpt(
+        "meta_device",
+        {"model.safetensors": GOOD},
+        "error: device 'meta' holds shapes, not data, and convert writes the data",
+        argv=(*CONVERT, "--device", "meta"),
+        kind="option",
+    ),
+    ckpt(
+        "unknown_device",
+        {"model.safetensors": GOOD},
+        "error: unknown device 'gpu'",
+        argv=(*CONVERT, "--device", "gpu"),
+        kind="option",
+    ),
+    ckpt(
+        "absent_device",  # no machine has 100 GPUs: absent with or without CUDA
+        {"model.safetensors": GOOD},
+        "error: device 'cuda:99' ",
+        argv=(*CONVERT, "--device", "cuda:99"),
+        kind="option",
+    ),
+    ckpt(
         "bad_shard_size",
         {"model.safetensors": GOOD},
         "error: cannot read the size 'abc'",

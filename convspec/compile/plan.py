@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from ..devices import check_device
 from .patterns import Pattern
 
 
@@ -267,6 +268,7 @@ class Plan:
         from ..io.checkpoint import Checkpoint
         from ..streaming import bind_checkpoint, stream_bound
 
+        device = check_device(device)  # meta too (shapes only); before anything is read
         ckpt = Checkpoint(src)
         yield from stream_bound(bind_checkpoint(self, ckpt, strict), ckpt, device, dtype)
 

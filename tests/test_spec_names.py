@@ -1,0 +1,123 @@
+"""How a SPEC argument is read, the same in every command and in `load_spec`: a path has a `/` or a
+spec suffix and must be a spec file; anything else is a built-in name, and the working directory is
+never looked at, so a folder or file there named like a built-in (`mixtral`) does not shadow it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import convspec
+from convspec.cli import main
+from convspec.errors import SpecNotFoundError
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+from make_tiny_mixtral import make  # noqa: E402
+
+MINE = "spec mine\nrename {p:path}.a -> {p}.b\n"
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    """A working directory holding a Mixtral checkpoint folder named `mixtral`."""
+    make(tmp_path / "mixtral", layers=2, experts=4)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NO_COLOR", "1")
+    return tmp_path
+
+
+def _err(capsys) -> list[str]:
+    return capsys.readouterr().err.splitlines()
+
+
+def test_the_issues_command_converts_with_a_folder_named_like_the_spec(here, capsys):
+    assert main(["convert", "mixtral", "mixtral", "mixtral-fused", "--quiet"]) == 0
+    assert (here / "mixtral-fused" / "model.safetensors").is_file()
+    assert main(["verify", "mixtral", "mixtral", "--converted", "mixtral-fused"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compile", "mixtral", "--against", "mixtral", "--json"],
+        ["check", "mixtral", "--against", "mixtral", "--json"],
+        ["explain", "mixtral", "model.layers.0.block_sparse_moe.experts.0.w1.weight", "--against", "mixtral"],
+        ["verify", "mixtral", "mixtral", "--json"],
+        ["convert", "mixtral", "mixtral", "out", "--dry-run", "--json"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_every_command_reads_a_bare_name_as_the_builtin(argv, here, capsys):
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    plain = [a for a in argv[2:] if a != "--json"]
+    assert main([argv[0], "./mixtral", *plain]) == 2  # the folder, named as a path, is no spec
+    assert _err(capsys)[0] == "error: ./mixtral is a directory, not a spec file"
+    assert out
+
+
+def test_a_spec_file_named_like_a_builtin_is_read_only_as_a_path(here, capsys):
+    (here / "mixtral").rename(here / "ckpt")
+    (here / "mixtral").write_text(MINE)
+    assert convspec.load_spec("mixtral").name == "mixtral"  # the built-in, not the file
+    assert convspec.load_spec("./mixtral").name == "mine"
+    assert convspec.load_spec(Path("mixtral")).name == "mine"  # a Path is always a path
+    assert main(["compile", "./mixtral", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "mine"
+
+
+def test_paths_that_do_not_name_a_spec_file(here, capsys):
+    (here / "mine").write_text(MINE)
+    cases = {
+        "./mixtral": (
+            "error: ./mixtral is a directory, not a spec file",
+            "  hint: pass a .yaml, .yml or .cspec file; the built-in spec is named mixtral, with no path or suffix",
+        ),
+        "mixtral.yaml": (
+            "error: spec file mixtral.yaml does not exist",
+            "  hint: the built-in spec is named mixtral, with no path or suffix",
+        ),
+        "nowhere/x.cspec": (
+            "error: spec file nowhere/x.cspec does not exist",
+            "  hint: check the path, or name a built-in spec (no path, no suffix): see `convspec compile --list`",
+        ),
+        "mine": (
+            "error: no built-in spec or model type named 'mine'",
+            "  hint: a name is never read from the working directory; for the file mine here, pass ./mine",
+        ),
+    }
+    for spec, lines in cases.items():
+        assert main(["compile", spec]) == 2
+        assert tuple(_err(capsys)) == lines, spec
+    with pytest.raises(SpecNotFoundError, match="is a directory"):
+        convspec.load_spec(Path("mixtral"))
+
+
+def test_an_include_never_reads_the_working_directory(here):
+    (here / "qwen2_moe").write_text(MINE)  # a bare file named like the included built-in
+    spec = here / "sub" / "vlm.cspec"
+    spec.parent.mkdir()
+    spec.write_text("spec vlm\ninclude qwen2_moe under model.language_model\n")
+    plan = convspec.compile(convspec.load_spec(spec))
+    assert plan.rules and all(r.where.startswith("specs/qwen2_moe.yaml:") for r in plan.rules)
+
+
+def test_usage_md_shows_the_rule_as_it_runs(tmp_path):
+    """The console session in docs/usage.md, run line by line in an empty folder: the same output."""
+    text = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+    section = text[text.index("## SPEC: a built-in name or a file") :]
+    block = re.search(r"```console\n(.*?)```", section, re.S).group(1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    steps = re.findall(r"^\$ (.*)\n((?:(?!\$ ).*\n)*)", block, re.M)
+    assert len(steps) == 7
+    for command, expected in steps:
+        command = re.sub(r"^convspec ", f"{sys.executable} -m convspec.cli ", command)
+        p = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert p.stdout + p.stderr == expected, command
