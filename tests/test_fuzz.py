@@ -1,5 +1,7 @@
 """Fuzzing: any spec text, expression, config or safetensors header yields a result or a typed
-convspec error, within a time and memory bound; never another exception, a hang or a blow-up.
+convspec error, within a memory bound; never another exception, a hang or a blow-up. Nothing here
+measures speed (that is bench/'s job): hypothesis has no deadline, and the only clock is a hang guard
+minutes long, far past any input's honest cost on the busiest machine.
 
 CI runs CONVSPEC_FUZZ_EXAMPLES examples per test (default 200: about 20 s on two cores). A long
 run, about 20 minutes on two cores, with hypothesis' statistics:
@@ -14,7 +16,6 @@ import os
 import signal
 import struct
 import tracemalloc
-from datetime import timedelta
 from functools import cache
 from pathlib import Path
 
@@ -38,11 +39,13 @@ from convspec.spec.source import Embedded, Source
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("CONVSPEC_FUZZ_EXAMPLES", "200"))
-TIME_LIMIT_S = 10  # a hang fails the example instead of stalling the run
+# A hang fails the example instead of stalling the run. Not a speed check: an example takes
+# milliseconds, the slowest seen took 9 s on a busy two-core machine; only a runaway takes minutes.
+TIME_LIMIT_S = 120
 PEAK_BYTES = 64 << 20  # the inputs are at most a few tens of KiB: 64 MiB of Python objects is a leak
 FUZZ = settings(
     max_examples=EXAMPLES,
-    deadline=timedelta(seconds=5),
+    deadline=None,  # speed belongs in bench/: a busy machine must not fail a test
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 INT64 = 1 << 64
