@@ -102,3 +102,8 @@ class NotInvertibleError(ConvspecError):
 
 class SpecNotFoundError(ConvspecError):
     """No built-in spec or file by that name."""
+
+
+class PlanError(ConvspecError):
+    """A plan read from JSON is not one convspec can run: names the field (`rules[2].nodes[0].op`)
+    and what is wrong with it."""

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import CompileError, ConfigError, Span, SpecNotFoundError
-from ..ops import DTYPES, OPS, NotInvertible, OpError
+from ..ops import DTYPES, OPS, NotInvertible, Op, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
 from .evaluate import _Name, evaluate, needs_config
 from .patterns import Pattern, intersection_witness, split_offset, with_offset
@@ -57,11 +57,7 @@ def compile_spec(
         if isinstance(rule, Rename):
             rules.append(_rename(i, rule))
         elif isinstance(rule, Drop):
-            src = pattern_of(rule.source)
-            types = {c: t or "seg" for _, c, t in src.parts if _ == "cap"}
-            rules.append(
-                PlanRule(i, "drop", _where(rule.span), (("x", src.typed(types)),), types=tuple(types.items()))
-            )
+            rules.append(drop_rule(i, _where(rule.span), pattern_of(rule.source)))
         else:
             rules.append(_Lowering(i, rule, config).build())
     if check_overlaps:
@@ -103,6 +99,12 @@ def _rename(i: int, rule: Rename) -> PlanRule:
         rule.one_way,
         rule.target.span,
     )
+
+
+def drop_rule(i: int, where: str, src: Pattern) -> PlanRule:
+    """A drop's rule: its one input, typed (an untyped capture is one segment)."""
+    types = {c: t or "seg" for k, c, t in src.parts if k == "cap"}
+    return PlanRule(i, "drop", where, (("x", src.typed(types)),), types=tuple(types.items()))
 
 
 def rename_rule(
@@ -272,18 +274,11 @@ class _Lowering:
         return self.emit(e, args, e.args[n_tensors:], want)
 
     def emit(self, call: Call, args: list[str], pos_params: list[Expr], want: int) -> list[str]:
-        op = OPS.get(call.op)
-        if op is None:
-            close = difflib.get_close_matches(call.op, list(OPS), 1)
-            raise self.err(
-                f"unknown op {call.op!r}",
-                call.span,
-                hint=(f"did you mean {close[0]!r}? " if close else "") + f"ops: {', '.join(sorted(OPS))}",
-            )
         try:
+            op = find_op(call.op)
             check_arity(op, len(args))
         except OpError as exc:
-            raise self.err(exc.message, call.span) from None
+            raise self.err(exc.message, call.span, exc.hint) from None
         params = self.params(op, call, pos_params, want)
         try:
             n_out = values_yielded(op, params)
@@ -428,7 +423,19 @@ class _Lowering:
 # ---- checks shared with plans read from JSON --------------------------------------------------
 
 
-def check_arity(op, n: int) -> None:
+def find_op(name: str) -> Op:
+    """The op of that name, or an OpError that suggests the closest one."""
+    op = OPS.get(name)
+    if op is None:
+        close = difflib.get_close_matches(name, list(OPS), 1)
+        raise OpError(
+            f"unknown op {name!r}",
+            hint=(f"did you mean {close[0]!r}? " if close else "") + f"ops: {', '.join(sorted(OPS))}",
+        )
+    return op
+
+
+def check_arity(op: Op, n: int) -> None:
     """Raise OpError unless `op` takes `n` tensor inputs."""
     if n < op.min_inputs or (op.max_inputs is not None and n > op.max_inputs):
         need = (
