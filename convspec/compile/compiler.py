@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import CompileError, ConfigError, Span, SpecNotFoundError
 from ..ops import DTYPES, OPS, NotInvertible, Op, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
-from .evaluate import _Name, evaluate, needs_config
+from .evaluate import _Name, _short, evaluate, needs_config
 from .patterns import Pattern, intersection_witness, split_offset, with_offset
 from .plan import Node, Plan, PlanRule
 
@@ -472,26 +472,29 @@ NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a capture's name, as the grammar
 def check_param(op, p, v: Any, names: type = str) -> None:
     """Raise OpError unless `v` is a value of parameter `p` of `op` (a capture name: an instance
     of `names`, which compiling passes as the evaluator's bare-name type)."""
-    bad = f"parameter {p.name} of {op.name} must be {{}}, got {v!r}"
+
+    def bad(what: str) -> OpError:
+        return OpError(f"parameter {p.name} of {op.name} must be {what}, got {_short(v)}")
+
     if p.kind == "int":
         if isinstance(v, bool) or not isinstance(v, int):
-            raise OpError(bad.format("an integer"))
+            raise bad("an integer")
     elif p.kind in ("ints", "shape"):
         if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-            raise OpError(bad.format("a list of integers"))
+            raise bad("a list of integers")
     elif p.kind == "bool":
         if not isinstance(v, bool):
-            raise OpError(bad.format("true or false"))
+            raise bad("true or false")
     elif p.kind == "dtype":
         if not isinstance(v, str) or v not in DTYPES:
             close = difflib.get_close_matches(str(v), list(DTYPES), 1)
             raise OpError(
-                f"unknown dtype {v!r} for {op.name}",
+                f"unknown dtype {_short(v)} for {op.name}",
                 hint=(f"did you mean {close[0]!r}? " if close else "") + f"dtypes: {', '.join(DTYPES)}",
             )
     elif p.kind == "capture":
         if not isinstance(v, names) or not NAME.fullmatch(v):
-            raise OpError(bad.format("a capture name"))
+            raise bad("a capture name")
     else:  # pragma: no cover
         raise AssertionError(p.kind)
 
