@@ -1,5 +1,5 @@
-"""Fuzzing: any spec text, expression, config or safetensors header yields a result or a typed
-convspec error, within a memory bound; never another exception, a hang or a blow-up. Nothing here
+"""Fuzzing: any spec text, expression, config, safetensors header or plan JSON yields a result or
+a typed convspec error, within a memory bound; never another exception, a hang or a blow-up. Nothing here
 measures speed (that is bench/'s job): hypothesis has no deadline, and the only clock is a hang guard
 minutes long, far past any input's honest cost on the busiest machine.
 

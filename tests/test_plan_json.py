@@ -288,3 +288,18 @@ def test_the_error_renders_as_one_message(mixtral):
     err = _refused(d)
     assert str(err).splitlines()[0] == f"error: rules[{C}].nodes[0].op: unknown op 'stak'"
     assert isinstance(err, convspec.ConvspecError)
+
+
+def test_the_usage_docs_example_prints_what_it_says(capsys):
+    """docs/usage.md, "Plans as JSON": its Python block runs and prints its trailing `# ` lines."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "usage.md").read_text(encoding="utf-8")
+    section = doc.split("## Plans as JSON", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    lines = code.rstrip("\n").splitlines()
+    said = []
+    while lines and lines[-1].startswith("# "):
+        said.insert(0, lines.pop()[2:])
+    exec(compile("\n".join(lines), "docs/usage.md", "exec"), {})
+    assert said and capsys.readouterr().out.splitlines() == said
