@@ -352,13 +352,14 @@ def check_plan(plan: Plan) -> None:
             _check_rule(rule, i, f"{side}[{i}]", plan.config, undoing)
     _check_inverse(plan)
     try:
-        plan._alternation(0, KINDS)
+        plan.regex  # noqa: B018 - compiles the rules' combined regex, once, as binding would
     except (re.error, OverflowError, RecursionError) as exc:  # pragma: no cover - the templates are checked
         raise PlanError(f"the rules' templates make no regular expression: {exc}") from None
 
 
 def _check_rule(r: PlanRule, i: int, path: str, config: dict | None, undoing: bool) -> None:
-    from .compiler import CompileError, check_convert, drop_rule, rename_rule
+    from ..errors import CompileError
+    from .compiler import check_convert, drop_rule, rename_rule
 
     if r.index != i:
         raise PlanError(f"{path}.index: {r.index}, but the rule is number {i} of its list (counting from 0)")
