@@ -111,3 +111,8 @@ class SpecNotFoundError(ConvspecError):
 
 class TransformersMissing(ConvspecError):
     """A part that needs transformers (the importer, the exporter) ran where it is not installed."""
+
+
+class PlanError(ConvspecError):
+    """A plan read from JSON is not one convspec can run: names the field (`rules[2].nodes[0].op`)
+    and what is wrong with it."""

@@ -109,10 +109,19 @@ def _kill_after(argv: list[str], delay: float) -> int | None:
 
 
 def _delays(n: int, duration: float, rng: random.Random) -> list[float]:
-    """One delay drawn in each of n equal slices of the run, shuffled: spread over all of it, seeded."""
+    """A kill at once, then one delay drawn in each of n equal slices of the run, shuffled: spread over
+    all of it, seeded. The kill at once lands before anything is written however fast the machine is,
+    so that outcome never depends on the machine's speed."""
     out = [(i + rng.random()) * duration / n for i in range(n)]
     rng.shuffle(out)
-    return out
+    return [0.0, *out]
+
+
+def test_kill_points_do_not_depend_on_the_machine_s_speed():
+    """The first kill is at once (nothing written on any machine); the others spread over the run."""
+    delays = _delays(5, 10.0, random.Random(0))
+    assert delays[0] == 0.0 and len(delays) == 6
+    assert sorted(int(d // 2) for d in delays[1:]) == [0, 1, 2, 3, 4]
 
 
 def _say(capsys, line: str) -> None:
@@ -169,7 +178,7 @@ def _kill_trials(argv: list[str], dst: Path, ref: Path, n: int, seed: str, timin
         assert _same_tree(dst, ref) and not _temporaries(dst)
         shutil.rmtree(dst)
     duration = max(durations)
-    counts = {"runs": n, "absent": 0, "left a temporary": 0, "complete": 0, "exited first": 0}
+    counts = {"runs": n + 1, "absent": 0, "left a temporary": 0, "complete": 0, "exited first": 0}
 
     def trial(delay: float) -> None:
         finished = _kill_after(argv, delay)
@@ -190,7 +199,7 @@ def _kill_trials(argv: list[str], dst: Path, ref: Path, n: int, seed: str, timin
     rng = random.Random(seed)
     for delay in _delays(n, duration, rng):
         trial(delay)
-    while counts["complete"] == 0 and counts["runs"] < n + 3:
+    while counts["complete"] == 0 and counts["runs"] < n + 4:
         # on a busy machine a run can be slower than the timed ones: the last slice again, a few times
         counts["runs"] += 1
         trial(duration * (1 - rng.random() / n))
@@ -217,7 +226,7 @@ def test_a_killed_convert_leaves_nothing_or_everything_and_a_rerun_cleans_up(
         1,  # torch's exit alone is longer than a slice: a run's last slice lands after its commit
     )
     _say(capsys, f"kill trials, --dtype cast: {cast}")
-    # a run's first slice always ends before its temporary is made: the start-up is longer than a slice
+    # the kill at once always leaves nothing, on any machine
     assert block["absent"] >= 1 and cast["absent"] >= 1
     # Where the other kills land depends on the machine's load: every outcome above was checked as it
     # happened, and the commit's own window is covered step by step by the test below, so how many
@@ -242,7 +251,7 @@ def test_a_killed_overwrite_leaves_the_old_or_the_new_destination(ckpts, referen
         counts["old" if now == current else "new"] += 1
         current = now
     _say(capsys, f"kill trials, --overwrite: {counts}")
-    assert counts["old"] >= 1, counts  # the commit is one rename: the step by step test below reaches it
+    assert counts["old"] >= 1, counts  # the kill at once; the commit's rename: the step by step test below
     assert main(_argv(src, dst, "--overwrite")) == 0
     assert _same_tree(dst, reference / "block") and not _temporaries(dst)
 

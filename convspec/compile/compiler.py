@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import CompileError, ConfigError, Span, SpecNotFoundError
-from ..ops import DTYPES, OPS, NotInvertible, OpError
+from ..ops import DTYPES, OPS, NotInvertible, Op, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
-from .evaluate import _Name, evaluate, needs_config
+from .evaluate import _Name, _short, evaluate, needs_config
 from .patterns import Pattern, intersection_witness, split_offset, with_offset
 from .plan import Node, Plan, PlanRule
 
@@ -56,20 +57,12 @@ def compile_spec(
         if isinstance(rule, Rename):
             rules.append(_rename(i, rule))
         elif isinstance(rule, Drop):
-            src = pattern_of(rule.source)
-            types = {c: t or "seg" for _, c, t in src.parts if _ == "cap"}
-            rules.append(
-                PlanRule(i, "drop", _where(rule.span), (("x", src.typed(types)),), types=tuple(types.items()))
-            )
+            rules.append(drop_rule(i, _where(rule.span), pattern_of(rule.source)))
         else:
             rules.append(_Lowering(i, rule, config).build())
     if check_overlaps:
         _check_overlaps(rules, flat, origins)
-    inverse_rules, inverse_error, lossy = None, None, []
-    try:
-        inverse_rules, lossy = invert(rules)
-    except NotInvertible as exc:
-        inverse_error = str(exc)
+    inverse_rules, inverse_error, lossy = inverse_of(rules)
     return Plan(
         name=spec.name,
         doc=spec.doc,
@@ -78,22 +71,59 @@ def compile_spec(
         config=config,
         inverse_rules=inverse_rules,
         inverse_error=inverse_error,
-        lossy=tuple(lossy),
+        lossy=lossy,
         base_prefix=spec.base_prefix,
     )
+
+
+def inverse_of(rules) -> tuple[tuple[PlanRule, ...] | None, str | None, tuple[str, ...]]:
+    """What a plan records of its inverse: the inverse rules (None when there is none), why there
+    is none, and why it is lossy. A plan read from JSON must record the same."""
+    try:
+        inverse_rules, lossy = invert(list(rules))
+    except NotInvertible as exc:
+        return None, str(exc), ()
+    return inverse_rules, None, tuple(lossy)
 
 
 def _rename(i: int, rule: Rename) -> PlanRule:
     _no_offsets(rule.source, "a rename source")
     for u in rule.unless:
         _no_offsets(u, "an unless template")
-    src, dst = pattern_of(rule.source), pattern_of(rule.target)
+    return rename_rule(
+        i,
+        _where(rule.span),
+        pattern_of(rule.source),
+        pattern_of(rule.target),
+        [pattern_of(t) for t in rule.unless],
+        rule.one_way,
+        rule.target.span,
+    )
+
+
+def drop_rule(i: int, where: str, src: Pattern) -> PlanRule:
+    """A drop's rule: its one input, typed (an untyped capture is one segment)."""
+    types = {c: t or "seg" for k, c, t in src.parts if k == "cap"}
+    return PlanRule(i, "drop", where, (("x", src.typed(types)),), types=tuple(types.items()))
+
+
+def rename_rule(
+    i: int,
+    where: str,
+    src: Pattern,
+    dst: Pattern,
+    unless: list[Pattern],
+    one_way: bool,
+    span: Span | None = None,
+) -> PlanRule:
+    """A rename's rule after its checks: the target uses exactly the captures the source binds, with
+    their types; a constant is added only to an int. Also checks the renames of a plan read from JSON."""
     types = {c: t or "seg" for k, c, t in src.parts if k == "cap"}
     for c in dst.offsets:
         if types.get(c) != "int":
             raise CompileError(
                 f"{{{c}}} is {types.get(c, 'unbound')}, so no constant can be added to it",
-                span=rule.target.span,
+                span=span,
                 hint=f"bind it as {{{c}:int}} in the source",
             )
     for k, c, t in dst.parts:
@@ -101,35 +131,33 @@ def _rename(i: int, rule: Rename) -> PlanRule:
         if k == "cap" and c not in types:
             raise CompileError(
                 f"capture {{{c}}} in the rename target is not bound by its source",
-                span=rule.target.span,
+                span=span,
                 hint=f"bound captures: {', '.join(types) or 'none'}",
             )
         if k == "cap" and t is not None and t != types[c]:
             raise CompileError(
-                f"capture {{{c}}} is {types[c]} in the source but {t} in the target", span=rule.target.span
+                f"capture {{{c}}} is {types[c]} in the source but {t} in the target", span=span
             )
     lost = [c for c in types if c not in dst.captures]
     if lost:
         raise CompileError(
             f"rename drops capture {{{lost[0]}}}: different keys would get the same name",
-            span=rule.target.span,
+            span=span,
             hint=f"use {{{lost[0]}}} in the target",
         )
-    unless = []
-    for t in rule.unless:
-        u = pattern_of(t)
-        unless.append(u.typed({**types, **{c: ty for k, c, ty in u.parts if k == "cap" and ty}}))
     return PlanRule(
         i,
         "rename",
-        _where(rule.span),
+        where,
         (("x", src.typed(types)),),
         (("x", dst.typed(types)),),
         keep=tuple(types),
         free=(("x", ()),),
         types=tuple(types.items()),
-        unless=tuple(unless),
-        one_way=rule.one_way,
+        unless=tuple(
+            u.typed({**types, **{c: ty for k, c, ty in u.parts if k == "cap" and ty}}) for u in unless
+        ),
+        one_way=one_way,
     )
 
 
@@ -246,41 +274,16 @@ class _Lowering:
         return self.emit(e, args, e.args[n_tensors:], want)
 
     def emit(self, call: Call, args: list[str], pos_params: list[Expr], want: int) -> list[str]:
-        op = OPS.get(call.op)
-        if op is None:
-            close = difflib.get_close_matches(call.op, list(OPS), 1)
-            raise self.err(
-                f"unknown op {call.op!r}",
-                call.span,
-                hint=(f"did you mean {close[0]!r}? " if close else "") + f"ops: {', '.join(sorted(OPS))}",
-            )
-        if len(args) < op.min_inputs or (op.max_inputs is not None and len(args) > op.max_inputs):
-            need = (
-                str(op.min_inputs)
-                if op.max_inputs == op.min_inputs
-                else f"at least {op.min_inputs}"
-                if op.max_inputs is None
-                else f"{op.min_inputs} to {op.max_inputs}"
-            )
-            raise self.err(f"{op.name} takes {need} tensor input(s), got {len(args)}", call.span)
+        try:
+            op = find_op(call.op)
+            check_arity(op, len(args))
+        except OpError as exc:
+            raise self.err(exc.message, call.span, exc.hint) from None
         params = self.params(op, call, pos_params, want)
-        if op.name == "split" and _is_expr(params["sizes"]):
-            if "$len" not in params["sizes"]:
-                raise self.err(
-                    "split sizes must be a list [...] so the number of outputs is known", call.span
-                )
-            n_out = len(params["sizes"]["$len"])
-        elif op.name == "chunk" and _is_expr(params.get("n")):
-            n_out = want
-        elif op.name == "stack" and _is_expr(params.get("parts")):
-            raise self.err(
-                f"stack parts={params['parts']['text']} sets how many values it yields, so it must be "
-                "a number here",
-                call.span,
-                hint="write the number, or compile with the config",
-            )
-        else:
-            n_out = op.n_outputs(params)
+        try:
+            n_out = values_yielded(op, params)
+        except OpError as exc:
+            raise self.err(exc.message, call.span, exc.hint) from None
         if n_out is None:
             if want is None:
                 raise self.err(
@@ -289,7 +292,8 @@ class _Lowering:
                     call.span,
                 )
             n_out = want
-            params["n"] = want
+            if params.get("n") is None:  # a config expression for n stays: bind checks it
+                params["n"] = want
         if not 1 <= n_out <= MAX_OP_VALUES:
             raise self.err(
                 f"{op.name} would yield {n_out} values: an op yields 1 to {MAX_OP_VALUES}",
@@ -381,33 +385,11 @@ class _Lowering:
         return self.typed_value(op, p, v, e)
 
     def typed_value(self, op, p, v: Any, e: Expr) -> Any:
-        bad = lambda what: self.err(f"parameter {p.name} of {op.name} must be {what}, got {v!r}", e.span)  # noqa: E731
-        if p.kind == "int":
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise bad("an integer")
-            return v
-        if p.kind in ("ints", "shape"):
-            if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-                raise bad("a list of integers")
-            return v
-        if p.kind == "bool":
-            if not isinstance(v, bool):
-                raise bad("true or false")
-            return v
-        if p.kind == "dtype":
-            if not isinstance(v, str) or v not in DTYPES:
-                close = difflib.get_close_matches(str(v), list(DTYPES), 1)
-                raise self.err(
-                    f"unknown dtype {v!r} for {op.name}",
-                    e.span,
-                    hint=(f"did you mean {close[0]!r}? " if close else "") + f"dtypes: {', '.join(DTYPES)}",
-                )
-            return str(v)
-        if p.kind == "capture":
-            if not isinstance(v, _Name):
-                raise bad("a capture name")
-            return str(v)
-        raise AssertionError(p.kind)  # pragma: no cover
+        try:
+            check_param(op, p, v, names=_Name)
+        except OpError as exc:
+            raise self.err(exc.message, e.span, exc.hint) from None
+        return str(v) if p.kind in ("dtype", "capture") else v
 
     def lower_chain(self, chain: list[Call], inputs: list[str], n_targets: int, span) -> list[str]:
         values = [self.env[i] for i in inputs]
@@ -425,118 +407,223 @@ class _Lowering:
 
     def check(self, inputs, outputs) -> PlanRule:
         r = self.rule
-        in_caps = [set(p.captures) for _, p in inputs]
-        bound_by_all = set.intersection(*in_caps) if in_caps else set()
-        out_caps = set().union(*(set(p.captures) for _, p, _ in outputs)) if outputs else set()
-        keep = sorted(out_caps & bound_by_all)
-        free: dict[str, tuple[str, ...]] = {n: tuple(sorted(set(p.captures) - set(keep))) for n, p in inputs}
-        uses: dict[str, int] = {}
-        for node, node_span in zip(self.nodes, self.spans, strict=True):
-            op = OPS[node.op]
-            arg_free = [set(free[a]) for a in node.inputs]
-            for a in node.inputs:
-                uses[a] = uses.get(a, 0) + 1
-            params = dict(node.params)
-            base = arg_free[0]
-            if any(f != base for f in arg_free[1:]):
-                desc = ", ".join(
-                    f"{a} over {{{', '.join(sorted(f)) or 'nothing'}}}"
-                    for a, f in zip(node.inputs, arg_free, strict=False)
-                )
-                raise CompileError(
-                    f"rule {self.index + 1} (convert): {node.op} mixes collections: {desc}",
-                    span=node_span or r.span,
-                    hint="stack each input over the same captures first",
-                )
-            if op.reduces:
-                over = params["over"]
-                if over not in base:
-                    raise CompileError(
-                        f"rule {self.index + 1} (convert): {node.op}(over={over}) but its input is not a collection "
-                        f"over {{{over}}}" + (f" (it is over {{{', '.join(sorted(base))}}})" if base else ""),
-                        span=node_span or r.span,
-                        hint="stack over a capture that the input has and the target does not",
-                    )
-                if self.types.get(over) != "int":
-                    raise CompileError(
-                        f"rule {self.index + 1} (convert): stack over {{{over}}} needs an int "
-                        f"capture ({{{over}:int}}) to order its members",
-                        span=node_span or r.span,
-                        hint=f"declare it as {{{over}:int}} in the input templates",
-                    )
-                out_free = tuple(sorted(base - {over}))
-            elif op.expands:
-                over = params["over"]
-                if over in base or over in keep:
-                    raise CompileError(
-                        f"rule {self.index + 1} (convert): unstack over {{{over}}}, which is already bound",
-                        span=node_span or r.span,
-                    )
-                self.types.setdefault(over, "int")
-                out_free = tuple(sorted(base | {over}))
-            else:
-                out_free = tuple(sorted(base))
-            for o in node.outputs:
-                free[o] = out_free
-        seen_out: set[str] = set()
-        for v, pat, span in outputs:
-            uses[v] = uses.get(v, 0) + 1
-            caps = set(pat.captures)
-            for c in pat.captures:
-                if c not in keep and c not in free[v]:
-                    why = (
-                        "it is not bound by every input"
-                        if any(c in ic for ic in in_caps)
-                        else "no input binds it"
-                    )
-                    raise CompileError(
-                        f"rule {self.index + 1} (convert): capture {{{c}}} in target {pat.text} "
-                        f"is not bound: {why}",
-                        span=span,
-                        hint="use only captures that every input binds",
-                    )
-            extra = set(free[v]) - caps
-            if extra:
-                c = sorted(extra)[0]
-                raise CompileError(
-                    f"rule {self.index + 1} (convert): capture {{{c}}} is present in the inputs and absent from "
-                    f"target {pat.text}, and no op reduces it",
-                    span=span,
-                    hint=f"reduce it with stack(x, over={c}), or keep {{{c}}} in the target",
-                )
-            if pat.text in seen_out:
-                raise CompileError(
-                    f"rule {self.index + 1} (convert): target {pat.text} is written twice", span=span
-                )
-            seen_out.add(pat.text)
-        binding_span = {b.name: b.span for b in r.inputs}
-        for name, _ in inputs:
-            if uses.get(name, 0) == 0:
-                raise CompileError(
-                    f"rule {self.index + 1} (convert): input {name!r} is never used",
-                    span=binding_span.get(name) or r.span,
-                    hint="use it in an output, or remove it (a drop rule discards keys)",
-                )
-        for node, node_span in zip(self.nodes, self.spans, strict=True):
-            for o in node.outputs:
-                if uses.get(o, 0) == 0:
-                    raise CompileError(
-                        f"rule {self.index + 1} (convert): a value of {node.op} is never used "
-                        "(it would be lost)",
-                        span=node_span or r.span,
-                    )
-        types = {c: self.types.get(c, "seg") for c in sorted(set(self.types) | out_caps)}
-        return PlanRule(
-            index=self.index,
-            kind="convert",
-            where=_where(r.span),
-            inputs=tuple((n, p) for n, p in inputs),
-            outputs=tuple((v, p.typed(types)) for v, p, _ in outputs),
-            nodes=tuple(self.nodes),
-            keep=tuple(keep),
-            free=tuple(sorted(free.items())),
-            types=tuple(types.items()),
+        return check_convert(
+            self.index,
+            _where(r.span),
+            inputs,
+            outputs,
+            self.nodes,
+            self.types,
+            self.spans,
+            r.span,
+            {b.name: b.span for b in r.inputs},
         )
+
+
+# ---- checks shared with plans read from JSON --------------------------------------------------
+
+
+def find_op(name: str) -> Op:
+    """The op of that name, or an OpError that suggests the closest one."""
+    op = OPS.get(name)
+    if op is None:
+        close = difflib.get_close_matches(name, list(OPS), 1)
+        raise OpError(
+            f"unknown op {name!r}",
+            hint=(f"did you mean {close[0]!r}? " if close else "") + f"ops: {', '.join(sorted(OPS))}",
+        )
+    return op
+
+
+def check_arity(op: Op, n: int) -> None:
+    """Raise OpError unless `op` takes `n` tensor inputs."""
+    if n < op.min_inputs or (op.max_inputs is not None and n > op.max_inputs):
+        need = (
+            str(op.min_inputs)
+            if op.max_inputs == op.min_inputs
+            else f"at least {op.min_inputs}"
+            if op.max_inputs is None
+            else f"{op.min_inputs} to {op.max_inputs}"
+        )
+        raise OpError(f"{op.name} takes {need} tensor input(s), got {n}")
+
+
+def values_yielded(op, params: dict[str, Any]) -> int | None:
+    """How many values `op` yields with these parameters (config expressions included); None when
+    the count follows the targets. Raise OpError when an expression would leave it unknown."""
+    if op.name == "split" and _is_expr(params["sizes"]):
+        if "$len" not in params["sizes"]:
+            raise OpError("split sizes must be a list [...] so the number of outputs is known")
+        return len(params["sizes"]["$len"])
+    if op.name == "chunk" and _is_expr(params.get("n")):
+        return None
+    if op.name == "stack" and _is_expr(params.get("parts")):
+        raise OpError(
+            f"stack parts={params['parts'].get('text')} sets how many values it yields, so it must be "
+            "a number here",
+            hint="write the number, or compile with the config",
+        )
+    return op.n_outputs(params)
+
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a capture's name, as the grammar has it
+
+
+def check_param(op, p, v: Any, names: type = str) -> None:
+    """Raise OpError unless `v` is a value of parameter `p` of `op` (a capture name: an instance
+    of `names`, which compiling passes as the evaluator's bare-name type)."""
+
+    def bad(what: str) -> OpError:
+        return OpError(f"parameter {p.name} of {op.name} must be {what}, got {_short(v)}")
+
+    if p.kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise bad("an integer")
+    elif p.kind in ("ints", "shape"):
+        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+            raise bad("a list of integers")
+    elif p.kind == "bool":
+        if not isinstance(v, bool):
+            raise bad("true or false")
+    elif p.kind == "dtype":
+        if not isinstance(v, str) or v not in DTYPES:
+            close = difflib.get_close_matches(str(v), list(DTYPES), 1)
+            raise OpError(
+                f"unknown dtype {_short(v)} for {op.name}",
+                hint=(f"did you mean {close[0]!r}? " if close else "") + f"dtypes: {', '.join(DTYPES)}",
+            )
+    elif p.kind == "capture":
+        if not isinstance(v, names) or not NAME.fullmatch(v):
+            raise bad("a capture name")
+    else:  # pragma: no cover
+        raise AssertionError(p.kind)
+
+
+def check_convert(
+    index: int,
+    where: str,
+    inputs: list,
+    outputs: list,
+    nodes: list[Node],
+    types: dict[str, str],
+    spans: list[Span | None] | None = None,
+    span: Span | None = None,
+    binding_span: dict[str, Span | None] | None = None,
+) -> PlanRule:
+    """A convert's rule after the checks of its data flow: every op's inputs are collections over
+    the same captures, a stack reduces an int capture its input has, every target names exactly the
+    captures its value still varies over, nothing is written twice, every value is used. `outputs`
+    are (value, pattern, span); `types` (capture -> type) grows by the captures unstack adds. Also
+    checks the converts of a plan read from JSON, whose `where` stands for the spans."""
+    spans = spans or [None] * len(nodes)
+    binding_span = binding_span or {}
+    in_caps = [set(p.captures) for _, p in inputs]
+    bound_by_all = set.intersection(*in_caps) if in_caps else set()
+    out_caps = set().union(*(set(p.captures) for _, p, _ in outputs)) if outputs else set()
+    keep = sorted(out_caps & bound_by_all)
+    free: dict[str, tuple[str, ...]] = {n: tuple(sorted(set(p.captures) - set(keep))) for n, p in inputs}
+    uses: dict[str, int] = {}
+    for node, node_span in zip(nodes, spans, strict=True):
+        op = OPS[node.op]
+        arg_free = [set(free[a]) for a in node.inputs]
+        for a in node.inputs:
+            uses[a] = uses.get(a, 0) + 1
+        params = dict(node.params)
+        base = arg_free[0]
+        if any(f != base for f in arg_free[1:]):
+            desc = ", ".join(
+                f"{a} over {{{', '.join(sorted(f)) or 'nothing'}}}"
+                for a, f in zip(node.inputs, arg_free, strict=False)
+            )
+            raise CompileError(
+                f"rule {index + 1} (convert): {node.op} mixes collections: {desc}",
+                span=node_span or span,
+                hint="stack each input over the same captures first",
+            )
+        if op.reduces:
+            over = params["over"]
+            if over not in base:
+                raise CompileError(
+                    f"rule {index + 1} (convert): {node.op}(over={over}) but its input is not a collection "
+                    f"over {{{over}}}" + (f" (it is over {{{', '.join(sorted(base))}}})" if base else ""),
+                    span=node_span or span,
+                    hint="stack over a capture that the input has and the target does not",
+                )
+            if types.get(over) != "int":
+                raise CompileError(
+                    f"rule {index + 1} (convert): stack over {{{over}}} needs an int "
+                    f"capture ({{{over}:int}}) to order its members",
+                    span=node_span or span,
+                    hint=f"declare it as {{{over}:int}} in the input templates",
+                )
+            out_free = tuple(sorted(base - {over}))
+        elif op.expands:
+            over = params["over"]
+            if over in base or over in keep:
+                raise CompileError(
+                    f"rule {index + 1} (convert): unstack over {{{over}}}, which is already bound",
+                    span=node_span or span,
+                )
+            types.setdefault(over, "int")
+            out_free = tuple(sorted(base | {over}))
+        else:
+            out_free = tuple(sorted(base))
+        for o in node.outputs:
+            free[o] = out_free
+    seen_out: set[str] = set()
+    for v, pat, span in outputs:
+        uses[v] = uses.get(v, 0) + 1
+        caps = set(pat.captures)
+        for c in pat.captures:
+            if c not in keep and c not in free[v]:
+                why = (
+                    "it is not bound by every input"
+                    if any(c in ic for ic in in_caps)
+                    else "no input binds it"
+                )
+                raise CompileError(
+                    f"rule {index + 1} (convert): capture {{{c}}} in target {pat.text} is not bound: {why}",
+                    span=span,
+                    hint="use only captures that every input binds",
+                )
+        extra = set(free[v]) - caps
+        if extra:
+            c = sorted(extra)[0]
+            raise CompileError(
+                f"rule {index + 1} (convert): capture {{{c}}} is present in the inputs and absent from "
+                f"target {pat.text}, and no op reduces it",
+                span=span,
+                hint=f"reduce it with stack(x, over={c}), or keep {{{c}}} in the target",
+            )
+        if pat.text in seen_out:
+            raise CompileError(f"rule {index + 1} (convert): target {pat.text} is written twice", span=span)
+        seen_out.add(pat.text)
+    for name, _ in inputs:
+        if uses.get(name, 0) == 0:
+            raise CompileError(
+                f"rule {index + 1} (convert): input {name!r} is never used",
+                span=binding_span.get(name) or span,
+                hint="use it in an output, or remove it (a drop rule discards keys)",
+            )
+    for node, node_span in zip(nodes, spans, strict=True):
+        for o in node.outputs:
+            if uses.get(o, 0) == 0:
+                raise CompileError(
+                    f"rule {index + 1} (convert): a value of {node.op} is never used (it would be lost)",
+                    span=node_span or span,
+                )
+    types = {c: types.get(c, "seg") for c in sorted(set(types) | out_caps)}
+    return PlanRule(
+        index=index,
+        kind="convert",
+        where=where,
+        inputs=tuple((n, p) for n, p in inputs),
+        outputs=tuple((v, p.typed(types)) for v, p, _ in outputs),
+        nodes=tuple(nodes),
+        keep=tuple(keep),
+        free=tuple(sorted(free.items())),
+        types=tuple(types.items()),
+    )
 
 
 def _is_expr(v: Any) -> bool:

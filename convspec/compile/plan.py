@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -365,121 +365,56 @@ class Plan:
     # ---- JSON --------------------------------------------------------------------------------
 
     def to_json(self, indent: int | None = None) -> str:
-        """The plan as a JSON document (rules, config, inverse) that `Plan.from_json` reads back: a
-        compiled plan can be shipped without its spec.
+        """The plan as JSON text, in the current plan format, to ship a compiled plan.
 
         Args:
-            indent: as `json.dumps`; None for one line.
+            indent: spaces per nesting level (None: one line).
 
         Returns:
-            The JSON text.
+            A JSON object whose `convspec_plan` field is the format version (docs/usage.md,
+            "Plans as JSON"); `Plan.from_json` reads it back into an equal plan.
 
         Example:
+            >>> import convspec
             >>> text = convspec.compile("mixtral").to_json()
-            >>> convspec.Plan.from_json(text).name
-            'mixtral'
+            >>> convspec.Plan.from_json(text).to_json() == text
+            True
         """
-        d = {
-            "convspec_plan": 1,
-            "name": self.name,
-            "doc": self.doc,
-            "model_types": list(self.model_types),
-            "config": self.config,
-            "rules": [_rule_json(r) for r in self.rules],
-            "inverse_rules": None
-            if self.inverse_rules is None
-            else [_rule_json(r) for r in self.inverse_rules],
-            "inverse_error": self.inverse_error,
-            "lossy": list(self.lossy),
-            "is_inverse": self.is_inverse,
-            "base_prefix": self.base_prefix,
-            "regex": self.regex,
-        }
-        return json.dumps(d, indent=indent)
+        from .plan_json import plan_dict
+
+        return json.dumps(plan_dict(self), indent=indent)
 
     @staticmethod
-    def from_json(text: str) -> Plan:
-        d = json.loads(text)
-        if d.get("convspec_plan") != 1:
-            from ..errors import ConvspecError
+    def from_json(text: str | bytes) -> Plan:
+        """The plan a JSON text holds, checked as thoroughly as compiling checks a spec.
 
-            raise ConvspecError("not a convspec plan (missing 'convspec_plan': 1)")
-        inv = d.get("inverse_rules")
-        rules = tuple(_rule_from(r) for r in d["rules"])
-        inverse = None if inv is None else tuple(_rule_from(r) for r in inv)
-        if inverse is not None:  # a plan written before inverse rules named the rule they undo
-            if d.get("is_inverse", False):
-                rules = _undoing(rules, inverse)
-            else:
-                inverse = _undoing(inverse, rules)
-        return Plan(
-            name=d["name"],
-            doc=d["doc"],
-            model_types=tuple(d["model_types"]),
-            rules=rules,
-            config=d.get("config"),
-            inverse_rules=inverse,
-            inverse_error=d.get("inverse_error"),
-            lossy=tuple(d.get("lossy", ())),
-            is_inverse=d.get("is_inverse", False),
-            base_prefix=d.get("base_prefix", ""),
-        )
+        A plan of an older format is upgraded one version at a time, by the steps the format's
+        history lists; then every field is checked, and every rule with the compiler's own checks
+        (known ops, their parameters and arity, templates, captures, the data flow, the recorded
+        inverse). Nothing is filled in or guessed silently.
 
+        Args:
+            text: what `Plan.to_json` or `convspec compile SPEC --format json` wrote.
 
-def _undoing(inverse: tuple[PlanRule, ...], forward: tuple[PlanRule, ...]) -> tuple[PlanRule, ...]:
-    """Inverse rules with `undoes` filled in where it is missing: they undo the forward rules that
-    have an inverse (not drops, not aliases), last first."""
-    undone = [r.number for r in reversed(forward) if r.kind != "drop" and not r.one_way]
-    return tuple(r if r.undoes else replace(r, undoes=n) for r, n in zip(inverse, undone, strict=True))
+        Returns:
+            The plan, ready to bind, apply, stream, save or invert.
 
+        Raises:
+            PlanError: the text is not JSON, not a plan, of a format newer than this convspec
+                reads, or not a plan the compiler could make; the message names the field
+                (`rules[2].nodes[0].op`) and what is wrong.
 
-def _rule_json(r: PlanRule) -> dict:
-    d = asdict(r)
-    d["inputs"] = [[n, _pat_json(p)] for n, p in r.inputs]
-    d["unless"] = [_pat_json(p) for p in r.unless]
-    d["outputs"] = [[n, _pat_json(p)] for n, p in r.outputs]
-    d["nodes"] = [
-        {
-            "op": n.op,
-            "inputs": list(n.inputs),
-            "outputs": list(n.outputs),
-            "params": [list(x) for x in n.params],
-            "where": n.where,
-        }
-        for n in r.nodes
-    ]
-    return d
+        Example:
+            >>> import convspec
+            >>> plan = convspec.Plan.from_json(convspec.compile("mixtral").to_json())
+            >>> plan.name
+            'mixtral'
+            >>> convspec.Plan.from_json('{"convspec_plan": 99}')
+            Traceback (most recent call last):
+            ...
+            convspec.errors.PlanError: error: convspec_plan: plan format 99 is newer than this convspec reads (formats 1 to 2)
+              hint: upgrade convspec, or compile the spec again with this version
+        """
+        from .plan_json import loads
 
-
-def _pat_json(p: Pattern) -> dict:
-    return {"text": p.text, "parts": [list(x) for x in p.parts]}
-
-
-def _pat_from(d: dict) -> Pattern:
-    return Pattern(d["text"], tuple(tuple(x) for x in d["parts"]))
-
-
-def _rule_from(d: dict) -> PlanRule:
-    return PlanRule(
-        index=d["index"],
-        kind=d["kind"],
-        where=d["where"],
-        inputs=tuple((n, _pat_from(p)) for n, p in d["inputs"]),
-        outputs=tuple((n, _pat_from(p)) for n, p in d["outputs"]),
-        nodes=tuple(
-            Node(
-                n["op"],
-                tuple(n["inputs"]),
-                tuple(n["outputs"]),
-                tuple((k, v) for k, v in n["params"]),
-                n["where"],
-            )
-            for n in d["nodes"]
-        ),
-        keep=tuple(d["keep"]),
-        free=tuple((v, tuple(c)) for v, c in d["free"]),
-        types=tuple((c, t) for c, t in d["types"]),
-        unless=tuple(_pat_from(p) for p in d.get("unless", ())),
-        one_way=d.get("one_way", False),
-        undoes=d.get("undoes", 0),
-    )
+        return loads(text)
