@@ -20,6 +20,9 @@ class Node:
     outputs: tuple[str, ...]
     params: tuple[tuple[str, Any], ...]  # plain values, or {"$expr": IR} when they need a config
     where: str = ""
+    # The expressions that params compiled with a config were evaluated from ({"$expr": IR, "text"}),
+    # by parameter name: what the value means for other configs (the transformers exporter reads it).
+    exprs: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     def __str__(self) -> str:
         args = list(self.inputs) + [f"{k}={_show(v)}" for k, v in self.params if v is not None]
@@ -275,6 +278,7 @@ def _rule_json(r: PlanRule) -> dict:
             "params": [list(x) for x in n.params],
             "where": n.where,
         }
+        | ({"exprs": [list(x) for x in n.exprs]} if n.exprs else {})
         for n in r.nodes
     ]
     return d
@@ -302,6 +306,7 @@ def _rule_from(d: dict) -> PlanRule:
                 tuple(n["outputs"]),
                 tuple((k, v) for k, v in n["params"]),
                 n["where"],
+                tuple((k, v) for k, v in n.get("exprs", ())),
             )
             for n in d["nodes"]
         ),
