@@ -909,3 +909,33 @@ def test_from_pretrained_ernie4_5_vl_moe_with_exported_mapping(tmp_path):
         assert_same(model.state_dict(), original.state_dict())
         model.save_pretrained(tmp_path / "again")
     assert_same(load_file(str(tmp_path / "again" / "model.safetensors")), saved)
+
+
+# ---- docs/integrations.md: every example of what cannot be exported --------------------------------
+
+DOCS = __import__("pathlib").Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
+DOC_CONFIG = {
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 1,
+    "vision_config": {"num_attention_heads": 2},
+}
+
+
+def _refused_examples() -> list[tuple[str, str]]:
+    text = DOCS.read_text().split("### What cannot be exported", 1)[1]
+    return re.findall(r"```cspec\n# ExportError: (.*?)\n(.*?)```", text, re.S)
+
+
+def test_the_docs_list_what_cannot_be_exported():
+    examples = _refused_examples()
+    assert len(examples) >= 15
+    for says, rules in examples:
+        messages = []
+        for config in (None, DOC_CONFIG):
+            with pytest.raises(ExportError) as info:
+                to_weight_conversions(compile_rules(rules, config))
+            messages.append(str(info.value))
+        assert messages[0] == messages[1], rules
+        assert says in messages[0], (rules, messages[0])
+        assert re.search(r"rule \d+ \((rename|convert|drop), demo\.cspec:\d+:\d+\)", messages[0]), messages[0]

@@ -360,12 +360,26 @@ def _components(rule: PlanRule) -> list[tuple[list[str], list[str], list[Node]]]
     return [parts[r] for r in roots] + [p for r, p in parts.items() if r not in roots]
 
 
-def _int(value: Any, what: str, rule: PlanRule, node: Node) -> int:
-    if isinstance(value, dict) or isinstance(value, bool) or not isinstance(value, int):
+def _fixed(rule: PlanRule, node: Node, name: str, default: Any = None) -> Any:
+    """A parameter of `node` that a transformers op takes as a fixed value. One that depends on the
+    model config is refused whether the plan was compiled with a config or not: the exported mapping
+    would otherwise hold one config's numbers, wrong for every other config of the model type."""
+    value = dict(node.params).get(name, default)
+    expr = value if isinstance(value, dict) else dict(node.exprs).get(name)
+    if expr is not None:
         raise ExportError(
-            f"{rule.label}: {node.op}'s {what} depends on the model config (at {node.where})",
-            hint="compile the plan with the model's config: convspec.compile(spec, config=...)",
+            f"{rule.label}: cannot export to transformers: {node.op}'s {name}="
+            f"{expr.get('text', 'an expression')} depends on the model config, and transformers' ops "
+            f"take fixed numbers (at {node.where})",
+            hint=f"write {name} as a number in the spec you export",
         )
+    return value
+
+
+def _int(rule: PlanRule, node: Node, name: str, default: Any = None) -> int:
+    value = _fixed(rule, node, name, default)
+    if isinstance(value, bool) or not isinstance(value, int):  # pragma: no cover - the compiler checks it
+        raise ExportError(f"{rule.label}: {node.op}'s {name} must be an integer (at {node.where})")
     return value
 
 
@@ -519,7 +533,8 @@ class _Converter:
             if not _some_roped(pres) or any(self.rule.free_of.get(s) for s in sources):
                 raise self.fail(
                     "the inputs go through different ops before they are joined (transformers "
-                    "applies each op to all of them; only a rope permutation can leave some out)"
+                    "applies each op to all of them; only a rope permutation can leave some out)",
+                    join,
                 )
             partial_pre, pres = pres, [[] for _ in pres]
 
@@ -560,7 +575,7 @@ class _Converter:
             or any(self.rule.free_of.get(s.inputs[0], ()) != (dict(s.params)["over"],) for s in stacks)
         ):
             raise self.fail(shape, first)
-        stack_dim = _int(dict(first.params)["dim"], "dim", self.rule, first)
+        stack_dim = _int(self.rule, first, "dim")
         parts = len(first.outputs)
         if len(stacks) == 1:
             if cats or sorted(self.outputs) != sorted(first.outputs):
@@ -580,7 +595,7 @@ class _Converter:
                     raise self.fail("each cat must join the same part of every stack, in the same order", cat)
                 by_part[js.pop()] = cat
             self.join_op(cats[0], [])  # the reverse cuts each target into equal parts: checks equal=true
-            concat_dim = _int(dict(cats[0].params).get("dim", 0), "dim", self.rule, cats[0])
+            concat_dim = _int(self.rule, cats[0], "dim", 0)
             targets = [by_part[j].outputs[0] for j in range(parts)]
         sources = [s.inputs[0] for s in order]
         source_patterns, target_patterns = self.patterns_for(sources, targets)
@@ -622,9 +637,7 @@ class _Converter:
                         "targets in one converter",
                         node,
                     )
-                ops.append(
-                    self.tml.MergeModulelist(dim=_int(dict(node.params)["dim"], "dim", self.rule, node))
-                )
+                ops.append(self.tml.MergeModulelist(dim=_int(self.rule, node, "dim")))
                 continue
             if i == 0 and any(collection):
                 raise self.fail(
@@ -638,23 +651,16 @@ class _Converter:
         return ops
 
     def join_op(self, node: Node, post: list[Node]):
-        p = dict(node.params)
-        dim = _int(p.get("dim", 0), "dim", self.rule, node)
+        dim = _int(self.rule, node, "dim", 0)
         if node.op == "cat":
-            sizes = p.get("sizes")
-            if not p.get("equal"):
+            if not _fixed(self.rule, node, "equal"):
+                sizes = _fixed(self.rule, node, "sizes")
                 if sizes is None:
                     raise self.fail(
                         "cat without sizes=[...] or equal=true: transformers saves a "
                         "Concatenate by cutting it into equal parts",
                         node,
                         hint="add equal=true",
-                    )
-                if isinstance(sizes, dict) or any(not isinstance(s, int) for s in sizes):
-                    raise self.fail(
-                        "cat's sizes depend on the model config",
-                        node,
-                        hint="compile the plan with the model's config",
                     )
                 if len(set(sizes)) > 1:
                     raise self.fail(
@@ -677,7 +683,6 @@ class _Converter:
         return self.tml.Split(dim=dim)
 
     def unary(self, node: Node, single: bool, fan_out: bool):
-        p = dict(node.params)
         op = node.op
         if op in ("permute_rope", "unpermute_rope"):
             return self.rope(node, inverse=(op == "unpermute_rope"))
@@ -686,11 +691,9 @@ class _Converter:
                 f"op {op} on several tensors at once: transformers applies it to one tensor", node
             )
         if op == "transpose":
-            return self.tml.Transpose(
-                dim0=_int(p["dim0"], "dim0", self.rule, node), dim1=_int(p["dim1"], "dim1", self.rule, node)
-            )
+            return self.tml.Transpose(dim0=_int(self.rule, node, "dim0"), dim1=_int(self.rule, node, "dim1"))
         if op in ("interleave", "deinterleave"):
-            dim, parts = _int(p["dim"], "dim", self.rule, node), _int(p["parts"], "parts", self.rule, node)
+            dim, parts = _int(self.rule, node, "dim"), _int(self.rule, node, "parts")
             if parts != 2:
                 raise self.fail(f"{op} with parts={parts}: transformers' Interleave has two parts", node)
             if dim < 0:
@@ -718,7 +721,10 @@ class _Converter:
                 (c for c in text.split(".") if c and c in raw and not any(c in o for o in others)), None
             )
             if name is None:
-                raise self.fail(f"no name tells the permuted part {text} apart from the others")
+                raise self.fail(
+                    f"no name in the permuted part's key {text} is absent from the other parts' keys "
+                    "(PermuteForRope picks the tensors it permutes by a name found in their key)"
+                )
             names.append(name)
         return names
 
@@ -748,8 +754,7 @@ class _Converter:
         return self.tml.PermuteForRope(subconfig_key=subconfig or None, **kw)
 
     def conv3d(self, node: Node):
-        p = dict(node.params)
-        shape, frm = p.get("shape"), p.get("from_shape")
+        shape, frm = _fixed(self.rule, node, "shape"), _fixed(self.rule, node, "from_shape")
         concrete = all(isinstance(x, list) and all(type(v) is int for v in x) for x in (shape, frm))
         if not concrete or len(shape) != 2 or len(frm) != 5 or any(v < 1 for v in frm[1:]):
             return None
