@@ -843,13 +843,33 @@ def test_ported_qkv_chunk_rope_permute_vision_config(config):
     }
     unfused["layers.0.self_attn.v_proj.weight"] = v
 
-    for rules, src, dst, fused in (
-        (UNFUSE_QKV, {"layers.0.self_attn.qkv_proj.weight": qkv}, unfused, False),
-        (FUSE_QKV, unfused, {"layers.0.self_attn.qkv_proj.weight": qkv}, True),
+    for rules, src, dst, fused, ops in (
+        (
+            UNFUSE_QKV,
+            {"layers.0.self_attn.qkv_proj.weight": qkv},
+            unfused,
+            False,
+            ["Chunk", "PermuteForRope"],
+        ),
+        (
+            FUSE_QKV,
+            unfused,
+            {"layers.0.self_attn.qkv_proj.weight": qkv},
+            True,
+            ["PermuteForRope", "Concatenate"],
+        ),
     ):
         plan = compile_rules(rules, as_dict if config else None)
         conversions = to_weight_conversions(plan)
         assert described(conversions) == described(to_weight_conversions(compile_rules(rules)))
+        (converter,) = conversions
+        assert [type(op).__name__ for op in converter.operations] == ops
+        rope = converter.operations[ops.index("PermuteForRope")]
+        assert (rope.subconfig_key, rope.permute_layer_names, rope.inverse) == (
+            "vision_config",
+            ["q_proj", "k_proj"],
+            fused,
+        )
         target = model(fused)
         loaded = hf_convert_and_load(target, src, conversions)
         assert_same(loaded, dst)
@@ -939,3 +959,22 @@ def test_the_docs_list_what_cannot_be_exported():
         assert messages[0] == messages[1], rules
         assert says in messages[0], (rules, messages[0])
         assert re.search(r"rule \d+ \((rename|convert|drop), demo\.cspec:\d+:\d+\)", messages[0]), messages[0]
+
+
+def test_the_documented_sub_config_caveat():
+    """docs/integrations.md: for a config whose vision_config lacks num_attention_heads, transformers'
+    PermuteForRope(subconfig_key="vision_config") uses 1 head, the spec's fallback the top-level field."""
+    plan = compile_rules(
+        ROPE_RULE.replace("HEADS", "config.vision_config.num_attention_heads ?? config.num_attention_heads"),
+        {"num_attention_heads": 4, "vision_config": {}},
+    )
+    assert dict(plan.rules[0].nodes[0].params)["heads"] == 4
+    (converter,) = to_weight_conversions(plan)
+    (rope,) = converter.operations
+    x = rand(8, 2)
+    config = types.SimpleNamespace(num_attention_heads=4, vision_config=types.SimpleNamespace())
+    one_head = transformers.core_model_loading.PermuteForRope()._permute_for_rope(
+        x, types.SimpleNamespace(num_attention_heads=1)
+    )
+    assert torch.equal(rope._permute_for_rope(x, config), one_head)
+    assert not torch.equal(one_head, plan.apply({"l.q": x})["l.q_proj"])
