@@ -409,6 +409,22 @@ CONVERTS = {
         None,
         {"l.qkv": rand(24)},
     ),
+    # the reverse of chunk_rope_some: rope on q and k, not v, then one cat (a vision tower's fused qkv)
+    "rope_some_then_cat": (
+        "convert q = {p:path}.self_attn.q_proj.weight, k = {p:path}.self_attn.k_proj.weight,"
+        " v = {p:path}.self_attn.v_proj.weight\n"
+        " -> {p}.self_attn.qkv.weight = cat(unpermute_rope(q, heads=config.num_attention_heads ?? 1),"
+        " unpermute_rope(k, heads=config.num_attention_heads ?? 1), v, dim=0, equal=true)",
+        None,
+        {f"l.{i}.self_attn.{w}_proj.weight": rand(8, 2) for i in range(2) for w in "qkv"},
+    ),
+    "rope_mixed_then_cat": (
+        "convert a = {p:path}.a, b = {p:path}.b, c = {p:path}.c\n"
+        " -> {p}.abc = cat(c, permute_rope(a, heads=config.num_attention_heads),"
+        " unpermute_rope(b, heads=config.num_attention_heads), dim=0, equal=true)",
+        None,
+        {"l.a": rand(8), "l.b": rand(8), "l.c": rand(8)},
+    ),
     "deinterleave_chunk": (
         "convert w = {p:path}.gu -> {p}.g, {p}.u ops [deinterleave(dim=0), chunk(dim=0)]",
         None,
@@ -474,6 +490,84 @@ def test_rope_heads_from_a_sub_config():
     )
     (conv,) = to_weight_conversions(plan)
     assert conv.operations[0].subconfig_key == "text_config"
+
+
+# ---- with a config or without, a plan exports alike --------------------------------------------------
+
+ROPE_RULE = "convert q = {p:path}.q -> {p}.q_proj = permute_rope(q, heads=HEADS)"
+# heads expression -> the subconfig_key transformers' PermuteForRope gets
+ROPE_HEADS = {
+    "config.num_attention_heads": None,
+    "config.num_attention_heads ?? 1": None,
+    "config.vision_config.num_attention_heads": "vision_config",
+    "config.vision_config.num_attention_heads ?? config.num_attention_heads": "vision_config",
+    # what the importer writes for transformers' PermuteForRope(subconfig_key="vision_config")
+    "config.vision_config.num_attention_heads ?? config.num_attention_heads ?? 1": "vision_config",
+}
+# heads expressions no PermuteForRope reads -> what the error says
+ROPE_HEADS_REFUSED = {
+    "config.num_key_value_heads": "always uses config.num_attention_heads",
+    # where vision_config is missing, transformers falls back to config.num_attention_heads, not to 1
+    "config.vision_config.num_attention_heads ?? 1": "always uses config.num_attention_heads",
+    "config.a.vision_config.num_attention_heads": "always uses config.num_attention_heads",
+    "4": "a number in the spec is not a config field",
+}
+# every field above present, and equal where a value-based guess would pick the wrong one
+ROPE_CONFIG = {
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vision_config": {"num_attention_heads": 2},
+    "a": {"vision_config": {"num_attention_heads": 2}},
+}
+
+
+def described(conversions: list) -> list:
+    """What an exported list does, as plain data: types, patterns, and each op's settings."""
+    return [
+        (
+            type(c).__name__,
+            c.source_patterns,
+            c.target_patterns,
+            [(type(op).__name__, vars(op)) for op in getattr(c, "operations", [])],
+        )
+        for c in conversions
+    ]
+
+
+@pytest.mark.parametrize("heads", sorted(ROPE_HEADS))
+def test_rope_heads_export_alike_with_and_without_a_config(heads):
+    rules = ROPE_RULE.replace("HEADS", heads)
+    without = to_weight_conversions(compile_rules(rules))
+    plan = compile_rules(rules, ROPE_CONFIG)
+    conversions = to_weight_conversions(plan)
+    assert described(conversions) == described(without)
+    assert conversions[0].operations[0].subconfig_key == ROPE_HEADS[heads]
+    # and transformers, reading the head count from its config, permutes as the plan does
+    config = dict(ROPE_CONFIG, vision_config=types.SimpleNamespace(**ROPE_CONFIG["vision_config"]))
+    state = {"l.0.q": rand(8, 3), "l.1.q": rand(8)}
+    expected = plan.apply(state)
+    assert_same(hf_load(conversions, state, _Model(conversions, **config)), expected)
+    assert_same(hf_save(conversions, expected, **config), state)
+
+
+@pytest.mark.parametrize("heads", sorted(ROPE_HEADS_REFUSED))
+def test_rope_heads_refused_alike_with_and_without_a_config(heads):
+    rules = ROPE_RULE.replace("HEADS", heads)
+    errors = []
+    for config in (None, ROPE_CONFIG):
+        with pytest.raises(ExportError) as info:
+            to_weight_conversions(compile_rules(rules, config))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+    assert ROPE_HEADS_REFUSED[heads] in errors[0] and "demo.cspec:2:1" in errors[0]
+    assert f"heads={heads}" in errors[0]
+
+
+def test_config_expressions_survive_a_plan_json_round_trip():
+    plan = compile_rules(ROPE_RULE.replace("HEADS", "config.vision_config.num_attention_heads"), ROPE_CONFIG)
+    again = convspec.Plan.from_json(plan.to_json())
+    assert described(to_weight_conversions(again)) == described(to_weight_conversions(plan))
+    assert again.rules[0].nodes[0].exprs == plan.rules[0].nodes[0].exprs != ()
 
 
 # ---- what cannot be exported ------------------------------------------------------------------------
@@ -592,3 +686,319 @@ def test_the_documented_example_runs():
     (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
     with registered("mixtral", []):  # the example registers for the whole process: put it back after
         exec(compile(code, "docs/integrations.md", "exec"), {})
+
+
+# ---- transformers' own conversion tests (tests/utils/test_core_model_loading.py), ported ------------
+# Each scenario transformers tests with its hand-written mapping is written as a spec here; the exported
+# mapping must load (convert_and_load_state_dict_in_model) and save (revert_weight_conversion) as the
+# plan does, and as the scenario expects, whether the plan was compiled with a config or without.
+
+
+def _param(*shape) -> torch.nn.Module:
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(*shape))
+    return module
+
+
+def _pretrained(build, config=None):
+    """A PreTrainedModel whose modules `build(root)` adds (what transformers' loading needs)."""
+
+    class Tiny(transformers.PreTrainedModel):
+        config_class = transformers.PreTrainedConfig
+        base_model_prefix = "model"
+
+        def __init__(self, config):
+            super().__init__(config)
+            build(self)
+            self.post_init()
+
+    return Tiny(config or transformers.PreTrainedConfig())
+
+
+def hf_convert_and_load(model, state: dict, conversions: list) -> dict:
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    info, _ = convert_and_load_state_dict_in_model(
+        model, {k: v.clone() for k, v in state.items()}, LoadStateDictConfig(weight_mapping=conversions)
+    )
+    assert not info.missing_keys and not info.unexpected_keys and not info.mismatched_keys
+    assert not info.conversion_errors
+    return model.state_dict()
+
+
+ERNIE_EXPERTS = """
+rename mlp.w2.weight -> mlp.down_proj.weight
+convert gate = {p:path}.experts.{e:int}.w1.weight, up = {p:path}.experts.{e:int}.w3.weight
+ let g1, g2 = stack(gate, over=e, dim=0, parts=2)
+ let u1, u2 = stack(up, over=e, dim=0, parts=2)
+ -> {p}.experts.gate_up_proj.weight = cat(g1, u1, dim=1, equal=true)
+ -> {p}.extra_experts.gate_up_proj.weight = cat(g2, u2, dim=1, equal=true)
+convert down = {p:path}.experts.{e:int}.w2.weight
+ -> {p}.experts.down_proj.weight, {p}.extra_experts.down_proj.weight = stack(down, over=e, parts=2)
+convert qkv = {p:path}.self_attn.qkv_proj.weight
+ -> {p}.self_attn.q_proj.weight, {p}.self_attn.k_proj.weight, {p}.self_attn.v_proj.weight = chunk(qkv, dim=0)
+"""
+
+
+def _ernie_model():
+    def build(root):
+        root.model = torch.nn.Module()
+        root.model.layers = torch.nn.ModuleList()
+        for _ in range(2):
+            layer = torch.nn.Module()
+            layer.self_attn = torch.nn.Module()
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(layer.self_attn, name, _param(1, 2))
+            for name in ("experts", "extra_experts"):
+                experts = torch.nn.Module()
+                experts.gate_up_proj, experts.down_proj = _param(2, 4, 2), _param(2, 2, 2)
+                setattr(layer, name, experts)
+            root.model.layers.append(layer)
+        root.mlp = torch.nn.Module()
+        root.mlp.down_proj = _param(2, 2)
+
+    return _pretrained(build)
+
+
+@pytest.mark.parametrize("config", [None, {"num_attention_heads": 1}], ids=["no config", "config"])
+def test_ported_ernie4_5_vl_moe_conversion_both_ways(config):
+    """transformers' test_ernie4_5_vl_moe_conversion and _reversed, with the mapping exported from a spec:
+    stack(parts=2) + cat is its ErnieFuseAndSplitTextVisionExperts."""
+    plan = compile_rules(ERNIE_EXPERTS, config)
+    conversions = to_weight_conversions(plan)
+    ops = [type(op).__name__ for c in conversions for op in getattr(c, "operations", [])]
+    assert ops == ["ErnieFuseAndSplitTextVisionExperts"] * 2 + ["Chunk"]
+    assert described(conversions) == described(to_weight_conversions(compile_rules(ERNIE_EXPERTS)))
+
+    torch.manual_seed(1)
+    state = {
+        f"model.layers.{i}.experts.{e}.w{w}.weight": rand(2, 2)
+        for i in range(2)
+        for e in range(4)
+        for w in (1, 2, 3)
+    }
+    state |= {f"model.layers.{i}.self_attn.qkv_proj.weight": rand(3, 2) for i in range(2)}
+    state["mlp.w2.weight"] = rand(2, 2)
+    model = _ernie_model()
+    loaded = hf_convert_and_load(model, state, conversions)
+    assert_same(loaded, plan.apply(state))
+    # what transformers' test expects: experts 0-1 in experts, 2-3 in extra_experts, gate then up on dim 1
+    w = lambda i, e, n: state[f"model.layers.{i}.experts.{e}.w{n}.weight"]  # noqa: E731
+    for i in range(2):
+        for name, members in (("experts", (0, 1)), ("extra_experts", (2, 3))):
+            gate = torch.stack([w(i, e, 1) for e in members])
+            up = torch.stack([w(i, e, 3) for e in members])
+            assert torch.equal(
+                loaded[f"model.layers.{i}.{name}.gate_up_proj.weight"], torch.cat([gate, up], 1)
+            )
+            down = torch.stack([w(i, e, 2) for e in members])
+            assert torch.equal(loaded[f"model.layers.{i}.{name}.down_proj.weight"], down)
+    assert_same(revert_weight_conversion(model, loaded), state)
+
+
+VISION_HEADS = "config.vision_config.num_attention_heads ?? config.num_attention_heads ?? 1"
+UNFUSE_QKV = f"""
+convert qkv = {{p:path}}.self_attn.qkv_proj.weight
+ let q, k, v = chunk(qkv, 3, dim=0)
+ -> {{p}}.self_attn.q_proj.weight = permute_rope(q, heads={VISION_HEADS})
+ -> {{p}}.self_attn.k_proj.weight = permute_rope(k, heads={VISION_HEADS})
+ -> {{p}}.self_attn.v_proj.weight = v
+"""
+FUSE_QKV = f"""
+convert q = {{p:path}}.self_attn.q_proj.weight, k = {{p:path}}.self_attn.k_proj.weight,
+ v = {{p:path}}.self_attn.v_proj.weight
+ -> {{p}}.self_attn.qkv_proj.weight = cat(unpermute_rope(q, heads={VISION_HEADS}),
+ unpermute_rope(k, heads={VISION_HEADS}), v, dim=0, equal=true)
+"""
+
+
+@pytest.mark.parametrize("config", [None, "config"])
+def test_ported_qkv_chunk_rope_permute_vision_config(config):
+    """transformers' test_qkv_chunk_rope_permute_vision_config: a vision tower's fused qkv is cut and q, k
+    permuted with the vision config's head count (2, not the top-level 4), and fused back the other way
+    (the cat whose inputs go through different ops first)."""
+    heads, head_dim = 2, 8
+    hidden = heads * head_dim
+    as_dict = {"num_attention_heads": 4, "vision_config": {"num_attention_heads": heads}}
+    hf_config = transformers.PreTrainedConfig(
+        num_attention_heads=4, vision_config=transformers.PreTrainedConfig(num_attention_heads=heads)
+    )
+
+    def model(fused: bool):
+        def build(root):
+            root.layers = torch.nn.ModuleList([torch.nn.Module()])
+            attn = root.layers[0].self_attn = torch.nn.Module()
+            for name in ("qkv_proj",) if fused else ("q_proj", "k_proj", "v_proj"):
+                setattr(attn, name, _param(hidden * (3 if fused else 1), hidden))
+
+        return _pretrained(build, hf_config)
+
+    qkv = rand(3 * hidden, hidden)
+    q, k, v = torch.chunk(qkv, 3, dim=0)
+    permuted = lambda t: t.view(heads, head_dim // 2, 2, hidden).transpose(1, 2).reshape(hidden, hidden)  # noqa: E731
+    unfused = {
+        "layers.0.self_attn.q_proj.weight": permuted(q),
+        "layers.0.self_attn.k_proj.weight": permuted(k),
+    }
+    unfused["layers.0.self_attn.v_proj.weight"] = v
+
+    for rules, src, dst, fused, ops in (
+        (
+            UNFUSE_QKV,
+            {"layers.0.self_attn.qkv_proj.weight": qkv},
+            unfused,
+            False,
+            ["Chunk", "PermuteForRope"],
+        ),
+        (
+            FUSE_QKV,
+            unfused,
+            {"layers.0.self_attn.qkv_proj.weight": qkv},
+            True,
+            ["PermuteForRope", "Concatenate"],
+        ),
+    ):
+        plan = compile_rules(rules, as_dict if config else None)
+        conversions = to_weight_conversions(plan)
+        assert described(conversions) == described(to_weight_conversions(compile_rules(rules)))
+        (converter,) = conversions
+        assert [type(op).__name__ for op in converter.operations] == ops
+        rope = converter.operations[ops.index("PermuteForRope")]
+        assert (rope.subconfig_key, rope.permute_layer_names, rope.inverse) == (
+            "vision_config",
+            ["q_proj", "k_proj"],
+            fused,
+        )
+        target = model(fused)
+        loaded = hf_convert_and_load(target, src, conversions)
+        assert_same(loaded, dst)
+        assert_same(plan.apply(src, strict=True) if config else dst, dst)
+        assert_same(revert_weight_conversion(target, loaded), src)
+
+
+# ---- the acid test for Ernie 4.5 VL: from_pretrained and save_pretrained with the exported mapping ------
+
+
+def _tiny_ernie4_5_vl_moe():
+    text = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        moe_intermediate_size=[8, 4],
+        moe_k=2,
+        moe_num_experts=4,
+        moe_num_shared_experts=1,
+        mlp_layer_types=["dense", "sparse"],
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]},
+    )
+    vision = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=24, patch_size=2)
+    tokens = dict(
+        image_start_token_id=60,
+        image_end_token_id=61,
+        image_token_id=62,
+        video_start_token_id=63,
+        video_end_token_id=59,
+        video_token_id=58,
+    )
+    config = transformers.Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, **tokens)
+    return transformers.Ernie4_5_VLMoeForConditionalGeneration(config).float()
+
+
+def test_from_pretrained_ernie4_5_vl_moe_with_exported_mapping(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    original = _tiny_ernie4_5_vl_moe()
+    original.save_pretrained(tmp_path / "ernie")
+    saved = load_file(str(tmp_path / "ernie" / "model.safetensors"))
+    assert "model.layers.1.mlp.experts.7.gate_proj.weight" in saved  # text and vision experts, one list
+
+    with_config = convspec.compile("ernie4_5_vl_moe", config=tmp_path / "ernie" / "config.json")
+    conversions = to_weight_conversions(with_config)
+    assert described(conversions) == described(to_weight_conversions(convspec.compile("ernie4_5_vl_moe")))
+    cls = transformers.Ernie4_5_VLMoeForConditionalGeneration
+    with registered("ernie4_5_vl_moe", conversions):
+        model, info = cls.from_pretrained(tmp_path / "ernie", output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        assert not info["error_msgs"]
+        assert_same(model.state_dict(), original.state_dict())
+        model.save_pretrained(tmp_path / "again")
+    assert_same(load_file(str(tmp_path / "again" / "model.safetensors")), saved)
+
+
+# ---- docs/integrations.md: every example of what cannot be exported --------------------------------
+
+DOCS = __import__("pathlib").Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
+DOC_CONFIG = {
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "head_dim": 1,
+    "vision_config": {"num_attention_heads": 2},
+}
+
+
+def _refused_examples() -> list[tuple[str, str]]:
+    text = DOCS.read_text().split("### What cannot be exported", 1)[1]
+    return re.findall(r"```cspec\n# ExportError: (.*?)\n(.*?)```", text, re.S)
+
+
+def test_the_docs_list_what_cannot_be_exported():
+    examples = _refused_examples()
+    assert len(examples) >= 15
+    for says, rules in examples:
+        messages = []
+        for config in (None, DOC_CONFIG):
+            with pytest.raises(ExportError) as info:
+                to_weight_conversions(compile_rules(rules, config))
+            messages.append(str(info.value))
+        assert messages[0] == messages[1], rules
+        assert says in messages[0], (rules, messages[0])
+        assert re.search(r"rule \d+ \((rename|convert|drop), demo\.cspec:\d+:\d+\)", messages[0]), messages[0]
+
+
+def test_the_documented_sub_config_caveat():
+    """docs/integrations.md: for a config whose vision_config lacks num_attention_heads, transformers'
+    PermuteForRope(subconfig_key="vision_config") uses 1 head, the spec's fallback the top-level field."""
+    plan = compile_rules(
+        ROPE_RULE.replace("HEADS", "config.vision_config.num_attention_heads ?? config.num_attention_heads"),
+        {"num_attention_heads": 4, "vision_config": {}},
+    )
+    assert dict(plan.rules[0].nodes[0].params)["heads"] == 4
+    (converter,) = to_weight_conversions(plan)
+    (rope,) = converter.operations
+    x = rand(8, 2)
+    config = types.SimpleNamespace(num_attention_heads=4, vision_config=types.SimpleNamespace())
+    one_head = transformers.core_model_loading.PermuteForRope()._permute_for_rope(
+        x, types.SimpleNamespace(num_attention_heads=1)
+    )
+    assert torch.equal(rope._permute_for_rope(x, config), one_head)
+    assert not torch.equal(one_head, plan.apply({"l.q": x})["l.q_proj"])
+
+
+def test_every_builtin_spec_exports_alike_with_and_without_a_config():
+    """kimi_k25(_base) and mistral_large4(_base) exported differently (or were refused for different
+    reasons) with a config than without: their vision rope reads config.vision_config."""
+    from convspec.api import _builtin_index
+
+    sub = {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 2, "hidden_size": 4}
+    config = {**sub, "text_config": dict(sub), "vision_config": dict(sub)}
+
+    def export(name: str, config: dict | None):
+        try:
+            return described(to_weight_conversions(convspec.compile(name, config=config)))
+        except ExportError as exc:
+            return str(exc)
+
+    def needs_config(name: str) -> bool:
+        rules = convspec.compile(name).rules
+        return any(isinstance(v, dict) for rule in rules for node in rule.nodes for _, v in node.params)
+
+    names = [n for n in sorted({f.rsplit(".", 1)[0] for f in _builtin_index().values()}) if needs_config(n)]
+    assert {"kimi_k25", "kimi_k25_base", "mistral_large4", "mistral_large4_base"} <= set(names)
+    differ = [name for name in names if export(name, config) != export(name, None)]
+    assert differ == []

@@ -278,6 +278,29 @@ def test_a_config_expression_where_compiling_allows_none_is_refused(mixtral, spl
     _refused(d, "params.over: a capture parameter is written out in the spec, never a config expression")
 
 
+def test_the_expressions_a_config_was_read_through_round_trip_and_are_checked():
+    """A plan compiled with a config keeps, beside each value, the expression it came from (what the
+    transformers exporter reads); read back, each must name a parameter evaluated from the config."""
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32, "head_dim": 8}
+    plan = convspec.compile("split_qkv", config)
+    text = plan.to_json()
+    again = convspec.Plan.from_json(text)
+    node = next(n for r in again.rules if r.kind == "convert" for n in r.nodes if n.exprs)
+    assert dict(node.exprs)["sizes"]["text"].startswith("[")
+    assert again.to_json() == text
+    d = json.loads(text)
+    exprs = next(n for r in d["rules"] if r["kind"] == "convert" for n in r["nodes"] if "exprs" in n)["exprs"]
+    exprs[0][0] = "dim"  # a value written out in the spec, not what the expression gives
+    _refused(d, ".exprs[0][1]: ", "with the plan's config, but dim is 0")
+    exprs[0][0] = "nope"
+    _refused(d, ".exprs[0][0]: 'nope' is not a parameter of split evaluated from the config")
+    exprs[0][0] = "sizes"
+    exprs[0][1]["$expr"] = {"kind": "num", "value": 3}
+    _refused(d, ".exprs[0][1]: not an expression as the compiler writes it")
+    d["config"] = None
+    _refused(d, "the plan has no config")
+
+
 # ---- the command line ------------------------------------------------------------------------------
 
 

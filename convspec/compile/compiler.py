@@ -279,7 +279,7 @@ class _Lowering:
             check_arity(op, len(args))
         except OpError as exc:
             raise self.err(exc.message, call.span, exc.hint) from None
-        params = self.params(op, call, pos_params, want)
+        params, exprs = self.params(op, call, pos_params, want)
         try:
             n_out = values_yielded(op, params)
         except OpError as exc:
@@ -307,11 +307,16 @@ class _Lowering:
                 hint="an ops [...] chain applies each op to every value the one before yields",
             )
         outs = [self.fresh() for _ in range(n_out)]
-        self.nodes.append(Node(op.name, tuple(args), tuple(outs), tuple(params.items()), _where(call.span)))
+        self.nodes.append(
+            Node(op.name, tuple(args), tuple(outs), tuple(params.items()), _where(call.span), exprs)
+        )
         self.spans.append(call.span)
         return outs
 
-    def params(self, op, call: Call, pos: list[Expr], want: int) -> dict[str, Any]:
+    def params(
+        self, op, call: Call, pos: list[Expr], want: int
+    ) -> tuple[dict[str, Any], tuple[tuple[str, Any], ...]]:
+        """The op's parameter values, and the config expressions those compiled with a config came from."""
         spec = {p.name: p for p in op.params}
         given: dict[str, Expr] = {}
         if len(pos) > len(op.params):
@@ -336,6 +341,7 @@ class _Lowering:
                 raise self.err(f"parameter {kw.name} of {op.name} is given twice", kw.span)
             given[kw.name] = kw.value
         out: dict[str, Any] = {}
+        exprs: list[tuple[str, Any]] = []
         from ..ops.base import REQUIRED
 
         for p in op.params:
@@ -347,13 +353,16 @@ class _Lowering:
                 out[p.name] = p.default
                 continue
             out[p.name] = self.param_value(op, p, given[p.name])
+            dumped = given[p.name].model_dump()
+            if self.config is not None and needs_config(dumped):
+                exprs.append((p.name, {"$expr": dumped, "text": _expr_text(given[p.name])}))
         concrete = {k: v for k, v in out.items() if not _is_expr(v)}
         try:
             if len(concrete) == len(out):
                 op.check(concrete)
         except OpError as exc:
             raise self.err(f"{op.name}: {exc.message}", call.span) from None
-        return out
+        return out, tuple(exprs)
 
     def param_value(self, op, p, e: Expr) -> Any:
         dumped = e.model_dump()
@@ -824,7 +833,10 @@ def invert(rules: list[PlanRule]) -> tuple[tuple[PlanRule, ...], list[str]]:
                     raise NotInvertible(f"{r.label}: {exc} (at {node.where})") from None
                 lossy.append(f"{r.label}: {exc} (at {node.where})")
                 inv_name, inv_params = "cast", {"dtype": params.get("from"), "from": params["dtype"]}
-            nodes.append(Node(inv_name, node.outputs, node.inputs, tuple(inv_params.items()), node.where))
+            exprs = tuple((k, e) for k, e in node.exprs if inv_params.get(k) == params.get(k))
+            nodes.append(
+                Node(inv_name, node.outputs, node.inputs, tuple(inv_params.items()), node.where, exprs)
+            )
         types = dict(r.types)
         out.append(
             PlanRule(

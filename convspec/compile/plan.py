@@ -21,6 +21,9 @@ class Node:
     outputs: tuple[str, ...]
     params: tuple[tuple[str, Any], ...]  # plain values, or {"$expr": IR} when they need a config
     where: str = ""
+    # The expressions that params compiled with a config were evaluated from ({"$expr": IR, "text"}),
+    # by parameter name: what the value means for other configs (the transformers exporter reads it).
+    exprs: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     def __str__(self) -> str:
         args = list(self.inputs) + [f"{k}={_show(v)}" for k, v in self.params if v is not None]

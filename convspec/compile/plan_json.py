@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from typing import Any
 
-from ..errors import ConvspecError, PlanError
+from ..errors import ConfigError, ConvspecError, PlanError
 from ..ops import OpError
 from .patterns import Pattern, split_offset
 from .plan import Node, Plan, PlanRule
@@ -61,6 +61,7 @@ def _rule_json(r: PlanRule) -> dict:
             "params": [list(x) for x in n.params],
             "where": n.where,
         }
+        | ({"exprs": [list(x) for x in n.exprs]} if n.exprs else {})
         for n in r.nodes
     ]
     return d
@@ -328,13 +329,17 @@ def _pattern(d: Any, path: str) -> Pattern:
 
 
 def _node(d: Any, path: str) -> Node:
-    _fields(d, path, _NODE)
+    _fields(d, path, _NODE, optional=("exprs",))
     return Node(
         d["op"],
         _strings(d["inputs"], f"{path}.inputs"),
         _strings(d["outputs"], f"{path}.outputs"),
         tuple(_pair(x, f"{path}.params[{j}]", ("any",)) for j, x in enumerate(d["params"])),
         d["where"],
+        tuple(
+            _pair(x, f"{path}.exprs[{j}]", ("object",))
+            for j, x in enumerate(_expect(d.get("exprs", []), f"{path}.exprs", "list"))
+        ),
     )
 
 
@@ -509,6 +514,7 @@ def _check_nodes(r: PlanRule, path: str, config: dict | None, every_param: bool)
                     check_param(op, p, v)
             except OpError as exc:
                 raise PlanError(f"{at}.params.{p.name}: {exc.message}", hint=exc.hint) from None
+        _check_sources(node, at, config)
         try:
             check_arity(op, len(node.inputs))
             if not any(_is_expr(v) for v in given.values()):
@@ -533,19 +539,55 @@ def _is_expr(v: Any) -> bool:
 def _check_expr(v: dict, op, p, config: dict | None) -> None:
     """A config expression left for bind: only where compiling leaves one (no config; a parameter
     that may wait for it), in the form the compiler writes (the spec IR, its text, a list's items)."""
+
+    if config is not None:
+        raise OpError("a config expression, but the plan was compiled with a config (which evaluates them)")
+    if p.kind in ("capture", "dtype"):
+        raise OpError(f"a {p.kind} parameter is written out in the spec, never a config expression")
+    _expr_form(v, {"$expr", "text", "$len"}, '{"$expr": ..., "text": "...", "$len": [...] for a list}')
+    is_list = p.kind in ("ints", "shape") and v["$expr"]["kind"] == "list"
+    if ("$len" in v) != is_list or (is_list and v["$len"] != v["$expr"]["items"]):
+        raise OpError('"$len" lists the items of a list expression for a list parameter, and only there')
+
+
+def _check_sources(node: Node, at: str, config: dict | None) -> None:
+    """The config expressions that parameters compiled with a config were evaluated from (what the
+    transformers exporter reads): only in a plan compiled with a config, one per parameter given,
+    each giving that parameter's value with the plan's config."""
+    from .evaluate import evaluate
+
+    given = dict(node.params)
+    seen: set[str] = set()
+    for j, (name, v) in enumerate(node.exprs):
+        where = f"{at}.exprs[{j}]"
+        if config is None:
+            raise PlanError(f"{where}: the expression a value came from, but the plan has no config")
+        if name not in given or _is_expr(given[name]) or name in seen:
+            raise PlanError(f"{where}[0]: {name!r} is not a parameter of {node.op} evaluated from the config")
+        seen.add(name)
+        try:
+            _expr_form(v, {"$expr", "text"}, '{"$expr": ..., "text": "..."}')
+            value = evaluate(v["$expr"], config)
+        except (OpError, ConfigError) as exc:
+            raise PlanError(f"{where}[1]: {exc.message}", hint=exc.hint) from None
+        if _plain(value) != _plain(given[name]):
+            raise PlanError(
+                f"{where}[1]: {v['text']} is {_short(value)} with the plan's config, but {name} is "
+                f"{_short(given[name])}"
+            )
+
+
+def _expr_form(v: dict, keys: set[str], form: str) -> None:
+    """A config expression as the compiler writes it: the spec IR of one that needs the config, and
+    its text."""
     from pydantic import TypeAdapter, ValidationError
 
     from ..spec.model import Expr
     from ..spec.parse import MAX_EXPR_DEPTH
     from .evaluate import needs_config
 
-    if config is not None:
-        raise OpError("a config expression, but the plan was compiled with a config (which evaluates them)")
-    if p.kind in ("capture", "dtype"):
-        raise OpError(f"a {p.kind} parameter is written out in the spec, never a config expression")
-    extra = set(v) - {"$expr", "text", "$len"}
-    if extra or not isinstance(v.get("text"), str):
-        raise OpError('a config expression is {"$expr": ..., "text": "...", "$len": [...] for a list}')
+    if set(v) - keys or "$expr" not in v or not isinstance(v.get("text"), str):
+        raise OpError(f"a config expression is {form}")
     if _depth(v["$expr"]) > MAX_EXPR_DEPTH:
         raise OpError(f"the expression is nested more than {MAX_EXPR_DEPTH} deep")
     try:
@@ -556,9 +598,6 @@ def _check_expr(v: dict, op, p, config: dict | None) -> None:
         raise OpError(f"not an expression: {where + ': ' if where else ''}{first['msg']}") from None
     if expr.model_dump() != v["$expr"] or not needs_config(v["$expr"]):
         raise OpError("not an expression as the compiler writes it (one that needs the config)")
-    is_list = p.kind in ("ints", "shape") and v["$expr"]["kind"] == "list"
-    if ("$len" in v) != is_list or (is_list and v["$len"] != v["$expr"]["items"]):
-        raise OpError('"$len" lists the items of a list expression for a list parameter, and only there')
 
 
 def _depth(e: Any) -> int:

@@ -357,17 +357,74 @@ def _components(rule: PlanRule) -> list[tuple[list[str], list[str], list[Node]]]
     return [parts[r] for r in roots] + [p for r, p in parts.items() if r not in roots]
 
 
-def _int(value: Any, what: str, rule: PlanRule, node: Node) -> int:
-    if isinstance(value, dict) or isinstance(value, bool) or not isinstance(value, int):
+def _fixed(rule: PlanRule, node: Node, name: str, default: Any = None) -> Any:
+    """A parameter of `node` that a transformers op takes as a fixed value. One that depends on the
+    model config is refused whether the plan was compiled with a config or not: the exported mapping
+    would otherwise hold one config's numbers, wrong for every other config of the model type."""
+    value = dict(node.params).get(name, default)
+    expr = value if isinstance(value, dict) else dict(node.exprs).get(name)
+    if expr is not None:
         raise ExportError(
-            f"{rule.label}: {node.op}'s {what} depends on the model config (at {node.where})",
-            hint="compile the plan with the model's config: convspec.compile(spec, config=...)",
+            f"{rule.label}: cannot export to transformers: {node.op}'s {name}="
+            f"{expr.get('text', 'an expression')} depends on the model config, and transformers' ops "
+            f"take fixed numbers (at {node.where})",
+            hint=f"write {name} as a number in the spec you export",
         )
+    return value
+
+
+def _int(rule: PlanRule, node: Node, name: str, default: Any = None) -> int:
+    value = _fixed(rule, node, name, default)
+    if isinstance(value, bool) or not isinstance(value, int):  # pragma: no cover - the compiler checks it
+        raise ExportError(f"{rule.label}: {node.op}'s {name} must be an integer (at {node.where})")
     return value
 
 
 def _same(a: Node, b: Node) -> bool:
     return a.op == b.op and [p for p in a.params if p[0] != "over"] == [p for p in b.params if p[0] != "over"]
+
+
+def _rope_subconfig(expr: dict) -> str | None:
+    """The `subconfig_key` of the PermuteForRope that takes the head count `expr` gives ("" for none),
+    or None when no PermuteForRope does.
+
+    PermuteForRope(subconfig_key=S) reads `getattr(getattr(config, S, config), "num_attention_heads",
+    1)`. Where convspec's value for one of these forms exists, it is transformers' too: the chain
+    `config.num_attention_heads [?? 1]`, and `config.S.num_attention_heads [?? config.num_attention_heads
+    [?? 1]]` (except for a config whose S lacks num_attention_heads: transformers then uses 1, convspec
+    the top-level field; docs/integrations.md says so).
+    """
+    chain: list[dict] = []
+
+    def flatten(e: dict) -> None:
+        if e.get("kind") == "binop" and e.get("op") == "??":
+            flatten(e["left"])
+            flatten(e["right"])
+        else:
+            chain.append(e)
+
+    flatten(expr)
+    paths = [tuple(e["path"]) if e.get("kind") == "ref" else e for e in chain]
+    one, top = {"kind": "num", "value": 1}, ("config", "num_attention_heads")
+    if paths in ([top], [top, one]):
+        return ""
+    sub = paths[0]
+    if isinstance(sub, tuple) and len(sub) == 3 and sub[0] == "config" and sub[2] == top[1]:
+        # without `?? config.num_attention_heads`, `?? 1` would differ where the sub-config is missing
+        if paths[1:] in ([], [top], [top, one]):
+            return sub[1]
+    return None
+
+
+def _alike(chains: list[list[Node]]) -> bool:
+    """Whether every chain applies the same ops (transformers applies each op to every tensor)."""
+    return all(len(c) == len(chains[0]) and all(map(_same, c, chains[0])) for c in chains)
+
+
+def _some_roped(chains: list[list[Node]]) -> bool:
+    """Whether each chain is one rope op or nothing: PermuteForRope(permute_layer_names=...) can
+    leave some tensors out by name, the one op transformers can apply to some of them only."""
+    return all(not c or (len(c) == 1 and c[0].op in ("permute_rope", "unpermute_rope")) for c in chains)
 
 
 class _Converter:
@@ -395,6 +452,8 @@ class _Converter:
             raise self.fail(
                 "a convert without ops has no transformers equivalent (a WeightConverter needs an op)"
             )
+        if any(n.op == "stack" and dict(n.params).get("parts", 1) != 1 for n in self.nodes):
+            return self.split_experts()
         producer = {v: n for n in self.nodes for v in n.outputs}
         uses: dict[str, int] = {}
         for n in self.nodes:
@@ -452,12 +511,8 @@ class _Converter:
             targets = [out for out, _ in ranked]
             posts = [chain for _, (chain, _) in ranked]
             post = posts[0]
-            if not all(len(c) == len(post) and all(map(_same, c, post)) for c in posts):
-                # transformers applies each op to every part, but can leave some out of a rope
-                # permutation (by name): allow parts that go through one rope op or none.
-                if any(
-                    len(c) > 1 or (c and c[0].op not in ("permute_rope", "unpermute_rope")) for c in posts
-                ):
+            if not _alike(posts):
+                if not _some_roped(posts):
                     raise self.fail(
                         "the parts of a chunk or split go through different ops (transformers applies "
                         "each op to all of them; only a rope permutation can leave some out)",
@@ -470,31 +525,96 @@ class _Converter:
             sources, pres = [src], [pre]
         if sorted(sources) != sorted(self.inputs) or len(set(sources)) != len(sources):
             raise self.fail("every input must feed the join exactly once")
-        for chain in pres[1:]:
-            if len(chain) != len(pres[0]) or not all(map(_same, chain, pres[0])):
+        partial_pre: list[list[Node]] = []
+        if not _alike(pres):
+            if not _some_roped(pres) or any(self.rule.free_of.get(s) for s in sources):
                 raise self.fail(
                     "the inputs go through different ops before they are joined (transformers "
-                    "applies each op to all of them)"
+                    "applies each op to all of them; only a rope permutation can leave some out)",
+                    join,
                 )
+            partial_pre, pres = pres, [[] for _ in pres]
 
         n, m = len(sources), len(targets)
+        source_patterns, target_patterns = self.patterns_for(sources, targets)
         ops = self.pre_ops(sources, pres[0], n, m)
+        ops += self.rope_ops(partial_pre, source_patterns)
         if join is not None:
             ops.append(self.join_op(join, post))
         for node in post:
             ops.append(self.unary(node, single=(m == 1), fan_out=(m > 1)))
-        source_patterns, target_patterns = self.patterns_for(sources, targets)
-        kinds: list[Node] = []
-        for chain in partial:
-            if chain and not any(_same(chain[0], k) for k in kinds):
-                kinds.append(chain[0])
-        for kind in kinds:
-            chosen = [i for i, chain in enumerate(partial) if chain and _same(chain[0], kind)]
-            names = self.layer_names(chosen, target_patterns)
-            ops.append(self.rope(kind, inverse=(kind.op == "unpermute_rope"), names=names))
+        ops += self.rope_ops(partial, target_patterns)
         return self.tml.WeightConverter(
             source_patterns=source_patterns, target_patterns=target_patterns, operations=ops
         )
+
+    def split_experts(self):
+        """`stack(x, over=e, parts=k)` on each input, and (with several inputs) the k-th parts of all
+        of them joined by `cat`: transformers' ErnieFuseAndSplitTextVisionExperts (Ernie 4.5 VL's
+        experts, text and vision). It cuts each collection into k runs of consecutive members as
+        torch.chunk does, stacks each run, and concatenates run j of every input into target j; its
+        reverse cuts each target into equal parts, so the cat must be equal."""
+        op = getattr(self.tml, "ErnieFuseAndSplitTextVisionExperts", None)
+        shape = (
+            "stack(parts=k) must be the only op on each input, its parts going straight to the targets "
+            "(one input) or joined part by part by one cat per target (several inputs), as transformers' "
+            "ErnieFuseAndSplitTextVisionExperts does"
+        )
+        stacks = [n for n in self.nodes if n.op == "stack"]
+        cats = [n for n in self.nodes if n.op != "stack"]
+        first = stacks[0]
+        if op is None:
+            raise self.fail("stack(parts=k) needs ErnieFuseAndSplitTextVisionExperts (transformers >= 5)")
+        if (
+            any(not _same(s, first) for s in stacks)
+            or len(stacks) != len(self.inputs)
+            or sorted(s.inputs[0] for s in stacks) != sorted(self.inputs)
+            or any(self.rule.free_of.get(s.inputs[0], ()) != (dict(s.params)["over"],) for s in stacks)
+        ):
+            raise self.fail(shape, first)
+        stack_dim = _int(self.rule, first, "dim")
+        parts = len(first.outputs)
+        if len(stacks) == 1:
+            if cats or sorted(self.outputs) != sorted(first.outputs):
+                raise self.fail(shape, cats[0] if cats else first)
+            order, targets, concat_dim = [first], list(first.outputs), stack_dim
+        else:
+            by_output = {v: (s, j) for s in stacks for j, v in enumerate(s.outputs)}
+            if len(cats) != parts or any(c.op != "cat" or not _same(c, cats[0]) for c in cats):
+                raise self.fail(shape, next((c for c in cats if c.op != "cat"), first))
+            order = [by_output[v][0] for v in cats[0].inputs if v in by_output]
+            by_part = {}
+            for cat in cats:
+                if cat.outputs[0] not in self.outputs or len(cat.inputs) != len(stacks):
+                    raise self.fail(shape, cat)
+                js = {by_output[v][1] if v in by_output else None for v in cat.inputs}
+                if len(js) != 1 or [by_output[v][0] for v in cat.inputs] != order:
+                    raise self.fail("each cat must join the same part of every stack, in the same order", cat)
+                by_part[js.pop()] = cat
+            self.join_op(cats[0], [])  # the reverse cuts each target into equal parts: checks equal=true
+            concat_dim = _int(self.rule, cats[0], "dim", 0)
+            targets = [by_part[j].outputs[0] for j in range(parts)]
+        sources = [s.inputs[0] for s in order]
+        source_patterns, target_patterns = self.patterns_for(sources, targets)
+        return self.tml.WeightConverter(
+            source_patterns=source_patterns,
+            target_patterns=target_patterns,
+            operations=[op(stack_dim=stack_dim, concat_dim=concat_dim)],
+        )
+
+    def rope_ops(self, chains: list[list[Node]], patterns: list[str]) -> list:
+        """PermuteForRope ops that permute only the parts whose chain is a rope op, named by
+        `permute_layer_names` from those parts' patterns: one op per kind of rope op."""
+        kinds: list[Node] = []
+        for chain in chains:
+            if chain and not any(_same(chain[0], k) for k in kinds):
+                kinds.append(chain[0])
+        ops = []
+        for kind in kinds:
+            chosen = [i for i, chain in enumerate(chains) if chain and _same(chain[0], kind)]
+            names = self.layer_names(chosen, patterns)
+            ops.append(self.rope(kind, inverse=(kind.op == "unpermute_rope"), names=names))
+        return ops
 
     # -- ops
 
@@ -504,8 +624,6 @@ class _Converter:
         ops = []
         for i, node in enumerate(chain):
             if node.op == "stack":
-                if dict(node.params).get("parts", 1) != 1:
-                    raise self.fail("stack(parts=...) has no transformers op (Ernie's is code)", node)
                 if i != 0 or any(len(c) != 1 for c in collection):
                     raise self.fail(
                         "stack must be the first op, on an input that is a collection over one capture", node
@@ -516,9 +634,7 @@ class _Converter:
                         "targets in one converter",
                         node,
                     )
-                ops.append(
-                    self.tml.MergeModulelist(dim=_int(dict(node.params)["dim"], "dim", self.rule, node))
-                )
+                ops.append(self.tml.MergeModulelist(dim=_int(self.rule, node, "dim")))
                 continue
             if i == 0 and any(collection):
                 raise self.fail(
@@ -532,23 +648,16 @@ class _Converter:
         return ops
 
     def join_op(self, node: Node, post: list[Node]):
-        p = dict(node.params)
-        dim = _int(p.get("dim", 0), "dim", self.rule, node)
+        dim = _int(self.rule, node, "dim", 0)
         if node.op == "cat":
-            sizes = p.get("sizes")
-            if not p.get("equal"):
+            if not _fixed(self.rule, node, "equal"):
+                sizes = _fixed(self.rule, node, "sizes")
                 if sizes is None:
                     raise self.fail(
                         "cat without sizes=[...] or equal=true: transformers saves a "
                         "Concatenate by cutting it into equal parts",
                         node,
                         hint="add equal=true",
-                    )
-                if isinstance(sizes, dict) or any(not isinstance(s, int) for s in sizes):
-                    raise self.fail(
-                        "cat's sizes depend on the model config",
-                        node,
-                        hint="compile the plan with the model's config",
                     )
                 if len(set(sizes)) > 1:
                     raise self.fail(
@@ -571,7 +680,6 @@ class _Converter:
         return self.tml.Split(dim=dim)
 
     def unary(self, node: Node, single: bool, fan_out: bool):
-        p = dict(node.params)
         op = node.op
         if op in ("permute_rope", "unpermute_rope"):
             return self.rope(node, inverse=(op == "unpermute_rope"))
@@ -580,11 +688,9 @@ class _Converter:
                 f"op {op} on several tensors at once: transformers applies it to one tensor", node
             )
         if op == "transpose":
-            return self.tml.Transpose(
-                dim0=_int(p["dim0"], "dim0", self.rule, node), dim1=_int(p["dim1"], "dim1", self.rule, node)
-            )
+            return self.tml.Transpose(dim0=_int(self.rule, node, "dim0"), dim1=_int(self.rule, node, "dim1"))
         if op in ("interleave", "deinterleave"):
-            dim, parts = _int(p["dim"], "dim", self.rule, node), _int(p["parts"], "parts", self.rule, node)
+            dim, parts = _int(self.rule, node, "dim"), _int(self.rule, node, "parts")
             if parts != 2:
                 raise self.fail(f"{op} with parts={parts}: transformers' Interleave has two parts", node)
             if dim < 0:
@@ -598,11 +704,12 @@ class _Converter:
                 return conv
         raise self.fail(f"op {op} has no transformers equivalent", node)
 
-    def layer_names(self, chosen: list[int], targets: list[str]) -> list[str]:
-        """For PermuteForRope(permute_layer_names=...): one name per chosen part, found in that part's
-        key both as transformers loads (the processed target) and as it saves (the raw pattern), and in
-        no other part's key."""
-        forms = [(raw, self.tml.process_target_pattern(raw)[0]) for raw in targets]
+    def layer_names(self, chosen: list[int], patterns: list[str]) -> list[str]:
+        """For PermuteForRope(permute_layer_names=...): one name per chosen part, found in the key
+        transformers files that part under both when loading and when saving (the raw pattern and the
+        pattern as transformers processes it for the reverse converter), and in no other part's key.
+        The parts are the targets of a chunk or split, or the sources of a cat."""
+        forms = [(raw, self.tml.process_target_pattern(raw)[0]) for raw in patterns]
         others = [form for i, pair in enumerate(forms) if i not in chosen for form in pair]
         names = []
         for i in chosen:
@@ -611,42 +718,40 @@ class _Converter:
                 (c for c in text.split(".") if c and c in raw and not any(c in o for o in others)), None
             )
             if name is None:
-                raise self.fail(f"no name tells the permuted part {text} apart from the others")
+                raise self.fail(
+                    f"no name in the permuted part's key {text} is absent from the other parts' keys "
+                    "(PermuteForRope picks the tensors it permutes by a name found in their key)"
+                )
             names.append(name)
         return names
 
     def rope(self, node: Node, inverse: bool, names: list[str] | None = None):
-        heads = dict(node.params)["heads"]
         kw = {"inverse": inverse, "permute_layer_names": names}
-        # PermuteForRope reads the head count as getattr(config, "num_attention_heads", 1), from
-        # getattr(config, subconfig_key, config) when it has a subconfig_key.
-        if isinstance(heads, dict):
-            expr = heads.get("$expr", {})
-            if (
-                expr.get("kind") == "binop"
-                and expr.get("op") == "??"
-                and expr.get("right") == {"kind": "num", "value": 1}
-                and expr.get("left", {}).get("path") == ["config", "num_attention_heads"]
-            ):
-                expr = expr["left"]
-            path = expr.get("path") if expr.get("kind") == "ref" else None
-            if path == ["config", "num_attention_heads"]:
-                return self.tml.PermuteForRope(**kw)
-            if path and len(path) == 3 and path[0] == "config" and path[2] == "num_attention_heads":
-                return self.tml.PermuteForRope(subconfig_key=path[1], **kw)
-        elif isinstance(self.config, dict) and self.config.get("num_attention_heads") == heads:
-            return self.tml.PermuteForRope(**kw)
-        shown = heads.get("text", "an expression") if isinstance(heads, dict) else heads
-        raise self.fail(
-            f"{node.op} with heads={shown}: transformers' PermuteForRope always uses "
-            "config.num_attention_heads",
-            node,
-            hint="write heads=config.num_attention_heads",
-        )
+        heads = dict(node.params)["heads"]
+        # Compiled with a config, the value was evaluated: what it means for other configs is the
+        # expression it came from, so a plan exports the same with or without a config.
+        expr = heads if isinstance(heads, dict) else dict(node.exprs).get("heads")
+        shown = expr.get("text", "an expression") if expr is not None else heads
+        if expr is None:
+            raise self.fail(
+                f"{node.op} with heads={shown}: transformers' PermuteForRope reads the head count from "
+                "the model config, and a number in the spec is not a config field",
+                node,
+                hint="write heads=config.num_attention_heads (or config.<sub_config>.num_attention_heads)",
+            )
+        subconfig = _rope_subconfig(expr["$expr"])
+        if subconfig is None:
+            raise self.fail(
+                f"{node.op} with heads={shown}: transformers' PermuteForRope always uses "
+                "config.num_attention_heads, or config.<sub_config>.num_attention_heads falling back "
+                "to it",
+                node,
+                hint="write heads=config.num_attention_heads (or config.<sub_config>.num_attention_heads)",
+            )
+        return self.tml.PermuteForRope(subconfig_key=subconfig or None, **kw)
 
     def conv3d(self, node: Node):
-        p = dict(node.params)
-        shape, frm = p.get("shape"), p.get("from_shape")
+        shape, frm = _fixed(self.rule, node, "shape"), _fixed(self.rule, node, "from_shape")
         concrete = all(isinstance(x, list) and all(type(v) is int for v in x) for x in (shape, frm))
         if not concrete or len(shape) != 2 or len(frm) != 5 or any(v < 1 for v in frm[1:]):
             return None
