@@ -11,9 +11,15 @@ always does, so a square tensor is transposed too (transformers loads that one a
 `save_pretrained` cannot make the original checkpoint here: its revert compares each tensor with
 the model's own parameter, which always has the same shape, and writes the model's layout. The
 original checkpoint is the model's tensors with the expert dims swapped, as those checkpoints are.
+
+Every other converter of the mapping is translated into a rule and checked by the conformance run,
+except one the importer cannot express (qwen4_exp_text's concatenation of a collection of shards):
+the last test loads it with data too, and convspec refuses it rather than loading it wrong.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +227,74 @@ def test_every_converter_that_keeps_its_name_is_one_tested_here():
         if list(t._original_source_patterns) == list(t._original_target_patterns)
     }
     assert same == {("qwen3_vl_moe", (e,)) for e in EXPERTS}
+
+
+# ---- the one converter the importer leaves out: not expressible, and convspec says so ----------
+
+
+def test_the_converter_the_importer_cannot_express_is_refused_not_misloaded(tmp_path):
+    """qwen4_exp_text's `Concatenate(dim=0, num_shards_attribute="split_ngram_parts")` joins a
+    collection of `ngram_embedding.shard_{i}.weight` into one tensor; a spec has no cat over a
+    collection, so the importer leaves it out with a `# not expressible` comment. With data:
+    transformers loads the shards into one parameter; convspec's strict load_into refuses, naming
+    the parameter it would leave at random init and the shards it cannot place."""
+    text = dict(
+        hidden_size=16,
+        intermediate_size=24,
+        moe_intermediate_size=8,
+        shared_expert_intermediate_size=8,
+        num_experts=2,
+        num_experts_per_tok=1,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        hc_count=2,
+        hc_lowrank=4,
+        layer_types=["linear_attention", "indexed_attention"],
+        linear_num_value_heads=2,
+        linear_num_key_heads=2,
+        linear_key_head_dim=4,
+        linear_value_head_dim=4,
+        indexer_n_heads=1,
+        indexer_kv_heads=1,
+        indexer_head_dim=8,
+        indexer_budget=8,
+        indexer_compress_ratio=4,
+        ple_layer_ids=[1],  # the n-gram embedding lives in layer 0's PLE
+        ngram_size=3,
+        heads_per_ngram=2,
+        ngram_vocab_size_base=64,
+        make_ngram_vocab_size_divisible_by=8,
+        split_ngram_parts=4,
+    )
+    header = Path(convspec.load_spec("qwen4_exp_text").file).read_text().split("\nspec:")[0]
+    assert "# not expressible: WeightConverter(['ngram_embedding.shard_*.weight']" in header
+    config = transformers.AutoConfig.for_model("qwen4_exp_text", **text)
+    torch.manual_seed(0)
+    model = transformers.Qwen4ExpForCausalLM(config).float()
+    d = tmp_path / "orig"
+    model.save_pretrained(d)
+    saved = load_file(str(d / "model.safetensors"))
+    shards = sorted(k for k in saved if ".ngram_embedding.shard_" in k)
+    joined = shards[0].split(".shard_")[0] + ".weight"
+    assert len(shards) == 4 and joined not in saved
+
+    ref, info = transformers.Qwen4ExpForCausalLM.from_pretrained(
+        d, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert torch.equal(ref.state_dict()[joined], torch.cat([saved[k] for k in shards]))
+
+    plan = convspec.compile(convspec.load_spec("qwen4_exp_text"), config=d / "config.json")
+    with torch.device("meta"):
+        meta = transformers.Qwen4ExpForCausalLM(config)
+    with pytest.raises(convspec.ConvspecError) as exc:
+        plan.load_into(meta, d, strict=True)
+    msg = str(exc.value)
+    assert "1 missing" in msg and joined in msg and all(k in msg for k in shards)
