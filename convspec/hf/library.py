@@ -42,6 +42,7 @@ class Translation:
     lines: list[str]
     notes: list[str] = field(default_factory=list)  # not expressible: the transform and why
     inert: list[str] = field(default_factory=list)  # transforms that loading always discards
+    differs: list[str] = field(default_factory=list)  # translated, deliberately unlike transformers
 
 
 @dataclass
@@ -63,7 +64,11 @@ def translate(
     for i, t in enumerate(transforms):
         kind = type(t).__name__
         obs = {s: v for (k, j, s), v in seen.items() if k == key and j == i}
-        if fired.get((key, i)) and undone.get((key, i)) == fired.get((key, i)):
+        # a converter with operations changes shapes or values: never inert, even where it keeps
+        # the key's name (mapping.observe does not count that as undone); were loading ever to
+        # discard one for every key, the rule stays and the conformance run shows the difference
+        changes = kind == "WeightConverter" and bool(t.operations)
+        if not changes and fired.get((key, i)) and undone.get((key, i)) == fired.get((key, i)):
             out.inert.append(describe(t))
             continue
         try:
@@ -76,6 +81,12 @@ def translate(
                         obs,
                     )
                 )
+                if any(type(op).__name__ == "Transpose" and op.check_dims for op in t.operations):
+                    out.differs.append(
+                        f"{describe(t)}: transposed always; transformers transposes only a tensor whose "
+                        "shape differs from the model's, so it loads a square checkpoint untransposed "
+                        "(and saves without transposing back)"
+                    )
             elif kind == "GroupWeightRename":
                 renames += group_rename_rules(
                     list(t._original_source_patterns), list(t._original_target_patterns), obs
@@ -285,6 +296,8 @@ def _emit(name: str, model_types: list[str], t: Translation, version: str, doc: 
         header.append(f"# inert: {n} (loading discards it: the renamed key is not a parameter)")
     for n in t.notes:
         header.append(f"# not expressible: {n}")
+    for n in t.differs:
+        header.append(f"# differs from transformers: {n}")
     return to_yaml(spec, header="\n".join(_wrap(h) for h in header))
 
 

@@ -156,6 +156,7 @@ def observe(app: Applied) -> Observed:
     base = model.base_model_prefix
     for key in sorted(original, key=cl.dot_natural_key):
         cur, hits, seen_as, added = key, [], {}, {}
+        converter_hit = None
         for k, i, t in renamings:
             hit = t._scoped_match(cur)
             if hit is None:
@@ -178,6 +179,7 @@ def observe(app: Applied) -> Observed:
             src = int(mo.lastgroup[1:]) if mo.lastgroup else 0
             obs.seen.setdefault((k, i, src), Seen()).add(ktm[: mo.start()], ktm[mo.end() :], mo.group(0))
             hits.append((k, i))
+            converter_hit = (k, i)
             cur, _ = t.rename_source_key(cur)
             break
         final, stripped = cur, False
@@ -190,12 +192,19 @@ def observe(app: Applied) -> Observed:
                 obs.prefix_fixed += 1
         for h in hits:
             obs.fired[h] = obs.fired.get(h, 0) + 1
-        if final not in sd and key in sd:
+        # the renamed key is no parameter and the original is: loading discards every transform
+        # that fired, the converter's operations too (transformers loads the tensor as it is)
+        fell_back = final not in sd and key in sd
+        if fell_back:
             final = key
         for h in hits:
-            # loading undid this rename: all of them (the key kept its name), or the one that added
-            # the base prefix the base-prefix fix then stripped again
-            if (final == key) or (stripped and added.get(h)):
+            # loading undid this transform: all of them when it fell back; a rename also when the
+            # renames together gave the key its own name again, or when it added the base prefix
+            # the base-prefix fix then stripped again. A converter whose target is its source's own
+            # name is not undone: its operations still run (Transpose keeps the name, not the shape)
+            is_converter = h == converter_hit
+            undone = fell_back or not is_converter and (final == key or stripped and added.get(h))
+            if undone:
                 obs.undone[h] = obs.undone.get(h, 0) + 1
                 obs.undone_keys.setdefault(h, []).append(seen_as.get(h, key))
             else:

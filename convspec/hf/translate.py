@@ -399,11 +399,9 @@ def _convert(sources: list[str], targets: list[str], ops: list, merged: Seen, fr
             )
             values = list(zip(targets, outs, strict=True))
         elif kind == "Transpose":
-            if op.check_dims:
-                raise NotExpressible(
-                    "Transpose(check_dims=True) transposes only when the checkpoint's shape differs from "
-                    "the model's: a decision about the target model, not the checkpoint"
-                )
+            # check_dims=True: transformers transposes only when the checkpoint's shape differs from
+            # the model's, so it loads a square original tensor untransposed. A spec says what the
+            # original layout is: it always transposes (library.py notes this in the spec's header)
             values = [(lbl, f"transpose({e}, dim0={op.dim0}, dim1={op.dim1})") for lbl, e in values]
         elif kind == "Interleave":
             fn = "interleave" if op.inverse else "deinterleave"
