@@ -12,7 +12,7 @@ from .compile.evaluate import evaluate
 from .compile.plan import Plan, PlanRule
 from .errors import BindError
 from .ops import OPS, OpError, TensorInfo
-from .routing import follow_renames, route_all
+from .routing import Routes, follow_renames, route_all
 
 Index = tuple[str, ...]
 Value = dict[Index, Any]  # a collection: capture values (in the value's `free` order) -> leaf
@@ -197,6 +197,7 @@ class Group:
     members: dict[str, dict[Index, str]] = field(default_factory=dict)  # input -> index -> source key
     outputs: dict[str, TensorInfo] = field(default_factory=dict)  # final target key -> info
     out_values: dict[str, tuple[str, Index]] = field(default_factory=dict)  # target key -> (value, index)
+    base: str = ""  # a base-model checkpoint's group: its keys were matched with this prefix added
 
     @property
     def name(self) -> str:
@@ -222,12 +223,16 @@ class BoundPlan:
     outputs: dict[str, tuple[tuple[int, ...], str]]
     warnings: list[str] = field(default_factory=list)
     aliased: list[str] = field(default_factory=list)  # keys an alias renamed: saved under the new name
+    already: list[str] = field(default_factory=list)  # unmatched keys already in the target layout
+    ambiguous: list[str] = field(default_factory=list)  # claimed keys the inverse plan would claim too
 
     @property
     def claimed(self) -> int:
         return len(self.layout) - len(self.unmatched)
 
     def coverage(self) -> dict[str, Any]:
+        """Key counts: `already` of the `unmatched` keys are in the target layout (the inverse plan
+        would claim them) and pass through unchanged."""
         total = len(self.layout)
         return {
             "keys": total,
@@ -235,6 +240,7 @@ class BoundPlan:
             "renamed": sum(1 for s, d in self.passthrough.items() if s != d),
             "dropped": len(self.dropped),
             "unmatched": len(self.unmatched),
+            "already": len(self.already),
             "claimed_share": (self.claimed / total) if total else 1.0,
         }
 
@@ -270,14 +276,18 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
     infos = as_infos(layout)
     inverse = plan.inverse(allow_lossy=True) if plan.inverse_rules is not None else None
     routes = route_all(plan, list(infos), inverse)
+    based = _base_model_keys(plan, routes, infos, inverse)
     problems: list[str] = routes.problems
     passthrough, unmatched, dropped = routes.passthrough, routes.unmatched, routes.dropped
     aliased = set(routes.aliased)
     rules = plan.rules
-    groups: dict[tuple[int, tuple], Group] = {}
-    for (ri, keep), members in routes.members.items():
-        rule = rules[ri]
-        groups[(ri, keep)] = Group(rule, dict(zip(rule.keep, keep, strict=False)), members)
+    groups: dict[tuple[int, tuple, str], Group] = {}
+    for base, found in (("", routes), (plan.base_prefix, based)):
+        for (ri, keep), members in found.members.items() if found is not None else ():
+            rule = rules[ri]
+            groups[(ri, keep, base)] = Group(
+                rule, dict(zip(rule.keep, keep, strict=False)), members, base=base
+            )
 
     outputs: dict[str, TensorInfo] = {}
     origin: dict[str, str] = {}
@@ -313,30 +323,37 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
             for idx, info in env[value].items():
                 key = pat.format({**g.keep, **dict(zip(vfree, idx, strict=False))})
                 target, _ = follow_renames(plan, key, rule.index + 1, renames_only=True)
+                if g.base:
+                    target = target.removeprefix(g.base + ".")
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
                 emit(target, info, f"{rule.label} group {g.name}")
+    # a key no rule touches that the inverse would rename or convert is already in the target layout:
+    # it passes through unchanged, and saving back writes it in the original layout
+    left = set(unmatched)
+    already = [src for src, dst, _ in routes.collisions if src == dst and src in left]
     warnings = [
-        f"{src} {'passes through as' if src == dst else 'is renamed to'} {dst}, but the inverse "
+        f"{src} is renamed to {dst}, but the inverse "
         + ("would be claimed by a convert" if back is None else f"would come back as {back}")
-        + (
-            ": the checkpoint already has keys of the target layout"
-            if src == dst
-            else ": the inverse of another rename takes it first on the way back"
-        )
+        + ": the inverse of another rename takes it first on the way back"
         for src, dst, back in routes.collisions
+        if src != dst or src not in left
     ]
     warnings += _inverse_claims(plan, groups.values())
-    if strict and unmatched:
-        problems.extend(f"no rule claims {k}" for k in unmatched)
+    warnings += [
+        f"{k} reads as a key of either layout: a rule claims it, and the inverse plan would claim it too"
+        for k in routes.ambiguous
+    ]
+    refused = [k for k in unmatched if k not in set(already)] if strict else []
     if strict:
+        problems.extend(f"no rule claims {k}" for k in refused)
         problems.extend(warnings)
     if problems:
         raise BindError(
             problems,
             hint="nothing was read or written"
-            if not strict or not unmatched
-            else "strict mode: every key must be claimed by a rule",
+            if not strict or not refused
+            else "strict mode: every key must be claimed by a rule, or be in the target layout already",
         )
     return BoundPlan(
         plan=plan,
@@ -348,7 +365,52 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
         outputs={k: (v.shape, v.dtype) for k, v in outputs.items()},
         warnings=warnings,
         aliased=sorted(aliased),
+        already=already,
+        ambiguous=list(routes.ambiguous),
     )
+
+
+def _base_model_keys(plan: Plan, routes: Routes, infos: dict, inverse: Plan | None) -> Routes | None:
+    """A base-model checkpoint (no key under the spec's `base_prefix`) whose keys the rules only
+    claim under that prefix: the keys no rule claimed are routed again with the prefix added, and
+    what they become loses it again (a base-model checkpoint converts to a base-model one). The
+    claims found so move into `routes`; the groups come back as their own Routes."""
+    pre = plan.base_prefix + "."
+    if not plan.base_prefix or not routes.unmatched or any(k.startswith(pre) for k in infos):
+        return None
+    again = route_all(plan, [pre + k for k in routes.unmatched], inverse)
+    still = {k[len(pre) :] for k in again.unmatched}
+    moved = [k for k in routes.unmatched if k not in still]
+    if not moved:
+        return None
+    gone = set(moved)
+
+    def strip(k: str | None) -> str | None:
+        return k[len(pre) :] if k is not None and k.startswith(pre) else k
+
+    routes.unmatched = [k for k in routes.unmatched if k not in gone]
+    routes.collisions = [c for c in routes.collisions if c[0] not in gone]
+    for k in moved:
+        del routes.passthrough[k]
+    for pk, dst in again.passthrough.items():
+        k = pk[len(pre) :]
+        if k in gone:
+            routes.passthrough[k] = strip(dst)
+    routes.dropped += [k[len(pre) :] for k in again.dropped]
+    routes.aliased += [k[len(pre) :] for k in again.aliased]
+    routes.problems += again.problems
+    routes.ambiguous += [k[len(pre) :] for k in again.ambiguous]
+    known = {c[0] for c in routes.collisions}
+    routes.collisions += [  # the renamed keys', and those of the target layout only with the prefix
+        (src[len(pre) :], strip(dst), strip(back))
+        for src, dst, back in again.collisions
+        if src[len(pre) :] not in known
+    ]
+    for members in again.members.values():
+        for m in members.values():
+            for idx, k in m.items():
+                m[idx] = k[len(pre) :]
+    return again
 
 
 def _inverse_claims(plan: Plan, groups) -> list[str]:
@@ -360,7 +422,7 @@ def _inverse_claims(plan: Plan, groups) -> list[str]:
     out = []
     for g in groups:
         for target in g.outputs:
-            _, hit = follow_renames(inverse, target)
+            _, hit = follow_renames(inverse, f"{g.base}.{target}" if g.base else target)
             undoes = None if hit is None else inverse.rules[hit[0]].number - 1  # the forward rule
             if hit is None or (undoes != g.rule.index and not _same_convert(g.rule, plan.rules[undoes])):
                 other = "passes it through" if hit is None else f"gives it to rule {undoes + 1}"
@@ -383,6 +445,7 @@ def _members_back(plan: Plan, inverse: Plan, groups) -> list[str]:
                 continue
             seen.add((g.rule.index, name))
             src = next(iter(members.values()))
+            src = f"{g.base}.{src}" if g.base else src  # as the rules saw it
             renamed, hit = follow_renames(plan, src)
             if hit is None or hit[0] != g.rule.index:
                 continue

@@ -58,6 +58,11 @@ def inverse_back(inverse: Plan, key: str) -> str | None:
     return None if claimed else key
 
 
+def inverse_claims(inverse: Plan | None, key: str) -> bool:
+    """Whether the inverse plan would rename or convert `key`: it reads as a key of the target layout."""
+    return inverse is not None and inverse_back(inverse, key) != key
+
+
 @dataclass
 class Routes:
     """Every key's route: renamed or passed through, dropped, or a member of a convert's group."""
@@ -69,6 +74,7 @@ class Routes:
     members: dict[tuple[int, tuple[str, ...]], dict[str, dict]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     collisions: list[tuple[str, str, str | None]] = field(default_factory=list)  # src, dst, back
+    ambiguous: list[str] = field(default_factory=list)  # claimed here, and the inverse would claim them too
     shapes: int = 0  # how many keys were matched by the regex (one per shape on the fast path)
 
     def add_member(self, rule: int, keep: tuple, name: str, idx: tuple, key: str) -> None:
@@ -184,6 +190,8 @@ def _add(plan: Plan, key: str, r: tuple, inverse: Plan | None, out: Routes) -> N
             back = inverse_back(inverse, cur)
             if back != key:
                 out.collisions.append((key, cur, back))
+            if touched and inverse_claims(inverse, key):
+                out.ambiguous.append(key)
     elif kind == "drop":
         out.dropped.append(key)
     elif kind == "error":
@@ -194,6 +202,8 @@ def _add(plan: Plan, key: str, r: tuple, inverse: Plan | None, out: Routes) -> N
         out.add_member(
             ri, tuple(caps[c] for c in rule.keep), name, tuple(caps[c] for c in rule.free_of[name]), key
         )
+        if inverse_claims(inverse, key):
+            out.ambiguous.append(key)
 
 
 def _template(text: str, sentinels: list[str]):
@@ -249,6 +259,8 @@ def _route_unit(plan: Plan, ks: list[str], fold: list, inverse: Plan | None, out
             for k in ks:
                 cur = out.passthrough[k]
                 out.collisions.append((k, cur, inverse_back(inverse, cur)))
+        if touched and not aliased and inverse_claims(inverse, stand_in):
+            out.ambiguous.extend(ks)
         return
     if kind == "drop":
         if route_one(plan, rep) != r:
@@ -264,6 +276,8 @@ def _route_unit(plan: Plan, ks: list[str], fold: list, inverse: Plan | None, out
     expect = ("member", ri, name, {c: _fill(_template(v, sentinels), rep_vals) for c, v in caps.items()})
     if route_one(plan, rep) != expect:
         return _route_each(plan, ks, inverse, out)
+    if inverse_claims(inverse, stand_in):
+        out.ambiguous.extend(ks)
     deps = sorted({j for t in keep_t for j in ([t] if type(t) is int else _fields(t))})
     if len(deps) <= 1 and all(type(t) is int for t in idx_t):
         _members_by_runs(ks, fold, ri, name, keep_t, idx_t, deps, out.members)

@@ -179,15 +179,29 @@ class Plan:
         yield from stream_bound(bind_checkpoint(self, ckpt, strict), ckpt, device, dtype)
 
     def load(self, src, device: str = "cpu", dtype: str | None = None, strict: bool = False) -> dict:
-        """A checkpoint converted into a dict of tensors {target_key: tensor}."""
-        return dict(self.stream(src, device=device, dtype=dtype, strict=strict))
+        """A checkpoint converted into a dict of tensors {target_key: tensor}; its `.bound` is what
+        bind found (`.already`: how many keys were in the target layout already)."""
+        from ..io.checkpoint import Checkpoint
+        from ..streaming import Loaded, bind_checkpoint, stream_bound
+
+        ckpt = Checkpoint(src)
+        bound = bind_checkpoint(self, ckpt, strict)
+        return Loaded(stream_bound(bound, ckpt, device, dtype), bound=bound)
 
     def load_into(self, model, src, strict: bool = True, device: str | None = None):
-        """Fill `model` (on meta: assigned; allocated: copied in place); returns missing/unexpected/mismatched."""
+        """Fill `model` (on meta: assigned; allocated: copied in place); returns missing/unexpected/mismatched,
+        and how many keys were in the target layout already."""
+        from ..io.checkpoint import Checkpoint
         from ..load_into import load_into
+        from ..streaming import bind_checkpoint, stream_bound
 
         dev = device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu")
-        return load_into(model, self.stream(src, device=dev), strict=strict, base_prefix=self.base_prefix)
+        ckpt = Checkpoint(src)
+        bound = bind_checkpoint(self, ckpt)
+        items = stream_bound(bound, ckpt, dev)
+        return load_into(
+            model, items, strict=strict, base_prefix=self.base_prefix, already=len(bound.already)
+        )
 
     def save(
         self, state_dict: dict, dst, max_shard_size: str | int = "5GB", overwrite: bool = False
