@@ -12,7 +12,7 @@ from .compile.evaluate import evaluate
 from .compile.plan import Plan, PlanRule
 from .errors import BindError
 from .ops import OPS, OpError, TensorInfo
-from .routing import Routes, follow_renames, route_all
+from .routing import base_lead, follow_renames, route_all, unlead
 
 Index = tuple[str, ...]
 Value = dict[Index, Any]  # a collection: capture values (in the value's `free` order) -> leaf
@@ -197,7 +197,6 @@ class Group:
     members: dict[str, dict[Index, str]] = field(default_factory=dict)  # input -> index -> source key
     outputs: dict[str, TensorInfo] = field(default_factory=dict)  # final target key -> info
     out_values: dict[str, tuple[str, Index]] = field(default_factory=dict)  # target key -> (value, index)
-    base: str = ""  # a base-model checkpoint's group: its keys were matched with this prefix added
 
     @property
     def name(self) -> str:
@@ -275,19 +274,16 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
 def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
     infos = as_infos(layout)
     inverse = plan.inverse(allow_lossy=True) if plan.inverse_rules is not None else None
-    routes = route_all(plan, list(infos), inverse)
-    based = _base_model_keys(plan, routes, infos, inverse)
+    lead = base_lead(plan, infos)
+    routes = route_all(plan, list(infos), inverse, lead)
     problems: list[str] = routes.problems
     passthrough, unmatched, dropped = routes.passthrough, routes.unmatched, routes.dropped
     aliased = set(routes.aliased)
     rules = plan.rules
-    groups: dict[tuple[int, tuple, str], Group] = {}
-    for base, found in (("", routes), (plan.base_prefix, based)):
-        for (ri, keep), members in found.members.items() if found is not None else ():
-            rule = rules[ri]
-            groups[(ri, keep, base)] = Group(
-                rule, dict(zip(rule.keep, keep, strict=False)), members, base=base
-            )
+    groups: dict[tuple[int, tuple], Group] = {}
+    for (ri, keep), members in routes.members.items():
+        rule = rules[ri]
+        groups[(ri, keep)] = Group(rule, dict(zip(rule.keep, keep, strict=False)), members)
 
     outputs: dict[str, TensorInfo] = {}
     origin: dict[str, str] = {}
@@ -322,9 +318,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
             vfree = rule.free_of[value]
             for idx, info in env[value].items():
                 key = pat.format({**g.keep, **dict(zip(vfree, idx, strict=False))})
-                target, _ = follow_renames(plan, key, rule.index + 1, renames_only=True)
-                if g.base:
-                    target = target.removeprefix(g.base + ".")
+                target, _ = follow_renames(plan, unlead(key, lead), rule.index + 1, True, lead)
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
                 emit(target, info, f"{rule.label} group {g.name}")
@@ -339,7 +333,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
         for src, dst, back in routes.collisions
         if src != dst or src not in left
     ]
-    warnings += _inverse_claims(plan, groups.values())
+    warnings += _inverse_claims(plan, groups.values(), lead)
     warnings += [
         f"{k} reads as a key of either layout: a rule claims it, and the inverse plan would claim it too"
         for k in routes.ambiguous
@@ -370,50 +364,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
     )
 
 
-def _base_model_keys(plan: Plan, routes: Routes, infos: dict, inverse: Plan | None) -> Routes | None:
-    """A base-model checkpoint (no key under the spec's `base_prefix`) whose keys the rules only
-    claim under that prefix: the keys no rule claimed are routed again with the prefix added, and
-    what they become loses it again (a base-model checkpoint converts to a base-model one). The
-    claims found so move into `routes`; the groups come back as their own Routes."""
-    pre = plan.base_prefix + "."
-    if not plan.base_prefix or not routes.unmatched or any(k.startswith(pre) for k in infos):
-        return None
-    again = route_all(plan, [pre + k for k in routes.unmatched], inverse)
-    still = {k[len(pre) :] for k in again.unmatched}
-    moved = [k for k in routes.unmatched if k not in still]
-    if not moved:
-        return None
-    gone = set(moved)
-
-    def strip(k: str | None) -> str | None:
-        return k[len(pre) :] if k is not None and k.startswith(pre) else k
-
-    routes.unmatched = [k for k in routes.unmatched if k not in gone]
-    routes.collisions = [c for c in routes.collisions if c[0] not in gone]
-    for k in moved:
-        del routes.passthrough[k]
-    for pk, dst in again.passthrough.items():
-        k = pk[len(pre) :]
-        if k in gone:
-            routes.passthrough[k] = strip(dst)
-    routes.dropped += [k[len(pre) :] for k in again.dropped]
-    routes.aliased += [k[len(pre) :] for k in again.aliased]
-    routes.problems += again.problems
-    routes.ambiguous += [k[len(pre) :] for k in again.ambiguous]
-    known = {c[0] for c in routes.collisions}
-    routes.collisions += [  # the renamed keys', and those of the target layout only with the prefix
-        (src[len(pre) :], strip(dst), strip(back))
-        for src, dst, back in again.collisions
-        if src[len(pre) :] not in known
-    ]
-    for members in again.members.values():
-        for m in members.values():
-            for idx, k in m.items():
-                m[idx] = k[len(pre) :]
-    return again
-
-
-def _inverse_claims(plan: Plan, groups) -> list[str]:
+def _inverse_claims(plan: Plan, groups, lead: str = "") -> list[str]:
     """Convert outputs that the inverse plan would hand to another rule than this convert's inverse
     (possible when an included spec's rules overlap the including spec's): saving back would differ."""
     if plan.inverse_rules is None or plan.is_inverse or not groups:
@@ -422,7 +373,7 @@ def _inverse_claims(plan: Plan, groups) -> list[str]:
     out = []
     for g in groups:
         for target in g.outputs:
-            _, hit = follow_renames(inverse, f"{g.base}.{target}" if g.base else target)
+            _, hit = follow_renames(inverse, target, lead=lead)
             undoes = None if hit is None else inverse.rules[hit[0]].number - 1  # the forward rule
             if hit is None or (undoes != g.rule.index and not _same_convert(g.rule, plan.rules[undoes])):
                 other = "passes it through" if hit is None else f"gives it to rule {undoes + 1}"
@@ -430,11 +381,11 @@ def _inverse_claims(plan: Plan, groups) -> list[str]:
                     f"{target} comes from {g.rule.label}, but the inverse plan {other}: saving back would "
                     "not undo this convert"
                 )
-    out += _members_back(plan, inverse, groups)
+    out += _members_back(plan, inverse, groups, lead)
     return out
 
 
-def _members_back(plan: Plan, inverse: Plan, groups) -> list[str]:
+def _members_back(plan: Plan, inverse: Plan, groups, lead: str = "") -> list[str]:
     """A convert's inputs are undone under the names its rule saw (after the renames before it);
     the inverse's renames after that must give back the checkpoint's names. Checked on the first
     member of each input of each rule: renames see a key's shape, and all members share it."""
@@ -445,14 +396,13 @@ def _members_back(plan: Plan, inverse: Plan, groups) -> list[str]:
                 continue
             seen.add((g.rule.index, name))
             src = next(iter(members.values()))
-            src = f"{g.base}.{src}" if g.base else src  # as the rules saw it
-            renamed, hit = follow_renames(plan, src)
+            renamed, hit = follow_renames(plan, src, lead=lead)
             if hit is None or hit[0] != g.rule.index:
                 continue
             undone = next((r.index for r in inverse.rules if r.undoes == g.rule.number), None)
             if undone is None:
                 continue
-            back, _ = follow_renames(inverse, renamed, undone + 1, renames_only=True)
+            back, _ = follow_renames(inverse, renamed, undone + 1, True, lead)
             if back != src:
                 out.append(f"{src} is an input of {g.rule.label}, but saving back would write it as {back}")
     return out

@@ -306,3 +306,16 @@ def test_convert_says_what_it_cleaned_up_from_a_dead_run(src, tmp_path, capsys):
     assert main(["convert", "mixtral", str(src), str(tmp_path / "out"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "note: removed .out.convspec-tmp-999999999, left by a conversion that died" in err
+
+
+def test_usage_md_already_converted_example_is_what_convert_prints(tmp_path, capsys):
+    """docs/usage.md's example: /tmp/tiny as examples/make_tiny_mixtral.py makes it, fused, converted again."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "usage.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n *(convspec convert mixtral /tmp/tiny-fused .*?)```", text, re.S).group(1)
+    command, *expected = [line.strip() for line in block.strip().splitlines()]
+    make(tmp_path / "tiny")
+    convspec.convert("mixtral", tmp_path / "tiny", tmp_path / "tiny-fused")
+    args = command.replace("/tmp/", f"{tmp_path}/").split()[1:]
+    assert main(args) == 0
+    out = capsys.readouterr().out.replace(f"{tmp_path}/", "/tmp/")
+    assert out.splitlines() == [e.removeprefix("# ") for e in expected]
