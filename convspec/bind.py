@@ -334,14 +334,14 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
         if src != dst or src not in left
     ]
     warnings += _inverse_claims(plan, groups.values(), lead)
-    warnings += [
-        f"{k} reads as a key of either layout: a rule claims it, and the inverse plan would claim it too"
-        for k in routes.ambiguous
-    ]
     refused = [k for k in unmatched if k not in set(already)] if strict else []
-    if strict:
+    if strict:  # without strict the forward plan takes an ambiguous key (BoundPlan.ambiguous lists it)
         problems.extend(f"no rule claims {k}" for k in refused)
         problems.extend(warnings)
+        problems.extend(
+            f"{k} reads as a key of either layout: a rule claims it, and the inverse plan would claim it too"
+            for k in routes.ambiguous
+        )
     if problems:
         raise BindError(
             problems,

@@ -28,13 +28,37 @@ def base_lead(plan: Plan, keys) -> str:
 
 def match(plan: Plan, key: str, start: int = 0, renames_only: bool = False, lead: str = ""):
     """`plan.first_match`, and with `lead`, the key behind it too: the earlier rule wins (on a tie,
-    the key as it is). Captures that hold the lead keep it; `unlead` takes it off what they make."""
+    the key as it is). A match behind the lead counts only where a leading capture holds the lead
+    alone (it matched nothing), the rule's `unless` does not name the key under the real prefix,
+    and the key's own first match is not a rule that starts with a literal (one written for keys
+    at the root). Captures keep the lead; `unlead` takes it off what they make."""
     hit = plan.first_match(key, start, renames_only)
     if lead:
         alt = plan.first_match(lead + key, start, renames_only)
-        if alt is not None and (hit is None or alt[0] < hit[0]):
+        if (
+            alt is not None
+            and (hit is None or (alt[0] < hit[0] and not _at_root(plan, hit)))
+            and lead[:-1] in alt[2].values()
+            and not _unless_under_prefix(plan, alt[0], key)
+        ):
             return alt
     return hit
+
+
+def _at_root(plan: Plan, hit) -> bool:
+    """Whether the matched input pattern starts with a literal (it names keys at the root)."""
+    pat = dict(plan.rules[hit[0]].inputs)[hit[1]]
+    return bool(pat.parts) and pat.parts[0][0] == "lit"
+
+
+def _unless_under_prefix(plan: Plan, ri: int, key: str) -> bool:
+    rule = plan.rules[ri]
+    if not rule.unless:
+        return False
+    ck = ("unless", ri)
+    if ck not in plan._cache:
+        plan._cache[ck] = re.compile("|".join(u.regex(named=False) for u in rule.unless))
+    return plan._cache[ck].fullmatch(f"{plan.base_prefix}.{key}") is not None
 
 
 def unlead(key: str, lead: str) -> str:
