@@ -94,7 +94,9 @@ def check(key: str, spec_name: str | None = None, base: bool = False) -> Result:
     # transformers' own load of the keys it reverted: where does each land?
     astray = {k: v for k, v in obs.forward.items() if v not in converted}
     try:
-        spec = api.load_spec(spec_name or key)
+        # a base-model class that is a key of the mapping itself (MllamaModel) has its own spec
+        own = base_name if base_name in api._builtin_index() else None
+        spec = api.load_spec(spec_name or own or key)
         res.spec = spec.name
         plan = api.compile(spec, config=model.config.to_dict())
         placed = plan.base_prefix if base else ""
