@@ -12,7 +12,7 @@ from .compile.evaluate import evaluate
 from .compile.plan import Plan, PlanRule
 from .errors import BindError
 from .ops import OPS, OpError, TensorInfo
-from .routing import follow_renames, route_all
+from .routing import base_lead, follow_renames, route_all, unlead
 
 Index = tuple[str, ...]
 Value = dict[Index, Any]  # a collection: capture values (in the value's `free` order) -> leaf
@@ -246,6 +246,8 @@ class BoundPlan:
     outputs: dict[str, tuple[tuple[int, ...], str]]
     warnings: list[str] = field(default_factory=list)
     aliased: list[str] = field(default_factory=list)  # keys an alias renamed: saved under the new name
+    already: list[str] = field(default_factory=list)  # unmatched keys already in the target layout
+    ambiguous: list[str] = field(default_factory=list)  # claimed keys the inverse plan would claim too
 
     @property
     def claimed(self) -> int:
@@ -253,8 +255,9 @@ class BoundPlan:
         return len(self.layout) - len(self.unmatched)
 
     def coverage(self) -> dict[str, Any]:
-        """Counts of the source keys: `keys`, `converted`, `renamed`, `dropped`, `unmatched`, and
-        `claimed_share` (claimed / keys, 1.0 for an empty layout)."""
+        """Counts of the source keys: `keys`, `converted`, `renamed`, `dropped`, `unmatched` (of which
+        `already` are in the target layout: the inverse plan would claim them, and they pass through
+        unchanged), and `claimed_share` (claimed / keys, 1.0 for an empty layout)."""
         total = len(self.layout)
         return {
             "keys": total,
@@ -262,6 +265,7 @@ class BoundPlan:
             "renamed": sum(1 for s, d in self.passthrough.items() if s != d),
             "dropped": len(self.dropped),
             "unmatched": len(self.unmatched),
+            "already": len(self.already),
             "claimed_share": (self.claimed / total) if total else 1.0,
         }
 
@@ -296,7 +300,8 @@ def bind(plan: Plan, layout: dict, strict: bool = False) -> BoundPlan:
 def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
     infos = as_infos(layout)
     inverse = plan.inverse(allow_lossy=True) if plan.inverse_rules is not None else None
-    routes = route_all(plan, list(infos), inverse)
+    lead = base_lead(plan, infos)
+    routes = route_all(plan, list(infos), inverse, lead)
     problems: list[str] = routes.problems
     passthrough, unmatched, dropped = routes.passthrough, routes.unmatched, routes.dropped
     aliased = set(routes.aliased)
@@ -339,31 +344,36 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
             vfree = rule.free_of[value]
             for idx, info in env[value].items():
                 key = pat.format({**g.keep, **dict(zip(vfree, idx, strict=False))})
-                target, _ = follow_renames(plan, key, rule.index + 1, renames_only=True)
+                target, _ = follow_renames(plan, unlead(key, lead), rule.index + 1, True, lead)
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
                 emit(target, info, f"{rule.label} group {g.name}")
+    # a key no rule touches that the inverse would rename or convert is already in the target layout:
+    # it passes through unchanged, and saving back writes it in the original layout
+    left = set(unmatched)
+    already = [src for src, dst, _ in routes.collisions if src == dst and src in left]
     warnings = [
-        f"{src} {'passes through as' if src == dst else 'is renamed to'} {dst}, but the inverse "
+        f"{src} is renamed to {dst}, but the inverse "
         + ("would be claimed by a convert" if back is None else f"would come back as {back}")
-        + (
-            ": the checkpoint already has keys of the target layout"
-            if src == dst
-            else ": the inverse of another rename takes it first on the way back"
-        )
+        + ": the inverse of another rename takes it first on the way back"
         for src, dst, back in routes.collisions
+        if src != dst or src not in left
     ]
-    warnings += _inverse_claims(plan, groups.values())
-    if strict and unmatched:
-        problems.extend(f"no rule claims {k}" for k in unmatched)
-    if strict:
+    warnings += _inverse_claims(plan, groups.values(), lead)
+    refused = [k for k in unmatched if k not in set(already)] if strict else []
+    if strict:  # without strict the forward plan takes an ambiguous key (BoundPlan.ambiguous lists it)
+        problems.extend(f"no rule claims {k}" for k in refused)
         problems.extend(warnings)
+        problems.extend(
+            f"{k} reads as a key of either layout: a rule claims it, and the inverse plan would claim it too"
+            for k in routes.ambiguous
+        )
     if problems:
         raise BindError(
             problems,
             hint="nothing was read or written"
-            if not strict or not unmatched
-            else "strict mode: every key must be claimed by a rule",
+            if not strict or not refused
+            else "strict mode: every key must be claimed by a rule, or be in the target layout already",
         )
     return BoundPlan(
         plan=plan,
@@ -375,10 +385,12 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
         outputs={k: (v.shape, v.dtype) for k, v in outputs.items()},
         warnings=warnings,
         aliased=sorted(aliased),
+        already=already,
+        ambiguous=list(routes.ambiguous),
     )
 
 
-def _inverse_claims(plan: Plan, groups) -> list[str]:
+def _inverse_claims(plan: Plan, groups, lead: str = "") -> list[str]:
     """Convert outputs that the inverse plan would hand to another rule than this convert's inverse
     (possible when an included spec's rules overlap the including spec's): saving back would differ."""
     if plan.inverse_rules is None or plan.is_inverse or not groups:
@@ -387,7 +399,7 @@ def _inverse_claims(plan: Plan, groups) -> list[str]:
     out = []
     for g in groups:
         for target in g.outputs:
-            _, hit = follow_renames(inverse, target)
+            _, hit = follow_renames(inverse, target, lead=lead)
             undoes = None if hit is None else inverse.rules[hit[0]].number - 1  # the forward rule
             if hit is None or (undoes != g.rule.index and not _same_convert(g.rule, plan.rules[undoes])):
                 other = "passes it through" if hit is None else f"gives it to rule {undoes + 1}"
@@ -395,11 +407,11 @@ def _inverse_claims(plan: Plan, groups) -> list[str]:
                     f"{target} comes from {g.rule.label}, but the inverse plan {other}: saving back would "
                     "not undo this convert"
                 )
-    out += _members_back(plan, inverse, groups)
+    out += _members_back(plan, inverse, groups, lead)
     return out
 
 
-def _members_back(plan: Plan, inverse: Plan, groups) -> list[str]:
+def _members_back(plan: Plan, inverse: Plan, groups, lead: str = "") -> list[str]:
     """A convert's inputs are undone under the names its rule saw (after the renames before it);
     the inverse's renames after that must give back the checkpoint's names. Checked on the first
     member of each input of each rule: renames see a key's shape, and all members share it."""
@@ -410,13 +422,13 @@ def _members_back(plan: Plan, inverse: Plan, groups) -> list[str]:
                 continue
             seen.add((g.rule.index, name))
             src = next(iter(members.values()))
-            renamed, hit = follow_renames(plan, src)
+            renamed, hit = follow_renames(plan, src, lead=lead)
             if hit is None or hit[0] != g.rule.index:
                 continue
             undone = next((r.index for r in inverse.rules if r.undoes == g.rule.number), None)
             if undone is None:
                 continue
-            back, _ = follow_renames(inverse, renamed, undone + 1, renames_only=True)
+            back, _ = follow_renames(inverse, renamed, undone + 1, True, lead)
             if back != src:
                 out.append(f"{src} is an input of {g.rule.label}, but saving back would write it as {back}")
     return out

@@ -294,11 +294,24 @@ def _convert(args) -> int:
         rows = [(key, str(list(shape)), dtype) for key, shape, dtype in output_order(r.bound, args.dtype)]
         print("\n".join(style_table(rows, indent="")))
         print(f"would write {r.tensors} tensors, {r.bytes} bytes to {args.dst}")
+        _already_note(r)
         return 0
     for line in _cleanup_notes(r.cleanup):
         print(f"note: {line}", file=sys.stderr)
     print(f"wrote {r.tensors} tensors ({r.bytes} bytes) in {len(r.files)} file(s) to {r.dst}")
+    _already_note(r)
     return 0
+
+
+def _already_note(r) -> None:
+    """How many source keys were in the layout being written already (copied unchanged)."""
+    from .streaming import layout_name
+
+    if r.already:
+        print(
+            f"{r.already} of {len(r.bound.layout)} keys are in the {layout_name(r.bound.plan)} layout "
+            "already: they pass through unchanged"
+        )
 
 
 def _cleanup_notes(cleanup) -> list[str]:

@@ -140,6 +140,7 @@ class Report:
                 f"{self.checkpoint}: {c['keys'] - c['unmatched']} of {c['keys']} keys claimed "
                 f"({c['claimed_share']:.1%}): {c['converted']} converted, {c['renamed']} renamed, "
                 f"{c['dropped']} dropped, {c['unmatched']} unclaimed"
+                + (f" ({c['already']} of them in the target layout already)" if c.get("already") else "")
             )
         n = self.counts()
         summary = ", ".join(f"{v} {k}{'s' if v != 1 else ''}" for k, v in n.items() if v)

@@ -33,6 +33,7 @@ class LoadReport:
         default_factory=list
     )  # key, checkpoint shape, model shape
     on_meta: list[str] = field(default_factory=list)  # non-persistent buffers left without data
+    already: int = 0  # checkpoint keys that were in the target layout already (passed through unchanged)
 
     @property
     def ok(self) -> bool:
@@ -57,7 +58,10 @@ class LoadReport:
                 f"{len(self.on_meta)} buffer(s) no checkpoint holds left on meta (the model cannot run): "
                 + ", ".join(self.on_meta[:5])
             )
-        return "; ".join(parts) or "ok"
+        out = "; ".join(parts) or "ok"
+        if self.already:
+            out += f" ({self.already} key(s) were in the target layout already)"
+        return out
 
 
 class LoadError(ConvspecError):
@@ -72,13 +76,16 @@ class LoadError(ConvspecError):
 
 
 @torch.no_grad()
-def load_into(model: torch.nn.Module, items, strict: bool = True, base_prefix: str = "") -> LoadReport:
+def load_into(
+    model: torch.nn.Module, items, strict: bool = True, base_prefix: str = "", already: int = 0
+) -> LoadReport:
     """Place (key, tensor) pairs into `model`'s parameters and buffers; returns the report. With the
     spec's `base_prefix`, a key the model lacks is tried with that prefix added or removed, so a
-    base-model checkpoint fills a model with a head and the other way round."""
+    base-model checkpoint fills a model with a head and the other way round. `already` (how many
+    keys bind found in the target layout) is passed on to the report."""
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers(remove_duplicate=False)))
-    report = LoadReport()
+    report = LoadReport(already=already)
     filled: set[str] = set()
     for key, tensor in items:
         if base_prefix and key not in targets:

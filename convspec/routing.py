@@ -16,19 +16,68 @@ from .compile.plan import Plan
 # | ("error", message).
 
 
-def route_one(plan: Plan, key: str) -> tuple:
+def base_lead(plan: Plan, keys) -> str:
+    """For a base-model checkpoint (the spec has a `base_prefix` and no key is under it): the stand-in
+    segment (`<model>.`) a key is also matched behind, so that a leading capture (`{p:path}.x`,
+    transformers' pattern that matches anywhere in a key) may match nothing. "" otherwise."""
+    pre = plan.base_prefix
+    if not pre or any(k.startswith(pre + ".") for k in keys):
+        return ""
+    return f"<{pre}>."
+
+
+def match(plan: Plan, key: str, start: int = 0, renames_only: bool = False, lead: str = ""):
+    """`plan.first_match`, and with `lead`, the key behind it too: the earlier rule wins (on a tie,
+    the key as it is). A match behind the lead counts only where a leading capture holds the lead
+    alone (it matched nothing), the rule's `unless` does not name the key under the real prefix,
+    and the key's own first match is not a rule that starts with a literal (one written for keys
+    at the root). Captures keep the lead; `unlead` takes it off what they make."""
+    hit = plan.first_match(key, start, renames_only)
+    if lead:
+        alt = plan.first_match(lead + key, start, renames_only)
+        if (
+            alt is not None
+            and (hit is None or (alt[0] < hit[0] and not _at_root(plan, hit)))
+            and lead[:-1] in alt[2].values()
+            and not _unless_under_prefix(plan, alt[0], key)
+        ):
+            return alt
+    return hit
+
+
+def _at_root(plan: Plan, hit) -> bool:
+    """Whether the matched input pattern starts with a literal (it names keys at the root)."""
+    pat = dict(plan.rules[hit[0]].inputs)[hit[1]]
+    return bool(pat.parts) and pat.parts[0][0] == "lit"
+
+
+def _unless_under_prefix(plan: Plan, ri: int, key: str) -> bool:
+    rule = plan.rules[ri]
+    if not rule.unless:
+        return False
+    ck = ("unless", ri)
+    if ck not in plan._cache:
+        plan._cache[ck] = re.compile("|".join(u.regex(named=False) for u in rule.unless))
+    return plan._cache[ck].fullmatch(f"{plan.base_prefix}.{key}") is not None
+
+
+def unlead(key: str, lead: str) -> str:
+    return key[len(lead) :] if lead and key.startswith(lead) else key
+
+
+def route_one(plan: Plan, key: str, lead: str = "") -> tuple:
     """One key through the plan: the renames in order, then the convert or drop that claims it."""
     cur, pos, touched, aliased = key, 0, False, False
     rules = plan.rules
     while True:
-        hit = plan.first_match(cur, pos)
+        hit = match(plan, cur, pos, lead=lead)
         if hit is None:
             return ("pass", cur, touched, aliased)
         ri, name, caps = hit
         rule = rules[ri]
         if rule.kind == "rename":
             try:
-                cur = rule.outputs[0][1].format(caps)
+                cur = unlead(rule.outputs[0][1].format(caps), lead)
             except OffsetError as exc:
                 return ("error", f"{rule.label}: {key}: {exc}")
             pos, touched, aliased = ri + 1, True, aliased or rule.one_way
@@ -39,23 +88,28 @@ def route_one(plan: Plan, key: str) -> tuple:
 
 
 def follow_renames(
-    plan: Plan, key: str, start: int = 0, renames_only: bool = False
+    plan: Plan, key: str, start: int = 0, renames_only: bool = False, lead: str = ""
 ) -> tuple[str, tuple | None]:
     """A key through the plan's renames from rule `start` on: the key they leave, and the match of
     the rule that then claims it (a convert or a drop), or None when none does."""
-    while (hit := plan.first_match(key, start, renames_only)) is not None:
+    while (hit := match(plan, key, start, renames_only, lead)) is not None:
         ri, _, caps = hit
         rule = plan.rules[ri]
         if rule.kind != "rename":
             return key, hit
-        key, start = rule.outputs[0][1].format(caps), ri + 1
+        key, start = unlead(rule.outputs[0][1].format(caps), lead), ri + 1
     return key, None
 
 
-def inverse_back(inverse: Plan, key: str) -> str | None:
+def inverse_back(inverse: Plan, key: str, lead: str = "") -> str | None:
     """Where the inverse plan's renames take a key, or None when a convert of the inverse claims it."""
-    key, claimed = follow_renames(inverse, key)
+    key, claimed = follow_renames(inverse, key, lead=lead)
     return None if claimed else key
+
+
+def inverse_claims(inverse: Plan | None, key: str, lead: str = "") -> bool:
+    """Whether the inverse plan would rename or convert `key`: it reads as a key of the target layout."""
+    return inverse is not None and inverse_back(inverse, key, lead) != key
 
 
 @dataclass
@@ -69,15 +123,18 @@ class Routes:
     members: dict[tuple[int, tuple[str, ...]], dict[str, dict]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     collisions: list[tuple[str, str, str | None]] = field(default_factory=list)  # src, dst, back
+    ambiguous: list[str] = field(default_factory=list)  # claimed here, and the inverse would claim them too
     shapes: int = 0  # how many keys were matched by the regex (one per shape on the fast path)
+    lead: str = ""  # a base-model checkpoint's stand-in segment (base_lead), or ""
 
     def add_member(self, rule: int, keep: tuple, name: str, idx: tuple, key: str) -> None:
         self.members.setdefault((rule, keep), {}).setdefault(name, {})[idx] = key
 
 
-def route_all(plan: Plan, keys: list[str], inverse: Plan | None = None) -> Routes:
-    """Route every key; with `inverse`, also list pass-through keys the inverse would not give back."""
-    out = Routes()
+def route_all(plan: Plan, keys: list[str], inverse: Plan | None = None, lead: str = "") -> Routes:
+    """Route every key; with `inverse`, also list pass-through keys the inverse would not give back.
+    With `lead` (see base_lead), keys are matched behind it too."""
+    out = Routes(lead=lead)
     pinned = fold_info(plan)
     if pinned is None or len(keys) < 32:
         _route_each(plan, keys, inverse, out)
@@ -167,7 +224,7 @@ def _scan(els: tuple, pinned: set[str]) -> bool:
 def _route_each(plan: Plan, keys, inverse: Plan | None, out: Routes) -> None:
     """The plain path: one regex match per key (and per rename)."""
     for key in keys:
-        _add(plan, key, route_one(plan, key), inverse, out)
+        _add(plan, key, route_one(plan, key, out.lead), inverse, out)
         out.shapes += 1
 
 
@@ -181,9 +238,11 @@ def _add(plan: Plan, key: str, r: tuple, inverse: Plan | None, out: Routes) -> N
         if aliased:
             out.aliased.append(key)
         elif inverse is not None:
-            back = inverse_back(inverse, cur)
+            back = inverse_back(inverse, cur, out.lead)
             if back != key:
                 out.collisions.append((key, cur, back))
+            if touched and inverse_claims(inverse, key, out.lead):
+                out.ambiguous.append(key)
     elif kind == "drop":
         out.dropped.append(key)
     elif kind == "error":
@@ -194,6 +253,8 @@ def _add(plan: Plan, key: str, r: tuple, inverse: Plan | None, out: Routes) -> N
         out.add_member(
             ri, tuple(caps[c] for c in rule.keep), name, tuple(caps[c] for c in rule.free_of[name]), key
         )
+        if inverse_claims(inverse, key, out.lead):
+            out.ambiguous.append(key)
 
 
 def _template(text: str, sentinels: list[str]):
@@ -221,13 +282,13 @@ def _route_unit(plan: Plan, ks: list[str], fold: list, inverse: Plan | None, out
         parts += [rep[last:a], s]
         last = b
     stand_in = "".join(parts) + rep[last:]
-    r = route_one(plan, stand_in)
+    r = route_one(plan, stand_in, out.lead)
     out.shapes += 1
     rep_vals = tuple(rep[a:b] for a, b in fold)
     kind = r[0]
     if kind == "pass":
         final = _template(r[1], sentinels)
-        if (r[0], _fill(final, rep_vals), *r[2:]) != route_one(plan, rep):
+        if (r[0], _fill(final, rep_vals), *r[2:]) != route_one(plan, rep, out.lead):
             return _route_each(plan, ks, inverse, out)
         _, _, touched, aliased = r
         if final == _template(stand_in, sentinels):
@@ -245,13 +306,15 @@ def _route_unit(plan: Plan, ks: list[str], fold: list, inverse: Plan | None, out
             out.unmatched.extend(ks)
         if aliased:
             out.aliased.extend(ks)
-        elif inverse is not None and inverse_back(inverse, r[1]) != stand_in:
+        elif inverse is not None and inverse_back(inverse, r[1], out.lead) != stand_in:
             for k in ks:
                 cur = out.passthrough[k]
-                out.collisions.append((k, cur, inverse_back(inverse, cur)))
+                out.collisions.append((k, cur, inverse_back(inverse, cur, out.lead)))
+        if touched and not aliased and inverse_claims(inverse, stand_in, out.lead):
+            out.ambiguous.extend(ks)
         return
     if kind == "drop":
-        if route_one(plan, rep) != r:
+        if route_one(plan, rep, out.lead) != r:
             return _route_each(plan, ks, inverse, out)
         out.dropped.extend(ks)
         return
@@ -262,8 +325,10 @@ def _route_unit(plan: Plan, ks: list[str], fold: list, inverse: Plan | None, out
     keep_t = [_template(caps[c], sentinels) for c in rule.keep]
     idx_t = [_template(caps[c], sentinels) for c in rule.free_of[name]]
     expect = ("member", ri, name, {c: _fill(_template(v, sentinels), rep_vals) for c, v in caps.items()})
-    if route_one(plan, rep) != expect:
+    if route_one(plan, rep, out.lead) != expect:
         return _route_each(plan, ks, inverse, out)
+    if inverse_claims(inverse, stand_in, out.lead):
+        out.ambiguous.extend(ks)
     deps = sorted({j for t in keep_t for j in ([t] if type(t) is int else _fields(t))})
     if len(deps) <= 1 and all(type(t) is int for t in idx_t):
         _members_by_runs(ks, fold, ri, name, keep_t, idx_t, deps, out.members)

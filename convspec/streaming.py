@@ -113,23 +113,34 @@ def stream_bound(
 
 
 def bind_checkpoint(plan: Plan, ckpt: Checkpoint, strict: bool = False) -> BoundPlan:
-    """Bind, and refuse a checkpoint the plan does not apply to (nothing claimed, or already converted)."""
+    """Bind, and refuse a checkpoint the plan does not apply to: no rule claims a key and none is in
+    the layout the plan writes already. A checkpoint already in that layout binds: its keys pass
+    through (the plan of the other direction would claim them, so no hint can point that way)."""
     bound = plan.bind(ckpt.layout, strict=strict)
-    if plan.rules and bound.claimed == 0 and ckpt.entries:
-        hint = "check that the spec fits this model"
-        try:
-            inv = plan.inverse(allow_lossy=True).bind(ckpt.layout)
-            if inv.claimed:
-                hint = (
-                    f"it looks already converted: the inverse plan claims {inv.claimed} of its keys; "
-                    "use --reverse to convert it back"
-                )
-        except Exception:  # noqa: BLE001 - the hint is best effort
-            pass
+    if plan.rules and bound.claimed == 0 and not bound.already and ckpt.entries:
         raise BindError(
-            [f"spec {plan.name} claims no key of {ckpt.src} ({len(ckpt.entries)} keys)"], hint=hint
+            [f"spec {plan.name} claims no key of {ckpt.src} ({len(ckpt.entries)} keys)"],
+            hint="check that the spec fits this model",
         )
     return bound
+
+
+def layout_name(plan: Plan) -> str:
+    """The layout a plan writes: the target layout of the spec, or the original one for its inverse."""
+    return "original" if plan.is_inverse else "target"
+
+
+class Loaded(dict):
+    """What `Plan.load` returns: the converted tensors by key, with `bound`, what bind found."""
+
+    def __init__(self, items, bound: BoundPlan):
+        super().__init__(items)
+        self.bound = bound
+
+    @property
+    def already(self) -> int:
+        """Source keys that were in the target layout already: they passed through unchanged."""
+        return len(self.bound.already)
 
 
 @dataclass
@@ -140,6 +151,11 @@ class ConvertResult:
     bytes: int
     bound: BoundPlan
     cleanup: Any = None  # what was found of earlier runs beside dst (io.writer.Cleanup)
+
+    @property
+    def already(self) -> int:
+        """Source keys already in the layout this conversion writes: copied unchanged."""
+        return len(self.bound.already)
 
 
 def convert_checkpoint(

@@ -10,9 +10,10 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from convspec.hf.conformance import KNOWN, check  # noqa: E402
-from convspec.hf.mapping import raw_mapping  # noqa: E402
+from convspec.hf.mapping import base_class_name, raw_mapping  # noqa: E402
 
 KEYS = [k for k in raw_mapping() if k != "legacy"]
+BASE_KEYS = [k for k in KEYS if base_class_name(k)]  # model types whose AutoModel class is another
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -29,6 +30,30 @@ def test_transformers_conformance(key):
         assert not r.inverse, r.inverse
         return
     assert r.status == "pass", f"{r.spec}: {r.forward} | inverse: {r.inverse}"
+
+
+@pytest.mark.parametrize("key", BASE_KEYS)
+def test_transformers_conformance_of_the_base_model_class(key):
+    """The same for the model type's base-model class (no base prefix in its keys), keys compared
+    as load_into places them."""
+    r = check(key, base=True)
+    if r.status == "no model":
+        pytest.skip(f"transformers cannot build {r.base} on the meta device here: {r.forward}")
+    if r.status == "transformers inconsistent":
+        assert "convspec follows that load" in r.forward, r.forward
+        assert not r.inverse, r.inverse
+        return
+    assert r.status == "pass", f"{r.base} ({r.spec}): {r.forward} | inverse: {r.inverse}"
+
+
+def test_the_conformance_table_lists_base_model_classes():
+    """docs/conformance.md reports the base-model classes beside the head classes."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "conformance.md").read_text()
+    assert "| status | head classes | base-model classes |" in text
+    for key in ("llava", "molmo2", "ernie4_5_vl_moe", "inkling2"):
+        assert f"| `{key}` | `{base_class_name(key)}` |" in text
 
 
 def test_legacy_renames_like_transformers_on_load_and_not_on_save():

@@ -92,12 +92,92 @@ def test_existing_destination_is_refused_unless_overwrite(src, tmp_path, capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_already_converted_checkpoint_is_refused_with_a_hint(src, tmp_path, capsys):
+def _tensors_equal(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a
+    )
+
+
+def test_an_already_converted_checkpoint_passes_through_and_the_report_counts_it(src, tmp_path, capsys):
     convspec.convert("mixtral", src, tmp_path / "fused")
-    assert main(["convert", "mixtral", str(tmp_path / "fused"), str(tmp_path / "twice")]) == 2
-    err = capsys.readouterr().err
-    assert "claims no key" in err and "it looks already converted" in err and "--reverse" in err
-    assert not (tmp_path / "twice").exists()
+    fused = _load_dir(tmp_path / "fused")
+    already = set(fused) - set(_load_dir(src))  # the keys only the target layout has
+    assert main(["convert", "mixtral", str(tmp_path / "fused"), str(tmp_path / "twice")]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(already)} of {len(fused)} keys are in the target layout already" in out
+    assert _tensors_equal(_load_dir(tmp_path / "twice"), fused)
+    r = convspec.convert("mixtral", tmp_path / "fused", tmp_path / "api")
+    assert r.already == len(already) == r.bound.coverage()["already"]
+    assert sorted(r.bound.already) == sorted(already)
+    assert main(["convert", "mixtral", str(tmp_path / "fused"), str(tmp_path / "j"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["coverage"]["already"] == len(already)
+
+
+def test_load_of_an_already_converted_checkpoint_equals_load_of_the_original(src, tmp_path):
+    plan = convspec.compile("mixtral")
+    convspec.convert("mixtral", src, tmp_path / "fused")
+    first = plan.load(tmp_path / "fused")
+    assert _tensors_equal(first, plan.load(src))
+    assert first.already == len(set(first) - set(_load_dir(src))) > 0
+    assert plan.load(src).already == 0
+
+
+def test_load_save_back_load_gives_identical_bytes_every_time(src, tmp_path):
+    plan = convspec.compile("mixtral")
+    convspec.convert("mixtral", src, tmp_path / "fused")
+    loaded = plan.load(tmp_path / "fused")
+    saved = []
+    for i in range(3):
+        plan.inverse().save(loaded, tmp_path / f"back{i}")
+        saved.append((tmp_path / f"back{i}" / "model.safetensors").read_bytes())
+        again = plan.load(tmp_path / f"back{i}")
+        assert _tensors_equal(again, loaded)
+        loaded = again
+    assert saved[0] == saved[1] == saved[2]
+    assert _tensors_equal(_load_dir(tmp_path / "back0"), _load_dir(src))  # the original layout
+
+
+def test_reverse_of_a_checkpoint_in_the_original_layout_passes_it_through(src, tmp_path, capsys):
+    assert main(["convert", "mixtral", str(src), str(tmp_path / "back"), "--reverse"]) == 0
+    out, err = capsys.readouterr()
+    assert "keys are in the original layout already" in out and "--reverse" not in out + err
+    assert _tensors_equal(_load_dir(tmp_path / "back"), _load_dir(src))
+
+
+def test_a_checkpoint_the_spec_does_not_fit_is_still_refused(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    (tmp_path / "other").mkdir()
+    save_file({"encoder.weight": torch.zeros(2)}, str(tmp_path / "other" / "model.safetensors"))
+    for extra in ([], ["--reverse"]):
+        assert main(["convert", "mixtral", str(tmp_path / "other"), str(tmp_path / "out"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "claims no key" in err and "check that the spec fits this model" in err
+        assert "--reverse" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_strict_accepts_target_layout_keys_and_refuses_a_group_in_both_layouts(src, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    fused = convspec.compile("mixtral").apply(_load_dir(src))
+    experts = {k: v for k, v in fused.items() if ".mlp." in k}
+    (tmp_path / "fused").mkdir()
+    save_file(experts, str(tmp_path / "fused" / "model.safetensors"))
+    assert main(["convert", "mixtral", str(tmp_path / "fused"), str(tmp_path / "a"), "--strict"]) == 0
+    capsys.readouterr()
+    # layer 0's experts in both layouts: the same group twice
+    mixed = {
+        **_load_dir(src),
+        "model.layers.0.mlp.experts.down_proj": experts["model.layers.0.mlp.experts.down_proj"],
+    }
+    (tmp_path / "mixed").mkdir()
+    save_file(mixed, str(tmp_path / "mixed" / "model.safetensors"))
+    for extra in ([], ["--strict"]):
+        assert main(["convert", "mixtral", str(tmp_path / "mixed"), str(tmp_path / "b"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "two sources map to the key model.layers.0.mlp.experts.down_proj" in err
+    assert not (tmp_path / "b").exists()
 
 
 def test_dry_run_writes_nothing(src, tmp_path, capsys):
@@ -226,3 +306,16 @@ def test_convert_says_what_it_cleaned_up_from_a_dead_run(src, tmp_path, capsys):
     assert main(["convert", "mixtral", str(src), str(tmp_path / "out"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "note: removed .out.convspec-tmp-999999999, left by a conversion that died" in err
+
+
+def test_usage_md_already_converted_example_is_what_convert_prints(tmp_path, capsys):
+    """docs/usage.md's example: /tmp/tiny as examples/make_tiny_mixtral.py makes it, fused, converted again."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "usage.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n *(convspec convert mixtral /tmp/tiny-fused .*?)```", text, re.S).group(1)
+    command, *expected = [line.strip() for line in block.strip().splitlines()]
+    make(tmp_path / "tiny")
+    convspec.convert("mixtral", tmp_path / "tiny", tmp_path / "tiny-fused")
+    args = command.replace("/tmp/", f"{tmp_path}/").split()[1:]
+    assert main(args) == 0
+    out = capsys.readouterr().out.replace(f"{tmp_path}/", "/tmp/")
+    assert out.splitlines() == [e.removeprefix("# ") for e in expected]

@@ -91,7 +91,10 @@ def test_unmatched_and_strict(mixtral):
     with pytest.raises(convspec.BindError) as info:
         mixtral.bind(layout, strict=True)
     assert info.value.problems == ["no rule claims lm_head.weight"]
-    assert info.value.hint == "strict mode: every key must be claimed by a rule"
+    assert (
+        info.value.hint
+        == "strict mode: every key must be claimed by a rule, or be in the target layout already"
+    )
     with pytest.raises(convspec.BindError):
         mixtral.apply(moe_state(layout), strict=True)
 
@@ -239,23 +242,36 @@ def test_bad_config_file(cfg_spec, tmp_path):
 # ---- keys that the inverse would not give back, and defaults without a config -------------------
 
 
-def test_bind_warns_when_a_passthrough_key_would_not_come_back():
+def test_bind_counts_a_key_already_in_the_target_layout_and_strict_accepts_it():
     import convspec as cs
 
     plan = cs.compile("mixtral")
     layout = {
         "m.block_sparse_moe.experts.0.w1.weight": ((2, 2), "float32"),
         "m.block_sparse_moe.experts.0.w3.weight": ((2, 2), "float32"),
-        "m.mlp.foo.weight": ((1,), "float32"),  # already in the target layout
+        "m.mlp.foo.weight": ((1,), "float32"),  # already in the target layout: the inverse renames it
     }
-    bound = plan.bind(layout)
-    assert bound.warnings == [
-        "m.mlp.foo.weight passes through as m.mlp.foo.weight, but the inverse would come back as "
-        "m.block_sparse_moe.foo.weight: the checkpoint already has keys of the target layout"
-    ]
-    with pytest.raises(cs.BindError) as exc:
+    for strict in (False, True):
+        bound = plan.bind(layout, strict=strict)
+        assert bound.already == ["m.mlp.foo.weight"] and bound.warnings == []
+        assert bound.passthrough["m.mlp.foo.weight"] == "m.mlp.foo.weight"
+        assert bound.coverage()["already"] == 1
+    with pytest.raises(cs.BindError, match="no rule claims m.other.weight"):
+        plan.bind({**layout, "m.other.weight": ((1,), "float32")}, strict=True)
+
+
+def test_strict_refuses_a_key_both_plans_would_claim():
+    import convspec as cs
+    from convspec.spec import parse_spec
+
+    plan = cs.compile(parse_spec("spec t\nrename {p:path}.old.{r:path} -> {p}.new.{r}\n", "t.cspec"))
+    layout = {"x.old.new.y": ((1,), "float32"), "x.old.z": ((1,), "float32")}
+    bound = plan.bind(layout)  # the forward plan wins, and lists it
+    assert bound.passthrough == {"x.old.new.y": "x.new.new.y", "x.old.z": "x.new.z"}
+    assert bound.ambiguous == ["x.old.new.y"] and bound.warnings == []
+    with pytest.raises(cs.BindError, match="x.old.new.y reads as a key of either layout"):
         plan.bind(layout, strict=True)
-    assert any("m.mlp.foo.weight passes through" in p for p in exc.value.problems)
+    assert plan.bind({"x.old.z": ((1,), "float32")}, strict=True).ambiguous == []
 
 
 def test_bind_has_no_warnings_for_a_clean_source_layout():

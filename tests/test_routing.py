@@ -145,3 +145,61 @@ def test_any_key_set_routes_the_same_in_bulk(segments):
     )
     keys = sorted({".".join(s) for s in segments} | set(_moe_keys(1, 12)))
     assert_same_routes(plan, keys)
+
+
+BASE_SPEC = """spec t
+base_prefix model
+rename {p:path}.transformer.{rest:path} -> {p}.language_model.{rest}
+rename model.llm.{rest:path} -> model.text.{rest}
+convert w = {p:path}.experts.{e:int}.w -> {p}.experts.stacked = stack(w, over=e)
+"""
+
+
+def test_a_base_model_checkpoint_is_matched_as_if_a_leading_capture_could_be_empty():
+    """No key under `base_prefix`: `{p:path}.transformer.x` applies to `transformer.x` too (as
+    transformers' unanchored pattern does); a literal `model.llm.` rule does not apply to `llm.x`."""
+    plan = convspec.compile(parse_spec(BASE_SPEC, "t.cspec"))
+    f32 = ((2, 2), "float32")
+    base = {"transformer.h.0.w": f32, "llm.h.0.w": f32, "experts.0.w": f32, "experts.1.w": f32}
+    bound = plan.bind(base)
+    assert bound.passthrough == {
+        "transformer.h.0.w": "language_model.h.0.w",
+        "llm.h.0.w": "llm.h.0.w",
+    }
+    assert bound.outputs["experts.stacked"] == ((2, 2, 2), "float32")
+    back = plan.inverse().bind({k: (tuple(s), d) for k, (s, d) in bound.outputs.items()})
+    assert set(back.outputs) == set(base)
+    head = plan.bind({f"model.{k}": v for k, v in base.items()})  # under the prefix: as before
+    assert head.passthrough == {
+        "model.transformer.h.0.w": "model.language_model.h.0.w",
+        "model.llm.h.0.w": "model.text.h.0.w",
+    }
+    assert "model.experts.stacked" in head.outputs
+    no_base = convspec.compile(parse_spec(BASE_SPEC.replace("base_prefix model\n", ""), "t.cspec"))
+    assert no_base.bind(base).passthrough["transformer.h.0.w"] == "transformer.h.0.w"
+
+
+def test_a_base_model_checkpoint_routes_the_same_in_bulk():
+    plan = convspec.compile(parse_spec(BASE_SPEC, "t.cspec"))
+    keys = [f"transformer.h.{i}.w" for i in range(40)] + [f"experts.{e}.w" for e in range(40)]
+    fast = route_all(plan, keys, _inverse(plan), "<model>.")
+    slow = Routes(lead="<model>.")
+    _route_each(plan, keys, _inverse(plan), slow)
+    assert fast.passthrough == slow.passthrough and fast.members == slow.members
+    assert fast.passthrough["transformer.h.3.w"] == "language_model.h.3.w"
+
+
+def test_language_md_base_model_example_is_what_bind_does():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "language.md").read_text(encoding="utf-8")
+    section = text.split("Rules imported from transformers are often written under the prefix", 1)[1]
+    spec = re.search(r"```cspec\n(.*?)```", section, re.S).group(1)
+    plan = convspec.compile(parse_spec(spec, "t.cspec"))
+    rows = re.findall(r"^\| (`.*`) +\| (`.*`) +\|$", section.split("\n(tests/", 1)[0], re.M)
+    assert len(rows) == 2
+    for keys, become in rows:
+        src, dst = re.findall(r"`([^`]+)`", keys), re.findall(r"`([^`]+)`", become)
+        bound = plan.bind({k: ((1,), "float32") for k in src})
+        assert [bound.passthrough[k] for k in src] == dst

@@ -137,3 +137,20 @@ def test_a_plain_module_is_told_which_buffers_no_checkpoint_fills():
         net = Net()
     with pytest.raises(LoadError):
         load_into(net, items, strict=True)
+
+
+def test_an_already_converted_checkpoint_loads_as_transformers_loads_it(saved, tmp_path):
+    """A fused checkpoint (what convert writes) loads into the model; transformers loads it too."""
+    cfg, d = saved
+    convspec.convert("mixtral", d, tmp_path / "fused")
+    ref = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "fused").state_dict()
+    plan = convspec.compile("mixtral", config=d / "config.json")
+    with torch.device("meta"):
+        model = transformers.MixtralForCausalLM(cfg)
+    report = plan.load_into(model, tmp_path / "fused", strict=True)
+    fused = load_file(str(tmp_path / "fused" / "model.safetensors"))
+    original = load_file(str(d / "model.safetensors"))
+    assert report.ok and report.already == len(set(fused) - set(original)) > 0
+    assert "were in the target layout already" in str(report)
+    sd = model.state_dict()
+    assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)

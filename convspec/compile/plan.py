@@ -282,7 +282,8 @@ class Plan:
             src, device, dtype, strict: as `stream`.
 
         Returns:
-            {target_key: tensor}.
+            {target_key: tensor}, a dict whose `.bound` is what bind found and `.already` how many
+            source keys were in the target layout already (they pass through unchanged).
 
         Raises:
             CheckpointError, BindError, ConfigError: as `stream`.
@@ -293,7 +294,13 @@ class Plan:
             >>> sd["model.layers.1.mlp.experts.down_proj"].shape
             torch.Size([4, 32, 48])
         """
-        return dict(self.stream(src, device=device, dtype=dtype, strict=strict))
+        from ..io.checkpoint import Checkpoint
+        from ..streaming import Loaded, bind_checkpoint, stream_bound
+
+        device = check_device(device)
+        ckpt = Checkpoint(src)
+        bound = bind_checkpoint(self, ckpt, strict)
+        return Loaded(stream_bound(bound, ckpt, device, dtype), bound=bound)
 
     def load_into(self, model, src, strict: bool = True, device: str | None = None):
         """Fill a model's parameters and buffers from a checkpoint, converted as it is read. A model
@@ -310,7 +317,8 @@ class Plan:
                 else the CPU.
 
         Returns:
-            A `LoadReport`: missing, unexpected and mismatched keys, and buffers left on meta.
+            A `LoadReport`: missing, unexpected and mismatched keys, buffers left on meta, and how
+            many source keys were in the target layout already.
 
         Raises:
             LoadError: with `strict`, when the report is not ok (it carries the report).
@@ -324,10 +332,19 @@ class Plan:
             >>> report.ok, str(report)
             (True, 'ok')
         """
+        from ..io.checkpoint import Checkpoint
         from ..load_into import load_into
+        from ..streaming import bind_checkpoint, stream_bound
 
-        dev = device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu")
-        return load_into(model, self.stream(src, device=dev), strict=strict, base_prefix=self.base_prefix)
+        dev = check_device(
+            device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu")
+        )
+        ckpt = Checkpoint(src)
+        bound = bind_checkpoint(self, ckpt)
+        items = stream_bound(bound, ckpt, dev)
+        return load_into(
+            model, items, strict=strict, base_prefix=self.base_prefix, already=len(bound.already)
+        )
 
     def save(
         self, state_dict: dict, dst, max_shard_size: str | int = "5GB", overwrite: bool = False

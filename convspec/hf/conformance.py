@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ConvspecError
-from .mapping import applied, meta_model, observe
+from .mapping import applied, base_class_name, meta_model, observe
 
 # Where convspec and transformers differ, and why (tests/test_conformance.py requires these to
 # still differ: a fix must remove the entry).
@@ -31,6 +31,23 @@ class Result:
     keys: int = 0  # keys in the converted layout
     changed: int = 0  # keys whose name or shape the conversion changes
     seconds: float = 0.0
+    base: str | None = None  # the base-model class checked (AutoModel), for a base-model row
+
+
+def as_placed(got: dict, want: dict, prefix: str) -> dict:
+    """Keys as `load_into` places them in a model whose keys are `want`: one the model lacks, with
+    the spec's base_prefix added or removed where that gives one it has (what transformers does)."""
+    if not prefix:
+        return got
+    out = {}
+    for k, v in got.items():
+        if k not in want:
+            if f"{prefix}.{k}" in want:
+                k = f"{prefix}.{k}"
+            elif k.startswith(prefix + ".") and k[len(prefix) + 1 :] in want:
+                k = k[len(prefix) + 1 :]
+        out[k] = v
+    return out
 
 
 def _diff(got: dict, want: dict, limit: int = 3) -> str:
@@ -51,32 +68,42 @@ def _diff(got: dict, want: dict, limit: int = 3) -> str:
     return "; ".join(out)
 
 
-def check(key: str, spec_name: str | None = None) -> Result:
-    """Run both directions for one mapping key against its spec (default: `load_spec(key)`)."""
+def check(key: str, spec_name: str | None = None, base: bool = False) -> Result:
+    """Run both directions for one mapping key against its spec (default: `load_spec(key)`); with
+    `base`, for the model type's base-model class (keys without the base prefix), whose keys are
+    compared as `load_into` places them (the base prefix added or removed where the model needs)."""
     from .. import api
 
     t0 = time.perf_counter()
+    base_name = base_class_name(key) if base else None
+    if base and base_name is None:
+        raise ConvspecError(f"{key} has no base-model class of its own")
     try:
-        model = meta_model(key)
+        model = meta_model(key, base=base)
         obs = observe(applied(model))
     except Exception as exc:  # noqa: BLE001 - transformers could not build this model here
         msg = str(exc).strip().splitlines()[0][:140] if str(exc).strip() else ""
-        return Result(key, None, "no model", forward=f"{type(exc).__name__}: {msg}".rstrip(": "))
+        return Result(
+            key, None, "no model", forward=f"{type(exc).__name__}: {msg}".rstrip(": "), base=base_name
+        )
     original, converted = obs.original, obs.converted
-    res = Result(key, None, "pass", keys=len(converted))
+    res = Result(key, None, "pass", keys=len(converted), base=base_name)
     res.changed = len(set(original.items()) ^ set(converted.items())) // 2 or len(
         set(original) ^ set(converted)
     )
     # transformers' own load of the keys it reverted: where does each land?
     astray = {k: v for k, v in obs.forward.items() if v not in converted}
     try:
-        spec = api.load_spec(spec_name or key)
+        # a base-model class that is a key of the mapping itself (MllamaModel) has its own spec
+        own = base_name if base_name in api._builtin_index() else None
+        spec = api.load_spec(spec_name or own or key)
         res.spec = spec.name
         plan = api.compile(spec, config=model.config.to_dict())
+        placed = plan.base_prefix if base else ""
         bound = plan.bind(original)
-        res.forward = _diff(bound.outputs, converted)
+        res.forward = _diff(as_placed(bound.outputs, converted, placed), converted)
         inv = plan.inverse(allow_lossy=True).bind(converted).outputs
-        res.inverse = _diff(inv, original)
+        res.inverse = _diff(as_placed(inv, original, placed), original)
     except ConvspecError as exc:
         res.status, res.forward = "error", " ".join(exc.render().splitlines()[:2])[:300]
     else:

@@ -48,6 +48,17 @@ def class_name(model_type: str) -> str | None:
     return None
 
 
+def base_class_name(model_type: str) -> str | None:
+    """The base-model class of a model type (transformers' AutoModel), when it is not the class the
+    model type loads as; None for a class-name key or where the two are one class."""
+    from transformers.models.auto import modeling_auto as ma
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    name = ma.MODEL_MAPPING_NAMES.get(model_type) if model_type in CONFIG_MAPPING else None
+    name = name[0] if isinstance(name, (list, tuple)) else name
+    return name if name and name != class_name(model_type) else None
+
+
 def model_class(key: str):
     """The model class a mapping key stands for (a class name, or a model type's main class) and its
     config class; (None, None) when transformers has none."""
@@ -61,11 +72,17 @@ def model_class(key: str):
     return cls, getattr(cls, "config_class", None)
 
 
-def meta_model(key: str):
-    """The model for `key` built from its default config on the meta device (no memory, no data)."""
+def meta_model(key: str, base: bool = False):
+    """The model for `key` built from its default config on the meta device (no memory, no data);
+    with `base`, the model type's base-model class (AutoModel) instead."""
     import torch
 
     cls, config_cls = model_class(key)
+    if base:
+        import transformers
+
+        name = base_class_name(key)
+        cls = getattr(transformers, name, None) if name else None
     if cls is None or config_cls is None:
         raise ConvspecError(f"transformers has no model class for {key!r}")
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
