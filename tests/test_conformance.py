@@ -37,6 +37,9 @@ def test_transformers_conformance_of_the_base_model_class(key):
     """The same for the model type's base-model class (no base prefix in its keys), keys compared
     as load_into places them."""
     r = check(key, base=True)
+    if key in KNOWN:
+        assert r.status != "pass", f"{r.base} now passes: remove {key} from KNOWN"
+        pytest.xfail(KNOWN[key])
     if r.status == "no model":
         pytest.skip(f"transformers cannot build {r.base} on the meta device here: {r.forward}")
     if r.status == "transformers inconsistent":

@@ -131,6 +131,7 @@ def test_convert_takes_its_flags_by_keyword_only(tmp_path):
 # ---- docstrings ----------------------------------------------------------------------------------
 
 PUBLIC = {
+    "load_spec": convspec.load_spec,
     "compile": convspec.compile,
     "convert": convspec.convert,
     "Plan": Plan,
@@ -142,6 +143,7 @@ PUBLIC = {
     "Plan.load_into": Plan.load_into,
     "Plan.save": Plan.save,
     "Plan.to_json": Plan.to_json,
+    "Plan.from_json": Plan.from_json,
     "BoundPlan": BoundPlan,
     "LoadReport": LoadReport,
 }

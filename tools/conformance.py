@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def notes_of(spec_file: Path) -> list[str]:
-    """The importer's '# not expressible: ...' comments at the top of a generated spec."""
+    """The importer's '# not expressible: ...', '# inert: ...' and '# differs from transformers: ...'
+    comments at the top of a generated spec."""
     out, cur = [], None
     for line in spec_file.read_text().splitlines():
         if not line.startswith("#"):
             break
-        if line.startswith("# not expressible:") or line.startswith("# inert:"):
+        if line.startswith(("# not expressible:", "# inert:", "# differs from transformers:")):
             cur = line[2:].strip()
             out.append(cur)
         elif line.startswith("#   ") and out:
@@ -105,7 +106,7 @@ def main() -> int:
             detail = (detail + "; " if detail else "") + "importer: " + " / ".join(notes)
         elif r.status == "pass" and notes:
             detail = "importer notes: " + " / ".join(notes)
-        if r.key in KNOWN and r.base is None:
+        if r.key in KNOWN:
             detail = f"**why**: {KNOWN[r.key]}. " + detail
         detail = detail.replace("|", "\\|").replace("\n", " ")
         base = f"`{r.base}`" if r.base else ""

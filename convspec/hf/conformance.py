@@ -18,6 +18,11 @@ KNOWN = {
     "`class_embed`/`bbox_embed` when it loads RfDetrForObjectDetection (they sit at its root) but kept "
     "when the same transform loads them inside RfDetrForInstanceSegmentation: the loader decides per "
     "model, and the one shared spec (rf_detr_for_object_detection_base) follows the first",
+    "qwen3_vl_moe": "transformers' `Transpose(1, 2, check_dims=True)` transposes only a tensor whose shape "
+    "differs from the model's, so `revert_weight_conversion` never transposes back and its 'original' "
+    "layout is the model's own; Qwen3-VL-MoE checkpoints store the experts transposed, and the spec "
+    "states the transpose both ways (tests/test_transformers_converters.py loads one with data and "
+    "compares with transformers' from_pretrained)",
 }
 
 
