@@ -234,6 +234,7 @@ def test_the_fixed_spec_is_clean_and_claims_every_key(orca):
         "renamed": 19,
         "dropped": 0,
         "unmatched": 0,
+        "already": 0,
         "claimed_share": 1.0,
     }
 
