@@ -109,13 +109,22 @@ def _is_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.endswith(SUFFIXES)
 
 
+def _kind(path: Path) -> str | None:
+    """ "file", "dir", or None where nothing is there or the name cannot be looked up (too long)."""
+    try:
+        return "file" if path.is_file() else "dir" if path.is_dir() else None
+    except OSError:
+        return None
+
+
 def _load_file(text: str) -> Spec:
     path = Path(text)
-    if path.is_file():
+    kind = _kind(path)
+    if kind == "file":
         return parse_spec(read_spec_text(path), text)
     builtin = path.name.removesuffix(path.suffix)
     named = f"the built-in spec is named {builtin}, with no path or suffix"
-    if path.is_dir():
+    if kind == "dir":
         raise SpecNotFoundError(
             f"{text} is a directory, not a spec file",
             hint="pass a .yaml, .yml or .cspec file" + (f"; {named}" if builtin in _builtin_index() else ""),
@@ -130,10 +139,10 @@ def _load_file(text: str) -> Spec:
 
 def _here_hint(name: str) -> str | None:
     """For a name that is no built-in: what to type if the user meant a file of that name here."""
-    path = Path(name)
-    if path.is_file():
+    kind = _kind(Path(name))
+    if kind == "file":
         return f"a name is never read from the working directory; for the file {name} here, pass ./{name}"
-    if path.is_dir():
+    if kind == "dir":
         return f"{name} here is a directory, and a spec is a .yaml, .yml or .cspec file"
     return None
 

@@ -121,3 +121,13 @@ def test_usage_md_shows_the_rule_as_it_runs(tmp_path):
         command = re.sub(r"^convspec ", f"{sys.executable} -m convspec.cli ", command)
         p = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
         assert p.stdout + p.stderr == expected, command
+
+
+@pytest.mark.parametrize(
+    "spec", ["x" * 5000, "/" + "x" * 5000 + ".yaml", "./" + "x/" * 3000], ids=["name", "file", "deep_path"]
+)
+def test_a_name_too_long_for_the_file_system_is_one_message(spec, here, capsys):
+    """The file system refuses to look such a name up (ENAMETOOLONG): it is no file and no folder."""
+    assert main(["compile", spec]) == 2
+    lines = _err(capsys)
+    assert len(lines) == 2 and lines[0].startswith("error: "), lines[:3]
