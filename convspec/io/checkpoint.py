@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES
 from ..ops.base import TensorInfo
+from .config import checkpoint_config
 from .memory import tensor_memory
 from .safetensors import INDEX, CheckpointError, Entry, check_inside, read_layout
+from .sidefile import open_regular, os_error, regular_file
 
 if TYPE_CHECKING:
     import torch
@@ -40,8 +43,7 @@ class Checkpoint:
     def config_path(self) -> Path | None:
         if self.src.is_dir() and not self.files:
             return next((f for f in self.side_files if f.name == "config.json"), None)
-        p = (self.src if self.src.is_dir() else self.src.parent) / "config.json"
-        return p if p.is_file() else None
+        return checkpoint_config(self.src if self.src.is_dir() else self.src.parent)
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor into fresh memory with pread (no mmap: memory is bounded by what is alive)."""
@@ -74,7 +76,7 @@ class Checkpoint:
             return
         for file in {self.entries[key].file for key, _, _ in reads}:  # opened here, not in the threads
             if file not in self._fds:
-                self._fds[file] = os.open(file, os.O_RDONLY)
+                self._fds[file] = open_regular(file, CheckpointError, "safetensors file")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="convspec-pread")
         for f in [self._pool.submit(self.read_into, *piece) for piece in pieces]:
@@ -90,7 +92,7 @@ class Checkpoint:
         e = self.entries[key]
         fd = self._fds.get(e.file)
         if fd is None:
-            fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
+            fd = self._fds[e.file] = open_regular(e.file, CheckpointError, "safetensors file")
         n, done = len(view), 0
         while done < n:
             got = os.preadv(fd, [view[done:]], e.start + offset + done)
@@ -117,17 +119,30 @@ class Checkpoint:
 
     def _side_files(self) -> list[Path]:
         """Every non-weight file beside the weights (config, tokenizer, ...), each inside the directory:
-        one that links out of it is refused, so a conversion never copies a file from elsewhere."""
+        one that links out of it is refused, so a conversion never copies a file from elsewhere. One that
+        cannot be copied (a pipe, a device, a broken or looping link, an unreadable file) is refused
+        by name rather than silently left out; a subdirectory is not copied, so it is skipped (but a
+        directory named config.json, where the config is expected, is refused)."""
         if not self.src.is_dir() or self.files:
             return []
         out = []
         for f in sorted(self.src.iterdir()):
             if f.name.endswith(WEIGHT_SUFFIXES) or f.name == INDEX:
                 continue
-            if f.is_file():  # a subdirectory is not copied, so wherever it leads does not matter
-                if f.is_symlink():
-                    check_inside(self.src, f, f)
-                out.append(f)
+            if f.name == "config.json":
+                checkpoint_config(self.src)
+            try:
+                st = f.stat()
+            except OSError as exc:
+                raise CheckpointError(os_error(f, exc)) from None
+            if stat.S_ISDIR(st.st_mode):  # not copied, so wherever it leads does not matter
+                continue
+            if f.is_symlink():
+                check_inside(self.src, f, f)
+            regular_file(f, CheckpointError, "side file")
+            if not os.access(f, os.R_OK):
+                raise CheckpointError(f"{f}: permission denied", hint="a conversion copies every side file")
+            out.append(f)
         return out
 
     def copy_side_files(self, dst: Path) -> None:
