@@ -1,16 +1,20 @@
 """A per-tensor hash manifest: written beside a conversion's output, checked later against the source
-and the output, so a user can prove that neither changed since the conversion."""
+and the output. It is a checksum list, not a signature: it shows that both still hash to what it
+records, and proves nothing about who wrote it or what it was converted from (docs/safety.md, 5)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dtypes import ITEMSIZE
 from .errors import ConvspecError
 from .io.safetensors import Entry, read_layout
+from .io.sidefile import MAX_MANIFEST_BYTES, load_json
 
 MANIFEST = "convspec-manifest.json"
 FORMAT = 1
@@ -77,26 +81,78 @@ def write(manifest: dict, out_dir: str | Path) -> Path:
 
 
 def load(out_dir: str | Path) -> dict:
-    """A converted directory's manifest; a missing or malformed one is an error naming the file."""
+    """A converted directory's manifest; a missing or malformed one is an error naming the file. It is
+    read with a size cap and checked whole (every field's type and size) before anything uses it."""
     path = Path(out_dir) / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ConvspecError(
             f"{path}: no manifest", hint="convert with --manifest to write one beside the output"
         )
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConvspecError(f"{path}: not valid JSON ({exc})") from None
-    ok = (
-        isinstance(d, dict)
-        and d.get("convspec_manifest") == FORMAT
-        and isinstance(d.get("source"), dict)
-        and isinstance(d.get("output"), dict)
-        and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in d["output"].values())
-    )
-    if not ok:
+    d = load_json(path, MAX_MANIFEST_BYTES, ConvspecError, "manifest")
+    if (
+        not isinstance(d, dict)
+        or d.get("convspec_manifest") != FORMAT
+        or type(d["convspec_manifest"]) is not int
+    ):
         raise ConvspecError(f"{path}: not a convspec manifest (format {FORMAT})")
+    _check_schema(path, d)
     return d
+
+
+MAX_NAME_CHARS = 4096  # a spec name, tensor key or shard name longer than a path can be is no real one
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FIELDS = {"convspec_manifest", "spec", "reverse", "dtype", "source", "output"}
+_OUTPUT_FIELDS = {"sha256", "dtype", "shape", "file"}
+
+
+def _check_schema(path: Path, d: dict) -> None:
+    """Every field of a manifest of format 1, of its type and size: what `write` writes, nothing else."""
+
+    def bad(where: str, what: str) -> ConvspecError:
+        return ConvspecError(
+            f"{path}: {where}: {what}",
+            hint="a manifest is written by convert --manifest; convert again to write a fresh one",
+        )
+
+    def name(where: str, v) -> None:
+        if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME_CHARS:
+            raise bad(where, f"not a name of 1 to {MAX_NAME_CHARS} characters")
+
+    def digest(where: str, v) -> None:
+        if not isinstance(v, str) or not _SHA256.fullmatch(v):
+            raise bad(where, "not a sha256 digest (64 lowercase hex digits)")
+
+    for key in d:
+        if key not in _FIELDS:
+            raise bad(repr(key)[:80], "not a field of a convspec manifest")
+    missing = sorted(_FIELDS - d.keys())
+    if missing:
+        raise bad(missing[0], "missing")
+    name("spec", d["spec"])
+    if type(d["reverse"]) is not bool:
+        raise bad("reverse", "not true or false")
+    if d["dtype"] is not None and not (isinstance(d["dtype"], str) and d["dtype"] in ITEMSIZE):
+        raise bad("dtype", f"not null or one of {', '.join(ITEMSIZE)}")
+    for side in ("source", "output"):
+        if not isinstance(d[side], dict):
+            raise bad(side, "not an object (tensor key -> ...)")
+    for key, v in d["source"].items():
+        name(f"source[{key[:80]!r}]", key)
+        digest(f"source[{key[:80]!r}]", v)
+    for key, v in d["output"].items():
+        where = f"output[{key[:80]!r}]"
+        name(where, key)
+        if not isinstance(v, dict) or v.keys() != _OUTPUT_FIELDS:
+            raise bad(where, f"not an object of {', '.join(sorted(_OUTPUT_FIELDS))}")
+        digest(f"{where}.sha256", v["sha256"])
+        if not isinstance(v["dtype"], str) or v["dtype"] not in ITEMSIZE:
+            raise bad(f"{where}.dtype", f"not one of {', '.join(ITEMSIZE)}")
+        shape = v["shape"]
+        if not isinstance(shape, list) or any(type(s) is not int or not 0 <= s < 1 << 63 for s in shape):
+            raise bad(f"{where}.shape", "not a list of integers from 0 to 2**63 - 1")
+        name(f"{where}.file", v["file"])
+        if "/" in v["file"] or v["file"] in (".", ".."):
+            raise bad(f"{where}.file", "not a file name")
 
 
 @dataclass
