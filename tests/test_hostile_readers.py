@@ -360,7 +360,7 @@ def escape(text: str, which: list[int], upper: bool) -> str:
     return '"' + "".join(out) + '"'
 
 
-@settings(max_examples=min(EXAMPLES, 40), deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=min(EXAMPLES, 25), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     target=st_.sampled_from(["tensor", "field", "metadata_key", "metadata", "index_key"]),
     which=st_.lists(st_.integers(0, 12), max_size=4),
@@ -639,7 +639,7 @@ def _state(big: Path) -> list:
     return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in big.rglob("*"))
 
 
-@pytest.mark.parametrize("role", sorted(CAPS))
+@pytest.mark.parametrize("role", ["index", "config"])  # the issue's two; the manifest's cap: in-process
 def test_a_side_file_of_one_and_a_half_gigabytes_is_refused_unread(role, tmp_path):
     """The issue's example, as a real process under the 1 GiB memory cap: read whole, a 1.5 GB index,
     config.json or manifest does not fit; refused by name with its cap, it costs nothing."""
@@ -660,6 +660,30 @@ def test_a_side_file_just_past_its_cap_is_refused_unread(role, over, tmp_path, c
     before = _state(big)
     refused(list(case.argv), d, case.expected, capsys)
     assert _state(big) == before
+
+
+@pytest.mark.parametrize("size", [0, 99, 100, 101, 4096])
+def test_the_cap_is_inclusive(size, tmp_path):
+    """A file of exactly the cap is read whole; one byte more is refused."""
+    path = tmp_path / "f.json"
+    path.write_bytes(b"x" * size)
+    if size <= 100:
+        assert sidefile.read_capped(path, 100) == b"x" * size
+    else:
+        with pytest.raises(
+            sidefile.ConvspecError, match=f"{size} bytes, over the limit of 100 bytes for a file"
+        ):
+            sidefile.read_capped(path, 100)
+
+
+def test_a_header_length_past_the_librarys_limit_is_refused_by_both(tmp_path):
+    """MAX_HEADER is the safetensors library's own limit: one byte more, and both refuse (a sparse file)."""
+    path = tmp_path / "big.safetensors"
+    sparse(path, 8 + MAX_HEADER + 1, struct.pack("<Q", MAX_HEADER + 1) + b"{}")
+    err = bounded(read_header, path)
+    assert isinstance(err, CheckpointError), err
+    assert err.message == f"{path}: header length {MAX_HEADER + 1} is over the limit of 100000000 bytes"
+    assert not safetensors_accepts(path)
 
 
 def test_a_side_file_that_grows_is_read_no_further_than_its_cap(tmp_path, monkeypatch):
@@ -702,7 +726,7 @@ def converted(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("digits", [4301, 5000, 100_000])
+@pytest.mark.parametrize("digits", [4301, 5000])
 @pytest.mark.parametrize("depth", [0, 1_000, 100_000])
 @pytest.mark.parametrize("field", ["convspec_manifest", "source", "shape"])
 def test_a_manifest_of_huge_numbers_or_deep_nesting_is_one_error(

@@ -132,10 +132,9 @@ def _parse_header(path: Path, raw: bytes) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{path}: header is not valid JSON (not UTF-8 at byte {exc.start})") from None
+    hooks = {"parse_int": _json_int} if _MINUS_ZERO.search(text) else {}  # rare: only then the slow way
     try:
-        header = json.loads(
-            text, object_pairs_hook=unique_keys, parse_int=_json_int, parse_constant=_no_constant
-        )
+        header = json.loads(text, object_pairs_hook=unique_keys, parse_constant=_no_constant, **hooks)
     except DuplicateKey as exc:
         raise CheckpointError(f"{path}: header has the key {exc.args[0]!r} twice") from None
     except ValueError as exc:  # JSONDecodeError, NaN or Infinity, and ints past 4300 digits
@@ -150,6 +149,7 @@ def _parse_header(path: Path, raw: bytes) -> dict:
 
 
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_MINUS_ZERO = re.compile(r"-0(?![0-9.eE])")  # the integer -0, or text in a string that looks like it
 
 
 def _json_int(text: str) -> int | float:
@@ -228,6 +228,20 @@ def _check_packed(path: Path, entries: list[Entry], base: int, size: int) -> Non
 def _entry_fields(path: Path, key: str, info) -> tuple[int, int, tuple]:
     """A header entry's data offsets and its (dtype, *shape) signature, each of the right JSON type:
     dims and offsets are JSON integers (not `4.0`, not `true`), checked for every entry."""
+    if type(info) is dict:  # every check at once, in C where it can be; any failure is explained below
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (
+            type(dtype) is str
+            and type(shape) is list
+            and set(map(type, shape)) <= _INT
+            and type(offsets) is list
+            and len(offsets) == 2
+            and type(offsets[0]) is int
+            and type(offsets[1]) is int
+            and 0 <= offsets[0] < _U64
+            and 0 <= offsets[1] < _U64
+        ):
+            return offsets[0], offsets[1], (dtype, *shape)
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: tensor {key}: malformed header entry (not a JSON object)")
     for field in ("dtype", "shape", "data_offsets"):
@@ -250,6 +264,7 @@ def _entry_fields(path: Path, key: str, info) -> tuple[int, int, tuple]:
 
 
 _U64 = 1 << 64
+_INT = {int}
 
 
 def _tensor_info(path: Path, key: str, sig: tuple) -> tuple[TensorInfo, int]:
