@@ -110,9 +110,10 @@ def _is_path(text: str) -> bool:
 
 
 def _kind(path: Path) -> str | None:
-    """ "file", "dir", or None where nothing is there or the name cannot be looked up (too long)."""
+    """ "file", "dir", "special" (a pipe, a device: refused by name when read), or None where nothing
+    is there or the name cannot be looked up (too long)."""
     try:
-        return "file" if path.is_file() else "dir" if path.is_dir() else None
+        return "file" if path.is_file() else "dir" if path.is_dir() else "special" if path.exists() else None
     except OSError:
         return None
 
@@ -120,7 +121,7 @@ def _kind(path: Path) -> str | None:
 def _load_file(text: str) -> Spec:
     path = Path(text)
     kind = _kind(path)
-    if kind == "file":
+    if kind in ("file", "special"):
         return parse_spec(read_spec_text(path), text)
     builtin = path.name.removesuffix(path.suffix)
     named = f"the built-in spec is named {builtin}, with no path or suffix"

@@ -131,3 +131,23 @@ def test_a_name_too_long_for_the_file_system_is_one_message(spec, here, capsys):
     assert main(["compile", spec]) == 2
     lines = _err(capsys)
     assert len(lines) == 2 and lines[0].startswith("error: "), lines[:3]
+
+
+@pytest.mark.parametrize("command", ["check", "compile"])
+def test_a_spec_path_that_is_a_pipe_is_refused_at_once_not_waited_on(command, tmp_path, capsys):
+    os.mkfifo(tmp_path / "spec.cspec")
+    assert main([command, str(tmp_path / "spec.cspec")]) == 2  # no writer ever opens it: would hang
+    assert _err(capsys)[0] == f"error: {tmp_path}/spec.cspec: not a regular file (a named pipe)"
+
+
+def test_a_spec_file_larger_than_any_spec_of_that_many_characters_is_not_read_whole(tmp_path, capsys):
+    from convspec.spec.source import MAX_SPEC_BYTES, MAX_SPEC_CHARS
+
+    assert MAX_SPEC_BYTES == 4 * MAX_SPEC_CHARS  # UTF-8: at most 4 bytes a character
+    path = tmp_path / "spec.yaml"
+    with open(path, "wb") as f:
+        f.truncate(MAX_SPEC_BYTES + 1)  # sparse: costs no disk
+    assert main(["check", str(path)]) == 2
+    assert _err(capsys)[0] == (
+        f"error: {path}: {MAX_SPEC_BYTES + 1} bytes, over the limit of {MAX_SPEC_BYTES} bytes for a spec file"
+    )

@@ -31,10 +31,9 @@ from .model import (
     Str,
     Template,
 )
-from .source import Embedded, Source
+from .source import MAX_SPEC_CHARS, Embedded, Source
 
 CAPTURE_TYPES = ("path", "path?", "int", "seg")
-MAX_SPEC_CHARS = 2_000_000
 MAX_EXPR_DEPTH = 64
 MAX_INT_BITS = 64  # the evaluator's bound; a literal past it could only overflow later
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConvspecError, Span, SpecSyntaxError
+from ..io.sidefile import read_capped
+
+MAX_SPEC_CHARS = 2_000_000  # the largest built-in spec is ~20 KB; a hundred times the largest seen anywhere
+MAX_SPEC_BYTES = 4 * MAX_SPEC_CHARS  # UTF-8 spends at most 4 bytes a character: a larger file cannot fit
 
 
 class Source:
@@ -72,10 +76,7 @@ def read_spec_text(path: str | Path) -> str:
     path = Path(path)
     if path.is_dir():
         raise ConvspecError(f"{path} is a directory, not a spec file", hint="pass a .yaml or .cspec file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConvspecError(f"cannot read {path}: {exc.strerror or exc}") from None
+    data = read_capped(path, MAX_SPEC_BYTES, what="spec file")  # a pipe or device is refused, not read
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
