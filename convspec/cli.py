@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import cache
 
 from . import __version__, api, render
 from .errors import ConvspecError
@@ -34,6 +35,7 @@ SPEC_HELP = (
 DEVICE_HELP = "where computed tensors go: cpu (default), cuda, cuda:N, mps; checked before anything is read"
 
 
+@cache  # built once: a parser is not changed by parsing, and building one costs more than most commands
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convspec", description="Declarative conversion specs for model checkpoints."

@@ -53,7 +53,7 @@ def parse_size(text: str | int) -> int:
             f"the size {shown!r} is longer than {MAX_SIZE_CHARS} characters",
             hint=f"use e.g. 5GB, 500MB, 2GiB or a byte count, at most {MAX_SHARD_SIZE} bytes (1 EiB)",
         )
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", shown, re.I)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B?)\s*", shown, re.I)
     if not isinstance(text, str) or not m:
         raise CheckpointError(
             f"cannot read the size {shown!r}",
@@ -132,8 +132,8 @@ class Cleanup(NamedTuple):
 
 
 def clean_temporaries(dst: Path) -> Cleanup:
-    """Delete what killed runs left beside `dst`, restore a destination one of them had moved aside,
-    and leave alone the temporaries of conversions still running."""
+    """Delete what killed runs left beside `dst` (their temporaries, their pickle copies), restore a
+    destination one of them had moved aside, and leave alone the temporaries of conversions still running."""
     removed: list[Path] = []
     kept: list[tuple[Path, int | None]] = []
     restored = None
@@ -158,6 +158,7 @@ def clean_temporaries(dst: Path) -> Cleanup:
                 pass
         _remove(path)
         removed.append(path)
+    removed += clean_scratch(dst.parent)  # a killed run's pickle copy, made beside its destination
     return Cleanup(removed, restored, kept)
 
 
@@ -342,24 +343,29 @@ class AtomicDir:
         self._lock = self._aside_lock = None
         self.tmp = self.dst.parent / f".{self.dst.name}{TMP_MARK}{_mark()}"
         check_destination(dst)
+        made_tmp = False
         try:
-            parent = self.dst.parent
-            self.cleanup = clean_temporaries(self.dst) if parent.is_dir() else Cleanup([], None, [])
-            self.stale = self.cleanup.removed
-            if os.path.lexists(self.dst) and not overwrite:
-                raise CheckpointError(f"{self.dst} already exists", hint="pass --overwrite to replace it")
-            self._made = make_folders(parent)
-            if os.path.lexists(self.tmp):
-                if _locked(self.tmp):
-                    raise CheckpointError(f"{self.dst} is being written by this process already")
-                _remove(self.tmp)
-            self.tmp.mkdir()
-            self._lock = _lock(self.tmp)
-        except OSError as exc:
+            with _deferred_interrupt():  # what is made is recorded before a Ctrl-C can stop it
+                parent = self.dst.parent
+                self.cleanup = clean_temporaries(self.dst) if parent.is_dir() else Cleanup([], None, [])
+                self.stale = self.cleanup.removed
+                if os.path.lexists(self.dst) and not overwrite:
+                    raise CheckpointError(f"{self.dst} already exists", hint="pass --overwrite to replace it")
+                self._made = make_folders(parent)
+                if os.path.lexists(self.tmp):
+                    if _locked(self.tmp):
+                        raise CheckpointError(f"{self.dst} is being written by this process already")
+                    _remove(self.tmp)
+                self.tmp.mkdir()
+                made_tmp = True
+                self._lock = _lock(self.tmp)
+        except BaseException as exc:
+            if made_tmp:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self._release()
             remove_folders(self._made)
-            raise write_error(exc, self.dst, self.tmp) from None
-        except BaseException:
-            remove_folders(self._made)
+            if isinstance(exc, OSError):
+                raise write_error(exc, self.dst, self.tmp) from None
             raise
 
     def commit(self) -> None:
@@ -454,6 +460,23 @@ def _uninterrupted() -> Iterator[None]:
         signal.signal(signal.SIGINT, before)
 
 
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """A SIGINT meanwhile is held and delivered at the end (in the main thread; elsewhere as is)."""
+    held: list[int] = []
+    try:
+        before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if held:
+            signal.raise_signal(signal.SIGINT)
+
+
 SCRATCH_MARK = ".convspec-pickle-"
 _scratch_count = itertools.count()
 
@@ -474,11 +497,12 @@ def scratch_dir(parent: str | Path, purpose: str | Path, removed: list[Path] | N
     lock = None
     try:
         try:
-            made = make_folders(parent)
-            path.mkdir()
+            with _deferred_interrupt():  # what is made is recorded before a Ctrl-C can stop it
+                made = make_folders(parent)
+                path.mkdir()
+                lock = _lock(path)
         except OSError as exc:
             raise write_error(exc, purpose, path) from None
-        lock = _lock(path)
         yield path
     finally:
         with _uninterrupted():
