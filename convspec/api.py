@@ -347,19 +347,19 @@ def spec_files(name_or_path: str | Path) -> builtins.list[Path]:
     """The files a spec is read from: its own and those of the specs it includes, however deep, each
     once, found as `compile` finds them (a file beside the including spec, else a built-in). A command
     that writes a file checks it is none of these."""
-    out: builtins.list[Path] = []
+    out: dict[Path, None] = {}  # in the order found
     todo = [_spec_file(name_or_path, None)]
     while todo:
         file = todo.pop()
         if file is None or file in out:
             continue
-        out.append(file)
+        out[file] = None
         try:
             spec = load_spec(file)
         except ConvspecError:  # compile reports it; what could be read is listed
             continue
         todo += [_spec_file(r.spec, file.parent) for r in spec.rules if r.kind == "include"]
-    return out
+    return list(out)
 
 
 def _spec_file(name_or_path: str | Path, beside: Path | None) -> Path | None:

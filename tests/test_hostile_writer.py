@@ -13,6 +13,7 @@ tracemalloc ceiling, as tests/test_fuzz.py does, with the same assertions (hosti
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -33,7 +34,7 @@ from test_bad_inputs import st as safetensors_bytes
 
 from convspec.cli import main
 from convspec.errors import ConvspecError
-from convspec.io.destination import MAX_DST_NAME
+from convspec.io.destination import MAX_DST_NAME, write_error
 from convspec.io.writer import (
     MAX_SHARD_SIZE,
     MAX_SIZE_CHARS,
@@ -660,3 +661,69 @@ def test_the_hooks_really_change_the_child():
     env = {**os.environ, **hooked("fsize=12345;INT@convspec.io.writer:copy_range")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.stdout.split() == ["12345", "True"], out.stderr
+
+
+@pytest.mark.parametrize(
+    "err,expected",
+    [
+        (errno.ENOSPC, "cannot write {d}/out: no space is left on the device"),
+        (errno.EDQUOT, "cannot write {d}/out: the disk quota is used up"),
+        (errno.EFBIG, "cannot write {d}/out: a file would be larger than"),
+        (errno.EROFS, "cannot write {d}/out: the file system is read-only"),
+        (errno.EACCES, "cannot write {d}/out: permission denied in {d}"),
+        (errno.EIO, "cannot write {d}/out: Input/output error"),
+    ],
+)
+def test_every_write_error_names_the_destination_and_what_to_do(err, expected, d):
+    """The errors a real disk gives that these tests cannot cause unprivileged (ENOSPC, EDQUOT, EROFS,
+    EIO) read as the ones they can: the destination, the reason, a hint; never the temporary."""
+    tmp = d / ".out.convspec-tmp-1-2"
+    exc = write_error(OSError(err, os.strerror(err), str(tmp / "model.safetensors")), d / "out", tmp)
+    assert exc.message.startswith(expected.replace("{d}", str(d))), exc.message
+    assert exc.hint and ".convspec-" not in exc.message
+    # an error on a file that is not the output's (a source file read) names that file
+    src = write_error(OSError(err, os.strerror(err), str(d / "src" / "model.safetensors")), d / "out", tmp)
+    assert src.message.startswith(f"cannot read {d}/src/model.safetensors: "), src.message
+
+
+def test_safety_md_refusals_are_what_convert_prints(d, capsys, monkeypatch):
+    """docs/safety.md section 3's console block, run in a folder laid out as it says (/data is `d`)."""
+    text = (ROOT / "docs" / "safety.md").read_text()
+    block = re.search(r"```console\n(\$ cd /data\n.*?)```", text, re.S).group(1)
+    _write(
+        Case(
+            "doc",
+            "destination",
+            {"src/model.safetensors": GOOD, "src/sub/keep": "x", "out": Link("{d}/src"), "w/keep": "x"},
+            (),
+            "",
+        ),
+        d,
+    )
+    before = _snapshot(d)
+    lines = block.splitlines()
+    ran = 0
+    for i, line in enumerate(lines):
+        if line.startswith("$ cd "):
+            monkeypatch.chdir(line[5:].replace("/data", str(d)))
+        elif line.startswith("$ convspec "):
+            capsys.readouterr()
+            assert main(line.split()[2:]) == 2
+            err = capsys.readouterr().err.replace(str(d), "/data")
+            assert err.splitlines()[0] == lines[i + 1], line
+            ran += 1
+    assert ran >= 6 and _snapshot(d) == before
+
+
+def test_an_os_error_nothing_foresaw_is_still_one_line(d, capsys, monkeypatch):
+    """The CLI's last net: an OSError from anywhere is one message naming its path, exit 2."""
+    import convspec.api as api
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(d / "somewhere"))
+
+    monkeypatch.setattr(api, "convert", refused)
+    c = case("os_error", conv("{d}/out"), "error: {d}/somewhere: Permission denied")
+    _write(c, d)
+    before = _snapshot(d)
+    assert_refused(c, d, _in_process(c, d, capsys), before)

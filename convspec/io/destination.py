@@ -163,7 +163,9 @@ def write_error(exc: OSError, dst: str | Path, tmp: Path | None = None) -> Check
         text, hint = _WHAT[exc.errno]
         return CheckpointError(f"cannot write {dst}: {text}", hint=f"{hint}; nothing was left behind")
     if exc.errno in (errno.EACCES, errno.EPERM):
-        folder = failed.parent if failed is not None else Path(dst).parent
+        folder = Path(dst).parent  # the temporary's folder, where its own name says nothing to the user
+        if failed is not None and not (tmp is not None and (failed == tmp or tmp in failed.parents)):
+            folder = failed.parent
         return CheckpointError(
             f"cannot write {dst}: permission denied in {folder}",
             hint="choose a folder you can write to, or ask its owner for write permission",

@@ -337,20 +337,19 @@ class AtomicDir:
     def __init__(self, dst: str | Path, overwrite: bool = False):
         self.dst = output_path(dst)
         self.overwrite = overwrite
-        self._made: list[
-            Path
-        ] = []  # folders made for dst, innermost first: synced at commit, removed on failure
+        # folders made for dst, innermost first: synced at commit, removed on failure
+        self._made: list[Path] = []
         self._lock = self._aside_lock = None
         self.tmp = self.dst.parent / f".{self.dst.name}{TMP_MARK}{_mark()}"
         check_destination(dst)
         made_tmp = False
         try:
+            parent = self.dst.parent
+            self.cleanup = clean_temporaries(self.dst) if parent.is_dir() else Cleanup([], None, [])
+            self.stale = self.cleanup.removed
+            if os.path.lexists(self.dst) and not overwrite:
+                raise CheckpointError(f"{self.dst} already exists", hint="pass --overwrite to replace it")
             with _deferred_interrupt():  # what is made is recorded before a Ctrl-C can stop it
-                parent = self.dst.parent
-                self.cleanup = clean_temporaries(self.dst) if parent.is_dir() else Cleanup([], None, [])
-                self.stale = self.cleanup.removed
-                if os.path.lexists(self.dst) and not overwrite:
-                    raise CheckpointError(f"{self.dst} already exists", hint="pass --overwrite to replace it")
                 self._made = make_folders(parent)
                 if os.path.lexists(self.tmp):
                     if _locked(self.tmp):
