@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import difflib
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from functools import cache
@@ -17,7 +19,7 @@ from .compile.compiler import compile_spec
 from .compile.plan import Plan
 from .devices import WRITES, check_device
 from .dtypes import check_dtype
-from .errors import SpecNotFoundError
+from .errors import ConvspecError, SpecNotFoundError
 from .io.config import load_config
 from .spec import Spec, parse_spec
 from .spec.source import read_spec_text
@@ -242,18 +244,25 @@ def convert(
         (21, 'model-00001-of-00002.safetensors')
         >>> back = convspec.convert("mixtral", "tiny-mixtral-fused", "tiny-mixtral-back", reverse=True)
     """
+    from .io.destination import check_destination, check_output, source_paths
+    from .io.writer import parse_size
     from .streaming import convert_checkpoint
 
     device = check_device(device, needs_data=WRITES)  # options first: before a pickle is transcoded
     check_dtype(dtype)
-    with safetensors_source(src, allow_pickle, beside=dst) as src:
+    parse_size(max_shard_size)
+    # where the output goes, before anything is read: never onto, around or inside the source
+    check_output(dst, source_paths(src), src)
+    check_destination(dst)
+    cleaned: list[Path] = []
+    with safetensors_source(src, allow_pickle, beside=dst, removed=cleaned) as src:
         from .io.checkpoint import Checkpoint
 
         cfg = Checkpoint(src).config_path
         plan = compile(spec, config=cfg)
         if reverse:
             plan = plan.inverse()
-        return convert_checkpoint(
+        result = convert_checkpoint(
             plan,
             src,
             dst,
@@ -266,13 +275,20 @@ def convert(
             on_tensor=on_tensor,
             manifest=manifest,
         )
+    if cleaned and result.cleanup is not None:  # a killed run's pickle copy: said with the rest
+        result.cleanup = result.cleanup._replace(removed=[*cleaned, *result.cleanup.removed])
+    return result
 
 
 @contextmanager
-def safetensors_source(src, allow_pickle: bool, beside=None):
+def safetensors_source(src, allow_pickle: bool, beside=None, removed: list[Path] | None = None):
     """`src` itself, or with `allow_pickle` and a pickle checkpoint, a safetensors copy of it made
-    in a temporary folder beside `beside` (the destination: same disk) and removed afterwards."""
-    from .io.pickled import pickle_files, transcode
+    in a temporary folder beside `beside` (the destination: same disk; else the system's temporary
+    folder), locked while in use and removed afterwards; one a killed run left there is removed
+    (and listed in `removed`). An error about the copy names the user's files, never the copy."""
+    from .io.destination import output_path, write_error
+    from .io.pickled import pickle_files, safetensors_names, transcode
+    from .io.writer import scratch_dir
 
     path = Path(src)
     has_safetensors = (
@@ -286,15 +302,76 @@ def safetensors_source(src, allow_pickle: bool, beside=None):
     if not allow_pickle or has_safetensors or not path.exists() or not pickle_files(path):
         yield src
         return
-    import os
-    import shutil
     import tempfile
 
-    parent = Path(beside).parent if beside is not None else None
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".convspec-pickle-{os.getpid()}-", dir=parent))
-    try:
-        yield transcode(path, tmp / "checkpoint")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    parent = output_path(beside).parent if beside is not None else Path(tempfile.gettempdir())
+    purpose = beside if beside is not None else f"a safetensors copy of {src} in {parent}"
+    with scratch_dir(parent, purpose, removed) as tmp:
+        out = tmp / "checkpoint"
+        try:
+            copy = transcode(path, out)
+        except OSError as exc:
+            raise write_error(exc, purpose, tmp) from None
+        try:
+            yield copy
+        except ConvspecError as exc:
+            files = pickle_files(path)
+            renames = [(out / n, f) for n, f in zip(safetensors_names(files), files, strict=True)]
+            _rename_paths(exc, [*renames, (out, path)])
+            raise
+
+
+def _rename_paths(exc: ConvspecError, renames: list[tuple[Path, Path]]) -> None:
+    """Every spelling of each temporary path in the error's text replaced by the user's path."""
+    pairs = []
+    for tmp, user in renames:
+        for spelling in {str(tmp), os.path.abspath(tmp), os.path.realpath(tmp)}:
+            pairs.append((spelling, str(user)))
+    pairs.sort(key=lambda p: -len(p[0]))  # a file's path before its folder's
+
+    def fix(text):
+        if not isinstance(text, str):
+            return text
+        for old, new in pairs:
+            text = text.replace(old, new)
+        return text
+
+    exc.message, exc.hint = fix(exc.message), fix(exc.hint)
+    exc.args = (exc.message,)
+    if isinstance(getattr(exc, "problems", None), list):
+        exc.problems = [fix(p) for p in exc.problems]
+    if exc.span is not None and exc.span.file:
+        exc.span = dataclasses.replace(exc.span, file=fix(exc.span.file))
+
+
+def spec_files(name_or_path: str | Path) -> builtins.list[Path]:
+    """The files a spec is read from: its own and those of the specs it includes, however deep, each
+    once, found as `compile` finds them (a file beside the including spec, else a built-in). A command
+    that writes a file checks it is none of these."""
+    out: dict[Path, None] = {}  # in the order found
+    todo = [_spec_file(name_or_path, None)]
+    while todo:
+        file = todo.pop()
+        if file is None or file in out:
+            continue
+        out[file] = None
+        try:
+            spec = load_spec(file)
+        except ConvspecError:  # compile reports it; what could be read is listed
+            continue
+        todo += [_spec_file(r.spec, file.parent) for r in spec.rules if r.kind == "include"]
+    return list(out)
+
+
+def _spec_file(name_or_path: str | Path, beside: Path | None) -> Path | None:
+    """The real path of the spec file a name or path stands for, as `load_spec` and the include
+    resolver read it; None for a name that is no built-in."""
+    if beside is not None:
+        for suffix in SUFFIXES:
+            if (beside / f"{name_or_path}{suffix}").is_file():
+                return Path(os.path.realpath(beside / f"{name_or_path}{suffix}"))
+    text = str(name_or_path)
+    if hasattr(name_or_path, "__fspath__") or _is_path(text):
+        return Path(os.path.realpath(text))
+    file = _builtin_index().get(text)
+    return None if file is None else Path(os.path.realpath(str(_builtin_dir().joinpath(file))))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import cache
 
 from . import __version__, api, render
 from .errors import ConvspecError
@@ -34,6 +35,7 @@ SPEC_HELP = (
 DEVICE_HELP = "where computed tensors go: cpu (default), cuda, cuda:N, mps; checked before anything is read"
 
 
+@cache  # built once: a parser is not changed by parsing, and building one costs more than most commands
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="convspec", description="Declarative conversion specs for model checkpoints."
@@ -151,13 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         }
         return commands[args.command](args)
     except ConvspecError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": _error_json(exc)}), file=sys.stderr)
-        else:
-            print(exc.render(_style(sys.stderr)), file=sys.stderr)
-        return 2
+        return _report(exc, args)
+    except KeyboardInterrupt:  # Ctrl-C: what was being written is removed already (AtomicDir, scratch_dir)
+        return _report(ConvspecError("interrupted"), args, code=130, kind="KeyboardInterrupt")
     except BrokenPipeError:  # pragma: no cover - e.g. `| head`
         return 0
+    except OSError as exc:  # the system refused something no part of convspec foresaw: still one line
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return _report(ConvspecError(f"{where}{exc.strerror or exc}"), args)
+
+
+def _report(exc: ConvspecError, args, code: int = 2, kind: str | None = None) -> int:
+    """The error on stderr (one JSON document with --json), and the exit status."""
+    if getattr(args, "json", False):
+        d = _error_json(exc)
+        if kind is not None:
+            d["type"] = kind
+        print(json.dumps({"error": d}), file=sys.stderr)
+    else:
+        print(exc.render(_style(sys.stderr)), file=sys.stderr)
+    return code
 
 
 def _compile(args) -> int:
@@ -181,6 +196,8 @@ def _compile(args) -> int:
             "--group draws one group of a checkpoint", hint="use it with --against and --format svg|png|dot"
         )
     plan = _plan(args)
+    if args.output is not None:
+        _check_not_an_input(args.output, args)
     bound = None
     if args.against:
         bound = plan.bind(_layout(args.against), strict=args.strict)
@@ -202,6 +219,18 @@ def _compile(args) -> int:
     else:
         text = render.plan_json(plan) if fmt == "json" else render.plan_text(plan, s)
     return _emit((text + "\n").encode(), args.output)
+
+
+def _check_not_an_input(output: str, args) -> None:
+    """Refuse an output file that is (or holds, or is inside) a file the command reads: the spec and
+    the specs it includes, --config, the --against checkpoint."""
+    from .io.destination import check_output, real, source_paths
+
+    check_output(output, api.spec_files(args.spec), args.spec, what="the spec")
+    if args.config:
+        check_output(output, [real(args.config)], args.config, what="the config")
+    if args.against:
+        check_output(output, source_paths(args.against), args.against, what="the checkpoint")
 
 
 def _layout(against: str | None) -> dict | None:

@@ -28,6 +28,13 @@ def pickle_files(src: str | Path) -> list[Path]:
     return files
 
 
+def safetensors_names(files: list[Path]) -> list[str]:
+    """The name `transcode` gives the safetensors copy of each pickle shard, in order."""
+    if len(files) == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+
+
 def transcode(src: str | Path, out: str | Path) -> Path:
     """Rewrite a pickle checkpoint as safetensors in `out` (one shard per pickle shard, an index when
     there are several, the other files copied). Each shard is loaded with weights_only=True: a pickle
@@ -41,6 +48,7 @@ def transcode(src: str | Path, out: str | Path) -> Path:
     if not files:
         raise CheckpointError(f"{src}: no pickle checkpoint files ({', '.join(PICKLE_SUFFIXES)})")
     out.mkdir(parents=True, exist_ok=True)
+    names = safetensors_names(files)
     weight_map: dict[str, str] = {}
     for i, f in enumerate(files):
         try:
@@ -56,9 +64,7 @@ def transcode(src: str | Path, out: str | Path) -> Path:
             isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()
         ):
             raise CheckpointError(f"{f}: not a state dict of tensors")
-        name = (
-            "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        )
+        name = names[i]
         dup = [k for k in sd if k in weight_map]
         if dup:
             raise CheckpointError(f"tensor {dup[0]} appears in both {weight_map[dup[0]]} and {f.name}")

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
 import shutil
+import signal
 import struct
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..dtypes import ITEMSIZE
+from .destination import check_destination, make_folders, output_path, remove_folders, write_error
 from .memory import tensor_memory
 from .safetensors import DTYPES, CheckpointError
 
@@ -30,16 +35,31 @@ SAFETENSORS_DTYPE = {name: code for code, name in DTYPES.items()}  # float32 -> 
 TMP_MARK = ".convspec-tmp-"
 
 
+MAX_SHARD_SIZE = 2**60  # bytes (1 EiB): more than any disk holds, and every offset still fits an int64
+MAX_SIZE_CHARS = 40  # characters of a size: 2**60 is 19 digits, and a unit and spaces a few more
+
+
 def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000 (decimal, as Hugging Face), '512MiB' -> binary; ints pass through."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.I)
-    if not m:
-        raise CheckpointError(
-            f"cannot read the size {text!r}", hint="use e.g. 5GB, 500MB, 2GiB or a byte count"
+    """'5GB' -> 5_000_000_000 (decimal, as Hugging Face), '512MiB' -> binary; ints pass through.
+    At least 1 byte, at most MAX_SHARD_SIZE; read exactly (no float), so no size can overflow."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return _bounded_size(
+            text, str(text) if text.bit_length() <= 64 else f"{text.bit_length()}-bit integer"
         )
-    num, unit = float(m.group(1)), m.group(2).upper().rstrip("B")
+    shown = str(text)
+    shown = shown if len(shown) <= MAX_SIZE_CHARS else f"{shown[:20]}... ({len(shown)} characters)"
+    if isinstance(text, str) and len(text) > MAX_SIZE_CHARS:
+        raise CheckpointError(
+            f"the size {shown!r} is longer than {MAX_SIZE_CHARS} characters",
+            hint=f"use e.g. 5GB, 500MB, 2GiB or a byte count, at most {MAX_SHARD_SIZE} bytes (1 EiB)",
+        )
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B?)\s*", shown, re.I)
+    if not isinstance(text, str) or not m:
+        raise CheckpointError(
+            f"cannot read the size {shown!r}",
+            hint=f"use e.g. 5GB, 500MB, 2GiB or a byte count, at most {MAX_SHARD_SIZE} bytes (1 EiB)",
+        )
+    num, unit = Fraction(m.group(1)), m.group(2).upper().rstrip("B")
     scale = {
         "": 1,
         "K": 10**3,
@@ -51,7 +71,16 @@ def parse_size(text: str | int) -> int:
         "GI": 2**30,
         "TI": 2**40,
     }[unit]
-    return int(num * scale)
+    return _bounded_size(int(num * scale), shown)
+
+
+def _bounded_size(n: int, shown: str) -> int:
+    if n < 1 or n > MAX_SHARD_SIZE:
+        raise CheckpointError(
+            f"the size {shown!r} is {'less than 1 byte' if n < 1 else f'more than {MAX_SHARD_SIZE} bytes'}",
+            hint=f"use e.g. 5GB, 500MB, 2GiB or a byte count, from 1 to {MAX_SHARD_SIZE} bytes (1 EiB)",
+        )
+    return n
 
 
 def plan_shards(entries: list[tuple[str, tuple[int, ...], str]], max_shard_size: int) -> list[list[int]]:
@@ -103,8 +132,8 @@ class Cleanup(NamedTuple):
 
 
 def clean_temporaries(dst: Path) -> Cleanup:
-    """Delete what killed runs left beside `dst`, restore a destination one of them had moved aside,
-    and leave alone the temporaries of conversions still running."""
+    """Delete what killed runs left beside `dst` (their temporaries, their pickle copies), restore a
+    destination one of them had moved aside, and leave alone the temporaries of conversions still running."""
     removed: list[Path] = []
     kept: list[tuple[Path, int | None]] = []
     restored = None
@@ -129,6 +158,7 @@ def clean_temporaries(dst: Path) -> Cleanup:
                 pass
         _remove(path)
         removed.append(path)
+    removed += clean_scratch(dst.parent)  # a killed run's pickle copy, made beside its destination
     return Cleanup(removed, restored, kept)
 
 
@@ -305,26 +335,37 @@ class AtomicDir:
     A kill at any instant leaves `dst` as it was or complete; the next run clears what the dead one left."""
 
     def __init__(self, dst: str | Path, overwrite: bool = False):
-        self.dst = Path(dst)
+        self.dst = output_path(dst)
         self.overwrite = overwrite
-        parent = self.dst.parent
-        self.cleanup = clean_temporaries(self.dst) if parent.is_dir() else Cleanup([], None, [])
-        self.stale = self.cleanup.removed
-        if os.path.lexists(self.dst) and not overwrite:
-            raise CheckpointError(f"{self.dst} already exists", hint="pass --overwrite to replace it")
-        self._made = []  # folders created for dst: their entries are synced at commit
-        while not parent.exists():
-            self._made.append(parent)
-            parent = parent.parent
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        # folders made for dst, innermost first: synced at commit, removed on failure
+        self._made: list[Path] = []
+        self._lock = self._aside_lock = None
         self.tmp = self.dst.parent / f".{self.dst.name}{TMP_MARK}{_mark()}"
-        if os.path.lexists(self.tmp):
-            if _locked(self.tmp):
-                raise CheckpointError(f"{self.dst} is being written by this process already")
-            _remove(self.tmp)
-        self.tmp.mkdir()
-        self._lock = _lock(self.tmp)
-        self._aside_lock = None
+        check_destination(dst)
+        made_tmp = False
+        try:
+            parent = self.dst.parent
+            self.cleanup = clean_temporaries(self.dst) if parent.is_dir() else Cleanup([], None, [])
+            self.stale = self.cleanup.removed
+            if os.path.lexists(self.dst) and not overwrite:
+                raise CheckpointError(f"{self.dst} already exists", hint="pass --overwrite to replace it")
+            with _deferred_interrupt():  # what is made is recorded before a Ctrl-C can stop it
+                self._made = make_folders(parent)
+                if os.path.lexists(self.tmp):
+                    if _locked(self.tmp):
+                        raise CheckpointError(f"{self.dst} is being written by this process already")
+                    _remove(self.tmp)
+                self.tmp.mkdir()
+                made_tmp = True
+                self._lock = _lock(self.tmp)
+        except BaseException as exc:
+            if made_tmp:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                self._release()
+            remove_folders(self._made)
+            if isinstance(exc, OSError):
+                raise write_error(exc, self.dst, self.tmp) from None
+            raise
 
     def commit(self) -> None:
         """Everything synced, then the directory swapped in by one atomic rename; the old one goes last."""
@@ -341,8 +382,9 @@ class AtomicDir:
             else:
                 old = self._swap_aside()
         _fsync_dir(self.dst.parent)
-        for made in reversed(self._made):
+        for made in self._made:
             _fsync_dir(made.parent)
+        self._made = []  # they hold the destination now
         self._release()
         if old is not None:
             _remove(old)
@@ -379,21 +421,112 @@ class AtomicDir:
         self._lock = self._aside_lock = None
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self._release()
+        """The temporary and the folders made for it removed; a second Ctrl-C meanwhile is ignored."""
+        with _uninterrupted():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._release()
+            remove_folders(self._made)
+            self._made = []
 
     def __enter__(self) -> Path:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-            return
+        if exc_type is None:
+            try:
+                self.commit()
+                return
+            except BaseException as failed:
+                exc = failed
+        self.abort()
+        if isinstance(exc, OSError):
+            raise write_error(exc, self.dst, self.tmp) from None
+        if exc_type is None:
+            raise exc
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """SIGINT ignored for the duration (in the main thread; elsewhere signals cannot be set)."""
+    try:
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """A SIGINT meanwhile is held and delivered at the end (in the main thread; elsewhere as is)."""
+    held: list[int] = []
+    try:
+        before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if held:
+            signal.raise_signal(signal.SIGINT)
+
+
+SCRATCH_MARK = ".convspec-pickle-"
+_scratch_count = itertools.count()
+
+
+@contextmanager
+def scratch_dir(parent: str | Path, purpose: str | Path, removed: list[Path] | None = None) -> Iterator[Path]:
+    """A folder in `parent` for intermediate files (a pickle checkpoint's safetensors copy), locked
+    while it lives and named with this process's pid and start time as `AtomicDir`'s temporaries
+    are; removed on exit, with the folders made for it. One a killed run left in `parent` is removed
+    here by the next run (and listed in `removed`). OS errors name `purpose`, what it is for."""
+    parent = Path(parent)
+    found = clean_scratch(parent)
+    if removed is not None:
+        removed.extend(found)
+    start = _start_time(os.getpid()) or 0
+    path = parent / f"{SCRATCH_MARK}{os.getpid()}-{start}-{next(_scratch_count)}"
+    made: list[Path] = []
+    lock = None
+    try:
         try:
-            self.commit()
-        except BaseException:
-            self.abort()
-            raise
+            with _deferred_interrupt():  # what is made is recorded before a Ctrl-C can stop it
+                made = make_folders(parent)
+                path.mkdir()
+                lock = _lock(path)
+        except OSError as exc:
+            raise write_error(exc, purpose, path) from None
+        yield path
+    finally:
+        with _uninterrupted():
+            shutil.rmtree(path, ignore_errors=True)
+            if lock is not None:
+                os.close(lock)
+            remove_folders(made)
+
+
+def clean_scratch(parent: Path) -> list[Path]:
+    """`scratch_dir` folders in `parent` whose process is gone, removed; those in use are left alone."""
+    try:
+        names = sorted(n for n in os.listdir(parent) if n.startswith(SCRATCH_MARK))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = re.fullmatch(r"(\d+)-(\d+)-\d+", name[len(SCRATCH_MARK) :])
+        if m is None:
+            continue  # not a name scratch_dir makes: not ours to delete
+        path = parent / name
+        if not _in_use(path, int(m.group(1)), int(m.group(2)) or None):
+            _remove(path)
+            removed.append(path)
+    return removed
 
 
 class FileCopy(NamedTuple):
