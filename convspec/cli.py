@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from functools import cache
 
@@ -79,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument(
         "--manifest",
         action="store_true",
-        help=f"also write {MANIFEST_NAME}: sha256 of every source and output tensor (see verify --manifest)",
+        help=f"also write {MANIFEST_NAME}: sha256 of every source and output tensor, "
+        "a checksum list, not a signature (see verify --manifest)",
     )
     _json_flag(cv)
     v = sub.add_parser("verify", help="convert forward and back, and compare with the source bit for bit")
@@ -93,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--manifest",
         action="store_true",
-        help="with --converted: check SRC and DIR against the hash manifest written by convert --manifest",
+        help="with --converted: check that SRC and DIR still hash to what DIR's manifest records; a checksum "
+        "list anyone who can write DIR can rewrite, not a proof of origin (verify without --manifest "
+        "converts again and compares bit for bit)",
     )
     _json_flag(v)
     ch = sub.add_parser("check", help="lint a spec: overlaps, shadowed renames, dead rules, coverage")
@@ -249,20 +253,13 @@ def _plan(args):
 
 
 def _checkpoint_config(against: str | None) -> str | None:
-    """The checkpoint's own config.json, when there is one."""
-    if against is None:
+    """The checkpoint's own config.json, when there is one (a pipe or a link out by that name is an error)."""
+    if against is None or not os.path.isdir(against):
         return None
-    from pathlib import Path
+    from .io.config import checkpoint_config
 
-    candidate = Path(against) / "config.json"
-    if not candidate.is_file():
-        return None
-    from .io.safetensors import check_inside
-
-    check_inside(
-        Path(against), candidate, candidate
-    )  # a link out of the checkpoint is refused, as convert does
-    return str(candidate)
+    found = checkpoint_config(against)
+    return str(found) if found else None
 
 
 def _emit(data: bytes, output: str | None) -> int:

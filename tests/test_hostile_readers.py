@@ -554,6 +554,19 @@ def test_a_file_that_is_not_a_regular_file_is_one_error_naming_it(role, kind, tm
     assert line.startswith(f"error: {d}/") and Path(name).name in line, line  # a shard: named by the index
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("command", ["compile", "check", "explain"])
+def test_a_config_that_is_not_a_regular_file_is_refused_by_every_command_that_reads_it(
+    command, kind, tmp_path, capsys, plain
+):
+    """`--against DIR` reads DIR's config.json through the same check as convert: never skipped as absent."""
+    d = files(tmp_path, {"src/model.safetensors": GOOD, "spec.yaml": RENAME})
+    make(d / "src/config.json", kind)
+    argv = [command, "{d}/spec.yaml", *(["m.a"] if command == "explain" else []), "--against", "{d}/src"]
+    line = refused(argv, d, "", capsys)
+    assert line.startswith(f"error: {d}/src/config.json: "), line
+
+
 def test_an_unreadable_file_is_one_error_naming_it(tmp_path, capsys, plain, monkeypatch):
     """EACCES on a config, an index or a manifest: one message naming the file. Root reads any file, so
     the denial is injected into the one place side files are opened (the process case below runs it
