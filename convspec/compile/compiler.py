@@ -857,13 +857,12 @@ def _flatten(
             ]
             inner, inner_origins = [r for r, _ in keep], [o for _, o in keep]
         under = rule.under or [""]
-        budget.take(
-            len(under) * len(inner), rule, f" under {len(under):,} prefixes" if len(under) > 1 else ""
-        )
+        where = f" under {len(under):,} prefixes" if len(under) > 1 else ""
+        budget.take(len(under) * len(inner), rule, where)
         renames = sum(isinstance(r, Rename) for r in inner)
         for k, prefix in enumerate(under):
             earlier = [p for p in under[:k] if p.startswith(prefix)] if renames else []
-            budget.take(renames * len(earlier), rule, " (the guards of its earlier prefixes)")
+            budget.take(renames * len(earlier), rule, f"{where} (the guards of its earlier prefixes)")
             for r, o in zip(inner, inner_origins, strict=True):
                 out.append(_under(r, prefix, earlier))
                 origins.append(f"{o}@{prefix}")
