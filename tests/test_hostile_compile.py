@@ -157,15 +157,15 @@ HOSTILE_CASES = [
         f"{{d}}/spec.cspec:2:1: error: include mixtral under 10,000 prefixes: expanding the includes would "
         f"make more than {MAX_EXPANDED_RULES:,} rules",
     ),
-    Case(  # 400 converts are checked for overlaps at once, and the one overlap is still found
+    Case(  # 400 converts checked for overlaps at once; the one overlap, the last pair, is still found
         "four_hundred_converts_one_overlap",
         "spec",
         {
-            "spec.cspec": f"spec t\n{MANY}convert w = {{p:path}}.w7 -> {{p}}.z = transpose(w)\n",
+            "spec.cspec": f"spec t\n{MANY}convert w = {{p:path}}.w399 -> {{p}}.z = transpose(w)\n",
             "src/model.safetensors": tensors("m.a"),
         },
         AGAINST,
-        "{d}/spec.cspec:402:1: error: rules 8 and 401 can both claim the key ",
+        "{d}/spec.cspec:402:1: error: rules 400 and 401 can both claim the key ",
     ),
     Case(
         "four_hundred_converts_alike",
