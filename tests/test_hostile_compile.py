@@ -31,7 +31,7 @@ from convspec.compile.compiler import (
 )
 from convspec.compile.patterns import MAX_OPEN_CAPTURES, intersection_witness
 from convspec.compile.plan import MATCH_BLOCK
-from convspec.errors import BindError, CompileError, ConvspecError
+from convspec.errors import BindError, CompileError, ConvspecError, PlanError
 from convspec.ops.base import TensorInfo
 from convspec.routing import MAX_KEY_CHARS
 from convspec.spec import parse_spec
@@ -288,6 +288,15 @@ def test_a_rename_target_counts_with_its_sources_types():
     out = bounded(_compile, "spec t\nrename {p:path}.{a}.{b}.{q:path} -> {p}.{a}_{b}.{q}\n")
     assert isinstance(out, CompileError)
     assert "{p}.{a}_{b}.{q}: 4 captures can stretch ({p}, {a}, {b}, {q})" in out.message
+
+
+def test_a_plan_read_from_json_is_held_to_the_same_limit():
+    """Plan.from_json checks its templates as the compiler does: a third stretching capture is refused."""
+    text = convspec.compile(_cspec("spec t\ndrop {a:path}.x.{b:path}.y\n")).to_json()
+    text = text.replace('["lit", ".y", null]', '["lit", ".y.", null], ["cap", "c", "path"]')
+    text = text.replace('"{a:path}.x.{b:path}.y"', '"{a:path}.x.{b:path}.y.{c:path}"')
+    with pytest.raises(PlanError, match="3 captures can stretch"):
+        convspec.Plan.from_json(text)
 
 
 # ---- includes: any depth, any number of prefixes -------------------------------------------------

@@ -69,12 +69,13 @@ def check_templates(rule) -> None:
             if p.kind == "cap":
                 types.setdefault(p.name, p.type or "seg")
     for t in [*sources, *others]:
-        _bounded(t, types)
+        bounded_template(t, types)
     for t in rule.unless if isinstance(rule, Rename) else ():
-        _bounded(t, {})
+        bounded_template(t, {})
 
 
-def _bounded(t: Template, types: dict[str, str]) -> None:
+def bounded_template(t: Template, types: dict[str, str]) -> None:
+    """Refuse a template whose matching could take more than (key length) ** MAX_OPEN_CAPTURES steps."""
     parts = pattern_of(t).typed(types).parts
     at = adjacent_paths(parts)
     if at is not None:
