@@ -26,7 +26,7 @@ from .plan import Node, Plan, PlanRule
 
 MAX_OP_VALUES = 4096  # values one op may yield (chunk n=, stack parts=, split sizes=): each is a name
 MAX_RULE_VALUES = 65_536  # values one convert may make: an ops chain multiplies them
-MAX_EXPANDED_RULES = 1_000  # rules made expanding includes; built-in specs make at most 180 (inkling2); compiling
+MAX_EXPANDED_RULES = 1_000  # rules made expanding includes (built-in specs: at most 180, inkling2); compiling
 # and checking costs grow with this (an `include X under p0, ..., p9999` would repeat X 10,000 times)
 MAX_OVERLAP_PAIRS = 20_000  # pairs of convert inputs whose literal ends agree, each checked exactly (~40 us;
 # built-in specs have at most 15): converts that all begin and end alike would otherwise cost n**2 checks
