@@ -273,8 +273,11 @@ class _Analysis:
         from .compile.compiler import overlaps
 
         out = []
-        for ra, na, rb, nb, w in overlaps(list(self.rules), self.origins):
-            exc = overlap_error(ra, na, rb, nb, w, self.span(rb.index, nb))
+        try:
+            for ra, na, rb, nb, w in overlaps(list(self.rules), self.origins, [r.span for r in self.flat]):
+                exc = overlap_error(ra, na, rb, nb, w, self.span(rb.index, nb))
+                out.append(_from_error("E101", exc))
+        except CompileError as exc:  # more pairs to check than MAX_OVERLAP_PAIRS
             out.append(_from_error("E101", exc))
         return out
 

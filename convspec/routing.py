@@ -11,6 +11,10 @@ from operator import itemgetter
 
 from .compile.patterns import OffsetError
 from .compile.plan import Plan
+from .errors import BindError
+
+MAX_KEY_CHARS = 1024  # transformers' longest keys are ~200 characters; a template with MAX_OPEN_CAPTURES
+# stretching captures costs up to about this squared per key (20 ms), so a longer key is refused first
 
 # A route is ("pass", final key, renamed?, aliased?) | ("drop",) | ("member", rule, input, captures)
 # | ("error", message).
@@ -134,6 +138,7 @@ class Routes:
 def route_all(plan: Plan, keys: list[str], inverse: Plan | None = None, lead: str = "") -> Routes:
     """Route every key; with `inverse`, also list pass-through keys the inverse would not give back.
     With `lead` (see base_lead), keys are matched behind it too."""
+    check_key_lengths(keys)
     out = Routes(lead=lead)
     pinned = fold_info(plan)
     if pinned is None or len(keys) < 32:
@@ -255,6 +260,25 @@ def _add(plan: Plan, key: str, r: tuple, inverse: Plan | None, out: Routes) -> N
         )
         if inverse_claims(inverse, key, out.lead):
             out.ambiguous.append(key)
+
+
+def check_key_lengths(keys) -> None:
+    """Refuse every key longer than MAX_KEY_CHARS before any is matched: a regex may backtrack over
+    a long key for a time that grows as its length squared (see MAX_OPEN_CAPTURES)."""
+    longest = max(keys, key=len, default="")
+    if len(longest) > MAX_KEY_CHARS:
+        long = [k for k in keys if len(k) > MAX_KEY_CHARS]
+        raise BindError(
+            [
+                f"key {_shown(k)} is {len(k):,} characters long; at most {MAX_KEY_CHARS:,} are allowed"
+                for k in long
+            ],
+            hint="no model has such keys: the checkpoint is damaged or hostile",
+        )
+
+
+def _shown(key: str) -> str:
+    return repr(key if len(key) <= 60 else key[:50] + "...")
 
 
 def _template(text: str, sentinels: list[str]):

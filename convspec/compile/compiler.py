@@ -11,11 +11,25 @@ from ..errors import CompileError, ConfigError, Span, SpecNotFoundError
 from ..ops import DTYPES, OPS, NotInvertible, Op, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
 from .evaluate import _Name, _short, evaluate, needs_config
-from .patterns import Pattern, intersection_witness, split_offset, with_offset
+from .patterns import (
+    MAX_OPEN_CAPTURES,
+    Pattern,
+    adjacent_paths,
+    intersection_witness,
+    literal_ends,
+    meet,
+    open_captures,
+    split_offset,
+    with_offset,
+)
 from .plan import Node, Plan, PlanRule
 
 MAX_OP_VALUES = 4096  # values one op may yield (chunk n=, stack parts=, split sizes=): each is a name
 MAX_RULE_VALUES = 65_536  # values one convert may make: an ops chain multiplies them
+MAX_EXPANDED_RULES = 1_000  # rules made expanding includes (built-in specs: at most 180, inkling2); compiling
+# and checking costs grow with this (an `include X under p0, ..., p9999` would repeat X 10,000 times)
+MAX_OVERLAP_PAIRS = 20_000  # pairs of convert inputs whose literal ends agree, each checked exactly (~40 us;
+# built-in specs have at most 15): converts that all begin and end alike would otherwise cost n**2 checks
 
 
 def pattern_of(t: Template) -> Pattern:
@@ -38,6 +52,52 @@ def _no_offsets(t: Template, what: str) -> None:
             )
 
 
+def check_templates(rule) -> None:
+    """Every template of a rule can be matched in bounded time: no two path captures side by side and
+    at most MAX_OPEN_CAPTURES captures whose extent nothing fixes (see `open_captures`). Targets
+    count too: the inverse matches keys with them. A bare capture takes its type from the inputs."""
+    if isinstance(rule, Include):
+        return
+    if isinstance(rule, Convert):
+        sources = [b.template for b in rule.inputs]
+        others = [t for o in rule.outputs for t in o.targets]
+    else:
+        sources, others = [rule.source], [*([rule.target] if isinstance(rule, Rename) else [])]
+    types: dict[str, str] = {}
+    for t in sources:
+        for p in t.parts:
+            if p.kind == "cap":
+                types.setdefault(p.name, p.type or "seg")
+    for t in [*sources, *others]:
+        bounded_template(t, types)
+    for t in rule.unless if isinstance(rule, Rename) else ():
+        bounded_template(t, {})
+
+
+def bounded_template(t: Template, types: dict[str, str]) -> None:
+    """Refuse a template whose matching could take more than (key length) ** MAX_OPEN_CAPTURES steps."""
+    parts = pattern_of(t).typed(types).parts
+    at = adjacent_paths(parts)
+    if at is not None:
+        raise CompileError(
+            f"{t.text}: path captures {{{parts[at - 2][1]}}} and {{{parts[at][1]}}} are side by side: "
+            "nothing tells where one ends",
+            span=t.parts[at].span or t.span,
+            hint="put a literal segment between them, or use one path capture",
+        )
+    opened = open_captures(parts)
+    if len(opened) > MAX_OPEN_CAPTURES:
+        at = opened[MAX_OPEN_CAPTURES]
+        names = ", ".join(f"{{{parts[i][1]}}}" for i in opened)
+        raise CompileError(
+            f"{t.text}: {len(opened)} captures can stretch ({names}); at most {MAX_OPEN_CAPTURES} may, "
+            "so that matching a key stays fast",
+            span=t.parts[at].span or t.span,
+            hint="a capture stretches when it is a path or path?, or shares its segment with another "
+            "capture: split the rule or spell out a segment",
+        )
+
+
 def _where(span: Span | None) -> str:
     return span.location() if span else "<spec>"
 
@@ -54,6 +114,7 @@ def compile_spec(
     flat, origins = _flatten(spec, resolve)
     rules = []
     for i, rule in enumerate(flat):
+        check_templates(rule)
         if isinstance(rule, Rename):
             rules.append(_rename(i, rule))
         elif isinstance(rule, Drop):
@@ -665,23 +726,57 @@ def _expr_text(e: Expr) -> str:
 # ---- overlap between converts -----------------------------------------------------------------
 
 
-def overlaps(rules: list[PlanRule], origins: list):
+def overlaps(rules: list[PlanRule], origins: list, spans: list | None = None):
     """Pairs of convert inputs of one spec (not across an include) that can claim the same key:
-    (rule a, input a, rule b, input b, a key both match)."""
+    (rule a, input a, rule b, input b, a key both match), in rule order. Only pairs whose fixed
+    ends agree are asked (`candidate_pairs`): a spec of a few hundred converts is checked at once."""
     claims = [(r, name, pat) for r in rules if r.kind == "convert" for name, pat in r.inputs]
-    for i, (ra, na, pa) in enumerate(claims):
-        for rb, nb, pb in claims[i + 1 :]:
-            if origins[ra.index] != origins[rb.index]:
-                continue
-            w = intersection_witness(pa, pb)
-            if w is not None:
-                yield ra, na, rb, nb, w
+    pairs = candidate_pairs([p for _, _, p in claims], [origins[r.index] for r, _, _ in claims])
+    if len(pairs) > MAX_OVERLAP_PAIRS:
+        i, j = pairs[MAX_OVERLAP_PAIRS]
+        raise CompileError(
+            f"{len(pairs):,} pairs of convert inputs begin and end with the same text, so each pair must "
+            f"be checked for a key both can claim; at most {MAX_OVERLAP_PAIRS:,} are checked",
+            span=spans[claims[j][0].index] if spans else None,
+            hint="give the converts' templates distinct literal ends (`{p:path}.w1.weight`), or split the spec",
+        )
+    for i, j in pairs:
+        (ra, na, pa), (rb, nb, pb) = claims[i], claims[j]
+        if not meet(pa, pb):  # exact and fast; the automata then spell a key both match
+            continue
+        w = intersection_witness(pa, pb)
+        if w is not None:
+            yield ra, na, rb, nb, w
+
+
+def candidate_pairs(patterns: list[Pattern], groups: list) -> list[tuple[int, int]]:
+    """The pairs (i < j, sorted) of patterns of one group that could match one key: every key a
+    pattern matches starts with its leading literal and ends with its trailing one, so two patterns
+    meet only if one's leading literal starts the other's, and one's trailing literal ends the
+    other's. Patterns sorted by their reversed trailing literal put every pattern that ends alike
+    right after the one whose ending it extends: each pair is found without trying every pair."""
+    ends = [literal_ends(p) for p in patterns]
+    out: set[tuple[int, int]] = set()
+    by_group: dict = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    for members in by_group.values():
+        order = sorted(members, key=lambda i: ends[i][1][::-1])
+        rev = {i: ends[i][1][::-1] for i in members}
+        for at, i in enumerate(order):
+            for j in order[at + 1 :]:
+                if not rev[j].startswith(rev[i]):
+                    break
+                a, b = ends[i][0], ends[j][0]
+                if a.startswith(b) or b.startswith(a):
+                    out.add((min(i, j), max(i, j)))
+    return sorted(out)
 
 
 def _check_overlaps(rules: list[PlanRule], flat: list, origins: list) -> None:
     """Two converts of one spec that can claim the same key are an error. Across an `include` the
     first claim wins, as in transformers (a sub-model's converter after the model's own)."""
-    for ra, na, rb, nb, w in overlaps(rules, origins):
+    for ra, na, rb, nb, w in overlaps(rules, origins, [r.span for r in flat]):
         raise overlap_error(ra, na, rb, nb, w, flat[rb.index].span)
 
 
@@ -708,16 +803,40 @@ def flatten(spec: Spec, resolve: Callable[[str], Spec] | None) -> list:
     return _flatten(spec, resolve)[0]
 
 
-def _flatten(spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "") -> tuple[list, list]:
+class _Budget:
+    """Rules made while includes are expanded, all levels together (an included spec's rules, then
+    their copies under each prefix, and the guards a later prefix adds): `take` refuses at the
+    include that would pass MAX_EXPANDED_RULES, before anything past the limit is made."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def take(self, n: int, rule: Include, what: str) -> None:
+        if self.used + n > MAX_EXPANDED_RULES:
+            raise CompileError(
+                f"include {rule.spec}{what}: expanding the includes would make more than "
+                f"{MAX_EXPANDED_RULES:,} rules ({self.used:,} so far, {n:,} more here)",
+                span=rule.span,
+                hint="include fewer specs or prefixes: each prefix repeats every included rule",
+            )
+        self.used += n
+
+
+def _flatten(
+    spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "", _budget: _Budget | None = None
+) -> tuple[list, list]:
     """Rules and, for each, which include it came from. Under several prefixes the first prefix a
     key has wins (transformers' `base_model_prefix.scope.` before `scope.`): a rename under a later
-    prefix leaves keys under an earlier, longer one alone."""
+    prefix leaves keys under an earlier, longer one alone. The size is counted as it grows, and
+    refused past MAX_EXPANDED_RULES (with the guards a later prefix adds) before it is made."""
     out, origins = [], []
+    budget = _budget or _Budget()
     stack = _stack or (spec.name,)  # the names included so far: a file need not hold the spec it is named for
     for n, rule in enumerate(spec.rules):
         if not isinstance(rule, Include):
             out.append(rule)
             origins.append(_origin)
+            budget.used += 1
             continue
         if rule.spec in stack or rule.spec == spec.name:
             raise CompileError(
@@ -730,7 +849,7 @@ def _flatten(spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "
             included = resolve(rule.spec)
         except SpecNotFoundError as exc:
             raise CompileError(f"include {rule.spec}: {exc.message}", span=rule.span, hint=exc.hint) from None
-        inner, inner_origins = _flatten(included, resolve, (*stack, rule.spec), f"{_origin}/{n}")
+        inner, inner_origins = _flatten(included, resolve, (*stack, rule.spec), f"{_origin}/{n}", budget)
         if rule.only != "all":
             keep = [
                 (r, o)
@@ -738,8 +857,13 @@ def _flatten(spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "
                 if (r.kind == "convert") == (rule.only == "converts")
             ]
             inner, inner_origins = [r for r, _ in keep], [o for _, o in keep]
-        for k, prefix in enumerate(rule.under or [""]):
-            earlier = [p for p in (rule.under or [""])[:k] if p.startswith(prefix)]
+        under = rule.under or [""]
+        where = f" under {len(under):,} prefixes" if len(under) > 1 else ""
+        budget.take(len(under) * len(inner), rule, where)
+        renames = sum(isinstance(r, Rename) for r in inner)
+        for k, prefix in enumerate(under):
+            earlier = [p for p in under[:k] if p.startswith(prefix)] if renames else []
+            budget.take(renames * len(earlier), rule, f"{where} (the guards of its earlier prefixes)")
             for r, o in zip(inner, inner_origins, strict=True):
                 out.append(_under(r, prefix, earlier))
                 origins.append(f"{o}@{prefix}")

@@ -15,6 +15,52 @@ CAPTURE_REGEX = {
 }
 
 
+MAX_OPEN_CAPTURES = 2  # real templates have at most 2 (`{p:path?}.x.{rest:path?}`); each one more multiplies
+# the worst backtracking cost of matching a key by the key's length (1,024 chars: 20 ms at 2, seconds at 3)
+
+
+def open_captures(parts: tuple[tuple[str, str, str | None], ...]) -> list[int]:
+    """The indices (in `parts`) of the captures whose extent the text beside them does not fix, in order:
+    every path and path? (it may take any number of segments), and every capture of a segment that
+    holds two or more (`{a}_{b}`: which `_` splits them is open). A regex backtracking over a key tries
+    about (key length) ** len(open_captures) ways before it gives up, so the compiler bounds their
+    number (MAX_OPEN_CAPTURES). Captures without a type count as one segment."""
+    out: list[int] = []
+    segment: list[int] = []  # the seg and int captures of the current segment
+
+    def close() -> None:
+        if len(segment) > 1:
+            out.extend(segment)
+        segment.clear()
+
+    for i, (kind, text, typ) in enumerate(parts):
+        if kind == "lit":
+            if "." in text:
+                close()
+        elif typ in ("path", "path?"):
+            close()
+            out.append(i)
+        else:
+            segment.append(i)
+    close()
+    return sorted(out)
+
+
+def adjacent_paths(parts: tuple[tuple[str, str, str | None], ...]) -> int | None:
+    """The index of a path capture that follows another with only a dot between them
+    (`{a:path}.{b:path?}`): nothing tells where one ends. None when there is none."""
+    for i in range(2, len(parts)):
+        a, mid, b = parts[i - 2], parts[i - 1], parts[i]
+        if (
+            a[0] == b[0] == "cap"
+            and a[2] in ("path", "path?")
+            and b[2] in ("path", "path?")
+            and mid == ("lit", ".", None)
+        ):
+            return i
+    return None
+
+
 class OffsetError(ValueError):
     """`{i-1}` of a key whose index is 0: no key has a negative index."""
 
@@ -399,6 +445,9 @@ def meet(a: Pattern, b: Pattern) -> bool:
     """Whether some key matches both patterns. Exact, like `intersection_witness`, and fast: keys are
     dot-separated segments, path captures are runs of whole segments, so this is a match of two
     segment sequences with wildcards, asking the automata only whether two single segments meet."""
+    (ha, ta), (hb, tb) = literal_ends(a), literal_ends(b)
+    if not ((ha.startswith(hb) or hb.startswith(ha)) and (ta.endswith(tb) or tb.endswith(ta))):
+        return False  # every key starts with its pattern's leading literal and ends with its trailing one
     if _odd(a) or _odd(b):  # an optional path with no dot of its own: leave it to the automata
         return intersection_witness(a, b) is not None
     sa, sb = _segments(a), _segments(b)
@@ -422,6 +471,18 @@ def meet(a: Pattern, b: Pattern) -> bool:
         return _segments_meet(x, y) and can(i + 1, j + 1)
 
     return can(0, 0)
+
+
+@lru_cache(maxsize=16384)
+def literal_ends(p: Pattern) -> tuple[str, str]:
+    """The text every key the pattern matches starts with, and ends with (an optional path's dot is
+    its own: `a.{p:path?}` matches `a`)."""
+    els = p.elements
+    if not els:
+        return "", ""
+    head = els[0][1] if els[0][0] == "lit" else ""
+    tail = els[-1][1] if els[-1][0] == "lit" else ""
+    return head, tail
 
 
 _ANY_SEGMENT = (("cap", "_", "seg"),)
@@ -467,6 +528,15 @@ def _segments(p: Pattern) -> tuple:
 
 @lru_cache(maxsize=16384)
 def _segments_meet(x: tuple, y: tuple) -> bool:
+    if len(x) == 1 and len(y) == 1:  # the usual segments, decided without an automaton
+        (kx, ax, tx), (ky, ay, ty) = x[0], y[0]
+        if kx == ky == "lit":
+            return ax == ay
+        if kx == "lit" or ky == "lit":
+            lit, typ = (ax, ty) if kx == "lit" else (ay, tx)
+            return typ != "int" or _INT.fullmatch(lit) is not None
+        return True  # two captures of one segment: `0` is both a seg and an int
+
     def pat(frags: tuple) -> Pattern:
         return Pattern("".join(a if k == "lit" else "{" + a + "}" for k, a, _ in frags), frags)
 

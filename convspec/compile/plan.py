@@ -71,6 +71,9 @@ class PlanRule:
         return dict(self.free)
 
 
+MATCH_BLOCK = 32  # rules per block of the match regexes (see Plan.first_match)
+
+
 @dataclass(frozen=True)
 class Plan:
     """A compiled spec: its rules as key patterns and op DAGs, the config it was compiled with, and
@@ -103,12 +106,12 @@ class Plan:
     def regex(self) -> str:
         return self._alternation(0, ("rename", "convert", "drop"))[0].pattern
 
-    def _alternation(self, start: int, kinds: tuple[str, ...]):
-        """The combined regex over rules[start:] of the given kinds, and its group -> (rule, input)."""
-        key = (start, kinds)
+    def _alternation(self, start: int, kinds: tuple[str, ...], stop: int | None = None):
+        """The combined regex over rules[start:stop] of the given kinds, and its group -> (rule, input)."""
+        key = (start, kinds, stop)
         if key not in self._cache:
             alts, groups, n = [], {}, 0
-            for rule in self.rules[start:]:
+            for rule in self.rules[start:stop]:
                 if rule.kind not in kinds:
                     continue
                 for k, (name, pat) in enumerate(rule.inputs):
@@ -127,9 +130,31 @@ class Plan:
         return self._cache[key]
 
     def first_match(self, key: str, start: int = 0, renames_only: bool = False):
-        """The first rule at or after `start` whose input pattern matches the whole key."""
+        """The first rule at or after `start` whose input pattern matches the whole key. From rule 0,
+        one regex over every rule; from a later rule (after a rename), the rest of its block of
+        MATCH_BLOCK rules one pattern at a time, then one regex per block: the regexes made stay
+        linear in the rules (one per start would be quadratic, and a chain of renames asks for
+        every start)."""
         kinds = ("rename",) if renames_only else ("rename", "convert", "drop")
-        regex, groups = self._alternation(start, kinds)
+        if not start:
+            return self._match(key, self._alternation(0, kinds))
+        edge = start - start % MATCH_BLOCK + MATCH_BLOCK
+        for rule in self.rules[start:edge]:
+            if rule.kind not in kinds or any(u.compiled.fullmatch(key) for u in rule.unless):
+                continue
+            for name, pat in rule.inputs:
+                m = pat.compiled.fullmatch(key)
+                if m is not None:  # an absent optional path is empty
+                    return rule.index, name, {c: m.group(c) or "" for c in pat.captures}
+        for lo in range(edge, len(self.rules), MATCH_BLOCK):
+            hit = self._match(key, self._alternation(lo, kinds, lo + MATCH_BLOCK))
+            if hit is not None:
+                return hit
+        return None
+
+    @staticmethod
+    def _match(key: str, alternation):
+        regex, groups = alternation
         m = regex.fullmatch(key)
         if m is None:
             return None

@@ -454,11 +454,13 @@ def _check_template(p: Pattern, path: str) -> None:
     """A pattern's parts are exactly what the spec grammar parses from the template they spell."""
     from ..spec.parse import parse_template
     from ..spec.source import Embedded, Source
-    from .compiler import pattern_of
+    from .compiler import bounded_template, pattern_of
 
     text = "".join(a if k == "lit" else _capture_text(a, b) for k, a, b in p.parts)
     try:
-        parsed = pattern_of(parse_template(text, Embedded(Source(text, path), 1, 1)))
+        template = parse_template(text, Embedded(Source(text, path), 1, 1))
+        parsed = pattern_of(template)
+        bounded_template(template, {})  # matched in bounded time, as a compiled spec's templates
     except ConvspecError as exc:
         raise PlanError(f"{path}: template {text!r}: {exc.message}", hint=exc.hint) from None
     if parsed.parts != p.parts:
