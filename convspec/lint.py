@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import api
-from .compile.compiler import _flatten, compile_spec, overlap_error
+from .compile.compiler import _flatten, bounded_automata, compile_spec, overlap_error
 from .compile.patterns import OffsetError, Pattern, Unknown, _matches, meet, witness
 from .compile.plan import Plan
 from .errors import BindError, CompileError, ConfigError, ConvspecError, Span, SpecError
@@ -174,16 +174,21 @@ def check_spec(
         findings.append(_from_error(code, exc))
         return _finish(report, findings, select, ignore, {})
     lines = {i: r.span for i, r in enumerate(flat)}
-    analysis = _Analysis(plan, flat, origins)
-    findings += analysis.overlaps()
-    findings += analysis.unreachable()
-    findings += analysis.renames()
-    findings += analysis.lossy()
-    if plan.inverse_rules is not None:
-        inverse = plan.inverse(allow_lossy=True)
-        forward = [r.number - 1 for r in inverse.rules]  # the spec's rule each inverse rule undoes
-        back = _Analysis(inverse, [flat[i] for i in forward], [origins[i] for i in forward])
-        findings += back.not_undone()
+    try:
+        with bounded_automata(flat):  # the analyses compare templates pairwise: their cost is bounded
+            analysis = _Analysis(plan, flat, origins)
+            findings += analysis.overlaps()
+            findings += analysis.unreachable()
+            findings += analysis.renames()
+            findings += analysis.lossy()
+            if plan.inverse_rules is not None:
+                inverse = plan.inverse(allow_lossy=True)
+                forward = [r.number - 1 for r in inverse.rules]  # the spec's rule each inverse rule undoes
+                back = _Analysis(inverse, [flat[i] for i in forward], [origins[i] for i in forward])
+                findings += back.not_undone()
+    except CompileError as exc:
+        findings.append(_from_error("E002", exc))
+        return _finish(report, findings, select, ignore, lines)
     if layout is not None:
         shadowed = {(f.file, f.line) for f in findings if f.code == "W201"}
         findings += [

@@ -12,9 +12,7 @@ from operator import itemgetter
 from .compile.patterns import OffsetError
 from .compile.plan import Plan
 from .errors import BindError
-
-MAX_KEY_CHARS = 1024  # transformers' longest keys are ~200 characters; a template with MAX_OPEN_CAPTURES
-# stretching captures costs up to about this squared per key (20 ms), so a longer key is refused first
+from .io.safetensors import MAX_KEY_CHARS, shown_key
 
 # A route is ("pass", final key, renamed?, aliased?) | ("drop",) | ("member", rule, input, captures)
 # | ("error", message).
@@ -270,15 +268,11 @@ def check_key_lengths(keys) -> None:
         long = [k for k in keys if len(k) > MAX_KEY_CHARS]
         raise BindError(
             [
-                f"key {_shown(k)} is {len(k):,} characters long; at most {MAX_KEY_CHARS:,} are allowed"
+                f"key {shown_key(k)} is {len(k):,} characters long; at most {MAX_KEY_CHARS:,} are allowed"
                 for k in long
             ],
             hint="no model has such keys: the checkpoint is damaged or hostile",
         )
-
-
-def _shown(key: str) -> str:
-    return repr(key if len(key) <= 60 else key[:50] + "...")
 
 
 def _template(text: str, sentinels: list[str]):

@@ -32,8 +32,8 @@ from convspec.compile.compiler import (
 from convspec.compile.patterns import MAX_OPEN_CAPTURES, intersection_witness
 from convspec.compile.plan import MATCH_BLOCK
 from convspec.errors import BindError, CompileError, ConvspecError, PlanError
+from convspec.io.safetensors import MAX_KEY_CHARS
 from convspec.ops.base import TensorInfo
-from convspec.routing import MAX_KEY_CHARS
 from convspec.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +101,8 @@ HOSTILE_CASES = [
         "checkpoint",
         {"src/model.safetensors": tensors(LONG_KEY, "model.a")},
         ("convert", "mixtral", "{d}/src", "{d}/out"),
-        f"error: key 'block_sparse_moe.block_sparse_moe.block_sparse_moe...' is 272,000 characters long; "
+        "error: {d}/src/model.safetensors: key 'block_sparse_moe.block_sparse_moe.block_sparse_moe...' "
+        f"is 272,000 characters long; "
         f"at most {MAX_KEY_CHARS:,} are allowed",
     ),
     Case(

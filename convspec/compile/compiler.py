@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..errors import CompileError, ConfigError, Span, SpecNotFoundError
@@ -14,7 +15,9 @@ from .evaluate import _Name, _short, evaluate, needs_config
 from .patterns import (
     MAX_OPEN_CAPTURES,
     Pattern,
+    TooManyAutomata,
     adjacent_paths,
+    automata_budget,
     intersection_witness,
     literal_ends,
     meet,
@@ -30,6 +33,21 @@ MAX_EXPANDED_RULES = 1_000  # rules made expanding includes (built-in specs: at 
 # and checking costs grow with this (an `include X under p0, ..., p9999` would repeat X 10,000 times)
 MAX_OVERLAP_PAIRS = 20_000  # pairs of convert inputs whose literal ends agree, each checked exactly (~40 us;
 # built-in specs have at most 15): converts that all begin and end alike would otherwise cost n**2 checks
+
+
+@contextmanager
+def bounded_automata(flat: list) -> Iterator[None]:
+    """Checking which keys templates share costs at most MAX_AUTOMATA exact comparisons: past that,
+    one error at the spec's first rule (the cost belongs to the spec as a whole)."""
+    try:
+        with automata_budget():
+            yield
+    except TooManyAutomata as exc:
+        raise CompileError(
+            str(exc),
+            span=flat[0].span if flat else None,
+            hint="give the rules' templates distinct literal text (`{p:path}.w1.weight`), or split the spec",
+        ) from None
 
 
 def pattern_of(t: Template) -> Pattern:
@@ -121,9 +139,10 @@ def compile_spec(
             rules.append(drop_rule(i, _where(rule.span), pattern_of(rule.source)))
         else:
             rules.append(_Lowering(i, rule, config).build())
-    if check_overlaps:
-        _check_overlaps(rules, flat, origins)
-    inverse_rules, inverse_error, lossy = inverse_of(rules)
+    with bounded_automata(flat):
+        if check_overlaps:
+            _check_overlaps(rules, flat, origins)
+        inverse_rules, inverse_error, lossy = inverse_of(rules)
     return Plan(
         name=spec.name,
         doc=spec.doc,

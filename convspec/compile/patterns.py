@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, cached_property, lru_cache
 
@@ -59,6 +62,35 @@ def adjacent_paths(parts: tuple[tuple[str, str, str | None], ...]) -> int | None
         ):
             return i
     return None
+
+
+MAX_AUTOMATA = 5_000  # exact intersections of two templates built as automata (each up to ~1 ms) that one
+# compile or lint may ask for; the built-in specs ask for at most a few hundred, and templates that are
+# all alike (the same literal ends and segment shapes) would otherwise ask for one per pair of rules
+
+_AUTOMATA: ContextVar[list[int] | None] = ContextVar("convspec_automata", default=None)
+
+
+class TooManyAutomata(ValueError):
+    """A compile or lint needed more exact template intersections than MAX_AUTOMATA allows."""
+
+
+@contextmanager
+def automata_budget(limit: int = MAX_AUTOMATA) -> Iterator[None]:
+    """Within this block, at most `limit` template intersections are built; one more raises
+    TooManyAutomata, so the cost of checking a spec is bounded whatever its templates."""
+    token = _AUTOMATA.set([limit])
+    try:
+        yield
+    finally:
+        _AUTOMATA.reset(token)
+
+
+def too_many_automata_message() -> str:
+    return (
+        f"the spec's templates are so alike that checking which keys they share would take more than "
+        f"{MAX_AUTOMATA:,} exact comparisons"
+    )
 
 
 class OffsetError(ValueError):
@@ -309,7 +341,13 @@ def _symbols_to(prev: dict, state) -> list[str]:
 
 
 def intersection_witness(a: Pattern, b: Pattern, limit: int = 100_000) -> str | None:
-    """A key both patterns match, or None when no key can match both (decided exactly)."""
+    """A key both patterns match, or None when no key can match both (decided exactly). Counts against
+    the automata budget where one is set (`automata_budget`)."""
+    left = _AUTOMATA.get()
+    if left is not None:
+        left[0] -= 1
+        if left[0] < 0:
+            raise TooManyAutomata(too_many_automata_message())
     na, nb = _NFA(a), _NFA(b)
     alphabet = _alphabet(a, b)
     start = (na.closure(frozenset([0])), nb.closure(frozenset([0])))
@@ -536,11 +574,22 @@ def _segments_meet(x: tuple, y: tuple) -> bool:
             lit, typ = (ax, ty) if kx == "lit" else (ay, tx)
             return typ != "int" or _INT.fullmatch(lit) is not None
         return True  # two captures of one segment: `0` is both a seg and an int
+    hx, tx_ = _fragment_ends(x)
+    hy, ty_ = _fragment_ends(y)
+    if not ((hx.startswith(hy) or hy.startswith(hx)) and (tx_.endswith(ty_) or ty_.endswith(tx_))):
+        return False  # a segment starts with its leading literal and ends with its trailing one
 
     def pat(frags: tuple) -> Pattern:
         return Pattern("".join(a if k == "lit" else "{" + a + "}" for k, a, _ in frags), frags)
 
     return intersection_witness(pat(x), pat(y)) is not None
+
+
+def _fragment_ends(frags: tuple) -> tuple[str, str]:
+    """The literal text a segment of these fragments must start with, and end with."""
+    head = frags[0][1] if frags and frags[0][0] == "lit" else ""
+    tail = frags[-1][1] if frags and frags[-1][0] == "lit" else ""
+    return head, tail
 
 
 # ---- the same automata a segment at a time ---------------------------------------------------

@@ -16,6 +16,8 @@ from ..ops.base import TensorInfo
 from .sidefile import MAX_INDEX_BYTES, DuplicateKey, load_json, open_regular, os_error, unique_keys
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit: a longer header is no safetensors file
+MAX_KEY_CHARS = 1024  # transformers' longest keys are ~200 characters; a template with MAX_OPEN_CAPTURES
+# stretching captures costs up to about this squared per key (20 ms), so a longer key is refused first
 
 DTYPES = {
     "F64": "float64",
@@ -56,6 +58,11 @@ class Entry(NamedTuple):
         return self.info.dtype
 
 
+def shown_key(key: str) -> str:
+    """A key as an error message quotes it: whole when short, its start when long."""
+    return repr(key if len(key) <= 60 else key[:50] + "...")
+
+
 def read_header(path: str | Path, seen: dict | None = None) -> list[Entry]:
     """Parse one .safetensors header; every inconsistency is a CheckpointError naming the file. Each
     entry is checked on its own after JSON decoding, so what is accepted never depends on the order of
@@ -85,6 +92,12 @@ def read_header(path: str | Path, seen: dict | None = None) -> list[Entry]:
     if len(raw) < n:
         raise CheckpointError(f"{path}: the file ended inside its header (it shrank while being read)")
     header = _parse_header(path, raw)
+    longest = max(header, key=len, default="")
+    if len(longest) > MAX_KEY_CHARS:  # before any template is matched against it (see routing)
+        raise CheckpointError(
+            f"{path}: key {shown_key(longest)} is {len(longest):,} characters long; "
+            f"at most {MAX_KEY_CHARS:,} are allowed"
+        )
     meta = header.pop("__metadata__", None)
     if meta is not None:
         _check_metadata(path, meta)
