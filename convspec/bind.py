@@ -165,8 +165,9 @@ def _ordered_by_rest(value: Value, pos: int, over: str, op: str) -> dict[Index, 
             out[rest] = [members[str(i)] for i in range(have)]
             continue
         last = max(members, key=_number_order)
+        top = int(last) if len(last) <= 18 else have + 8  # past the 8 missing shown, when that long
         missing, i = [], 0
-        while len(missing) < 8 and i <= have + 8:  # at most `have` of the numbers are there
+        while len(missing) < 8 and i <= min(top, have + 8):  # at most `have` of the numbers are there
             if str(i) not in members:
                 missing.append(str(i))
             i += 1

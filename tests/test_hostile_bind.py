@@ -414,6 +414,25 @@ def test_a_huge_expert_number_costs_one_key(tmp_path, digits, lead, have):
     )
 
 
+@pytest.mark.parametrize(
+    ("numbers", "message"),
+    [
+        ((0, 2), "e=1 is missing: stack over {e} needs 0..2 and has 2 of them (keys"),
+        ((0, 1, 3, 5), "e=2 is missing: stack over {e} needs 0..5 and has 4 of them (missing 2, 4) (keys"),
+        ((1,), "e=0 is missing: stack over {e} needs 0..1 and has 1 of them (keys"),
+        (
+            (0, 10**30 - 1),
+            "needs 0..9999999999...9999 (30 digits) and has 2 of them (missing 1, 2, 3, 4, 5, 6, 7, 8)",
+        ),
+    ],
+)
+def test_missing_members_are_named_up_to_the_largest(numbers, message):
+    key = "model.layers.0.block_sparse_moe.experts.{}.w2.weight"
+    with pytest.raises(convspec.BindError) as exc:
+        convspec.compile("mixtral").bind({key.format(e): ((2, 4), "bfloat16") for e in numbers})
+    assert message in exc.value.problems[0]
+
+
 @pytest.mark.parametrize("prefix", ["²", "٣", "1" + "0" * 5000, "007", "x"])
 def test_any_path_capture_sorts_without_int(prefix):
     """Group names are sorted numbers first: `²` (isdigit, but not int()) and a 5,001-digit number
