@@ -12,14 +12,33 @@ from .compile.evaluate import evaluate
 from .compile.plan import Plan, PlanRule
 from .errors import BindError
 from .ops import OPS, OpError, TensorInfo
+from .ops.stacking import MAX_MEMBERS, MembersLimit, too_many
 from .routing import base_lead, follow_renames, route_all, unlead
 
 Index = tuple[str, ...]
 Value = dict[Index, Any]  # a collection: capture values (in the value's `free` order) -> leaf
 
+# tensors unstacking may make in one conversion: MAX_UNSTACKED, plus one per UNSTACKED_BYTES they hold.
+# Models make tens of thousands, of megabytes each; a header must not make millions of empty or
+# one-byte tensors (bind spends tens of microseconds and hundreds of bytes on each)
+MAX_UNSTACKED = 1 << 16
+UNSTACKED_BYTES = 4096
+
+
+LIMIT_HINT = "nothing was read or written; docs/safety.md (Groups and shapes) lists the limits"
+
 
 class GroupError(Exception):
     """A problem inside one group; bind adds the rule and the group's name."""
+
+
+class LimitError(BindError):
+    """A limit of bind is passed: raised at once, before more is made. `keys` are the source keys of
+    the group, so that the caller, who knows the files, can name the file too."""
+
+    def __init__(self, problems: list[str], keys: list[str], *, hint: str | None = None):
+        super().__init__(problems, hint=hint)
+        self.keys = keys
 
 
 def node_params(plan: Plan, rule: PlanRule, node) -> dict:
@@ -84,6 +103,8 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
             outs_r: list[Value] = [{} for _ in range(parts)]
             for rest, ordered in lists.items():
                 n = len(ordered)
+                if n > MAX_MEMBERS:
+                    raise MembersLimit(too_many(f"{node.op} over {over}", n))
                 size = -(-n // parts)  # torch.chunk: parts of ceil(n / parts), the last one shorter
                 chunks = [ordered[k * size : (k + 1) * size] for k in range(parts)]
                 if not chunks[-1]:
@@ -101,7 +122,10 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
             for idx in args[0]:
                 i = 0  # with parts, the members of each input are numbered on from the last
                 for a in args:
-                    for part in fn(op, p, [a[idx]]):
+                    parts = fn(op, p, [a[idx]])
+                    if len(out) + len(parts) > MAX_MEMBERS:  # a collection of collections
+                        raise MembersLimit(too_many(f"{node.op} over {over}", len(out) + len(parts)))
+                    for part in parts:
                         out[idx[:pos] + (str(i),) + idx[pos:]] = part
                         i += 1
             env[node.outputs[0]] = out
@@ -129,22 +153,40 @@ def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callabl
 
 
 def _ordered_by_rest(value: Value, pos: int, over: str, op: str) -> dict[Index, list]:
-    """A collection split by its other captures, each part a list ordered by `over` (0..n-1)."""
-    groups: dict[Index, dict[int, Any]] = {}
+    """A collection split by its other captures, each part a list ordered by `over` (0..n-1). The
+    numbers are a key's text: no step counts up to them, so `experts.99999999999` costs one."""
+    groups: dict[Index, dict[str, Any]] = {}
     for idx, leaf in value.items():
-        groups.setdefault(idx[:pos] + idx[pos + 1 :], {})[int(idx[pos])] = leaf
+        groups.setdefault(idx[:pos] + idx[pos + 1 :], {})[idx[pos]] = leaf
     out = {}
     for rest, members in groups.items():
-        n = max(members) + 1
-        missing = [i for i in range(n) if i not in members]
-        if missing:
-            raise GroupError(
-                f"{over}={missing[0]} is missing: {op} over {{{over}}} needs "
-                f"0..{n - 1} and has {len(members)} of them"
-                + (f" (missing {', '.join(map(str, missing[:8]))})" if len(missing) > 1 else "")
-            )
-        out[rest] = [members[i] for i in range(n)]
+        have = len(members)
+        if all(i in members for i in map(str, range(have))):
+            out[rest] = [members[str(i)] for i in range(have)]
+            continue
+        last = max(members, key=_number_order)
+        top = int(last) if len(last) <= 18 else have + 8  # past the 8 missing shown, when that long
+        missing, i = [], 0
+        while len(missing) < 8 and i <= min(top, have + 8):  # at most `have` of the numbers are there
+            if str(i) not in members:
+                missing.append(str(i))
+            i += 1
+        many = len(last) > 18 or int(last) + 1 - have > 1
+        raise GroupError(
+            f"{over}={missing[0]} is missing: {op} over {{{over}}} needs 0..{_short_number(last)} "
+            f"and has {have} of them" + (f" (missing {', '.join(missing)})" if many else "")
+        )
     return out
+
+
+def _number_order(v: str) -> tuple[int, str]:
+    """Numbers (ASCII digits, no leading zeros) in numeric order, without int(): a key may hold
+    thousands of digits, past what int() reads."""
+    return len(v), v
+
+
+def _short_number(v: str) -> str:
+    return v if len(v) <= 24 else f"{v[:10]}...{v[-4:]} ({len(v)} digits)"
 
 
 def _in_order(value: Value) -> list | None:
@@ -166,8 +208,14 @@ def _indices(n: int) -> list[tuple[str]]:
 
 
 def index_order(idx: Index):
-    """Sort key of a collection index: numbers in numeric order, then names."""
-    return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for v in idx)
+    """Sort key of a collection index: numbers (ASCII digits, of any length) in numeric order, then
+    names (`²` is a name: str.isdigit says yes, int() says no)."""
+    return tuple(_digits_order(v) if v.isascii() and v.isdigit() else (1, 0, v) for v in idx)
+
+
+def _digits_order(v: str) -> tuple[int, int, str]:
+    n = v.lstrip("0") or "0"
+    return 0, len(n), n
 
 
 def infer(op, p, leaves):
@@ -323,6 +371,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
 
     for src, dst in passthrough.items():
         emit(dst, infos[src], src)
+    made = held = 0  # tensors unstacking made so far, and their bytes (MAX_UNSTACKED)
     for g in sorted(groups.values(), key=lambda g: (g.rule.index, index_order(tuple(g.keep.values())))):
         rule = g.rule
         missing = [n for n, _ in rule.inputs if n not in g.members]
@@ -336,10 +385,29 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
             continue
         try:  # the members' leaves are source keys: infer looks their TensorInfos up
             env = infer_group(plan, rule, g.members, infos)
+        except MembersLimit as exc:
+            raise LimitError(
+                [f"{rule.label}: group {g.name}: {exc.message} (keys: {_short(g.source_keys)})"],
+                g.source_keys,
+                hint=LIMIT_HINT,
+            ) from None
         except (GroupError, OpError) as exc:
             msg = exc.message if isinstance(exc, OpError) else str(exc)
             problems.append(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})")
             continue
+        n, size = _unstacked(rule, env)
+        made, held = made + n, held + size
+        if made > MAX_UNSTACKED + held // UNSTACKED_BYTES:
+            raise LimitError(
+                [
+                    f"{rule.label}: group {g.name}: unstacking makes {made} tensors of {held} bytes by "
+                    f"here, more than the limit of {MAX_UNSTACKED} plus one per {UNSTACKED_BYTES} bytes "
+                    f"(keys: {_short(g.source_keys)})"
+                ],
+                g.source_keys,
+                hint=LIMIT_HINT,
+            )
+        source = f"{rule.label} group {g.name}"
         for value, pat in rule.outputs:
             vfree = rule.free_of[value]
             for idx, info in env[value].items():
@@ -347,7 +415,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
                 target, _ = follow_renames(plan, unlead(key, lead), rule.index + 1, True, lead)
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
-                emit(target, info, f"{rule.label} group {g.name}")
+                emit(target, info, source)
     # a key no rule touches that the inverse would rename or convert is already in the target layout:
     # it passes through unchanged, and saving back writes it in the original layout
     left = set(unmatched)
@@ -388,6 +456,17 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
         already=already,
         ambiguous=list(routes.ambiguous),
     )
+
+
+def _unstacked(rule: PlanRule, env: dict[str, Value]) -> tuple[int, int]:
+    """How many tensors the group's expanding ops (unstack) made, and their bytes."""
+    n = size = 0
+    for node in rule.nodes:
+        if OPS[node.op].expands:
+            made = env[node.outputs[0]]
+            n += len(made)
+            size += sum(info.nbytes for info in made.values())
+    return n, size
 
 
 def _inverse_claims(plan: Plan, groups, lead: str = "") -> list[str]:

@@ -73,13 +73,15 @@ def _runs_by_position(bound: BoundPlan, group: Group, itemsize: int):
         env[name] = {}
         for idx, key in m.items():
             shape = layout[key].shape
+            if 0 in shape:  # no bytes to move; torch makes empty tensors of any (huge) shape at no cost
+                return None
             lead = shape[: len(shape) - t]
             n = math.prod(lead)
+            if base + n > MAX_BLOCKS:  # before the ids are made
+                return None
             env[name][idx] = Blocks(lead, list(range(base, base + n)))
             bases.append(base)
             base += n
-            if base > MAX_BLOCKS:
-                return None
     any_key = next(iter(next(iter(group.members.values())).values()))
     shape = layout[any_key].shape
     block = math.prod(shape[len(shape) - t :]) * itemsize
@@ -93,8 +95,9 @@ def _runs_by_position(bound: BoundPlan, group: Group, itemsize: int):
     for value, idx in group.out_values.values():
         ids = env[value][idx].ids
         starts = _run_starts(ids, bases)
+        ends = starts[1:] + [len(ids)] if starts else []  # an empty output (a zero-size dim): no runs
         runs = []
-        for p, end in zip(starts, starts[1:] + [len(ids)], strict=True):
+        for p, end in zip(starts, ends, strict=True):
             j = bisect_right(bases, ids[p]) - 1
             runs.append((j, (ids[p] - bases[j]) * block, p * block, (end - p) * block))
         out.append(runs)

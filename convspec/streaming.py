@@ -9,14 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .bind import BoundPlan
+from .bind import BoundPlan, LimitError
 from .blocks import block_runs
 from .compile.plan import Plan
 from .devices import COMPARES, WRITES, check_device
-from .dtypes import DTYPES, ITEMSIZE, check_dtype
+from .dtypes import ITEMSIZE, check_dtype
 from .errors import BindError
 from .io.checkpoint import Checkpoint
 from .io.writer import AtomicDir, FileCopy, parse_size, write_sharded
+from .ops.cast import cast_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -46,13 +47,12 @@ def stream_bound(
     moves blocks is read straight into its preallocated outputs; with `copies`, such units (and
     renamed tensors) come out as FileCopy byte ranges for the writer to copy file to file. Torch is
     imported only if a tensor is made: a conversion that is all copies never loads it."""
-    cast = DTYPES[dtype] if dtype else None
     pinned = str(device).startswith("cuda")
     layout = bound.layout
 
     def finish(key: str, t: torch.Tensor) -> torch.Tensor:
         t = t.to(device, non_blocking=True)
-        t = t.to(cast) if cast is not None else t
+        t = cast_tensor(t, dtype) if dtype else t  # NaNs keep their bits, as the cast op does
         if on_tensor is not None:
             on_tensor(key, t.numel() * t.element_size())
         return t
@@ -116,7 +116,12 @@ def bind_checkpoint(plan: Plan, ckpt: Checkpoint, strict: bool = False) -> Bound
     """Bind, and refuse a checkpoint the plan does not apply to: no rule claims a key and none is in
     the layout the plan writes already. A checkpoint already in that layout binds: its keys pass
     through (the plan of the other direction would claim them, so no hint can point that way)."""
-    bound = plan.bind(ckpt.layout, strict=strict)
+    try:
+        bound = plan.bind(ckpt.layout, strict=strict)
+    except LimitError as exc:  # name the file that holds the keys (bind sees only the layout)
+        entry = ckpt.entries.get(exc.keys[0]) if exc.keys else None
+        where = entry.file if entry is not None else ckpt.src
+        raise LimitError([f"{where}: {exc.problems[0]}"], exc.keys, hint=exc.hint) from None
     if plan.rules and bound.claimed == 0 and not bound.already and ckpt.entries:
         raise BindError(
             [f"spec {plan.name} claims no key of {ckpt.src} ({len(ckpt.entries)} keys)"],

@@ -14,6 +14,10 @@ if TYPE_CHECKING:
 
 REQUIRED = object()
 
+# torch's sizes, strides and byte counts are int64: a shape whose dims (0 counted as 1) times the
+# item size reach 2**63 cannot be made, not even empty (torch sizes an empty tensor's strides too)
+MAX_EXTENT = 1 << 63
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
@@ -95,6 +99,19 @@ class Op:
         if not -ndim <= dim < max(ndim, 1):
             raise OpError(f"{what}={dim} is out of range for a tensor with {ndim} dims")
         return dim % ndim if ndim else 0
+
+
+def check_extent(op: str, shape: tuple[int, ...], dtype: str) -> TensorInfo:
+    """A TensorInfo an op takes or makes, refused when torch could not hold it (MAX_EXTENT)."""
+    extent = ITEMSIZE[dtype]
+    for s in shape:
+        extent *= s or 1
+    if extent >= MAX_EXTENT:
+        raise OpError(
+            f"{op}: a {dtype} tensor of shape {list(shape)} is past what torch can hold: its dims "
+            "(0 counted as 1) times its item size reach 2**63"
+        )
+    return TensorInfo(shape, dtype)
 
 
 def same_dtype(op: str, ins: list[TensorInfo]) -> str:

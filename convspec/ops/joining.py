@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import NotInvertible, Op, OpError, Param, TensorInfo, same_dtype
+from .base import NotInvertible, Op, OpError, Param, TensorInfo, check_extent, same_dtype
 
 
 def _check_sizes(p):
@@ -49,7 +49,7 @@ class Cat(Op):
             raise OpError(f"cat declares equal=true but the parts have sizes {parts} along dim {dim}")
         shape = list(ins[0].shape)
         shape[dim] = sum(parts)
-        return [TensorInfo(tuple(shape), dtype)]
+        return [check_extent("cat", tuple(shape), dtype)]
 
     def apply(self, p, ins):
         import torch
@@ -81,6 +81,7 @@ class Split(Op):
 
     def infer(self, p, ins):
         (x,) = ins
+        check_extent("split", x.shape, x.dtype)  # its parts sit at offsets torch must count
         dim = self.norm_dim(p["dim"], len(x.shape))
         sizes = list(p["sizes"])
         if sum(sizes) != x.shape[dim]:
@@ -119,6 +120,7 @@ class Chunk(Op):
 
     def infer(self, p, ins):
         (x,) = ins
+        check_extent("chunk", x.shape, x.dtype)  # its parts sit at offsets torch must count
         dim = self.norm_dim(p["dim"], len(x.shape))
         n = p["n"]
         if x.shape[dim] % n:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .base import NotInvertible, Op, OpError, Param, TensorInfo
+from .base import NotInvertible, Op, OpError, Param, TensorInfo, check_extent
 
 
 class Transpose(Op):
@@ -84,7 +84,7 @@ class Reshape(Op):
                 raise OpError(
                     f"reshape declares from_shape={list(p['from_shape'])} but the input is {list(x.shape)}"
                 )
-        return [TensorInfo(_resolve(list(p["shape"]), numel), x.dtype)]
+        return [check_extent("reshape", _resolve(list(p["shape"]), numel), x.dtype)]
 
     def apply(self, p, ins):
         return [ins[0].reshape(list(p["shape"])).contiguous()]

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from operator import itemgetter
 
-from .base import Op, OpError, Param, TensorInfo, same_dtype
+from .base import Op, OpError, Param, TensorInfo, check_extent, same_dtype
+
+# the most members one collection may have (a stack's inputs, an unstack's outputs): models have
+# hundreds of experts or layers; a header's shape must not make millions of keys out of a few bytes
+MAX_MEMBERS = 1 << 16
+
+
+def too_many(what: str, n: int) -> str:
+    """The message of a collection past MAX_MEMBERS (bind refuses the checkpoint with it)."""
+    return f"{what} makes {n} tensors, more than the limit of {MAX_MEMBERS} per collection"
+
+
+class MembersLimit(OpError):
+    """A collection past MAX_MEMBERS: bind stops at once and names the checkpoint's file."""
 
 
 class Stack(Op):
@@ -34,7 +47,7 @@ class Stack(Op):
         shape = list(ins[0].shape)
         dim = self.norm_dim(p["dim"], len(shape) + 1)
         shape.insert(dim, len(ins))
-        return [TensorInfo(tuple(shape), dtype)]
+        return [check_extent("stack", tuple(shape), dtype)]
 
     def apply(self, p, ins):
         import torch
@@ -62,8 +75,17 @@ class Unstack(Op):
     def infer(self, p, ins):
         (x,) = ins
         dim = self.norm_dim(p["dim"], len(x.shape))
+        n = x.shape[dim]
+        if n > MAX_MEMBERS:  # refused before a list of n is made
+            raise MembersLimit(too_many(f"unstack over {p['over']} of {list(x.shape)} along dim {dim}", n))
+        check_extent("unstack", x.shape, x.dtype)  # its parts sit at offsets torch must count
+        if n == 0:
+            raise OpError(
+                f"unstack over {p['over']} of {list(x.shape)}: dim {dim} has size 0, so it makes no "
+                "tensor and the key would vanish (stacking nothing back cannot give it again)"
+            )
         shape = x.shape[:dim] + x.shape[dim + 1 :]
-        return [TensorInfo(shape, x.dtype)] * x.shape[dim]
+        return [TensorInfo(shape, x.dtype)] * n
 
     def apply(self, p, ins):
         import torch
