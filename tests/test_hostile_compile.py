@@ -29,7 +29,15 @@ from convspec.compile.compiler import (
     compile_spec,
     overlaps,
 )
-from convspec.compile.patterns import MAX_OPEN_CAPTURES, intersection_witness
+from convspec.compile.patterns import (
+    MAX_AUTOMATA,
+    MAX_OPEN_CAPTURES,
+    Pattern,
+    TooManyAutomata,
+    automata_budget,
+    intersection_witness,
+    too_many_automata_message,
+)
 from convspec.compile.plan import MATCH_BLOCK
 from convspec.errors import BindError, CompileError, ConvspecError, PlanError
 from convspec.io.safetensors import MAX_KEY_CHARS
@@ -445,3 +453,50 @@ def test_the_docs_state_every_limit_and_its_message():
     for m in messages:
         assert m in section, m
         assert m in language, m
+
+
+def _alike(n: int) -> str:
+    """n converts whose templates begin, end and split alike: only an automaton tells two apart."""
+    return "spec t\n" + "".join(
+        f"convert w = {{a}}x{i}y{{b}}.w -> {{a}}x{i}y{{b}}.v{i} = transpose(w)\n" for i in range(n)
+    )
+
+
+def test_check_builds_at_most_max_automata_intersections(tmp_path):
+    """`check` compares templates pairwise; where nothing but an automaton tells them apart, it stops
+    at MAX_AUTOMATA with one finding instead of running for minutes (400 such converts took 277 s).
+    Under an alarm only: tracemalloc's tracing would multiply the time of the very work counted."""
+    from convspec.lint import check_spec
+
+    path = tmp_path / "alike.cspec"
+    path.write_text(_alike(150))  # 11,175 pairs, each needing an automaton
+    signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(60)
+    try:
+        report = check_spec(str(path))
+    finally:
+        signal.alarm(0)
+    assert [(f.code, f.message) for f in report.findings] == [("E002", too_many_automata_message())]
+
+
+def _timeout(*_):
+    raise AssertionError("check ran past 60 s: its work is not bounded")
+
+
+def test_the_automata_limit_is_stated_and_counts_every_intersection():
+    with automata_budget(3):
+        a, b = Pattern("{a}x1y{b}", (("cap", "a", "seg"), ("lit", "x1y", None), ("cap", "b", "seg"))), None
+        b = Pattern("{a}x2y{b}", (("cap", "a", "seg"), ("lit", "x2y", None), ("cap", "b", "seg")))
+        for _ in range(3):
+            intersection_witness(a, b)
+        with pytest.raises(TooManyAutomata):
+            intersection_witness(a, b)
+    intersection_witness(a, b)  # no budget outside the block
+    safety = (ROOT / "docs" / "safety.md").read_text(encoding="utf-8")
+    language = (ROOT / "docs" / "language.md").read_text(encoding="utf-8")
+    assert f"{MAX_AUTOMATA:,}" in too_many_automata_message()
+    assert too_many_automata_message() in safety.split("### Compile and matching", 1)[1]
+    assert too_many_automata_message() in language
+    from convspec.spec.source import MAX_SPEC_BYTES, MAX_SPEC_CHARS
+
+    assert f"`MAX_SPEC_BYTES` = {MAX_SPEC_BYTES:,}" in safety and f"{MAX_SPEC_CHARS:,}" in safety
