@@ -16,6 +16,7 @@ import os
 import signal
 import struct
 import tracemalloc
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -55,33 +56,40 @@ class Hang(Exception):
     """An input that takes longer than TIME_LIMIT_S: as bad as a crash."""
 
 
-def bounded(fn, *args):
-    """fn(*args) or the ConvspecError it raised (rendered once), under an alarm and a tracemalloc
-    peak bound; any other exception propagates and fails the example."""
+@contextmanager
+def within(time_limit_s: float = TIME_LIMIT_S, peak_bytes: int = PEAK_BYTES, what: str = "it"):
+    """The block under an alarm (a Hang after `time_limit_s`) and a tracemalloc peak bound."""
 
     def on_alarm(signum, frame):
-        raise Hang(f"no answer within {TIME_LIMIT_S} s")
+        raise Hang(f"no answer within {time_limit_s} s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
+    signal.setitimer(signal.ITIMER_REAL, time_limit_s)
     tracing = tracemalloc.is_tracing()
     if not tracing:
         tracemalloc.start()
     tracemalloc.reset_peak()
     before = tracemalloc.get_traced_memory()[0]
     try:
-        outcome = fn(*args)
-    except ConvspecError as exc:
-        outcome = exc
-        assert "error" in str(exc), repr(exc.message)  # the CLI prints it: rendering must work too
+        yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
         peak = tracemalloc.get_traced_memory()[1] - before
         if not tracing:
             tracemalloc.stop()
-    assert peak < PEAK_BYTES, f"{fn.__name__} allocated {peak} bytes at its peak"
-    return outcome
+    assert peak < peak_bytes, f"{what} allocated {peak} bytes at its peak"
+
+
+def bounded(fn, *args, time_limit_s: float = TIME_LIMIT_S, peak_bytes: int = PEAK_BYTES):
+    """fn(*args) or the ConvspecError it raised (rendered once), under an alarm and a tracemalloc
+    peak bound; any other exception propagates and fails the example."""
+    with within(time_limit_s, peak_bytes, getattr(fn, "__name__", repr(fn))):
+        try:
+            return fn(*args)
+        except ConvspecError as exc:
+            assert "error" in str(exc), repr(exc.message)  # the CLI prints it: rendering must work too
+            return exc
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import signal
-import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from hostile import check_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bad_inputs import Case, tensors
+from test_fuzz import bounded as fuzz_bounded
 
 import convspec
 from convspec.compile.compiler import (
@@ -52,35 +52,9 @@ VARIANTS = settings(
 )
 
 
-class Hang(Exception):
-    """No answer within TIME_LIMIT_S: unbounded work."""
-
-
 def bounded(fn, *args):
-    """fn(*args), or the ConvspecError it raised, under an alarm and a tracemalloc peak bound."""
-
-    def on_alarm(signum, frame):
-        raise Hang(f"no answer within {TIME_LIMIT_S} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
-    tracing = tracemalloc.is_tracing()
-    if not tracing:
-        tracemalloc.start()
-    tracemalloc.reset_peak()
-    before = tracemalloc.get_traced_memory()[0]
-    try:
-        outcome = fn(*args)
-    except ConvspecError as exc:
-        outcome = exc
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        peak = tracemalloc.get_traced_memory()[1] - before
-        if not tracing:
-            tracemalloc.stop()
-    assert peak < PEAK_BYTES, f"{getattr(fn, '__name__', fn)} allocated {peak} bytes at its peak"
-    return outcome
+    """fn(*args), or the ConvspecError it raised, within this file's time and peak bounds."""
+    return fuzz_bounded(fn, *args, time_limit_s=TIME_LIMIT_S, peak_bytes=PEAK_BYTES)
 
 
 def _cspec(text: str, name: str = "t.cspec"):

@@ -20,7 +20,6 @@ import re
 import signal
 import subprocess
 import sys
-import tracemalloc
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_bad_inputs import GOOD, RENAME, Case, Link, _snapshot, _write, entry
 from test_bad_inputs import st as safetensors_bytes
+from test_fuzz import within
 
 from convspec.cli import main
 from convspec.errors import ConvspecError
@@ -366,27 +366,9 @@ TIME_LIMIT_S = 20
 PEAK_BYTES = 64 << 20
 
 
-@contextmanager
 def _bounded():
-    def on_alarm(signum, frame):
-        raise AssertionError(f"no answer within {TIME_LIMIT_S} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
-    tracing = tracemalloc.is_tracing()
-    if not tracing:
-        tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        peak = tracemalloc.get_traced_memory()[1] - base
-        if not tracing:
-            tracemalloc.stop()
-    assert peak < PEAK_BYTES, f"allocated {peak} bytes at its peak"
+    """The block within this file's time and peak bounds."""
+    return within(TIME_LIMIT_S, PEAK_BYTES)
 
 
 def _in_process(c: Case, d: Path, capsys) -> Outcome:
