@@ -446,10 +446,10 @@ class AtomicDir:
 
 
 @contextmanager
-def _uninterrupted() -> Iterator[None]:
-    """SIGINT ignored for the duration (in the main thread; elsewhere signals cannot be set)."""
+def _sigint_handled_by(handler) -> Iterator[None]:
+    """SIGINT goes to `handler` for the duration (in the main thread; elsewhere signals cannot be set)."""
     try:
-        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        before = signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread
         yield
         return
@@ -457,21 +457,21 @@ def _uninterrupted() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def _uninterrupted():
+    """SIGINT ignored for the duration."""
+    return _sigint_handled_by(signal.SIG_IGN)
 
 
 @contextmanager
 def _deferred_interrupt() -> Iterator[None]:
-    """A SIGINT meanwhile is held and delivered at the end (in the main thread; elsewhere as is)."""
+    """A SIGINT meanwhile is held and delivered at the end."""
     held: list[int] = []
     try:
-        before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
+        with _sigint_handled_by(lambda signum, frame: held.append(signum)):
+            yield
+    finally:  # delivered even when the block failed, as it would have been without the hold
         if held:
             signal.raise_signal(signal.SIGINT)
 
