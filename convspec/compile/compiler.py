@@ -753,7 +753,6 @@ def check_convert(
     are (value, pattern, span); `types` (capture -> type) grows by the captures unstack adds. Also
     checks the converts of a plan read from JSON, whose `where` stands for the spans."""
     spans = spans or [None] * len(nodes)
-    binding_span = binding_span or {}
     in_caps = [set(p.captures) for _, p in inputs]
     bound_by_all = set.intersection(*in_caps) if in_caps else set()
     out_caps = set().union(*(set(p.captures) for _, p, _ in outputs)) if outputs else set()
@@ -761,52 +760,82 @@ def check_convert(
     free: dict[str, tuple[str, ...]] = {n: tuple(sorted(set(p.captures) - set(keep))) for n, p in inputs}
     uses: dict[str, int] = {}
     for node, node_span in zip(nodes, spans, strict=True):
-        op = OPS[node.op]
-        arg_free = [set(free[a]) for a in node.inputs]
         for a in node.inputs:
             uses[a] = uses.get(a, 0) + 1
-        params = dict(node.params)
-        base = arg_free[0]
-        if any(f != base for f in arg_free[1:]):
-            desc = ", ".join(
-                f"{a} over {{{', '.join(sorted(f)) or 'nothing'}}}"
-                for a, f in zip(node.inputs, arg_free, strict=False)
-            )
-            raise CompileError(
-                f"rule {index + 1} (convert): {node.op} mixes collections: {desc}",
-                span=node_span or span,
-                hint="stack each input over the same captures first",
-            )
-        if op.reduces:
-            over = params["over"]
-            if over not in base:
-                raise CompileError(
-                    f"rule {index + 1} (convert): {node.op}(over={over}) but its input is not a collection "
-                    f"over {{{over}}}" + (f" (it is over {{{', '.join(sorted(base))}}})" if base else ""),
-                    span=node_span or span,
-                    hint="stack over a capture that the input has and the target does not",
-                )
-            if types.get(over) != "int":
-                raise CompileError(
-                    f"rule {index + 1} (convert): stack over {{{over}}} needs an int "
-                    f"capture ({{{over}:int}}) to order its members",
-                    span=node_span or span,
-                    hint=f"declare it as {{{over}:int}} in the input templates",
-                )
-            out_free = tuple(sorted(base - {over}))
-        elif op.expands:
-            over = params["over"]
-            if over in base or over in keep:
-                raise CompileError(
-                    f"rule {index + 1} (convert): unstack over {{{over}}}, which is already bound",
-                    span=node_span or span,
-                )
-            types.setdefault(over, "int")
-            out_free = tuple(sorted(base | {over}))
-        else:
-            out_free = tuple(sorted(base))
+        out_free = _node_free(index, node, free, keep, types, node_span or span)
         for o in node.outputs:
             free[o] = out_free
+    _check_targets(index, outputs, keep, free, in_caps, uses)
+    if outputs:  # the use checks point at the last target
+        span = outputs[-1][2]
+    _check_all_used(index, inputs, nodes, spans, uses, binding_span or {}, span)
+    types = {c: types.get(c, "seg") for c in sorted(set(types) | out_caps)}
+    return PlanRule(
+        index=index,
+        kind="convert",
+        where=where,
+        inputs=tuple((n, p) for n, p in inputs),
+        outputs=tuple((v, p.typed(types)) for v, p, _ in outputs),
+        nodes=tuple(nodes),
+        keep=tuple(keep),
+        free=tuple(sorted(free.items())),
+        types=tuple(types.items()),
+    )
+
+
+def _node_free(
+    index: int, node: Node, free: dict, keep: list[str], types: dict[str, str], span: Span | None
+) -> tuple[str, ...]:
+    """The captures a node's values vary over: its inputs' (which must agree), less the one a stack
+    reduces, plus the one an unstack adds (typed int in `types`)."""
+    op = OPS[node.op]
+    arg_free = [set(free[a]) for a in node.inputs]
+    params = dict(node.params)
+    base = arg_free[0]
+    if any(f != base for f in arg_free[1:]):
+        desc = ", ".join(
+            f"{a} over {{{', '.join(sorted(f)) or 'nothing'}}}"
+            for a, f in zip(node.inputs, arg_free, strict=False)
+        )
+        raise CompileError(
+            f"rule {index + 1} (convert): {node.op} mixes collections: {desc}",
+            span=span,
+            hint="stack each input over the same captures first",
+        )
+    if op.reduces:
+        over = params["over"]
+        if over not in base:
+            raise CompileError(
+                f"rule {index + 1} (convert): {node.op}(over={over}) but its input is not a collection "
+                f"over {{{over}}}" + (f" (it is over {{{', '.join(sorted(base))}}})" if base else ""),
+                span=span,
+                hint="stack over a capture that the input has and the target does not",
+            )
+        if types.get(over) != "int":
+            raise CompileError(
+                f"rule {index + 1} (convert): stack over {{{over}}} needs an int "
+                f"capture ({{{over}:int}}) to order its members",
+                span=span,
+                hint=f"declare it as {{{over}:int}} in the input templates",
+            )
+        return tuple(sorted(base - {over}))
+    if op.expands:
+        over = params["over"]
+        if over in base or over in keep:
+            raise CompileError(
+                f"rule {index + 1} (convert): unstack over {{{over}}}, which is already bound",
+                span=span,
+            )
+        types.setdefault(over, "int")
+        return tuple(sorted(base | {over}))
+    return tuple(sorted(base))
+
+
+def _check_targets(
+    index: int, outputs: list, keep: list[str], free: dict, in_caps: list[set], uses: dict[str, int]
+) -> None:
+    """Every target names exactly the captures its value varies over, and none is written twice;
+    counts each value's uses."""
     seen_out: set[str] = set()
     for v, pat, span in outputs:
         uses[v] = uses.get(v, 0) + 1
@@ -836,6 +865,18 @@ def check_convert(
         if pat.text in seen_out:
             raise CompileError(f"rule {index + 1} (convert): target {pat.text} is written twice", span=span)
         seen_out.add(pat.text)
+
+
+def _check_all_used(
+    index: int,
+    inputs: list,
+    nodes: list[Node],
+    spans: list,
+    uses: dict[str, int],
+    binding_span: dict[str, Span | None],
+    span: Span | None,
+) -> None:
+    """Every input and every value an op yields is used: a value no target takes would be lost."""
     for name, _ in inputs:
         if uses.get(name, 0) == 0:
             raise CompileError(
@@ -852,18 +893,6 @@ def check_convert(
                     span=node_span or span,
                     code=UNUSED,
                 )
-    types = {c: types.get(c, "seg") for c in sorted(set(types) | out_caps)}
-    return PlanRule(
-        index=index,
-        kind="convert",
-        where=where,
-        inputs=tuple((n, p) for n, p in inputs),
-        outputs=tuple((v, p.typed(types)) for v, p, _ in outputs),
-        nodes=tuple(nodes),
-        keep=tuple(keep),
-        free=tuple(sorted(free.items())),
-        types=tuple(types.items()),
-    )
 
 
 def _is_expr(v: Any) -> bool:
@@ -969,11 +998,6 @@ def overlap_error(ra: PlanRule, na: str, rb: PlanRule, nb: str, w: str, span: Sp
 
 
 # ---- includes -----------------------------------------------------------------------------
-
-
-def flatten(spec: Spec, resolve: Callable[[str], Spec] | None) -> list:
-    """The spec's rules with every `include` replaced by the included rules, once per prefix."""
-    return _flatten(spec, resolve)[0]
 
 
 class _Budget:
