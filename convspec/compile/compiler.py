@@ -174,6 +174,7 @@ class Compilation:
     origins: list = field(default_factory=list)  # for each, the include it came from ("" the spec's own)
     rules: list[PlanRule] = field(default_factory=list)  # the rules lowered so far, in order
     failed: set[int] = field(default_factory=set)
+    inverse: tuple = (None, None, ())  # inverse_of's: the inverse rules, why none, why lossy
     diagnostics: list[Diagnostic] = field(default_factory=list)
     stopped: bool = False  # an error no later pass can work past (an include that cannot expand)
     plan: Plan | None = None
@@ -247,11 +248,17 @@ def _input_span(rule, name: str) -> Span | None:
     return rule.span
 
 
+def derive_inverse(state: Compilation) -> None:
+    """Pass: the rules that undo the plan's, or why there are none, and why they are lossy."""
+    if not state.failed:
+        state.inverse = inverse_of(state.rules)
+
+
 def make_plan(state: Compilation) -> None:
     """Pass: the plan, with what it records of its inverse; none when a rule failed."""
     if state.failed:
         return
-    inverse_rules, inverse_error, lossy = inverse_of(state.rules)
+    inverse_rules, inverse_error, lossy = state.inverse
     spec = state.spec
     state.plan = Plan(
         name=spec.name,
@@ -269,7 +276,7 @@ def make_plan(state: Compilation) -> None:
 @dataclass(frozen=True)
 class Pass:
     """One step of compiling. `bounded`: it compares templates pairwise, so it runs within the
-    automata budget (one budget for every such pass of a compile, see `bounded_automata`)."""
+    automata budget (one budget for the run of such passes, see `bounded_automata`)."""
 
     name: str
     run: Callable[[Compilation], None]
@@ -280,7 +287,8 @@ PASSES: tuple[Pass, ...] = (
     Pass("includes", expand_includes),
     Pass("rules", lower_rules),
     Pass("overlaps", check_claims, bounded=True),
-    Pass("plan", make_plan, bounded=True),  # the inverse
+    Pass("inverse", derive_inverse, bounded=True),
+    Pass("plan", make_plan),
 )
 
 
@@ -293,9 +301,12 @@ def run_passes(state: Compilation, passes: tuple[Pass, ...] = PASSES) -> Compila
             for p in passes:
                 if state.stopped:
                     break
-                if p.bounded and not bounded:
-                    budget.enter_context(bounded_automata(state.flat))
-                    bounded = True
+                if p.bounded != bounded:  # the bounded passes are contiguous: one budget for them all
+                    if p.bounded:
+                        budget.enter_context(bounded_automata(state.flat))
+                    else:
+                        budget.close()
+                    bounded = p.bounded
                 p.run(state)
     except CompileError as exc:  # collecting, only the budget's error gets here: it ends the block
         state.stopped = True
