@@ -73,7 +73,8 @@ def test_collecting_reports_every_error_with_its_code_severity_and_span(tmp_path
 
 
 def test_a_failed_rule_leaves_no_plan_and_an_overlap_alone_does(tmp_path):
-    assert compile_all(api.load_spec(spec_path(tmp_path))).plan is None
+    failed = compile_all(api.load_spec(spec_path(tmp_path)))
+    assert failed.plan is None and failed.failed == {0, 1, 2} and len(failed.errors) == 4
     overlap_only = "spec ok\n" + "".join(BAD.splitlines(keepends=True)[6:])
     state = compile_all(api.load_spec(spec_path(tmp_path, overlap_only)))
     assert [d.code for d in state.diagnostics] == ["E101"]
