@@ -20,6 +20,7 @@ from lark import (
 from lark.exceptions import VisitError
 
 from ..errors import SpecError, SpecSyntaxError, SpecValidationError
+from .lexicon import DOTTED_PREFIX, is_dotted_prefix
 from .model import (
     Binding,
     BinOp,
@@ -76,6 +77,7 @@ _TOKEN_NAMES = {
 @cache
 def _parser() -> Lark:
     grammar = resources.files("convspec.spec").joinpath("grammar.lark").read_text()
+    grammar = grammar.replace("$DOTTED_PREFIX", DOTTED_PREFIX)
     return Lark(
         grammar,
         start=["spec", "template", "expr"],
@@ -437,7 +439,7 @@ class _DslBuilder(_ExprBuilder):
                 hint="`only renames` takes the renames and aliases, `only converts` the converts",
             )
         under = [_unquote(str(p)) if str(p).startswith('"') else str(p) for p in prefixes if p is not None]
-        bad = [u for u in under if u and not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", u)]
+        bad = [u for u in under if u and not is_dotted_prefix(u)]
         if bad:
             raise SpecValidationError(
                 f"prefix {bad[0]!r} is not a dotted name",
