@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import re
-from functools import cache
-from importlib import resources
 
-from lark import (
-    Lark,
-    Token,
-    Transformer,
-    Tree,
-    UnexpectedCharacters,
-    UnexpectedEOF,
-    UnexpectedInput,
-    UnexpectedToken,
-    v_args,
-)
+from lark import Token, Transformer, Tree, UnexpectedInput, v_args
 from lark.exceptions import VisitError
 
 from ..errors import SpecError, SpecSyntaxError, SpecValidationError
-from .lexicon import DOTTED_PREFIX, is_dotted_prefix
+from .grammar import parser as _parser
+from .lexicon import is_dotted_prefix
 from .model import (
     Binding,
     BinOp,
@@ -44,94 +33,11 @@ from .model import (
     Template,
 )
 from .source import MAX_SPEC_CHARS, Embedded, Source
+from .syntax_errors import syntax_error
 
 CAPTURE_TYPES = ("path", "path?", "int", "seg")
 MAX_EXPR_DEPTH = 64
 MAX_INT_BITS = 64  # the evaluator's bound; a literal past it could only overflow later
-
-# What lark calls a terminal, as a person would say it.
-_TOKEN_NAMES = {
-    "TEMPLATE": "a key template",
-    "NAME": "a name",
-    "NUMBER": "a number",
-    "STRING": 'a "quoted string"',
-    "TLIT": "template text",
-    "LPAR": "'('",
-    "RPAR": "')'",
-    "LSQB": "'['",
-    "RSQB": "']'",
-    "LBRACE": "'{'",
-    "RBRACE": "'}'",
-    "COMMA": "','",
-    "EQUAL": "'='",
-    "COLON": "':'",
-    "DOT": "'.'",
-    "MINUS": "'-'",
-    "PLUS": "'+'",
-    "STAR": "'*'",
-    "PERCENT": "'%'",
-    "$END": "the end of the input",
-}
-
-
-@cache
-def _parser() -> Lark:
-    grammar = resources.files("convspec.spec").joinpath("grammar.lark").read_text()
-    grammar = grammar.replace("$DOTTED_PREFIX", DOTTED_PREFIX)
-    return Lark(
-        grammar,
-        start=["spec", "template", "expr"],
-        parser="lalr",
-        propagate_positions=True,
-        maybe_placeholders=True,
-    )
-
-
-def _terminal_text(name: str) -> str:
-    if name in _TOKEN_NAMES:
-        return _TOKEN_NAMES[name]
-    for term in _parser().terminals:  # anonymous terminals such as '->' and '??' by their text
-        if term.name == name and term.pattern.type == "str":
-            return f"'{term.pattern.value}'"
-    return f"'{name.lower()}'" if name.isupper() else name
-
-
-def _describe_expected(expected: set[str]) -> str:
-    names = sorted({_terminal_text(t) for t in expected})
-    if len(names) > 8:
-        names = names[:8] + ["..."]
-    return ", ".join(names)
-
-
-def _syntax_error(exc: UnexpectedInput, where: Source | Embedded, what: str) -> SpecSyntaxError:
-    line, col = getattr(exc, "line", 1) or 1, getattr(exc, "column", 1) or 1
-    if isinstance(exc, UnexpectedCharacters):
-        ch = exc.char
-        msg = f"unexpected character {ch!r} in {what}"
-        expected = getattr(exc, "allowed", None) or set()
-    elif isinstance(exc, UnexpectedEOF):
-        msg = f"{what} ends too early"
-        expected = set(exc.expected)
-        line, col = _end_position(where)
-    elif isinstance(exc, UnexpectedToken):
-        tok = exc.token
-        if tok.type == "$END":
-            msg = f"{what} ends too early"
-            line, col = _end_position(where)
-        else:
-            msg = f"unexpected {tok.value!r} in {what}"
-        expected = set(exc.expected)
-    else:  # pragma: no cover - lark has no other kinds
-        msg, expected = f"cannot parse {what}", set()
-    hint = f"expected {_describe_expected(expected)}" if expected else None
-    return SpecSyntaxError(msg, span=where.span(line, col), hint=hint)
-
-
-def _end_position(where: Source | Embedded) -> tuple[int, int]:
-    text = where.text if isinstance(where, Source) else where.string
-    lines = text.splitlines() or [""]
-    return len(lines), len(lines[-1]) + 1
-
 
 # ---- key templates ---------------------------------------------------------------------------
 
@@ -149,7 +55,7 @@ def parse_template(text: str, where: Embedded) -> Template:
     try:
         tree = _parser().parse(text, start="template")
     except UnexpectedInput as exc:
-        raise _syntax_error(exc, where, "key template") from None
+        raise syntax_error(exc, where, "key template") from None
     return _transform(_TemplateBuilder(where, text), tree)
 
 
@@ -240,7 +146,7 @@ def parse_expr(text: str, where: Embedded) -> Expr:
     try:
         tree = _parser().parse(text, start="expr")
     except UnexpectedInput as exc:
-        raise _syntax_error(exc, where, "expression") from None
+        raise syntax_error(exc, where, "expression") from None
     _check_expr(tree, where)
     return _transform(_ExprBuilder(where), tree)
 
@@ -366,7 +272,7 @@ def parse_dsl(text: str, file: str | None = None) -> Spec:
     try:
         tree = _parser().parse(text, start="spec")
     except UnexpectedInput as exc:
-        raise _syntax_error(exc, source, "spec") from None
+        raise syntax_error(exc, source, "spec") from None
     _guard_expressions(tree, source)
     return _transform(_DslBuilder(source), tree)
 
