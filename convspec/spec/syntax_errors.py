@@ -107,7 +107,10 @@ def _keyword_terminals() -> dict[str, str]:
 # ---- the mistakes authors make ---------------------------------------------------------------
 
 _REWRITE = "write it as: rename SOURCE -> TARGET (alias alike); a key template has no spaces"
-_OUTPUT = "each output of a convert is a line '-> TARGETS = EXPR' or '-> TARGETS ops [CALLS]'"
+_OUTPUT = (
+    "each output of a convert is a line '-> TARGETS = EXPR' or '-> TARGETS ops [CALLS]'; "
+    "a convert's inputs are separated by ','"
+)
 _STATEMENTS = ("rename", "alias", "convert", "drop", "include", "doc", "model_types", "base_prefix")
 
 # mistake -> bad `.cspec` texts that show it; an error in the same parser state at the same kind of
@@ -169,15 +172,18 @@ EXAMPLES: dict[str, list[str]] = {
 
 
 @cache
-def _mistake_states() -> dict[tuple[int, str], str]:
-    """(parser state, token type) -> mistake, from the examples: built on the first syntax error."""
-    table: dict[tuple[int, str], str] = {}
+def _mistake_states() -> dict[tuple[int, str], tuple[str, ...]]:
+    """(parser state, token type) -> the mistakes whose examples end there, built on the first syntax
+    error. LALR merges states, so one state can serve several mistakes; each one's message checks
+    what the parser accepts there (a ')' inside a call, a '->' after a convert's inputs)."""
+    table: dict[tuple[int, str], tuple[str, ...]] = {}
     for mistake, texts in EXAMPLES.items():
         for text in texts:
             try:
                 parser().parse(text, start="spec")
             except UnexpectedToken as exc:
-                table.setdefault(_key(exc), mistake)
+                if mistake not in table.get(_key(exc), ()):
+                    table[_key(exc)] = (*table.get(_key(exc), ()), mistake)
             else:  # pragma: no cover - an example that parses is a bug in the table
                 raise AssertionError(f"the example of {mistake} parses: {text!r}")
     return table
@@ -196,8 +202,11 @@ def known_mistake(exc: UnexpectedToken) -> tuple[str, str] | None:
             f"unknown word {tok.value!r}: did you mean {typo!r}?",
             f"expected {_describe_expected(set(exc.expected))}",
         )
-    mistake = _mistake_states().get(_key(exc))
-    return _MESSAGES[mistake](exc) if mistake is not None else None
+    for mistake in _mistake_states().get(_key(exc), ()):
+        found = _MESSAGES[mistake](exc)
+        if found is not None:
+            return found
+    return None
 
 
 def _misspelt_keyword(exc: UnexpectedToken) -> str | None:
@@ -215,36 +224,61 @@ def _next_statement(tok: Token) -> bool:
     return tok.type == "$END" or tok.value in _STATEMENTS
 
 
-def _rename_no_arrow(exc: UnexpectedToken) -> tuple[str, str]:
+def _accepts(exc: UnexpectedToken, *texts: str) -> bool:
+    """Whether the parser would have taken one of these literal tokens here."""
+    return any(_literal_terminals().get(name) in texts for name in exc.accepts)
+
+
+def _after_inputs(exc: UnexpectedToken) -> bool:
+    """Where a convert's next output may start: after its inputs, a `let` or an output, not in a call."""
+    return _accepts(exc, "->") and not _accepts(exc, ")", "]")
+
+
+def _rename_equals(exc: UnexpectedToken) -> tuple[str, str] | None:
+    if not _accepts(exc, "->") or _accepts(exc, ","):
+        return None
+    return "'=' where '->' belongs: a rename maps its source to its target with '->'", _REWRITE
+
+
+def _rename_no_arrow(exc: UnexpectedToken) -> tuple[str, str] | None:
+    if not _accepts(exc, "->"):
+        return None
     if _next_statement(exc.token):
-        return "this rename or alias ends without '->' and its target", _REWRITE
+        return "the rename or alias before this point has no '->' and no target", _REWRITE
     return f"missing '->' before {exc.token.value!r}", _REWRITE
 
 
 def _output_arrow(exc: UnexpectedToken) -> tuple[str, str] | None:
-    if exc.token.value not in ("=", "=>"):
-        return None  # template text that merely starts with them
+    if exc.token.value not in ("=", "=>") or not _after_inputs(exc):
+        return None  # template text that merely starts with them, or an `=` inside a call
     return f"an output of a convert starts with '->', not {exc.token.value!r}", _OUTPUT
 
 
 def _output_no_arrow(exc: UnexpectedToken) -> tuple[str, str] | None:
+    if not _after_inputs(exc):
+        return None
     if _next_statement(exc.token):
-        return "this convert has no output: its inputs must be followed by '-> TARGETS = EXPR'", _OUTPUT
+        return (
+            "the convert before this point has no output: its inputs must be followed by '-> TARGETS = EXPR'",
+            _OUTPUT,
+        )
     return (
         f"missing '->' before the output {exc.token.value!r}",
-        _OUTPUT + "; a convert's inputs are separated by ','",
+        _OUTPUT,
     )
 
 
 def _between_arguments(exc: UnexpectedToken) -> tuple[str, str] | None:
     """After an argument of a call or an item of a list: a missing ',', or a missing ')' or ']'."""
-    if "COMMA" not in exc.accepts or not {"RPAR", "RSQB"} & set(exc.accepts):
+    if not _accepts(exc, ",") or not _accepts(exc, ")", "]"):
         return None  # not inside a call or a list
-    call = "RPAR" in exc.accepts
+    call = _accepts(exc, ")")
     hint = "write op arguments as f(a, b, dim=1) and lists as [a, b]"
     if _next_statement(exc.token):
         return (
-            "an op call is not closed: ')' is missing" if call else "a list is not closed: ']' is missing"
+            "an op call before this point is not closed: ')' is missing"
+            if call
+            else "a list before this point is not closed: ']' is missing"
         ), hint
     return (
         f"missing ',' before {exc.token.value!r}: {'arguments' if call else 'list items'} are separated by commas",
@@ -253,15 +287,12 @@ def _between_arguments(exc: UnexpectedToken) -> tuple[str, str] | None:
 
 
 _MESSAGES: dict[str, Callable[[UnexpectedToken], tuple[str, str] | None]] = {
-    "rename_equals": lambda exc: (
-        "'=' where '->' belongs: a rename maps its source to its target with '->'",
-        _REWRITE,
-    ),
+    "rename_equals": _rename_equals,
     "rename_no_arrow": _rename_no_arrow,
     "output_arrow": _output_arrow,
     "output_no_arrow": _output_no_arrow,
     "output_no_body": lambda exc: (
-        "this output has no expression: its targets must be followed by '= EXPR' or 'ops [CALLS]'",
+        "the output before this point has no expression: its targets must be followed by '= EXPR' or 'ops [CALLS]'",
         _OUTPUT,
     ),
     "unclosed_brace": lambda exc: (
