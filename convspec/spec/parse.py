@@ -1,4 +1,8 @@
-"""The lark front end: DSL text, key templates and op expressions -> Spec IR."""
+"""The lark front end: DSL text, key templates and op expressions -> Spec IR.
+
+lark parses; `Transformer`s with `v_args(meta=True)` build the IR bottom up, each node with the span
+of its rule. Expressions are checked top down first (`_check_expr`), so an error is the first one in
+reading order and deep nesting is refused before the builder recurses into it."""
 
 from __future__ import annotations
 
@@ -165,10 +169,11 @@ def _check_expr(node: Tree, where: Source | Embedded, depth: int = 0) -> None:
         )
     if node.data == "call":
         _check_call(node, where, depth + 1)
-    elif node.data == "number":
+        return
+    if node.data == "number":
         text = str(node.children[0])
         _int64(text.split(".")[0], text, "number", _span(where, node))
-    for child in node.children if node.data != "call" else ():
+    for child in node.children:
         if isinstance(child, Tree):
             _check_expr(child, where, depth + 1)
 
