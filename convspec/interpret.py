@@ -123,7 +123,9 @@ class Interpreter:
         for idx in sorted(keys, key=index_order):
             results = call(op, p, [a[idx] for a in args])
             if len(results) != len(node.outputs):
-                raise GroupError(f"{node.op} yields {len(results)} values, the rule names {len(node.outputs)}")
+                raise GroupError(
+                    f"{node.op} yields {len(results)} values, the rule names {len(node.outputs)}"
+                )
             for o, r in zip(outs, results, strict=False):
                 o[idx] = r
         return outs

@@ -96,7 +96,8 @@ class Param:
                 hint=(f"did you mean {close[0]!r}? " if close else "") + f"dtypes: {', '.join(DTYPES)}",
             )
         what = {"int": "an integer", "bool": "true or false", "capture": "a capture name"}
-        raise OpError(f"parameter {self.name} of {op} must be {what.get(self.kind, 'a list of integers')}, got {short(v)}")
+        must = what.get(self.kind, "a list of integers")
+        raise OpError(f"parameter {self.name} of {op} must be {must}, got {short(v)}")
 
 
 def short(v: Any) -> str:
