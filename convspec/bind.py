@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .compile.plan import Plan, PlanRule
 from .errors import BindError
-from .interpret import GroupError, Index, Value, index_order, infer_group  # noqa: F401  (explain, dot)
+from .interpret import GroupError, Index, Infer, Value, index_order, infer_group  # noqa: F401  (explain, dot)
 from .ops import OPS, OpError, TensorInfo
 from .ops.stacking import MembersLimit
 from .routing import base_lead, follow_renames, route_all, unlead
@@ -167,51 +168,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
 
     for src, dst in passthrough.items():
         emit(dst, infos[src], src)
-    made = held = 0  # tensors unstacking made so far, and their bytes (MAX_UNSTACKED)
-    for g in sorted(groups.values(), key=lambda g: (g.rule.index, index_order(tuple(g.keep.values())))):
-        rule = g.rule
-        missing = [n for n, _ in rule.inputs if n not in g.members]
-        if missing:
-            pat = dict(rule.inputs)[missing[0]]
-            have = next(iter(g.members.values()))
-            problems.append(
-                f"{rule.label}: group {g.name} has no {missing[0]!r} key (expected "
-                f"{pat.display()} with {g.name}; the group has {next(iter(have.values()))})"
-            )
-            continue
-        try:  # the members' leaves are source keys: infer looks their TensorInfos up
-            env = infer_group(plan, rule, g.members, infos)
-        except MembersLimit as exc:
-            raise LimitError(
-                [f"{rule.label}: group {g.name}: {exc.message} (keys: {_short(g.source_keys)})"],
-                g.source_keys,
-                hint=LIMIT_HINT,
-            ) from None
-        except (GroupError, OpError) as exc:
-            msg = exc.message if isinstance(exc, OpError) else str(exc)
-            problems.append(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})")
-            continue
-        n, size = _unstacked(rule, env)
-        made, held = made + n, held + size
-        if made > MAX_UNSTACKED + held // UNSTACKED_BYTES:
-            raise LimitError(
-                [
-                    f"{rule.label}: group {g.name}: unstacking makes {made} tensors of {held} bytes by "
-                    f"here, more than the limit of {MAX_UNSTACKED} plus one per {UNSTACKED_BYTES} bytes "
-                    f"(keys: {_short(g.source_keys)})"
-                ],
-                g.source_keys,
-                hint=LIMIT_HINT,
-            )
-        source = f"{rule.label} group {g.name}"
-        for value, pat in rule.outputs:
-            vfree = rule.free_of[value]
-            for idx, info in env[value].items():
-                key = pat.format({**g.keep, **dict(zip(vfree, idx, strict=False))})
-                target, _ = follow_renames(plan, unlead(key, lead), rule.index + 1, True, lead)
-                g.outputs[target] = info
-                g.out_values[target] = (value, idx)
-                emit(target, info, source)
+    _infer_groups(plan, groups.values(), infos, lead, emit, problems)
     # a key no rule touches that the inverse would rename or convert is already in the target layout:
     # it passes through unchanged, and saving back writes it in the original layout
     left = set(unmatched)
@@ -252,6 +209,64 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
         already=already,
         ambiguous=list(routes.ambiguous),
     )
+
+
+def _infer_groups(
+    plan: Plan,
+    groups,
+    infos: dict[str, TensorInfo],
+    lead: str,
+    emit: Callable[[str, TensorInfo, str], None],
+    problems: list[str],
+) -> None:
+    """Infer every group's outputs, in rule and group order: fill in its outputs, `emit` each final
+    key, add each group's problem to `problems`; a passed limit raises LimitError at once."""
+    made = held = 0  # tensors unstacking made so far, and their bytes (MAX_UNSTACKED)
+    infer = Infer(plan, infos)
+    for g in sorted(groups, key=lambda g: (g.rule.index, index_order(tuple(g.keep.values())))):
+        rule = g.rule
+        missing = [n for n, _ in rule.inputs if n not in g.members]
+        if missing:
+            pat = dict(rule.inputs)[missing[0]]
+            have = next(iter(g.members.values()))
+            problems.append(
+                f"{rule.label}: group {g.name} has no {missing[0]!r} key (expected "
+                f"{pat.display()} with {g.name}; the group has {next(iter(have.values()))})"
+            )
+            continue
+        try:  # the members' leaves are source keys: infer looks their TensorInfos up
+            env = infer.run(rule, dict(g.members))
+        except MembersLimit as exc:
+            raise LimitError(
+                [f"{rule.label}: group {g.name}: {exc.message} (keys: {_short(g.source_keys)})"],
+                g.source_keys,
+                hint=LIMIT_HINT,
+            ) from None
+        except (GroupError, OpError) as exc:
+            msg = exc.message if isinstance(exc, OpError) else str(exc)
+            problems.append(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})")
+            continue
+        n, size = _unstacked(rule, env)
+        made, held = made + n, held + size
+        if made > MAX_UNSTACKED + held // UNSTACKED_BYTES:
+            raise LimitError(
+                [
+                    f"{rule.label}: group {g.name}: unstacking makes {made} tensors of {held} bytes by "
+                    f"here, more than the limit of {MAX_UNSTACKED} plus one per {UNSTACKED_BYTES} bytes "
+                    f"(keys: {_short(g.source_keys)})"
+                ],
+                g.source_keys,
+                hint=LIMIT_HINT,
+            )
+        source = f"{rule.label} group {g.name}"
+        for value, pat in rule.outputs:
+            vfree = rule.free_of[value]
+            for idx, info in env[value].items():
+                key = pat.format({**g.keep, **dict(zip(vfree, idx, strict=False))})
+                target, _ = follow_renames(plan, unlead(key, lead), rule.index + 1, True, lead)
+                g.outputs[target] = info
+                g.out_values[target] = (value, idx)
+                emit(target, info, source)
 
 
 def _unstacked(rule: PlanRule, env: dict[str, Value]) -> tuple[int, int]:
