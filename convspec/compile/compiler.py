@@ -366,13 +366,14 @@ class _Lowering:
         if n_out is None:
             if want is None:
                 raise self.err(
-                    f"{op.name} needs n= here: only an op whose values go straight to targets "
-                    "or let names takes its count from them",
+                    f"{op.name} needs {op.count_param or 'n'}= here: only an op whose values go straight "
+                    "to targets or let names takes its count from them",
                     call.span,
                 )
             n_out = want
-            if params.get("n") is None:  # a config expression for n stays: bind checks it
-                params["n"] = want
+            count = op.count_param  # chunk's n; a config expression for it stays: bind checks it
+            if count is not None and params.get(count) is None:
+                params[count] = want
         if not 1 <= n_out <= MAX_OP_VALUES:
             raise self.err(
                 f"{op.name} would yield {n_out} values: an op yields 1 to {MAX_OP_VALUES}",
