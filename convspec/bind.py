@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .compile.plan import Plan, PlanRule
-from .errors import BindError
+from .errors import BindError, Problem
 from .interpret import GroupError, Index, Infer, Value, index_order, infer_group  # noqa: F401  (explain, dot)
 from .ops import OPS, OpError, TensorInfo
 from .ops.stacking import MembersLimit
@@ -217,7 +217,7 @@ def _infer_groups(
     infos: dict[str, TensorInfo],
     lead: str,
     emit: Callable[[str, TensorInfo, str], None],
-    problems: list[str],
+    problems: list,
 ) -> None:
     """Infer every group's outputs, in rule and group order: fill in its outputs, `emit` each final
     key, add each group's problem to `problems`; a passed limit raises LimitError at once."""
@@ -230,30 +230,43 @@ def _infer_groups(
             pat = dict(rule.inputs)[missing[0]]
             have = next(iter(g.members.values()))
             problems.append(
-                f"{rule.label}: group {g.name} has no {missing[0]!r} key (expected "
-                f"{pat.display()} with {g.name}; the group has {next(iter(have.values()))})"
+                Problem(
+                    f"{rule.label}: group {g.name} has no {missing[0]!r} key (expected "
+                    f"{pat.display()} with {g.name}; the group has {next(iter(have.values()))})",
+                    rule.number,
+                )
             )
             continue
         try:  # the members' leaves are source keys: infer looks their TensorInfos up
             env = infer.run(rule, dict(g.members))
         except MembersLimit as exc:
             raise LimitError(
-                [f"{rule.label}: group {g.name}: {exc.message} (keys: {_short(g.source_keys)})"],
+                [
+                    Problem(
+                        f"{rule.label}: group {g.name}: {exc.message} (keys: {_short(g.source_keys)})",
+                        rule.number,
+                    )
+                ],
                 g.source_keys,
                 hint=LIMIT_HINT,
             ) from None
         except (GroupError, OpError) as exc:
             msg = exc.message if isinstance(exc, OpError) else str(exc)
-            problems.append(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})")
+            problems.append(
+                Problem(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})", rule.number)
+            )
             continue
         n, size = _unstacked(rule, env)
         made, held = made + n, held + size
         if made > MAX_UNSTACKED + held // UNSTACKED_BYTES:
             raise LimitError(
                 [
-                    f"{rule.label}: group {g.name}: unstacking makes {made} tensors of {held} bytes by "
-                    f"here, more than the limit of {MAX_UNSTACKED} plus one per {UNSTACKED_BYTES} bytes "
-                    f"(keys: {_short(g.source_keys)})"
+                    Problem(
+                        f"{rule.label}: group {g.name}: unstacking makes {made} tensors of {held} bytes by "
+                        f"here, more than the limit of {MAX_UNSTACKED} plus one per {UNSTACKED_BYTES} bytes "
+                        f"(keys: {_short(g.source_keys)})",
+                        rule.number,
+                    )
                 ],
                 g.source_keys,
                 hint=LIMIT_HINT,
