@@ -5,18 +5,14 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from .compile.evaluate import evaluate
 from .compile.plan import Plan, PlanRule
 from .errors import BindError, Problem
+from .interpret import GroupError, Index, Infer, Value, index_order, infer_group  # noqa: F401  (explain, dot)
 from .ops import OPS, OpError, TensorInfo
-from .ops.stacking import MAX_MEMBERS, MembersLimit, too_many
+from .ops.stacking import MembersLimit
 from .routing import base_lead, follow_renames, route_all, unlead
-
-Index = tuple[str, ...]
-Value = dict[Index, Any]  # a collection: capture values (in the value's `free` order) -> leaf
 
 # tensors unstacking may make in one conversion: MAX_UNSTACKED, plus one per UNSTACKED_BYTES they hold.
 # Models make tens of thousands, of megabytes each; a header must not make millions of empty or
@@ -28,10 +24,6 @@ UNSTACKED_BYTES = 4096
 LIMIT_HINT = "nothing was read or written; docs/safety.md (Groups and shapes) lists the limits"
 
 
-class GroupError(Exception):
-    """A problem inside one group; bind adds the rule and the group's name."""
-
-
 class LimitError(BindError):
     """A limit of bind is passed: raised at once, before more is made. `keys` are the source keys of
     the group, so that the caller, who knows the files, can name the file too."""
@@ -39,201 +31,6 @@ class LimitError(BindError):
     def __init__(self, problems: list[str], keys: list[str], *, hint: str | None = None):
         super().__init__(problems, hint=hint)
         self.keys = keys
-
-
-def node_params(plan: Plan, rule: PlanRule, node) -> dict:
-    """A node's parameters with any config expression evaluated (cached on the plan)."""
-    key = ("params", rule.index, plan.is_inverse, id(node))
-    cache = plan._cache
-    if key not in cache:
-        out, deferred = {}, False
-        for k, v in node.params:
-            if isinstance(v, dict) and "$expr" in v:
-                v, deferred = evaluate(v["$expr"], plan.config, node.where), True
-            out[k] = v
-        if deferred:  # the compiler checked literal parameters; these it could not see
-            _check_evaluated(node, out)
-        cache[key] = out
-    return cache[key]
-
-
-def _check_evaluated(node, params: dict) -> None:
-    """Parameters evaluated from the config at bind: the types the op takes, its own checks, and
-    as many values as the rule names (a config cannot make an op yield a million tensors)."""
-    from .dtypes import ITEMSIZE
-
-    op = OPS[node.op]
-    for p in op.params:
-        v = params.get(p.name)
-        if v is None:
-            continue
-        ok = {
-            "int": lambda v: type(v) is int,
-            "ints": lambda v: isinstance(v, list) and all(type(x) is int for x in v),
-            "shape": lambda v: isinstance(v, list) and all(type(x) is int for x in v),
-            "bool": lambda v: type(v) is bool,
-            "dtype": lambda v: isinstance(v, str) and v in ITEMSIZE,
-            "capture": lambda v: isinstance(v, str),
-        }.get(p.kind, lambda v: True)(v)
-        if not ok:
-            raise OpError(f"{node.op}: parameter {p.name} from the config is {v!r}, not a valid {p.kind}")
-    op.check(params)
-    n = op.n_outputs(params)
-    if n is not None and n != len(node.outputs):
-        raise OpError(f"{node.op} yields {n} values with this config, the rule names {len(node.outputs)}")
-
-
-def evaluate_rule(plan: Plan, rule: PlanRule, env: dict[str, Value], fn: Callable) -> dict[str, Value]:
-    """Walk a rule's op DAG. `fn(op, params, leaves)` is op.apply (tensors) or op.infer (TensorInfos)."""
-    free = rule.free_of
-    for node in rule.nodes:
-        op = OPS[node.op]
-        p = node_params(plan, rule, node)
-        args = [env[a] for a in node.inputs]
-        arg_free = free[node.inputs[0]]
-        if op.reduces:
-            over = p["over"]
-            pos = arg_free.index(over)
-            ordered = _in_order(args[0]) if len(arg_free) == 1 else None
-            if ordered is not None:  # the common case, in bulk: one collection over 0..n-1
-                lists = {(): ordered}
-            else:
-                lists = _ordered_by_rest(args[0], pos, over, node.op)
-            parts = p.get("parts", 1)
-            outs_r: list[Value] = [{} for _ in range(parts)]
-            for rest, ordered in lists.items():
-                n = len(ordered)
-                if n > MAX_MEMBERS:
-                    raise MembersLimit(too_many(f"{node.op} over {over}", n))
-                size = -(-n // parts)  # torch.chunk: parts of ceil(n / parts), the last one shorter
-                chunks = [ordered[k * size : (k + 1) * size] for k in range(parts)]
-                if not chunks[-1]:
-                    raise GroupError(f"{node.op}(parts={parts}) of {n} members leaves a part empty")
-                for k, chunk in enumerate(chunks):
-                    outs_r[k][rest] = fn(op, p, chunk)[0]
-            for name, o in zip(node.outputs, outs_r, strict=True):
-                env[name] = o
-            continue
-        if op.expands:
-            over = p["over"]
-            out_free = free[node.outputs[0]]
-            pos = out_free.index(over)
-            out = {}
-            for idx in args[0]:
-                i = 0  # with parts, the members of each input are numbered on from the last
-                for a in args:
-                    parts = fn(op, p, [a[idx]])
-                    if len(out) + len(parts) > MAX_MEMBERS:  # a collection of collections
-                        raise MembersLimit(too_many(f"{node.op} over {over}", len(out) + len(parts)))
-                    for part in parts:
-                        out[idx[:pos] + (str(i),) + idx[pos:]] = part
-                        i += 1
-            env[node.outputs[0]] = out
-            continue
-        keys = set(args[0])
-        for a, name in zip(args[1:], node.inputs[1:], strict=False):
-            if set(a) != keys:
-                diff = sorted(set(a) ^ keys)[0]
-                raise GroupError(
-                    f"{node.op} inputs {node.inputs[0]} and {name} have different members "
-                    f"({', '.join(f'{c}={v}' for c, v in zip(arg_free, diff, strict=False))} is in only one)"
-                )
-        outs: list[Value] = [{} for _ in node.outputs]
-        for idx in sorted(keys, key=index_order):
-            results = fn(op, p, [a[idx] for a in args])
-            if len(results) != len(node.outputs):
-                raise GroupError(
-                    f"{node.op} yields {len(results)} values, the rule names {len(node.outputs)}"
-                )
-            for o, r in zip(outs, results, strict=False):
-                o[idx] = r
-        for name, o in zip(node.outputs, outs, strict=False):
-            env[name] = o
-    return env
-
-
-def _ordered_by_rest(value: Value, pos: int, over: str, op: str) -> dict[Index, list]:
-    """A collection split by its other captures, each part a list ordered by `over` (0..n-1). The
-    numbers are a key's text: no step counts up to them, so `experts.99999999999` costs one."""
-    groups: dict[Index, dict[str, Any]] = {}
-    for idx, leaf in value.items():
-        groups.setdefault(idx[:pos] + idx[pos + 1 :], {})[idx[pos]] = leaf
-    out = {}
-    for rest, members in groups.items():
-        have = len(members)
-        if all(i in members for i in map(str, range(have))):
-            out[rest] = [members[str(i)] for i in range(have)]
-            continue
-        last = max(members, key=_number_order)
-        top = int(last) if len(last) <= 18 else have + 8  # past the 8 missing shown, when that long
-        missing, i = [], 0
-        while len(missing) < 8 and i <= min(top, have + 8):  # at most `have` of the numbers are there
-            if str(i) not in members:
-                missing.append(str(i))
-            i += 1
-        many = len(last) > 18 or int(last) + 1 - have > 1
-        raise GroupError(
-            f"{over}={missing[0]} is missing: {op} over {{{over}}} needs 0..{_short_number(last)} "
-            f"and has {have} of them" + (f" (missing {', '.join(missing)})" if many else "")
-        )
-    return out
-
-
-def _number_order(v: str) -> tuple[int, str]:
-    """Numbers (ASCII digits, no leading zeros) in numeric order, without int(): a key may hold
-    thousands of digits, past what int() reads."""
-    return len(v), v
-
-
-def _short_number(v: str) -> str:
-    return v if len(v) <= 24 else f"{v[:10]}...{v[-4:]} ({len(v)} digits)"
-
-
-def _in_order(value: Value) -> list | None:
-    """A collection over one integer capture as a list ordered by it, or None unless it is 0..n-1."""
-    try:
-        return list(map(value.__getitem__, _indices(len(value))))
-    except KeyError:
-        return None
-
-
-_INDICES: list[tuple[str]] = []
-
-
-def _indices(n: int) -> list[tuple[str]]:
-    """[("0",), ("1",), ... (str(n-1),)]: the indices of a complete collection, made once."""
-    while len(_INDICES) < n:
-        _INDICES.append((str(len(_INDICES)),))
-    return _INDICES[:n]
-
-
-def index_order(idx: Index):
-    """Sort key of a collection index: numbers (ASCII digits, of any length) in numeric order, then
-    names (`²` is a name: str.isdigit says yes, int() says no)."""
-    return tuple(_digits_order(v) if v.isascii() and v.isdigit() else (1, 0, v) for v in idx)
-
-
-def _digits_order(v: str) -> tuple[int, int, str]:
-    n = v.lstrip("0") or "0"
-    return 0, len(n), n
-
-
-def infer(op, p, leaves):
-    return op.infer(p, leaves)
-
-
-def infer_keys(infos: dict, op, p, leaves):
-    """op.infer where a rule's first ops see source keys in place of their TensorInfos."""
-    if set(map(type, leaves)) == {str}:  # a collection's members, or a rule's inputs
-        leaves = list(map(infos.__getitem__, leaves))
-    else:  # keys mixed with values that earlier ops made
-        leaves = [infos[x] if type(x) is str else x for x in leaves]
-    return op.infer(p, leaves)
-
-
-def infer_group(plan: Plan, rule: PlanRule, members: dict, infos: dict) -> dict[str, Value]:
-    """Every value of one group's op DAG as TensorInfos, from the members' source keys."""
-    return evaluate_rule(plan, rule, dict(members), partial(infer_keys, infos))
 
 
 @dataclass
@@ -371,8 +168,62 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
 
     for src, dst in passthrough.items():
         emit(dst, infos[src], src)
+    _infer_groups(plan, groups.values(), infos, lead, emit, problems)
+    # a key no rule touches that the inverse would rename or convert is already in the target layout:
+    # it passes through unchanged, and saving back writes it in the original layout
+    left = set(unmatched)
+    already = [src for src, dst, _ in routes.collisions if src == dst and src in left]
+    warnings = [
+        f"{src} is renamed to {dst}, but the inverse "
+        + ("would be claimed by a convert" if back is None else f"would come back as {back}")
+        + ": the inverse of another rename takes it first on the way back"
+        for src, dst, back in routes.collisions
+        if src != dst or src not in left
+    ]
+    warnings += _inverse_claims(plan, groups.values(), lead)
+    refused = [k for k in unmatched if k not in set(already)] if strict else []
+    if strict:  # without strict the forward plan takes an ambiguous key (BoundPlan.ambiguous lists it)
+        problems.extend(f"no rule claims {k}" for k in refused)
+        problems.extend(warnings)
+        problems.extend(
+            f"{k} reads as a key of either layout: a rule claims it, and the inverse plan would claim it too"
+            for k in routes.ambiguous
+        )
+    if problems:
+        raise BindError(
+            problems,
+            hint="nothing was read or written"
+            if not strict or not refused
+            else "strict mode: every key must be claimed by a rule, or be in the target layout already",
+        )
+    return BoundPlan(
+        plan=plan,
+        layout=infos,
+        groups=list(groups.values()),
+        passthrough=passthrough,
+        unmatched=unmatched,
+        dropped=dropped,
+        outputs={k: (v.shape, v.dtype) for k, v in outputs.items()},
+        warnings=warnings,
+        aliased=sorted(aliased),
+        already=already,
+        ambiguous=list(routes.ambiguous),
+    )
+
+
+def _infer_groups(
+    plan: Plan,
+    groups,
+    infos: dict[str, TensorInfo],
+    lead: str,
+    emit: Callable[[str, TensorInfo, str], None],
+    problems: list,
+) -> None:
+    """Infer every group's outputs, in rule and group order: fill in its outputs, `emit` each final
+    key, add each group's problem to `problems`; a passed limit raises LimitError at once."""
     made = held = 0  # tensors unstacking made so far, and their bytes (MAX_UNSTACKED)
-    for g in sorted(groups.values(), key=lambda g: (g.rule.index, index_order(tuple(g.keep.values())))):
+    infer = Infer(plan, infos)
+    for g in sorted(groups, key=lambda g: (g.rule.index, index_order(tuple(g.keep.values())))):
         rule = g.rule
         missing = [n for n, _ in rule.inputs if n not in g.members]
         if missing:
@@ -387,7 +238,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
             )
             continue
         try:  # the members' leaves are source keys: infer looks their TensorInfos up
-            env = infer_group(plan, rule, g.members, infos)
+            env = infer.run(rule, dict(g.members))
         except MembersLimit as exc:
             raise LimitError(
                 [
@@ -429,46 +280,6 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
                 emit(target, info, source)
-    # a key no rule touches that the inverse would rename or convert is already in the target layout:
-    # it passes through unchanged, and saving back writes it in the original layout
-    left = set(unmatched)
-    already = [src for src, dst, _ in routes.collisions if src == dst and src in left]
-    warnings = [
-        f"{src} is renamed to {dst}, but the inverse "
-        + ("would be claimed by a convert" if back is None else f"would come back as {back}")
-        + ": the inverse of another rename takes it first on the way back"
-        for src, dst, back in routes.collisions
-        if src != dst or src not in left
-    ]
-    warnings += _inverse_claims(plan, groups.values(), lead)
-    refused = [k for k in unmatched if k not in set(already)] if strict else []
-    if strict:  # without strict the forward plan takes an ambiguous key (BoundPlan.ambiguous lists it)
-        problems.extend(f"no rule claims {k}" for k in refused)
-        problems.extend(warnings)
-        problems.extend(
-            f"{k} reads as a key of either layout: a rule claims it, and the inverse plan would claim it too"
-            for k in routes.ambiguous
-        )
-    if problems:
-        raise BindError(
-            problems,
-            hint="nothing was read or written"
-            if not strict or not refused
-            else "strict mode: every key must be claimed by a rule, or be in the target layout already",
-        )
-    return BoundPlan(
-        plan=plan,
-        layout=infos,
-        groups=list(groups.values()),
-        passthrough=passthrough,
-        unmatched=unmatched,
-        dropped=dropped,
-        outputs={k: (v.shape, v.dtype) for k, v in outputs.items()},
-        warnings=warnings,
-        aliased=sorted(aliased),
-        already=already,
-        ambiguous=list(routes.ambiguous),
-    )
 
 
 def _unstacked(rule: PlanRule, env: dict[str, Value]) -> tuple[int, int]:

@@ -1,6 +1,6 @@
-"""Block plans: a group whose ops only move whole contiguous blocks (stack, unstack, cat, split,
-chunk) becomes byte ranges, source -> output. It then runs as reads straight into the preallocated
-output, or as in-kernel file copies, with no tensor decoded and no intermediate buffer."""
+"""Block plans: a group whose ops only move whole contiguous blocks (each op says so: `Op.moves_blocks`)
+becomes byte ranges, source -> output. It then runs as reads straight into the preallocated output,
+or as in-kernel file copies, with no tensor decoded and no intermediate buffer."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import math
 from bisect import bisect_right
 from typing import NamedTuple
 
-from .bind import BoundPlan, Group, evaluate_rule, infer_group, node_params
+from .bind import BoundPlan, Group
+from .derived import derived
 from .dtypes import ITEMSIZE
-from .ops import OPS
+from .interpret import Interpreter, infer_group, node_params
+from .ops import OPS, Blocks, Op
 
-BLOCK_OPS = frozenset({"stack", "unstack", "cat", "split", "chunk"})
 MIN_AVERAGE_RUN = 64 * 1024  # smaller runs: one syscall each costs more than torch's copy loops
 MAX_BLOCKS = 1 << 22  # the index tensors stay small (a few MiB)
 
@@ -30,7 +31,7 @@ def block_runs(bound: BoundPlan, group: Group) -> dict[str, list[Run]] | None:
     """Every output of the group as runs of source bytes in output order, or None when the group
     has to compute (an op that is not a block move, mixed dtypes, or runs too small to pay off)."""
     rule = group.rule
-    if not rule.nodes or not all(n.op in BLOCK_OPS for n in rule.nodes):
+    if not rule.nodes or not all(OPS[n.op].moves_blocks for n in rule.nodes):
         return None
     layout = bound.layout
     keys = [k for m in group.members.values() for k in m.values()]
@@ -42,10 +43,10 @@ def block_runs(bound: BoundPlan, group: Group) -> dict[str, list[Run]] | None:
         tuple((n, tuple((i, layout[k].shape) for i, k in m.items())) for n, m in group.members.items()),
         tuple(group.out_values.values()),
     )
-    cache = bound.plan._cache.setdefault("block_runs", {})
-    if signature not in cache:
-        cache[signature] = _runs_by_position(bound, group, ITEMSIZE[dtypes.pop()])
-    by_position = cache[signature]
+    itemsize = ITEMSIZE[dtypes.pop()]
+    by_position = derived(
+        bound.plan, ("block_runs", signature), lambda: _runs_by_position(bound, group, itemsize)
+    )
     if by_position is None:
         return None
     return {
@@ -86,11 +87,7 @@ def _runs_by_position(bound: BoundPlan, group: Group, itemsize: int):
     shape = layout[any_key].shape
     block = math.prod(shape[len(shape) - t :]) * itemsize
 
-    def apply(op, p, leaves):
-        rank = len(leaves[0].shape) + t
-        return _MOVES[op.name](leaves, p, p["dim"] % (rank + 1 if op.reduces else rank))
-
-    env = evaluate_rule(plan, rule, env, apply)
+    env = BlockRun(plan, t).run(rule, env)
     out, total_runs, total_bytes = [], 0, 0
     for value, idx in group.out_values.values():
         ids = env[value][idx].ids
@@ -117,67 +114,18 @@ def _run_starts(ids: list[int], bases: list[int]) -> list[int]:
     return [0] + [p for p, (a, b) in pairs if b != a + 1 or b in first]
 
 
-class Blocks(NamedTuple):
-    """A value as its blocks' ids: `shape` is its leading dims (each block is the rest), row-major."""
+class BlockRun(Interpreter):
+    """The op DAG on values seen as their blocks' ids: each op's block move. Every block is the last
+    `whole` dims of a source, which no op of the rule cuts."""
 
-    shape: tuple[int, ...]
-    ids: list[int]
+    def __init__(self, plan, whole: int):
+        super().__init__(plan)
+        self.whole = whole
 
-
-def _rows(x: Blocks, dim: int, start: int, stop: int) -> list[int]:
-    """The ids of x[..., start:stop, ...] along `dim`, row-major."""
-    rest = math.prod(x.shape[dim + 1 :])
-    span = x.shape[dim] * rest
-    out: list[int] = []
-    for o in range(math.prod(x.shape[:dim])):
-        out += x.ids[o * span + start * rest : o * span + stop * rest]
-    return out
-
-
-def _stack(xs: list[Blocks], p: dict, dim: int) -> list[Blocks]:
-    inner, ids = math.prod(xs[0].shape[dim:]), []
-    for o in range(math.prod(xs[0].shape[:dim])):
-        for x in xs:
-            ids += x.ids[o * inner : (o + 1) * inner]
-    return [Blocks(xs[0].shape[:dim] + (len(xs),) + xs[0].shape[dim:], ids)]
-
-
-def _cat(xs: list[Blocks], p: dict, dim: int) -> list[Blocks]:
-    inners, ids = [math.prod(x.shape[dim:]) for x in xs], []
-    for o in range(math.prod(xs[0].shape[:dim])):
-        for x, inner in zip(xs, inners, strict=True):
-            ids += x.ids[o * inner : (o + 1) * inner]
-    size = sum(x.shape[dim] for x in xs)
-    return [Blocks(xs[0].shape[:dim] + (size,) + xs[0].shape[dim + 1 :], ids)]
-
-
-def _split(xs: list[Blocks], p: dict, dim: int, sizes=None) -> list[Blocks]:
-    (x,) = xs
-    out, start = [], 0
-    for size in sizes if sizes is not None else p["sizes"]:
-        out.append(Blocks(x.shape[:dim] + (size,) + x.shape[dim + 1 :], _rows(x, dim, start, start + size)))
-        start += size
-    return out
-
-
-def _chunk(xs: list[Blocks], p: dict, dim: int) -> list[Blocks]:
-    return _split(xs, p, dim, [xs[0].shape[dim] // p["n"]] * p["n"])
-
-
-def _unstack(xs: list[Blocks], p: dict, dim: int) -> list[Blocks]:
-    parts = _split(xs, p, dim, [1] * xs[0].shape[dim])
-    return [Blocks(b.shape[:dim] + b.shape[dim + 1 :], b.ids) for b in parts]
-
-
-_MOVES = {"stack": _stack, "cat": _cat, "split": _split, "chunk": _chunk, "unstack": _unstack}
+    def call(self, op: Op, p: dict, leaves: list[Blocks]) -> list[Blocks]:
+        return op.move_blocks(p, leaves, len(leaves[0].shape) + self.whole)
 
 
 def _untouched(plan, rule, node, ranks: dict[str, int]) -> int | None:
     """How many trailing dims of its input the node leaves whole (None: not a block move)."""
-    op = OPS[node.op]
-    p = node_params(plan, rule, node)
-    if "dim" not in p:
-        return None
-    rank = ranks[node.inputs[0]]
-    dim = p["dim"] % (rank + 1 if op.reduces else rank)
-    return rank - dim if op.reduces else rank - dim - 1
+    return OPS[node.op].whole_dims(node_params(plan, rule, node), ranks[node.inputs[0]])

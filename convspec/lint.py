@@ -424,11 +424,15 @@ class _Analysis:
                     )
                 )
             for node in rule.nodes:
+                op, params = OPS[node.op], dict(node.params)
+                reason = op.loses(params)
+                if reason is not None:  # it inverts, but not exactly
+                    out.append(_where("W204", node.where, f"rule {i + 1}: {node}: {reason}"))
+                    continue
                 try:
-                    OPS[node.op].inverse(dict(node.params), len(node.inputs))
+                    op.inverse(params, len(node.inputs))
                 except NotInvertible as exc:
-                    code = "W204" if "lossy" in str(exc) else "W205"
-                    out.append(_where(code, node.where, f"rule {i + 1}: {node}: {exc}"))
+                    out.append(_where("W205", node.where, f"rule {i + 1}: {node}: {exc}"))
         return out
 
 

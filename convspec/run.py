@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from .bind import BoundPlan, Group, bind, evaluate_rule
+from .bind import BoundPlan, Group, bind
 from .compile.plan import Plan
-from .ops import TensorInfo
+from .interpret import Interpreter
+from .ops import Op, TensorInfo
 
 
-def _apply(op, p, leaves):
-    return op.apply(p, leaves)
+class TorchRun(Interpreter):
+    """The op DAG on tensors: each op's torch apply."""
+
+    def call(self, op: Op, p: dict, leaves: list) -> list:
+        return op.apply(p, leaves)
 
 
 def run_group(bound: BoundPlan, group: Group, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The output tensors of one group, given its source tensors by key."""
     env = {n: {idx: tensors[k] for idx, k in m.items()} for n, m in group.members.items()}
-    env = evaluate_rule(bound.plan, group.rule, env, _apply)
+    env = TorchRun(bound.plan).run(group.rule, env)
     return {target: env[value][idx] for target, (value, idx) in group.out_values.items()}
 
 

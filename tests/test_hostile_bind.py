@@ -32,6 +32,7 @@ from test_bad_inputs import st as safetensors_file
 
 import convspec
 from convspec import bind as binding
+from convspec import interpret
 from convspec.bind import MAX_UNSTACKED, UNSTACKED_BYTES, LimitError
 from convspec.cli import main
 from convspec.io.safetensors import MAX_KEY_CHARS, read_layout
@@ -391,7 +392,7 @@ def test_a_collection_of_exactly_the_limit_binds(monkeypatch, limit):
     """MAX_MEMBERS members bind, one more is refused, unstacked or stacked (stacking more than the
     inverse could unstack). A small limit here; the real one runs in HOSTILE_CASES."""
     monkeypatch.setattr(stacking, "MAX_MEMBERS", limit)
-    monkeypatch.setattr(binding, "MAX_MEMBERS", limit)
+    monkeypatch.setattr(interpret, "MAX_MEMBERS", limit)  # the walk lives in interpret
     plan = convspec.compile("mixtral").inverse()
     assert len(plan.bind({DOWN.format(0): ((limit, 4, 0), "bfloat16")}).outputs) == limit
     with pytest.raises(LimitError, match=f"makes {limit + 1} tensors, more than the limit of {limit} per"):

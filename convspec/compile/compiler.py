@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ from ..errors import (
     Span,
     SpecNotFoundError,
 )
-from ..ops import DTYPES, OPS, NotInvertible, Op, OpError
+from ..ops import OPS, NotInvertible, Op, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
-from .evaluate import _Name, _short, evaluate, needs_config
+from .evaluate import _Name, evaluate, needs_config
 from .patterns import (
     MAX_OPEN_CAPTURES,
     Pattern,
@@ -526,13 +525,14 @@ class _Lowering:
         if n_out is None:
             if want is None:
                 raise self.err(
-                    f"{op.name} needs n= here: only an op whose values go straight to targets "
-                    "or let names takes its count from them",
+                    f"{op.name} needs {op.count_param or 'n'}= here: only an op whose values go straight "
+                    "to targets or let names takes its count from them",
                     call.span,
                 )
             n_out = want
-            if params.get("n") is None:  # a config expression for n stays: bind checks it
-                params["n"] = want
+            count = op.count_param  # chunk's n; a config expression for it stays: bind checks it
+            if count is not None and params.get(count) is None:
+                params[count] = want
         if not 1 <= n_out <= MAX_OP_VALUES:
             raise self.err(
                 f"{op.name} would yield {n_out} values: an op yields 1 to {MAX_OP_VALUES}",
@@ -699,52 +699,16 @@ def check_arity(op: Op, n: int) -> None:
 def values_yielded(op, params: dict[str, Any]) -> int | None:
     """How many values `op` yields with these parameters (config expressions included); None when
     the count follows the targets. Raise OpError when an expression would leave it unknown."""
-    if op.name == "split" and _is_expr(params["sizes"]):
-        if "$len" not in params["sizes"]:
-            raise OpError("split sizes must be a list [...] so the number of outputs is known")
-        return len(params["sizes"]["$len"])
-    if op.name == "chunk" and _is_expr(params.get("n")):
-        return None
-    if op.name == "stack" and _is_expr(params.get("parts")):
-        raise OpError(
-            f"stack parts={params['parts'].get('text')} sets how many values it yields, so it must be "
-            "a number here",
-            hint="write the number, or compile with the config",
-        )
+    count = op.count_param
+    if count is not None and _is_expr(params.get(count)):
+        return op.n_outputs_configured(params[count])
     return op.n_outputs(params)
-
-
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a capture's name, as the grammar has it
 
 
 def check_param(op, p, v: Any, names: type = str) -> None:
     """Raise OpError unless `v` is a value of parameter `p` of `op` (a capture name: an instance
     of `names`, which compiling passes as the evaluator's bare-name type)."""
-
-    def bad(what: str) -> OpError:
-        return OpError(f"parameter {p.name} of {op.name} must be {what}, got {_short(v)}")
-
-    if p.kind == "int":
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise bad("an integer")
-    elif p.kind in ("ints", "shape"):
-        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-            raise bad("a list of integers")
-    elif p.kind == "bool":
-        if not isinstance(v, bool):
-            raise bad("true or false")
-    elif p.kind == "dtype":
-        if not isinstance(v, str) or v not in DTYPES:
-            close = difflib.get_close_matches(str(v), list(DTYPES), 1)
-            raise OpError(
-                f"unknown dtype {_short(v)} for {op.name}",
-                hint=(f"did you mean {close[0]!r}? " if close else "") + f"dtypes: {', '.join(DTYPES)}",
-            )
-    elif p.kind == "capture":
-        if not isinstance(v, names) or not NAME.fullmatch(v):
-            raise bad("a capture name")
-    else:  # pragma: no cover
-        raise AssertionError(p.kind)
+    p.check(op.name, v, names)
 
 
 def check_convert(
@@ -1158,13 +1122,15 @@ def invert(rules: list[PlanRule]) -> tuple[tuple[PlanRule, ...], list[str]]:
         for node in reversed(r.nodes):
             op = OPS[node.op]
             params = dict(node.params)
+            reason = op.loses(params)
+            if reason is not None:
+                lossy.append(f"{r.label}: {reason} (at {node.where})")
             try:
-                inv_name, inv_params = op.inverse(params, len(node.inputs))
+                inv_name, inv_params = (op.inverse if reason is None else op.nearest_inverse)(
+                    params, len(node.inputs)
+                )
             except NotInvertible as exc:
-                if "lossy" not in str(exc):
-                    raise NotInvertible(f"{r.label}: {exc} (at {node.where})") from None
-                lossy.append(f"{r.label}: {exc} (at {node.where})")
-                inv_name, inv_params = "cast", {"dtype": params.get("from"), "from": params["dtype"]}
+                raise NotInvertible(f"{r.label}: {exc} (at {node.where})") from None
             exprs = tuple((k, e) for k, e in node.exprs if inv_params.get(k) == params.get(k))
             nodes.append(
                 Node(inv_name, node.outputs, node.inputs, tuple(inv_params.items()), node.where, exprs)

@@ -40,6 +40,11 @@ from typing import Any
 from ..compile.patterns import Pattern, intersection_witness
 from ..compile.plan import Node, Plan, PlanRule
 from ..errors import ConvspecError
+from ..ops import OPS, Op
+from ..ops.joining import Cat, Chunk, Split
+from ..ops.layout import Reshape, Transpose
+from ..ops.rope import Deinterleave, Interleave, PermuteRope, UnpermuteRope
+from ..ops.stacking import Stack
 
 __all__ = ["ExportError", "to_weight_conversions"]
 
@@ -380,6 +385,19 @@ def _int(rule: PlanRule, node: Node, name: str, default: Any = None) -> int:
     return value
 
 
+def _kind(node: Node) -> type[Op]:
+    """The class of a node's op: the exporter dispatches on it (each convspec op class maps to a
+    transformers op, or to none), never on the op's name."""
+    return type(OPS[node.op])
+
+
+def _is(node: Node, *kinds: type[Op]) -> bool:
+    return _kind(node) in kinds
+
+
+_ROPE = (PermuteRope, UnpermuteRope)
+
+
 def _same(a: Node, b: Node) -> bool:
     return a.op == b.op and [p for p in a.params if p[0] != "over"] == [p for p in b.params if p[0] != "over"]
 
@@ -424,7 +442,7 @@ def _alike(chains: list[list[Node]]) -> bool:
 def _some_roped(chains: list[list[Node]]) -> bool:
     """Whether each chain is one rope op or nothing: PermuteForRope(permute_layer_names=...) can
     leave some tensors out by name, the one op transformers can apply to some of them only."""
-    return all(not c or (len(c) == 1 and c[0].op in ("permute_rope", "unpermute_rope")) for c in chains)
+    return all(not c or (len(c) == 1 and _is(c[0], *_ROPE)) for c in chains)
 
 
 class _Converter:
@@ -452,7 +470,7 @@ class _Converter:
             raise self.fail(
                 "a convert without ops has no transformers equivalent (a WeightConverter needs an op)"
             )
-        if any(n.op == "stack" and dict(n.params).get("parts", 1) != 1 for n in self.nodes):
+        if any(_is(n, Stack) and dict(n.params).get("parts", 1) != 1 for n in self.nodes):
             return self.split_experts()
         producer = {v: n for n in self.nodes for v in n.outputs}
         uses: dict[str, int] = {}
@@ -478,7 +496,7 @@ class _Converter:
             post, v = back(self.outputs[0])
             if v in self.inputs:
                 sources, pres, post = [v], [post], []
-            elif producer[v].op == "cat":
+            elif _is(producer[v], Cat):
                 join = producer[v]
                 pres, sources = [], []
                 for operand in join.inputs:
@@ -497,11 +515,7 @@ class _Converter:
         else:
             chains = [back(v) for v in self.outputs]
             join = producer.get(chains[0][1])
-            if (
-                join is None
-                or join.op not in ("chunk", "split")
-                or {c[1] for c in chains} != set(join.outputs)
-            ):
+            if join is None or not _is(join, Chunk, Split) or {c[1] for c in chains} != set(join.outputs):
                 raise self.fail(
                     "several outputs must come from one chunk or split (transformers converts many keys "
                     "to one, or one to many)"
@@ -560,8 +574,8 @@ class _Converter:
             "(one input) or joined part by part by one cat per target (several inputs), as transformers' "
             "ErnieFuseAndSplitTextVisionExperts does"
         )
-        stacks = [n for n in self.nodes if n.op == "stack"]
-        cats = [n for n in self.nodes if n.op != "stack"]
+        stacks = [n for n in self.nodes if _is(n, Stack)]
+        cats = [n for n in self.nodes if not _is(n, Stack)]
         first = stacks[0]
         if op is None:
             raise self.fail("stack(parts=k) needs ErnieFuseAndSplitTextVisionExperts (transformers >= 5)")
@@ -580,8 +594,8 @@ class _Converter:
             order, targets, concat_dim = [first], list(first.outputs), stack_dim
         else:
             by_output = {v: (s, j) for s in stacks for j, v in enumerate(s.outputs)}
-            if len(cats) != parts or any(c.op != "cat" or not _same(c, cats[0]) for c in cats):
-                raise self.fail(shape, next((c for c in cats if c.op != "cat"), first))
+            if len(cats) != parts or any(not _is(c, Cat) or not _same(c, cats[0]) for c in cats):
+                raise self.fail(shape, next((c for c in cats if not _is(c, Cat)), first))
             order = [by_output[v][0] for v in cats[0].inputs if v in by_output]
             by_part = {}
             for cat in cats:
@@ -613,7 +627,7 @@ class _Converter:
         for kind in kinds:
             chosen = [i for i, chain in enumerate(chains) if chain and _same(chain[0], kind)]
             names = self.layer_names(chosen, patterns)
-            ops.append(self.rope(kind, inverse=(kind.op == "unpermute_rope"), names=names))
+            ops.append(self.rope(kind, inverse=_is(kind, UnpermuteRope), names=names))
         return ops
 
     # -- ops
@@ -623,7 +637,7 @@ class _Converter:
         collection = [free.get(s, ()) for s in sources]
         ops = []
         for i, node in enumerate(chain):
-            if node.op == "stack":
+            if _is(node, Stack):
                 if i != 0 or any(len(c) != 1 for c in collection):
                     raise self.fail(
                         "stack must be the first op, on an input that is a collection over one capture", node
@@ -649,7 +663,7 @@ class _Converter:
 
     def join_op(self, node: Node, post: list[Node]):
         dim = _int(self.rule, node, "dim", 0)
-        if node.op == "cat":
+        if _is(node, Cat):
             if not _fixed(self.rule, node, "equal"):
                 sizes = _fixed(self.rule, node, "sizes")
                 if sizes is None:
@@ -666,12 +680,12 @@ class _Converter:
                         node,
                     )
             return self.tml.Concatenate(dim=dim)
-        if node.op == "chunk":
+        if _is(node, Chunk):
             return self.tml.Chunk(dim=dim)
         # split: transformers reads the sizes from the model's parameters, so they must be the targets'
         # sizes along dim: no op after it may change the shape.
         for later in post:
-            if later.op not in ("permute_rope", "unpermute_rope"):
+            if not _is(later, *_ROPE):
                 raise self.fail(
                     f"{later.op} after split (transformers' Split reads the sizes from the "
                     "targets' parameters)",
@@ -680,29 +694,32 @@ class _Converter:
         return self.tml.Split(dim=dim)
 
     def unary(self, node: Node, single: bool, fan_out: bool):
-        op = node.op
-        if op in ("permute_rope", "unpermute_rope"):
-            return self.rope(node, inverse=(op == "unpermute_rope"))
+        kind = _kind(node)
+        if kind in _ROPE:
+            return self.rope(node, inverse=(kind is UnpermuteRope))
         if fan_out or not single:
             raise self.fail(
-                f"op {op} on several tensors at once: transformers applies it to one tensor", node
+                f"op {node.op} on several tensors at once: transformers applies it to one tensor", node
             )
-        if op == "transpose":
-            return self.tml.Transpose(dim0=_int(self.rule, node, "dim0"), dim1=_int(self.rule, node, "dim1"))
-        if op in ("interleave", "deinterleave"):
-            dim, parts = _int(self.rule, node, "dim"), _int(self.rule, node, "parts")
-            if parts != 2:
-                raise self.fail(f"{op} with parts={parts}: transformers' Interleave has two parts", node)
-            if dim < 0:
-                raise self.fail(f"{op} with dim={dim}: transformers' Interleave needs a dim >= 0", node)
-            # Interleave(dim) reshapes dim to [n // 2, 2] and swaps: our deinterleave(parts=2);
-            # Interleave(dim, inverse=True) reshapes to [2, n // 2]: our interleave(parts=2).
-            return self.tml.Interleave(dim=dim, inverse=(op == "interleave"))
-        if op == "reshape":
-            conv = self.conv3d(node)
-            if conv is not None:
-                return conv
-        raise self.fail(f"op {op} has no transformers equivalent", node)
+        make = _UNARY.get(kind)
+        made = make(self, node) if make is not None else None
+        if made is None:
+            raise self.fail(f"op {node.op} has no transformers equivalent", node)
+        return made
+
+    def transpose(self, node: Node):
+        return self.tml.Transpose(dim0=_int(self.rule, node, "dim0"), dim1=_int(self.rule, node, "dim1"))
+
+    def interleave(self, node: Node):
+        op = node.op
+        dim, parts = _int(self.rule, node, "dim"), _int(self.rule, node, "parts")
+        if parts != 2:
+            raise self.fail(f"{op} with parts={parts}: transformers' Interleave has two parts", node)
+        if dim < 0:
+            raise self.fail(f"{op} with dim={dim}: transformers' Interleave needs a dim >= 0", node)
+        # Interleave(dim) reshapes dim to [n // 2, 2] and swaps: our deinterleave(parts=2);
+        # Interleave(dim, inverse=True) reshapes to [2, n // 2]: our interleave(parts=2).
+        return self.tml.Interleave(dim=dim, inverse=_is(node, Interleave))
 
     def layer_names(self, chosen: list[int], patterns: list[str]) -> list[str]:
         """For PermuteForRope(permute_layer_names=...): one name per chosen part, found in the key
@@ -851,3 +868,13 @@ class _Converter:
                 ctx + fixed_head + "".join(_lit(t[1], rule) for t in mid) + fixed_tail + end
             )
         return source_patterns, target_patterns
+
+
+# the unary ops with a transformers equivalent, by op class (a method of _Converter: None when the
+# parameters have none)
+_UNARY = {
+    Transpose: _Converter.transpose,
+    Interleave: _Converter.interleave,
+    Deinterleave: _Converter.interleave,
+    Reshape: _Converter.conv3d,
+}

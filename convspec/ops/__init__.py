@@ -1,32 +1,62 @@
-"""The op registry: one small class per op, looked up by name."""
+"""The op registry: one small class per op, looked up by name. `register` opens it to new ops: an
+op is one `Op` subclass, and nothing outside this package knows op names."""
 
 from __future__ import annotations
 
 from ..dtypes import DTYPES
 from .base import NotInvertible, Op, OpError, Param, TensorInfo, dtype_name
+from .blockmoves import Blocks
 from .cast import Cast
 from .joining import Cat, Chunk, Split
 from .layout import Permute, Reshape, Transpose
 from .rope import Deinterleave, Interleave, PermuteRope, UnpermuteRope
 from .stacking import Stack, Unstack
 
-OPS: dict[str, Op] = {
-    op.name: op()
-    for op in (
-        Stack,
-        Unstack,
-        Cat,
-        Split,
-        Chunk,
-        Transpose,
-        Permute,
-        Reshape,
-        PermuteRope,
-        UnpermuteRope,
-        Interleave,
-        Deinterleave,
-        Cast,
-    )
-}
+OPS: dict[str, Op] = {}
 
-__all__ = ["DTYPES", "OPS", "NotInvertible", "Op", "OpError", "Param", "TensorInfo", "dtype_name"]
+
+def register(op_class: type[Op]) -> type[Op]:
+    """Add an op (its class) to the registry under its `name`, for every front end, compiler pass and
+    backend; usable as a class decorator. A name taken already is refused."""
+    name = op_class.name
+    if name in OPS:
+        raise ValueError(f"an op named {name!r} is registered already")
+    OPS[name] = op_class()
+    return op_class
+
+
+def unregister(name: str) -> None:
+    """Remove the op `name` (tests that registered one put the registry back)."""
+    del OPS[name]
+
+
+for _op in (
+    Stack,
+    Unstack,
+    Cat,
+    Split,
+    Chunk,
+    Transpose,
+    Permute,
+    Reshape,
+    PermuteRope,
+    UnpermuteRope,
+    Interleave,
+    Deinterleave,
+    Cast,
+):
+    register(_op)
+
+__all__ = [
+    "DTYPES",
+    "OPS",
+    "Blocks",
+    "NotInvertible",
+    "Op",
+    "OpError",
+    "Param",
+    "TensorInfo",
+    "dtype_name",
+    "register",
+    "unregister",
+]

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+import reprlib
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-from ..dtypes import ITEMSIZE
+from ..dtypes import DTYPES, ITEMSIZE
 from ..errors import ConvspecError
 
 if TYPE_CHECKING:
     import torch
+
+    from .blockmoves import Blocks
 
 REQUIRED = object()
 
 # torch's sizes, strides and byte counts are int64: a shape whose dims (0 counted as 1) times the
 # item size reach 2**63 cannot be made, not even empty (torch sizes an empty tensor's strides too)
 MAX_EXTENT = 1 << 63
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a capture's name, as the grammar has it
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -62,9 +69,48 @@ class Param:
     default: Any = REQUIRED
     doc: str = ""
 
+    def accepts(self, v: Any, names: type = str) -> bool:
+        """Whether `v` is a value of this kind (a capture name: an instance of `names`)."""
+        kind = self.kind
+        if kind == "int":
+            return isinstance(v, int) and not isinstance(v, bool)
+        if kind in ("ints", "shape"):
+            return isinstance(v, list) and not any(isinstance(x, bool) or not isinstance(x, int) for x in v)
+        if kind == "bool":
+            return isinstance(v, bool)
+        if kind == "dtype":
+            return isinstance(v, str) and v in DTYPES
+        if kind == "capture":
+            return isinstance(v, names) and NAME.fullmatch(v) is not None
+        raise AssertionError(kind)  # pragma: no cover
+
+    def check(self, op: str, v: Any, names: type = str) -> None:
+        """Raise OpError unless `v` is a value of this parameter of op `op` (what the spec or a plan
+        file gives; a capture name is an instance of `names`)."""
+        if self.accepts(v, names):
+            return
+        if self.kind == "dtype":
+            close = difflib.get_close_matches(str(v), list(DTYPES), 1)
+            raise OpError(
+                f"unknown dtype {short(v)} for {op}",
+                hint=(f"did you mean {close[0]!r}? " if close else "") + f"dtypes: {', '.join(DTYPES)}",
+            )
+        what = {"int": "an integer", "bool": "true or false", "capture": "a capture name"}
+        must = what.get(self.kind, "a list of integers")
+        raise OpError(f"parameter {self.name} of {op} must be {must}, got {short(v)}")
+
+
+def short(v: Any) -> str:
+    """A value for a message, cut short: a config value may be huge (reprlib bounds its size)."""
+    try:
+        return reprlib.repr(v)
+    except ValueError:  # an int of more than 4300 digits has no repr
+        return f"a {type(v).__name__} too large to show"
+
 
 class Op:
-    """Base of every op. Subclasses are stateless: parameters come in as a dict of plain values."""
+    """Base of every op: the one home of its meaning (parameters, shapes, torch, inverse, exactness,
+    block moves). Subclasses are stateless: parameters come in as a dict of plain values."""
 
     name: ClassVar[str]
     doc: ClassVar[str] = ""
@@ -73,14 +119,39 @@ class Op:
     max_inputs: ClassVar[int | None] = 1
     reduces: ClassVar[bool] = False  # takes a collection over `over` and makes one tensor (stack)
     expands: ClassVar[bool] = False  # takes one tensor and makes a collection over `over` (unstack)
-    block_copy: ClassVar[bool] = False  # only moves whole contiguous blocks (the byte-copy fast path)
+    moves_blocks: ClassVar[bool] = False  # only moves whole blocks of trailing dims (the byte-copy path)
+    count_param: ClassVar[str | None] = None  # the parameter that sets how many values the op yields
 
     def n_outputs(self, p: dict) -> int | None:
         """How many values the op yields; None when it follows the number of targets (chunk)."""
         return 1
 
+    def n_outputs_configured(self, expr: dict) -> int | None:
+        """How many values the op yields when its `count_param` is the config expression `expr`
+        (compiled without the config); None when it follows the targets. By default it must be known."""
+        raise OpError(
+            f"{self.name} {self.count_param}={expr.get('text')} sets how many values it yields, so it must "
+            "be a number here",
+            hint="write the number, or compile with the config",
+        )
+
     def check(self, p: dict) -> None:
         """Static checks on evaluated parameters; raise OpError with what to fix."""
+
+    def check_configured(self, p: dict, n_values: int) -> None:
+        """Parameters evaluated from the config at bind (the compiler checked the literal ones): the
+        kinds the op takes, its own checks, and as many values as the rule names (a config cannot make
+        an op yield a million tensors)."""
+        for param in self.params:
+            v = p.get(param.name)
+            if v is not None and not param.accepts(v):
+                raise OpError(
+                    f"{self.name}: parameter {param.name} from the config is {v!r}, not a valid {param.kind}"
+                )
+        self.check(p)
+        n = self.n_outputs(p)
+        if n is not None and n != n_values:
+            raise OpError(f"{self.name} yields {n} values with this config, the rule names {n_values}")
 
     def infer(self, p: dict, ins: list[TensorInfo]) -> list[TensorInfo]:
         raise NotImplementedError
@@ -88,9 +159,35 @@ class Op:
     def apply(self, p: dict, ins: list[torch.Tensor]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def loses(self, p: dict) -> str | None:
+        """Why the op loses information with these parameters (its inverse cannot give the input back
+        exactly), or None when it is exact."""
+        return None
+
     def inverse(self, p: dict, n_inputs: int) -> tuple[str, dict]:
-        """The op (name, params) that undoes this one; raises NotInvertible with the reason."""
+        """The op (name, params) that undoes this one exactly; raises NotInvertible with the reason."""
         raise NotInvertible(f"{self.name} has no inverse")
+
+    def nearest_inverse(self, p: dict, n_inputs: int) -> tuple[str, dict]:
+        """The op that brings the output back as near as it can: the inverse a lossy plan uses."""
+        return self.inverse(p, n_inputs)
+
+    def whole_dims(self, p: dict, rank: int) -> int | None:
+        """How many trailing dims of its input (of `rank` dims) a block move leaves whole: the bytes
+        the block path copies as they are. None for an op that does not move whole blocks."""
+        if not self.moves_blocks:
+            return None
+        dim = self.block_dim(p, rank)
+        return rank - dim if self.reduces else rank - dim - 1
+
+    def move_blocks(self, p: dict, ins: list[Blocks], rank: int) -> list[Blocks]:
+        """The op on values seen as their blocks' ids (`ops.blockmoves.Blocks`), for an op whose
+        `moves_blocks` is set; `rank` counts the dims of the first input, blocks' own included."""
+        raise NotImplementedError
+
+    def block_dim(self, p: dict, rank: int) -> int:
+        """The op's `dim` parameter as a non-negative dim, for an input of `rank` dims."""
+        return p["dim"] % (rank + 1 if self.reduces else rank)
 
     # ---- helpers for subclasses --------------------------------------------------------------
 

@@ -112,12 +112,23 @@ class Cast(Op):
     def apply(self, p, ins):
         return [cast_tensor(ins[0], p["dtype"])]
 
+    def loses(self, p):
+        src, dst = p.get("from"), p["dtype"]
+        if src is not None and src != dst and (src, dst) not in EXACT:
+            return f"cast from {src} to {dst} loses information (lossy)"
+        return None
+
     def inverse(self, p, n_inputs):
+        reason = self.loses(p)
+        if reason is not None:
+            raise NotInvertible(reason)
+        return self.nearest_inverse(p, n_inputs)
+
+    def nearest_inverse(self, p, n_inputs):
+        """The cast back to `from`: exact for a widening cast, the nearest values for a narrowing one."""
         src, dst = p.get("from"), p["dtype"]
         if src is None:
             raise NotInvertible(f"the inverse of cast(dtype={dst}) needs the input dtype: add from=...")
-        if src != dst and (src, dst) not in EXACT:
-            raise NotInvertible(f"cast from {src} to {dst} loses information (lossy)")
         return "cast", {"dtype": src, "from": dst}
 
     def check(self, p):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import blockmoves
 from .base import NotInvertible, Op, OpError, Param, TensorInfo, check_extent, same_dtype
 
 
@@ -21,7 +22,7 @@ class Cat(Op):
     )
     min_inputs = 2
     max_inputs = None
-    block_copy = True
+    moves_blocks = True
 
     def check(self, p):
         _check_sizes(p)
@@ -66,15 +67,24 @@ class Cat(Op):
             "add sizes=[...] (config expressions allowed) or equal=true"
         )
 
+    def move_blocks(self, p, ins, rank):
+        return [blockmoves.cat(ins, self.block_dim(p, rank))]
+
 
 class Split(Op):
     name = "split"
     doc = "Cut a tensor along `dim` into parts of the given sizes (one output per size)."
     params = (Param("dim", "int", 0), Param("sizes", "ints"))
-    block_copy = True
+    moves_blocks = True
+    count_param = "sizes"
 
     def n_outputs(self, p):
         return len(p["sizes"])
+
+    def n_outputs_configured(self, expr):
+        if "$len" not in expr:
+            raise OpError("split sizes must be a list [...] so the number of outputs is known")
+        return len(expr["$len"])
 
     def check(self, p):
         _check_sizes(p)
@@ -104,15 +114,22 @@ class Split(Op):
     def inverse(self, p, n_inputs):
         return "cat", {"dim": p["dim"], "sizes": p["sizes"]}
 
+    def move_blocks(self, p, ins, rank):
+        return blockmoves.split(ins[0], self.block_dim(p, rank), p["sizes"])
+
 
 class Chunk(Op):
     name = "chunk"
     doc = "Cut a tensor along `dim` into `n` equal parts (n defaults to the number of targets)."
     params = (Param("n", "int", None), Param("dim", "int", 0))
-    block_copy = True
+    moves_blocks = True
+    count_param = "n"
 
     def n_outputs(self, p):
         return p.get("n")
+
+    def n_outputs_configured(self, expr):
+        return None  # a config expression for n: the targets give the count, and bind checks it
 
     def check(self, p):
         if p.get("n") is not None and p["n"] < 1:
@@ -138,3 +155,8 @@ class Chunk(Op):
 
     def inverse(self, p, n_inputs):
         return "cat", {"dim": p["dim"], "equal": True}
+
+    def move_blocks(self, p, ins, rank):
+        (x,) = ins
+        dim = self.block_dim(p, rank)
+        return blockmoves.split(x, dim, [x.shape[dim] // p["n"]] * p["n"])

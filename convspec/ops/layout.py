@@ -73,7 +73,6 @@ class Reshape(Op):
         Param("shape", "shape"),
         Param("from_shape", "shape", None, "the input's shape, which the inverse reshapes back to"),
     )
-    block_copy = True
 
     def infer(self, p, ins):
         (x,) = ins

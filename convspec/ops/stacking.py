@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from operator import itemgetter
 
+from . import blockmoves
 from .base import Op, OpError, Param, TensorInfo, check_extent, same_dtype
 
 # the most members one collection may have (a stack's inputs, an unstack's outputs): models have
@@ -28,7 +29,8 @@ class Stack(Op):
     )
     params = (Param("over", "capture"), Param("dim", "int", 0), Param("parts", "int", 1))
     reduces = True
-    block_copy = True
+    moves_blocks = True
+    count_param = "parts"
 
     def n_outputs(self, p):
         return p.get("parts", 1)
@@ -57,6 +59,9 @@ class Stack(Op):
     def inverse(self, p, n_inputs):
         return "unstack", {"over": p["over"], "dim": p["dim"], "parts": p.get("parts", 1)}
 
+    def move_blocks(self, p, ins, rank):
+        return [blockmoves.stack(ins, self.block_dim(p, rank))]
+
 
 class Unstack(Op):
     name = "unstack"
@@ -67,7 +72,7 @@ class Unstack(Op):
     params = (Param("over", "capture"), Param("dim", "int", 0), Param("parts", "int", 1))
     max_inputs = None
     expands = True
-    block_copy = True
+    moves_blocks = True
 
     def n_outputs(self, p):
         return 1  # one collection value
@@ -94,3 +99,6 @@ class Unstack(Op):
 
     def inverse(self, p, n_inputs):
         return "stack", {"over": p["over"], "dim": p["dim"], "parts": p.get("parts", 1)}
+
+    def move_blocks(self, p, ins, rank):
+        return blockmoves.unbind(ins[0], self.block_dim(p, rank))
