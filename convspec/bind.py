@@ -10,6 +10,7 @@ from typing import Any
 
 from .compile.evaluate import evaluate
 from .compile.plan import Plan, PlanRule
+from .derived import derived
 from .errors import BindError
 from .ops import OPS, OpError, TensorInfo
 from .ops.stacking import MAX_MEMBERS, MembersLimit, too_many
@@ -42,19 +43,19 @@ class LimitError(BindError):
 
 
 def node_params(plan: Plan, rule: PlanRule, node) -> dict:
-    """A node's parameters with any config expression evaluated (cached on the plan)."""
-    key = ("params", rule.index, plan.is_inverse, id(node))
-    cache = plan._cache
-    if key not in cache:
-        out, deferred = {}, False
-        for k, v in node.params:
-            if isinstance(v, dict) and "$expr" in v:
-                v, deferred = evaluate(v["$expr"], plan.config, node.where), True
-            out[k] = v
-        if deferred:  # the compiler checked literal parameters; these it could not see
-            _check_evaluated(node, out)
-        cache[key] = out
-    return cache[key]
+    """A node's parameters with any config expression evaluated (held beside the plan, in `derived`)."""
+    return derived(plan, ("params", rule.index, plan.is_inverse, id(node)), lambda: _evaluated(plan, node))
+
+
+def _evaluated(plan: Plan, node) -> dict:
+    out, deferred = {}, False
+    for k, v in node.params:
+        if isinstance(v, dict) and "$expr" in v:
+            v, deferred = evaluate(v["$expr"], plan.config, node.where), True
+        out[k] = v
+    if deferred:  # the compiler checked literal parameters; these it could not see
+        _check_evaluated(node, out)
+    return out
 
 
 def _check_evaluated(node, params: dict) -> None:

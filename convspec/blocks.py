@@ -9,6 +9,7 @@ from bisect import bisect_right
 from typing import NamedTuple
 
 from .bind import BoundPlan, Group, evaluate_rule, infer_group, node_params
+from .derived import derived
 from .dtypes import ITEMSIZE
 from .ops import OPS
 
@@ -42,10 +43,10 @@ def block_runs(bound: BoundPlan, group: Group) -> dict[str, list[Run]] | None:
         tuple((n, tuple((i, layout[k].shape) for i, k in m.items())) for n, m in group.members.items()),
         tuple(group.out_values.values()),
     )
-    cache = bound.plan._cache.setdefault("block_runs", {})
-    if signature not in cache:
-        cache[signature] = _runs_by_position(bound, group, ITEMSIZE[dtypes.pop()])
-    by_position = cache[signature]
+    itemsize = ITEMSIZE[dtypes.pop()]
+    by_position = derived(
+        bound.plan, ("block_runs", signature), lambda: _runs_by_position(bound, group, itemsize)
+    )
     if by_position is None:
         return None
     return {

@@ -427,7 +427,7 @@ def test_parameters_evaluated_at_bind_are_checked_like_literals(n, problem):
         '      "{p}.q, {p}.k": chunk(x, dim=0, n=config.n)\n',
         "t.yaml",
     )
-    plan = dataclasses.replace(cs.compile(spec), config={"n": n}, _cache={})
+    plan = dataclasses.replace(cs.compile(spec), config={"n": n})
     with pytest.raises(cs.BindError) as exc:
         plan.bind({"a.qkv": ((4, 2), "float32")})
     assert problem in exc.value.problems[0]

@@ -1,0 +1,89 @@
+"""The plan is a pure, immutable IR: equal plans compare and hash equal (with a config too), the
+config is a frozen copy of the caller's, nothing is written into a plan, and `Plan.check` holds
+its invariants."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+
+import pytest
+
+import convspec
+from convspec.compile.frozen import FrozenDict, FrozenList
+
+
+def _config() -> dict:
+    return {"num_local_experts": 4, "rope_scaling": {"type": "linear", "factors": [1, 2]}}
+
+
+def test_equal_plans_with_a_config_compare_and_hash_equal():
+    a, b = convspec.compile("mixtral", config=_config()), convspec.compile("mixtral", config=_config())
+    assert a == b and hash(a) == hash(b)
+    assert {a: 1}[b] == 1
+    assert hash(a) == hash(a)  # computed once, then read back
+    other = convspec.compile("mixtral", config={**_config(), "num_local_experts": 8})
+    assert other != a
+
+
+def test_a_plan_with_config_expressions_left_for_bind_hashes():
+    spec = convspec.spec.parse_spec(
+        'spec: t\nrules:\n  - convert:\n      x: "{p:path}.qkv"\n    to:\n'
+        '      "{p}.a, {p}.b": split(x, dim=0, sizes=[config.a, config.b])\n',
+        "t.yaml",
+    )
+    assert hash(convspec.compile(spec)) == hash(convspec.compile(spec))
+
+
+def test_the_callers_config_is_copied_and_frozen():
+    config = _config()
+    plan = convspec.compile("mixtral", config=config)
+    before = plan.to_json()
+    config["num_local_experts"] = 99
+    config["rope_scaling"]["factors"].append(3)
+    assert plan.config == _config() and plan.to_json() == before
+    assert isinstance(plan.config, dict) and isinstance(plan.config["rope_scaling"]["factors"], list)
+    with pytest.raises(TypeError):
+        plan.config["num_local_experts"] = 1
+    with pytest.raises(TypeError):
+        plan.config["rope_scaling"]["factors"].append(5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.config = {}  # type: ignore[misc]
+    assert not hasattr(plan, "_cache")
+
+
+def test_a_plan_pickles_and_copies_into_an_equal_plan():
+    plan = convspec.compile("mixtral", config=_config())
+    hash(plan)
+    again = pickle.loads(pickle.dumps(plan))
+    assert (
+        again == plan
+        and hash(again) == hash(plan)
+        and "_hash" not in pickle.loads(pickle.dumps(plan)).__dict__
+    )
+    assert copy.deepcopy(plan) == plan
+    assert type(again.config) is FrozenDict and type(again.config["rope_scaling"]["factors"]) is FrozenList
+
+
+def test_the_inverse_is_made_once_and_held_outside_the_plan():
+    plan = convspec.compile("mixtral")
+    assert plan.inverse() is plan.inverse()
+    assert plan.inverse().inverse() == plan
+    assert "inverse" not in vars(plan)
+
+
+def test_check_passes_on_compiled_plans_and_refuses_a_broken_one():
+    plan = convspec.compile("mixtral", config=_config())
+    plan.check()
+    plan.inverse().check()
+    rule = next(r for r in plan.rules if r.nodes)
+    bad = dataclasses.replace(rule.nodes[0], op="concatt")
+    broken = dataclasses.replace(
+        plan,
+        rules=tuple(
+            dataclasses.replace(r, nodes=(bad, *r.nodes[1:])) if r is rule else r for r in plan.rules
+        ),
+    )
+    with pytest.raises(convspec.PlanError, match=r"rules\[\d\]\.nodes\[0\]\.op: unknown op 'concatt'"):
+        broken.check()
