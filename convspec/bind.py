@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 from .compile.evaluate import evaluate
+from .compile.expr import ConfigExpr
 from .compile.plan import Plan, PlanRule
 from .derived import derived
 from .errors import BindError
@@ -50,8 +51,8 @@ def node_params(plan: Plan, rule: PlanRule, node) -> dict:
 def _evaluated(plan: Plan, node) -> dict:
     out, deferred = {}, False
     for k, v in node.params:
-        if isinstance(v, dict) and "$expr" in v:
-            v, deferred = evaluate(v["$expr"], plan.config, node.where), True
+        if isinstance(v, ConfigExpr):
+            v, deferred = evaluate(v.ir, plan.config, node.where), True
         out[k] = v
     if deferred:  # the compiler checked literal parameters; these it could not see
         _check_evaluated(node, out)

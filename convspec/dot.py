@@ -89,6 +89,7 @@ def _params(plan: Plan, node: Node) -> tuple[list[str], list[str]]:
     """A node's parameters as `name=value`, defaults left out (dims always shown), and apart the
     config expressions, with their value when the plan's config gives one."""
     from .compile.evaluate import evaluate
+    from .compile.expr import ConfigExpr
 
     op = OPS.get(node.op)
     defaults = {p.name: p.default for p in op.params} if op is not None else {}
@@ -96,10 +97,10 @@ def _params(plan: Plan, node: Node) -> tuple[list[str], list[str]]:
     for k, v in node.params:
         if v is None:
             continue
-        if isinstance(v, dict) and "$expr" in v:
-            text = v.get("text", "expr")
+        if isinstance(v, ConfigExpr):
+            text = v.text
             try:
-                value = evaluate(v["$expr"], plan.config, node.where)
+                value = evaluate(v.ir, plan.config, node.where)
             except ConvspecError:  # no config, or one without the field: show the expression
                 exprs.append(f"{k} = {text}")
             else:

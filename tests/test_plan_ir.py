@@ -87,3 +87,41 @@ def test_check_passes_on_compiled_plans_and_refuses_a_broken_one():
     )
     with pytest.raises(convspec.PlanError, match=r"rules\[\d\]\.nodes\[0\]\.op: unknown op 'concatt'"):
         broken.check()
+
+
+def _first_node(d: dict) -> dict:
+    return next(r for r in d["rules"] if r["nodes"])["nodes"][0]
+
+
+def test_from_json_runs_check_an_unknown_op_or_a_bad_parameter_is_refused_by_name():
+    import json
+
+    d = json.loads(convspec.compile("mixtral").to_json())
+    _first_node(d)["op"] = "stakk"
+    with pytest.raises(convspec.PlanError, match=r"nodes\[0\]\.op: unknown op 'stakk'"):
+        convspec.Plan.from_json(json.dumps(d))
+    d = json.loads(convspec.compile("mixtral").to_json())
+    node = _first_node(d)
+    node["params"] = [[k, "0" if k == "dim" else v] for k, v in node["params"]]
+    with pytest.raises(
+        convspec.PlanError, match=r"nodes\[0\]\.params\.dim: parameter dim of \w+ must be an integer"
+    ):
+        convspec.Plan.from_json(json.dumps(d))
+
+
+def test_config_expressions_are_typed_nodes_with_one_printer():
+    from convspec.compile.expr import BinOp, ConfigExpr, ListOf, Ref, config_expr_json, show
+
+    spec = convspec.spec.parse_spec(
+        'spec: t\nrules:\n  - convert:\n      x: "{p:path}.qkv"\n    to:\n'
+        '      "{p}.a, {p}.b": split(x, dim=0, sizes=[config.a * 2, config.b ?? 1])\n',
+        "t.yaml",
+    )
+    plan = convspec.compile(spec)
+    sizes = dict(plan.rules[0].nodes[0].params)["sizes"]
+    assert isinstance(sizes, ConfigExpr) and isinstance(sizes.ir, ListOf) and sizes.length == 2
+    assert isinstance(sizes.ir.items[0], BinOp) and sizes.ir.items[0].left == Ref(("config", "a"))
+    assert sizes.text == show(sizes.ir) == "[(config.a * 2), (config.b ?? 1)]"
+    assert str(plan.rules[0].nodes[0]).endswith("sizes=<[(config.a * 2), (config.b ?? 1)]>)")
+    assert config_expr_json(sizes)["$len"] == config_expr_json(sizes)["$expr"]["items"]
+    assert convspec.Plan.from_json(plan.to_json()) == plan

@@ -11,7 +11,8 @@ from typing import Any
 from ..errors import CompileError, ConfigError, Span, SpecNotFoundError
 from ..ops import DTYPES, OPS, NotInvertible, Op, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
-from .evaluate import _Name, _short, evaluate, needs_config
+from .evaluate import _Name, _short, evaluate
+from .expr import ConfigExpr, from_spec, needs_config, show
 from .patterns import (
     MAX_OPEN_CAPTURES,
     Pattern,
@@ -432,10 +433,10 @@ class _Lowering:
                     raise self.err(f"{op.name} needs parameter {p.name}", call.span)
                 out[p.name] = p.default
                 continue
-            out[p.name] = self.param_value(op, p, given[p.name])
-            dumped = given[p.name].model_dump()
-            if self.config is not None and needs_config(dumped):
-                exprs.append((p.name, {"$expr": dumped, "text": _expr_text(given[p.name])}))
+            ir = from_spec(given[p.name])
+            out[p.name] = self.param_value(op, p, given[p.name], ir)
+            if self.config is not None and needs_config(ir):
+                exprs.append((p.name, ConfigExpr.of(ir)))
         concrete = {k: v for k, v in out.items() if not _is_expr(v)}
         try:
             if len(concrete) == len(out):
@@ -444,27 +445,24 @@ class _Lowering:
             raise self.err(f"{op.name}: {exc.message}", call.span) from None
         return out, tuple(exprs)
 
-    def param_value(self, op, p, e: Expr) -> Any:
-        dumped = e.model_dump()
+    def param_value(self, op, p, e: Expr, ir) -> Any:
+        """The value of parameter `p` written as `e` (typed as `ir`): evaluated, or without a config,
+        a ConfigExpr that bind evaluates."""
         where = _where(e.span)
-        if needs_config(dumped) and self.config is None:
+        if needs_config(ir) and self.config is None:
             if p.kind == "capture":  # a capture is named in the spec: no config can supply one
                 raise self.err(
-                    f"parameter {p.name} of {op.name} must be a capture name, got {_expr_text(e)}", e.span
+                    f"parameter {p.name} of {op.name} must be a capture name, got {show(ir)}", e.span
                 )
             if p.kind == "dtype":  # the inverse (and whether the cast loses values) depends on it
                 raise self.err(
-                    f"parameter {p.name} of {op.name} must be a dtype name without a config, "
-                    f"got {_expr_text(e)}",
+                    f"parameter {p.name} of {op.name} must be a dtype name without a config, got {show(ir)}",
                     e.span,
                     hint="write the dtype, or compile with the config",
                 )
-            value: Any = {"$expr": dumped, "text": _expr_text(e)}
-            if p.kind in ("ints", "shape") and dumped["kind"] == "list":
-                value["$len"] = dumped["items"]
-            return value
+            return ConfigExpr.of(ir, counted=p.kind in ("ints", "shape"))
         try:
-            v = evaluate(dumped, self.config, where)
+            v = evaluate(ir, self.config, where)
         except ConfigError as exc:
             raise CompileError(
                 f"rule {self.index + 1} (convert): {exc.message.split(': ', 1)[-1]}",
@@ -541,15 +539,14 @@ def values_yielded(op, params: dict[str, Any]) -> int | None:
     """How many values `op` yields with these parameters (config expressions included); None when
     the count follows the targets. Raise OpError when an expression would leave it unknown."""
     if op.name == "split" and _is_expr(params["sizes"]):
-        if "$len" not in params["sizes"]:
+        if params["sizes"].length is None:
             raise OpError("split sizes must be a list [...] so the number of outputs is known")
-        return len(params["sizes"]["$len"])
+        return params["sizes"].length
     if op.name == "chunk" and _is_expr(params.get("n")):
         return None
     if op.name == "stack" and _is_expr(params.get("parts")):
         raise OpError(
-            f"stack parts={params['parts'].get('text')} sets how many values it yields, so it must be "
-            "a number here",
+            f"stack parts={params['parts'].text} sets how many values it yields, so it must be a number here",
             hint="write the number, or compile with the config",
         )
     return op.n_outputs(params)
@@ -716,30 +713,7 @@ def check_convert(
 
 
 def _is_expr(v: Any) -> bool:
-    return isinstance(v, dict) and "$expr" in v
-
-
-def _expr_text(e: Expr) -> str:
-    d = e.model_dump()
-
-    def show(x):
-        k = x["kind"]
-        if k == "ref":
-            return ".".join(x["path"])
-        if k == "num":
-            return str(x["value"])
-        if k == "str":
-            return repr(x["value"])
-        if k == "list":
-            return "[" + ", ".join(show(i) for i in x["items"]) + "]"
-        if k == "neg":
-            return "-" + show(x["operand"])
-        if k == "binop":
-            return f"({show(x['left'])} {x['op']} {show(x['right'])})"
-        return x.get("op", "?") + "(...)"
-
-    s = show(d)
-    return s[1:-1] if s.startswith("(") and s.endswith(")") else s
+    return isinstance(v, ConfigExpr)
 
 
 # ---- overlap between converts -----------------------------------------------------------------

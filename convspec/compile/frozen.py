@@ -68,10 +68,11 @@ def freeze(v: Any) -> Any:
 
 def thaw(v: Any) -> Any:
     """A plain copy of frozen data: FrozenDict and FrozenList as dict and list, for what is handed
-    out of the plan to be used (or shown in a message) as the caller's own data was."""
-    if isinstance(v, dict):
+    out of the plan to be used (or shown in a message) as the caller's own data was. Anything else
+    is returned as it is."""
+    if isinstance(v, FrozenDict):
         return {k: thaw(x) for k, x in v.items()}
-    if isinstance(v, list):
+    if isinstance(v, FrozenList):
         return [thaw(x) for x in v]
     if type(v) is tuple:
         return tuple(thaw(x) for x in v)

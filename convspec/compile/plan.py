@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..derived import derived
 from ..errors import NotInvertibleError
+from .expr import ConfigExpr
 from .frozen import freeze
 from .patterns import Pattern
 
@@ -25,10 +26,10 @@ class Node:
     op: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    params: tuple[tuple[str, Any], ...]  # plain values, or {"$expr": IR} when they need a config
+    params: tuple[tuple[str, Any], ...]  # plain values, or a ConfigExpr when they need a config
     where: str = ""
-    # The expressions that params compiled with a config were evaluated from ({"$expr": IR, "text"}),
-    # by parameter name: what the value means for other configs (the transformers exporter reads it).
+    # The expressions (ConfigExpr) that params compiled with a config were evaluated from, by
+    # parameter name: what the value means for other configs (the transformers exporter reads it).
     exprs: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:  # a list parameter is frozen with the node (and hashes)
@@ -41,8 +42,8 @@ class Node:
 
 
 def _show(v: Any) -> str:
-    if isinstance(v, dict) and "$expr" in v:
-        return "<" + v.get("text", "expr") + ">"
+    if isinstance(v, ConfigExpr):
+        return f"<{v}>"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, list):
@@ -430,6 +431,9 @@ class Plan:
         model): every op known, with valid parameters and arity; each value defined once, before it
         is used; every rule output produced; captures consistent with the templates; the recorded
         inverse the one the rules give.
+
+        Returns:
+            None: the plan is one the compiler could have made.
 
         Raises:
             PlanError: names the field (`rules[2].nodes[0].op`) and what is wrong.

@@ -20,6 +20,8 @@ from typing import Any
 
 from ..errors import ConfigError, ConvspecError, PlanError
 from ..ops import OpError
+from .expr import ConfigExpr, ListOf, config_expr_json, from_json, needs_config
+from .frozen import thaw
 from .patterns import Pattern, split_offset
 from .plan import Node, Plan, PlanRule
 
@@ -58,13 +60,17 @@ def _rule_json(r: PlanRule) -> dict:
             "op": n.op,
             "inputs": list(n.inputs),
             "outputs": list(n.outputs),
-            "params": [list(x) for x in n.params],
+            "params": [[k, _value_json(v)] for k, v in n.params],
             "where": n.where,
         }
-        | ({"exprs": [list(x) for x in n.exprs]} if n.exprs else {})
+        | ({"exprs": [[k, _value_json(v)] for k, v in n.exprs]} if n.exprs else {})
         for n in r.nodes
     ]
     return d
+
+
+def _value_json(v: Any) -> Any:
+    return config_expr_json(v) if isinstance(v, ConfigExpr) else v
 
 
 def _pat_json(p: Pattern) -> dict:
@@ -334,13 +340,45 @@ def _node(d: Any, path: str) -> Node:
         d["op"],
         _strings(d["inputs"], f"{path}.inputs"),
         _strings(d["outputs"], f"{path}.outputs"),
-        tuple(_pair(x, f"{path}.params[{j}]", ("any",)) for j, x in enumerate(d["params"])),
+        tuple(
+            _read_expr(_pair(x, f"{path}.params[{j}]", ("any",)), _PARAM) for j, x in enumerate(d["params"])
+        ),
         d["where"],
         tuple(
-            _pair(x, f"{path}.exprs[{j}]", ("object",))
+            _read_expr(_pair(x, f"{path}.exprs[{j}]", ("object",)), _SOURCE)
             for j, x in enumerate(_expect(d.get("exprs", []), f"{path}.exprs", "list"))
         ),
     )
+
+
+# the JSON forms of a config expression: a parameter's (a list's items counted), a value's source
+_PARAM = ({"$expr", "text", "$len"}, '{"$expr": ..., "text": "...", "$len": [...] for a list}')
+_SOURCE = ({"$expr", "text"}, '{"$expr": ..., "text": "..."}')
+
+
+def _read_expr(pair: tuple[str, Any], form: tuple[set[str], str]) -> tuple[str, Any]:
+    """A parameter whose value is a config expression in `form`, typed (a ConfigExpr); one not in
+    that form is left as it is, for the checks to refuse where they look at it."""
+    name, v = pair
+    if isinstance(v, dict) and "$expr" in v:
+        try:
+            return name, _config_expr(v, form)
+        except OpError:
+            pass
+    return pair
+
+
+def _config_expr(v: dict, form: tuple[set[str], str]) -> ConfigExpr:
+    """The ConfigExpr a JSON object spells in `form`, or an OpError that says what is wrong."""
+    keys, shown = form
+    _expr_form(v, keys, shown)
+    ir = from_json(v["$expr"])
+    if "$len" in v and not (isinstance(ir, ListOf) and v["$len"] == v["$expr"]["items"]):
+        raise OpError(_LEN)
+    return ConfigExpr(ir, v["text"], "$len" in v)
+
+
+_LEN = '"$len" lists the items of a list expression for a list parameter, and only there'
 
 
 # ---- what the compiler checks, on a plan read back ----------------------------------------------
@@ -535,10 +573,19 @@ def _check_nodes(r: PlanRule, path: str, config: dict | None, every_param: bool)
 
 
 def _is_expr(v: Any) -> bool:
-    return isinstance(v, dict) and "$expr" in v
+    """A config expression: typed, or one reading left as written (the checks refuse it)."""
+    return isinstance(v, ConfigExpr) or (isinstance(v, dict) and "$expr" in v)
 
 
-def _check_expr(v: dict, op, p, config: dict | None) -> None:
+def _typed(v: Any, form: tuple[set[str], str]) -> ConfigExpr:
+    """v as a ConfigExpr; an OpError saying what is wrong with one left as written."""
+    if isinstance(v, ConfigExpr):
+        return v
+    _config_expr(thaw(v), form)
+    raise OpError("a config expression in a plan is a ConfigExpr (convspec.compile.expr), not a dict")
+
+
+def _check_expr(v: Any, op, p, config: dict | None) -> None:
     """A config expression left for bind: only where compiling leaves one (no config; a parameter
     that may wait for it), in the form the compiler writes (the spec IR, its text, a list's items)."""
 
@@ -546,10 +593,9 @@ def _check_expr(v: dict, op, p, config: dict | None) -> None:
         raise OpError("a config expression, but the plan was compiled with a config (which evaluates them)")
     if p.kind in ("capture", "dtype"):
         raise OpError(f"a {p.kind} parameter is written out in the spec, never a config expression")
-    _expr_form(v, {"$expr", "text", "$len"}, '{"$expr": ..., "text": "...", "$len": [...] for a list}')
-    is_list = p.kind in ("ints", "shape") and v["$expr"]["kind"] == "list"
-    if ("$len" in v) != is_list or (is_list and v["$len"] != v["$expr"]["items"]):
-        raise OpError('"$len" lists the items of a list expression for a list parameter, and only there')
+    v = _typed(v, _PARAM)
+    if v.counted != (p.kind in ("ints", "shape") and isinstance(v.ir, ListOf)):
+        raise OpError(_LEN)
 
 
 def _check_sources(node: Node, at: str, config: dict | None) -> None:
@@ -568,13 +614,15 @@ def _check_sources(node: Node, at: str, config: dict | None) -> None:
             raise PlanError(f"{where}[0]: {name!r} is not a parameter of {node.op} evaluated from the config")
         seen.add(name)
         try:
-            _expr_form(v, {"$expr", "text"}, '{"$expr": ..., "text": "..."}')
-            value = evaluate(v["$expr"], config)
+            v = _typed(v, _SOURCE)
+            if v.counted:
+                raise OpError(f"a config expression is {_SOURCE[1]}")
+            value = evaluate(v.ir, config)
         except (OpError, ConfigError) as exc:
             raise PlanError(f"{where}[1]: {exc.message}", hint=exc.hint) from None
         if _plain(value) != _plain(given[name]):
             raise PlanError(
-                f"{where}[1]: {v['text']} is {_short(value)} with the plan's config, but {name} is "
+                f"{where}[1]: {v.text} is {_short(value)} with the plan's config, but {name} is "
                 f"{_short(given[name])}"
             )
 
@@ -586,7 +634,6 @@ def _expr_form(v: dict, keys: set[str], form: str) -> None:
 
     from ..spec.model import Expr
     from ..spec.parse import MAX_EXPR_DEPTH
-    from .evaluate import needs_config
 
     if set(v) - keys or "$expr" not in v or not isinstance(v.get("text"), str):
         raise OpError(f"a config expression is {form}")
@@ -598,7 +645,7 @@ def _expr_form(v: dict, keys: set[str], form: str) -> None:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise OpError(f"not an expression: {where + ': ' if where else ''}{first['msg']}") from None
-    if expr.model_dump() != v["$expr"] or not needs_config(v["$expr"]):
+    if expr.model_dump() != v["$expr"] or not needs_config(from_json(v["$expr"])):
         raise OpError("not an expression as the compiler writes it (one that needs the config)")
 
 
@@ -650,6 +697,6 @@ def _check_inverse(plan: Plan) -> None:
 
 def _short(v: Any) -> str:
     try:
-        return reprlib.repr(v)
+        return reprlib.repr(thaw(v))
     except ValueError:  # pragma: no cover - an int too long to show
         return f"a {type(v).__name__} too large to show"
