@@ -125,3 +125,26 @@ def test_config_expressions_are_typed_nodes_with_one_printer():
     assert str(plan.rules[0].nodes[0]).endswith("sizes=<[(config.a * 2), (config.b ?? 1)]>)")
     assert config_expr_json(sizes)["$len"] == config_expr_json(sizes)["$expr"]["items"]
     assert convspec.Plan.from_json(plan.to_json()) == plan
+
+
+def test_where_a_rule_or_op_was_written_is_a_typed_span_that_prints_as_before():
+    from convspec.errors import Span
+
+    plan = convspec.compile("mixtral")
+    rule = plan.rules[1]
+    assert isinstance(rule.where, Span) and rule.where.file == "specs/mixtral.yaml" and rule.where.line > 0
+    assert str(rule.where) == f"specs/mixtral.yaml:{rule.where.line}:{rule.where.col}"
+    assert isinstance(rule.nodes[0].where, Span) and rule.where.text is None  # no source line kept
+    assert f"({rule.kind}, {rule.where})" in rule.label
+    for text in (
+        "specs/x.yaml:6:5",
+        "<spec>:1:2",
+        "<spec>",
+        "",
+        "C:\\specs\\x.yaml:3:4",
+        "x:01:2",
+        "a:b",
+        "x:0:1",
+    ):
+        assert str(Span.from_location(text)) == text
+    assert Span.from_location("<spec>:1:2") == Span(None, 1, 2)

@@ -117,8 +117,9 @@ def bounded_template(t: Template, types: dict[str, str]) -> None:
         )
 
 
-def _where(span: Span | None) -> str:
-    return span.location() if span else "<spec>"
+def _where(span: Span | None) -> Span:
+    """Where a rule or op was written, as its plan keeps it (the source line left out)."""
+    return Span(span.file, span.line, span.col) if span else Span(None, 0, 0)
 
 
 def compile_spec(

@@ -8,7 +8,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..derived import derived
-from ..errors import NotInvertibleError
+from ..errors import NotInvertibleError, Span
 from .expr import ConfigExpr
 from .frozen import freeze
 from .patterns import Pattern
@@ -27,7 +27,7 @@ class Node:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     params: tuple[tuple[str, Any], ...]  # plain values, or a ConfigExpr when they need a config
-    where: str = ""
+    where: Span = Span("", 0, 0)  # where the call was written: prints as `file:line:col`
     # The expressions (ConfigExpr) that params compiled with a config were evaluated from, by
     # parameter name: what the value means for other configs (the transformers exporter reads it).
     exprs: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
@@ -57,7 +57,7 @@ class PlanRule:
 
     index: int
     kind: str  # rename | convert | drop
-    where: str
+    where: Span  # where the rule was written: prints as `file:line:col`
     inputs: tuple[tuple[str, Pattern], ...]
     outputs: tuple[tuple[str, Pattern], ...] = ()
     nodes: tuple[Node, ...] = ()

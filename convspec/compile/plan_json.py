@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from typing import Any
 
-from ..errors import ConfigError, ConvspecError, PlanError
+from ..errors import ConfigError, ConvspecError, PlanError, Span
 from ..ops import OpError
 from .expr import ConfigExpr, ListOf, config_expr_json, from_json, needs_config
 from .frozen import thaw
@@ -52,6 +52,7 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
 
 def _rule_json(r: PlanRule) -> dict:
     d = asdict(r)
+    d["where"] = str(r.where)
     d["inputs"] = [[n, _pat_json(p)] for n, p in r.inputs]
     d["unless"] = [_pat_json(p) for p in r.unless]
     d["outputs"] = [[n, _pat_json(p)] for n, p in r.outputs]
@@ -61,7 +62,7 @@ def _rule_json(r: PlanRule) -> dict:
             "inputs": list(n.inputs),
             "outputs": list(n.outputs),
             "params": [[k, _value_json(v)] for k, v in n.params],
-            "where": n.where,
+            "where": str(n.where),
         }
         | ({"exprs": [[k, _value_json(v)] for k, v in n.exprs]} if n.exprs else {})
         for n in r.nodes
@@ -292,7 +293,7 @@ def _rule(d: Any, path: str) -> PlanRule:
     return PlanRule(
         index=d["index"],
         kind=d["kind"],
-        where=d["where"],
+        where=Span.from_location(d["where"]),
         inputs=_named_patterns(d["inputs"], f"{path}.inputs"),
         outputs=_named_patterns(d["outputs"], f"{path}.outputs"),
         nodes=tuple(_node(n, f"{path}.nodes[{j}]") for j, n in enumerate(d["nodes"])),
@@ -343,7 +344,7 @@ def _node(d: Any, path: str) -> Node:
         tuple(
             _read_expr(_pair(x, f"{path}.params[{j}]", ("any",)), _PARAM) for j, x in enumerate(d["params"])
         ),
-        d["where"],
+        Span.from_location(d["where"]),
         tuple(
             _read_expr(_pair(x, f"{path}.exprs[{j}]", ("object",)), _SOURCE)
             for j, x in enumerate(_expect(d.get("exprs", []), f"{path}.exprs", "list"))
@@ -475,7 +476,7 @@ def _loose(r: PlanRule) -> PlanRule:
         outputs=tuple((n, strip(p)) for n, p in r.outputs),
         keep=tuple(sorted(r.keep)),
         types=tuple(sorted(r.types)),
-        where="",
+        where=Span(None, 0, 0),
     )
 
 
