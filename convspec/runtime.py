@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from .compile import check as plan_check
 from .compile import plan as _plan
 from .compile import plan_json
 from .devices import check_device
@@ -84,7 +85,7 @@ def from_json(text: str | bytes) -> Plan:
 
 
 def check(plan: Plan) -> None:
-    plan_json.check_plan(plan)
+    plan_check.check_plan(plan)
 
 
 _plan.install_runtime(sys.modules[__name__])

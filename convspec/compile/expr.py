@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..ops import OpError
+
 
 @dataclass(frozen=True)
 class Num:
@@ -177,3 +179,57 @@ def needs_config(e: Expr) -> bool:
     if isinstance(e, Ref):
         return e.path[0] == "config"
     return any(needs_config(c) for c in children(e))
+
+
+# ---- the JSON form read back (a plan from a file is input) ------------------------------------
+
+# the JSON forms of a config expression: a parameter's (a list's items counted), a value's source
+PARAM_FORM = ({"$expr", "text", "$len"}, '{"$expr": ..., "text": "...", "$len": [...] for a list}')
+SOURCE_FORM = ({"$expr", "text"}, '{"$expr": ..., "text": "..."}')
+LEN_MESSAGE = '"$len" lists the items of a list expression for a list parameter, and only there'
+
+
+def read_config_expr(v: dict, form: tuple[set[str], str]) -> ConfigExpr:
+    """The ConfigExpr a JSON object spells in `form` (PARAM_FORM, SOURCE_FORM), or an OpError that
+    says what is wrong: the spec model's dump of an expression that needs the config, its text."""
+    keys, shown = form
+    _expr_form(v, keys, shown)
+    ir = from_json(v["$expr"])
+    if "$len" in v and not (isinstance(ir, ListOf) and v["$len"] == v["$expr"]["items"]):
+        raise OpError(LEN_MESSAGE)
+    return ConfigExpr(ir, v["text"], "$len" in v)
+
+
+def _expr_form(v: dict, keys: set[str], form: str) -> None:
+    """A config expression as the compiler writes it: the spec IR of one that needs the config, and
+    its text."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from ..spec.model import Expr
+    from ..spec.parse import MAX_EXPR_DEPTH
+
+    if set(v) - keys or "$expr" not in v or not isinstance(v.get("text"), str):
+        raise OpError(f"a config expression is {form}")
+    if _depth(v["$expr"]) > MAX_EXPR_DEPTH:
+        raise OpError(f"the expression is nested more than {MAX_EXPR_DEPTH} deep")
+    try:
+        expr = TypeAdapter(Expr).validate_python(v["$expr"])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise OpError(f"not an expression: {where + ': ' if where else ''}{first['msg']}") from None
+    if expr.model_dump() != v["$expr"] or not needs_config(from_json(v["$expr"])):
+        raise OpError("not an expression as the compiler writes it (one that needs the config)")
+
+
+def _depth(e: Any) -> int:
+    """How deeply JSON data nests, without recursion."""
+    deepest, stack = 0, [(e, 1)]
+    while stack:
+        x, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(x, dict):
+            stack.extend((y, d + 1) for y in x.values())
+        elif isinstance(x, list):
+            stack.extend((y, d + 1) for y in x)
+    return deepest
