@@ -10,9 +10,25 @@ import re
 from dataclasses import fields, replace
 from typing import Any
 
-from ..errors import ConfigError, ConvspecError, PlanError, Span
+from ..errors import CompileError, ConfigError, ConvspecError, PlanError, Span
 from ..ops import OpError
-from .evaluate import _short
+from ..ops.base import REQUIRED
+from ..spec.parse import parse_template
+from ..spec.source import Embedded, Source
+from .compiler import (
+    MAX_OP_VALUES,
+    bounded_template,
+    check_arity,
+    check_convert,
+    check_param,
+    drop_rule,
+    find_op,
+    inverse_of,
+    pattern_of,
+    rename_rule,
+    values_yielded,
+)
+from .evaluate import _short, evaluate
 from .expr import LEN_MESSAGE, PARAM_FORM, SOURCE_FORM, ConfigExpr, ListOf, read_config_expr
 from .frozen import thaw
 from .patterns import Pattern, split_offset
@@ -36,8 +52,6 @@ def check_plan(plan: Plan) -> None:
 
 
 def _check_rule(r: PlanRule, i: int, path: str, config: dict | None, undoing: bool) -> None:
-    from ..errors import CompileError
-    from .compiler import check_convert, drop_rule, rename_rule
 
     if r.index != i:
         raise PlanError(f"{path}.index: {r.index}, but the rule is number {i} of its list (counting from 0)")
@@ -125,10 +139,6 @@ def _plain(v: Any) -> Any:
 
 def _check_template(p: Pattern, path: str) -> None:
     """A pattern's parts are exactly what the spec grammar parses from the template they spell."""
-    from ..spec.parse import parse_template
-    from ..spec.source import Embedded, Source
-    from .compiler import bounded_template, pattern_of
-
     text = "".join(a if k == "lit" else _capture_text(a, b) for k, a, b in p.parts)
     try:
         template = parse_template(text, Embedded(Source(text, path), 1, 1))
@@ -149,9 +159,6 @@ def _check_nodes(r: PlanRule, path: str, config: dict | None, every_param: bool)
     """Each op: known, with its number of inputs, its parameters (values or config expressions) and
     the number of values it yields; each value defined once, before it is used. Compiling writes
     every parameter of an op; an op's inverse only those it needs (`every_param` False)."""
-    from ..ops.base import REQUIRED
-    from .compiler import MAX_OP_VALUES, check_arity, check_param, find_op, values_yielded
-
     defined = {n for n, _ in r.inputs}
     for j, node in enumerate(r.nodes):
         at = f"{path}.nodes[{j}]"
@@ -166,29 +173,7 @@ def _check_nodes(r: PlanRule, path: str, config: dict | None, every_param: bool)
             if v in defined:
                 raise PlanError(f"{at}.outputs: {v!r} is defined twice")
             defined.add(v)
-        spec = {p.name: p for p in op.params}
-        given = dict(node.params)
-        if len(given) != len(node.params):
-            raise PlanError(f"{at}.params: a parameter is given twice")
-        for name in given:
-            if name not in spec:
-                raise PlanError(
-                    f"{at}.params: {op.name} has no parameter {name!r}",
-                    hint=f"parameters: {', '.join(spec) or 'none'}",
-                )
-        for p in op.params:
-            if p.name not in given:
-                if every_param or p.default is REQUIRED:
-                    raise PlanError(f"{at}.params: missing parameter {p.name} of {op.name}")
-                continue
-            v = given[p.name]
-            try:
-                if _is_expr(v):
-                    _check_expr(v, op, p, config)
-                elif not (v is None and p.default is None):
-                    check_param(op, p, v)
-            except OpError as exc:
-                raise PlanError(f"{at}.params.{p.name}: {exc.message}", hint=exc.hint) from None
+        given = _check_params(node, op, at, config, every_param)
         _check_sources(node, at, config)
         try:
             check_arity(op, len(node.inputs))
@@ -207,6 +192,35 @@ def _check_nodes(r: PlanRule, path: str, config: dict | None, every_param: bool)
             raise PlanError(f"{path}.outputs: {v!r} is not an input of the rule or a value of an op")
 
 
+def _check_params(node: Node, op, at: str, config: dict | None, every_param: bool) -> dict[str, Any]:
+    """The node's parameters by name: each one the op has, given once, a value of its kind or a
+    config expression where compiling leaves one."""
+    spec = {p.name: p for p in op.params}
+    given = dict(node.params)
+    if len(given) != len(node.params):
+        raise PlanError(f"{at}.params: a parameter is given twice")
+    for name in given:
+        if name not in spec:
+            raise PlanError(
+                f"{at}.params: {op.name} has no parameter {name!r}",
+                hint=f"parameters: {', '.join(spec) or 'none'}",
+            )
+    for p in op.params:
+        if p.name not in given:
+            if every_param or p.default is REQUIRED:
+                raise PlanError(f"{at}.params: missing parameter {p.name} of {op.name}")
+            continue
+        v = given[p.name]
+        try:
+            if _is_expr(v):
+                _check_expr(v, op, p, config)
+            elif not (v is None and p.default is None):
+                check_param(op, p, v)
+        except OpError as exc:
+            raise PlanError(f"{at}.params.{p.name}: {exc.message}", hint=exc.hint) from None
+    return given
+
+
 def _is_expr(v: Any) -> bool:
     """A config expression: typed, or one reading left as written (the checks refuse it)."""
     return isinstance(v, ConfigExpr) or (isinstance(v, dict) and "$expr" in v)
@@ -223,7 +237,6 @@ def _typed(v: Any, form: tuple[set[str], str]) -> ConfigExpr:
 def _check_expr(v: Any, op, p, config: dict | None) -> None:
     """A config expression left for bind: only where compiling leaves one (no config; a parameter
     that may wait for it), in the form the compiler writes (the spec IR, its text, a list's items)."""
-
     if config is not None:
         raise OpError("a config expression, but the plan was compiled with a config (which evaluates them)")
     if p.kind in ("capture", "dtype"):
@@ -237,8 +250,6 @@ def _check_sources(node: Node, at: str, config: dict | None) -> None:
     """The config expressions that parameters compiled with a config were evaluated from (what the
     transformers exporter reads): only in a plan compiled with a config, one per parameter given,
     each giving that parameter's value with the plan's config."""
-    from .evaluate import evaluate
-
     given = dict(node.params)
     seen: set[str] = set()
     for j, (name, v) in enumerate(node.exprs):
@@ -265,8 +276,6 @@ def _check_sources(node: Node, at: str, config: dict | None) -> None:
 def _check_inverse(plan: Plan) -> None:
     """The inverse a plan records is the one the compiler derives: a forward plan's inverse rules,
     the reason it has none, why it is lossy; an inverse plan's rules, from its forward rules."""
-    from .compiler import inverse_of
-
     if not plan.is_inverse:
         got = (plan.inverse_rules, plan.inverse_error, plan.lossy)
         want = inverse_of(plan.rules)
