@@ -88,7 +88,9 @@ MATCH_BLOCK = 32  # rules per block of the match regexes (see Plan.first_match)
 @dataclass(frozen=True)
 class Plan:
     """A compiled spec: its rules as key patterns and op DAGs, the config it was compiled with, and
-    its exact inverse. Immutable; made by `convspec.compile`, shipped with `to_json`/`from_json`.
+    its exact inverse. Immutable: the config is a frozen copy of the caller's, equal plans compare
+    and hash equal, and what is derived from a plan is held beside it (`convspec.derived`), never in
+    it. Made by `convspec.compile`, shipped with `to_json`/`from_json`, checked by `check`.
     `regex` is one alternation over every input pattern, one group per pattern.
 
     Example:
