@@ -12,7 +12,7 @@ from .compile.evaluate import evaluate
 from .compile.expr import ConfigExpr
 from .compile.plan import Plan, PlanRule
 from .derived import derived
-from .errors import BindError
+from .errors import BindError, Problem
 from .ops import OPS, OpError, TensorInfo
 from .ops.stacking import MAX_MEMBERS, MembersLimit, too_many
 from .routing import base_lead, follow_renames, route_all, unlead
@@ -381,30 +381,43 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
             pat = dict(rule.inputs)[missing[0]]
             have = next(iter(g.members.values()))
             problems.append(
-                f"{rule.label}: group {g.name} has no {missing[0]!r} key (expected "
-                f"{pat.display()} with {g.name}; the group has {next(iter(have.values()))})"
+                Problem(
+                    f"{rule.label}: group {g.name} has no {missing[0]!r} key (expected "
+                    f"{pat.display()} with {g.name}; the group has {next(iter(have.values()))})",
+                    rule.number,
+                )
             )
             continue
         try:  # the members' leaves are source keys: infer looks their TensorInfos up
             env = infer_group(plan, rule, g.members, infos)
         except MembersLimit as exc:
             raise LimitError(
-                [f"{rule.label}: group {g.name}: {exc.message} (keys: {_short(g.source_keys)})"],
+                [
+                    Problem(
+                        f"{rule.label}: group {g.name}: {exc.message} (keys: {_short(g.source_keys)})",
+                        rule.number,
+                    )
+                ],
                 g.source_keys,
                 hint=LIMIT_HINT,
             ) from None
         except (GroupError, OpError) as exc:
             msg = exc.message if isinstance(exc, OpError) else str(exc)
-            problems.append(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})")
+            problems.append(
+                Problem(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})", rule.number)
+            )
             continue
         n, size = _unstacked(rule, env)
         made, held = made + n, held + size
         if made > MAX_UNSTACKED + held // UNSTACKED_BYTES:
             raise LimitError(
                 [
-                    f"{rule.label}: group {g.name}: unstacking makes {made} tensors of {held} bytes by "
-                    f"here, more than the limit of {MAX_UNSTACKED} plus one per {UNSTACKED_BYTES} bytes "
-                    f"(keys: {_short(g.source_keys)})"
+                    Problem(
+                        f"{rule.label}: group {g.name}: unstacking makes {made} tensors of {held} bytes by "
+                        f"here, more than the limit of {MAX_UNSTACKED} plus one per {UNSTACKED_BYTES} bytes "
+                        f"(keys: {_short(g.source_keys)})",
+                        rule.number,
+                    )
                 ],
                 g.source_keys,
                 hint=LIMIT_HINT,

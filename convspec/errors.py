@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum, StrEnum
 
 from .style import PLAIN, Style
 
@@ -56,14 +57,52 @@ def render_message(
     return "\n".join(lines)
 
 
+class Severity(StrEnum):
+    """How bad a diagnostic is: an error fails `check` (exit 1); a warning or a note does not."""
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class ErrorLevel(Enum):
+    """What the compiler does with an error (sqlglot's `ErrorLevel`): raise the first one, as the API
+    and every command but `check` want, or collect every diagnostic, as `check` reports them."""
+
+    IMMEDIATE = "immediate"
+    COLLECT = "collect"
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One problem found in a spec, as data: a stable code (lint's `E101`, ...), its severity, where,
+    what and what to do. Lint's findings are made from these, never from the message's words."""
+
+    code: str
+    severity: Severity
+    message: str
+    span: Span | None = None
+    hint: str | None = None
+
+
 class ConvspecError(Exception):
     """Base of every error convspec raises on purpose."""
 
-    def __init__(self, message: str, *, span: Span | None = None, hint: str | None = None):
+    code: str | None = None  # the stable diagnostic code of this kind of error, where it has one
+
+    def __init__(
+        self, message: str, *, span: Span | None = None, hint: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.message = message
         self.span = span
         self.hint = hint
+        if code is not None:
+            self.code = code
+
+    def diagnostic(self) -> Diagnostic:
+        """This error as a diagnostic (an error whose kind has no code of its own is `E002`)."""
+        return Diagnostic(self.code or "E002", Severity.ERROR, self.message, self.span, self.hint)
 
     def __str__(self) -> str:
         return self.render()
@@ -76,6 +115,8 @@ class ConvspecError(Exception):
 class SpecError(ConvspecError):
     """A spec file is wrong: syntax, structure or meaning."""
 
+    code = "E001"  # parse-error
+
 
 class SpecSyntaxError(SpecError):
     """The text of a spec does not parse."""
@@ -86,7 +127,15 @@ class SpecValidationError(SpecError):
 
 
 class CompileError(SpecError):
-    """A spec is well formed but a static check of the compiler fails."""
+    """A spec is well formed but a static check of the compiler fails. `code` says which kind (lint's
+    stable codes): `E002` unless the check is one lint names (`E101` overlap, `E102` unused binding)."""
+
+    code = "E002"  # compile-error
+
+
+# The codes of compile errors that lint reports under their own rule (lint.RULES has the rest).
+OVERLAP = "E101"  # two converts, or two inputs of one, can claim one key
+UNUSED = "E102"  # a capture, input or value is bound but never used
 
 
 class ConfigError(ConvspecError):
@@ -98,8 +147,22 @@ class DeviceError(ConvspecError):
     meta device where the tensors' data is needed."""
 
 
+class Problem(str):
+    """One problem of a BindError: its text, and the number of the spec rule it is about (None when it
+    is about no one rule), so that a report can point at the rule without reading the text."""
+
+    rule: int | None
+
+    def __new__(cls, text: str, rule: int | None = None) -> Problem:
+        self = super().__new__(cls, text)
+        self.rule = rule
+        return self
+
+
 class BindError(ConvspecError):
     """A checkpoint layout does not fit the plan; names the keys. Raised before any data is read."""
+
+    code = "E103"  # bind-error
 
     def __init__(self, problems: list[str], *, hint: str | None = None):
         self.problems = list(problems)

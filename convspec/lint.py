@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import api
-from .compile.compiler import _flatten, bounded_automata, compile_spec, overlap_error
+from .compile.compiler import bounded_automata, compile_all
 from .compile.patterns import OffsetError, Pattern, Unknown, _matches, meet, witness
 from .compile.plan import Plan
-from .errors import BindError, CompileError, ConfigError, ConvspecError, Span, SpecError
+from .errors import BindError, CompileError, ConfigError, Diagnostic, Span, SpecError
 from .io.config import load_config
 from .keyshapes import compact_keys
 from .ops import OPS, NotInvertible
@@ -58,7 +58,6 @@ RULES: dict[str, LintRule] = {
     )
 }
 
-_UNUSED = re.compile(r"is never used|rename drops capture|is present in the inputs and absent from target")
 _NOQA = re.compile(r"#\s*noqa(?::\s*(?P<codes>[A-Z][0-9]{3}(?:\s*,\s*[A-Z][0-9]{3})*))?", re.IGNORECASE)
 
 
@@ -163,21 +162,17 @@ def check_spec(
     try:
         parsed = api.load_spec(spec)
     except SpecError as exc:
-        findings.append(_from_error("E001", exc))
+        findings.append(_from_diagnostic(exc.diagnostic()))
         return _finish(report, findings, select, ignore, {})
-    resolve = api._resolver(parsed)
-    try:
-        flat, origins = _flatten(parsed, resolve)
-        plan = compile_spec(parsed, load_config(config), resolve, check_overlaps=False)
-    except CompileError as exc:
-        code = "E102" if _UNUSED.search(exc.message) else "E002"
-        findings.append(_from_error(code, exc))
+    state = compile_all(parsed, load_config(config), api._resolver(parsed))
+    findings += [_from_diagnostic(d) for d in state.diagnostics]  # every one, overlaps (E101) included
+    plan, flat, origins = state.plan, state.flat, state.origins
+    if plan is None:  # a rule failed: the analyses below need every rule
         return _finish(report, findings, select, ignore, {})
     lines = {i: r.span for i, r in enumerate(flat)}
     try:
         with bounded_automata(flat):  # the analyses compare templates pairwise: their cost is bounded
             analysis = _Analysis(plan, flat, origins)
-            findings += analysis.overlaps()
             findings += analysis.unreachable()
             findings += analysis.renames()
             findings += analysis.lossy()
@@ -187,7 +182,7 @@ def check_spec(
                 back = _Analysis(inverse, [flat[i] for i in forward], [origins[i] for i in forward])
                 findings += back.not_undone()
     except CompileError as exc:
-        findings.append(_from_error("E002", exc))
+        findings.append(_from_diagnostic(exc.diagnostic()))
         return _finish(report, findings, select, ignore, lines)
     if layout is not None:
         shadowed = {(f.file, f.line) for f in findings if f.code == "W201"}
@@ -221,15 +216,16 @@ def _suppressed(f: Finding, spans: dict[int, Span | None]) -> bool:
     return codes is None or f.code in {c.strip().upper() for c in codes.split(",")}
 
 
-def _from_error(code: str, exc: ConvspecError) -> Finding:
-    span = exc.span
+def _from_diagnostic(d: Diagnostic) -> Finding:
+    """A finding is a diagnostic under lint's name for it: same code, place, message and hint."""
+    span = d.span
     return Finding(
-        code,
-        exc.message,
+        d.code,
+        d.message,
         span.file if span else None,
         span.line if span else None,
         span.col if span else None,
-        exc.hint,
+        d.hint,
     )
 
 
@@ -273,18 +269,6 @@ class _Analysis:
                 if b.name == input_name:
                     return b.span or rule.span
         return rule.span
-
-    def overlaps(self) -> list[Finding]:
-        from .compile.compiler import overlaps
-
-        out = []
-        try:
-            for ra, na, rb, nb, w in overlaps(list(self.rules), self.origins, [r.span for r in self.flat]):
-                exc = overlap_error(ra, na, rb, nb, w, self.span(rb.index, nb))
-                out.append(_from_error("E101", exc))
-        except CompileError as exc:  # more pairs to check than MAX_OVERLAP_PAIRS
-            out.append(_from_error("E101", exc))
-        return out
 
     def reaches(self, i: int, pat: Pattern) -> bool:
         """Whether any key can reach rule i and match `pat`."""
@@ -468,8 +452,8 @@ def _against(
         bound = plan.bind(layout)
     except BindError as exc:
         for problem, more in _alike(exc.problems):
-            m = re.match(r"rule (\d+) ", problem)
-            span = flat[int(m.group(1)) - 1].span if m else None
+            rule = getattr(problem, "rule", None)  # a Problem says which rule it is about
+            span = flat[rule - 1].span if rule else None
             tail = f" (and {more} more like it)" if more else ""
             out.append(_at("E103", span, problem + tail, exc.hint))
         bound = None

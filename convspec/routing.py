@@ -12,7 +12,7 @@ from operator import itemgetter
 from .compile.patterns import OffsetError
 from .compile.plan import Plan
 from .derived import derived
-from .errors import BindError
+from .errors import BindError, Problem
 from .io.safetensors import MAX_KEY_CHARS, shown_key
 
 # A route is ("pass", final key, renamed?, aliased?) | ("drop",) | ("member", rule, input, captures)
@@ -82,7 +82,7 @@ def route_one(plan: Plan, key: str, lead: str = "") -> tuple:
             try:
                 cur = unlead(rule.outputs[0][1].format(caps), lead)
             except OffsetError as exc:
-                return ("error", f"{rule.label}: {key}: {exc}")
+                return ("error", Problem(f"{rule.label}: {key}: {exc}", rule.number))
             pos, touched, aliased = ri + 1, True, aliased or rule.one_way
             continue
         if rule.kind == "drop":

@@ -5,10 +5,21 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CompileError, ConfigError, Span, SpecNotFoundError
+from ..errors import (
+    OVERLAP,
+    UNUSED,
+    CompileError,
+    ConfigError,
+    Diagnostic,
+    ErrorLevel,
+    Severity,
+    Span,
+    SpecNotFoundError,
+)
 from ..ops import DTYPES, OPS, NotInvertible, Op, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
 from .evaluate import _Name, _short, evaluate
@@ -130,32 +141,179 @@ def compile_spec(
 ) -> Plan:
     """Compile a Spec into a Plan; with a config, every config expression is checked and evaluated.
     `resolve` finds the specs that `include` rules name (by default: none may be included).
-    `check_overlaps=False` is for the linter, which reports every overlap rather than the first."""
-    flat, origins = _flatten(spec, resolve)
-    rules = []
-    for i, rule in enumerate(flat):
-        check_templates(rule)
-        if isinstance(rule, Rename):
-            rules.append(_rename(i, rule))
-        elif isinstance(rule, Drop):
-            rules.append(drop_rule(i, _where(rule.span), pattern_of(rule.source)))
-        else:
-            rules.append(_Lowering(i, rule, config).build())
-    with bounded_automata(flat):
-        if check_overlaps:
-            _check_overlaps(rules, flat, origins)
-        inverse_rules, inverse_error, lossy = inverse_of(rules)
-    return Plan(
+    `check_overlaps=False` leaves out the overlap check. Raises the first error (a CompileError);
+    `compile_all` collects every diagnostic instead."""
+    state = Compilation(spec, config, resolve, ErrorLevel.IMMEDIATE, check_overlaps)
+    run_passes(state)
+    assert state.plan is not None  # an error would have been raised
+    return state.plan
+
+
+def compile_all(
+    spec: Spec, config: dict | None = None, resolve: Callable[[str], Spec] | None = None
+) -> Compilation:
+    """Run every pass, collecting the diagnostics instead of raising the first (what `check` reports):
+    the state holds them, and the plan when no rule failed (overlaps do not stop one being made)."""
+    state = Compilation(spec, config, resolve, ErrorLevel.COLLECT)
+    run_passes(state)
+    return state
+
+
+# ---- the passes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Compilation:
+    """What the passes share: the spec and its options, what each pass made, and its diagnostics.
+    A rule with an error is `failed`: later passes leave it out, and no plan is made."""
+
+    spec: Spec
+    config: dict | None
+    resolve: Callable[[str], Spec] | None
+    level: ErrorLevel = ErrorLevel.IMMEDIATE
+    check_overlaps: bool = True
+    flat: list = field(default_factory=list)  # the rules, includes expanded
+    origins: list = field(default_factory=list)  # for each, the include it came from ("" the spec's own)
+    rules: list[PlanRule] = field(default_factory=list)  # the rules lowered so far, in order
+    failed: set[int] = field(default_factory=set)
+    inverse: tuple = (None, None, ())  # inverse_of's: the inverse rules, why none, why lossy
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    stopped: bool = False  # an error no later pass can work past (an include that cannot expand)
+    plan: Plan | None = None
+
+    def report(self, exc: CompileError, rule: int | None = None) -> None:
+        """Raise the error (IMMEDIATE) or record its diagnostic; `rule` failed with it."""
+        if self.level is ErrorLevel.IMMEDIATE:
+            raise exc
+        self.diagnostics.append(exc.diagnostic())
+        if rule is not None:
+            self.failed.add(rule)
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity is Severity.ERROR]
+
+
+def expand_includes(state: Compilation) -> None:
+    """Pass: the spec's rules with every include expanded; an include that cannot be is fatal."""
+    try:
+        state.flat, state.origins = _flatten(state.spec, state.resolve)
+    except CompileError as exc:
+        state.stopped = True
+        state.report(exc)
+
+
+def lower_rules(state: Compilation) -> None:
+    """Pass: each rename, drop and convert becomes a PlanRule (a convert's expressions an op DAG),
+    its templates checked first. One pass, rule by rule, so that the first error raised is the one
+    of the first rule that has one, whichever check finds it."""
+    for i, rule in enumerate(state.flat):
+        try:
+            state.rules.append(lower_rule(i, rule, state.config))
+        except CompileError as exc:
+            state.report(exc, i)
+
+
+def lower_rule(i: int, rule, config: dict | None) -> PlanRule:
+    """One rule of the expanded spec, lowered and checked."""
+    check_templates(rule)
+    if isinstance(rule, Rename):
+        return _rename(i, rule)
+    if isinstance(rule, Drop):
+        return drop_rule(i, _where(rule.span), pattern_of(rule.source))
+    return _Lowering(i, rule, config).build()
+
+
+def check_claims(state: Compilation) -> None:
+    """Pass: no two converts of one spec (or two inputs of one) can claim a key. Raising, the first
+    overlap is placed at the later rule; collected, each at the input that claims the key."""
+    if not state.check_overlaps:
+        return
+    if state.level is ErrorLevel.IMMEDIATE:
+        _check_overlaps(state.rules, state.flat, state.origins)
+        return
+    found: list[CompileError] = []  # all or nothing: past the automata budget, that is the one error
+    try:
+        for ra, na, rb, nb, w in overlaps(state.rules, state.origins, [r.span for r in state.flat]):
+            found.append(overlap_error(ra, na, rb, nb, w, _input_span(state.flat[rb.index], nb)))
+    except CompileError as exc:  # more pairs to check than MAX_OVERLAP_PAIRS
+        found.append(exc)
+    for exc in found:
+        state.report(exc)
+
+
+def _input_span(rule, name: str) -> Span | None:
+    """Where a convert binds input `name` (or the rule, failing that)."""
+    for b in rule.inputs if isinstance(rule, Convert) else ():
+        if b.name == name:
+            return b.span or rule.span
+    return rule.span
+
+
+def derive_inverse(state: Compilation) -> None:
+    """Pass: the rules that undo the plan's, or why there are none, and why they are lossy."""
+    if not state.failed:
+        state.inverse = inverse_of(state.rules)
+
+
+def make_plan(state: Compilation) -> None:
+    """Pass: the plan, with what it records of its inverse; none when a rule failed."""
+    if state.failed:
+        return
+    inverse_rules, inverse_error, lossy = state.inverse
+    spec = state.spec
+    state.plan = Plan(
         name=spec.name,
         doc=spec.doc,
         model_types=tuple(spec.model_types),
-        rules=tuple(rules),
-        config=config,
+        rules=tuple(state.rules),
+        config=state.config,
         inverse_rules=inverse_rules,
         inverse_error=inverse_error,
         lossy=lossy,
         base_prefix=spec.base_prefix,
     )
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One step of compiling. `bounded`: it compares templates pairwise, so it runs within the
+    automata budget (one budget for the run of such passes, see `bounded_automata`)."""
+
+    name: str
+    run: Callable[[Compilation], None]
+    bounded: bool = False
+
+
+PASSES: tuple[Pass, ...] = (
+    Pass("includes", expand_includes),
+    Pass("rules", lower_rules),
+    Pass("overlaps", check_claims, bounded=True),
+    Pass("inverse", derive_inverse, bounded=True),
+    Pass("plan", make_plan),
+)
+
+
+def run_passes(state: Compilation, passes: tuple[Pass, ...] = PASSES) -> Compilation:
+    """Run the passes in order over `state`. Collecting, a pass past the automata budget ends the
+    compile with that one error (its findings so far are not reported: they are incomplete)."""
+    try:
+        with ExitStack() as budget:
+            bounded = False
+            for p in passes:
+                if state.stopped:
+                    break
+                if p.bounded != bounded:  # the bounded passes are contiguous: one budget for them all
+                    if p.bounded:
+                        budget.enter_context(bounded_automata(state.flat))
+                    else:
+                        budget.close()
+                    bounded = p.bounded
+                p.run(state)
+    except CompileError as exc:  # collecting, only the budget's error gets here: it ends the block
+        state.stopped = True
+        state.report(exc)
+    return state
 
 
 def inverse_of(rules) -> tuple[tuple[PlanRule, ...] | None, str | None, tuple[str, ...]]:
@@ -183,7 +341,7 @@ def _rename(i: int, rule: Rename) -> PlanRule:
     )
 
 
-def drop_rule(i: int, where: str, src: Pattern) -> PlanRule:
+def drop_rule(i: int, where: Span, src: Pattern) -> PlanRule:
     """A drop's rule: its one input, typed (an untyped capture is one segment)."""
     types = {c: t or "seg" for k, c, t in src.parts if k == "cap"}
     return PlanRule(i, "drop", where, (("x", src.typed(types)),), types=tuple(types.items()))
@@ -191,7 +349,7 @@ def drop_rule(i: int, where: str, src: Pattern) -> PlanRule:
 
 def rename_rule(
     i: int,
-    where: str,
+    where: Span,
     src: Pattern,
     dst: Pattern,
     unless: list[Pattern],
@@ -225,6 +383,7 @@ def rename_rule(
         raise CompileError(
             f"rename drops capture {{{lost[0]}}}: different keys would get the same name",
             span=span,
+            code=UNUSED,
             hint=f"use {{{lost[0]}}} in the target",
         )
     return PlanRule(
@@ -588,7 +747,7 @@ def check_param(op, p, v: Any, names: type = str) -> None:
 
 def check_convert(
     index: int,
-    where: str,
+    where: Span,
     inputs: list,
     outputs: list,
     nodes: list[Node],
@@ -603,7 +762,6 @@ def check_convert(
     are (value, pattern, span); `types` (capture -> type) grows by the captures unstack adds. Also
     checks the converts of a plan read from JSON, whose `where` stands for the spans."""
     spans = spans or [None] * len(nodes)
-    binding_span = binding_span or {}
     in_caps = [set(p.captures) for _, p in inputs]
     bound_by_all = set.intersection(*in_caps) if in_caps else set()
     out_caps = set().union(*(set(p.captures) for _, p, _ in outputs)) if outputs else set()
@@ -611,52 +769,82 @@ def check_convert(
     free: dict[str, tuple[str, ...]] = {n: tuple(sorted(set(p.captures) - set(keep))) for n, p in inputs}
     uses: dict[str, int] = {}
     for node, node_span in zip(nodes, spans, strict=True):
-        op = OPS[node.op]
-        arg_free = [set(free[a]) for a in node.inputs]
         for a in node.inputs:
             uses[a] = uses.get(a, 0) + 1
-        params = dict(node.params)
-        base = arg_free[0]
-        if any(f != base for f in arg_free[1:]):
-            desc = ", ".join(
-                f"{a} over {{{', '.join(sorted(f)) or 'nothing'}}}"
-                for a, f in zip(node.inputs, arg_free, strict=False)
-            )
-            raise CompileError(
-                f"rule {index + 1} (convert): {node.op} mixes collections: {desc}",
-                span=node_span or span,
-                hint="stack each input over the same captures first",
-            )
-        if op.reduces:
-            over = params["over"]
-            if over not in base:
-                raise CompileError(
-                    f"rule {index + 1} (convert): {node.op}(over={over}) but its input is not a collection "
-                    f"over {{{over}}}" + (f" (it is over {{{', '.join(sorted(base))}}})" if base else ""),
-                    span=node_span or span,
-                    hint="stack over a capture that the input has and the target does not",
-                )
-            if types.get(over) != "int":
-                raise CompileError(
-                    f"rule {index + 1} (convert): stack over {{{over}}} needs an int "
-                    f"capture ({{{over}:int}}) to order its members",
-                    span=node_span or span,
-                    hint=f"declare it as {{{over}:int}} in the input templates",
-                )
-            out_free = tuple(sorted(base - {over}))
-        elif op.expands:
-            over = params["over"]
-            if over in base or over in keep:
-                raise CompileError(
-                    f"rule {index + 1} (convert): unstack over {{{over}}}, which is already bound",
-                    span=node_span or span,
-                )
-            types.setdefault(over, "int")
-            out_free = tuple(sorted(base | {over}))
-        else:
-            out_free = tuple(sorted(base))
+        out_free = _node_free(index, node, free, keep, types, node_span or span)
         for o in node.outputs:
             free[o] = out_free
+    _check_targets(index, outputs, keep, free, in_caps, uses)
+    if outputs:  # the use checks point at the last target
+        span = outputs[-1][2]
+    _check_all_used(index, inputs, nodes, spans, uses, binding_span or {}, span)
+    types = {c: types.get(c, "seg") for c in sorted(set(types) | out_caps)}
+    return PlanRule(
+        index=index,
+        kind="convert",
+        where=where,
+        inputs=tuple((n, p) for n, p in inputs),
+        outputs=tuple((v, p.typed(types)) for v, p, _ in outputs),
+        nodes=tuple(nodes),
+        keep=tuple(keep),
+        free=tuple(sorted(free.items())),
+        types=tuple(types.items()),
+    )
+
+
+def _node_free(
+    index: int, node: Node, free: dict, keep: list[str], types: dict[str, str], span: Span | None
+) -> tuple[str, ...]:
+    """The captures a node's values vary over: its inputs' (which must agree), less the one a stack
+    reduces, plus the one an unstack adds (typed int in `types`)."""
+    op = OPS[node.op]
+    arg_free = [set(free[a]) for a in node.inputs]
+    params = dict(node.params)
+    base = arg_free[0]
+    if any(f != base for f in arg_free[1:]):
+        desc = ", ".join(
+            f"{a} over {{{', '.join(sorted(f)) or 'nothing'}}}"
+            for a, f in zip(node.inputs, arg_free, strict=False)
+        )
+        raise CompileError(
+            f"rule {index + 1} (convert): {node.op} mixes collections: {desc}",
+            span=span,
+            hint="stack each input over the same captures first",
+        )
+    if op.reduces:
+        over = params["over"]
+        if over not in base:
+            raise CompileError(
+                f"rule {index + 1} (convert): {node.op}(over={over}) but its input is not a collection "
+                f"over {{{over}}}" + (f" (it is over {{{', '.join(sorted(base))}}})" if base else ""),
+                span=span,
+                hint="stack over a capture that the input has and the target does not",
+            )
+        if types.get(over) != "int":
+            raise CompileError(
+                f"rule {index + 1} (convert): stack over {{{over}}} needs an int "
+                f"capture ({{{over}:int}}) to order its members",
+                span=span,
+                hint=f"declare it as {{{over}:int}} in the input templates",
+            )
+        return tuple(sorted(base - {over}))
+    if op.expands:
+        over = params["over"]
+        if over in base or over in keep:
+            raise CompileError(
+                f"rule {index + 1} (convert): unstack over {{{over}}}, which is already bound",
+                span=span,
+            )
+        types.setdefault(over, "int")
+        return tuple(sorted(base | {over}))
+    return tuple(sorted(base))
+
+
+def _check_targets(
+    index: int, outputs: list, keep: list[str], free: dict, in_caps: list[set], uses: dict[str, int]
+) -> None:
+    """Every target names exactly the captures its value varies over, and none is written twice;
+    counts each value's uses."""
     seen_out: set[str] = set()
     for v, pat, span in outputs:
         uses[v] = uses.get(v, 0) + 1
@@ -680,16 +868,30 @@ def check_convert(
                 f"rule {index + 1} (convert): capture {{{c}}} is present in the inputs and absent from "
                 f"target {pat.text}, and no op reduces it",
                 span=span,
+                code=UNUSED,
                 hint=f"reduce it with stack(x, over={c}), or keep {{{c}}} in the target",
             )
         if pat.text in seen_out:
             raise CompileError(f"rule {index + 1} (convert): target {pat.text} is written twice", span=span)
         seen_out.add(pat.text)
+
+
+def _check_all_used(
+    index: int,
+    inputs: list,
+    nodes: list[Node],
+    spans: list,
+    uses: dict[str, int],
+    binding_span: dict[str, Span | None],
+    span: Span | None,
+) -> None:
+    """Every input and every value an op yields is used: a value no target takes would be lost."""
     for name, _ in inputs:
         if uses.get(name, 0) == 0:
             raise CompileError(
                 f"rule {index + 1} (convert): input {name!r} is never used",
                 span=binding_span.get(name) or span,
+                code=UNUSED,
                 hint="use it in an output, or remove it (a drop rule discards keys)",
             )
     for node, node_span in zip(nodes, spans, strict=True):
@@ -698,19 +900,8 @@ def check_convert(
                 raise CompileError(
                     f"rule {index + 1} (convert): a value of {node.op} is never used (it would be lost)",
                     span=node_span or span,
+                    code=UNUSED,
                 )
-    types = {c: types.get(c, "seg") for c in sorted(set(types) | out_caps)}
-    return PlanRule(
-        index=index,
-        kind="convert",
-        where=where,
-        inputs=tuple((n, p) for n, p in inputs),
-        outputs=tuple((v, p.typed(types)) for v, p, _ in outputs),
-        nodes=tuple(nodes),
-        keep=tuple(keep),
-        free=tuple(sorted(free.items())),
-        types=tuple(types.items()),
-    )
 
 
 def _is_expr(v: Any) -> bool:
@@ -732,6 +923,7 @@ def overlaps(rules: list[PlanRule], origins: list, spans: list | None = None):
             f"{len(pairs):,} pairs of convert inputs begin and end with the same text, so each pair must "
             f"be checked for a key both can claim; at most {MAX_OVERLAP_PAIRS:,} are checked",
             span=spans[claims[j][0].index] if spans else None,
+            code=OVERLAP,
             hint="give the converts' templates distinct literal ends (`{p:path}.w1.weight`), or split the spec",
         )
     for i, j in pairs:
@@ -779,22 +971,19 @@ def overlap_error(ra: PlanRule, na: str, rb: PlanRule, nb: str, w: str, span: Sp
         return CompileError(
             f"rule {ra.index + 1} (convert): inputs {na} and {nb} can both match the key {w!r}",
             span=span,
+            code=OVERLAP,
             hint="make the input templates disjoint",
         )
     pa, pb = dict(ra.inputs)[na], dict(rb.inputs)[nb]
     return CompileError(
         f"rules {ra.index + 1} and {rb.index + 1} can both claim the key {w!r} ({pa.text} and {pb.text})",
         span=span,
+        code=OVERLAP,
         hint="at most one convert may claim a key: make the templates disjoint",
     )
 
 
 # ---- includes -----------------------------------------------------------------------------
-
-
-def flatten(spec: Spec, resolve: Callable[[str], Spec] | None) -> list:
-    """The spec's rules with every `include` replaced by the included rules, once per prefix."""
-    return _flatten(spec, resolve)[0]
 
 
 class _Budget:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Span
 from .expr import BinOp, Call, Expr, ListOf, Neg, Num, Ref, Str, needs_config
 from .frozen import thaw
 
@@ -21,7 +21,7 @@ class Missing(Exception):
         self.path = path
 
 
-def evaluate(expr: Expr, config: dict | None, where: str = "") -> Any:
+def evaluate(expr: Expr, config: dict | None, where: Span | str = "") -> Any:
     """Evaluate a parameter expression (typed IR, `convspec.compile.expr`) to a plain value."""
     try:
         return _eval(expr, config)

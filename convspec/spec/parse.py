@@ -1,14 +1,19 @@
-"""The lark front end: DSL text, key templates and op expressions -> Spec IR."""
+"""The lark front end: DSL text, key templates and op expressions -> Spec IR.
+
+lark parses; `Transformer`s with `v_args(meta=True)` build the IR bottom up, each node with the span
+of its rule. Expressions are checked top down first (`_check_expr`), so an error is the first one in
+reading order and deep nesting is refused before the builder recurses into it."""
 
 from __future__ import annotations
 
 import re
-from functools import cache
-from importlib import resources
 
-from lark import Lark, Token, Tree, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark import Token, Transformer, Tree, UnexpectedInput, v_args
+from lark.exceptions import VisitError
 
-from ..errors import SpecSyntaxError, SpecValidationError
+from ..errors import SpecError, SpecSyntaxError, SpecValidationError
+from .grammar import parser as _parser
+from .lexicon import is_dotted_prefix
 from .model import (
     Binding,
     BinOp,
@@ -32,93 +37,11 @@ from .model import (
     Template,
 )
 from .source import MAX_SPEC_CHARS, Embedded, Source
+from .syntax_errors import syntax_error
 
 CAPTURE_TYPES = ("path", "path?", "int", "seg")
 MAX_EXPR_DEPTH = 64
 MAX_INT_BITS = 64  # the evaluator's bound; a literal past it could only overflow later
-
-# What lark calls a terminal, as a person would say it.
-_TOKEN_NAMES = {
-    "TEMPLATE": "a key template",
-    "NAME": "a name",
-    "NUMBER": "a number",
-    "STRING": 'a "quoted string"',
-    "TLIT": "template text",
-    "LPAR": "'('",
-    "RPAR": "')'",
-    "LSQB": "'['",
-    "RSQB": "']'",
-    "LBRACE": "'{'",
-    "RBRACE": "'}'",
-    "COMMA": "','",
-    "EQUAL": "'='",
-    "COLON": "':'",
-    "DOT": "'.'",
-    "MINUS": "'-'",
-    "PLUS": "'+'",
-    "STAR": "'*'",
-    "PERCENT": "'%'",
-    "$END": "the end of the input",
-}
-
-
-@cache
-def _parser() -> Lark:
-    grammar = resources.files("convspec.spec").joinpath("grammar.lark").read_text()
-    return Lark(
-        grammar,
-        start=["spec", "template", "expr"],
-        parser="lalr",
-        propagate_positions=True,
-        maybe_placeholders=True,
-    )
-
-
-def _terminal_text(name: str) -> str:
-    if name in _TOKEN_NAMES:
-        return _TOKEN_NAMES[name]
-    for term in _parser().terminals:  # anonymous terminals such as '->' and '??' by their text
-        if term.name == name and term.pattern.type == "str":
-            return f"'{term.pattern.value}'"
-    return f"'{name.lower()}'" if name.isupper() else name
-
-
-def _describe_expected(expected: set[str]) -> str:
-    names = sorted({_terminal_text(t) for t in expected})
-    if len(names) > 8:
-        names = names[:8] + ["..."]
-    return ", ".join(names)
-
-
-def _syntax_error(exc: UnexpectedInput, where: Source | Embedded, what: str) -> SpecSyntaxError:
-    line, col = getattr(exc, "line", 1) or 1, getattr(exc, "column", 1) or 1
-    if isinstance(exc, UnexpectedCharacters):
-        ch = exc.char
-        msg = f"unexpected character {ch!r} in {what}"
-        expected = getattr(exc, "allowed", None) or set()
-    elif isinstance(exc, UnexpectedEOF):
-        msg = f"{what} ends too early"
-        expected = set(exc.expected)
-        line, col = _end_position(where)
-    elif isinstance(exc, UnexpectedToken):
-        tok = exc.token
-        if tok.type == "$END":
-            msg = f"{what} ends too early"
-            line, col = _end_position(where)
-        else:
-            msg = f"unexpected {tok.value!r} in {what}"
-        expected = set(exc.expected)
-    else:  # pragma: no cover - lark has no other kinds
-        msg, expected = f"cannot parse {what}", set()
-    hint = f"expected {_describe_expected(expected)}" if expected else None
-    return SpecSyntaxError(msg, span=where.span(line, col), hint=hint)
-
-
-def _end_position(where: Source | Embedded) -> tuple[int, int]:
-    text = where.text if isinstance(where, Source) else where.string
-    lines = text.splitlines() or [""]
-    return len(lines), len(lines[-1]) + 1
-
 
 # ---- key templates ---------------------------------------------------------------------------
 
@@ -136,20 +59,51 @@ def parse_template(text: str, where: Embedded) -> Template:
     try:
         tree = _parser().parse(text, start="template")
     except UnexpectedInput as exc:
-        raise _syntax_error(exc, where, "key template") from None
-    parts: list[Lit | Cap] = []
-    seen: set[str] = set()
-    for child in tree.children:
-        if isinstance(child, Token):
-            parts.append(Lit(text=str(child), span=where.span(1, child.column)))
-            continue
-        name_tok, type_tok, opt_tok, offset_tok = child.children
-        span = where.span(1, name_tok.column)
+        raise syntax_error(exc, where, "key template") from None
+    return _transform(_TemplateBuilder(where, text), tree)
+
+
+def _transform(builder: Transformer, tree: Tree):
+    """Run a builder; an error a callback raises comes out as itself, not wrapped in lark's VisitError."""
+    try:
+        return builder.transform(tree)
+    except VisitError as exc:
+        raise exc.orig_exc from None
+
+
+@v_args(meta=True)
+class _TemplateBuilder(Transformer):
+    """Template parse tree -> Template; the checks need the captures before each one, so `template` runs them."""
+
+    def __init__(self, where: Embedded, text: str):
+        super().__init__()
+        self.where = where
+        self.text = text
+
+    def TLIT(self, tok: Token) -> Lit:
+        return Lit(text=str(tok), span=self.where.span(1, tok.column))
+
+    def capture(self, meta, children) -> tuple:
+        return tuple(children)  # (name, type, `?`, offset): `template` checks it among the others
+
+    def template(self, meta, children) -> Template:
+        parts: list[Lit | Cap] = []
+        seen: set[str] = set()
+        for child in children:
+            parts.append(child if isinstance(child, Lit) else self._cap(child, parts, seen))
+        for i, part in enumerate(parts):
+            if isinstance(part, Cap) and part.type in ("path", "path?"):
+                _check_whole_segments(parts, i)
+        return Template(text=self.text, parts=parts, span=self.where.span(1, 1))
+
+    def _cap(self, raw: tuple, parts: list[Lit | Cap], seen: set[str]) -> Cap:
+        name_tok, type_tok, opt_tok, offset_tok = raw
+        span = self.where.span(1, name_tok.column)
         ctype = str(type_tok) + ("?" if opt_tok is not None else "") if type_tok is not None else None
         if ctype is not None and ctype not in CAPTURE_TYPES:
             raise SpecValidationError(
                 f"unknown capture type {ctype!r} for {{{name_tok}}}",
-                span=where.span(1, type_tok.column),
+                span=self.where.span(1, type_tok.column),
                 hint="a capture type is one of: path (dot-separated segments), path? (zero or more "
                 "segments), int (a decimal index), seg (one segment fragment)",
             )
@@ -168,21 +122,21 @@ def parse_template(text: str, where: Embedded) -> Template:
             )
         offset = 0
         if offset_tok is not None:
-            offset = _int64(str(offset_tok), str(offset_tok), "offset", where.span(1, offset_tok.column))
-        parts.append(Cap(name=str(name_tok), type=ctype, offset=offset, span=span))
-    for i, part in enumerate(parts):
-        if isinstance(part, Cap) and part.type in ("path", "path?"):
-            before_ok = i == 0 or (isinstance(parts[i - 1], Lit) and parts[i - 1].text.endswith("."))
-            after_ok = i == len(parts) - 1 or (
-                isinstance(parts[i + 1], Lit) and parts[i + 1].text.startswith(".")
-            )
-            if not (before_ok and after_ok):
-                raise SpecValidationError(
-                    f"path capture {{{part.name}:{part.type}}} must stand for whole segments",
-                    span=part.span,
-                    hint="put it at the start or end of the key, or between dots: '{p:path}.mlp.weight'",
-                )
-    return Template(text=text, parts=parts, span=where.span(1, 1))
+            offset = _int64(str(offset_tok), str(offset_tok), "offset", self.where.span(1, offset_tok.column))
+        return Cap(name=str(name_tok), type=ctype, offset=offset, span=span)
+
+
+def _check_whole_segments(parts: list[Lit | Cap], i: int) -> None:
+    """A path capture stands between dots or at an end of the key, never inside a segment."""
+    part = parts[i]
+    before_ok = i == 0 or (isinstance(parts[i - 1], Lit) and parts[i - 1].text.endswith("."))
+    after_ok = i == len(parts) - 1 or (isinstance(parts[i + 1], Lit) and parts[i + 1].text.startswith("."))
+    if not (before_ok and after_ok):
+        raise SpecValidationError(
+            f"path capture {{{part.name}:{part.type}}} must stand for whole segments",
+            span=part.span,
+            hint="put it at the start or end of the key, or between dots: '{p:path}.mlp.weight'",
+        )
 
 
 # ---- op expressions --------------------------------------------------------------------------
@@ -196,72 +150,107 @@ def parse_expr(text: str, where: Embedded) -> Expr:
     try:
         tree = _parser().parse(text, start="expr")
     except UnexpectedInput as exc:
-        raise _syntax_error(exc, where, "expression") from None
-    return _ExprBuilder(where).build(tree)
+        raise syntax_error(exc, where, "expression") from None
+    _check_expr(tree, where)
+    return _transform(_ExprBuilder(where), tree)
 
 
-class _ExprBuilder:
+def _span(where: Source | Embedded, node: Tree | Token):
+    meta = node if isinstance(node, Token) else node.meta
+    return where.span(getattr(meta, "line", 1), getattr(meta, "column", 1))
+
+
+def _check_expr(node: Tree, where: Source | Embedded, depth: int = 0) -> None:
+    """The checks of an expression tree, in reading order, before it is built: the first error found
+    reading left to right is the one reported, and nesting is refused before the builder recurses."""
+    if depth > MAX_EXPR_DEPTH:
+        raise SpecValidationError(
+            f"expression nested deeper than {MAX_EXPR_DEPTH} levels", span=_span(where, node)
+        )
+    if node.data == "call":
+        _check_call(node, where, depth + 1)
+        return
+    if node.data == "number":
+        text = str(node.children[0])
+        _int64(text.split(".")[0], text, "number", _span(where, node))
+    for child in node.children:
+        if isinstance(child, Tree):
+            _check_expr(child, where, depth + 1)
+
+
+def _check_call(node: Tree, where: Source | Embedded, depth: int) -> None:
+    """An op call's arguments: positional ones first, each parameter named once."""
+    name, *args = node.children
+    keywords: list[str] = []
+    for arg in args:
+        if arg is None:
+            continue
+        if arg.data == "kwarg":
+            kname, value = arg.children
+            if str(kname) in keywords:
+                raise SpecValidationError(
+                    f"parameter {kname!s} is given twice to {name!s}()", span=_span(where, kname)
+                )
+            _check_expr(value, where, depth)
+            keywords.append(str(kname))
+        else:
+            if keywords:
+                raise SpecSyntaxError(
+                    f"a positional argument follows a keyword argument in {name!s}()",
+                    span=_span(where, arg),
+                    hint="put positional arguments first",
+                )
+            _check_expr(arg.children[0], where, depth)
+
+
+def _binop(op: str):
+    def build(self, meta, children) -> BinOp:
+        return BinOp(op=op, left=children[0], right=children[1], span=self._span(meta))
+
+    return build
+
+
+@v_args(meta=True)
+class _ExprBuilder(Transformer):
+    """Expression parse tree -> Expr, bottom up; `_check_expr` has already refused what is wrong."""
+
     def __init__(self, where: Source | Embedded):
+        super().__init__()
         self.where = where
 
-    def span(self, node):
-        meta = node if isinstance(node, Token) else node.meta
+    def _span(self, meta):
         return self.where.span(getattr(meta, "line", 1), getattr(meta, "column", 1))
 
-    def build(self, node, depth: int = 0) -> Expr:
-        if depth > MAX_EXPR_DEPTH:
-            raise SpecValidationError(
-                f"expression nested deeper than {MAX_EXPR_DEPTH} levels", span=self.span(node)
-            )
-        span = self.span(node)
-        d = depth + 1
-        if isinstance(node, Token):  # pragma: no cover - every token is wrapped by a rule
-            raise SpecSyntaxError(f"unexpected {node!r}", span=span)
-        kind = node.data
-        ch = node.children
-        if kind == "number":
-            text = str(ch[0])
-            whole = _int64(text.split(".")[0], text, "number", span)
-            return Num(value=float(text) if "." in text else whole, span=span)
-        if kind == "string":
-            return Str(value=_unquote(str(ch[0])), span=span)
-        if kind == "dotted":
-            return Ref(path=[str(t) for t in ch], span=span)
-        if kind == "list":
-            items = [self.build(c, d) for c in ch if c is not None]
-            return ListExpr(items=items, span=span)
-        if kind == "neg":
-            return Neg(operand=self.build(ch[0], d), span=span)
-        ops = {"add": "+", "sub": "-", "mul": "*", "floordiv": "//", "mod": "%", "coalesce": "??"}
-        if kind in ops:
-            return BinOp(op=ops[kind], left=self.build(ch[0], d), right=self.build(ch[1], d), span=span)
-        if kind == "call":
-            return self.call(node, d)
-        raise SpecSyntaxError(f"unexpected {kind}", span=span)  # pragma: no cover
+    def number(self, meta, children) -> Num:
+        text = str(children[0])
+        return Num(value=float(text) if "." in text else int(text), span=self._span(meta))
 
-    def call(self, node, depth: int) -> Call:
-        name, *args = node.children
-        pos: list = []
-        kws: list[KwArg] = []
-        for arg in args:
-            if arg is None:
-                continue
-            if arg.data == "kwarg":
-                kname, value = arg.children
-                if any(k.name == str(kname) for k in kws):
-                    raise SpecValidationError(
-                        f"parameter {kname!s} is given twice to {name!s}()", span=self.span(kname)
-                    )
-                kws.append(KwArg(name=str(kname), value=self.build(value, depth), span=self.span(kname)))
-            else:
-                if kws:
-                    raise SpecSyntaxError(
-                        f"a positional argument follows a keyword argument in {name!s}()",
-                        span=self.span(arg),
-                        hint="put positional arguments first",
-                    )
-                pos.append(self.build(arg.children[0], depth))
-        return Call(op=str(name), args=pos, kwargs=kws, span=self.span(node))
+    def string(self, meta, children) -> Str:
+        return Str(value=_unquote(str(children[0])), span=self._span(meta))
+
+    def dotted(self, meta, children) -> Ref:
+        return Ref(path=[str(t) for t in children], span=self._span(meta))
+
+    def list(self, meta, children) -> ListExpr:
+        return ListExpr(items=[c for c in children if c is not None], span=self._span(meta))
+
+    def neg(self, meta, children) -> Neg:
+        return Neg(operand=children[0], span=self._span(meta))
+
+    add, sub, mul, floordiv, mod, coalesce = map(_binop, ("+", "-", "*", "//", "%", "??"))
+
+    def kwarg(self, meta, children) -> KwArg:
+        name, value = children
+        return KwArg(name=str(name), value=value, span=self.where.span(name.line, name.column))
+
+    def posarg(self, meta, children) -> Expr:
+        return children[0]
+
+    def call(self, meta, children) -> Call:
+        name, *args = children
+        pos = [a for a in args if a is not None and not isinstance(a, KwArg)]
+        kws = [a for a in args if isinstance(a, KwArg)]
+        return Call(op=str(name), args=pos, kwargs=kws, span=self._span(meta))
 
 
 def _int64(digits: str, literal: str, what: str, span) -> int:
@@ -288,95 +277,127 @@ def parse_dsl(text: str, file: str | None = None) -> Spec:
     try:
         tree = _parser().parse(text, start="spec")
     except UnexpectedInput as exc:
-        raise _syntax_error(exc, source, "spec") from None
-    return _DslBuilder(source).spec(tree)
+        raise syntax_error(exc, source, "spec") from None
+    _guard_expressions(tree, source)
+    return _transform(_DslBuilder(source), tree)
 
 
+def _guard_expressions(tree: Tree, source: Source) -> None:
+    """Check each expression of the spec before it is built, and put an expression that fails in place
+    as an `invalid_expr` node: the builder raises its error where the expression stands, so errors
+    still come in reading order (a bad target template before a bad expression after it)."""
+    for statement in tree.children[1:]:
+        for part in statement.children if statement.data == "convert" else ():
+            if part.data == "binding":
+                continue
+            body = part.children[-1]
+            try:
+                if part.data == "output_chain":
+                    for call in body.children:
+                        _check_call(call, source, 1)
+                else:
+                    _check_expr(body, source)
+            except SpecError as exc:
+                part.children[-1] = Tree("invalid_expr", [exc])
+
+
+@v_args(meta=True)
 class _DslBuilder(_ExprBuilder):
+    """DSL parse tree -> Spec; statements give rules, or (field, value) pairs for the spec's header."""
+
     def __init__(self, source: Source):
         super().__init__(source)
         self.source = source
 
-    def template(self, tok: Token) -> Template:
+    def invalid_expr(self, meta, children):
+        raise children[0]
+
+    def TEMPLATE(self, tok: Token) -> Template:
         return parse_template(str(tok), Embedded(self.source, tok.line, tok.column))
 
-    def spec(self, tree: Tree) -> Spec:
-        header, *stmts = tree.children
-        name_tok, doc_tok = header.children
-        doc = _unquote(str(doc_tok)) if doc_tok is not None else ""
-        model_types: list[str] = []
-        base_prefix = ""
-        rules = []
-        for st in stmts:
-            kind = st.data
-            span = self.span(st)
-            if kind == "model_types":
-                model_types.extend(str(t) for t in st.children)
-            elif kind == "doc":
-                doc = _unquote(str(st.children[0]))
-            elif kind == "base_prefix":
-                base_prefix = str(st.children[0])
-            elif kind in ("rename", "alias"):
-                src, dst, unless = st.children
-                rules.append(
-                    Rename(
-                        source=self.template(src),
-                        target=self.template(dst),
-                        unless=[self.template(t) for t in unless.children] if unless is not None else [],
-                        one_way=kind == "alias",
-                        span=span,
-                    )
-                )
-            elif kind == "include":
-                name, *prefixes, only = st.children
-                if only is not None and str(only) not in ("renames", "converts"):
-                    raise SpecValidationError(
-                        f"include ... only {only}: expected 'renames' or 'converts'",
-                        span=span,
-                        hint="`only renames` takes the renames and aliases, `only converts` the converts",
-                    )
-                under = [
-                    _unquote(str(p)) if str(p).startswith('"') else str(p) for p in prefixes if p is not None
-                ]
-                bad = [u for u in under if u and not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", u)]
-                if bad:
-                    raise SpecValidationError(
-                        f"prefix {bad[0]!r} is not a dotted name",
-                        span=span,
-                        hint='a prefix is literal key text such as model.language_model, or "" for every key',
-                    )
-                rules.append(
-                    Include(spec=str(name), under=under, only=str(only) if only else "all", span=span)
-                )
-            elif kind == "drop":
-                rules.append(Drop(source=self.template(st.children[0]), span=span))
-            elif kind == "convert":
-                rules.append(self.convert(st))
-        return Spec(
-            name=str(name_tok),
-            doc=doc,
-            model_types=model_types,
-            base_prefix=base_prefix,
-            rules=rules,
-            file=self.source.file,
-            span=self.span(tree),
+    def header(self, meta, children) -> tuple[str, str]:
+        name, doc = children
+        return str(name), _unquote(str(doc)) if doc is not None else ""
+
+    def model_types(self, meta, children) -> tuple[str, list[str]]:
+        return "model_types", [str(t) for t in children]
+
+    def doc(self, meta, children) -> tuple[str, str]:
+        return "doc", _unquote(str(children[0]))
+
+    def base_prefix(self, meta, children) -> tuple[str, str]:
+        return "base_prefix", str(children[0])
+
+    def rename(self, meta, children, one_way: bool = False) -> Rename:
+        source, target, unless = children
+        return Rename(
+            source=source, target=target, unless=unless or [], one_way=one_way, span=self._span(meta)
         )
 
-    def convert(self, st: Tree) -> Convert:
-        inputs, lets, outputs = [], [], []
-        for part in st.children:
-            if part.data == "binding":
-                name, tok = part.children
-                inputs.append(Binding(name=str(name), template=self.template(tok), span=self.span(name)))
-            elif part.data == "let":
-                *names, expr = part.children
-                lets.append(Let(names=[str(n) for n in names], expr=self.build(expr), span=self.span(part)))
+    def alias(self, meta, children) -> Rename:
+        return self.rename(meta, children, one_way=True)
+
+    def unless(self, meta, children) -> list[Template]:
+        return list(children)
+
+    def include(self, meta, children) -> Include:
+        name, *prefixes, only = children
+        span = self._span(meta)
+        if only is not None and str(only) not in ("renames", "converts"):
+            raise SpecValidationError(
+                f"include ... only {only}: expected 'renames' or 'converts'",
+                span=span,
+                hint="`only renames` takes the renames and aliases, `only converts` the converts",
+            )
+        under = [_unquote(str(p)) if str(p).startswith('"') else str(p) for p in prefixes if p is not None]
+        bad = [u for u in under if u and not is_dotted_prefix(u)]
+        if bad:
+            raise SpecValidationError(
+                f"prefix {bad[0]!r} is not a dotted name",
+                span=span,
+                hint='a prefix is literal key text such as model.language_model, or "" for every key',
+            )
+        return Include(spec=str(name), under=under, only=str(only) if only else "all", span=span)
+
+    def drop(self, meta, children) -> Drop:
+        return Drop(source=children[0], span=self._span(meta))
+
+    def binding(self, meta, children) -> Binding:
+        name, template = children
+        return Binding(name=str(name), template=template, span=self.where.span(name.line, name.column))
+
+    def let(self, meta, children) -> Let:
+        *names, expr = children
+        return Let(names=[str(n) for n in names], expr=expr, span=self._span(meta))
+
+    def targets(self, meta, children) -> list[Template]:
+        return list(children)
+
+    def chain(self, meta, children) -> list[Call]:
+        return list(children)
+
+    def output_expr(self, meta, children) -> Output:
+        return Output(targets=children[0], expr=children[1], span=self._span(meta))
+
+    def output_chain(self, meta, children) -> Output:
+        return Output(targets=children[0], chain=children[1], span=self._span(meta))
+
+    def convert(self, meta, children) -> Convert:
+        return Convert(
+            inputs=[c for c in children if isinstance(c, Binding)],
+            lets=[c for c in children if isinstance(c, Let)],
+            outputs=[c for c in children if isinstance(c, Output)],
+            span=self._span(meta),
+        )
+
+    def spec(self, meta, children) -> Spec:
+        (name, doc), *statements = children
+        fields = {"doc": doc, "model_types": [], "base_prefix": ""}
+        rules = []
+        for st in statements:
+            if isinstance(st, tuple):
+                key, value = st
+                fields[key] = fields[key] + value if key == "model_types" else value
             else:
-                targets_tree, body = part.children
-                targets = [self.template(t) for t in targets_tree.children]
-                if part.data == "output_expr":
-                    outputs.append(Output(targets=targets, expr=self.build(body), span=self.span(part)))
-                else:
-                    chain = [self.call(c, 1) for c in body.children]
-                    outputs.append(Output(targets=targets, chain=chain, span=self.span(part)))
-        return Convert(inputs=inputs, lets=lets, outputs=outputs, span=self.span(st))
+                rules.append(st)
+        return Spec(name=name, **fields, rules=rules, file=self.source.file, span=self._span(meta))

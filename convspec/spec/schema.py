@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
+from .lexicon import DOTTED_PREFIX
+
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 # A Python identifier (str.isidentifier), widened to any non-ASCII letter so that the schema never
@@ -22,7 +24,7 @@ _PIECE = rf"(?:[^{{}},\s]|{_CAPTURE})+"
 TARGETS_PATTERN = rf"^\s*{_PIECE}(?:\s*,\s*{_PIECE})*\s*$"
 NAME_PATTERN = rf"^{_ID}$"
 NAMES_PATTERN = rf"^\s*{_ID}(?:\s*,\s*{_ID})*\s*$"
-PREFIX_PATTERN = r"^(?:[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?$"
+PREFIX_PATTERN = rf"^(?:{DOTTED_PREFIX})?$"
 EXPR_PATTERN = r"\S"  # the parser refuses an empty or blank expression
 CALL_PATTERN = r"\([\s\S]*\)"  # an op call has its parentheses; catches a call YAML split at a comma
 

@@ -5,11 +5,10 @@ Template and expression strings inside the YAML are parsed with the DSL's own gr
 
 from __future__ import annotations
 
-import re
-
 import yaml
 
 from ..errors import SpecError, SpecSyntaxError, SpecValidationError
+from .lexicon import is_dotted_prefix
 from .model import Binding, Convert, Drop, Include, Let, Output, Rename, Spec
 from .parse import MAX_SPEC_CHARS, parse_expr, parse_template
 from .source import Embedded, Source
@@ -260,7 +259,7 @@ class _YamlBuilder:
                 items = [node_u] if isinstance(node_u, yaml.ScalarNode) else self.sequence(node_u, "'under'")
                 for item in items:
                     prefix = self.string(item, "a prefix")
-                    if prefix and not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", prefix):
+                    if prefix and not is_dotted_prefix(prefix):
                         raise SpecValidationError(
                             f"prefix {prefix!r} is not a dotted name",
                             span=self.span(item),
