@@ -148,3 +148,20 @@ def test_where_a_rule_or_op_was_written_is_a_typed_span_that_prints_as_before():
     ):
         assert str(Span.from_location(text)) == text
     assert Span.from_location("<spec>:1:2") == Span(None, 1, 2)
+
+
+def test_binding_and_inverting_write_nothing_into_the_plan():
+    from convspec import derived
+
+    plan = convspec.compile("mixtral", config={"num_local_experts": 2})
+    shapes = {"w1": (48, 32), "w2": (32, 48), "w3": (48, 32)}
+    layout = {
+        f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight": (s, "bfloat16")
+        for e in range(2)
+        for w, s in shapes.items()
+    }
+    before = dict(vars(plan))
+    bound = plan.bind(layout)
+    plan.inverse().bind({k: v for k, v in bound.outputs.items()})
+    assert vars(plan) == before
+    assert derived.held(plan) > 0  # what binding derived is held beside the plan
