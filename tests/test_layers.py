@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "convspec"
 # Bottom to top, as the code stands. A module imports only from its own layer or the ones below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # what everything may use: messages, errors, dtypes, devices, the bounded tables beside a plan
-    ("base", ("style", "errors", "dtypes", "devices", "derived", "extras", "keyshapes")),
+    ("base", ("style", "errors", "dtypes", "devices", "derived", "frozen", "extras", "keyshapes")),
     # what each op means: parameters, shapes, the torch apply, the inverse
     ("ops", ("ops", "ops.*")),
     # bytes on disk: safetensors headers and reads, writers, side files; knows no spec and no plan

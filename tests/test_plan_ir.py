@@ -11,7 +11,7 @@ import pickle
 import pytest
 
 import convspec
-from convspec.compile.frozen import FrozenDict, FrozenList
+from convspec.frozen import FrozenDict, FrozenList
 
 
 def _config() -> dict:

@@ -11,6 +11,7 @@ from dataclasses import fields, replace
 from typing import Any
 
 from ..errors import CompileError, ConfigError, ConvspecError, PlanError, Span
+from ..frozen import thaw
 from ..ops import OpError
 from ..ops.base import REQUIRED
 from ..spec.parse import parse_template
@@ -30,7 +31,6 @@ from .compiler import (
 )
 from .evaluate import _short, evaluate
 from .expr import LEN_MESSAGE, PARAM_FORM, SOURCE_FORM, ConfigExpr, ListOf, read_config_expr
-from .frozen import thaw
 from .patterns import Pattern, split_offset
 from .plan import Node, Plan, PlanRule
 

@@ -6,8 +6,8 @@ import reprlib
 from typing import Any
 
 from ..errors import ConfigError, Span
+from ..frozen import thaw
 from .expr import BinOp, Call, Expr, ListOf, Neg, Num, Ref, Str, needs_config
-from .frozen import thaw
 
 __all__ = ["evaluate", "needs_config"]
 

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..derived import derived
 from ..errors import NotInvertibleError, Span
+from ..frozen import freeze
 from .expr import ConfigExpr
-from .frozen import freeze
 from .patterns import Pattern
 
 if TYPE_CHECKING:
