@@ -165,3 +165,20 @@ def test_binding_and_inverting_write_nothing_into_the_plan():
     plan.inverse().bind({k: v for k, v in bound.outputs.items()})
     assert vars(plan) == before
     assert derived.held(plan) > 0  # what binding derived is held beside the plan
+
+
+def test_a_frozen_list_shows_in_a_message_as_the_list_it_is():
+    """reprlib picks its format by type name: a FrozenList parameter is shown thawed, as a list."""
+    import json
+
+    spec = convspec.spec.parse_spec(
+        'spec: t\nrules:\n  - convert:\n      x: "{p:path}.qkv"\n    to:\n'
+        '      "{p}.a, {p}.b": split(x, dim=0, sizes=[1, 2])\n',
+        "t.yaml",
+    )
+    d = json.loads(convspec.compile(spec).to_json())
+    node = d["rules"][0]["nodes"][0]
+    node["params"] = [[k, [1, 2, 3, 4, 5, 6, 7, "x"] if k == "sizes" else v] for k, v in node["params"]]
+    with pytest.raises(convspec.PlanError) as err:
+        convspec.Plan.from_json(json.dumps(d))
+    assert err.value.message.endswith("must be a list of integers, got [1, 2, 3, 4, 5, 6, ...]")
