@@ -26,17 +26,26 @@ def evaluate(expr: Expr, config: dict | None, where: Span | str = "") -> Any:
     try:
         return _eval(expr, config)
     except ConfigError as exc:  # every message names the parameter, as a missing field's does
-        raise ConfigError(f"{where}: {exc.message}" if where else exc.message, hint=exc.hint) from None
+        raise _at(where, exc.message, exc.hint, bare=not where) from None
     except Missing as m:
         if config is None:
-            raise ConfigError(
-                f"{where}: this parameter needs {m.path}, but no config was given",
-                hint="give the model config: --config FILE on the command line (or a config.json beside the checkpoint), config= in Python",
+            raise _at(
+                where,
+                f"this parameter needs {m.path}, but no config was given",
+                "give the model config: --config FILE on the command line (or a config.json beside the checkpoint), config= in Python",
             ) from None
-        raise ConfigError(
-            f"{where}: the config has no field {m.path}",
-            hint=f"add it to the config, or give a default: {m.path} ?? VALUE",
+        raise _at(
+            where,
+            f"the config has no field {m.path}",
+            f"add it to the config, or give a default: {m.path} ?? VALUE",
         ) from None
+
+
+def _at(where: Span | str, detail: str, hint: str | None, bare: bool = False) -> ConfigError:
+    """A ConfigError whose message leads with the op's location (unless `bare`), which it also
+    carries typed."""
+    message = detail if bare else f"{where}: {detail}"
+    return ConfigError(message, hint=hint, where=where or None, detail=detail)
 
 
 def _eval(e: Expr, config: dict | None) -> Any:
