@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import reprlib
 from typing import Any
 
 from ..errors import ConfigError, Span
 from ..frozen import thaw
+from ..ops.base import short
 from .expr import BinOp, Call, Expr, ListOf, Neg, Num, Ref, Str, needs_config
 
 __all__ = ["evaluate", "needs_config"]
@@ -112,7 +112,7 @@ def _lookup(config: dict | None, path: tuple[str, ...]) -> Any:
 
 def _int(v: Any, op: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"'{op}' needs integers, got {_short(v)}")
+        raise ConfigError(f"'{op}' needs integers, got {short(v)}")
     return v
 
 
@@ -129,12 +129,3 @@ def _fits(v: Any, what: str = "") -> Any:
             f"integer overflow: {what} has {abs(v).bit_length()} bits, more than {MAX_INT_BITS}"
         )
     return v
-
-
-def _short(v: Any) -> str:
-    """A value for a message, cut short: a config value may be huge (reprlib bounds its size). A
-    plan's frozen list shows as the list it is."""
-    try:
-        return reprlib.repr(thaw(v))
-    except ValueError:  # an int of more than 4300 digits has no repr
-        return f"a {type(v).__name__} too large to show"
