@@ -395,6 +395,7 @@ def index_files(src: Path, index: Path) -> list[Path]:
 def _check_index(index: Path, src_dir: Path, weight_map: dict[str, str], entries: dict[str, Entry]) -> None:
     """An index and its shards say the same: every tensor of a shard is listed, in that shard, and every
     key listed is there. A disagreement leaves the model ambiguous, so it is refused."""
+    paths: dict[str, str] = {}  # shard name -> its path as entries spell it: one Path per shard, not per key
     for key, e in entries.items():
         listed = weight_map.get(key)
         if listed is None:
@@ -402,7 +403,10 @@ def _check_index(index: Path, src_dir: Path, weight_map: dict[str, str], entries
                 f"{index}: tensor {key} of shard {Path(e.file).name} is not in the weight_map",
                 hint="the index must list every tensor of its shards; regenerate it",
             )
-        if e.file != str(src_dir / listed):
+        path = paths.get(listed)
+        if path is None:
+            path = paths[listed] = str(src_dir / listed)
+        if e.file != path:
             raise CheckpointError(
                 f"{index}: the weight_map puts tensor {key} in {listed}, but it is in {Path(e.file).name}"
             )
