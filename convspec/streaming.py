@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -211,12 +211,14 @@ def convert_checkpoint(
     dry_run: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
     manifest: bool = False,
+    ckpt: Checkpoint | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
-    `manifest`, a per-tensor hash manifest of the source and the output is written inside it."""
+    `manifest`, a per-tensor hash manifest of the source and the output is written inside it.
+    `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again."""
     check_dtype(dtype)
     device = check_device(device, needs_data=WRITES)
-    ckpt = Checkpoint(src)
+    ckpt = Checkpoint(src) if ckpt is None else ckpt
     bound = bind_checkpoint(plan, ckpt, strict)
     entries = output_order(bound, dtype)
     total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
@@ -234,6 +236,41 @@ def convert_checkpoint(
         if manifest:
             hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
     return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup)
+
+
+def save_state_dict(
+    plan: Plan,
+    state_dict: Mapping[str, torch.Tensor],
+    dst: str | Path,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> list[str]:
+    """What `Plan.save` does (same files, return value, errors and atomicity), streamed: the state dict
+    is bound first, then each group is computed and written in turn, so the outputs alive beside the
+    state dict are one group's, where converting it whole first added most of a checkpoint's size."""
+    from .ops import TensorInfo
+
+    bound = plan.bind({k: TensorInfo.of(t) for k, t in state_dict.items()})
+    entries = output_order(bound)
+    with AtomicDir(dst, overwrite=overwrite) as tmp:
+        return write_sharded(tmp, entries, _computed(bound, state_dict), parse_size(max_shard_size))
+
+
+def _computed(bound: BoundPlan, state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The outputs of a bound state dict in `output_order`, one group computed at a time."""
+    for src, dst in bound.passthrough.items():
+        yield dst, state_dict[src]
+    if not bound.groups:
+        return
+    import torch
+
+    from .run import run_group
+
+    for g in bound.groups:
+        with torch.no_grad():
+            outs = run_group(bound, g, state_dict)
+        for k in g.outputs:
+            yield k, outs.pop(k)
 
 
 @dataclass
