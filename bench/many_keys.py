@@ -45,7 +45,7 @@ import convspec
 plan = convspec.compile("deepseek_v3", config=sys.argv[1] + "/config.json")
 t = time.perf_counter()
 out = plan.load(sys.argv[1])
-print(json.dumps({"s": time.perf_counter() - t, "n": len(out)}))
+print(json.dumps({"s": time.perf_counter() - t, "n": len(out), "at": convspec.__file__}))
 """
 
 LOAD_FILE = """
@@ -102,7 +102,7 @@ if how == "stream":
 else:
     files = plan.save(sd, dst)
 dt = time.perf_counter() - t
-print(json.dumps({"s": dt, "added": status("VmHWM:") - base, "files": len(files)}))
+print(json.dumps({"s": dt, "added": status("VmHWM:") - base, "files": len(files), "at": convspec.__file__}))
 """
 
 # runs the CLI, then says whether torch was imported on the way
@@ -177,9 +177,11 @@ def warm(d: Path) -> None:
 
 
 def run_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """As `run`, with the peak RSS of the process itself (wait4's rusage), not of earlier children."""
+    """Wall time, peak RSS (bytes, wait4's rusage of this process alone) and stdout of one fresh
+    process. It runs in `/`: run in a source tree, `python -c`/`-m` would import that tree's convspec
+    before PYTHONPATH's."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
     out = p.stdout.read()
     err = p.stderr.read()
     _, status, usage = os.wait4(p.pid, 0)
@@ -193,7 +195,9 @@ def run_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
 def child(code: str, script: str, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": code}
     _, _, out = run_rss([sys.executable, "-c", script, *args], env)
-    return json.loads(out.strip().splitlines()[-1])
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got.get("at", code).startswith(code), f"{got['at']} is not under {code}"
+    return got
 
 
 class Samples(dict):

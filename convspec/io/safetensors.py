@@ -19,7 +19,7 @@ MAX_HEADER = 100_000_000  # the safetensors library's own limit: a longer header
 MAX_KEY_CHARS = 1024  # transformers' longest keys are ~200 characters; a template with MAX_OPEN_CAPTURES
 # stretching captures costs up to about this squared per key (20 ms), so a longer key is refused first
 
-DTYPES = {
+SAFETENSORS_CODES = {  # a header's dtype code -> convspec's dtype name (convspec.dtypes.DTYPES: name -> torch)
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
@@ -283,11 +283,11 @@ _INT = {int}
 def _tensor_info(path: Path, key: str, sig: tuple) -> tuple[TensorInfo, int]:
     """A header entry's dtype and shape, checked, and its size in bytes (once per distinct pair)."""
     code, *shape = sig
-    if code not in DTYPES:
+    if code not in SAFETENSORS_CODES:
         raise CheckpointError(
-            f"{path}: tensor {key}: unknown dtype {code!r}", hint=f"dtypes: {', '.join(DTYPES)}"
+            f"{path}: tensor {key}: unknown dtype {code!r}", hint=f"dtypes: {', '.join(SAFETENSORS_CODES)}"
         )
-    dtype = DTYPES[code]
+    dtype = SAFETENSORS_CODES[code]
     numel = nonzero = 1
     for s in shape:
         if s < 0:
@@ -303,14 +303,10 @@ INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # as io/pickled.py reads them, only when asked
 
 
-def checkpoint_files(src: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint: a directory (index.json or model.safetensors) or one file.
-    Files of a directory must lie in it (a symlink out of it is refused, but for a hub cache's blobs)."""
-    return _checkpoint(Path(src))[0]
-
-
 def _checkpoint(src: Path) -> tuple[list[Path], tuple[Path, dict[str, str]] | None]:
-    """The safetensors files of a checkpoint, and its index and weight_map when it has one."""
+    """The safetensors files of a checkpoint (a directory: index.json or *.safetensors; or one file),
+    and its index and weight_map when it has one. Files of a directory must lie in it (a symlink out of
+    it is refused, but for a hub cache's blobs)."""
     try:
         if src.is_file():
             if src.name.endswith(PICKLE_SUFFIXES):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from ..dtypes import ITEMSIZE
 from .destination import check_destination, make_folders, output_path, remove_folders, write_error
 from .memory import tensor_memory
-from .safetensors import DTYPES, CheckpointError
+from .safetensors import SAFETENSORS_CODES, CheckpointError
 
 try:
     import fcntl
@@ -31,7 +31,7 @@ except ImportError:  # not POSIX: temporaries are told apart by pid alone
 if TYPE_CHECKING:
     import torch
 
-SAFETENSORS_DTYPE = {name: code for code, name in DTYPES.items()}  # float32 -> F32
+SAFETENSORS_CODE = {name: code for code, name in SAFETENSORS_CODES.items()}  # float32 -> F32
 TMP_MARK = ".convspec-tmp-"
 
 
@@ -108,7 +108,7 @@ def shard_header(entries, metadata: dict) -> bytes:
         for s in shape:
             n *= s
         header[key] = {
-            "dtype": SAFETENSORS_DTYPE[dtype],
+            "dtype": SAFETENSORS_CODE[dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + n],
         }
@@ -160,11 +160,6 @@ def clean_temporaries(dst: Path) -> Cleanup:
         removed.append(path)
     removed += clean_scratch(dst.parent)  # a killed run's pickle copy, made beside its destination
     return Cleanup(removed, restored, kept)
-
-
-def remove_stale_temporaries(dst: Path) -> list[Path]:
-    """Temporary directories killed runs left beside `dst` (their process is gone): removed, and returned."""
-    return clean_temporaries(dst).removed
 
 
 def _temporaries(dst: Path) -> Iterator[tuple[Path, bool, int | None, int | None]]:
