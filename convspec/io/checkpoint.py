@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 READ_PIECE = 8 << 20  # reads are cut into pieces of this size, read by READERS threads at once
 READERS = min(4, os.cpu_count() or 1)
-SMALL_READ = 1 << 20  # tensors up to this size are read by `get` in one preadv, on the calling thread
+SMALL_READ = 1 << 20  # reads of up to this many bytes in all go on the calling thread: a thread hand-off
+# per small read cost more than the read (and `get` reads a tensor this small with one preadv)
+PARALLEL_PIECE = 64 << 10  # ... and so do reads that average under this size, however many
 
 
 class Checkpoint:
@@ -87,7 +89,8 @@ class Checkpoint:
             for a in range(0, len(view), READ_PIECE)
         ]
         pieces.sort(key=lambda r: self.file_offset(r[0], r[1]))
-        if len(pieces) < 2 or READERS < 2:
+        total = sum(len(p[2]) for p in pieces)
+        if len(pieces) < 2 or READERS < 2 or total <= SMALL_READ or total < len(pieces) * PARALLEL_PIECE:
             for piece in pieces:
                 self.read_into(*piece)
             return
