@@ -41,6 +41,7 @@ TARGET_COMPILE_S = 0.6
 
 LOAD = """
 import json, sys, time
+import torch  # imported before the clock starts, as the peer's `from safetensors.torch import ...` does
 import convspec
 plan = convspec.compile("deepseek_v3", config=sys.argv[1] + "/config.json")
 t = time.perf_counter()
