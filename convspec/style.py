@@ -75,8 +75,11 @@ def table(rows: list[tuple[str, ...]], indent: str = "    ") -> list[str]:
     once: a `compile --against` of DeepSeek's 45,000 keys has 446,000 cells."""
     if not rows:
         return []
-    lens = [[visible_len(c) for c in r] for r in rows]
     n = max(len(r) for r in rows)
+    if not any("\033" in c for r in rows for c in r):  # plain text: widths are lengths
+        widths = [max((len(r[i]) for r in rows if i < len(r)), default=0) for i in range(n)]
+        return [(indent + "  ".join(map(str.ljust, r, widths))).rstrip() for r in rows]
+    lens = [[visible_len(c) for c in r] for r in rows]
     widths = [max((ln[i] for ln in lens if i < len(ln)), default=0) for i in range(n)]
     out = []
     for r, ln in zip(rows, lens, strict=True):

@@ -361,11 +361,15 @@ def read_index(src: Path, index: Path) -> dict[str, str]:
             hint="an index maps every tensor to its shard; regenerate it, or remove it to read the "
             "*.safetensors files of the directory",
         )
+    good: set[str] = set()  # shard names checked already: an index names ~45,000 keys but few shards
     for key, name in weight_map.items():
         if not isinstance(name, str) or not name:
             raise CheckpointError(f"{index}: key {key}: shard {name!r} is not a file name")
+        if name in good:
+            continue
         if os.path.isabs(name) or "\0" in name:
             raise CheckpointError(f"{index}: shard {name!r} is outside the checkpoint directory")
+        good.add(name)
     return weight_map
 
 
