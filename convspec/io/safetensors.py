@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -448,7 +449,19 @@ def check_inside(src: Path, path: Path, where: Path, what: str | None = None) ->
 
 def read_layout(src: str | Path | list) -> dict[str, Entry]:
     """Every tensor of a checkpoint (a directory, one file, or a list of files) by key, from headers only;
-    duplicate keys across files are an error, and so is an index that disagrees with its shards."""
+    duplicate keys across files are an error, and so is an index that disagrees with its shards.
+    The garbage collector is paused meanwhile: headers make a few acyclic objects per key, so a
+    collection pass finds nothing (17% of reading DeepSeek's 45,000 keys)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _read_layout(src)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _read_layout(src: str | Path | list) -> dict[str, Entry]:
     out: dict[str, Entry] = {}
     parts = [_checkpoint(Path(p)) for p in src] if isinstance(src, list | tuple) else [_checkpoint(Path(src))]
     seen: dict[tuple, tuple[TensorInfo, int]] = {}
