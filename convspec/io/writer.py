@@ -671,17 +671,18 @@ MIN_COPY_RUN = (
     64 << 10
 )  # spans smaller than this on average are gathered in memory: a syscall each costs more
 GATHER_MAX = 64 << 20  # the most a tensor gathered in memory may be (and each source region read for it)
+GATHER_WASTE = 16 << 10  # bytes read but not wanted, per read saved, for one read of a whole region to pay
 
 
 def gather(spans: list[tuple[str, int, int, int]], sources: dict[str, int], size: int) -> memoryview:
     """A tensor's bytes from many small spans (file, offset, offset here, size): the region of each file
-    that holds them read in one pread where it is not much more than they are, else span by span."""
+    that holds them read at once where that reads little more than they are, else span by span."""
     out = memoryview(bytearray(size))
     for file, group in itertools.groupby(spans, key=lambda span: span[0]):
         group = list(group)
         lo, hi = group[0][1], max(offset + n for _, offset, _, n in group)
         wanted = sum(n for *_, n in group)
-        if hi - lo <= min(2 * wanted + MIN_COPY_RUN, GATHER_MAX):
+        if hi - lo <= min(wanted + len(group) * GATHER_WASTE, GATHER_MAX):
             region = memoryview(_pread_exact(sources[file], lo, hi - lo))
             for _, offset, dst, n in group:
                 out[dst : dst + n] = region[offset - lo : offset - lo + n]
