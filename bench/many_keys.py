@@ -17,6 +17,8 @@ order; the medians are compared and the spread (max/min - 1) is printed as the n
 before and after a change are measured side by side in one run. Exits 1 when the last code misses
 a target.
 
+`--mixtral GIB` measures the same on bench/load_convert.py's Mixtral checkpoint (large tensors) instead.
+
     python bench/many_keys.py [--code base=/tmp/base --code new=.] [--scale 0.25] [--repeat 3] [--keep DIR]
 """
 
@@ -43,7 +45,7 @@ LOAD = """
 import json, sys, time
 import torch  # imported before the clock starts, as the peer's `from safetensors.torch import ...` does
 import convspec
-plan = convspec.compile("deepseek_v3", config=sys.argv[1] + "/config.json")
+plan = convspec.compile(sys.argv[2], config=sys.argv[1] + "/config.json")
 t = time.perf_counter()
 out = plan.load(sys.argv[1])
 print(json.dumps({"s": time.perf_counter() - t, "n": len(out), "at": convspec.__file__}))
@@ -86,8 +88,8 @@ def status(field):
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith(field)).split()[1]) * 1024
 
-src, dst, how = sys.argv[1:4]
-plan = convspec.compile("deepseek_v3", config=src + "/config.json")
+src, dst, how, spec = sys.argv[1:5]
+plan = convspec.compile(spec, config=src + "/config.json")
 sd = {}
 for f in sorted(glob.glob(src + "/*.safetensors")):
     sd.update((k, v.clone()) for k, v in load_file(f).items())
@@ -220,6 +222,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", type=Path, help="keep the checkpoint in this directory between runs")
     ap.add_argument("--skip", default="", help="comma-separated: load,convert,compile,save")
+    ap.add_argument("--mixtral", type=float, help="instead: bench/load_convert.py's Mixtral of this many GiB")
     args = ap.parse_args()
     here = str(Path(__file__).resolve().parent.parent)
     codes = dict(c.split("=", 1) for c in args.code) or {"this": here}
@@ -231,11 +234,22 @@ def main() -> int:
     try:
         if not (src / "config.json").exists():
             sys.path.insert(0, next(iter(codes.values())))
-            info = write_checkpoint(src, args.scale)
+            if args.mixtral:
+                sys.path.insert(0, str(Path(__file__).resolve().parent))
+                from load_convert import layers_for
+                from load_convert import write_checkpoint as write_mixtral
+
+                info = write_mixtral(src, layers_for(args.mixtral))
+            else:
+                info = write_checkpoint(src, args.scale)
         else:
             info = {"bytes": sum(f.stat().st_size for f in src.glob("*.safetensors"))}
         n_keys = len(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
-        print(f"checkpoint: {n_keys:,} keys in {SHARDS} shards, {info['bytes'] / 1e6:.0f} MB (bf16)")
+        shards = len(
+            set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values())
+        )
+        spec = "mixtral" if args.mixtral else "deepseek_v3"
+        print(f"checkpoint ({spec}): {n_keys:,} keys in {shards} shards, {info['bytes'] / 1e6:.0f} MB (bf16)")
         warm(src)
         s = Samples()
         torch_seen: dict[str, str] = {}
@@ -247,7 +261,7 @@ def main() -> int:
                 s.add("load_file + clone", child(here, LOAD_FILE, str(src))["s"])
                 s.add("pread", child(here, PREAD, str(src))["s"])
                 for name, code in order:
-                    s.add(f"load {name}", child(code, LOAD, str(src))["s"])
+                    s.add(f"load {name}", child(code, LOAD, str(src), spec)["s"])
             if "convert" not in skip:
                 dt, _, _ = run_rss(["sh", "-c", f"cp -r {src} {dst} && sync"])
                 s.add("cp -r && sync", dt)
@@ -255,7 +269,7 @@ def main() -> int:
                 for name, code in order:
                     flag = tmp / "torch"
                     env = {**os.environ, "PYTHONPATH": code, "TORCH_FILE": str(flag)}
-                    cmd = [sys.executable, "-c", CLI, "convert", "deepseek_v3", str(src), str(dst)]
+                    cmd = [sys.executable, "-c", CLI, "convert", spec, str(src), str(dst)]
                     dt, rss, _ = run_rss(cmd, env)
                     s.add(f"convert {name}", dt)
                     s.add(f"convert rss {name}", rss)
@@ -264,15 +278,7 @@ def main() -> int:
             if "compile" not in skip:
                 for name, code in order:
                     env = {**os.environ, "PYTHONPATH": code}
-                    cmd = [
-                        sys.executable,
-                        "-m",
-                        "convspec.cli",
-                        "compile",
-                        "deepseek_v3",
-                        "--against",
-                        str(src),
-                    ]
+                    cmd = [sys.executable, "-m", "convspec.cli", "compile", spec, "--against", str(src)]
                     s.add(f"compile {name}", run_rss(cmd, env)[0])
             if "save" not in skip:
                 for name, code in order:
@@ -282,16 +288,16 @@ def main() -> int:
                         else []
                     )
                     for how in hows:
-                        got = child(code, SAVE, str(src), str(dst), how)
+                        got = child(code, SAVE, str(src), str(dst), how, spec)
                         s.add(f"save {how} {name}", got["s"])
                         s.add(f"save {how} added {name}", got["added"])
                         shutil.rmtree(dst)
-        return report(s, codes, torch_seen, n_keys, skip)
+        return report(s, codes, torch_seen, n_keys, skip, spec)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def report(s: Samples, codes: dict, torch_seen: dict, n_keys: int, skip: set) -> int:
+def report(s: Samples, codes: dict, torch_seen: dict, n_keys: int, skip: set, spec: str) -> int:
     ok = True
     last = list(codes)[-1]
     print(f"medians of {len(next(iter(s.values())))} fresh processes each; +-: half the max/min spread")
@@ -322,7 +328,7 @@ def report(s: Samples, codes: dict, torch_seen: dict, n_keys: int, skip: set) ->
         ok &= s.med(f"convert {last}") <= TARGET_CONVERT * cp
         print(f"  target: <= {TARGET_CONVERT}x cp -r && sync, no torch import")
     if "compile" not in skip:
-        print("compile deepseek_v3 --against (whole process)")
+        print(f"compile {spec} --against (whole process)")
         for name in codes:
             print(
                 f"  [{name:>5}]                         {s.med(f'compile {name}'):6.3f} s "
