@@ -223,7 +223,18 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="keep the checkpoint in this directory between runs")
     ap.add_argument("--skip", default="", help="comma-separated: load,convert,compile,save")
     ap.add_argument("--mixtral", type=float, help="instead: bench/load_convert.py's Mixtral of this many GiB")
+    ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # only write the checkpoint there
     args = ap.parse_args()
+    if args.build:
+        if args.mixtral:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from load_convert import layers_for
+            from load_convert import write_checkpoint as write_mixtral
+
+            write_mixtral(args.build, layers_for(args.mixtral))
+        else:
+            write_checkpoint(args.build, args.scale)
+        return 0
     here = str(Path(__file__).resolve().parent.parent)
     codes = dict(c.split("=", 1) for c in args.code) or {"this": here}
     codes = {k: str(Path(v).resolve()) for k, v in codes.items()}
@@ -232,18 +243,20 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="convspec-bench-", dir=args.keep.parent if args.keep else None))
     src = args.keep or tmp / "src"
     try:
-        if not (src / "config.json").exists():
-            sys.path.insert(0, next(iter(codes.values())))
-            if args.mixtral:
-                sys.path.insert(0, str(Path(__file__).resolve().parent))
-                from load_convert import layers_for
-                from load_convert import write_checkpoint as write_mixtral
-
-                info = write_mixtral(src, layers_for(args.mixtral))
-            else:
-                info = write_checkpoint(src, args.scale)
-        else:
-            info = {"bytes": sum(f.stat().st_size for f in src.glob("*.safetensors"))}
+        if not (src / "config.json").exists():  # built by a child: a forked child inherits our peak RSS
+            build = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--build",
+                str(src),
+                "--scale",
+                str(args.scale),
+            ]
+            env = {**os.environ, "PYTHONPATH": next(iter(codes.values()))}
+            subprocess.run(
+                build + (["--mixtral", str(args.mixtral)] if args.mixtral else []), env=env, check=True
+            )
+        info = {"bytes": sum(f.stat().st_size for f in src.glob("*.safetensors"))}
         n_keys = len(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
         shards = len(
             set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"].values())
