@@ -108,10 +108,18 @@ dt = time.perf_counter() - t
 print(json.dumps({"s": dt, "added": status("VmHWM:") - base, "files": len(files), "at": convspec.__file__}))
 """
 
-# runs the CLI, then says whether torch was imported on the way
+# runs the CLI, then says whether torch was imported on the way, and its own peak RSS (VmHWM: wait4's
+# maxrss can count the parent's memory at the fork)
 CLI = """
-import atexit, os, runpy, sys
-atexit.register(lambda: open(os.environ["TORCH_FILE"], "w").write(str("torch" in sys.modules)))
+import atexit, json, os, runpy, sys
+
+def report():
+    with open("/proc/self/status") as f:
+        peak = int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
+    with open(os.environ["TORCH_FILE"], "w") as f:
+        json.dump({"torch": "torch" in sys.modules, "peak": peak}, f)
+
+atexit.register(report)
 sys.argv = ["convspec", *sys.argv[1:]]
 runpy.run_module("convspec.cli", run_name="__main__", alter_sys=True)
 """
@@ -175,8 +183,11 @@ def write_checkpoint(d: Path, scale: float) -> dict:
 
 
 def warm(d: Path) -> None:
+    """Every file read once (in pieces: the children must not inherit a large parent)."""
     for f in d.iterdir():
-        f.read_bytes()
+        with open(f, "rb") as fh:
+            while fh.read(64 * MiB):
+                pass
 
 
 def run_rss(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
@@ -283,10 +294,11 @@ def main() -> int:
                     flag = tmp / "torch"
                     env = {**os.environ, "PYTHONPATH": code, "TORCH_FILE": str(flag)}
                     cmd = [sys.executable, "-c", CLI, "convert", spec, str(src), str(dst)]
-                    dt, rss, _ = run_rss(cmd, env)
+                    dt, _, _ = run_rss(cmd, env)
+                    seen = json.loads(flag.read_text())
                     s.add(f"convert {name}", dt)
-                    s.add(f"convert rss {name}", rss)
-                    torch_seen[name] = flag.read_text()
+                    s.add(f"convert rss {name}", seen["peak"])
+                    torch_seen[name] = str(seen["torch"])
                     shutil.rmtree(dst)
             if "compile" not in skip:
                 for name, code in order:
