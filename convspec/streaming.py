@@ -250,7 +250,10 @@ def save_state_dict(
     state dict are one group's, where converting it whole first added most of a checkpoint's size."""
     from .ops import TensorInfo
 
-    bound = plan.bind({k: TensorInfo.of(t) for k, t in state_dict.items()})
+    shared: dict[TensorInfo, TensorInfo] = {}  # equal tensors share one TensorInfo: bind compares by identity
+    bound = plan.bind(
+        {k: shared.setdefault(i, i) for k, t in state_dict.items() for i in (TensorInfo.of(t),)}
+    )
     entries = output_order(bound)
     with AtomicDir(dst, overwrite=overwrite) as tmp:
         return write_sharded(tmp, entries, _computed(bound, state_dict), parse_size(max_shard_size))
