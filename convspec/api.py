@@ -258,8 +258,8 @@ def convert(
     with safetensors_source(src, allow_pickle, beside=dst, removed=cleaned) as src:
         from .io.checkpoint import Checkpoint
 
-        cfg = Checkpoint(src).config_path
-        plan = compile(spec, config=cfg)
+        ckpt = Checkpoint(src)  # its headers are read once, for the config and the conversion
+        plan = compile(spec, config=ckpt.config_path)
         if reverse:
             plan = plan.inverse()
         result = convert_checkpoint(
@@ -274,6 +274,7 @@ def convert(
             dry_run=dry_run,
             on_tensor=on_tensor,
             manifest=manifest,
+            ckpt=ckpt,
         )
     if cleaned and result.cleanup is not None:  # a killed run's pickle copy: said with the rest
         result.cleanup = result.cleanup._replace(removed=[*cleaned, *result.cleanup.removed])

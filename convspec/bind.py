@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from .compile.plan import Plan, PlanRule
@@ -47,8 +48,9 @@ class Group:
     def name(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.keep.items()) or "(all)"
 
-    @property
+    @cached_property
     def source_keys(self) -> list[str]:
+        """The members' keys, each input's in index order (made once: reports and runs ask per group)."""
         return [
             k for m in self.members.values() for _, k in sorted(m.items(), key=lambda kv: index_order(kv[0]))
         ]

@@ -27,9 +27,13 @@ class Run(NamedTuple):
     size: int
 
 
-def block_runs(bound: BoundPlan, group: Group) -> dict[str, list[Run]] | None:
+def block_runs(
+    bound: BoundPlan, group: Group, min_average_run: int | None = None
+) -> dict[str, list[Run]] | None:
     """Every output of the group as runs of source bytes in output order, or None when the group
-    has to compute (an op that is not a block move, mixed dtypes, or runs too small to pay off)."""
+    has to compute (an op that is not a block move, mixed dtypes, or runs averaging under
+    `min_average_run` bytes, MIN_AVERAGE_RUN by default: read into tensors, a syscall per small run costs more than torch's copy;
+    copied file to file, no tensor is made and any run pays off)."""
     rule = group.rule
     if not rule.nodes or not all(OPS[n.op].moves_blocks for n in rule.nodes):
         return None
@@ -47,17 +51,18 @@ def block_runs(bound: BoundPlan, group: Group) -> dict[str, list[Run]] | None:
     by_position = derived(
         bound.plan, ("block_runs", signature), lambda: _runs_by_position(bound, group, itemsize)
     )
-    if by_position is None:
+    least = MIN_AVERAGE_RUN if min_average_run is None else min_average_run
+    if by_position is None or by_position[1] < least:
         return None
     return {
         target: [Run(keys[s], a, b, n) for s, a, b, n in runs]
-        for target, runs in zip(group.out_values, by_position, strict=True)
+        for target, runs in zip(group.out_values, by_position[0], strict=True)
     }
 
 
 def _runs_by_position(bound: BoundPlan, group: Group, itemsize: int):
     """The runs with sources by their position in the group's member order (shared by every group
-    of the same rule and shapes, e.g. every layer of a model)."""
+    of the same rule and shapes, e.g. every layer of a model), and their average size in bytes."""
     plan, rule, layout = bound.plan, group.rule, bound.layout
     values = infer_group(plan, rule, group.members, layout)
     ranks = {}
@@ -100,9 +105,7 @@ def _runs_by_position(bound: BoundPlan, group: Group, itemsize: int):
         out.append(runs)
         total_runs += len(runs)
         total_bytes += len(ids) * block
-    if total_runs and total_bytes / total_runs < MIN_AVERAGE_RUN:
-        return None
-    return out
+    return out, (total_bytes / total_runs if total_runs else math.inf)
 
 
 def _run_starts(ids: list[int], bases: list[int]) -> list[int]:

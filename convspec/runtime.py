@@ -65,15 +65,9 @@ def load_into(plan: Plan, model, src, strict: bool, device: str | None):
 
 
 def save(plan: Plan, state_dict: dict, dst, max_shard_size: str | int, overwrite: bool) -> list[str]:
-    from .io.writer import AtomicDir, parse_size, write_sharded
-    from .ops import TensorInfo
-    from .streaming import output_order
+    from .streaming import save_state_dict
 
-    bound = plan.bind({k: TensorInfo.of(t) for k, t in state_dict.items()})
-    out = plan.apply(state_dict)
-    entries = output_order(bound)
-    with AtomicDir(dst, overwrite=overwrite) as tmp:
-        return write_sharded(tmp, entries, ((k, out[k]) for k, _, _ in entries), parse_size(max_shard_size))
+    return save_state_dict(plan, state_dict, dst, max_shard_size, overwrite)
 
 
 def to_json(plan: Plan, indent: int | None) -> str:

@@ -66,7 +66,7 @@ def stream_bound(
 
     units: list[tuple[str, object, object]] = [("pass", src, dst) for src, dst in bound.passthrough.items()]
     for g in bound.groups:
-        runs = block_runs(bound, g) if moved(g.source_keys) else None
+        runs = block_runs(bound, g, 0 if copies else None) if moved(g.source_keys) else None
         units.append(("block", g, runs) if runs is not None else ("compute", g, None))
 
     def read(unit) -> dict[str, torch.Tensor] | None:

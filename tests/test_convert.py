@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import convspec
+import convspec.streaming
 from convspec.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from helpers.tensors import assert_same_state  # noqa: E402
 from make_tiny_mixtral import make  # noqa: E402
 
 
@@ -76,6 +79,8 @@ def test_a_failure_midway_leaves_nothing_behind(src, tmp_path, monkeypatch):
         return real(bound, group, tensors)
 
     monkeypatch.setattr(conv, "run_group", failing)
+    # the groups compute (a file-to-file conversion copies every block move, whatever its runs)
+    monkeypatch.setattr(convspec.streaming, "block_runs", lambda *a: None)
     with pytest.raises(RuntimeError, match="injected failure"):
         convspec.convert("mixtral", src, tmp_path / "out", max_shard_size="40KB")
     assert list(tmp_path.iterdir()) == []
@@ -319,3 +324,18 @@ def test_usage_md_already_converted_example_is_what_convert_prints(tmp_path, cap
     assert main(args) == 0
     out = capsys.readouterr().out.replace(f"{tmp_path}/", "/tmp/")
     assert out.splitlines() == [e.removeprefix("# ") for e in expected]
+
+
+def test_a_conversion_of_block_moves_copies_them_whatever_their_size_and_imports_no_torch(src, tmp_path):
+    """The tiny Mixtral's stacks and joins move runs of a few hundred bytes: converting file to file,
+    they are copied (no tensor is made, so torch is never imported), and the bytes are the ops'."""
+    code = (
+        "import sys, convspec\n"
+        f"convspec.convert('mixtral', {str(src)!r}, {str(tmp_path / 'out')!r})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+    plan = convspec.compile("mixtral", config=src / "config.json")
+    assert_same_state(_load_dir(tmp_path / "out"), plan.apply(_load_dir(src)))

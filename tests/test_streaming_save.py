@@ -1,5 +1,6 @@
-"""`streaming.save_state_dict`: the streamed `Plan.save` writes the same files, returns the same names,
-raises the same errors, stays atomic, and holds one group's outputs at a time."""
+"""`streaming.save_state_dict`, what `Plan.save` runs: it writes the files, returns the names and raises
+the errors that converting the whole state dict first and then writing it did, stays atomic, and
+holds one group's outputs at a time."""
 
 from __future__ import annotations
 
@@ -25,18 +26,33 @@ def loaded(tmp_path_factory):
     return plan, plan.load(d)
 
 
+def _whole_then_write(plan, sd, dst, max_shard_size="5GB", overwrite=False) -> list[str]:
+    """How Plan.save wrote before it streamed: the whole state dict converted, then written."""
+    from convspec.io.writer import AtomicDir, parse_size, write_sharded
+    from convspec.ops import TensorInfo
+    from convspec.streaming import output_order
+
+    bound = plan.bind({k: TensorInfo.of(t) for k, t in sd.items()})
+    out = plan.apply(sd)
+    entries = output_order(bound)
+    with AtomicDir(dst, overwrite=overwrite) as tmp:
+        return write_sharded(tmp, entries, ((k, out[k]) for k, _, _ in entries), parse_size(max_shard_size))
+
+
 def _files(d: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
 
 
 @pytest.mark.parametrize("size", ["5GB", "40KB"])
-def test_same_files_and_names_as_plan_save(loaded, tmp_path, size):
+def test_same_files_and_names_as_converting_whole_then_writing(loaded, tmp_path, size):
     plan, sd = loaded
     inverse = plan.inverse()
-    names = inverse.save(sd, tmp_path / "saved", max_shard_size=size)
+    names = _whole_then_write(inverse, sd, tmp_path / "whole", max_shard_size=size)
     streamed = save_state_dict(inverse, sd, tmp_path / "streamed", max_shard_size=size)
     assert streamed == names and (size == "5GB") == (len(names) == 1)
-    assert _files(tmp_path / "streamed") == _files(tmp_path / "saved")
+    assert _files(tmp_path / "streamed") == _files(tmp_path / "whole")
+    assert inverse.save(sd, tmp_path / "saved", max_shard_size=size) == names
+    assert _files(tmp_path / "saved") == _files(tmp_path / "whole")
 
 
 def _errors(save, sd, tmp_path: Path) -> list[tuple[type, str]]:
@@ -56,9 +72,10 @@ def test_same_errors_and_nothing_written(loaded, tmp_path):
     plan, sd = loaded
     inverse = plan.inverse()
     (tmp_path / "exists").mkdir()
-    expected = _errors(inverse.save, sd, tmp_path)
+    expected = _errors(lambda *a, **k: _whole_then_write(inverse, *a, **k), sd, tmp_path)
     assert expected[2][0] is BindError
     assert _errors(lambda *a, **k: save_state_dict(inverse, *a, **k), sd, tmp_path) == expected
+    assert _errors(inverse.save, sd, tmp_path) == expected
     assert list((tmp_path / "exists").iterdir()) == []
 
 
@@ -70,7 +87,8 @@ def test_overwrite_replaces(loaded, tmp_path):
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == names
 
 
-def test_one_group_of_outputs_alive_at_a_time(loaded, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["save_state_dict", "Plan.save"])
+def test_one_group_of_outputs_alive_at_a_time(loaded, tmp_path, monkeypatch, how):
     """Each group's outputs are freed once written: at most one group's are alive at a time."""
     import weakref
 
@@ -88,5 +106,8 @@ def test_one_group_of_outputs_alive_at_a_time(loaded, tmp_path, monkeypatch):
         return outs
 
     monkeypatch.setattr(run, "run_group", spy)
-    save_state_dict(plan.inverse(), sd, tmp_path / "out")
+    if how == "Plan.save":
+        plan.inverse().save(sd, tmp_path / "out")
+    else:
+        save_state_dict(plan.inverse(), sd, tmp_path / "out")
     assert alive and most[0] == 0  # every earlier group's outputs were written and freed
