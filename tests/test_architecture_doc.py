@@ -1,11 +1,14 @@
 """docs/architecture.md stays true: its layer table is tests/test_layers.py's LAYERS, every file it
-names exists, the Op members its table explains are Op's, and what it says of op names holds (no
-module outside convspec/ops compares a value with one). Its `>>>` blocks run in test_docs_python."""
+names exists, the Op members its table explains are Op's, no module outside convspec/ops compares a
+value with an op's name, and compiling and binding import no torch. Its `>>>` blocks run in
+tests/test_docs_python.py."""
 
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from test_layers import LAYERS
@@ -82,3 +85,15 @@ def test_no_module_outside_ops_compares_a_value_with_an_op_name():
             if hits:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(hits)}")
     assert not found, "op names outside convspec/ops (ask the op class instead):\n" + "\n".join(found)
+
+
+def test_compiling_and_binding_import_no_torch():
+    code = (
+        "import sys, convspec\n"
+        "plan = convspec.compile('mixtral')\n"
+        "keys = [f'model.layers.0.block_sparse_moe.experts.{e}.w{i}.weight' for e in range(8) for i in (1, 2, 3)]\n"
+        "plan.bind({k: ((14336, 4096), 'bfloat16') for k in keys})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
