@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+from . import runtime  # noqa: F401 - installs what a Plan's conveniences (plan.bind, ...) call
 from .api import compile, convert, load_spec, spec_names
 from .bind import BoundPlan
 from .compile.plan import Plan

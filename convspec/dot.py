@@ -9,7 +9,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from .compile.plan import Node, Plan, PlanRule, _show
-from .errors import ConvspecError
+from .errors import ConvspecError, Span
 from .keyshapes import compact_keys
 from .ops import OPS, TensorInfo
 from .ops.base import REQUIRED
@@ -89,6 +89,7 @@ def _params(plan: Plan, node: Node) -> tuple[list[str], list[str]]:
     """A node's parameters as `name=value`, defaults left out (dims always shown), and apart the
     config expressions, with their value when the plan's config gives one."""
     from .compile.evaluate import evaluate
+    from .compile.expr import ConfigExpr
 
     op = OPS.get(node.op)
     defaults = {p.name: p.default for p in op.params} if op is not None else {}
@@ -96,10 +97,10 @@ def _params(plan: Plan, node: Node) -> tuple[list[str], list[str]]:
     for k, v in node.params:
         if v is None:
             continue
-        if isinstance(v, dict) and "$expr" in v:
-            text = v.get("text", "expr")
+        if isinstance(v, ConfigExpr):
+            text = v.text
             try:
-                value = evaluate(v["$expr"], plan.config, node.where)
+                value = evaluate(v.ir, plan.config, node.where)
             except ConvspecError:  # no config, or one without the field: show the expression
                 exprs.append(f"{k} = {text}")
             else:
@@ -208,18 +209,17 @@ def _left(lines: list[str]) -> str:
 
 def _rule_head(rule: PlanRule) -> list[str]:
     """A convert's label: `rule 2 · convert`, then where it is written and what makes a group."""
-    where = rule.where + (
+    where = str(rule.where) + (
         "  \u00b7  one group per " + ", ".join(f"{{{k}}}" for k in rule.keep) if rule.keep else ""
     )
     return [f"<b>rule {rule.number} \u00b7 {_h(rule.kind)}</b>", _small(_h(where))]
 
 
-def _split_where(where: str) -> tuple[str, str]:
-    """`specs/x.yaml:6:5` -> ("specs/x.yaml", "6:5"); a location of another form stays whole."""
-    parts = where.rsplit(":", 2)
-    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-        return parts[0], f"{parts[1]}:{parts[2]}"
-    return "", where
+def _split_where(where: Span) -> tuple[str, str]:
+    """`specs/x.yaml:6:5` -> ("specs/x.yaml", "6:5"); a place known only by name stays whole."""
+    if where.line:
+        return where.file or "<spec>", f"{where.line}:{where.col}"
+    return "", str(where)
 
 
 def _plural(n: int, word: str) -> str:
@@ -257,7 +257,7 @@ def _table(d: _Dot, run: list[PlanRule]) -> None:
             dst, bg = _mono(r.outputs[0][1].display()), ""
             if r.one_way:
                 dst += "<br/>" + _small("on load only")
-        at = _split_where(r.where)[1] if common else r.where
+        at = _split_where(r.where)[1] if common else str(r.where)
         rows.append(
             f'<tr><td align="right"{bg}>{num}</td><td align="left" balign="left"{bg}>{src}</td>'
             f'<td align="left" balign="left"{bg}>{dst}</td><td align="left"{bg}>{_small(_h(at))}</td></tr>'

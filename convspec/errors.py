@@ -20,6 +20,24 @@ class Span:
     def location(self) -> str:
         return f"{self.file or '<spec>'}:{self.line}:{self.col}"
 
+    def __str__(self) -> str:
+        """How a plan shows where a rule or op was written: `file:line:col`; a place known only by
+        name (line 0, as a plan read from JSON may hold) as its name."""
+        if not self.line:
+            return "<spec>" if self.file is None else self.file
+        return self.location()
+
+    @classmethod
+    def from_location(cls, text: str) -> Span:
+        """The Span that prints as `text` (a plan's JSON writes `str(span)`): `file:line:col` read
+        back, else a place known only by name."""
+        file, line, col = (text.rsplit(":", 2) + ["", ""])[:3]
+        if line.isascii() and line.isdigit() and col.isascii() and col.isdigit() and len(line + col) < 40:
+            span = cls(None if file == "<spec>" else file, int(line), int(col))
+            if str(span) == text:
+                return span
+        return cls(None if text == "<spec>" else text, 0, 0)
+
 
 def render_message(
     span: Span | None, label: str, message: str, hint: str | None, style: Style = PLAIN

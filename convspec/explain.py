@@ -31,7 +31,7 @@ class Rename:
     def to_dict(self) -> dict:
         return {
             "rule": self.rule.number,
-            "where": self.rule.where,
+            "where": str(self.rule.where),
             "kind": "alias" if self.rule.one_way else "rename",
             "pattern": self.rule.inputs[0][1].text,
             "target": self.rule.outputs[0][1].display(),
@@ -106,7 +106,7 @@ class Explanation:
             "claim": {
                 "kind": self.claim,
                 "rule": None if rule is None else rule.number,
-                "where": None if rule is None else rule.where,
+                "where": None if rule is None else str(rule.where),
                 "input": self.input,
                 "pattern": None if rule is None else dict(rule.inputs)[self.input].text,
                 "captures": self.captures,
@@ -120,7 +120,7 @@ class Explanation:
             "ops": [
                 {
                     "node": str(n),
-                    "where": n.where,
+                    "where": str(n.where),
                     "values": {
                         v: [
                             {"index": dict(zip(free[v], i, strict=False)), **_info_dict(x)}

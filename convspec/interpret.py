@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .compile.evaluate import evaluate
+from .compile.expr import ConfigExpr
 from .derived import derived
 from .ops import OPS, Op, TensorInfo
 from .ops.stacking import MAX_MEMBERS, MembersLimit, too_many
@@ -31,8 +32,8 @@ def node_params(plan: Plan, rule: PlanRule, node: Node) -> dict:
 def _evaluated(plan: Plan, node: Node) -> dict:
     out, deferred = {}, False
     for k, v in node.params:
-        if isinstance(v, dict) and "$expr" in v:
-            v, deferred = evaluate(v["$expr"], plan.config, node.where), True
+        if isinstance(v, ConfigExpr):
+            v, deferred = evaluate(v.ir, plan.config, node.where), True
         out[k] = v
     if deferred:  # the compiler checked literal parameters; these it could not see
         OPS[node.op].check_configured(out, len(node.outputs))

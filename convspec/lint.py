@@ -436,12 +436,13 @@ class _Analysis:
         return out
 
 
-def _where(code: str, where: str, message: str, hint: str | None = None) -> Finding:
-    """A finding at a `file:line:col` location string (an op node's)."""
-    m = re.fullmatch(r"(.*):(\d+):(\d+)", where)
-    if m is None:
-        return Finding(code, message, where or None, hint=hint)
-    return Finding(code, message, m.group(1), int(m.group(2)), int(m.group(3)), hint)
+def _where(code: str, where: Span | str, message: str, hint: str | None = None) -> Finding:
+    """A finding where an op was written (a plan node's Span; a message's `file:line:col`)."""
+    if isinstance(where, str):  # a ConfigError's message leads with its node's location
+        where = Span.from_location(where)
+    if not where.line:
+        return Finding(code, message, str(where) or None, hint=hint)
+    return Finding(code, message, where.file or "<spec>", where.line, where.col, hint)
 
 
 # ---- against a checkpoint ----------------------------------------------------------------------

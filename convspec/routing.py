@@ -11,6 +11,7 @@ from operator import itemgetter
 
 from .compile.patterns import OffsetError
 from .compile.plan import Plan
+from .derived import derived
 from .errors import BindError, Problem
 from .io.safetensors import MAX_KEY_CHARS, shown_key
 
@@ -57,10 +58,10 @@ def _unless_under_prefix(plan: Plan, ri: int, key: str) -> bool:
     rule = plan.rules[ri]
     if not rule.unless:
         return False
-    ck = ("unless", ri)
-    if ck not in plan._cache:
-        plan._cache[ck] = re.compile("|".join(u.regex(named=False) for u in rule.unless))
-    return plan._cache[ck].fullmatch(f"{plan.base_prefix}.{key}") is not None
+    unless = derived(
+        plan, ("unless", ri), lambda: re.compile("|".join(u.regex(named=False) for u in rule.unless))
+    )
+    return unless.fullmatch(f"{plan.base_prefix}.{key}") is not None
 
 
 def unlead(key: str, lead: str) -> str:
@@ -192,16 +193,17 @@ _SENTINEL = 7_190_000_001  # stands for the j-th number of a key shape while its
 def fold_info(plan: Plan) -> frozenset[str] | None:
     """The numbers a plan's templates spell out as whole segments (keys keep those as they are), or
     None when a template could tell two numbers apart otherwise (then every key is matched alone)."""
-    cache = plan._cache
-    if "fold" not in cache:
-        pinned: set[str] = set()
-        ok = True
-        for rules in (plan.rules, plan.inverse_rules or ()):
-            for r in rules:
-                for p in [p for _, p in r.inputs] + [p for _, p in r.outputs] + list(r.unless):
-                    ok = ok and not p.offsets and _scan(p.elements, pinned)
-        cache["fold"] = frozenset(pinned) if ok else None
-    return cache["fold"]
+    return derived(plan, "fold", lambda: _fold_info(plan))
+
+
+def _fold_info(plan: Plan) -> frozenset[str] | None:
+    pinned: set[str] = set()
+    ok = True
+    for rules in (plan.rules, plan.inverse_rules or ()):
+        for r in rules:
+            for p in [p for _, p in r.inputs] + [p for _, p in r.outputs] + list(r.unless):
+                ok = ok and not p.offsets and _scan(p.elements, pinned)
+    return frozenset(pinned) if ok else None
 
 
 def _scan(els: tuple, pinned: set[str]) -> bool:

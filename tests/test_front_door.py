@@ -144,6 +144,7 @@ PUBLIC = {
     "Plan.save": Plan.save,
     "Plan.to_json": Plan.to_json,
     "Plan.from_json": Plan.from_json,
+    "Plan.check": Plan.check,
     "BoundPlan": BoundPlan,
     "LoadReport": LoadReport,
 }

@@ -30,6 +30,7 @@ import convspec
 from convspec.api import _builtin_index, _resolver
 from convspec.compile.compiler import compile_spec
 from convspec.compile.evaluate import evaluate
+from convspec.compile.expr import ConfigExpr, from_spec
 from convspec.errors import ConfigError, ConvspecError, PlanError, SpecError, SpecValidationError
 from convspec.io.safetensors import MAX_HEADER, CheckpointError, read_header
 from convspec.ops import OPS
@@ -183,7 +184,7 @@ def parse_and_compile(text: str, file: str, config: dict | None):
         if isinstance(plan, convspec.Plan) and config is not None:  # with a config, nothing is deferred
             for rule in plan.rules:
                 for node in rule.nodes:
-                    assert not any(isinstance(v, dict) and "$expr" in v for _, v in node.params), node
+                    assert not any(isinstance(v, ConfigExpr) for _, v in node.params), node
     return spec
 
 
@@ -312,7 +313,7 @@ def test_expressions(text: str, config):
     assert not isinstance(expr, ConvspecError) or isinstance(expr, SpecError), expr
     if isinstance(expr, ConvspecError):
         return
-    value = bounded(evaluate, expr.model_dump(), config, "fuzz")
+    value = bounded(evaluate, from_spec(expr), config, "fuzz")
     assert not isinstance(value, ConvspecError) or isinstance(value, ConfigError), value
     assert all(abs(i) < INT64 for i in _ints(value)), value
 
@@ -429,7 +430,7 @@ def test_huge_config_ints_do_not_multiply():
     """A config may hold 10**10**6: its product is refused before it is computed, not after."""
     huge = 10**10**6
     expr = parse_expr("config.a * config.a * config.a", where("config.a * config.a * config.a"))
-    err = bounded(evaluate, expr.model_dump(), {"a": huge}, "fuzz")
+    err = bounded(evaluate, from_spec(expr), {"a": huge}, "fuzz")
     assert isinstance(err, ConfigError) and "more than 64" in err.message, err
 
 

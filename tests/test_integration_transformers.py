@@ -984,6 +984,7 @@ def test_every_builtin_spec_exports_alike_with_and_without_a_config():
     """kimi_k25(_base) and mistral_large4(_base) exported differently (or were refused for different
     reasons) with a config than without: their vision rope reads config.vision_config."""
     from convspec.api import _builtin_index
+    from convspec.compile.expr import ConfigExpr
 
     sub = {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 2, "hidden_size": 4}
     config = {**sub, "text_config": dict(sub), "vision_config": dict(sub)}
@@ -996,7 +997,7 @@ def test_every_builtin_spec_exports_alike_with_and_without_a_config():
 
     def needs_config(name: str) -> bool:
         rules = convspec.compile(name).rules
-        return any(isinstance(v, dict) for rule in rules for node in rule.nodes for _, v in node.params)
+        return any(isinstance(v, ConfigExpr) for rule in rules for node in rule.nodes for _, v in node.params)
 
     names = [n for n in sorted({f.rsplit(".", 1)[0] for f in _builtin_index().values()}) if needs_config(n)]
     assert {"kimi_k25", "kimi_k25_base", "mistral_large4", "mistral_large4_base"} <= set(names)

@@ -286,7 +286,7 @@ def test_the_expressions_a_config_was_read_through_round_trip_and_are_checked():
     text = plan.to_json()
     again = convspec.Plan.from_json(text)
     node = next(n for r in again.rules if r.kind == "convert" for n in r.nodes if n.exprs)
-    assert dict(node.exprs)["sizes"]["text"].startswith("[")
+    assert dict(node.exprs)["sizes"].text.startswith("[")
     assert again.to_json() == text
     d = json.loads(text)
     exprs = next(n for r in d["rules"] if r["kind"] == "convert" for n in r["nodes"] if "exprs" in n)["exprs"]

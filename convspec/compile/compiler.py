@@ -21,7 +21,8 @@ from ..errors import (
 )
 from ..ops import OPS, NotInvertible, Op, OpError
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
-from .evaluate import _Name, evaluate, needs_config
+from .evaluate import _Name, evaluate
+from .expr import ConfigExpr, from_spec, needs_config, show
 from .patterns import (
     MAX_OPEN_CAPTURES,
     Pattern,
@@ -126,8 +127,9 @@ def bounded_template(t: Template, types: dict[str, str]) -> None:
         )
 
 
-def _where(span: Span | None) -> str:
-    return span.location() if span else "<spec>"
+def _where(span: Span | None) -> Span:
+    """Where a rule or op was written, as its plan keeps it (the source line left out)."""
+    return Span(span.file, span.line, span.col) if span else Span(None, 0, 0)
 
 
 def compile_spec(
@@ -338,7 +340,7 @@ def _rename(i: int, rule: Rename) -> PlanRule:
     )
 
 
-def drop_rule(i: int, where: str, src: Pattern) -> PlanRule:
+def drop_rule(i: int, where: Span, src: Pattern) -> PlanRule:
     """A drop's rule: its one input, typed (an untyped capture is one segment)."""
     types = {c: t or "seg" for k, c, t in src.parts if k == "cap"}
     return PlanRule(i, "drop", where, (("x", src.typed(types)),), types=tuple(types.items()))
@@ -346,7 +348,7 @@ def drop_rule(i: int, where: str, src: Pattern) -> PlanRule:
 
 def rename_rule(
     i: int,
-    where: str,
+    where: Span,
     src: Pattern,
     dst: Pattern,
     unless: list[Pattern],
@@ -591,10 +593,10 @@ class _Lowering:
                     raise self.err(f"{op.name} needs parameter {p.name}", call.span)
                 out[p.name] = p.default
                 continue
-            out[p.name] = self.param_value(op, p, given[p.name])
-            dumped = given[p.name].model_dump()
-            if self.config is not None and needs_config(dumped):
-                exprs.append((p.name, {"$expr": dumped, "text": _expr_text(given[p.name])}))
+            ir = from_spec(given[p.name])
+            out[p.name] = self.param_value(op, p, given[p.name], ir)
+            if self.config is not None and needs_config(ir):
+                exprs.append((p.name, ConfigExpr.of(ir)))
         concrete = {k: v for k, v in out.items() if not _is_expr(v)}
         try:
             if len(concrete) == len(out):
@@ -603,27 +605,24 @@ class _Lowering:
             raise self.err(f"{op.name}: {exc.message}", call.span) from None
         return out, tuple(exprs)
 
-    def param_value(self, op, p, e: Expr) -> Any:
-        dumped = e.model_dump()
+    def param_value(self, op, p, e: Expr, ir) -> Any:
+        """The value of parameter `p` written as `e` (typed as `ir`): evaluated, or without a config,
+        a ConfigExpr that bind evaluates."""
         where = _where(e.span)
-        if needs_config(dumped) and self.config is None:
+        if needs_config(ir) and self.config is None:
             if p.kind == "capture":  # a capture is named in the spec: no config can supply one
                 raise self.err(
-                    f"parameter {p.name} of {op.name} must be a capture name, got {_expr_text(e)}", e.span
+                    f"parameter {p.name} of {op.name} must be a capture name, got {show(ir)}", e.span
                 )
             if p.kind == "dtype":  # the inverse (and whether the cast loses values) depends on it
                 raise self.err(
-                    f"parameter {p.name} of {op.name} must be a dtype name without a config, "
-                    f"got {_expr_text(e)}",
+                    f"parameter {p.name} of {op.name} must be a dtype name without a config, got {show(ir)}",
                     e.span,
                     hint="write the dtype, or compile with the config",
                 )
-            value: Any = {"$expr": dumped, "text": _expr_text(e)}
-            if p.kind in ("ints", "shape") and dumped["kind"] == "list":
-                value["$len"] = dumped["items"]
-            return value
+            return ConfigExpr.of(ir, counted=p.kind in ("ints", "shape"))
         try:
-            v = evaluate(dumped, self.config, where)
+            v = evaluate(ir, self.config, where)
         except ConfigError as exc:
             raise CompileError(
                 f"rule {self.index + 1} (convert): {exc.message.split(': ', 1)[-1]}",
@@ -713,7 +712,7 @@ def check_param(op, p, v: Any, names: type = str) -> None:
 
 def check_convert(
     index: int,
-    where: str,
+    where: Span,
     inputs: list,
     outputs: list,
     nodes: list[Node],
@@ -871,30 +870,7 @@ def _check_all_used(
 
 
 def _is_expr(v: Any) -> bool:
-    return isinstance(v, dict) and "$expr" in v
-
-
-def _expr_text(e: Expr) -> str:
-    d = e.model_dump()
-
-    def show(x):
-        k = x["kind"]
-        if k == "ref":
-            return ".".join(x["path"])
-        if k == "num":
-            return str(x["value"])
-        if k == "str":
-            return repr(x["value"])
-        if k == "list":
-            return "[" + ", ".join(show(i) for i in x["items"]) + "]"
-        if k == "neg":
-            return "-" + show(x["operand"])
-        if k == "binop":
-            return f"({show(x['left'])} {x['op']} {show(x['right'])})"
-        return x.get("op", "?") + "(...)"
-
-    s = show(d)
-    return s[1:-1] if s.startswith("(") and s.endswith(")") else s
+    return isinstance(v, ConfigExpr)
 
 
 # ---- overlap between converts -----------------------------------------------------------------

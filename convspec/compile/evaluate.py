@@ -5,7 +5,11 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Span
+from ..frozen import thaw
+from .expr import BinOp, Call, Expr, ListOf, Neg, Num, Ref, Str, needs_config
+
+__all__ = ["evaluate", "needs_config"]
 
 MAX_INT_BITS = 64
 
@@ -17,28 +21,8 @@ class Missing(Exception):
         self.path = path
 
 
-def needs_config(expr: dict) -> bool:
-    kind = expr.get("kind")
-    if kind == "ref":
-        return expr["path"][0] == "config"
-    return any(needs_config(v) for v in _children(expr))
-
-
-def _children(expr: dict):
-    kind = expr.get("kind")
-    if kind == "list":
-        return expr["items"]
-    if kind == "binop":
-        return [expr["left"], expr["right"]]
-    if kind == "neg":
-        return [expr["operand"]]
-    if kind == "call":
-        return expr["args"] + [k["value"] for k in expr["kwargs"]]
-    return []
-
-
-def evaluate(expr: dict, config: dict | None, where: str = "") -> Any:
-    """Evaluate a parameter expression (IR dump form) to a plain value."""
+def evaluate(expr: Expr, config: dict | None, where: Span | str = "") -> Any:
+    """Evaluate a parameter expression (typed IR, `convspec.compile.expr`) to a plain value."""
     try:
         return _eval(expr, config)
     except ConfigError as exc:  # every message names the parameter, as a missing field's does
@@ -55,51 +39,58 @@ def evaluate(expr: dict, config: dict | None, where: str = "") -> Any:
         ) from None
 
 
-def _eval(e: dict, config: dict | None) -> Any:
-    kind = e["kind"]
-    if kind == "num":
-        return _fits(e["value"], "a number")
-    if kind == "str":
-        return e["value"]
-    if kind == "list":
-        return [_eval(i, config) for i in e["items"]]
-    if kind == "neg":
-        return -_int(_eval(e["operand"], config), "-")
-    if kind == "ref":
-        path = e["path"]
-        if path[0] == "config":
-            return _fits(_lookup(config, path), ".".join(path))
-        if len(path) == 1:
-            if path[0] == "true":
-                return True
-            if path[0] == "false":
-                return False
-            return _Name(path[0])
-        raise ConfigError(f"unknown name {'.'.join(path)}: only config.<field> may be dotted")
-    if kind == "binop":
-        op = e["op"]
-        if op == "??":
-            try:
-                return _eval(e["left"], config)
-            except Missing:
-                if config is None:  # no config at all is not "field absent": never default silently
-                    raise
-                return _eval(e["right"], config)
-        a, b = _int(_eval(e["left"], config), op), _int(_eval(e["right"], config), op)
-        if op in ("//", "%") and b == 0:
-            raise ConfigError(f"division by zero in {op}")
-        r = {"+": a + b, "-": a - b, "*": a * b}.get(op) if op in "+-*" else (a // b if op == "//" else a % b)
-        return _fits(r)
-    if kind == "call":
-        raise ConfigError(f"an op call ({e['op']}) cannot stand where a parameter value is expected")
-    raise ConfigError(f"unknown expression kind {kind}")  # pragma: no cover
+def _eval(e: Expr, config: dict | None) -> Any:
+    if isinstance(e, Num):
+        return _fits(e.value, "a number")
+    if isinstance(e, Str):
+        return e.value
+    if isinstance(e, ListOf):
+        return [_eval(i, config) for i in e.items]
+    if isinstance(e, Neg):
+        return -_int(_eval(e.operand, config), "-")
+    if isinstance(e, Ref):
+        return _ref(e.path, config)
+    if isinstance(e, BinOp):
+        return _binop(e, config)
+    if isinstance(e, Call):
+        raise ConfigError(f"an op call ({e.op}) cannot stand where a parameter value is expected")
+    raise ConfigError(f"unknown expression kind {type(e).__name__}")  # pragma: no cover
+
+
+def _ref(path: tuple[str, ...], config: dict | None) -> Any:
+    if path[0] == "config":
+        return _fits(_lookup(config, path), ".".join(path))
+    if len(path) == 1:
+        if path[0] == "true":
+            return True
+        if path[0] == "false":
+            return False
+        return _Name(path[0])
+    raise ConfigError(f"unknown name {'.'.join(path)}: only config.<field> may be dotted")
+
+
+def _binop(e: BinOp, config: dict | None) -> Any:
+    op = e.op
+    if op == "??":
+        try:
+            return _eval(e.left, config)
+        except Missing:
+            if config is None:  # no config at all is not "field absent": never default silently
+                raise
+            return _eval(e.right, config)
+    a, b = _int(_eval(e.left, config), op), _int(_eval(e.right, config), op)
+    if op in ("//", "%") and b == 0:
+        raise ConfigError(f"division by zero in {op}")
+    r = {"+": a + b, "-": a - b, "*": a * b}.get(op) if op in "+-*" else (a // b if op == "//" else a % b)
+    return _fits(r)
 
 
 class _Name(str):
     """A bare name in a parameter position: a capture, a dtype, or a typo the caller reports."""
 
 
-def _lookup(config: dict | None, path: list[str]) -> Any:
+def _lookup(config: dict | None, path: tuple[str, ...]) -> Any:
+    """The config field at `path`, as a plain value (a plan's config is a frozen copy)."""
     if config is None:
         raise Missing(".".join(path))
     node: Any = config
@@ -107,7 +98,7 @@ def _lookup(config: dict | None, path: list[str]) -> Any:
         if not isinstance(node, dict) or part not in node or node[part] is None:
             raise Missing(".".join(path[: i + 1]))
         node = node[part]
-    return node
+    return thaw(node)
 
 
 def _int(v: Any, op: str) -> int:
@@ -132,8 +123,9 @@ def _fits(v: Any, what: str = "") -> Any:
 
 
 def _short(v: Any) -> str:
-    """A value for a message, cut short: a config value may be huge (reprlib bounds its size)."""
+    """A value for a message, cut short: a config value may be huge (reprlib bounds its size). A
+    plan's frozen list shows as the list it is."""
     try:
-        return reprlib.repr(v)
+        return reprlib.repr(thaw(v))
     except ValueError:  # an int of more than 4300 digits has no repr
         return f"a {type(v).__name__} too large to show"

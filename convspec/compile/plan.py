@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..devices import check_device
+from ..derived import derived
+from ..errors import NotInvertibleError, Span
+from ..frozen import freeze
+from .expr import ConfigExpr
 from .patterns import Pattern
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ..bind import BoundPlan
 
 
 @dataclass(frozen=True)
@@ -19,11 +26,15 @@ class Node:
     op: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    params: tuple[tuple[str, Any], ...]  # plain values, or {"$expr": IR} when they need a config
-    where: str = ""
-    # The expressions that params compiled with a config were evaluated from ({"$expr": IR, "text"}),
-    # by parameter name: what the value means for other configs (the transformers exporter reads it).
+    params: tuple[tuple[str, Any], ...]  # plain values, or a ConfigExpr when they need a config
+    where: Span = Span("", 0, 0)  # where the call was written: prints as `file:line:col`
+    # The expressions (ConfigExpr) that params compiled with a config were evaluated from, by
+    # parameter name: what the value means for other configs (the transformers exporter reads it).
     exprs: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:  # a list parameter is frozen with the node (and hashes)
+        object.__setattr__(self, "params", tuple((k, freeze(v)) for k, v in self.params))
+        object.__setattr__(self, "exprs", tuple((k, freeze(v)) for k, v in self.exprs))
 
     def __str__(self) -> str:
         args = list(self.inputs) + [f"{k}={_show(v)}" for k, v in self.params if v is not None]
@@ -31,8 +42,8 @@ class Node:
 
 
 def _show(v: Any) -> str:
-    if isinstance(v, dict) and "$expr" in v:
-        return "<" + v.get("text", "expr") + ">"
+    if isinstance(v, ConfigExpr):
+        return f"<{v}>"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, list):
@@ -46,7 +57,7 @@ class PlanRule:
 
     index: int
     kind: str  # rename | convert | drop
-    where: str
+    where: Span  # where the rule was written: prints as `file:line:col`
     inputs: tuple[tuple[str, Pattern], ...]
     outputs: tuple[tuple[str, Pattern], ...] = ()
     nodes: tuple[Node, ...] = ()
@@ -77,7 +88,9 @@ MATCH_BLOCK = 32  # rules per block of the match regexes (see Plan.first_match)
 @dataclass(frozen=True)
 class Plan:
     """A compiled spec: its rules as key patterns and op DAGs, the config it was compiled with, and
-    its exact inverse. Immutable; made by `convspec.compile`, shipped with `to_json`/`from_json`.
+    its exact inverse. Immutable: the config is a frozen copy of the caller's, equal plans compare
+    and hash equal, and what is derived from a plan is held beside it (`convspec.derived`), never in
+    it. Made by `convspec.compile`, shipped with `to_json`/`from_json`, checked by `check`.
     `regex` is one alternation over every input pattern, one group per pattern.
 
     Example:
@@ -92,13 +105,26 @@ class Plan:
     doc: str
     model_types: tuple[str, ...]
     rules: tuple[PlanRule, ...]
-    config: Any = None  # the config dict the plan was compiled with (frozen by convention)
+    config: Any = None  # the config the plan was compiled with: a frozen copy (reads as a dict)
     inverse_rules: tuple[PlanRule, ...] | None = None
     inverse_error: str | None = None
     lossy: tuple[str, ...] = ()  # why an exact inverse is impossible, rule by rule
     is_inverse: bool = False
     base_prefix: str = ""  # load_into matches keys with or without it (a base-model checkpoint)
-    _cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:  # the caller's config dict, copied: a later change never reaches it
+        object.__setattr__(self, "config", freeze(self.config))
+
+    def __hash__(self) -> int:
+        """Equal plans hash equal; the hash is computed once (kept out of the compared fields, and out
+        of a pickle: a string's hash differs from one process to the next)."""
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash(tuple(getattr(self, f.name) for f in fields(self)))
+        return h
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     # ---- matching ----------------------------------------------------------------------------
 
@@ -108,26 +134,9 @@ class Plan:
 
     def _alternation(self, start: int, kinds: tuple[str, ...], stop: int | None = None):
         """The combined regex over rules[start:stop] of the given kinds, and its group -> (rule, input)."""
-        key = (start, kinds, stop)
-        if key not in self._cache:
-            alts, groups, n = [], {}, 0
-            for rule in self.rules[start:stop]:
-                if rule.kind not in kinds:
-                    continue
-                for k, (name, pat) in enumerate(rule.inputs):
-                    n += 1
-                    outer = n
-                    caps = []
-                    for cap in pat.captures:
-                        n += 1
-                        caps.append((cap, n))
-                    guard = ""
-                    if rule.unless:
-                        guard = "(?!(?:" + "|".join(u.regex(named=False) for u in rule.unless) + r")\Z)"
-                    alts.append(f"({guard}{pat.regex(prefix=f'r{rule.index}_{k}__')})")
-                    groups[outer] = (rule.index, name, tuple(c for c, _ in caps), tuple(i for _, i in caps))
-            self._cache[key] = (re.compile("|".join(alts) if alts else r"(?!)"), groups)
-        return self._cache[key]
+        return derived(
+            self, ("match", start, kinds, stop), lambda: _alternation(self.rules[start:stop], kinds)
+        )
 
     def first_match(self, key: str, start: int = 0, renames_only: bool = False):
         """The first rule at or after `start` whose input pattern matches the whole key. From rule 0,
@@ -187,17 +196,13 @@ class Plan:
             >>> back.rules[0].kind, back.rules[0].number
             ('convert', 3)
         """
-        from ..errors import NotInvertibleError
-
         if self.inverse_rules is None or (self.lossy and not allow_lossy):
             raise NotInvertibleError(
                 f"spec {self.name} cannot be inverted exactly: "
                 + (self.inverse_error or "; ".join(self.lossy)),
                 hint=None if self.inverse_error else "pass allow_lossy=True for a best-effort inverse",
             )
-        if "inverse" not in self._cache:
-            self._cache["inverse"] = self._make_inverse()
-        return self._cache["inverse"]
+        return derived(self, "inverse", self._make_inverse)
 
     def _make_inverse(self) -> Plan:
         return Plan(
@@ -238,9 +243,7 @@ class Plan:
             >>> bound.outputs["model.layers.0.mlp.experts.gate_up_proj"]
             ((4, 96, 32), 'bfloat16')
         """
-        from ..bind import bind
-
-        return bind(self, layout, strict=strict)
+        return _runtime().bind(self, layout, strict)
 
     def apply(self, state_dict: dict, strict: bool = False) -> dict:
         """Convert a dict of tensors to the target layout, in memory.
@@ -266,9 +269,7 @@ class Plan:
             >>> all(torch.equal(back[k], sd[k]) for k in sd)
             True
         """
-        from ..run import apply_plan
-
-        return apply_plan(self, state_dict, strict=strict)
+        return _runtime().apply(self, state_dict, strict)
 
     def stream(self, src, device: str = "cpu", dtype: str | None = None, strict: bool = False):
         """Convert a checkpoint as it is read: (target_key, tensor) pairs, one group in memory at a
@@ -293,12 +294,7 @@ class Plan:
             >>> sum(1 for _ in plan.stream("tiny-mixtral"))
             21
         """
-        from ..io.checkpoint import Checkpoint
-        from ..streaming import bind_checkpoint, stream_bound
-
-        device = check_device(device)  # meta too (shapes only); before anything is read
-        ckpt = Checkpoint(src)
-        yield from stream_bound(bind_checkpoint(self, ckpt, strict), ckpt, device, dtype)
+        yield from _runtime().stream(self, src, device, dtype, strict)
 
     def load(self, src, device: str = "cpu", dtype: str | None = None, strict: bool = False) -> dict:
         """A checkpoint read and converted into a dict of tensors.
@@ -319,13 +315,7 @@ class Plan:
             >>> sd["model.layers.1.mlp.experts.down_proj"].shape
             torch.Size([4, 32, 48])
         """
-        from ..io.checkpoint import Checkpoint
-        from ..streaming import Loaded, bind_checkpoint, stream_bound
-
-        device = check_device(device)
-        ckpt = Checkpoint(src)
-        bound = bind_checkpoint(self, ckpt, strict)
-        return Loaded(stream_bound(bound, ckpt, device, dtype), bound=bound)
+        return _runtime().load(self, src, device, dtype, strict)
 
     def load_into(self, model, src, strict: bool = True, device: str | None = None):
         """Fill a model's parameters and buffers from a checkpoint, converted as it is read. A model
@@ -357,19 +347,7 @@ class Plan:
             >>> report.ok, str(report)
             (True, 'ok')
         """
-        from ..io.checkpoint import Checkpoint
-        from ..load_into import load_into
-        from ..streaming import bind_checkpoint, stream_bound
-
-        dev = check_device(
-            device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu")
-        )
-        ckpt = Checkpoint(src)
-        bound = bind_checkpoint(self, ckpt)
-        items = stream_bound(bound, ckpt, dev)
-        return load_into(
-            model, items, strict=strict, base_prefix=self.base_prefix, already=len(bound.already)
-        )
+        return _runtime().load_into(self, model, src, strict, device)
 
     def save(
         self, state_dict: dict, dst, max_shard_size: str | int = "5GB", overwrite: bool = False
@@ -395,17 +373,7 @@ class Plan:
             >>> plan.inverse().save(plan.load("tiny-mixtral"), "tiny-mixtral-saved")
             ['model.safetensors']
         """
-        from ..io.writer import AtomicDir, parse_size, write_sharded
-        from ..ops import TensorInfo
-        from ..streaming import output_order
-
-        bound = self.bind({k: TensorInfo.of(t) for k, t in state_dict.items()})
-        out = self.apply(state_dict)
-        entries = output_order(bound)
-        with AtomicDir(dst, overwrite=overwrite) as tmp:
-            return write_sharded(
-                tmp, entries, ((k, out[k]) for k, _, _ in entries), parse_size(max_shard_size)
-            )
+        return _runtime().save(self, state_dict, dst, max_shard_size, overwrite)
 
     # ---- JSON --------------------------------------------------------------------------------
 
@@ -425,9 +393,7 @@ class Plan:
             >>> convspec.Plan.from_json(text).to_json() == text
             True
         """
-        from .plan_json import plan_dict
-
-        return json.dumps(plan_dict(self), indent=indent)
+        return _runtime().to_json(self, indent)
 
     @staticmethod
     def from_json(text: str | bytes) -> Plan:
@@ -460,6 +426,76 @@ class Plan:
             convspec.errors.PlanError: error: convspec_plan: plan format 99 is newer than this convspec reads (formats 1 to 2)
               hint: upgrade convspec, or compile the spec again with this version
         """
-        from .plan_json import loads
+        return _runtime().from_json(text)
 
-        return loads(text)
+    def check(self) -> None:
+        """Verify the plan's invariants, as `Plan.from_json` does (torch.fx's `Graph.lint()` is the
+        model): every op known, with valid parameters and arity; each value defined once, before it
+        is used; every rule output produced; captures consistent with the templates; the recorded
+        inverse the one the rules give.
+
+        Returns:
+            None: the plan is one the compiler could have made.
+
+        Raises:
+            PlanError: names the field (`rules[2].nodes[0].op`) and what is wrong.
+
+        Example:
+            >>> convspec.compile("mixtral").check()
+        """
+        _runtime().check(self)
+
+
+def _alternation(rules: tuple[PlanRule, ...], kinds: tuple[str, ...]):
+    """One regex over the input patterns of `rules` of the given kinds, one group per pattern, and
+    its group number -> (rule index, input name, capture names, capture group numbers)."""
+    alts, groups, n = [], {}, 0
+    for rule in rules:
+        if rule.kind not in kinds:
+            continue
+        guard = ""
+        if rule.unless:
+            guard = "(?!(?:" + "|".join(u.regex(named=False) for u in rule.unless) + r")\Z)"
+        for k, (name, pat) in enumerate(rule.inputs):
+            n += 1
+            outer = n
+            caps = []
+            for cap in pat.captures:
+                n += 1
+                caps.append((cap, n))
+            alts.append(f"({guard}{pat.regex(prefix=f'r{rule.index}_{k}__')})")
+            groups[outer] = (rule.index, name, tuple(c for c, _ in caps), tuple(i for _, i in caps))
+    return re.compile("|".join(alts) if alts else r"(?!)"), groups
+
+
+# ---- the runtime the conveniences are routed through ------------------------------------------
+
+
+class Runtime(Protocol):
+    """What `convspec.runtime` provides: the conveniences' work, in the layers above this one."""
+
+    def bind(self, plan: Plan, layout: dict, strict: bool) -> BoundPlan: ...
+    def apply(self, plan: Plan, state_dict: dict, strict: bool) -> dict: ...
+    def stream(self, plan: Plan, src, device: str, dtype: str | None, strict: bool) -> Iterator: ...
+    def load(self, plan: Plan, src, device: str, dtype: str | None, strict: bool) -> dict: ...
+    def load_into(self, plan: Plan, model, src, strict: bool, device: str | None): ...
+    def save(
+        self, plan: Plan, state_dict: dict, dst, max_shard_size: str | int, overwrite: bool
+    ) -> list[str]: ...
+    def to_json(self, plan: Plan, indent: int | None) -> str: ...
+    def from_json(self, text: str | bytes) -> Plan: ...
+    def check(self, plan: Plan) -> None: ...
+
+
+_installed: list[Runtime] = []
+
+
+def install_runtime(runtime: Runtime) -> None:
+    """Called once by `convspec.runtime` as `import convspec` runs: the plan's conveniences go there."""
+    _installed[:] = [runtime]
+
+
+def _runtime() -> Runtime:
+    if not _installed:  # pragma: no cover - importing any convspec module imports the package first
+        raise RuntimeError("convspec.runtime is not installed: import convspec")
+    return _installed[0]

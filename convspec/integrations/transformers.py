@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..compile.expr import BinOp, ConfigExpr, Expr, Num, Ref
 from ..compile.patterns import Pattern, intersection_witness
 from ..compile.plan import Node, Plan, PlanRule
 from ..errors import ConvspecError
@@ -367,11 +368,11 @@ def _fixed(rule: PlanRule, node: Node, name: str, default: Any = None) -> Any:
     model config is refused whether the plan was compiled with a config or not: the exported mapping
     would otherwise hold one config's numbers, wrong for every other config of the model type."""
     value = dict(node.params).get(name, default)
-    expr = value if isinstance(value, dict) else dict(node.exprs).get(name)
+    expr = value if isinstance(value, ConfigExpr) else dict(node.exprs).get(name)
     if expr is not None:
         raise ExportError(
             f"{rule.label}: cannot export to transformers: {node.op}'s {name}="
-            f"{expr.get('text', 'an expression')} depends on the model config, and transformers' ops "
+            f"{expr.text} depends on the model config, and transformers' ops "
             f"take fixed numbers (at {node.where})",
             hint=f"write {name} as a number in the spec you export",
         )
@@ -402,7 +403,7 @@ def _same(a: Node, b: Node) -> bool:
     return a.op == b.op and [p for p in a.params if p[0] != "over"] == [p for p in b.params if p[0] != "over"]
 
 
-def _rope_subconfig(expr: dict) -> str | None:
+def _rope_subconfig(expr: Expr) -> str | None:
     """The `subconfig_key` of the PermuteForRope that takes the head count `expr` gives ("" for none),
     or None when no PermuteForRope does.
 
@@ -412,18 +413,18 @@ def _rope_subconfig(expr: dict) -> str | None:
     [?? 1]]` (except for a config whose S lacks num_attention_heads: transformers then uses 1, convspec
     the top-level field; docs/integrations.md says so).
     """
-    chain: list[dict] = []
+    chain: list[Expr] = []
 
-    def flatten(e: dict) -> None:
-        if e.get("kind") == "binop" and e.get("op") == "??":
-            flatten(e["left"])
-            flatten(e["right"])
+    def flatten(e: Expr) -> None:
+        if isinstance(e, BinOp) and e.op == "??":
+            flatten(e.left)
+            flatten(e.right)
         else:
             chain.append(e)
 
     flatten(expr)
-    paths = [tuple(e["path"]) if e.get("kind") == "ref" else e for e in chain]
-    one, top = {"kind": "num", "value": 1}, ("config", "num_attention_heads")
+    paths = [e.path if isinstance(e, Ref) else e for e in chain]
+    one, top = Num(1), ("config", "num_attention_heads")
     if paths in ([top], [top, one]):
         return ""
     sub = paths[0]
@@ -747,8 +748,8 @@ class _Converter:
         heads = dict(node.params)["heads"]
         # Compiled with a config, the value was evaluated: what it means for other configs is the
         # expression it came from, so a plan exports the same with or without a config.
-        expr = heads if isinstance(heads, dict) else dict(node.exprs).get("heads")
-        shown = expr.get("text", "an expression") if expr is not None else heads
+        expr = heads if isinstance(heads, ConfigExpr) else dict(node.exprs).get("heads")
+        shown = expr.text if expr is not None else heads
         if expr is None:
             raise self.fail(
                 f"{node.op} with heads={shown}: transformers' PermuteForRope reads the head count from "
@@ -756,7 +757,7 @@ class _Converter:
                 node,
                 hint="write heads=config.num_attention_heads (or config.<sub_config>.num_attention_heads)",
             )
-        subconfig = _rope_subconfig(expr["$expr"])
+        subconfig = _rope_subconfig(expr.ir)
         if subconfig is None:
             raise self.fail(
                 f"{node.op} with heads={shown}: transformers' PermuteForRope always uses "

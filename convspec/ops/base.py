@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from ..dtypes import DTYPES, ITEMSIZE
 from ..errors import ConvspecError
+from ..frozen import thaw
 
 if TYPE_CHECKING:
     import torch
 
+    from ..compile.expr import ConfigExpr
     from .blockmoves import Blocks
 
 REQUIRED = object()
@@ -103,7 +105,7 @@ class Param:
 def short(v: Any) -> str:
     """A value for a message, cut short: a config value may be huge (reprlib bounds its size)."""
     try:
-        return reprlib.repr(v)
+        return reprlib.repr(thaw(v))
     except ValueError:  # an int of more than 4300 digits has no repr
         return f"a {type(v).__name__} too large to show"
 
@@ -126,11 +128,11 @@ class Op:
         """How many values the op yields; None when it follows the number of targets (chunk)."""
         return 1
 
-    def n_outputs_configured(self, expr: dict) -> int | None:
+    def n_outputs_configured(self, expr: ConfigExpr) -> int | None:
         """How many values the op yields when its `count_param` is the config expression `expr`
         (compiled without the config); None when it follows the targets. By default it must be known."""
         raise OpError(
-            f"{self.name} {self.count_param}={expr.get('text')} sets how many values it yields, so it must "
+            f"{self.name} {self.count_param}={expr.text} sets how many values it yields, so it must "
             "be a number here",
             hint="write the number, or compile with the config",
         )

@@ -82,9 +82,9 @@ class Split(Op):
         return len(p["sizes"])
 
     def n_outputs_configured(self, expr):
-        if "$len" not in expr:
+        if expr.length is None:
             raise OpError("split sizes must be a list [...] so the number of outputs is known")
-        return len(expr["$len"])
+        return expr.length
 
     def check(self, p):
         _check_sizes(p)
