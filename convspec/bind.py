@@ -9,7 +9,7 @@ from typing import Any
 
 from .compile.plan import Plan, PlanRule
 from .errors import BindError, Problem
-from .interpret import GroupError, Index, Infer, Value, index_order, infer_group  # noqa: F401  (explain, dot)
+from .interpret import GroupError, Index, Infer, Value, index_order
 from .ops import OPS, OpError, TensorInfo
 from .ops.stacking import MembersLimit
 from .routing import base_lead, follow_renames, route_all, unlead

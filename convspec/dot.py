@@ -354,7 +354,7 @@ def _value_shapes(value: dict) -> list[str]:
 
 def _group(d: _Dot, bound: BoundPlan, g: Group, count: int) -> None:
     """One group drawn in full: its real member keys, each op's inferred shape, its output keys."""
-    from .bind import index_order, infer_group
+    from .interpret import index_order, infer_group
 
     plan, rule, infos = bound.plan, g.rule, bound.layout
     env = infer_group(plan, rule, g.members, infos)
@@ -397,7 +397,7 @@ def _group(d: _Dot, bound: BoundPlan, g: Group, count: int) -> None:
 
 
 def _sorted_groups(bound: BoundPlan) -> list[Group]:
-    from .bind import index_order
+    from .interpret import index_order
 
     return sorted(bound.groups, key=lambda g: (g.rule.index, index_order(tuple(g.keep.values()))))
 

@@ -139,7 +139,21 @@ UNUSED = "E102"  # a capture, input or value is bound but never used
 
 
 class ConfigError(ConvspecError):
-    """The model config lacks a field, or has the wrong type, for an expression of the spec."""
+    """The model config lacks a field, or has the wrong type, for an expression of the spec. `where`
+    is the op the expression belongs to and `detail` the message without it, for reports that place
+    the problem themselves (lint)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        where: Span | str | None = None,
+        detail: str | None = None,
+    ):
+        super().__init__(message, hint=hint)
+        self.where = where
+        self.detail = detail if detail is not None else message
 
 
 class DeviceError(ConvspecError):

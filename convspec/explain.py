@@ -7,10 +7,11 @@ import difflib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .bind import GroupError, as_infos, index_order, infer_group
+from .bind import as_infos
 from .compile.patterns import OffsetError, Pattern
 from .compile.plan import Plan, PlanRule
 from .errors import ConvspecError, NotInvertibleError
+from .interpret import GroupError, index_order, infer_group
 from .ops import TensorInfo
 from .routing import route_all
 from .style import PLAIN, Style, table

@@ -462,8 +462,7 @@ def _against(
             out.append(_at("E103", span, problem + tail, exc.hint))
         bound = None
     except ConfigError as exc:  # the spec needs a config value to bind, and none was given
-        where, _, message = exc.message.partition(": ")
-        out.append(_where("E103", where, message, exc.hint))
+        out.append(_where("E103", exc.where or "", exc.detail, exc.hint))
         bound = None
     hits, later = _trace(plan, list(layout))
     includes: dict[int, list[int]] = defaultdict(list)  # include rule of the spec -> the rules it gave

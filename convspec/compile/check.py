@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import CompileError, ConfigError, ConvspecError, PlanError, Span
 from ..frozen import thaw
 from ..ops import OpError
-from ..ops.base import REQUIRED
+from ..ops.base import REQUIRED, short
 from ..spec.parse import parse_template
 from ..spec.source import Embedded, Source
 from .compiler import (
@@ -29,7 +29,7 @@ from .compiler import (
     rename_rule,
     values_yielded,
 )
-from .evaluate import _short, evaluate
+from .evaluate import evaluate
 from .expr import LEN_MESSAGE, PARAM_FORM, SOURCE_FORM, ConfigExpr, ListOf, read_config_expr
 from .patterns import Pattern, split_offset
 from .plan import Node, Plan, PlanRule
@@ -68,7 +68,7 @@ def _check_rule(r: PlanRule, i: int, path: str, config: dict | None, undoing: bo
         _check_template(p, f"{path}.unless[{j}]")
     names = [n for n, _ in r.inputs]
     if len(set(names)) != len(names) or not r.inputs:
-        raise PlanError(f"{path}.inputs: {_short(names)}: a rule has one or more inputs, each named once")
+        raise PlanError(f"{path}.inputs: {short(names)}: a rule has one or more inputs, each named once")
     try:
         if r.kind == "drop":
             _shape(r, path, inputs=1, outputs=0)
@@ -101,7 +101,7 @@ def _check_rule(r: PlanRule, i: int, path: str, config: dict | None, undoing: bo
         a, b = getattr(got, f.name), getattr(want, f.name)
         if a != b:
             raise PlanError(
-                f"{path}.{f.name}: {_short(_plain(a))}, but the rule's templates and ops give {_short(_plain(b))}"
+                f"{path}.{f.name}: {short(_plain(a))}, but the rule's templates and ops give {short(_plain(b))}"
             )
 
 
@@ -147,7 +147,7 @@ def _check_template(p: Pattern, path: str) -> None:
     except ConvspecError as exc:
         raise PlanError(f"{path}: template {text!r}: {exc.message}", hint=exc.hint) from None
     if parsed.parts != p.parts:
-        raise PlanError(f"{path}.parts: {_short(_plain(p.parts))} do not spell one template (as {text!r})")
+        raise PlanError(f"{path}.parts: {short(_plain(p.parts))} do not spell one template (as {text!r})")
 
 
 def _capture_text(name: str, typ: str | None) -> str:
@@ -268,8 +268,8 @@ def _check_sources(node: Node, at: str, config: dict | None) -> None:
             raise PlanError(f"{where}[1]: {exc.message}", hint=exc.hint) from None
         if _plain(value) != _plain(given[name]):
             raise PlanError(
-                f"{where}[1]: {v.text} is {_short(value)} with the plan's config, but {name} is "
-                f"{_short(given[name])}"
+                f"{where}[1]: {v.text} is {short(value)} with the plan's config, but {name} is "
+                f"{short(given[name])}"
             )
 
 
@@ -301,4 +301,4 @@ def _check_inverse(plan: Plan) -> None:
         if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
             k = next(k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
             raise PlanError(f"{name}[{k}]: is not what inverting the other side's rules gives")
-        raise PlanError(f"{name}: {_short(_plain(a))}, but inverting the rules gives {_short(_plain(b))}")
+        raise PlanError(f"{name}: {short(_plain(a))}, but inverting the rules gives {short(_plain(b))}")

@@ -20,6 +20,7 @@ from ..errors import (
     SpecNotFoundError,
 )
 from ..ops import OPS, NotInvertible, Op, OpError
+from ..ops.base import REQUIRED
 from ..spec.model import Call, Convert, Drop, Expr, Include, Lit, Ref, Rename, Spec, Template
 from .evaluate import _Name, evaluate
 from .expr import ConfigExpr, from_spec, needs_config, show
@@ -583,13 +584,9 @@ class _Lowering:
             given[kw.name] = kw.value
         out: dict[str, Any] = {}
         exprs: list[tuple[str, Any]] = []
-        from ..ops.base import REQUIRED
-
         for p in op.params:
             if p.name not in given:
                 if p.default is REQUIRED:
-                    if p.name == "n":
-                        continue
                     raise self.err(f"{op.name} needs parameter {p.name}", call.span)
                 out[p.name] = p.default
                 continue

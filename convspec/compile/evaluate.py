@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import reprlib
 from typing import Any
 
 from ..errors import ConfigError, Span
 from ..frozen import thaw
+from ..ops.base import short
 from .expr import BinOp, Call, Expr, ListOf, Neg, Num, Ref, Str, needs_config
 
 __all__ = ["evaluate", "needs_config"]
@@ -26,17 +26,26 @@ def evaluate(expr: Expr, config: dict | None, where: Span | str = "") -> Any:
     try:
         return _eval(expr, config)
     except ConfigError as exc:  # every message names the parameter, as a missing field's does
-        raise ConfigError(f"{where}: {exc.message}" if where else exc.message, hint=exc.hint) from None
+        raise _at(where, exc.message, exc.hint, bare=not where) from None
     except Missing as m:
         if config is None:
-            raise ConfigError(
-                f"{where}: this parameter needs {m.path}, but no config was given",
-                hint="give the model config: --config FILE on the command line (or a config.json beside the checkpoint), config= in Python",
+            raise _at(
+                where,
+                f"this parameter needs {m.path}, but no config was given",
+                "give the model config: --config FILE on the command line (or a config.json beside the checkpoint), config= in Python",
             ) from None
-        raise ConfigError(
-            f"{where}: the config has no field {m.path}",
-            hint=f"add it to the config, or give a default: {m.path} ?? VALUE",
+        raise _at(
+            where,
+            f"the config has no field {m.path}",
+            f"add it to the config, or give a default: {m.path} ?? VALUE",
         ) from None
+
+
+def _at(where: Span | str, detail: str, hint: str | None, bare: bool = False) -> ConfigError:
+    """A ConfigError whose message leads with the op's location (unless `bare`), which it also
+    carries typed."""
+    message = detail if bare else f"{where}: {detail}"
+    return ConfigError(message, hint=hint, where=where or None, detail=detail)
 
 
 def _eval(e: Expr, config: dict | None) -> Any:
@@ -103,7 +112,7 @@ def _lookup(config: dict | None, path: tuple[str, ...]) -> Any:
 
 def _int(v: Any, op: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"'{op}' needs integers, got {_short(v)}")
+        raise ConfigError(f"'{op}' needs integers, got {short(v)}")
     return v
 
 
@@ -120,12 +129,3 @@ def _fits(v: Any, what: str = "") -> Any:
             f"integer overflow: {what} has {abs(v).bit_length()} bits, more than {MAX_INT_BITS}"
         )
     return v
-
-
-def _short(v: Any) -> str:
-    """A value for a message, cut short: a config value may be huge (reprlib bounds its size). A
-    plan's frozen list shows as the list it is."""
-    try:
-        return reprlib.repr(thaw(v))
-    except ValueError:  # an int of more than 4300 digits has no repr
-        return f"a {type(v).__name__} too large to show"

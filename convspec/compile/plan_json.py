@@ -19,8 +19,8 @@ from typing import Any
 
 from ..errors import PlanError, Span
 from ..ops import OpError
+from ..ops.base import short
 from .check import check_plan
-from .evaluate import _short
 from .expr import PARAM_FORM, SOURCE_FORM, ConfigExpr, config_expr_json, read_config_expr
 from .patterns import Pattern
 from .plan import Node, Plan, PlanRule
@@ -106,7 +106,7 @@ def version(d: Any) -> int:
         )
     v = d[MARKER]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise PlanError(f"{MARKER}: {_short(v)} is not a plan format version (1, 2, ...)")
+        raise PlanError(f"{MARKER}: {short(v)} is not a plan format version (1, 2, ...)")
     if v > FORMAT:
         raise PlanError(
             f"{MARKER}: plan format {v} is newer than this convspec reads (formats 1 to {FORMAT})",
@@ -289,7 +289,7 @@ def _read(d: dict) -> Plan:
 def _rule(d: Any, path: str) -> PlanRule:
     _fields(d, path, _RULE)
     if d["kind"] not in KINDS:
-        raise PlanError(f"{path}.kind: {_short(d['kind'])} is not a rule kind ({', '.join(KINDS)})")
+        raise PlanError(f"{path}.kind: {short(d['kind'])} is not a rule kind ({', '.join(KINDS)})")
     return PlanRule(
         index=d["index"],
         kind=d["kind"],
@@ -327,7 +327,7 @@ def _pattern(d: Any, path: str) -> Pattern:
         _expect(part, where, "list")
         if len(part) != 3 or part[0] not in ("lit", "cap"):
             raise PlanError(
-                f'{where}: expected ["lit", text, null] or ["cap", name, type], got {_short(part)}'
+                f'{where}: expected ["lit", text, null] or ["cap", name, type], got {short(part)}'
             )
         _expect(part[1], f"{where}[1]", "str")
         _expect(part[2], f"{where}[2]", "str", "null")

@@ -85,7 +85,7 @@ def to_weight_conversions(plan: Plan) -> list:
                 renames.append(tml.WeightRenaming(source_patterns=pair[0], target_patterns=pair[1]))
         elif rule.kind == "convert":
             for component in _components(rule):
-                converters.append(_Converter(rule, component, plan.config, tml).build())
+                converters.append(_Converter(rule, component, tml).build())
         else:
             raise ExportError(
                 f"{rule.label}: a {rule.kind} rule has no transformers equivalent "
@@ -454,8 +454,8 @@ class _Converter:
     followed by the same chain (n = 1, m > 1). Each op must do in transformers what it does here,
     forwards and (reversed by transformers) backwards."""
 
-    def __init__(self, rule: PlanRule, component, config: Any, tml):
-        self.rule, self.config, self.tml = rule, config, tml
+    def __init__(self, rule: PlanRule, component, tml):
+        self.rule, self.tml = rule, tml
         self.inputs, self.outputs, self.nodes = component
         self.patterns = dict(rule.inputs)
         self.targets = dict(rule.outputs)
