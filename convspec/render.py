@@ -66,25 +66,23 @@ def bound_text(bound: BoundPlan, s: Style = PLAIN) -> str:
     """The bound plan: every group with its keys, shapes, dtypes and bytes, then the coverage."""
     lines = [plan_text(bound.plan, s), "", s.bold("groups:")]
     by_rule: dict[int, list] = defaultdict(list)
+    layout: dict = bound.layout
+    shown: dict[TensorInfo, tuple[str, str, str]] = {}
+
+    def cells(i: TensorInfo) -> tuple[str, str, str]:  # each distinct (shape, dtype) made text once
+        got = shown.get(i)
+        if got is None:
+            got = shown[i] = (str(list(i.shape)), i.dtype, _fmt_bytes(i.nbytes))
+        return got
+
     for g in bound.groups:
         by_rule[g.rule.index].append(g)
     for ri, groups in sorted(by_rule.items()):
         lines.append(f"  rule {ri + 1} ({groups[0].rule.where}): {len(groups)} group(s)")
         for g in groups:
             lines.append(f"    group {g.name}")
-            rows = [
-                (
-                    "in",
-                    k,
-                    str(list(bound.layout[k].shape)),
-                    bound.layout[k].dtype,
-                    _fmt_bytes(bound.layout[k].nbytes),
-                )
-                for k in g.source_keys
-            ]
-            rows += [
-                ("out", k, str(list(i.shape)), i.dtype, _fmt_bytes(i.nbytes)) for k, i in g.outputs.items()
-            ]
+            rows = [("in", k, *cells(layout[k])) for k in g.source_keys]
+            rows += [("out", k, *cells(i)) for k, i in g.outputs.items()]
             lines += table(rows, "      ")
     renamed = [(s, d) for s, d in bound.passthrough.items() if s != d]
     if renamed:

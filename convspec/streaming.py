@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,8 +52,10 @@ def stream_bound(
     pinned = str(device).startswith("cuda")
     layout = bound.layout
 
+    on_cpu = str(device) == "cpu"  # the tensors read are there already: no `.to` per key
+
     def finish(key: str, t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device, non_blocking=True)
+        t = t if on_cpu else t.to(device, non_blocking=True)
         t = cast_tensor(t, dtype) if dtype else t  # NaNs keep their bits, as the cast op does
         if on_tensor is not None:
             on_tensor(key, t.numel() * t.element_size())
@@ -84,32 +88,63 @@ def stream_bound(
             on_tensor(key, sum(n for *_, n in spans))
         return key, FileCopy(spans)
 
+    for (kind, what, runs), tensors in _read_ahead(read, units):
+        if kind == "pass":
+            if tensors is None:
+                e = layout[what]
+                yield copy(runs, [(what, 0, 0, e.nbytes)])
+            else:
+                yield runs, finish(runs, tensors[what])
+        elif kind == "block":
+            for k in what.outputs:
+                yield copy(k, runs[k]) if tensors is None else (k, finish(k, tensors.pop(k)))
+        else:
+            import torch
+
+            from .run import run_group
+
+            with torch.no_grad(), _few_threads(torch):
+                if not on_cpu:
+                    tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+                outs = run_group(bound, what, tensors)
+            del tensors
+            for k in what.outputs:
+                yield k, finish(k, outs.pop(k))
+
+
+READ_AHEAD = (os.cpu_count() or 1) > 2  # with two cores or fewer, a reader thread beside torch's compute
+# threads slows both (60 `torch.cat` of a DeepSeek layout: 1.2 s with it, 0.03-0.11 s without)
+
+
+@contextmanager
+def _few_threads(torch) -> Iterator[None]:
+    """One torch thread for a group's ops where cores are few: waking a second one costs more than
+    the copies it shares (DeepSeek's 58 `torch.cat`: 1.2 s with two threads, 0.05 s with one, on a busy
+    2-core machine). The ops only move and cast values, so the bits do not depend on it."""
+    before = torch.get_num_threads()
+    if READ_AHEAD or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _read_ahead(read: Callable, units: list) -> Iterator[tuple[Any, Any]]:
+    """(unit, read(unit)) in order; with READ_AHEAD the next unit is read in a background thread while
+    the caller works on this one, so at most two units' tensors are alive at a time."""
+    if not READ_AHEAD:
+        for unit in units:
+            yield unit, read(unit)
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="convspec-read") as pool:
         pending = pool.submit(read, units[0]) if units else None
-        for i, (kind, what, runs) in enumerate(units):
-            tensors = pending.result()
+        for i, unit in enumerate(units):
+            cell = [pending.result()]  # emptied as it is yielded: the caller holds the only reference
             pending = pool.submit(read, units[i + 1]) if i + 1 < len(units) else None
-            if kind == "pass":
-                if tensors is None:
-                    e = layout[what]
-                    yield copy(runs, [(what, 0, 0, e.nbytes)])
-                else:
-                    yield runs, finish(runs, tensors[what])
-            elif kind == "block":
-                for k in what.outputs:
-                    yield copy(k, runs[k]) if tensors is None else (k, finish(k, tensors.pop(k)))
-            else:
-                import torch
-
-                from .run import run_group
-
-                with torch.no_grad():
-                    outs = run_group(
-                        bound, what, {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
-                    )
-                del tensors
-                for k in what.outputs:
-                    yield k, finish(k, outs.pop(k))
+            yield unit, cell.pop()
 
 
 def bind_checkpoint(plan: Plan, ckpt: Checkpoint, strict: bool = False) -> BoundPlan:
@@ -176,12 +211,14 @@ def convert_checkpoint(
     dry_run: bool = False,
     on_tensor: Callable[[str, int], None] | None = None,
     manifest: bool = False,
+    ckpt: Checkpoint | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
-    `manifest`, a per-tensor hash manifest of the source and the output is written inside it."""
+    `manifest`, a per-tensor hash manifest of the source and the output is written inside it.
+    `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again."""
     check_dtype(dtype)
     device = check_device(device, needs_data=WRITES)
-    ckpt = Checkpoint(src)
+    ckpt = Checkpoint(src) if ckpt is None else ckpt
     bound = bind_checkpoint(plan, ckpt, strict)
     entries = output_order(bound, dtype)
     total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
@@ -199,6 +236,44 @@ def convert_checkpoint(
         if manifest:
             hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
     return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup)
+
+
+def save_state_dict(
+    plan: Plan,
+    state_dict: Mapping[str, torch.Tensor],
+    dst: str | Path,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> list[str]:
+    """What `Plan.save` does (same files, return value, errors and atomicity), streamed: the state dict
+    is bound first, then each group is computed and written in turn, so the outputs alive beside the
+    state dict are one group's, where converting it whole first added most of a checkpoint's size."""
+    from .ops import TensorInfo
+
+    shared: dict[TensorInfo, TensorInfo] = {}  # equal tensors share one TensorInfo: bind compares by identity
+    bound = plan.bind(
+        {k: shared.setdefault(i, i) for k, t in state_dict.items() for i in (TensorInfo.of(t),)}
+    )
+    entries = output_order(bound)
+    with AtomicDir(dst, overwrite=overwrite) as tmp:
+        return write_sharded(tmp, entries, _computed(bound, state_dict), parse_size(max_shard_size))
+
+
+def _computed(bound: BoundPlan, state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The outputs of a bound state dict in `output_order`, one group computed at a time."""
+    for src, dst in bound.passthrough.items():
+        yield dst, state_dict[src]
+    if not bound.groups:
+        return
+    import torch
+
+    from .run import run_group
+
+    for g in bound.groups:
+        with torch.no_grad():
+            outs = run_group(bound, g, state_dict)
+        for k in g.outputs:
+            yield k, outs.pop(k)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import TextIO
 
 _CODES = {
@@ -61,21 +62,27 @@ class Style:
 PLAIN = Style(False)
 
 
-def visible_len(text: str) -> int:
-    """The printed width of text that may hold colour codes."""
-    import re
+_COLOUR = re.compile(r"\033\[[0-9;]*m")
 
-    return len(re.sub(r"\033\[[0-9;]*m", "", text))
+
+def visible_len(text: str) -> int:
+    """The printed width of text that may hold colour codes (a plain one is measured as it is)."""
+    return len(_COLOUR.sub("", text)) if "\033" in text else len(text)
 
 
 def table(rows: list[tuple[str, ...]], indent: str = "    ") -> list[str]:
-    """Rows aligned in columns (cells may be coloured); trailing spaces trimmed."""
+    """Rows aligned in columns (cells may be coloured); trailing spaces trimmed. Each cell is measured
+    once: a `compile --against` of DeepSeek's 45,000 keys has 446,000 cells."""
     if not rows:
         return []
     n = max(len(r) for r in rows)
-    widths = [max((visible_len(r[i]) for r in rows if i < len(r)), default=0) for i in range(n)]
+    if not any("\033" in c for r in rows for c in r):  # plain text: widths are lengths
+        widths = [max((len(r[i]) for r in rows if i < len(r)), default=0) for i in range(n)]
+        return [(indent + "  ".join(map(str.ljust, r, widths))).rstrip() for r in rows]
+    lens = [[visible_len(c) for c in r] for r in rows]
+    widths = [max((ln[i] for ln in lens if i < len(ln)), default=0) for i in range(n)]
     out = []
-    for r in rows:
-        cells = [c + " " * (w - visible_len(c)) for c, w in zip(r, widths, strict=False)]
+    for r, ln in zip(rows, lens, strict=True):
+        cells = [c + " " * (w - k) for c, w, k in zip(r, widths, ln, strict=False)]
         out.append((indent + "  ".join(cells)).rstrip())
     return out

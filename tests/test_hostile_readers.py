@@ -44,7 +44,7 @@ from test_fuzz import EXAMPLES, bounded
 from convspec import manifest
 from convspec.cli import main
 from convspec.io import sidefile
-from convspec.io.safetensors import DTYPES, MAX_HEADER, CheckpointError, read_header
+from convspec.io.safetensors import MAX_HEADER, SAFETENSORS_CODES, CheckpointError, read_header
 from convspec.io.sidefile import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1081,4 +1081,4 @@ def test_the_docs_state_each_limit_as_the_code_has_it():
         found = re.search(rf"`{constant}` =\s+([\d,]+)", section)
         assert found, constant
         assert int(found.group(1).replace(",", "")) == value, constant
-    assert set(DTYPES) <= set(re.findall(r"`([A-Z0-9_]+)`", section)), "the dtypes convspec reads"
+    assert set(SAFETENSORS_CODES) <= set(re.findall(r"`([A-Z0-9_]+)`", section)), "the dtypes convspec reads"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from ..dtypes import ITEMSIZE
 from .destination import check_destination, make_folders, output_path, remove_folders, write_error
 from .memory import tensor_memory
-from .safetensors import DTYPES, CheckpointError
+from .safetensors import SAFETENSORS_CODES, CheckpointError
 
 try:
     import fcntl
@@ -31,7 +31,7 @@ except ImportError:  # not POSIX: temporaries are told apart by pid alone
 if TYPE_CHECKING:
     import torch
 
-SAFETENSORS_DTYPE = {name: code for code, name in DTYPES.items()}  # float32 -> F32
+SAFETENSORS_CODE = {name: code for code, name in SAFETENSORS_CODES.items()}  # float32 -> F32
 TMP_MARK = ".convspec-tmp-"
 
 
@@ -108,7 +108,7 @@ def shard_header(entries, metadata: dict) -> bytes:
         for s in shape:
             n *= s
         header[key] = {
-            "dtype": SAFETENSORS_DTYPE[dtype],
+            "dtype": SAFETENSORS_CODE[dtype],
             "shape": list(shape),
             "data_offsets": [offset, offset + n],
         }
@@ -160,11 +160,6 @@ def clean_temporaries(dst: Path) -> Cleanup:
         removed.append(path)
     removed += clean_scratch(dst.parent)  # a killed run's pickle copy, made beside its destination
     return Cleanup(removed, restored, kept)
-
-
-def remove_stale_temporaries(dst: Path) -> list[Path]:
-    """Temporary directories killed runs left beside `dst` (their process is gone): removed, and returned."""
-    return clean_temporaries(dst).removed
 
 
 def _temporaries(dst: Path) -> Iterator[tuple[Path, bool, int | None, int | None]]:
@@ -656,16 +651,57 @@ def _write_item(fd: int, pos: int, expected: tuple, got: tuple, sources: dict[st
         got_size = sum(span[3] for span in item.spans)
         if got_key != key or got_size != size:
             raise RuntimeError(f"writer expected {key} ({size} bytes), got {got_key} ({got_size})")
-        for file, offset, dst, n in sorted(item.spans):
-            src = sources.get(file)
-            if src is None:
-                src = sources[file] = os.open(file, os.O_RDONLY)
-            copy_range(src, offset, fd, pos + dst, n)
+        spans = sorted(item.spans)
+        for file in dict.fromkeys(span[0] for span in spans):
+            if file not in sources:
+                sources[file] = os.open(file, os.O_RDONLY)
+        if len(spans) > 1 and size <= GATHER_MAX and size < MIN_COPY_RUN * len(spans):
+            pwrite_all(fd, gather(spans, sources, size), pos)
+            return
+        for file, offset, dst, n in spans:
+            copy_range(sources[file], offset, fd, pos + dst, n)
         return
     seen = (got_key, tuple(item.shape), str(item.dtype).removeprefix("torch."))
     if seen != (key, tuple(shape), dtype):
         raise RuntimeError(f"writer expected {key} {list(shape)} {dtype}, got {seen}")
     pwrite_all(fd, tensor_bytes(item), pos)
+
+
+MIN_COPY_RUN = (
+    64 << 10
+)  # spans smaller than this on average are gathered in memory: a syscall each costs more
+GATHER_MAX = 64 << 20  # the most a tensor gathered in memory may be (and each source region read for it)
+GATHER_WASTE = 16 << 10  # bytes read but not wanted, per read saved, for one read of a whole region to pay
+
+
+def gather(spans: list[tuple[str, int, int, int]], sources: dict[str, int], size: int) -> memoryview:
+    """A tensor's bytes from many small spans (file, offset, offset here, size): the region of each file
+    that holds them read at once where that reads little more than they are, else span by span."""
+    out = memoryview(bytearray(size))
+    for file, group in itertools.groupby(spans, key=lambda span: span[0]):
+        group = list(group)
+        lo, hi = group[0][1], max(offset + n for _, offset, _, n in group)
+        wanted = sum(n for *_, n in group)
+        if hi - lo <= min(wanted + len(group) * GATHER_WASTE, GATHER_MAX):
+            region = memoryview(_pread_exact(sources[file], lo, hi - lo))
+            for _, offset, dst, n in group:
+                out[dst : dst + n] = region[offset - lo : offset - lo + n]
+        else:
+            for _, offset, dst, n in group:
+                out[dst : dst + n] = _pread_exact(sources[file], offset, n)
+    return out
+
+
+def _pread_exact(fd: int, offset: int, n: int) -> bytearray:
+    """`n` bytes at `offset`; a file that ends before is reported as `copy_range` reports it."""
+    buf = bytearray(n)
+    view, done = memoryview(buf), 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise CheckpointError(f"a source file ended {n - done} bytes early while copying")
+        done += got
+    return buf
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
