@@ -1,11 +1,12 @@
-"""docs/architecture.md stays true: its layer table is tests/test_layers.py's LAYERS, every file it
-names exists, the Op members its table explains are Op's, no module outside convspec/ops compares a
+"""docs/architecture.md stays true: its layer table is tests/test_layers.py's LAYERS, every file and
+dotted name it gives exists, the Op members its table explains are Op's, no module outside convspec/ops compares a
 value with an op's name, and compiling and binding import no torch. Its `>>>` blocks run in
 tests/test_docs_python.py."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -56,6 +57,46 @@ def test_every_file_the_page_names_exists():
         if not any((d / n).is_file() for d in (ROOT, ROOT / "convspec", ROOT / "docs"))
     ]
     assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
+
+
+def _classes() -> dict[str, str]:
+    """Every top-level class of convspec/ by name: the module that defines it."""
+    out = {}
+    for path in sorted((ROOT / "convspec").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                out.setdefault(node.name, module)
+    return out
+
+
+def _resolves(name: str, classes: dict[str, str]) -> bool:
+    """Whether `Class.attr`, `module.attr` (under convspec) or `convspec.attr` names something real."""
+    parts = name.removeprefix("convspec.").split(".")
+    if parts[0] in classes:
+        obj, rest = importlib.import_module(classes[parts[0]]), parts
+    else:
+        for i in range(len(parts), -1, -1):
+            try:
+                obj, rest = importlib.import_module(".".join(["convspec", *parts[:i]])), parts[i:]
+                break
+            except ImportError:
+                continue
+    for p in rest:
+        if not hasattr(obj, p):
+            return False
+        obj = getattr(obj, p)
+    return True
+
+
+def test_every_dotted_name_the_page_gives_is_real():
+    files = (".py", ".md", ".json", ".lark", ".cspec", ".yaml")
+    names = {n for n in re.findall(r"`((?:[A-Za-z_]\w*\.)+[A-Za-z_]\w*)`", TEXT) if not n.endswith(files)}
+    assert len(names) > 20
+    classes = _classes()
+    unknown = [n for n in sorted(names) if not _resolves(n, classes)]
+    assert not unknown, f"docs/architecture.md names what convspec does not have: {unknown}"
 
 
 def test_the_op_members_the_page_explains_are_ops():
