@@ -1,7 +1,7 @@
 """docs/architecture.md stays true: its layer table is tests/test_layers.py's LAYERS, every file and
-dotted name it gives exists, the Op members its table explains are Op's, no module outside convspec/ops compares a
-value with an op's name, and compiling and binding import no torch. Its `>>>` blocks run in
-tests/test_docs_python.py."""
+dotted name it gives exists, the Op members its table explains are Op's, no module outside
+convspec/ops compares a value with an op's name, and compiling and binding import no torch. Its
+`>>>` blocks run in tests/test_docs_python.py."""
 
 from __future__ import annotations
 
