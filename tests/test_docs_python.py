@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ["README.md", "docs/usage.md", "docs/language.md", "docs/ops.md", "docs/schema.md"]
+PAGES = [
+    "README.md",
+    "docs/usage.md",
+    "docs/language.md",
+    "docs/ops.md",
+    "docs/schema.md",
+    "docs/architecture.md",
+]
 RUN_ELSEWHERE = {"docs/integrations.md"}
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 
