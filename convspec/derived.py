@@ -15,7 +15,7 @@ T = TypeVar("T")
 MAX_TABLES = 4096  # derived tables held per plan; the oldest go first
 
 _tables: dict[int, OrderedDict[Hashable, Any]] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # a finalizer (_forget) may run inside, when a collection frees a plan
 
 
 def derived(plan: object, key: Hashable, make: Callable[[], T]) -> T:
@@ -30,6 +30,7 @@ def derived(plan: object, key: Hashable, make: Callable[[], T]) -> T:
         else:
             return value
     value = make()
+    evicted = None
     with _lock:
         tables = _tables.get(id(plan))
         if tables is None:
@@ -37,7 +38,8 @@ def derived(plan: object, key: Hashable, make: Callable[[], T]) -> T:
             weakref.finalize(plan, _forget, id(plan), tables)
         tables[key] = value
         if len(tables) > MAX_TABLES:
-            tables.popitem(last=False)
+            evicted = tables.popitem(last=False)
+    del evicted  # outside the lock: freeing a table (an inverse plan) may run finalizers
     return value
 
 

@@ -182,3 +182,36 @@ def test_a_frozen_list_shows_in_a_message_as_the_list_it_is():
     with pytest.raises(convspec.PlanError) as err:
         convspec.Plan.from_json(json.dumps(d))
     assert err.value.message.endswith("must be a list of integers, got [1, 2, 3, 4, 5, 6, ...]")
+
+
+def test_derived_tables_are_bounded_and_go_with_their_plan(monkeypatch):
+    """Block runs of many distinct shapes (the table that grew without bound) stay within MAX_TABLES,
+    the oldest going first, and a plan's tables are let go when the plan is."""
+    import gc
+
+    from test_fuzz import within
+
+    from convspec import derived
+    from convspec.blocks import block_runs
+
+    monkeypatch.setattr(derived, "MAX_TABLES", 8)
+    plan = convspec.compile("mixtral", config={"num_local_experts": 2})
+    with within(60, 1 << 30, "evicting derived tables"):  # evicting an inverse plan once deadlocked
+        _bind_many_shapes(plan, block_runs, derived)
+    key = id(plan)
+    del plan
+    gc.collect()
+    assert key not in derived._tables
+
+
+def _bind_many_shapes(plan, block_runs, derived) -> None:
+    for rows in range(1, 21):  # 20 layers of distinct shapes: 20 distinct block-run signatures
+        layout = {
+            f"model.layers.{rows}.block_sparse_moe.experts.{e}.{w}.weight": ((rows, 4), "float32")
+            for e in range(2)
+            for w in ("w1", "w2", "w3")
+        }
+        bound = plan.bind(layout)
+        for group in bound.groups:
+            block_runs(bound, group, 0)
+        assert derived.held(plan) <= 8
