@@ -48,11 +48,21 @@ def _builtin_index() -> dict[str, str]:
     for entry in sorted(_builtin_dir().iterdir(), key=lambda e: e.name):
         if not entry.name.endswith((".yaml", ".yml")):
             continue
-        head = yaml.load(entry.read_text(encoding="utf-8"), Loader=loader) or {}
+        head = _header(entry.read_text(encoding="utf-8"), loader)
         names.setdefault(str(head.get("spec")), entry.name)
         for mt in head.get("model_types") or ():
             aliases.setdefault(str(mt), entry.name)
     return {**aliases, **names}
+
+
+def _header(text: str, loader) -> dict:
+    """A spec file's top-level fields before its rules (the rules are most of the text, and parsing
+    them is most of the cost); the whole file when `spec` is not among them."""
+    before, found, _ = text.partition("\nrules:")
+    head = yaml.load(before, Loader=loader) if found else None
+    if not isinstance(head, dict) or "spec" not in head:
+        head = yaml.load(text, Loader=loader)
+    return head if isinstance(head, dict) else {}
 
 
 def spec_names() -> builtins.list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from .compile.plan import Plan, PlanRule
 from .errors import BindError, Problem
-from .interpret import GroupError, Index, Infer, Value, index_order
+from .interpret import GroupError, Index, Infer, Value, in_order, index_order
 from .ops import OPS, OpError, TensorInfo
 from .ops.stacking import MembersLimit
 from .routing import base_lead, follow_renames, route_all, unlead
@@ -51,9 +51,15 @@ class Group:
     @cached_property
     def source_keys(self) -> list[str]:
         """The members' keys, each input's in index order (made once: reports and runs ask per group)."""
-        return [
-            k for m in self.members.values() for _, k in sorted(m.items(), key=lambda kv: index_order(kv[0]))
-        ]
+        return [k for m in self.members.values() for k in _by_index(m)]
+
+
+def _by_index(member: dict[Index, str]) -> list[str]:
+    """One input's keys in index order: at once for the usual 0..n-1, else sorted by index_order."""
+    ordered = in_order(member)
+    if ordered is None:
+        ordered = [k for _, k in sorted(member.items(), key=lambda kv: index_order(kv[0]))]
+    return ordered
 
 
 @dataclass

@@ -71,7 +71,7 @@ class Interpreter:
         """An op that makes one leaf of the members over `over` (stack): per value of the other
         captures, in `parts` runs of consecutive members (as torch.chunk cuts them)."""
         over = p["over"]
-        ordered = _in_order(arg) if len(arg_free) == 1 else None
+        ordered = in_order(arg) if len(arg_free) == 1 else None
         if ordered is not None:  # the common case, in bulk: one collection over 0..n-1
             lists = {(): ordered}
         else:
@@ -200,7 +200,7 @@ def _short_number(v: str) -> str:
     return v if len(v) <= 24 else f"{v[:10]}...{v[-4:]} ({len(v)} digits)"
 
 
-def _in_order(value: Value) -> list | None:
+def in_order(value: Value) -> list | None:
     """A collection over one integer capture as a list ordered by it, or None unless it is 0..n-1."""
     try:
         return list(map(value.__getitem__, _indices(len(value))))

@@ -151,3 +151,21 @@ def test_a_spec_file_larger_than_any_spec_of_that_many_characters_is_not_read_wh
     assert _err(capsys)[0] == (
         f"error: {path}: {MAX_SPEC_BYTES + 1} bytes, over the limit of {MAX_SPEC_BYTES} bytes for a spec file"
     )
+
+
+def test_the_index_reads_each_header_as_the_whole_file_gives_it():
+    """_builtin_index parses only what comes before `rules:`; for every built-in spec that gives the
+    name and model types the whole file gives, and a file whose name comes after its rules is read whole."""
+    import yaml
+
+    from convspec.api import _builtin_dir, _header
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    for entry in sorted(_builtin_dir().iterdir(), key=lambda e: e.name):
+        if entry.name.endswith((".yaml", ".yml")):
+            text = entry.read_text(encoding="utf-8")
+            whole = yaml.load(text, Loader=loader)
+            head = _header(text, loader)
+            assert (head["spec"], head.get("model_types")) == (whole["spec"], whole.get("model_types"))
+    late = "rules:\n  - drop: x\nspec: late\nmodel_types: [a]\n"
+    assert _header(late, loader)["model_types"] == ["a"]
