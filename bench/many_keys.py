@@ -13,9 +13,9 @@ order; the medians are compared and the spread (max/min - 1) is printed as the n
 - `Plan.save` of the loaded state dict: what it adds to the peak RSS, against the streaming
   `convspec.streaming.save_state_dict` where the code has it.
 
-`--code NAME=PATH` (repeatable) runs the convspec measurements with `PYTHONPATH=PATH`, so the code
-before and after a change are measured side by side in one run. Exits 1 when the last code misses
-a target.
+Each code tree is byte-compiled first, as pip installs it. `--code NAME=PATH` (repeatable) runs the
+convspec measurements with `PYTHONPATH=PATH`, so the code before and after a change are measured
+side by side in one run. Exits 1 when the last code misses a target.
 
 `--mixtral GIB` measures the same on bench/load_convert.py's Mixtral checkpoint (large tensors) instead.
 
@@ -249,6 +249,8 @@ def main() -> int:
     here = str(Path(__file__).resolve().parent.parent)
     codes = dict(c.split("=", 1) for c in args.code) or {"this": here}
     codes = {k: str(Path(v).resolve()) for k, v in codes.items()}
+    for code in codes.values():  # as pip installs it: byte-compiled, whatever PYTHONDONTWRITEBYTECODE says
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(code) / "convspec")], check=True)
     skip = set(filter(None, args.skip.split(",")))
 
     tmp = Path(tempfile.mkdtemp(prefix="convspec-bench-", dir=args.keep.parent if args.keep else None))
