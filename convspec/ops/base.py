@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from ..dtypes import DTYPES, ITEMSIZE
 from ..errors import ConvspecError
 from ..frozen import thaw
+from .slicing import Region, SliceMap, whole_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -173,6 +174,12 @@ class Op:
     def nearest_inverse(self, p: dict, n_inputs: int) -> tuple[str, dict]:
         """The op that brings the output back as near as it can: the inverse a lossy plan uses."""
         return self.inverse(p, n_inputs)
+
+    def slice_map(self, p: dict, ins: list[TensorInfo], k: int, region: Region) -> SliceMap:
+        """Which regions of the inputs (of these shapes) make `region` of output `k` (`ops.slicing`).
+        By default every input is read whole and the output narrowed: an op that can do better says
+        how, and its map is exact where the region is aligned to what the op moves."""
+        return whole_inputs(self, p, ins, k, region)
 
     def whole_dims(self, p: dict, rank: int) -> int | None:
         """How many trailing dims of its input (of `rank` dims) a block move leaves whole: the bytes

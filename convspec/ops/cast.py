@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, ITEMSIZE
 from .base import NotInvertible, Op, OpError, Param, check_extent
+from .slicing import SliceMap
 
 if TYPE_CHECKING:
     import torch
@@ -135,6 +136,9 @@ class Cast(Op):
         for k in ("dtype", "from"):
             if p.get(k) is not None and p[k] not in DTYPES:
                 raise OpError(f"unknown dtype {p[k]!r}; known: {', '.join(DTYPES)}")
+
+    def slice_map(self, p, ins, k, region):
+        return SliceMap(((region,),), self, p)
 
 
 def _ints(dtype: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from . import blockmoves
 from .base import NotInvertible, Op, OpError, Param, TensorInfo, check_extent, same_dtype
+from .slicing import SliceMap, replaced
 
 
 def _check_sizes(p):
@@ -70,6 +71,21 @@ class Cat(Op):
     def move_blocks(self, p, ins, rank):
         return [blockmoves.cat(ins, self.block_dim(p, rank))]
 
+    def slice_map(self, p, ins, k, region):
+        dim = self.norm_dim(p["dim"], len(region))
+        a, b = region[dim]
+        reads, offset = [], 0
+        for x in ins:
+            size = x.shape[dim]
+            lo, hi = max(a, offset), min(b, offset + size)
+            reads.append((replaced(region, dim, (lo - offset, hi - offset)),) if lo < hi else ())
+            offset += size
+        if sum(map(bool, reads)) < 2:  # one part (or none: an empty region, read as an empty one)
+            if not any(reads):
+                reads[0] = (replaced(region, dim, (0, 0)),)
+            return SliceMap(tuple(reads))
+        return SliceMap(tuple(reads), self, {"dim": dim})
+
 
 class Split(Op):
     name = "split"
@@ -117,6 +133,12 @@ class Split(Op):
     def move_blocks(self, p, ins, rank):
         return blockmoves.split(ins[0], self.block_dim(p, rank), p["sizes"])
 
+    def slice_map(self, p, ins, k, region):
+        dim = self.norm_dim(p["dim"], len(region))
+        offset = sum(p["sizes"][:k])
+        a, b = region[dim]
+        return SliceMap(((replaced(region, dim, (a + offset, b + offset)),),))
+
 
 class Chunk(Op):
     name = "chunk"
@@ -160,3 +182,9 @@ class Chunk(Op):
         (x,) = ins
         dim = self.block_dim(p, rank)
         return blockmoves.split(x, dim, [x.shape[dim] // p["n"]] * p["n"])
+
+    def slice_map(self, p, ins, k, region):
+        dim = self.norm_dim(p["dim"], len(region))
+        offset = k * (ins[0].shape[dim] // p["n"])
+        a, b = region[dim]
+        return SliceMap(((replaced(region, dim, (a + offset, b + offset)),),))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .base import NotInvertible, Op, OpError, Param, TensorInfo, check_extent
+from .slicing import SliceMap, whole_inputs
 
 
 class Transpose(Op):
@@ -25,6 +26,13 @@ class Transpose(Op):
 
     def inverse(self, p, n_inputs):
         return "transpose", {"dim0": p["dim0"], "dim1": p["dim1"]}
+
+    def slice_map(self, p, ins, k, region):
+        a = self.norm_dim(p["dim0"], len(region))
+        b = self.norm_dim(p["dim1"], len(region))
+        src = list(region)
+        src[a], src[b] = src[b], src[a]
+        return SliceMap(((tuple(src),),), self, p)
 
 
 class Permute(Op):
@@ -50,6 +58,12 @@ class Permute(Op):
     def inverse(self, p, n_inputs):
         dims = list(p["dims"])
         return "permute", {"dims": sorted(range(len(dims)), key=dims.__getitem__)}
+
+    def slice_map(self, p, ins, k, region):
+        src = [region[0]] * len(region)
+        for i, d in enumerate(p["dims"]):  # output dim i is input dim d
+            src[d] = region[i]
+        return SliceMap(((tuple(src),),), self, p)
 
 
 def _resolve(shape: list[int], numel: int) -> tuple[int, ...]:
@@ -95,3 +109,16 @@ class Reshape(Op):
                 "add from_shape=[...]"
             )
         return "reshape", {"shape": p["from_shape"], "from_shape": p["shape"]}
+
+    def slice_map(self, p, ins, k, region):
+        """Rows of the output that are whole rows of the input are read as such; else the input whole."""
+        (x,) = ins
+        out = _resolve(list(p["shape"]), math.prod(x.shape))
+        if not out or not x.shape or any(r != (0, s) for r, s in zip(region[1:], out[1:], strict=True)):
+            return whole_inputs(self, p, ins, k, region)
+        start, stop = (i * math.prod(out[1:]) for i in region[0])
+        row = math.prod(x.shape[1:])
+        if not row or start % row or stop % row:
+            return whole_inputs(self, p, ins, k, region)
+        src = ((start // row, stop // row),) + tuple((0, s) for s in x.shape[1:])
+        return SliceMap(((src,),), self, {"shape": [region[0][1] - region[0][0], *out[1:]]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Op, OpError, Param, TensorInfo
+from .slicing import Region, SliceMap, replaced, whole_inputs
 
 
 def _rope_check(p, x: TensorInfo, name: str) -> None:
@@ -21,6 +22,31 @@ def _permute(t, heads: int, to_halves: bool):
     return t.reshape(heads, *inner, *tail).transpose(1, 2).reshape(rows, *tail).contiguous()
 
 
+def _rope_slice(op: Op, p: dict, ins: list[TensorInfo], region: Region) -> SliceMap:
+    """Rows of whole heads are the same heads' rows, permuted within each: read them and permute
+    with that many heads. Rows cutting through a head: the heads they touch, then narrowed."""
+    (a, b) = region[0]
+    if a == b:
+        return _nothing(region, 0)
+    rows = ins[0].shape[0] // p["heads"]
+    first, last = a // rows, -(-b // rows)
+    narrow = (
+        None if (a % rows, b % rows) == (0, 0) else _relative(region, 0, (a - first * rows, b - first * rows))
+    )
+    read = replaced(region, 0, (first * rows, last * rows))
+    return SliceMap(((read,),), op, {"heads": last - first}, 0, narrow)
+
+
+def _nothing(region: Region, dim: int) -> SliceMap:
+    """An empty region along `dim`: an empty read of the input in the rest of the region."""
+    return SliceMap(((replaced(region, dim, (0, 0)),),))
+
+
+def _relative(region: Region, dim: int, span: tuple[int, int]) -> Region:
+    """What to keep of a result read for `region`: `span` along `dim`, all of every other dim."""
+    return replaced(tuple((0, b - a) for a, b in region), dim, span)
+
+
 class PermuteRope(Op):
     name = "permute_rope"
     doc = "Per head, reorder rows from interleaved pairs (x0 y0 x1 y1 ...) to halves (x0 x1 ... y0 y1 ...)."
@@ -35,6 +61,9 @@ class PermuteRope(Op):
 
     def inverse(self, p, n_inputs):
         return "unpermute_rope", {"heads": p["heads"]}
+
+    def slice_map(self, p, ins, k, region):
+        return _rope_slice(self, p, ins, region)
 
 
 class UnpermuteRope(Op):
@@ -51,6 +80,9 @@ class UnpermuteRope(Op):
 
     def inverse(self, p, n_inputs):
         return "permute_rope", {"heads": p["heads"]}
+
+    def slice_map(self, p, ins, k, region):
+        return _rope_slice(self, p, ins, region)
 
 
 def _interleave_check(p, x: TensorInfo, name: str) -> int:
@@ -83,6 +115,21 @@ class Interleave(Op):
     def inverse(self, p, n_inputs):
         return "deinterleave", {"dim": p["dim"], "parts": p["parts"]}
 
+    def slice_map(self, p, ins, k, region):
+        """Output rows a period of `parts` at a time are, in each part, consecutive input rows: read
+        those `parts` row ranges and interleave them (an unaligned region: the periods it touches)."""
+        dim = self.norm_dim(p["dim"], len(region))
+        parts, (a, b) = p["parts"], region[dim]
+        if a == b:
+            return _nothing(region, dim)
+        size = ins[0].shape[dim] // parts
+        lo, hi = a - a % parts, -(-b // parts) * parts
+        reads = tuple(
+            replaced(region, dim, (q * size + lo // parts, q * size + hi // parts)) for q in range(parts)
+        )
+        narrow = None if (lo, hi) == (a, b) else _relative(region, dim, (a - lo, b - lo))
+        return SliceMap((reads,), self, {"dim": dim, "parts": parts}, 0, narrow, join=dim)
+
 
 class Deinterleave(Op):
     name = "deinterleave"
@@ -100,3 +147,21 @@ class Deinterleave(Op):
 
     def inverse(self, p, n_inputs):
         return "interleave", {"dim": p["dim"], "parts": p["parts"]}
+
+    def slice_map(self, p, ins, k, region):
+        """Rows of one output block are every `parts`-th input row: read the input rows of all the
+        periods they fall in, deinterleave, and keep that block's rows. Rows of several blocks: the
+        whole input."""
+        dim = self.norm_dim(p["dim"], len(region))
+        parts, (a, b) = p["parts"], region[dim]
+        if a == b:
+            return _nothing(region, dim)
+        size = ins[0].shape[dim] // parts
+        block = a // size
+        if (b - 1) // size != block:
+            return whole_inputs(self, p, ins, k, region)
+        r0, r1 = a - block * size, b - block * size
+        read = replaced(region, dim, (r0 * parts, r1 * parts))
+        rows = r1 - r0
+        narrow = None if parts == 1 else _relative(region, dim, (block * rows, (block + 1) * rows))
+        return SliceMap(((read,),), self, {"dim": dim, "parts": parts}, 0, narrow)

@@ -6,6 +6,7 @@ from operator import itemgetter
 
 from . import blockmoves
 from .base import Op, OpError, Param, TensorInfo, check_extent, same_dtype
+from .slicing import SliceMap, whole_inputs
 
 # the most members one collection may have (a stack's inputs, an unstack's outputs): models have
 # hundreds of experts or layers; a header's shape must not make millions of keys out of a few bytes
@@ -62,6 +63,16 @@ class Stack(Op):
     def move_blocks(self, p, ins, rank):
         return [blockmoves.stack(ins, self.block_dim(p, rank))]
 
+    def slice_map(self, p, ins, k, region):
+        """The members the region takes along the new dim, each read in the rest of the region."""
+        dim = self.norm_dim(p["dim"], len(region))
+        a, b = region[dim]
+        if a == b:
+            return whole_inputs(self, p, ins, k, region)
+        rest = region[:dim] + region[dim + 1 :]
+        reads = tuple((rest,) if a <= i < b else () for i in range(len(ins)))
+        return SliceMap(reads, self, {"over": p["over"], "dim": dim})
+
 
 class Unstack(Op):
     name = "unstack"
@@ -102,3 +113,8 @@ class Unstack(Op):
 
     def move_blocks(self, p, ins, rank):
         return blockmoves.unbind(ins[0], self.block_dim(p, rank))
+
+    def slice_map(self, p, ins, k, region):
+        """Member k's region is the input's, at k along the unstacked dim."""
+        dim = self.norm_dim(p["dim"], len(region) + 1)
+        return SliceMap(((region[:dim] + ((k, k + 1),) + region[dim:],),), self, p)
