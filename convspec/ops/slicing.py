@@ -70,12 +70,22 @@ def take(t: torch.Tensor, region: Region) -> torch.Tensor:
 def evaluate(m: SliceMap, inputs: list[torch.Tensor]) -> torch.Tensor:
     """A slice map run on whole input tensors (a reader runs it on what it read instead): the region
     of the op's output it was made for."""
+    read = [
+        join([take(x, r) for r in regions], m.join) if regions else None
+        for x, regions in zip(inputs, m.reads, strict=True)
+    ]
+    return finish(m, read)
+
+
+def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The regions read of one input, as one tensor (joined along the map's `join` dim)."""
     import torch
 
-    read = []
-    for x, regions in zip(inputs, m.reads, strict=True):
-        if regions:
-            parts = [take(x, r) for r in regions]
-            read.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=m.join))
-    out = read[0] if m.op is None else m.op.apply(m.params or {}, read)[m.output]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def finish(m: SliceMap, read: list[torch.Tensor | None]) -> torch.Tensor:
+    """The region, from what was read of each input (None where the map reads nothing of it)."""
+    present = [x for x in read if x is not None]
+    out = present[0] if m.op is None else m.op.apply(m.params or {}, present)[m.output]
     return (out if m.narrow is None else take(out, m.narrow)).contiguous()

@@ -1,0 +1,193 @@
+"""A region of a converted tensor, read from the original checkpoint: only the source bytes it is
+made of (issue 16). From the target, each op's slice map (`Op.slice_map`) says which regions of its
+inputs it needs, down to the source keys, whose regions are read as byte runs into their place.
+
+The walk goes from a target back to its sources, on demand, where the interpreter (`interpret.py`)
+goes forward over whole collections: the shapes it needs are the interpreter's (`infer_group`)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .dtypes import DTYPES, ITEMSIZE
+from .errors import ConvspecError
+from .interpret import infer_group, node_params
+from .ops import OPS, TensorInfo
+from .ops.slicing import Region, finish, join, whole
+
+if TYPE_CHECKING:
+    import torch
+
+    from .bind import BoundPlan, Group
+    from .compile.plan import Node, PlanRule
+    from .io.checkpoint import Checkpoint
+
+
+@dataclass
+class ReadStats:
+    """What a reader read: bytes, byte runs (one read each at most), and the regions of converted
+    tensors that had to be read whole or wider than asked (an op with no exact map for them)."""
+
+    bytes: int = 0
+    runs: int = 0
+    wider: int = 0
+
+
+class RegionReader:
+    """Regions of the converted tensors of one bound checkpoint, each read from the source bytes it
+    is made of. `stats` counts what was read."""
+
+    def __init__(self, bound: BoundPlan, ckpt: Checkpoint):
+        self.bound, self.ckpt = bound, ckpt
+        self.stats = ReadStats()
+        self._made_by = {t: (g, v, idx) for g in bound.groups for t, (v, idx) in g.out_values.items()}
+        self._source_of = {dst: src for src, dst in bound.passthrough.items()}
+        self._source_of.update({k: k for k in bound.unmatched})
+        self._values: dict[int, dict] = {}
+        self._producers: dict[int, dict[str, tuple[Node, int]]] = {}
+
+    def read(self, target: str, region: Region | None = None) -> torch.Tensor:
+        """`region` (per dim, [start, stop); None: all of it) of the converted tensor `target`."""
+        if target not in self.bound.outputs:
+            raise ConvspecError(f"{target} is not a key of the converted checkpoint")
+        shape, _ = self.bound.outputs[target]
+        region = whole(shape) if region is None else tuple(tuple(r) for r in region)
+        if len(region) != len(shape) or any(
+            len(r) != 2 or not 0 <= r[0] <= r[1] <= s for r, s in zip(region, shape, strict=False)
+        ):
+            raise ConvspecError(
+                f"region {[list(r) for r in region]} is not inside {target}'s shape {list(shape)}",
+                hint="give one [start, stop) per dim, 0 <= start <= stop <= size",
+            )
+        if any(a == b for a, b in region):  # nothing to read
+            import torch
+
+            return torch.empty(tuple(b - a for a, b in region), dtype=DTYPES[self.bound.outputs[target][1]])
+        if target in self._source_of:
+            return self.source(self._source_of[target], region)
+        group, value, idx = self._made_by[target]
+        return self._value(group, value, idx, region)
+
+    # ---- following the maps --------------------------------------------------------------------
+
+    def _value(self, g: Group, value: str, idx: tuple, region: Region) -> torch.Tensor:
+        made = self._made(g.rule).get(value)
+        if made is None:  # a rule input: its leaves are source keys
+            return self.source(g.members[value][idx], region)
+        node, k = made
+        op = OPS[node.op]
+        p = node_params(self.bound.plan, g.rule, node)
+        if op.reduces:
+            members = self._members(g, node, p, idx, k)
+            infos = [self._info(g, node.inputs[0], j) for j in members]
+            m = op.slice_map(p, infos, 0, region)
+            inputs = [(node.inputs[0], j) for j in members]
+        elif op.expands:
+            name, in_idx, k = self._expanded(g, node, op, p, idx)
+            m = op.slice_map(p, [self._info(g, name, in_idx)], k, region)
+            inputs = [(name, in_idx)]
+        else:
+            infos = [self._info(g, a, idx) for a in node.inputs]
+            m = op.slice_map(p, infos, k, region)
+            inputs = [(a, idx) for a in node.inputs]
+        if not m.exact:
+            self.stats.wider += 1
+        read = [
+            join([self._value(g, name, i, r) for r in regions], m.join) if regions else None
+            for (name, i), regions in zip(inputs, m.reads, strict=True)
+        ]
+        return finish(m, read)
+
+    def _made(self, rule: PlanRule) -> dict[str, tuple[Node, int]]:
+        """Each value the rule's DAG makes: the node that makes it, and which of its outputs it is."""
+        made = self._producers.get(rule.index)
+        if made is None:
+            made = self._producers[rule.index] = {
+                out: (node, k) for node in rule.nodes for k, out in enumerate(node.outputs)
+            }
+        return made
+
+    def _env(self, g: Group) -> dict:
+        """Every value of the group's DAG, leaf by leaf (source keys, or inferred TensorInfos)."""
+        env = self._values.get(id(g))
+        if env is None:
+            env = self._values[id(g)] = infer_group(self.bound.plan, g.rule, g.members, self.bound.layout)
+        return env
+
+    def _info(self, g: Group, value: str, idx: tuple) -> TensorInfo:
+        leaf = self._env(g)[value][idx]
+        return self.bound.layout[leaf] if isinstance(leaf, str) else leaf
+
+    def _members(self, g: Group, node: Node, p: dict, idx: tuple, k: int) -> list[tuple]:
+        """The indices of the members a reducing node stacks into output `k` at `idx`, in order."""
+        free = g.rule.free_of[node.inputs[0]]
+        pos = free.index(p["over"])
+        ordered = sorted(
+            (i for i in self._env(g)[node.inputs[0]] if i[:pos] + i[pos + 1 :] == idx),
+            key=lambda i: int(i[pos]),
+        )
+        size = -(-len(ordered) // p.get("parts", 1))  # as the interpreter cuts them (torch.chunk)
+        return ordered[k * size : (k + 1) * size]
+
+    def _expanded(self, g: Group, node: Node, op, p: dict, idx: tuple) -> tuple[str, tuple, int]:
+        """Which input, at which index, and which of its outputs makes member `idx` of an expanding
+        node (the members of several inputs are numbered on from one to the next)."""
+        pos = g.rule.free_of[node.outputs[0]].index(p["over"])
+        i, in_idx = int(idx[pos]), idx[:pos] + idx[pos + 1 :]
+        for name in node.inputs:
+            n = len(op.infer(p, [self._info(g, name, in_idx)]))
+            if i < n:
+                return name, in_idx, i
+            i -= n
+        raise KeyError(idx)  # pragma: no cover - bind made every member
+
+    # ---- the bytes -----------------------------------------------------------------------------
+
+    def source(self, key: str, region: Region) -> torch.Tensor:
+        """A region of a source tensor, read as byte runs straight into its place."""
+        import torch
+
+        info = self.bound.layout[key]
+        shape, item = info.shape, ITEMSIZE[info.dtype]
+        out = tuple(b - a for a, b in region)
+        if 0 in out:
+            return torch.empty(out, dtype=DTYPES[info.dtype])
+        runs = list(_runs(shape, region, item))
+        self.stats.bytes += sum(n for _, _, n in runs)
+        self.stats.runs += len(runs)
+        return self.ckpt.assemble(out, info.dtype, [(key, s, d, n) for s, d, n in runs])
+
+
+def _runs(shape: tuple[int, ...], region: Region, item: int):
+    """The region of a row-major tensor as byte runs (source offset, offset in the region, size):
+    the dims after the last one the region cuts are whole, so each run is that contiguous stretch."""
+    d = len(shape) - 1
+    while d >= 0 and region[d] == (0, shape[d]):
+        d -= 1
+    if d < 0:
+        yield 0, 0, math.prod(shape) * item
+        return
+    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+    a, b = region[d]
+    size = (b - a) * strides[d] * item
+    dst = 0
+    for lead in itertools.product(*(range(lo, hi) for lo, hi in region[:d])):
+        src = (sum(i * s for i, s in zip(lead, strides, strict=False)) + a * strides[d]) * item
+        yield src, dst, size
+        dst += size
+
+
+def read_regions(
+    plan, src, regions: dict[str, Region | None], strict: bool = False
+) -> tuple[dict[str, torch.Tensor], ReadStats]:
+    """`regions` of a checkpoint's converted tensors ({target: region, None for all of it}), each
+    read from the source bytes it is made of, and what was read."""
+    from .io.checkpoint import Checkpoint
+    from .streaming import bind_checkpoint
+
+    ckpt = Checkpoint(src)
+    reader = RegionReader(bind_checkpoint(plan, ckpt, strict), ckpt)
+    return {t: reader.read(t, r) for t, r in regions.items()}, reader.stats
