@@ -27,7 +27,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # the runtime the plan's conveniences are routed through
     (
         "runtime",
-        ("interpret", "routing", "bind", "blocks", "run", "streaming", "load_into", "regions", "runtime"),
+        (
+            "interpret",
+            "routing",
+            "bind",
+            "blocks",
+            "run",
+            "streaming",
+            "load_into",
+            "regions",
+            "sharded",
+            "runtime",
+        ),
     ),
     # the public Python API
     ("api", ("convspec", "api")),

@@ -1,0 +1,157 @@
+"""Sharded loading on torch.distributed (issue 16): several processes on this machine (gloo, CPU),
+each with a timeout and its process group torn down. Every rank's local shard of every converted
+tensor equals the full load narrowed to it, and each rank reads exactly the bytes of its shards
+(plus the replicated tensors): never a whole sharded tensor. A placement that does not divide is one
+clear error on every rank, before any data is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from make_tiny_mixtral import make  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WORKER = r"""
+import json, sys
+from datetime import timedelta
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard
+
+import convspec
+from convspec.errors import ConvspecError
+from convspec.sharded import load_sharded, local_region, placements_of
+
+src, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+from convspec.io.checkpoint import Checkpoint
+
+READ = [0]  # bytes asked of the checkpoint's files, by anything
+_read_many = Checkpoint.read_many
+
+
+def counted(self, reads):
+    READ[0] += sum(len(v) for _, _, v in reads)
+    return _read_many(self, reads)
+
+
+Checkpoint.read_many = counted
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank, world = dist.get_rank(), dist.get_world_size()
+result = {}
+try:
+    mesh = init_device_mesh("cpu", (world,))
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+
+    def placement(key):
+        if key.endswith("experts.gate_up_proj"):
+            return "experts"  # expert parallel: the stacked experts
+        if key.endswith("experts.down_proj"):
+            return [Shard(2)]  # the experts' input features
+        if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "embed_tokens.weight")):
+            return "colwise"
+        if key.endswith("o_proj.weight"):
+            return "rowwise"
+        if mode == "bad" and key == "lm_head.weight":
+            return [Shard(1), Shard(0)]  # two placements for a 1-D mesh
+        return None  # replicated
+
+    tensors, stats = load_sharded(plan, src, mesh, placement)
+    full = plan.load(src)
+    bad, expected = [], 0
+    for key, t in tensors.items():
+        region = local_region(tuple(full[key].shape), mesh, placements_of(placement(key), full[key].ndim))
+        want = full[key][tuple(slice(a, b) for a, b in region)]
+        local = t.to_local()
+        if tuple(t.shape) != tuple(full[key].shape) or not local.equal(want):
+            bad.append(key)
+        expected += want.numel() * want.element_size()
+    result = {"bad": bad, "bytes": stats.bytes, "expected": expected, "wider": stats.wider,
+              "keys": len(tensors)}
+except ConvspecError as exc:
+    result = {"error": exc.message, "read": READ[0]}
+finally:
+    dist.destroy_process_group()
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(result, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sharded") / "tiny"
+    make(d, layers=2, experts=4)
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world: int, src: Path, out: Path, mode: str = "good") -> list[dict]:
+    """`world` worker processes with one rendezvous; each killed after 120 s at most."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "PYTHONPATH": str(ROOT),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(src), str(out), mode],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_holds_its_shards_and_reads_only_their_bytes(src, tmp_path, world):
+    results = _run(world, src, tmp_path)
+    full_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    for r in results:
+        assert r["bad"] == [] and r["keys"] == 21
+        assert r["wider"] == 0
+        assert r["bytes"] == r["expected"]  # exactly its shards and the replicated tensors
+        assert r["bytes"] < full_bytes * 0.8  # most of the checkpoint is sharded, not read by all
+
+
+def test_a_placement_that_does_not_fit_the_mesh_is_one_error_on_every_rank(src, tmp_path):
+    results = _run(2, src, tmp_path, mode="bad")
+    assert [r.get("error") for r in results] == ["lm_head.weight: 2 placement(s) for a mesh of 1 dims"] * 2
+    assert all(r["read"] == 0 for r in results)  # refused before any data was read
+
+
+def test_a_shard_that_does_not_divide_is_one_error_on_every_rank(src, tmp_path):
+    results = _run(3, src, tmp_path)  # 4 experts over 3 ranks
+    message = "does not divide into 3 shards"
+    assert all(message in r.get("error", "") for r in results), results
+    assert all(r["read"] == 0 for r in results)
