@@ -22,6 +22,7 @@ PAGES = [
     "docs/ops.md",
     "docs/schema.md",
     "docs/architecture.md",
+    "docs/distributed.md",
 ]
 RUN_ELSEWHERE = {"docs/integrations.md"}
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
