@@ -326,3 +326,13 @@ def test_the_usage_docs_example_prints_what_it_says(capsys):
         said.insert(0, lines.pop()[2:])
     exec(compile("\n".join(lines), "docs/usage.md", "exec"), {})
     assert said and capsys.readouterr().out.splitlines() == said
+
+
+def test_a_config_expression_with_a_nameless_name_is_refused():
+    """The fuzzer's find: `{"kind": "ref", "path": []}` in a plan's expression was an IndexError."""
+
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 2, "hidden_size": 8}
+    d = json.loads(convspec.compile("split_qkv", config=config).to_json())
+    d["rules"][0]["nodes"][0]["exprs"][0][1]["$expr"]["items"][0]["left"]["path"] = []
+    with pytest.raises(PlanError, match=r"exprs\[0\]\[1\]: not an expression: a name with no parts"):
+        convspec.Plan.from_json(json.dumps(d))

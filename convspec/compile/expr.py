@@ -177,7 +177,7 @@ def children(e: Expr) -> tuple[Expr, ...]:
 def needs_config(e: Expr) -> bool:
     """Whether the expression reads a config field anywhere."""
     if isinstance(e, Ref):
-        return e.path[0] == "config"
+        return e.path[:1] == ("config",)
     return any(needs_config(c) for c in children(e))
 
 
@@ -218,8 +218,20 @@ def _expr_form(v: dict, keys: set[str], form: str) -> None:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise OpError(f"not an expression: {where + ': ' if where else ''}{first['msg']}") from None
-    if expr.model_dump() != v["$expr"] or not needs_config(from_json(v["$expr"])):
+    ir = from_json(v["$expr"])
+    if any(isinstance(e, Ref) and not e.path for e in _walk(ir)):
+        raise OpError("not an expression: a name with no parts")
+    if expr.model_dump() != v["$expr"] or not needs_config(ir):
         raise OpError("not an expression as the compiler writes it (one that needs the config)")
+
+
+def _walk(e: Expr):
+    """Every node of an expression, without recursion."""
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        yield x
+        stack.extend(children(x))
 
 
 def _depth(e: Any) -> int:
