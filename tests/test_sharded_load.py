@@ -25,7 +25,7 @@ import json, sys
 from datetime import timedelta
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import Replicate, Shard
 
 import convspec
 from convspec.errors import ConvspecError
@@ -48,10 +48,16 @@ dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 rank, world = dist.get_rank(), dist.get_world_size()
 result = {}
 try:
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", (2, world // 2) if mode == "2d" else (world,))
     plan = convspec.compile("mixtral", config=f"{src}/config.json")
 
     def placement(key):
+        if mode == "2d":  # experts over one mesh dim, each expert's rows over the other (EP x TP)
+            if key.endswith("experts.gate_up_proj"):
+                return [Shard(0), Shard(1)]
+            if key.endswith("experts.down_proj"):
+                return [Shard(0), Shard(2)]
+            return [Replicate(), Shard(0)] if key.endswith("q_proj.weight") else [Replicate(), Replicate()]
         if key.endswith("experts.gate_up_proj"):
             return "experts"  # expert parallel: the stacked experts
         if key.endswith("experts.down_proj"):
@@ -142,6 +148,13 @@ def test_each_rank_holds_its_shards_and_reads_only_their_bytes(src, tmp_path, wo
         assert r["wider"] == 0
         assert r["bytes"] == r["expected"]  # exactly its shards and the replicated tensors
         assert r["bytes"] < full_bytes * 0.8  # most of the checkpoint is sharded, not read by all
+
+
+def test_a_two_dimensional_mesh_places_experts_and_rows_at_once(src, tmp_path):
+    results = _run(4, src, tmp_path, mode="2d")
+    for r in results:
+        assert r["bad"] == [] and r["keys"] == 21 and r["wider"] == 0
+        assert r["bytes"] == r["expected"]
 
 
 def test_a_placement_that_does_not_fit_the_mesh_is_one_error_on_every_rank(src, tmp_path):
