@@ -71,11 +71,7 @@ class Interpreter:
         """An op that makes one leaf of the members over `over` (stack): per value of the other
         captures, in `parts` runs of consecutive members (as torch.chunk cuts them)."""
         over = p["over"]
-        ordered = in_order(arg) if len(arg_free) == 1 else None
-        if ordered is not None:  # the common case, in bulk: one collection over 0..n-1
-            lists = {(): ordered}
-        else:
-            lists = _ordered_by_rest(arg, arg_free.index(over), over, node.op)
+        lists = ordered_members(arg, arg_free, over, node.op)
         parts = p.get("parts", 1)
         outs: list[Value] = [{} for _ in range(parts)]
         call = self.call
@@ -83,8 +79,7 @@ class Interpreter:
             n = len(members)
             if n > MAX_MEMBERS:
                 raise MembersLimit(too_many(f"{node.op} over {over}", n))
-            size = -(-n // parts)  # torch.chunk: parts of ceil(n / parts), the last one shorter
-            chunks = [members[k * size : (k + 1) * size] for k in range(parts)]
+            chunks = chunked(members, parts)
             if not chunks[-1]:
                 raise GroupError(f"{node.op}(parts={parts}) of {n} members leaves a part empty")
             for k, chunk in enumerate(chunks):
@@ -155,6 +150,22 @@ def infer_group(plan: Plan, rule: PlanRule, members: dict, infos: dict) -> dict[
 
 
 # ---- the order of a collection's members ---------------------------------------------------------
+
+
+def ordered_members(arg: Value, arg_free: tuple[str, ...], over: str, op: str) -> dict[Index, list]:
+    """A collection's leaves per value of its other captures, each list ordered by `over` (what a
+    reducing op takes, keyed by the index of the leaf it makes)."""
+    ordered = in_order(arg) if len(arg_free) == 1 else None
+    if ordered is not None:  # the common case, in bulk: one collection over 0..n-1
+        return {(): ordered}
+    return _ordered_by_rest(arg, arg_free.index(over), over, op)
+
+
+def chunked(members: list, parts: int) -> list[list]:
+    """`parts` runs of consecutive members as torch.chunk cuts them: ceil(n / parts) each, the last
+    one shorter (or empty)."""
+    size = -(-len(members) // parts)
+    return [members[k * size : (k + 1) * size] for k in range(parts)]
 
 
 def _ordered_by_rest(value: Value, pos: int, over: str, op: str) -> dict[Index, list]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .dtypes import DTYPES, ITEMSIZE
 from .errors import ConvspecError
-from .interpret import infer_group, node_params
+from .interpret import chunked, infer_group, node_params, ordered_members
 from .ops import OPS, TensorInfo
 from .ops.slicing import Region, finish, join, whole
 
@@ -122,15 +122,12 @@ class RegionReader:
         return self.bound.layout[leaf] if isinstance(leaf, str) else leaf
 
     def _members(self, g: Group, node: Node, p: dict, idx: tuple, k: int) -> list[tuple]:
-        """The indices of the members a reducing node stacks into output `k` at `idx`, in order."""
-        free = g.rule.free_of[node.inputs[0]]
-        pos = free.index(p["over"])
-        ordered = sorted(
-            (i for i in self._env(g)[node.inputs[0]] if i[:pos] + i[pos + 1 :] == idx),
-            key=lambda i: int(i[pos]),
-        )
-        size = -(-len(ordered) // p.get("parts", 1))  # as the interpreter cuts them (torch.chunk)
-        return ordered[k * size : (k + 1) * size]
+        """The indices of the members a reducing node stacks into output `k` at `idx`, in order, as
+        the interpreter groups and cuts them."""
+        name = node.inputs[0]
+        indices = {i: i for i in self._env(g)[name]}  # the collection, each leaf its own index
+        lists = ordered_members(indices, g.rule.free_of[name], p["over"], node.op)
+        return chunked(lists[idx], p.get("parts", 1))[k]
 
     def _expanded(self, g: Group, node: Node, op, p: dict, idx: tuple) -> tuple[str, tuple, int]:
         """Which input, at which index, and which of its outputs makes member `idx` of an expanding
