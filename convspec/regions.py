@@ -16,7 +16,7 @@ from .dtypes import DTYPES, ITEMSIZE
 from .errors import ConvspecError
 from .interpret import chunked, infer_group, node_params, ordered_members
 from .ops import OPS, TensorInfo
-from .ops.slicing import Region, finish, join, whole
+from .ops.slicing import Region, finish, join, strides, whole
 
 if TYPE_CHECKING:
     import torch
@@ -167,12 +167,12 @@ def _runs(shape: tuple[int, ...], region: Region, item: int):
     if d < 0:
         yield 0, 0, math.prod(shape) * item
         return
-    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+    step = strides(shape)
     a, b = region[d]
-    size = (b - a) * strides[d] * item
+    size = (b - a) * step[d] * item
     dst = 0
     for lead in itertools.product(*(range(lo, hi) for lo, hi in region[:d])):
-        src = (sum(i * s for i, s in zip(lead, strides, strict=False)) + a * strides[d]) * item
+        src = (sum(i * s for i, s in zip(lead, step, strict=False)) + a * step[d]) * item
         yield src, dst, size
         dst += size
 

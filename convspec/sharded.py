@@ -58,6 +58,7 @@ def load_sharded(
     from torch.distributed.tensor import DTensor
 
     from .io.checkpoint import Checkpoint
+    from .ops.slicing import strides
     from .regions import RegionReader
     from .streaming import bind_checkpoint
 
@@ -73,7 +74,7 @@ def load_sharded(
     for target, (shape, _) in bound.outputs.items():
         local = reader.read(target, local_region(shape, mesh, placed[target]))
         out[target] = DTensor.from_local(
-            local, mesh, placed[target], run_check=False, shape=shape, stride=_stride(shape)
+            local, mesh, placed[target], run_check=False, shape=shape, stride=strides(shape)
         )
     return out, reader.stats
 
@@ -101,11 +102,3 @@ def _check_fits(target: str, shape: tuple[int, ...], mesh, placements: Sequence)
                     f"into {n} shards",
                     hint="choose a placement whose dim divides by the mesh size, or replicate the tensor",
                 )
-
-
-def _stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, n = [], 1
-    for s in reversed(shape):
-        out.append(n)
-        n *= s
-    return tuple(reversed(out))

@@ -43,6 +43,11 @@ def whole(shape: tuple[int, ...]) -> Region:
     return tuple((0, s) for s in shape)
 
 
+def strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The element strides of a row-major (contiguous) tensor of `shape`."""
+    return tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+
+
 def region_numel(region: Region) -> int:
     return math.prod(b - a for a, b in region)
 
