@@ -270,7 +270,7 @@ def _computed(bound: BoundPlan, state_dict: Mapping[str, torch.Tensor]) -> Itera
     from .run import run_group
 
     for g in bound.groups:
-        with torch.no_grad():
+        with torch.no_grad(), _few_threads(torch):  # as stream_bound runs a group
             outs = run_group(bound, g, state_dict)
         for k in g.outputs:
             yield k, outs.pop(k)
