@@ -16,6 +16,7 @@ from .dtypes import DTYPES, ITEMSIZE
 from .errors import ConvspecError
 from .interpret import chunked, infer_group, node_params, ordered_members
 from .ops import OPS, TensorInfo
+from .ops.base import short
 from .ops.slicing import Region, finish, join, strides, whole
 
 if TYPE_CHECKING:
@@ -56,10 +57,11 @@ class RegionReader:
         shape, _ = self.bound.outputs[target]
         region = whole(shape) if region is None else tuple(tuple(r) for r in region)
         if len(region) != len(shape) or any(
-            len(r) != 2 or not 0 <= r[0] <= r[1] <= s for r, s in zip(region, shape, strict=False)
+            len(r) != 2 or any(type(x) is not int for x in r) or not 0 <= r[0] <= r[1] <= s
+            for r, s in zip(region, shape, strict=False)
         ):
             raise ConvspecError(
-                f"region {[list(r) for r in region]} is not inside {target}'s shape {list(shape)}",
+                f"region {short([list(r) for r in region])} is not inside {target}'s shape {list(shape)}",
                 hint="give one [start, stop) per dim, 0 <= start <= stop <= size",
             )
         if any(a == b for a, b in region):  # nothing to read

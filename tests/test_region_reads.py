@@ -138,5 +138,9 @@ def test_a_region_outside_the_tensor_or_an_unknown_key_is_refused(mixtral):
         read_regions(plan, d, {target: ((0, 99), (0, 1), (0, 1))})
     with pytest.raises(ConvspecError, match="is not inside"):
         read_regions(plan, d, {target: ((0, 1),)})
+    with pytest.raises(ConvspecError, match="is not inside"):
+        read_regions(plan, d, {target: (("0", "1"), (0, 1), (0, 1))})
+    with pytest.raises(ConvspecError, match=r"region \[\[0, 1\], .*\.\.\.\] is not inside"):
+        read_regions(plan, d, {target: ((0, 1),) * 100_000})  # shown cut short
     with pytest.raises(ConvspecError, match="not a key of the converted checkpoint"):
         read_regions(plan, d, {"model.nothing.weight": None})
