@@ -17,7 +17,7 @@ from .errors import ConvspecError
 from .interpret import chunked, infer_group, node_params, ordered_members
 from .ops import OPS, TensorInfo
 from .ops.base import short
-from .ops.slicing import Region, finish, join, strides, whole
+from .ops.slicing import Region, SliceMap, finish, join, strides, whole
 
 if TYPE_CHECKING:
     import torch
@@ -101,6 +101,11 @@ class RegionReader:
             join([self._value(g, name, i, r) for r in regions], m.join) if regions else None
             for (name, i), regions in zip(inputs, m.reads, strict=True)
         ]
+        return self.finish(m, read)
+
+    def finish(self, m: SliceMap, read: list) -> torch.Tensor:
+        """A region from what was read of each input: the op applied, then narrowed. A subclass
+        that reads something other than values (where elements come from) overrides it."""
         return finish(m, read)
 
     def _made(self, rule: PlanRule) -> dict[str, tuple[Node, int]]:

@@ -123,6 +123,7 @@ class Op:
     reduces: ClassVar[bool] = False  # takes a collection over `over` and makes one tensor (stack)
     expands: ClassVar[bool] = False  # takes one tensor and makes a collection over `over` (unstack)
     moves_blocks: ClassVar[bool] = False  # only moves whole blocks of trailing dims (the byte-copy path)
+    changes_values: ClassVar[bool] = False  # maps element values (cast); otherwise it only moves elements
     count_param: ClassVar[str | None] = None  # the parameter that sets how many values the op yields
 
     def n_outputs(self, p: dict) -> int | None:

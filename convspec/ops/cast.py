@@ -99,6 +99,7 @@ def _nan_bits(bits: torch.Tensor, src: str, dst: str) -> torch.Tensor:
 class Cast(Op):
     name = "cast"
     doc = "Convert to `dtype`. With `from` declared and a widening cast, it is exact and invertible."
+    changes_values = True
     params = (
         Param("dtype", "dtype"),
         Param("from", "dtype", None, "the input dtype: checked, and needed for the inverse"),
