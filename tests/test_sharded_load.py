@@ -6,16 +6,13 @@ clear error on every rank, before any data is read."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from helpers.distributed import run_workers  # noqa: E402
 from make_tiny_mixtral import make  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +28,7 @@ import convspec
 from convspec.errors import ConvspecError
 from convspec.sharded import load_sharded, local_region, placements_of
 
-src, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+out, src, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 from convspec.io.checkpoint import Checkpoint
 
 READ = [0]  # bytes asked of the checkpoint's files, by anything
@@ -98,45 +95,8 @@ def src(tmp_path_factory):
     return d
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world: int, src: Path, out: Path, mode: str = "good") -> list[dict]:
-    """`world` worker processes with one rendezvous; each killed after 120 s at most."""
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "PYTHONPATH": str(ROOT),
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, str(src), str(out), mode],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=120)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return run_workers(WORKER, world, out, src, mode)
 
 
 @pytest.mark.parametrize("world", [2, 4])
