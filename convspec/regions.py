@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .blocks import Run, block_runs
 from .dtypes import DTYPES, ITEMSIZE
 from .errors import ConvspecError
 from .interpret import chunked, infer_group, node_params, ordered_members
@@ -35,6 +36,7 @@ class ReadStats:
     bytes: int = 0
     runs: int = 0
     wider: int = 0
+    fast: int = 0  # regions read straight from their target's byte runs (no walk, no stack or cat)
 
 
 class RegionReader:
@@ -49,6 +51,10 @@ class RegionReader:
         self._source_of.update({k: k for k in bound.unmatched})
         self._values: dict[int, dict] = {}
         self._producers: dict[int, dict[str, tuple[Node, int]]] = {}
+        self._moves: dict[int, dict[str, list[Run]] | None] = {}
+        # the byte-run path reads values; a subclass that reads something else (`source`, `finish`)
+        # gets the walk through the slice maps, which calls them
+        self.by_runs = type(self).source is RegionReader.source and type(self).finish is RegionReader.finish
 
     def read(self, target: str, region: Region | None = None) -> torch.Tensor:
         """`region` (per dim, [start, stop); None: all of it) of the converted tensor `target`."""
@@ -71,7 +77,28 @@ class RegionReader:
         if target in self._source_of:
             return self.source(self._source_of[target], region)
         group, value, idx = self._made_by[target]
+        runs = self._block_runs(group, target) if self.by_runs else None
+        if runs is not None:
+            return self._assemble(target, region, runs)
         return self._value(group, value, idx, region)
+
+    # ---- the byte-run path: a target of a group that only moves whole blocks -------------------
+
+    def _block_runs(self, g: Group, target: str) -> list[Run] | None:
+        """The target's bytes as runs of source bytes (blocks.py), or None: its group computes."""
+        if id(g) not in self._moves:
+            self._moves[id(g)] = block_runs(self.bound, g, 0)  # no smaller read than the walk's
+        runs = self._moves[id(g)]
+        return None if runs is None else runs[target]
+
+    def _assemble(self, target: str, region: Region, runs: list[Run]) -> torch.Tensor:
+        """The region, read in one pass from the target's runs cut to it: no member tensor, no copy."""
+        shape, dtype = self.bound.outputs[target]
+        pieces = cut_runs(runs, shape, region, ITEMSIZE[dtype])
+        self.stats.bytes += sum(p.size for p in pieces)
+        self.stats.runs += len(pieces)
+        self.stats.fast += 1
+        return self.ckpt.assemble(tuple(b - a for a, b in region), dtype, pieces)
 
     # ---- following the maps --------------------------------------------------------------------
 
@@ -182,6 +209,36 @@ def _runs(shape: tuple[int, ...], region: Region, item: int):
         src = (sum(i * s for i, s in zip(lead, step, strict=False)) + a * step[d]) * item
         yield src, dst, size
         dst += size
+
+
+def cut_runs(runs: list[Run], shape: tuple[int, ...], region: Region, item: int) -> list[Run]:
+    """The runs making a whole target (in target order, covering it) cut to a region of it, with
+    their destinations in the region's own row-major buffer; a run going on where the last one ended,
+    in the source and here, extends it."""
+    out: list[Run] = []
+    i = 0
+    for at, local, size in _runs(shape, region, item):
+        end = at + size
+        while runs[i].dst + runs[i].size <= at:
+            i += 1
+        j = i
+        while j < len(runs) and runs[j].dst < end:
+            r = runs[j]
+            a, b = max(at, r.dst), min(end, r.dst + r.size)
+            src, dst = r.src + a - r.dst, local + a - at
+            last = out[-1] if out else None
+            if (
+                last
+                and last.source == r.source
+                and last.src + last.size == src
+                and last.dst + last.size == dst
+            ):
+                out[-1] = last._replace(size=last.size + b - a)
+            else:
+                out.append(Run(r.source, src, dst, b - a))
+            j += 1
+        i = j - 1
+    return out
 
 
 def read_regions(

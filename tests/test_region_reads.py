@@ -13,9 +13,12 @@ import torch
 from safetensors.torch import save_file
 
 import convspec
+from convspec.blocks import Run
 from convspec.errors import ConvspecError
+from convspec.io.checkpoint import Checkpoint
 from convspec.ops.slicing import take
-from convspec.regions import read_regions
+from convspec.regions import RegionReader, cut_runs, read_regions
+from convspec.streaming import bind_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from make_tiny_mixtral import make  # noqa: E402
@@ -88,6 +91,74 @@ def test_the_inverse_reads_regions_of_the_original_keys_from_the_converted_check
             got, stats = read_regions(back, tmp_path / "fused", {target: region})
             assert torch.equal(got[target], take(t, region)), (target, region)
             assert stats.wider == 0 and stats.bytes == _nbytes(region, t)
+
+
+def _readers(plan, d):
+    """Two readers of one checkpoint: the byte-run path where it applies, and the walk alone."""
+    ckpt = Checkpoint(d)
+    bound = bind_checkpoint(plan, ckpt)
+    fast, walk = RegionReader(bound, ckpt), RegionReader(bound, ckpt)
+    walk.by_runs = False
+    return bound, fast, walk
+
+
+@pytest.mark.parametrize("inverse", [False, True], ids=["forward", "inverse"])
+def test_a_block_move_target_is_read_from_its_byte_runs_bit_for_bit_as_the_walk_reads_it(
+    mixtral, tmp_path, inverse
+):
+    d, plan, _ = mixtral
+    if inverse:  # unstack and split: the per-expert keys, from the fused checkpoint
+        convspec.convert("mixtral", d, tmp_path / "fused")
+        d, plan = tmp_path / "fused", plan.inverse()
+    bound, fast, walk = _readers(plan, d)
+    moved = [t for t in bound.outputs if t not in fast._source_of]  # the targets a group makes
+    assert moved
+    rng = random.Random(1616)
+    for target in moved:
+        shape = bound.outputs[target][0]
+        for region in [*_shards(shape, rng), *(_random_region(shape, rng) for _ in range(8))]:
+            before = (fast.stats.bytes, fast.stats.runs, fast.stats.fast, walk.stats.bytes, walk.stats.runs)
+            got, want = fast.read(target, region), walk.read(target, region)
+            assert got.dtype == want.dtype and torch.equal(got, want), (target, region)
+            if all(a < b for a, b in region):
+                assert fast.stats.fast == before[2] + 1  # taken: no walk, no stack or cat
+                assert fast.stats.bytes - before[0] == walk.stats.bytes - before[3], (target, region)
+                assert fast.stats.runs - before[1] <= walk.stats.runs - before[4], (target, region)
+    assert walk.stats.fast == 0 and fast.stats.wider == walk.stats.wider == 0
+
+
+def test_a_subclass_that_reads_something_else_than_values_gets_the_walk(mixtral):
+    d, plan, full = mixtral
+
+    class Traced(RegionReader):
+        def finish(self, m, read):
+            return super().finish(m, read)
+
+    ckpt = Checkpoint(d)
+    reader = Traced(bind_checkpoint(plan, ckpt), ckpt)
+    target = "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(reader.read(target), full[target])
+    assert reader.stats.fast == 0 and reader.stats.bytes == full[target].numel() * full[target].element_size()
+
+
+def test_runs_cut_to_a_region_land_in_the_regions_own_buffer_and_join_where_contiguous():
+    # a (4, 2) int8 target: rows 0-1 from "a" (contiguous), rows 2-3 from "b" at offset 10
+    runs = [Run("a", 0, 0, 4), Run("b", 10, 4, 4)]
+    assert cut_runs(runs, (4, 2), ((1, 3), (0, 2)), 1) == [Run("a", 2, 0, 2), Run("b", 10, 2, 2)]
+    assert cut_runs(runs, (4, 2), ((0, 2), (1, 2)), 1) == [Run("a", 1, 0, 1), Run("a", 3, 1, 1)]
+    assert cut_runs(runs, (4, 2), ((0, 4), (0, 2)), 1) == runs
+    # one source in two runs that happen to meet: one read
+    assert cut_runs([Run("a", 0, 0, 2), Run("a", 2, 2, 2)], (2, 2), ((0, 2), (0, 2)), 1) == [
+        Run("a", 0, 0, 4)
+    ]
+
+
+def _random_region(shape, rng: random.Random):
+    region = []
+    for size in shape:
+        a = rng.randrange(size)
+        region.append((a, rng.randrange(a + 1, size + 1)))
+    return tuple(region)
 
 
 @pytest.fixture(scope="module")
