@@ -15,19 +15,20 @@ rowwise, norms, routers and the low-rank attention inputs replicated. Contenders
   read calls are not counted.
 
 Per rank (medians over the ranks of one run): bytes read, read calls (byte runs; one per tensor for
-the baseline), wall time (after imports and compiling, from a barrier), peak RSS, and what the load
-added to the RSS (VmHWM reset at the barrier) beside what the rank keeps (its shard) and its largest
-tensor shard. Ratios are against the baseline of the same world. Targets, for the last convspec tree:
+the baseline), wall time (after imports and compiling, from a barrier) and the CPU time of the
+rank's threads, peak RSS, and what the load added to the RSS (VmHWM reset at the barrier) beside
+what the rank keeps (its shard) and its largest tensor shard. Ratios are against the baseline of the same world. Targets, for the last convspec tree:
 bytes within 5% of the ideal share (sharded bytes / world + replicated bytes), RSS added under the
 shard plus the largest tensor shard, wall time falling with the world size. Exits 1 if one is missed.
 
 `--device cuda --backend nccl` runs the same on a machine with GPUs (one rank per GPU; the shards
 end on the GPU, timed to a synchronize); without CUDA it stops with one message. `--dry` makes and
-binds the checkpoints and prints each world's ideal share and placements, running no rank.
+binds the checkpoints and prints each world's ideal share and placements, running no rank;
+`--only baseline,transformers` runs only those contenders.
 
     python bench/sharded_load.py [--models mixtral,deepseek] [--gib 2] [--ds-gib 1] [--worlds 1,2,4]
         [--code NAME=PATH ...] [--transformers [--accelerate DIR]] [--device cuda --backend nccl]
-        [--dry] [--keep DIR]
+        [--only CONTENDERS] [--dry] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ dist.barrier()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # VmHWM from here: what the load adds
 base = status("VmRSS:")
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 read = calls = None
 if how == "convspec":
     tensors, stats = load_sharded(plan, src, mesh, placement)
@@ -103,10 +104,10 @@ else:
     local = {k: getattr(p, "to_local", lambda p=p: p)() for k, p in model.state_dict().items()}
 if device == "cuda":
     torch.cuda.synchronize()
-seconds = time.perf_counter() - start
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 sizes = [t.numel() * t.element_size() for t in local.values()]
-figures = {"read": read, "calls": calls, "seconds": seconds, "held": sum(sizes), "largest": max(sizes),
-           "peak": status("VmHWM:"), "added": status("VmHWM:") - base}
+figures = {"read": read, "calls": calls, "seconds": seconds, "cpu": cpu, "held": sum(sizes),
+           "largest": max(sizes), "peak": status("VmHWM:"), "added": status("VmHWM:") - base}
 if device == "cuda":
     figures["gpu_peak"] = torch.cuda.max_memory_allocated()
 dist.barrier()
@@ -205,7 +206,7 @@ def row(name: str, med: dict, want: float) -> str:
         else f"{'n/a (mmap)':>27s}  {'n/a':>12s}"
     )
     return (
-        f"    {name:16s} {read}  {med['seconds']:7.3f} s  peak {med['peak'] / 2**20:6.0f} MiB  "
+        f"    {name:16s} {read}  {med['seconds']:7.3f} s (cpu {med['cpu']:6.3f} s)  peak {med['peak'] / 2**20:6.0f} MiB  "
         f"added {med['added'] / 2**20:6.0f} MiB  shard {med['held'] / 2**20:6.0f} MiB  "
         f"largest {med['largest'] / 2**20:5.0f} MiB"
     )
@@ -226,6 +227,8 @@ def bench_model(model: str, src: Path, tmp: Path, args, codes: dict) -> list[str
         contenders.append(
             ("transformers tp", "transformers", os.pathsep.join([*args.accelerate, codes[last]]))
         )
+    if args.only:
+        contenders = [c for c in contenders if c[1] in args.only.split(",")]
     for world in map(int, args.worlds.split(",")):
         want = ideal(model, src, world)
         print(f"  world {world}: ideal share {want / 1e6:.1f} MB per rank")
@@ -296,6 +299,7 @@ def main() -> int:
     ap.add_argument("--code", action="append", default=[], help="NAME=PATH of a convspec tree (repeatable)")
     ap.add_argument("--transformers", action="store_true", help="add transformers' tp_plan load as a peer")
     ap.add_argument("--accelerate", action="append", default=[], help="a folder holding accelerate")
+    ap.add_argument("--only", help="run only these of baseline,convspec,transformers")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default=None, help="gloo (default on cpu) or nccl (default on cuda)")
     ap.add_argument("--dry", action="store_true", help="make and check the set-up, run no rank")
