@@ -36,7 +36,6 @@ class ReadStats:
     bytes: int = 0
     runs: int = 0
     wider: int = 0
-    fast: int = 0  # regions read straight from their target's byte runs (no walk, no stack or cat)
 
 
 class RegionReader:
@@ -46,6 +45,7 @@ class RegionReader:
     def __init__(self, bound: BoundPlan, ckpt: Checkpoint):
         self.bound, self.ckpt = bound, ckpt
         self.stats = ReadStats()
+        self.by_runs_reads = 0  # regions read straight from their target's byte runs (no walk)
         self._made_by = {t: (g, v, idx) for g in bound.groups for t, (v, idx) in g.out_values.items()}
         self._source_of = {dst: src for src, dst in bound.passthrough.items()}
         self._source_of.update({k: k for k in bound.unmatched})
@@ -97,7 +97,7 @@ class RegionReader:
         pieces = cut_runs(runs, shape, region, ITEMSIZE[dtype])
         self.stats.bytes += sum(p.size for p in pieces)
         self.stats.runs += len(pieces)
-        self.stats.fast += 1
+        self.by_runs_reads += 1
         return self.ckpt.assemble(tuple(b - a for a, b in region), dtype, pieces)
 
     # ---- following the maps --------------------------------------------------------------------
