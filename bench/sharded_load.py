@@ -14,12 +14,14 @@ rowwise, norms, routers and the low-rank attention inputs replicated. Contenders
   plan shards experts inside each expert, not over them; it reads through mmap, so its bytes and
   read calls are not counted.
 
-Per rank (medians over the ranks of one run): bytes read, read calls (byte runs; one per tensor for
+Per rank (medians over the ranks of one run; with `--repeat N`, the run of the lowest median wall
+time of N, in rotating order): bytes read, read calls (byte runs; one per tensor for
 the baseline), wall time (after imports and compiling, from a barrier) and the CPU time of the
 rank's threads, peak RSS, and what the load added to the RSS (VmHWM reset at the barrier) beside
-what the rank keeps (its shard) and its largest tensor shard. Ratios are against the baseline of the same world. Targets, for the last convspec tree:
-bytes within 5% of the ideal share (sharded bytes / world + replicated bytes), RSS added under the
-shard plus the largest tensor shard, wall time falling with the world size. Exits 1 if one is missed.
+what the rank keeps (its shard) and its largest tensor shard. Ratios are against the baseline of
+the same world. Targets, for the last convspec tree: bytes within 5% of the ideal share (sharded
+bytes / world + replicated bytes), RSS added under the shard plus the largest tensor shard (and 8
+MiB of the interpreter's own), wall time falling with the world size. Exits 1 if one is missed.
 
 `--device cuda --backend nccl` runs the same on a machine with GPUs (one rank per GPU; the shards
 end on the GPU, timed to a synchronize); without CUDA it stops with one message. `--dry` makes and
@@ -28,7 +30,7 @@ binds the checkpoints and prints each world's ideal share and placements, runnin
 
     python bench/sharded_load.py [--models mixtral,deepseek] [--gib 2] [--ds-gib 1] [--worlds 1,2,4]
         [--code NAME=PATH ...] [--transformers [--accelerate DIR]] [--device cuda --backend nccl]
-        [--only CONTENDERS] [--dry] [--keep DIR]
+        [--repeat N] [--only CONTENDERS] [--dry] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(BENCH), str(ROOT)]  # this tree's convspec for the set-up (ranks: --code's)
 SPECS = {"mixtral": "mixtral", "deepseek": "deepseek_v3"}
+SLACK = 8 << 20  # RSS a load may add beyond the data: the allocator's and the interpreter's own growth
 
 WORKER = r"""
 import json, os, sys, time
@@ -219,7 +222,10 @@ def median(rs: list[dict]) -> dict:
 def bench_model(model: str, src: Path, tmp: Path, args, codes: dict) -> list[str]:
     """Every world and contender on one checkpoint; the targets the last convspec tree misses."""
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-    print(f"{model} ({SPECS[model]}): {size / 1e6:.0f} MB; per rank: medians over the ranks of one run")
+    print(
+        f"{model} ({SPECS[model]}): {size / 1e6:.0f} MB; per rank: medians over the ranks of a run"
+        + (f", the fastest of {args.repeat}" if args.repeat > 1 else "")
+    )
     last, missed, times = list(codes)[-1], [], []
     contenders = [("baseline", "baseline", codes[last])]
     contenders += [(f"convspec {n}", "convspec", p) for n, p in codes.items()]
@@ -232,14 +238,10 @@ def bench_model(model: str, src: Path, tmp: Path, args, codes: dict) -> list[str
     for world in map(int, args.worlds.split(",")):
         want = ideal(model, src, world)
         print(f"  world {world}: ideal share {want / 1e6:.1f} MB per rank")
-        got = {}
-        for name, how, path in contenders:
-            rs = run(world, how, name.replace(" ", "_"), model, src, tmp, args, path)
-            if isinstance(rs, str):
-                print(f"    {name:16s} did not run: {rs}")
-                continue
-            got[name] = med = median(rs)
-            print(row(name, med, want))
+        got = measure(world, contenders, model, src, tmp, args)
+        for name, med in got.items():
+            print(row(name, med, want) if isinstance(med, dict) else f"    {name:16s} did not run: {med}")
+        got = {k: v for k, v in got.items() if isinstance(v, dict)}
         base = got.get("baseline")
         for name, med in got.items():
             if name != "baseline" and base:
@@ -256,14 +258,33 @@ def bench_model(model: str, src: Path, tmp: Path, args, codes: dict) -> list[str
             continue
         if mine["read"] > 1.05 * want:
             missed.append(f"{model} world {world}: bytes {mine['read'] / want:.2f}x the ideal share")
-        if mine["added"] > mine["held"] + mine["largest"]:
-            missed.append(f"{model} world {world}: RSS added exceeds the shard plus the largest tensor shard")
+        if mine["added"] > mine["held"] + mine["largest"] + SLACK:
+            missed.append(
+                f"{model} world {world}: RSS added exceeds the shard + the largest tensor shard + 8 MiB"
+            )
         if times and mine["seconds"] >= times[-1]:
             missed.append(
                 f"{model} world {world}: wall time {mine['seconds']:.3f} s, not under {times[-1]:.3f} s"
             )
         times.append(mine["seconds"])
     return missed
+
+
+def measure(world: int, contenders: list, model: str, src: Path, tmp: Path, args) -> dict:
+    """Each contender's per-rank medians (or why it did not run): `--repeat` runs each, in rotating
+    order, keeping the run of the lowest median wall time (this machine's noise is one-sided)."""
+    got: dict = {}
+    for rep in range(args.repeat):
+        shift = rep % len(contenders)
+        for name, how, path in contenders[shift:] + contenders[:shift]:
+            if isinstance(got.get(name), str):
+                continue
+            rs = run(world, how, name.replace(" ", "_"), model, src, tmp, args, path)
+            if isinstance(rs, str):
+                got[name] = rs
+            elif name not in got or median(rs)["seconds"] < got[name]["seconds"]:
+                got[name] = median(rs)
+    return {name: got[name] for name, _, _ in contenders}
 
 
 def _ratio(med: dict, base: dict, key: str) -> str:
@@ -299,6 +320,7 @@ def main() -> int:
     ap.add_argument("--code", action="append", default=[], help="NAME=PATH of a convspec tree (repeatable)")
     ap.add_argument("--transformers", action="store_true", help="add transformers' tp_plan load as a peer")
     ap.add_argument("--accelerate", action="append", default=[], help="a folder holding accelerate")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each contender; the fastest is kept")
     ap.add_argument("--only", help="run only these of baseline,convspec,transformers")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--backend", default=None, help="gloo (default on cpu) or nccl (default on cuda)")
