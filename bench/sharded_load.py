@@ -47,7 +47,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path[:0] = [str(BENCH), str(ROOT)]  # this tree's convspec for the set-up (ranks: --code's)
+sys.path.insert(0, str(BENCH))
 SPECS = {"mixtral": "mixtral", "deepseek": "deepseek_v3"}
 SLACK = 8 << 20  # RSS a load may add beyond the data: the allocator's and the interpreter's own growth
 
@@ -110,7 +110,8 @@ if device == "cuda":
 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
 sizes = [t.numel() * t.element_size() for t in local.values()]
 figures = {"read": read, "calls": calls, "seconds": seconds, "cpu": cpu, "held": sum(sizes),
-           "largest": max(sizes), "peak": status("VmHWM:"), "added": status("VmHWM:") - base}
+           "largest": max(sizes), "peak": status("VmHWM:"), "added": status("VmHWM:") - base,
+           "at": sys.modules["convspec"].__file__ if "convspec" in sys.modules else None}
 if device == "cuda":
     figures["gpu_peak"] = torch.cuda.max_memory_allocated()
 dist.barrier()
@@ -170,7 +171,12 @@ def run(world: int, how: str, tag: str, model: str, src: Path, out: Path, args, 
             errors.append(lines[-1] if lines else f"exit {p.returncode}")
     if errors:
         return errors[0]
-    return [json.loads((out / f"{tag}-{world}-{r}.json").read_text()) for r in range(world)]
+    got = [json.loads((out / f"{tag}-{world}-{r}.json").read_text()) for r in range(world)]
+    if how != "transformers" and not all(g.pop("at").startswith(path) for g in got):
+        return f"a rank imported convspec from outside {path}"
+    for g in got:
+        g.pop("at", None)
+    return got
 
 
 def ideal(model: str, src: Path, world: int) -> float:
@@ -327,6 +333,7 @@ def main() -> int:
     ap.add_argument("--dry", action="store_true", help="make and check the set-up, run no rank")
     ap.add_argument("--keep", type=Path, help="a folder to keep the checkpoints in (one per model)")
     args = ap.parse_args()
+    sys.path.insert(1, str(ROOT))  # this tree's convspec for the set-up; each rank imports its --code's
     args.backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
     codes = dict(c.split("=", 1) for c in args.code) or {"this": str(ROOT)}
     codes = {k: str(Path(v).resolve()) for k, v in codes.items()}
