@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", metavar="FILE", help="write the output here (svg, png, dot)")
     c.add_argument("--reverse", action="store_true", help="show the inverse plan")
     c.add_argument("--strict", action="store_true", help="with --against: every key must be claimed")
+    c.add_argument(
+        "--shard",
+        metavar="AXES",
+        help="with --against: what each rank reads under tp=N[,ep=N] with transformers' tp and ep plans",
+    )
     c.add_argument("--list", action="store_true", help="list the built-in specs")
     _json_flag(c)
     cv = sub.add_parser("convert", help="convert a checkpoint with a spec (atomic, sharded safetensors)")
@@ -199,12 +204,19 @@ def _compile(args) -> int:
         raise ConvspecError(
             "--group draws one group of a checkpoint", hint="use it with --against and --format svg|png|dot"
         )
+    if args.shard is not None and (not args.against or fmt not in ("text", "json")):
+        raise ConvspecError(
+            "--shard counts what each rank reads from a checkpoint's headers",
+            hint="use it with --against CHECKPOINT (text or json output)",
+        )
     plan = _plan(args)
     if args.output is not None:
         _check_not_an_input(args.output, args)
     bound = None
     if args.against:
         bound = plan.bind(_layout(args.against), strict=args.strict)
+    if args.shard is not None:
+        return _compile_shard(plan, bound, args, fmt)
     if fmt in ("dot", "svg", "png"):
         from . import dot
 
@@ -222,6 +234,19 @@ def _compile(args) -> int:
         text = render.bound_json(bound) if fmt == "json" else render.bound_text(bound, s)
     else:
         text = render.plan_json(plan) if fmt == "json" else render.plan_text(plan, s)
+    return _emit((text + "\n").encode(), args.output)
+
+
+def _compile_shard(plan, bound, args, fmt: str) -> int:
+    """`compile --against DIR --shard tp=N,ep=N`: each rank's bytes and read calls, from headers only."""
+    from .shardplan import model_type_of, parse_shard, shard_report
+
+    parse_shard(args.shard)  # a bad shard is refused before the placements are worked out
+    report = shard_report(bound, model_type_of(plan), args.shard)
+    if fmt == "json":
+        text = json.dumps(report.to_json(), indent=2)
+    else:
+        text = "\n".join(report.lines(_style(sys.stdout)))
     return _emit((text + "\n").encode(), args.output)
 
 
