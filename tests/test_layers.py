@@ -45,7 +45,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # what is built on the API: lint, explain, pictures, the transformers importer and exporter
     (
         "tools",
-        ("lint", "explain", "dot", "render", "pictures", "hf", "hf.*", "integrations", "integrations.*"),
+        (
+            "lint",
+            "explain",
+            "dot",
+            "render",
+            "pictures",
+            "shardplan",
+            "hf",
+            "hf.*",
+            "integrations",
+            "integrations.*",
+        ),
     ),
     # the command line
     ("cli", ("cli",)),
