@@ -247,6 +247,9 @@ def _compile_shard(plan, bound, args, fmt: str) -> int:
         text = json.dumps(report.to_json(), indent=2)
     else:
         text = "\n".join(report.lines(_style(sys.stdout)))
+    if args.output is None:
+        print(text)
+        return 0
     return _emit((text + "\n").encode(), args.output)
 
 

@@ -180,15 +180,15 @@ def _dim_of(style: str | None, shape: tuple[int, ...], name: str) -> tuple[int |
     if style is None or style in WHOLE:
         return None, None
     if style not in SHARDS:
-        return None, f"{style}: a style convspec does not know, so read whole"
+        return None, f"{style}: a style convspec does not map, read whole"
     dim = SHARDS[style](len(shape), name)
     if dim == "strided":
         return (
             None,
-            f"{style}: each rank holds a strided shard (its part of each packed half), not one region",
+            f"{style}: a strided shard (a part of each packed half: two regions a rank), read whole",
         )
     if dim is not None and not 0 <= dim < len(shape):
-        return None, f"{style}: cuts dim {dim} of a tensor with {len(shape)} dims {list(shape)}"
+        return None, f"{style}: cuts dim {dim} of a tensor with {len(shape)} dims {list(shape)}, read whole"
     return dim, None
 
 
