@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="AXES",
         help="with --against: what each rank reads under tp=N[,ep=N] with transformers' tp and ep plans",
     )
+    c.add_argument(
+        "--placements",
+        metavar="FILE",
+        help='with --shard: a JSON object {glob or "re:REGEX": style, or [style or dim per mesh dim]} '
+        "placing the targets it matches before transformers' plans do",
+    )
     c.add_argument("--list", action="store_true", help="list the built-in specs")
     _json_flag(c)
     cv = sub.add_parser("convert", help="convert a checkpoint with a spec (atomic, sharded safetensors)")
@@ -204,6 +210,8 @@ def _compile(args) -> int:
         raise ConvspecError(
             "--group draws one group of a checkpoint", hint="use it with --against and --format svg|png|dot"
         )
+    if args.placements is not None and args.shard is None:
+        raise ConvspecError("--placements places targets for --shard", hint="use it with --shard tp=N[,ep=N]")
     if args.shard is not None and (not args.against or fmt not in ("text", "json")):
         raise ConvspecError(
             "--shard counts what each rank reads from a checkpoint's headers",
@@ -239,10 +247,11 @@ def _compile(args) -> int:
 
 def _compile_shard(plan, bound, args, fmt: str) -> int:
     """`compile --against DIR --shard tp=N,ep=N`: each rank's bytes and read calls, from headers only."""
-    from .shardplan import model_type_of, parse_shard, shard_report
+    from .shardplan import model_type_of, parse_shard, read_overrides, shard_report
 
     parse_shard(args.shard)  # a bad shard is refused before the placements are worked out
-    report = shard_report(bound, model_type_of(plan), args.shard)
+    overrides = read_overrides(args.placements) if args.placements is not None else None
+    report = shard_report(bound, model_type_of(plan), args.shard, overrides)
     if fmt == "json":
         text = json.dumps(report.to_json(), indent=2)
     else:

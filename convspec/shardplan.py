@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -61,9 +62,12 @@ SHARDS = {
     "embedding_rowwise": lambda ndim, name: 0,
     "embedding_colwise": lambda ndim, name: 1,
     "grouped_gemm": lambda ndim, name: 0,  # expert parallel: whole experts per rank
+    "experts": lambda ndim, name: 0,  # convspec.sharded's names for it
+    "ep": lambda ndim, name: 0,
     "packed_colwise": lambda ndim, name: 0 if ndim == 1 else "strided",
     "packed_rowwise": lambda ndim, name: None if ndim == 1 else "strided",
 }
+EP_STYLES = {"grouped_gemm", "experts", "ep"}  # an override's style that goes on the ep dim
 # Styles that hook a module's forward and leave its parameters whole on every rank.
 WHOLE = {
     "replicate",
@@ -133,37 +137,109 @@ class Placed(NamedTuple):
 
 
 def placements_for(
-    bound: BoundPlan | Mapping[str, Any], model_type: str, shard: str | Mapping[str, int]
+    bound: BoundPlan | Mapping[str, Any],
+    model_type: str,
+    shard: str | Mapping[str, int],
+    overrides: Mapping[str, Any] | None = None,
 ) -> Placed:
     """Every converted tensor's placement for `shard` ("tp=2,ep=2" or {axis: size}) under the tp and
     ep plans transformers gives `model_type`. `bound`: a bound plan, or {target: shape}. A target the
     ep plan names is cut on the ep dim only; a style with no even DTensor placement is replicated,
-    with the reason. Placements as `convspec.sharded.load_sharded` takes them."""
+    with the reason. `overrides` ({glob, or "re:" regex: style, or a list of one style or tensor dim
+    per mesh dim}) come first, the first that matches. Placements as `load_sharded` takes them."""
     from torch.distributed.tensor import Replicate, Shard
 
-    sizes = parse_shard(shard) if isinstance(shard, str) else dict(shard)
+    sizes = (
+        parse_shard(shard)
+        if isinstance(shard, str)
+        else parse_shard(",".join(f"{a}={n}" for a, n in shard.items()))
+    )
+    overrides = check_overrides(overrides or {})
     plans = plans_of(model_type)
     for axis in sizes:
-        if not plans.get(axis):
+        if not plans.get(axis) and not overrides:
             raise ConvspecError(
                 f"transformers has no {axis} plan for model type {model_type!r}",
-                hint="shard along an axis its plan has, or check the model type (config.json's model_type)",
+                hint="shard along an axis its plan has, check the model type (config.json's model_type), "
+                "or give the placements (--placements FILE)",
             )
     shapes = {t: _shape(s) for t, s in _outputs(bound).items()}
     placed, styles, reasons = {}, {}, {}
     for target, shape in shapes.items():
-        expert = "ep" in sizes and _is_expert(plans["ep"], target)
         per_dim, used = [], {}
-        for axis in sizes:
-            style = None if axis == "tp" and expert else _style_of(plans[axis], target)
-            dim, why = _dim_of(style, shape, target.rpartition(".")[2])
+        for axis, style in zip(sizes, _styles(target, sizes, plans, overrides), strict=True):
+            dim, why = (
+                (style, None) if isinstance(style, int) else _dim_of(style, shape, target.rpartition(".")[2])
+            )
+            if isinstance(dim, int) and not 0 <= dim < len(shape):
+                dim, why = None, f"dim {style} of a tensor with {len(shape)} dims {list(shape)}, read whole"
             if style is not None:
-                used[axis] = style
+                used[axis] = f"Shard({style})" if isinstance(style, int) else style
             if why:
                 reasons[target] = why
             per_dim.append(Replicate() if dim is None else Shard(dim))
         placed[target], styles[target] = tuple(per_dim), used
     return Placed(tuple(sizes.values()), tuple(sizes), placed, styles, reasons, shapes)
+
+
+def _styles(target: str, sizes: Mapping[str, int], plans: Mapping, overrides: Mapping[str, Any]) -> list:
+    """The style (or tensor dim) each mesh axis gives `target`: an override's, else the plans'."""
+    for pattern, value in overrides.items():
+        hit = re.fullmatch(pattern[3:], target) if pattern.startswith("re:") else fnmatchcase(target, pattern)
+        if not hit:
+            continue
+        if isinstance(value, list):
+            if len(value) != len(sizes):
+                raise ConvspecError(
+                    f"{target}: the placement {value} of {pattern!r} names {len(value)} mesh dim(s) "
+                    f"for a mesh of {len(sizes)} ({', '.join(sizes)})",
+                    hint="give one style or tensor dim per mesh dim, or one style",
+                )
+            return [None if v == "replicate" else v for v in value]
+        return [value if (axis == "ep") == (value in EP_STYLES) else None for axis in sizes]
+    expert = "ep" in sizes and _is_expert(plans.get("ep", {}), target)
+    return [None if axis == "tp" and expert else _style_of(plans.get(axis, {}), target) for axis in sizes]
+
+
+def check_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Placement overrides as `placements_for` takes them, each checked: a glob or a "re:" regex, and a
+    known style, or a list of styles and tensor dims."""
+    known = sorted({*SHARDS, *WHOLE})
+    out = {}
+    for pattern, value in overrides.items():
+        if not isinstance(pattern, str):
+            raise ConvspecError(f"placement pattern {pattern!r} is not a string")
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise ConvspecError(f"placement pattern {pattern!r} is not a regex: {exc}") from None
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            ok = (type(v) is int and v >= 0 and isinstance(value, list)) or (
+                isinstance(v, str) and v in known
+            )
+            if not ok:
+                raise ConvspecError(
+                    f"placement {v!r} of {pattern!r} is not a style"
+                    + (" or a tensor dim" if isinstance(value, list) else ""),
+                    hint=f"use one of {', '.join(known)}; in a list, also a tensor dim (0, 1, ...)",
+                )
+        out[pattern] = value
+    return out
+
+
+def read_overrides(path: str) -> dict[str, Any]:
+    """A `--placements` file: a JSON object {glob or "re:" regex: style, or a list per mesh dim}."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConvspecError(f"{path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ConvspecError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConvspecError(f"{path}: placements are a JSON object {{pattern: style}}")
+    return check_overrides(data)
 
 
 def _outputs(bound) -> Mapping[str, Any]:
@@ -342,7 +418,7 @@ class ShardReport(NamedTuple):
                 | {"wider": r.wider}
                 for r in self.ranks
             ],
-            "placements": {t: [str(x) for x in v] for t, v in p.placements.items()},
+            "placements": {t: [repr(x) for x in v] for t, v in p.placements.items()},
             "fallbacks": self.fallbacks(),
         }
 
@@ -391,11 +467,14 @@ def model_type_of(plan) -> str:
     return plan.model_types[0] if plan.model_types else plan.name
 
 
-def shard_report(bound: BoundPlan, model_type: str, shard: str) -> ShardReport:
-    """Placements for `shard` under `model_type`'s plans and what each rank reads, from headers only."""
+def shard_report(
+    bound: BoundPlan, model_type: str, shard: str, overrides: Mapping[str, Any] | None = None
+) -> ShardReport:
+    """Placements for `shard` under `model_type`'s plans (and `overrides`, first) and what each rank
+    reads, from headers only."""
     from .dtypes import ITEMSIZE
 
-    placed = placements_for(bound, model_type, shard)
+    placed = placements_for(bound, model_type, shard, overrides)
     ranks = rank_io(bound, placed)
     total = sum(math.prod(i.shape) * ITEMSIZE[i.dtype] for i in bound.layout.values())
     return ShardReport(model_type, placed, ranks, total)

@@ -134,6 +134,38 @@ def test_ranks_are_numbered_row_major_as_init_device_mesh_does():
     assert [coords_of(r, (2, 3)) for r in range(6)] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
 
 
+def test_overrides_place_what_they_match_before_the_plans(bound):
+    overrides = {
+        "*.gate_up_proj": ["experts", 1],  # one per mesh dim: a style, or a tensor dim
+        r"re:.*\.o_proj\.weight": "replicate",
+        "model.embed_tokens.weight": "grouped_gemm",  # an ep style goes on the ep dim
+    }
+    p = placements_for(bound, "mixtral", "tp=2,ep=2", overrides).placements
+    assert p["model.layers.1.mlp.experts.gate_up_proj"] == (Shard(0), Shard(1))
+    assert p["model.layers.0.self_attn.o_proj.weight"] == (Replicate(), Replicate())
+    assert p["model.embed_tokens.weight"] == (Shard(0), Replicate())
+    assert p["model.layers.0.self_attn.q_proj.weight"] == (Replicate(), Shard(0))  # the plan's
+    # a model type transformers has no plan for is placed by the overrides alone
+    alone = placements_for(bound, "no_such_model", "tp=2", {"*.q_proj.weight": "colwise"}).placements
+    assert alone["model.layers.0.self_attn.q_proj.weight"] == (Shard(0),)
+    assert alone["model.layers.0.self_attn.o_proj.weight"] == (Replicate(),)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"*": "nope"}, "placement 'nope' of '*' is not a style"),
+        ({"*": [0, 0]}, "names 2 mesh dim(s) for a mesh of 1 (tp)"),
+        ({"re:(": 0}, "is not a regex"),
+        ({"*": -1}, "is not a style"),
+    ],
+)
+def test_a_bad_override_is_refused(bound, overrides, message):
+    with pytest.raises(ConvspecError) as exc:
+        placements_for(bound, "mixtral", "tp=2", overrides)
+    assert message in exc.value.message
+
+
 # ---- what each rank reads ----------------------------------------------------------------------
 
 
@@ -232,7 +264,7 @@ def test_a_bad_shard_is_one_error_exit_2(src, shard, capsys, monkeypatch):
 
 def test_a_shard_that_does_not_divide_is_the_load_sharded_error(src, bound, capsys, monkeypatch):
     """The embedding's 128 rows (vocabulary parallel) do not divide by 3: said as `load_sharded` says it,
-for the first target that does not fit."""
+    for the first target that does not fit."""
     from convspec.sharded import _check_fits
 
     class Mesh:  # what _check_fits asks of a mesh
@@ -251,6 +283,22 @@ for the first target that does not fit."""
 def test_shard_needs_a_checkpoint(capsys):
     assert main(["compile", "mixtral", "--shard", "tp=2"]) == 2
     assert "--shard" in _one_error(capsys)
+
+
+def test_a_placements_file_overrides_the_plans(src, tmp_path, capsys, monkeypatch):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"*.gate_up_proj": ["experts", 1]}))
+    argv = ["compile", "mixtral", "--against", str(src), "--shard", "tp=2,ep=2", "--placements", str(good)]
+    _no_reads(monkeypatch)
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["placements"]["model.layers.0.mlp.experts.gate_up_proj"] == ["Shard(dim=0)", "Shard(dim=1)"]
+    for text, message in [("{", "not JSON"), ("[1]", "a JSON object"), ('{"*": "nope"}', "is not a style")]:
+        good.write_text(text)
+        assert main(argv) == 2
+        assert message in _one_error(capsys)
+    assert main([*argv[:4], "--placements", str(good)]) == 2  # without --shard
+    assert "--placements" in _one_error(capsys)
 
 
 # ---- on a real mesh ----------------------------------------------------------------------------
