@@ -377,15 +377,34 @@ class RankIO:
 
 def rank_io(bound: BoundPlan, placed: Placed) -> list[RankIO]:
     """Each rank's reads of its shards (what `load_sharded` reads on that rank), counted from the
-    headers: every placement is checked first, as `load_sharded` checks it."""
+    headers: every placement is checked first, as `load_sharded` checks it. A region several ranks
+    share (a whole tensor, a shard of its replicas) is walked once."""
     check_fits(placed)
+    reader = CountingReader(bound)
+    cost: dict[tuple[str, Region], tuple[int, int, int, list[str] | None]] = {}
     out = []
     for rank in range(math.prod(placed.mesh_shape)):
-        coords = coords_of(rank, placed.mesh_shape)
-        reader = CountingReader(bound)
+        io = RankIO(rank, coords_of(rank, placed.mesh_shape), ReadStats())
         for target, p in placed.placements.items():
-            reader.read(target, rank_region(placed.shapes[target], placed.mesh_shape, p, coords))
-        out.append(RankIO(rank, coords, reader.stats, reader.wider))
+            region = rank_region(placed.shapes[target], placed.mesh_shape, p, io.coords)
+            c = cost.get((target, region))
+            if c is None:
+                before = (reader.stats.bytes, reader.stats.runs, reader.stats.wider)
+                reader.wider.pop(target, None)
+                reader.read(target, region)
+                after = (reader.stats.bytes, reader.stats.runs, reader.stats.wider)
+                c = cost[target, region] = (
+                    *(a - b for a, b in zip(after, before, strict=True)),
+                    reader.wider.get(target),
+                )
+            io.stats.bytes, io.stats.runs, io.stats.wider = (
+                io.stats.bytes + c[0],
+                io.stats.runs + c[1],
+                io.stats.wider + c[2],
+            )
+            if c[3]:
+                io.wider[target] = c[3]
+        out.append(io)
     return out
 
 
