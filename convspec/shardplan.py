@@ -32,7 +32,7 @@ PLANS = Path(__file__).parent / "hf" / "tp_plans.json"
 
 
 def parse_shard(text: str) -> dict[str, int]:
-    """ "tp=4", "ep=2", "tp=2,ep=2" as {axis: size} in mesh order (ep before tp)."""
+    """A shard spec (`tp=4`, `ep=2`, `tp=2,ep=2`) as {axis: size}, in mesh order (ep before tp)."""
     hint = "write AXIS=N[,AXIS=N] with AXIS tp or ep and N a positive whole number, e.g. tp=2,ep=2"
     sizes: dict[str, int] = {}
     for part in str(text).split(","):
@@ -120,7 +120,8 @@ def _is_expert(ep_plan: Mapping[str, str], target: str) -> bool:
     """Whether the ep plan names `target`, its module or a module above it (transformers then drops
     every tp rule of it)."""
     parts = target.split(".")
-    return any(_style_of(ep_plan, ".".join(parts[:i] + ["x"])) for i in range(1, len(parts) + 1))
+    paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(_pattern(glob).fullmatch(path) for glob in ep_plan for path in paths)
 
 
 class Placed(NamedTuple):
