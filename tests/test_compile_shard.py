@@ -22,8 +22,17 @@ from convspec.dtypes import ITEMSIZE
 from convspec.errors import ConvspecError
 from convspec.io.checkpoint import Checkpoint
 from convspec.io.writer import write_file
+from convspec.ops.slicing import SliceMap
 from convspec.regions import RegionReader
-from convspec.shardplan import coords_of, parse_shard, placements_for, rank_io, rank_region, shard_report
+from convspec.shardplan import (
+    CountingReader,
+    coords_of,
+    parse_shard,
+    placements_for,
+    rank_io,
+    rank_region,
+    shard_report,
+)
 from convspec.streaming import bind_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -220,6 +229,47 @@ def test_an_op_that_cannot_map_the_shard_is_named_with_its_target(tmp_path):
     assert all(r.wider == {key: ["permute_rope"]} for r in report.ranks)
     assert all(r.stats.bytes == 8 * 8 * 4 for r in report.ranks)  # the whole head of 8 rows
     assert "permute_rope" in report.fallbacks()[key]
+
+
+def test_every_op_maps_a_slice_on_meta_tensors(bound):
+    """The counting reader runs each slice map on meta tensors: every built-in op gives the shape and
+    dtype it gives on data (`test_slice_maps.CASES` holds a case of each)."""
+    from test_slice_maps import CASES
+
+    from convspec.ops import OPS, TensorInfo
+    from convspec.ops.slicing import finish, take
+
+    assert {name for name, _, _ in CASES} >= {
+        n for n, op in OPS.items() if type(op).__module__.startswith("convspec.")
+    }
+    reader = CountingReader(bound)
+    for name, params, shapes in CASES:
+        infos = [TensorInfo(tuple(s), "float32") for s in shapes]
+        xs = [torch.zeros(s) for s in shapes]
+        for k, out in enumerate(OPS[name].apply(params, xs)):
+            region = tuple((0, (n + 1) // 2) for n in out.shape)
+            m = OPS[name].slice_map(params, infos, k, region)
+            real = [
+                torch.cat([take(x, r) for r in rs], m.join) if rs else None
+                for x, rs in zip(xs, m.reads, strict=True)
+            ]
+            meta = [None if x is None else x.to("meta") for x in real]
+            got, want = reader.finish(m, meta), finish(m, real)
+            assert (got.device.type, got.shape, got.dtype) == ("meta", want.shape, want.dtype), name
+
+
+def test_an_op_without_a_meta_kernel_runs_on_empty_memory(bound):
+    class NoMeta:
+        name = "no_meta"
+
+        def apply(self, p, ins):
+            if ins[0].device.type == "meta":
+                raise NotImplementedError("no meta kernel")
+            return [ins[0] * 2]
+
+    m = SliceMap(reads=((((0, 4), (0, 2)),),), op=NoMeta(), params={})
+    got = CountingReader(bound).finish(m, [torch.empty(4, 2, device="meta", dtype=torch.bfloat16)])
+    assert (got.device.type, tuple(got.shape), got.dtype) == ("meta", (4, 2), torch.bfloat16)
 
 
 # ---- the command line --------------------------------------------------------------------------
