@@ -498,3 +498,21 @@ def shard_report(
     ranks = rank_io(bound, placed)
     total = sum(math.prod(i.shape) * ITEMSIZE[i.dtype] for i in bound.layout.values())
     return ShardReport(model_type, placed, ranks, total)
+
+
+def load_by_plan(plan, src, shard: str, device: str = "cpu", strict: bool = False, dtype: str | None = None):
+    """`plan.load(src, shard="tp=2,ep=2")`: a mesh of those axes over every rank of the job (ep
+    before tp), each tensor placed as transformers' tp and ep plans for the model type place it
+    (`shardplan.placements_for`). Returns the tensors, as `load_sharded` does."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .sharded import Place, load_placed
+
+    sizes = parse_shard(shard)  # the same on every rank: refused alike, before any collective
+    mesh = init_device_mesh(device.split(":")[0], tuple(sizes.values()), mesh_dim_names=tuple(sizes))
+
+    def placing(bound) -> Place:
+        placed = placements_for(bound, model_type_of(plan), sizes).placements
+        return lambda target, ndim: (mesh, placed[target])
+
+    return load_placed(plan, src, placing, strict, dtype=dtype)
