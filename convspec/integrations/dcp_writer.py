@@ -8,6 +8,7 @@ says, element by element, which original key and offset it came from."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -127,18 +128,21 @@ class ConvspecWriter(StorageWriter):
                 f"{others[0]} is not a tensor: a safetensors checkpoint holds tensors only",
                 hint="save the model's state dict alone",
             )
-        return plan
+        # the state dict's order, which the dedup of the global plan loses and the output follows
+        return dataclasses.replace(plan, storage_data=list(dict.fromkeys(i.index.fqn for i in plan.items)))
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """On the coordinator: the original layout, bound from the converted one every rank's items
         describe, and its shard files made (headers written, sized) in a temporary directory."""
-        import dataclasses
-
-        converted = {}
+        infos = {}
         for p in plans:
             for item in p.items:
                 td = item.tensor_data
-                converted[item.index.fqn] = TensorInfo(tuple(td.size), dtype_name(td.properties.dtype))
+                infos[item.index.fqn] = TensorInfo(tuple(td.size), dtype_name(td.properties.dtype))
+        # in the coordinator's state dict order (then any key only another rank holds), as Plan.save
+        # of the full state dict would see it
+        order = [k for p in plans if isinstance(p.storage_data, list) for k in p.storage_data]
+        converted = {k: infos[k] for k in dict.fromkeys([*order, *infos]) if k in infos}
         entries = original_layout(self.plan, converted)
         target = self._create(entries, *shard_files(entries, self.limit))
         return [dataclasses.replace(p, storage_data=target) for p in plans]

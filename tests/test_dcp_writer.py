@@ -1,0 +1,200 @@
+"""Saving through torch.distributed.checkpoint back to the original layout (issue 16): a state dict in
+the converted layout, as DTensors sharded over 2 and 4 gloo processes (experts, colwise, rowwise, a
+2-D mesh of EP x TP), saved with `ConvspecWriter`, is byte for byte what one process writes with
+`plan.inverse().save` of the full state dict. A rank that fails leaves no directory and no hang."""
+
+from __future__ import annotations
+
+import filecmp
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+import convspec
+from convspec.errors import ConvspecError
+from convspec.io.checkpoint import Checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from helpers.distributed import run_workers  # noqa: E402
+from make_tiny_mixtral import make  # noqa: E402
+
+dcp = pytest.importorskip("torch.distributed.checkpoint")
+from convspec.integrations.dcp_writer import ConvspecWriter  # noqa: E402
+
+SHARD = 20_000  # bytes: the tiny checkpoint (108 kB) comes out as 6 files and an index
+
+WORKER = r"""
+import json, sys, warnings
+from datetime import timedelta
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard
+
+import convspec
+from convspec.integrations.dcp_writer import ConvspecWriter
+from convspec.sharded import load_sharded
+
+out, src, dst, mode, shard = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+warnings.simplefilter("ignore")
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank, world = dist.get_rank(), dist.get_world_size()
+result = {}
+try:
+    mesh = init_device_mesh("cpu", (2, world // 2) if mode == "2d" else (world,))
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+
+    def placement(key):
+        if mode == "2d":  # experts over one mesh dim, each expert's rows over the other (EP x TP)
+            if key.endswith("experts.gate_up_proj"):
+                return [Shard(0), Shard(1)]
+            if key.endswith("experts.down_proj"):
+                return [Shard(0), Shard(2)]
+            if key.endswith("o_proj.weight"):
+                return [Replicate(), Shard(1)]
+            return [Replicate(), Shard(0)] if key.endswith("q_proj.weight") else [Replicate(), Replicate()]
+        if key.endswith("experts.gate_up_proj"):
+            return "experts"
+        if key.endswith("experts.down_proj"):
+            return [Shard(2)]  # the experts' input features
+        if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "embed_tokens.weight")):
+            return "colwise"
+        if key.endswith("o_proj.weight"):
+            return "rowwise"
+        return None  # replicated: DCP's dedup gives each to one rank
+
+    tensors, _ = load_sharded(plan, src, mesh, placement)
+    dcp.save(tensors, storage_writer=ConvspecWriter(plan, f"{dst}/saved", max_shard_size=shard))
+    result["saved"] = True
+    if mode == "1d":  # then a save during which rank 1 fails
+        import convspec.integrations.dcp_writer as w
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        def broken(*args):
+            raise RuntimeError("disk full on rank 1")
+
+        if rank == 1:
+            w.write_chunks = broken
+        try:
+            dcp.save(tensors, storage_writer=ConvspecWriter(plan, f"{dst}/failed", max_shard_size=shard))
+        except CheckpointException as exc:
+            result["failed"] = str(exc)[-2000:]
+finally:
+    dist.destroy_process_group()
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(result, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny Mixtral checkpoint, and what one process saves of it through the inverse plan."""
+    root = tmp_path_factory.mktemp("dcpwrite")
+    make(root / "tiny", layers=2, experts=4)
+    plan = convspec.compile("mixtral", config=f"{root / 'tiny'}/config.json")
+    plan.inverse().save(plan.load(root / "tiny"), root / "ref", max_shard_size=SHARD)
+    return root / "tiny", root / "ref"
+
+
+def same_files(a: Path, b: Path) -> list[str]:
+    """The files of `a`, after checking `b` holds the same names with the same bytes."""
+    names = sorted(p.name for p in a.iterdir())
+    assert sorted(p.name for p in b.iterdir()) == names
+    assert all(filecmp.cmp(a / n, b / n, shallow=False) for n in names), "bytes differ"
+    return names
+
+
+def same_tensors(a: Path, b: Path) -> None:
+    """Every tensor of checkpoint `a` in checkpoint `b`, with the same bits."""
+    ca, cb = Checkpoint(a), Checkpoint(b)
+    assert sorted(ca.entries) == sorted(cb.entries)
+    for key in ca.entries:
+        x, y = ca.get(key), cb.get(key)
+        assert x.dtype == y.dtype and x.view(torch.uint8).equal(y.view(torch.uint8)), key
+
+
+@pytest.mark.parametrize(("world", "mode"), [(2, "1d"), (4, "2d")])
+def test_each_rank_writes_its_chunks_and_the_files_are_those_one_process_writes(tiny, tmp_path, world, mode):
+    """On 2 ranks, a second save during which rank 1 fails follows: every rank gets the error, no
+    directory is left (nor its temporary, once the coordinator's writer is gone), nothing hangs."""
+    src, ref = tiny
+    results = run_workers(WORKER, world, tmp_path, src, tmp_path, mode, SHARD)
+    assert all(r["saved"] for r in results)
+    names = same_files(ref, tmp_path / "saved")
+    assert len(names) == 7 and "model.safetensors.index.json" in names
+    same_tensors(src, tmp_path / "saved")  # the original checkpoint, tensor for tensor (ordered otherwise)
+    if mode == "1d":
+        assert all("RuntimeError: disk full on rank 1" in r["failed"] for r in results)
+        assert not (tmp_path / "failed").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def _save(state_dict, writer) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ...": one process, as meant
+        dcp.save(state_dict, storage_writer=writer)
+
+
+def test_one_process_writes_what_plan_save_writes(tiny, tmp_path):
+    src, ref = tiny
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+    _save(dict(plan.load(src)), ConvspecWriter(plan, tmp_path / "saved", max_shard_size=SHARD))
+    same_files(ref, tmp_path / "saved")
+    _save(dict(plan.load(src)), ConvspecWriter(plan, tmp_path / "one"))
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["model.safetensors"]
+
+
+def test_elements_follow_casts_transposes_and_mixed_dtypes(tmp_path):
+    """A converted tensor made of two originals of different dtypes (one widened by a cast), then
+    transposed: every element goes back to its own key, in its own dtype."""
+    spec = tmp_path / "s.cspec"
+    spec.write_text(
+        "spec s\nconvert a = {p:path}.a, b = {p:path}.b\n"
+        "  -> {p}.ab = transpose(cat(cast(a, dtype=float32, from=bfloat16), b, dim=0, sizes=[3, 5]))\n"
+    )
+    plan = convspec.compile(str(spec))
+    g = torch.Generator().manual_seed(0)
+    original = {
+        "m.a": torch.randn(3, 4, generator=g).to(torch.bfloat16),
+        "m.b": torch.randn(5, 4, generator=g),
+        "m.c": torch.arange(6, dtype=torch.int32),
+    }
+    converted = plan.apply(original)
+    plan.inverse().save(converted, tmp_path / "ref", max_shard_size=40)
+    _save(converted, ConvspecWriter(plan, tmp_path / "saved", max_shard_size=40))
+    assert len(same_files(tmp_path / "ref", tmp_path / "saved")) == 4  # 3 files and the index
+
+
+def test_a_state_dict_not_in_the_converted_layout_is_refused_before_anything_is_written(tiny, tmp_path):
+    src, _ = tiny
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+    state = dict(plan.load(src))
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    state[key] = state[key][:, :95]  # the inverse cannot split 95 rows into w1 and w3
+    with pytest.raises(CheckpointException, match="is not divisible by 2"):
+        _save(state, ConvspecWriter(plan, tmp_path / "saved"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_destination_is_kept_unless_overwrite(tiny, tmp_path):
+    src, ref = tiny
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+    (tmp_path / "saved").mkdir()
+    with pytest.raises(CheckpointException, match="already exists"):
+        _save(dict(plan.load(src)), ConvspecWriter(plan, tmp_path / "saved", max_shard_size=SHARD))
+    assert list((tmp_path / "saved").iterdir()) == []
+    _save(
+        dict(plan.load(src)), ConvspecWriter(plan, tmp_path / "saved", max_shard_size=SHARD, overwrite=True)
+    )
+    same_files(ref, tmp_path / "saved")
+
+
+def test_a_lossy_plan_is_refused_when_the_writer_is_made(tmp_path):
+    spec = tmp_path / "s.cspec"
+    spec.write_text("spec s\nconvert x = {p:path}.w\n  -> {p}.v = cast(x, dtype=bfloat16, from=float32)\n")
+    with pytest.raises(ConvspecError, match="cannot be inverted exactly"):
+        ConvspecWriter(convspec.compile(str(spec)), tmp_path / "saved")
