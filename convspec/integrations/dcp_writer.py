@@ -8,6 +8,7 @@ says, element by element, which original key and offset it came from."""
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import json
@@ -24,6 +25,7 @@ from torch.futures import Future
 
 from ..dtypes import ITEMSIZE
 from ..errors import ConvspecError
+from ..io.destination import write_error
 from ..io.memory import tensor_memory
 from ..io.writer import AtomicDir, parse_size, plan_shards, pwrite_all, shard_header
 from ..ops import TensorInfo
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 INDEX = "model.safetensors.index.json"
 BLOCK = 1 << 22  # elements of a chunk placed at a time: their ids, order and bytes stay a few tens of MB
+MIN_RUN = 16  # elements: a chunk whose runs of consecutive ids are shorter on average is sorted by id
 
 
 class Target(NamedTuple):
@@ -60,16 +63,20 @@ class ElementIds(RegionReader):
     original element it is: `bases[key]` plus its row-major index in the original tensor. Ops move
     ids as they move values; a cast (an op that `changes_values`) passes them through unchanged."""
 
-    def __init__(self, bound: BoundPlan, bases: dict[str, int]):
+    def __init__(self, bound: BoundPlan, bases: dict[str, int], total: int):
+        import torch
+
         super().__init__(bound, None)  # type: ignore[arg-type]  # no checkpoint: nothing is read
         self.bases = bases
+        # ids in 32 bits where they all fit: half the memory and time of every op they go through
+        self.dtype = torch.int32 if total < 2**31 else torch.int64
 
     def source(self, key: str, region: Region) -> torch.Tensor:
         import torch
 
-        ids = torch.tensor(self.bases[key], dtype=torch.int64)
+        ids = torch.tensor(self.bases[key], dtype=self.dtype)
         for (a, b), step in zip(region, strides(self.bound.layout[key].shape), strict=True):
-            ids = ids.unsqueeze(-1) + torch.arange(a, b, dtype=torch.int64) * step
+            ids = ids.unsqueeze(-1) + torch.arange(a, b, dtype=self.dtype) * step
         return ids
 
     def finish(self, m: SliceMap, read: list) -> torch.Tensor:
@@ -198,14 +205,16 @@ class ConvspecWriter(StorageWriter):
         self._atomic, self._cleanup = atomic, weakref.finalize(self, atomic.abort)
         try:
             for name, head, size in files:
-                fd = os.open(atomic.tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(atomic.tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
                 try:
                     pwrite_all(fd, memoryview(head), 0)
                     os.ftruncate(fd, size)
                 finally:
                     os.close(fd)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            if isinstance(exc, OSError):
+                raise write_error(exc, self.dst, atomic.tmp) from None
             raise
         self._target = Target(str(atomic.tmp), entries, [name for name, _, _ in files], where)
         return self._target
@@ -255,14 +264,9 @@ def write_chunks(
 ) -> list[WriteResult]:
     """This rank's items written into the shard files, block by block; one WriteResult each."""
     entries = target.entries
-    bases = dict(
-        zip(
-            [k for k, _, _ in entries],
-            itertools.accumulate((math.prod(s) for _, s, _ in entries), initial=0),
-            strict=False,
-        )
-    )
-    reader = ElementIds(plan.bind({k: TensorInfo(s, d) for k, s, d in entries}), bases)
+    ends = list(itertools.accumulate((math.prod(s) for _, s, _ in entries), initial=0))
+    bases = {k: base for (k, _, _), base in zip(entries, ends, strict=False)}
+    reader = ElementIds(plan.bind({k: TensorInfo(s, d) for k, s, d in entries}), bases, ends[-1])
     out = _Files(target, bases)
     results = []
     try:
@@ -298,45 +302,48 @@ def _place(reader: ElementIds, out: _Files, fqn: str, offsets: tuple[int, ...], 
 
 
 class _Files:
-    """The shard files as one rank writes them: elements by global id, each original key's values
-    cast back to its dtype, each run of consecutive ids one pwrite at its offset."""
+    """The shard files as one rank writes them: each run of consecutive global ids one pwrite at its
+    offset, of the values cast back to the original key's dtype."""
 
     def __init__(self, target: Target, bases: dict[str, int]):
-        import torch
-
         self.tmp = Path(target.tmp)
-        self.keys = [k for k, _, _ in target.entries]
+        keys = [k for k, _, _ in target.entries]
         self.dtypes = [d for _, _, d in target.entries]
-        self.bases = [bases[k] for k in self.keys]
-        self.where = [target.where[k] for k in self.keys]
-        self.starts = torch.tensor(self.bases, dtype=torch.int64)
+        self.bases = [bases[k] for k in keys]
+        self.ends = [bases[k] + math.prod(s) for k, s, _ in target.entries]
+        self.files = [target.where[k][0] for k in keys]
+        # the file offset global id 0 would have, were it of this key: the key's data offset, less its base
+        self.origin = [target.where[k][1] - bases[k] * ITEMSIZE[d] for k, _, d in target.entries]
         self.fds: dict[str, int] = {}
 
     def put(self, ids: torch.Tensor, values: torch.Tensor) -> None:
-        """`values[i]` written as element `ids[i]` (global ids, each once)."""
+        """`values[i]` written as element `ids[i]` (global ids, each once), by runs of consecutive
+        ids: in the chunk's order where its runs are long, else sorted by id into the files' order
+        (a transposed chunk: its runs are single elements, an original row's are whole rows)."""
         import torch
 
-        if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+        n = ids.numel()
+        cuts = (ids[1:] != ids[:-1] + 1).nonzero().flatten() + 1
+        if len(cuts) * MIN_RUN > n:
             ids, order = torch.sort(ids)
             values = values[order]
-        key = torch.searchsorted(self.starts, ids, right=True) - 1
-        new_key = torch.ones(ids.numel(), dtype=torch.bool)
-        new_key[1:] = key[1:] != key[:-1]
-        new_run = new_key.clone()
-        new_run[1:] |= ids[1:] != ids[:-1] + 1
-        runs = new_run.nonzero().flatten()
-        bounds, first, keys = runs.tolist() + [ids.numel()], ids[runs].tolist(), key[runs].tolist()
-        segments = new_key.nonzero().flatten().tolist() + [ids.numel()]
-        j = 0
-        for s0, s1 in zip(segments, segments[1:], strict=False):
-            k = keys[j]
-            raw = tensor_memory(self._as(values[s0:s1], self.dtypes[k]))
-            fd, item = self._fd(self.where[k][0]), ITEMSIZE[self.dtypes[k]]
-            at = self.where[k][1] - self.bases[k] * item  # the file offset of global id 0, were it this key's
-            while j < len(keys) and bounds[j] < s1:
-                r0, r1 = bounds[j], bounds[j + 1]
-                pwrite_all(fd, raw[(r0 - s0) * item : (r1 - s0) * item], at + first[j] * item)
-                j += 1
+            cuts = (ids[1:] != ids[:-1] + 1).nonzero().flatten() + 1
+        starts = torch.cat([torch.zeros(1, dtype=cuts.dtype), cuts])
+        bounds, firsts = [*starts.tolist(), n], ids[starts].tolist()
+        raws: dict[str, memoryview] = {}  # the values as each dtype they go back to, cast once
+        for j, first in enumerate(firsts):
+            r0, r1 = bounds[j], bounds[j + 1]
+            while r0 < r1:  # a run of ids may go on from one key into the next: cut at the keys
+                k = bisect.bisect_right(self.bases, first) - 1
+                r = min(r1, r0 + self.ends[k] - first)
+                dtype = self.dtypes[k]
+                if dtype not in raws:
+                    raws[dtype] = tensor_memory(self._as(values, dtype))
+                item = ITEMSIZE[dtype]
+                pwrite_all(
+                    self._fd(self.files[k]), raws[dtype][r0 * item : r * item], self.origin[k] + first * item
+                )
+                first, r0 = first + r - r0, r
 
     @staticmethod
     def _as(values: torch.Tensor, dtype: str) -> torch.Tensor:
