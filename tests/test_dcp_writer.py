@@ -70,8 +70,11 @@ try:
     tensors, _ = load_sharded(plan, src, mesh, placement)
     dcp.save(tensors, storage_writer=ConvspecWriter(plan, f"{dst}/saved", max_shard_size=shard))
     result["saved"] = True
+    import convspec.integrations.dcp_writer as w
+
+    w._Moves.of = lambda self, target: None  # every chunk placed by element ids, as a computing group's
+    dcp.save(tensors, storage_writer=ConvspecWriter(plan, f"{dst}/by_ids", max_shard_size=shard))
     if mode == "1d":  # then a save during which rank 1 fails
-        import convspec.integrations.dcp_writer as w
         from torch.distributed.checkpoint.api import CheckpointException
 
         def broken(*args):
@@ -126,6 +129,7 @@ def test_each_rank_writes_its_chunks_and_the_files_are_those_one_process_writes(
     assert all(r["saved"] for r in results)
     names = same_files(ref, tmp_path / "saved")
     assert len(names) == 7 and "model.safetensors.index.json" in names
+    same_files(ref, tmp_path / "by_ids")
     same_tensors(src, tmp_path / "saved")  # the original checkpoint, tensor for tensor (ordered otherwise)
     if mode == "1d":
         assert all("RuntimeError: disk full on rank 1" in r["failed"] for r in results)

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from ..blocks import Run, block_runs
 from ..dtypes import ITEMSIZE
 from ..errors import ConvspecError
 from ..io.destination import write_error
@@ -33,6 +34,7 @@ from ..ops.base import dtype_name
 from ..ops.cast import cast_tensor
 from ..ops.slicing import Region, SliceMap, strides
 from ..regions import RegionReader
+from ..regions import _runs as region_runs
 
 if TYPE_CHECKING:
     import torch
@@ -266,23 +268,66 @@ def write_chunks(
     entries = target.entries
     ends = list(itertools.accumulate((math.prod(s) for _, s, _ in entries), initial=0))
     bases = {k: base for (k, _, _), base in zip(entries, ends, strict=False)}
-    reader = ElementIds(plan.bind({k: TensorInfo(s, d) for k, s, d in entries}), bases, ends[-1])
+    bound = plan.bind({k: TensorInfo(s, d) for k, s, d in entries})
+    reader, moves = ElementIds(bound, bases, ends[-1]), _Moves(bound)
     out = _Files(target, bases)
     results = []
     try:
         for item in items:
-            chunk = item.tensor_data.chunk
+            chunk, fqn = item.tensor_data.chunk, item.index.fqn
             data = planner.resolve_data(item).detach()
             if tuple(data.shape) != tuple(chunk.sizes):
                 raise ConvspecError(
-                    f"{item.index.fqn}: a chunk of {list(data.shape)} where {list(chunk.sizes)} was planned"
+                    f"{fqn}: a chunk of {list(data.shape)} where {list(chunk.sizes)} was planned"
                 )
-            _place(reader, out, item.index.fqn, tuple(chunk.offsets), data)
+            runs = moves.of(fqn) if data.numel() else None
+            if runs is not None and dtype_name(data.dtype) == bound.outputs[fqn][1]:
+                _copy(out, runs, bound.outputs[fqn][0], tuple(chunk.offsets), data)
+            else:
+                _place(reader, out, fqn, tuple(chunk.offsets), data)
             results.append(WriteResult(item.index, data.numel() * data.element_size(), None))
         out.sync()
     finally:
         out.close()
     return results
+
+
+class _Moves:
+    """Each converted tensor whose bytes are moved as they are, as runs of source bytes in its order
+    (`blocks.block_runs`, per whole block, the trailing dims no op cuts; one run for a renamed key):
+    a chunk of it is written by those runs, with no element ids. None for a group that computes."""
+
+    def __init__(self, bound: BoundPlan):
+        self.bound = bound
+        self.made_by = {t: g for g in bound.groups for t in g.outputs}
+        self.source_of = {dst: src for src, dst in bound.passthrough.items()}
+        self.runs: dict[int, dict[str, list[Run]] | None] = {}
+
+    def of(self, target: str) -> list[Run] | None:
+        if target in self.source_of:
+            src = self.source_of[target]
+            return [Run(src, 0, 0, self.bound.layout[src].nbytes)]
+        g = self.made_by[target]
+        if id(g) not in self.runs:
+            self.runs[id(g)] = block_runs(self.bound, g, 0)
+        runs = self.runs[id(g)]
+        return None if runs is None else runs[target]
+
+
+def _copy(out: _Files, runs: list[Run], shape: tuple[int, ...], offsets: tuple[int, ...], data) -> None:
+    """A chunk at `offsets` of a tensor of `shape` made of source `runs`: each stretch of the chunk
+    that is contiguous in the tensor (`regions._runs`) cut where the runs cut it, a pwrite each."""
+    item = data.element_size()
+    raw = tensor_memory(data.cpu().contiguous())
+    dsts = [r.dst for r in runs]
+    region = tuple((o, o + s) for o, s in zip(offsets, data.shape, strict=True))
+    for off, at, n in region_runs(shape, region, item):
+        j = bisect.bisect_right(dsts, off) - 1
+        while n > 0:
+            r = runs[j]
+            m = min(n, r.dst + r.size - off)
+            out.write(r.source, r.src + off - r.dst, raw[at : at + m])
+            off, at, n, j = off + m, at + m, n - m, j + 1
 
 
 def _place(reader: ElementIds, out: _Files, fqn: str, offsets: tuple[int, ...], data: torch.Tensor) -> None:
@@ -314,6 +359,7 @@ class _Files:
         self.files = [target.where[k][0] for k in keys]
         # the file offset global id 0 would have, were it of this key: the key's data offset, less its base
         self.origin = [target.where[k][1] - bases[k] * ITEMSIZE[d] for k, _, d in target.entries]
+        self.where = target.where
         self.fds: dict[str, int] = {}
 
     def put(self, ids: torch.Tensor, values: torch.Tensor) -> None:
@@ -344,6 +390,11 @@ class _Files:
                     self._fd(self.files[k]), raws[dtype][r0 * item : r * item], self.origin[k] + first * item
                 )
                 first, r0 = first + r - r0, r
+
+    def write(self, key: str, offset: int, data: memoryview) -> None:
+        """Bytes at `offset` in original tensor `key`'s data."""
+        name, start = self.where[key]
+        pwrite_all(self._fd(name), data, start + offset)
 
     @staticmethod
     def _as(values: torch.Tensor, dtype: str) -> torch.Tensor:
