@@ -184,6 +184,19 @@ def test_a_state_dict_not_in_the_converted_layout_is_refused_before_anything_is_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_key_the_forward_plan_would_rename_is_refused(tiny, tmp_path):
+    """An original-layout key in a converted state dict: the inverse passes it through, and the
+    forward plan would not make it back, so no element of it can be placed by the forward maps."""
+    src, _ = tiny
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+    state = dict(plan.load(src))
+    state["model.layers.3.block_sparse_moe.gate.weight"] = state["model.layers.0.mlp.gate.weight"]
+    message = "model.layers.3.block_sparse_moe.gate.weight .4, 32. bfloat16: the state dict does not convert"
+    with pytest.raises(CheckpointException, match=message):
+        _save(state, ConvspecWriter(plan, tmp_path / "saved"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_existing_destination_is_kept_unless_overwrite(tiny, tmp_path):
     src, ref = tiny
     plan = convspec.compile("mixtral", config=f"{src}/config.json")
@@ -202,3 +215,26 @@ def test_a_lossy_plan_is_refused_when_the_writer_is_made(tmp_path):
     spec.write_text("spec s\nconvert x = {p:path}.w\n  -> {p}.v = cast(x, dtype=bfloat16, from=float32)\n")
     with pytest.raises(ConvspecError, match="cannot be inverted exactly"):
         ConvspecWriter(convspec.compile(str(spec)), tmp_path / "saved")
+
+
+def test_a_failed_save_leaves_nothing_once_its_writer_is_dropped(tiny, tmp_path, monkeypatch):
+    """DCP calls no writer method when a rank fails: the coordinator's writer removes its temporary
+    directory when it is dropped (or at `abort()`)."""
+    import gc
+
+    import convspec.integrations.dcp_writer as w
+
+    src, _ = tiny
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+
+    def broken(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(w, "write_chunks", broken)
+    writer = ConvspecWriter(plan, tmp_path / "saved")
+    with pytest.raises(CheckpointException, match="No space left on device"):
+        _save(dict(plan.load(src)), writer)
+    assert [p.name for p in tmp_path.iterdir()] != []  # the temporary, until the writer goes
+    del writer
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
