@@ -74,6 +74,13 @@ try:
 
     w._Moves.of = lambda self, target: None  # every chunk placed by element ids, as a computing group's
     dcp.save(tensors, storage_writer=ConvspecWriter(plan, f"{dst}/by_ids", max_shard_size=shard))
+    if mode == "1d":  # a computing group (a cast, a transpose), each rank half the columns
+        from torch.distributed.tensor import distribute_tensor
+
+        cast_plan = convspec.compile(f"{dst}/s.cspec")
+        full = cast_plan.load(f"{dst}/cast_src")
+        placed = {k: distribute_tensor(t, mesh, [Shard(t.dim() - 1)]) for k, t in full.items()}
+        dcp.save(placed, storage_writer=ConvspecWriter(cast_plan, f"{dst}/cast", max_shard_size=40))
     if mode == "1d":  # then a save during which rank 1 fails
         from torch.distributed.checkpoint.api import CheckpointException
 
@@ -125,6 +132,8 @@ def test_each_rank_writes_its_chunks_and_the_files_are_those_one_process_writes(
     """On 2 ranks, a second save during which rank 1 fails follows: every rank gets the error, no
     directory is left (nor its temporary, once the coordinator's writer is gone), nothing hangs."""
     src, ref = tiny
+    if mode == "1d":
+        cast_case(tmp_path)
     results = run_workers(WORKER, world, tmp_path, src, tmp_path, mode, SHARD)
     assert all(r["saved"] for r in results)
     names = same_files(ref, tmp_path / "saved")
@@ -132,6 +141,7 @@ def test_each_rank_writes_its_chunks_and_the_files_are_those_one_process_writes(
     same_files(ref, tmp_path / "by_ids")
     same_tensors(src, tmp_path / "saved")  # the original checkpoint, tensor for tensor (ordered otherwise)
     if mode == "1d":
+        same_files(tmp_path / "cast_ref", tmp_path / "cast")
         assert all("RuntimeError: disk full on rank 1" in r["failed"] for r in results)
         assert not (tmp_path / "failed").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
@@ -152,25 +162,37 @@ def test_one_process_writes_what_plan_save_writes(tiny, tmp_path):
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["model.safetensors"]
 
 
-def test_elements_follow_casts_transposes_and_mixed_dtypes(tmp_path):
-    """A converted tensor made of two originals of different dtypes (one widened by a cast), then
-    transposed: every element goes back to its own key, in its own dtype."""
-    spec = tmp_path / "s.cspec"
-    spec.write_text(
-        "spec s\nconvert a = {p:path}.a, b = {p:path}.b\n"
-        "  -> {p}.ab = transpose(cat(cast(a, dtype=float32, from=bfloat16), b, dim=0, sizes=[3, 5]))\n"
-    )
-    plan = convspec.compile(str(spec))
+CAST_SPEC = (
+    "spec s\nconvert a = {p:path}.a, b = {p:path}.b\n"
+    "  -> {p}.ab = transpose(cat(cast(a, dtype=float32, from=bfloat16), b, dim=0, sizes=[3, 5]))\n"
+)
+
+
+def cast_case(root: Path):
+    """A spec that makes a converted tensor of two originals of different dtypes (one widened by a
+    cast), then transposed; a checkpoint of it (`cast_src`) and one process's save (`cast_ref`)."""
+    from convspec.io.writer import write_file
+
+    (root / "s.cspec").write_text(CAST_SPEC)
+    plan = convspec.compile(str(root / "s.cspec"))
     g = torch.Generator().manual_seed(0)
     original = {
         "m.a": torch.randn(3, 4, generator=g).to(torch.bfloat16),
         "m.b": torch.randn(5, 4, generator=g),
         "m.c": torch.arange(6, dtype=torch.int32),
     }
-    converted = plan.apply(original)
-    plan.inverse().save(converted, tmp_path / "ref", max_shard_size=40)
-    _save(converted, ConvspecWriter(plan, tmp_path / "saved", max_shard_size=40))
-    assert len(same_files(tmp_path / "ref", tmp_path / "saved")) == 4  # 3 files and the index
+    (root / "cast_src").mkdir()
+    write_file(root / "cast_src" / "model.safetensors", original)
+    plan.inverse().save(plan.load(root / "cast_src"), root / "cast_ref", max_shard_size=40)
+    return plan
+
+
+def test_elements_follow_casts_transposes_and_mixed_dtypes(tmp_path):
+    """Every element goes back to its own key, in its own dtype (2 ranks, each with half the
+    transposed tensor's columns, do the same in the test above)."""
+    plan = cast_case(tmp_path)
+    _save(dict(plan.load(tmp_path / "cast_src")), ConvspecWriter(plan, tmp_path / "saved", max_shard_size=40))
+    assert len(same_files(tmp_path / "cast_ref", tmp_path / "saved")) == 4  # 3 files and the index
 
 
 def test_a_state_dict_not_in_the_converted_layout_is_refused_before_anything_is_written(tiny, tmp_path):
