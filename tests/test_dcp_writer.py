@@ -187,6 +187,17 @@ def cast_case(root: Path):
     return plan
 
 
+def test_a_checkpoint_id_given_to_dcp_is_the_destination(tiny, tmp_path):
+    src, ref = tiny
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+    writer = ConvspecWriter(plan, tmp_path / "unused", max_shard_size=SHARD)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(dict(plan.load(src)), checkpoint_id=tmp_path / "saved", storage_writer=writer)
+    same_files(ref, tmp_path / "saved")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+
+
 def test_elements_follow_casts_transposes_and_mixed_dtypes(tmp_path):
     """Every element goes back to its own key, in its own dtype (2 ranks, each with half the
     transposed tensor's columns, do the same in the test above)."""

@@ -218,7 +218,7 @@ class ConvspecWriter(StorageWriter):
             if isinstance(exc, OSError):
                 raise write_error(exc, self.dst, atomic.tmp) from None
             raise
-        self._target = Target(str(atomic.tmp), entries, [name for name, _, _ in files], where)
+        self._target = Target(os.path.abspath(atomic.tmp), entries, [name for name, _, _ in files], where)
         return self._target
 
 
