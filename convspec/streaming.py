@@ -212,10 +212,15 @@ def convert_checkpoint(
     on_tensor: Callable[[str, int], None] | None = None,
     manifest: bool = False,
     ckpt: Checkpoint | None = None,
+    workers: int = 1,
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
     `manifest`, a per-tensor hash manifest of the source and the output is written inside it.
-    `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again."""
+    `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again.
+    With `workers` > 1 the groups are split across that many processes (the same bytes)."""
+    from .parallel_convert import check_workers, write_parallel
+
+    workers = check_workers(workers)
     check_dtype(dtype)
     device = check_device(device, needs_data=WRITES)
     ckpt = Checkpoint(src) if ckpt is None else ckpt
@@ -227,8 +232,22 @@ def convert_checkpoint(
         return ConvertResult(None, [], len(entries), total, bound)
     atomic = AtomicDir(dst, overwrite=overwrite)
     with atomic as tmp:
-        stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
-        files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
+        if workers > 1:
+            files = write_parallel(
+                bound,
+                ckpt,
+                entries,
+                tmp,
+                limit,
+                workers,
+                device=device,
+                dtype=dtype,
+                copies=device == "cpu",
+                on_tensor=on_tensor,
+            )
+        else:
+            stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
+            files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
         ckpt.copy_side_files(tmp)
         from . import manifest as hashes
 

@@ -1,0 +1,320 @@
+"""Multi-process convert: every shard file is laid out first (its header and each tensor's offset are
+known from headers alone), then the groups are split across worker processes that write their
+tensors at their offsets. The bytes are those one process writes; the commit stays the parent's."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+from .bind import BoundPlan
+from .dtypes import ITEMSIZE
+from .errors import ConvspecError
+from .io.checkpoint import Checkpoint
+from .io.writer import Place, lay_out, write_index, write_item
+
+FAULT_ENV = "CONVSPEC_TEST_WORKER_FAULT"  # "N:raise" or "N:kill": worker N fails (tests only)
+WORKERS_HINT = "e.g. --workers 4; 1 (the default) converts in this process"
+
+
+class WorkerError(ConvspecError):
+    """A worker process of a multi-process convert failed or died: nothing was written."""
+
+
+def check_workers(value: Any) -> int:
+    """The number of worker processes, from an int or a decimal string: a whole number, at least 1."""
+    n = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and 0 < len(value.strip()) <= 9 and value.strip().isdigit():
+        n = int(value.strip())
+    if n is None or n < 1:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:30]}..."
+        raise ConvspecError(f"--workers must be a whole number of at least 1, not {shown}", hint=WORKERS_HINT)
+    return n
+
+
+@dataclasses.dataclass
+class Unit:
+    """What one worker may be given: a passthrough key (`ref`: its source key) or a group (its index)."""
+
+    kind: str  # "pass" or "group"
+    ref: Any
+    size: int  # output bytes
+
+
+def units(bound: BoundPlan, dtype: str | None) -> list[Unit]:
+    """The units of work in the order `stream_bound` runs them, each with the bytes it writes."""
+
+    def nbytes(shape, dt) -> int:
+        n = ITEMSIZE[dtype or dt]
+        for s in shape:
+            n *= s
+        return n
+
+    out = [Unit("pass", s, nbytes(bound.layout[s].shape, bound.layout[s].dtype)) for s in bound.passthrough]
+    for i, g in enumerate(bound.groups):
+        out.append(Unit("group", i, sum(nbytes(info.shape, info.dtype) for info in g.outputs.values())))
+    return out
+
+
+def split(sizes: list[int], n: int) -> list[range]:
+    """Contiguous runs of units, one per worker (at most one per unit), of about equal bytes: each
+    worker then writes one stretch of the output, in order."""
+    n = max(1, min(n, len(sizes)))
+    total, acc, cuts = sum(sizes), 0, [0]
+    for i, size in enumerate(sizes):
+        acc += size
+        left_units, left_shares = len(sizes) - i - 1, n - len(cuts)
+        if left_shares > 0 and left_units >= left_shares:
+            if acc * n >= len(cuts) * total or left_units == left_shares:
+                cuts.append(i + 1)
+    cuts.append(len(sizes))
+    return [range(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+@dataclasses.dataclass
+class Job:
+    """One worker's share: the bound plan cut to its units, and where each of its outputs goes."""
+
+    index: int
+    count: int
+    bound: BoundPlan
+    src: Any  # what `Checkpoint` takes
+    out_dir: Path
+    places: dict[str, Place]
+    device: str
+    dtype: str | None
+    copies: bool
+    parent: int  # the parent's pid: a worker whose parent is gone stops
+
+
+def jobs_for(bound: BoundPlan, ckpt: Checkpoint, out_dir: Path, places: dict[str, Place], workers: int, **kw):
+    """One Job per share of the units (at most one worker per unit)."""
+    all_units = units(bound, kw.get("dtype"))
+    shares = split([u.size for u in all_units], workers)
+    src = ckpt.files if ckpt.files else ckpt.src
+    out = []
+    for i, share in enumerate(shares):
+        mine = [all_units[j] for j in share]
+        passthrough = {u.ref: bound.passthrough[u.ref] for u in mine if u.kind == "pass"}
+        groups = [bound.groups[u.ref] for u in mine if u.kind == "group"]
+        sub = dataclasses.replace(bound, passthrough=passthrough, groups=groups)
+        keys = [*passthrough.values(), *(k for g in groups for k in g.outputs)]
+        out.append(
+            Job(i, len(shares), sub, src, out_dir, {k: places[k] for k in keys}, parent=os.getpid(), **kw)
+        )
+    return out
+
+
+def write_parallel(
+    bound: BoundPlan,
+    ckpt: Checkpoint,
+    entries: list[tuple[str, tuple[int, ...], str]],
+    out_dir: Path,
+    max_shard_size: int,
+    workers: int,
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    copies: bool = True,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> list[str]:
+    """What `write_sharded` writes for `stream_bound`'s outputs, by `workers` processes (the shard
+    names returned); raises WorkerError, every worker ended, when one fails."""
+    names, places = lay_out(out_dir, entries, max_shard_size)
+    jobs = jobs_for(bound, ckpt, out_dir, places, workers, device=device, dtype=dtype, copies=copies)
+    run_jobs(jobs, on_tensor)
+    write_index(out_dir, entries, {k: p.file for k, p in places.items()}, names)
+    return names
+
+
+def run_jobs(jobs: list[Job], on_tensor: Callable[[str, int], None] | None = None) -> None:
+    """Each job in a spawned process (no fork under torch's threads); returns when all have written.
+    On a failure, an interrupt or SIGTERM the others are ended before the error goes on."""
+    ctx = multiprocessing.get_context("spawn")
+    procs, conns = [], []
+    try:
+        with _sigterm_interrupts():
+            for job in jobs:
+                recv, send = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_worker, args=(job, send), name=f"convspec-worker-{job.index + 1}")
+                p.daemon = True
+                p.start()
+                send.close()  # the child's end: EOF here once the child is gone
+                procs.append(p)
+                conns.append(recv)
+            _wait(procs, conns, on_tensor)
+    finally:
+        _end(procs)
+        for c in conns:
+            c.close()
+
+
+def _wait(procs, conns, on_tensor) -> None:
+    """Relay progress until every worker has ended; the first failure raises."""
+    n = len(procs)
+    ok = [False] * n
+    listening = dict(enumerate(conns))  # until each says done or reaches EOF
+    by_sentinel = {p.sentinel: i for i, p in enumerate(procs)}
+    while by_sentinel:
+        for ready in wait([*listening.values(), *by_sentinel]):
+            if ready in by_sentinel:
+                i = by_sentinel.pop(ready)
+                while i in listening and listening[i].poll():  # what it said before it ended
+                    _listen(i, n, listening, ok, on_tensor)
+                procs[i].join()
+                if not ok[i] or procs[i].exitcode != 0:
+                    raise WorkerError(f"worker {i + 1} of {n} {_ended(procs[i].exitcode)}", hint=_NOTHING)
+            else:
+                i = conns.index(ready)
+                if i in listening:
+                    _listen(i, n, listening, ok, on_tensor)
+
+
+_NOTHING = "nothing was written: the destination is left as it was"
+
+
+def _listen(i: int, n: int, listening: dict, ok: list, on_tensor) -> None:
+    """One message of worker i: progress, done, or its error (raised here); EOF stops the listening."""
+    try:
+        msg = listening[i].recv()
+    except (EOFError, OSError):
+        del listening[i]
+        return
+    if msg[0] == "tensor":
+        if on_tensor is not None:
+            on_tensor(msg[1], msg[2])
+    elif msg[0] == "error":
+        _, key, message, hint = msg
+        where = f" while writing {key}" if key else ""
+        raise WorkerError(f"worker {i + 1} of {n} failed{where}: {message}", hint=hint or _NOTHING)
+    else:
+        ok[i] = True
+        del listening[i]
+
+
+def _ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"ended with exit code {code} before finishing"
+
+
+def _end(procs) -> None:
+    """Every worker still running terminated, then killed if it lingers; all reaped."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt for the duration, so the workers are ended and the temporary
+    removed as on Ctrl-C (in the main thread; elsewhere signals cannot be set)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        before = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _worker(job: Job, conn) -> None:
+    """A worker process: its share written, progress and the outcome sent to the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends us
+    _die_with_parent(job.parent)
+    _limit_threads(job.count)
+    current: list[str | None] = [None]
+    try:
+        _fault(job.index)
+        write_share(job, lambda key, n: conn.send(("tensor", key, n)), current)
+        conn.send(("done",))
+    except BaseException as exc:  # reported to the parent, which names this worker
+        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        conn.send(("error", current[0], message, getattr(exc, "hint", None)))
+        conn.close()
+        sys.exit(1)
+    conn.close()
+
+
+def write_share(job: Job, sent: Callable[[str, int], None], current: list | None = None) -> None:
+    """A job's tensors, made as `stream_bound` makes them, each written at its place and synced."""
+    from .streaming import stream_bound
+
+    ckpt = Checkpoint(job.src)
+    fds: dict[str, int] = {}
+    sources: dict[str, int] = {}
+    try:
+        for key, item in stream_bound(job.bound, ckpt, job.device, job.dtype, copies=job.copies):
+            if current is not None:
+                current[0] = key
+            p = job.places[key]
+            if p.file not in fds:
+                fds[p.file] = os.open(job.out_dir / p.file, os.O_WRONLY)
+            write_item(fds[p.file], p.offset, (p.key, p.shape, p.dtype, p.size), (key, item), sources)
+            del item
+            sent(key, p.size)
+            if os.getppid() != job.parent:
+                raise WorkerError("the parent process is gone")
+        if current is not None:
+            current[0] = None
+        for fd in fds.values():
+            os.fdatasync(fd)  # each worker syncs its own writes: the parent's fsync finds little left
+    finally:
+        for fd in [*fds.values(), *sources.values()]:
+            os.close(fd)
+        ckpt.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """On Linux, SIGKILL when the parent dies (a killed convert leaves no worker writing on)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _limit_threads(count: int) -> None:
+    """The cores shared among the workers: torch in each uses its part of them."""
+    threads = max(1, (os.cpu_count() or 1) // count)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def _fault(index: int) -> None:
+    """Tests make worker `index` fail through FAULT_ENV ("N:raise" or "N:kill", N from 1)."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault in (f"{index + 1}:raise", f"{index + 1}:kill"):
+        if fault.endswith("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"{FAULT_ENV} made this worker fail")
