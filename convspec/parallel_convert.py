@@ -21,7 +21,7 @@ from .errors import ConvspecError
 from .io.checkpoint import Checkpoint
 from .io.writer import Place, lay_out, write_index, write_item
 
-FAULT_ENV = "CONVSPEC_TEST_WORKER_FAULT"  # "N:raise" or "N:kill": worker N fails (tests only)
+FAULT_ENV = "CONVSPEC_TEST_WORKER_FAULT"  # "N:raise", "N:kill" or "N:hang": worker N fails (tests only)
 WORKERS_HINT = "e.g. --workers 4; 1 (the default) converts in this process"
 
 
@@ -312,9 +312,13 @@ def _limit_threads(count: int) -> None:
 
 
 def _fault(index: int) -> None:
-    """Tests make worker `index` fail through FAULT_ENV ("N:raise" or "N:kill", N from 1)."""
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault in (f"{index + 1}:raise", f"{index + 1}:kill"):
-        if fault.endswith("kill"):
-            os.kill(os.getpid(), signal.SIGKILL)
+    """Tests make worker `index` fail through FAULT_ENV ("N:raise", "N:kill" or "N:hang", N from 1)."""
+    what = os.environ.get(FAULT_ENV, "").partition(":")
+    if what[0] != str(index + 1):
+        return
+    if what[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what[2] == "hang":  # until the parent ends it
+        signal.pause()
+    if what[2] == "raise":
         raise RuntimeError(f"{FAULT_ENV} made this worker fail")
