@@ -5,6 +5,7 @@ destination, no temporary and no process behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,8 +124,11 @@ def test_a_failing_worker_leaves_no_destination(src, tmp_path, capsys, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no destination, no temporary
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
-def test_sigterm_ends_the_workers_and_removes_the_temporary(src, tmp_path):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, PR_SET_PDEATHSIG")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_signal_to_the_parent_ends_the_workers(src, tmp_path, sig):
+    """SIGTERM: the workers are ended and the temporary removed (exit 130). SIGKILL: nothing runs in
+    the parent, but the workers die with it, and the next run removes the temporary."""
     dst = tmp_path / "out"
     env = {**os.environ, FAULT_ENV: "1:hang", "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "convspec.cli", "convert", "mixtral", str(src), str(dst), "--workers", "2"]
@@ -136,14 +140,20 @@ def test_sigterm_ends_the_workers_and_removes_the_temporary(src, tmp_path):
             time.sleep(0.2)
         time.sleep(1)  # the other worker has written its share; the hung one has not
         children = _children(p.pid)
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         err = p.communicate(timeout=60)[1]
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    assert p.returncode == 130, err
-    assert "interrupted" in err and not any(tmp_path.iterdir())
+    if sig == signal.SIGTERM:
+        assert p.returncode == 130 and "interrupted" in err, err
+    else:
+        assert p.returncode == -signal.SIGKILL
+        assert convert(src, dst, "--overwrite") == 0
+        assert [p.name for p in tmp_path.iterdir()] == ["out"]
+        shutil.rmtree(dst)
+    assert not any(tmp_path.iterdir())
     deadline = time.monotonic() + 20
     while [c for c in children if _running(c)] and time.monotonic() < deadline:
         time.sleep(0.2)
