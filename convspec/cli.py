@@ -282,9 +282,10 @@ def _emit(data: bytes, output: str | None) -> int:
 
 
 def _convert(args) -> int:
-    from .parallel_convert import check_workers
+    from .parallel_convert import check_workers, torchrun_world
 
     workers = check_workers(args.workers)  # before anything is read
+    ranks = torchrun_world() is not None  # launched by torchrun: the ranks share the work
     progress = None if args.quiet or args.dry_run or not sys.stderr.isatty() else _Progress()
     r = api.convert(
         args.spec,
@@ -301,6 +302,7 @@ def _convert(args) -> int:
         manifest=args.manifest,
         allow_pickle=args.allow_pickle,
         workers=workers,
+        ranks=ranks,
     )
     if progress is not None:
         progress.done()

@@ -23,6 +23,7 @@ from .io.writer import Place, lay_out, write_index, write_item
 
 FAULT_ENV = "CONVSPEC_TEST_WORKER_FAULT"  # "N:raise", "N:kill" or "N:hang": worker N fails (tests only)
 WORKERS_HINT = "e.g. --workers 4; 1 (the default) converts in this process"
+RANKS_HINT = "under torchrun the ranks are the workers: leave --workers out"
 
 
 class WorkerError(ConvspecError):
@@ -277,7 +278,7 @@ def write_share(job: Job, sent: Callable[[str, int], None], current: list | None
             write_item(fds[p.file], p.offset, (p.key, p.shape, p.dtype, p.size), (key, item), sources)
             del item
             sent(key, p.size)
-            if os.getppid() != job.parent:
+            if job.parent != os.getpid() and os.getppid() != job.parent:  # a worker whose parent died
                 raise WorkerError("the parent process is gone")
         if current is not None:
             current[0] = None
@@ -322,3 +323,131 @@ def _fault(index: int) -> None:
         signal.pause()
     if what[2] == "raise":
         raise RuntimeError(f"{FAULT_ENV} made this worker fail")
+
+
+RANK_TIMEOUT = 1800  # seconds a rank waits for the others (a process group convert makes itself)
+
+
+def torchrun_world() -> int | None:
+    """The world size when launched by torchrun (or any launcher setting its env), else None."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        int(os.environ["RANK"])
+    except (KeyError, ValueError):
+        return None
+    has_master = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    return world if world > 1 and has_master else None
+
+
+def convert_on_ranks(
+    bound: BoundPlan,
+    ckpt: Checkpoint,
+    entries: list[tuple[str, tuple[int, ...], str]],
+    dst: str | Path,
+    max_shard_size: int,
+    finish: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> tuple[list[str], Any]:
+    """Every rank of a torch.distributed job writes its share (the ranks are the workers); rank 0
+    makes the temporary, and after all have written (gloo), finishes it with `finish` and commits.
+    Every rank returns (the shard names, what rank 0 cleaned up) or raises the same failure."""
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if own:
+        from datetime import timedelta
+
+        dist.init_process_group("gloo", timeout=timedelta(seconds=RANK_TIMEOUT))
+    try:
+        with _sigterm_interrupts():
+            return _on_ranks(
+                dist, bound, ckpt, entries, dst, max_shard_size, finish, overwrite, device, dtype, on_tensor
+            )
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def _on_ranks(dist, bound, ckpt, entries, dst, limit, finish, overwrite, device, dtype, on_tensor):
+    from .io.writer import AtomicDir, shard_places
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names, places, _ = shard_places(entries, limit)
+    atomic = None
+    said: list = [None]
+    if rank == 0:
+        try:
+            atomic = AtomicDir(dst, overwrite=overwrite)
+            lay_out(atomic.tmp, entries, limit)
+            said = [str(atomic.tmp)]
+        except BaseException as exc:
+            if atomic is not None:
+                atomic.abort()
+            dist.broadcast_object_list([_said(exc, None)], src=0)
+            raise
+    dist.broadcast_object_list(said, src=0)
+    if isinstance(said[0], tuple):
+        raise _rank_error(0, world, said[0], "could not start the conversion")
+    jobs = jobs_for(
+        bound, ckpt, Path(said[0]), places, world, device=device, dtype=dtype, copies=device == "cpu"
+    )
+    current: list = [None]
+    status, mine = None, None
+    try:
+        _fault(rank)
+        if rank < len(jobs):
+            write_share(jobs[rank], on_tensor or (lambda key, n: None), current)
+    except Exception as exc:  # told to every rank before anything is committed
+        status, mine = _said(exc, current[0]), exc
+    statuses: list = [None] * world
+    dist.all_gather_object(statuses, status)
+    failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+    if failed:
+        if atomic is not None:
+            atomic.abort()
+        if isinstance(mine, ConvspecError):
+            raise mine
+        raise _rank_error(failed[0][0], world, failed[0][1], "failed")
+    outcome: list = [None]
+    failure = None
+    if rank == 0:
+        failure = _commit(atomic, names, entries, places, finish)
+        outcome = [None if failure is None else _said(failure, None)]
+    dist.broadcast_object_list(outcome, src=0)  # the error as text: not every exception pickles
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise _rank_error(0, world, outcome[0], "could not commit")
+    return names, atomic.cleanup if atomic is not None else None
+
+
+def _commit(atomic, names, entries, places, finish):
+    """Rank 0: the index and side files written, the directory committed; None, or the error."""
+    tmp = atomic.tmp
+    try:
+        write_index(tmp, entries, {k: p.file for k, p in places.items()}, names)
+        finish(tmp)
+    except BaseException as exc:
+        failed = exc
+    else:
+        failed = None
+    try:
+        atomic.__exit__(type(failed) if failed else None, failed, None)  # commit, or abort
+    except BaseException as exc:
+        return exc
+    return failed
+
+
+def _said(exc: BaseException, key: str | None) -> tuple:
+    """An error as it travels between processes: (key being written, message, hint)."""
+    return (key, getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}", getattr(exc, "hint", None))
+
+
+def _rank_error(rank: int, world: int, said: tuple, what: str) -> WorkerError:
+    key, message, hint = said[:3]
+    where = f" while writing {key}" if key else ""
+    return WorkerError(f"rank {rank} of {world} {what}{where}: {message}", hint=hint or _NOTHING)

@@ -213,12 +213,14 @@ def convert_checkpoint(
     manifest: bool = False,
     ckpt: Checkpoint | None = None,
     workers: int = 1,
+    ranks: bool = False,
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
     `manifest`, a per-tensor hash manifest of the source and the output is written inside it.
     `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again.
-    With `workers` > 1 the groups are split across that many processes (the same bytes)."""
-    from .parallel_convert import check_workers, write_parallel
+    With `workers` > 1 the groups are split across that many processes (the same bytes); with
+    `ranks`, across the ranks of the torch.distributed job, each of which calls this alike."""
+    from .parallel_convert import check_workers, convert_on_ranks, write_parallel
 
     workers = check_workers(workers)
     check_dtype(dtype)
@@ -230,6 +232,29 @@ def convert_checkpoint(
     limit = parse_size(max_shard_size)
     if dry_run:
         return ConvertResult(None, [], len(entries), total, bound)
+
+    def finish(tmp: Path) -> None:
+        ckpt.copy_side_files(tmp)
+        from . import manifest as hashes
+
+        (tmp / hashes.MANIFEST).unlink(missing_ok=True)  # the source's own would not describe this output
+        if manifest:
+            hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
+
+    if ranks:
+        files, cleanup = convert_on_ranks(
+            bound,
+            ckpt,
+            entries,
+            dst,
+            limit,
+            finish,
+            overwrite=overwrite,
+            device=device,
+            dtype=dtype,
+            on_tensor=on_tensor,
+        )
+        return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
     atomic = AtomicDir(dst, overwrite=overwrite)
     with atomic as tmp:
         if workers > 1:
@@ -248,12 +273,7 @@ def convert_checkpoint(
         else:
             stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
             files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
-        ckpt.copy_side_files(tmp)
-        from . import manifest as hashes
-
-        (tmp / hashes.MANIFEST).unlink(missing_ok=True)  # the source's own would not describe this output
-        if manifest:
-            hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
+        finish(tmp)
     return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup)
 
 

@@ -179,3 +179,47 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+RANK = """
+import json, os, sys
+from pathlib import Path
+from convspec.cli import main
+out, src, dst = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+rc = main(["convert", "mixtral", src, dst, "--quiet", "--max-shard-size", "30KB", *sys.argv[4:]])
+(out / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"rc": rc}))
+"""
+
+
+def test_under_torchrun_the_ranks_share_the_work_and_rank_0_commits(src, tmp_path):
+    from helpers.distributed import run_workers
+
+    one, ranks = tmp_path / "one", tmp_path / "ranks"
+    assert convert(src, one, "--manifest") == 0
+    got = run_workers(RANK, 2, tmp_path, str(src), str(ranks), "--manifest", timeout=120)
+    assert got == [{"rc": 0}, {"rc": 0}]
+    assert tree(ranks) == tree(one)
+
+
+def test_under_torchrun_a_failing_rank_fails_every_rank_and_leaves_nothing(src, tmp_path, monkeypatch):
+    from helpers.distributed import run_workers
+
+    monkeypatch.setenv(FAULT_ENV, "2:raise")  # RANK 1
+    (tmp_path / "logs").mkdir()
+    got = run_workers(RANK, 2, tmp_path / "logs", str(src), str(tmp_path / "out"), timeout=120)
+    assert got == [{"rc": 2}, {"rc": 2}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
+
+
+def test_under_torchrun_workers_is_refused_before_anything_is_read(src, tmp_path, capsys, monkeypatch):
+    for name, value in {
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert convert(src, tmp_path / "out", "--workers", "2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --workers and torchrun ranks cannot be combined"), err
+    assert not any(tmp_path.iterdir())

@@ -550,6 +550,25 @@ class Place(NamedTuple):
     size: int
 
 
+def shard_places(
+    entries: list[tuple[str, tuple[int, ...], str]], max_shard_size: int, metadata: dict | None = None
+) -> tuple[list[str], dict[str, Place], list[bytes]]:
+    """The shard names, where every tensor goes, and each shard's header: from the entries alone."""
+    metadata = {"format": "pt", **(metadata or {})}
+    shards = plan_shards(entries, max_shard_size)
+    places: dict[str, Place] = {}
+    heads = []
+    for name, idx in zip(shard_names(len(shards)), shards, strict=True):
+        part = [entries[i] for i in idx]
+        heads.append(shard_header(part, metadata))
+        pos = len(heads[-1])
+        for key, shape, dtype in part:
+            size = ITEMSIZE[dtype] * _numel(shape)
+            places[key] = Place(name, pos, key, tuple(shape), dtype, size)
+            pos += size
+    return shard_names(len(shards)), places, heads
+
+
 def lay_out(
     out_dir: Path,
     entries: list[tuple[str, tuple[int, ...], str]],
@@ -558,21 +577,12 @@ def lay_out(
 ) -> tuple[list[str], dict[str, Place]]:
     """Every shard file made at its final size with its header written, before any tensor: then any
     process can write any tensor at its `Place` (multi-process convert). The shard names and places."""
-    metadata = {"format": "pt", **(metadata or {})}
-    shards = plan_shards(entries, max_shard_size)
-    names = shard_names(len(shards))
-    places: dict[str, Place] = {}
-    for name, idx in zip(names, shards, strict=True):
-        part = [entries[i] for i in idx]
-        head = shard_header(part, metadata)
-        pos = len(head)
-        for key, shape, dtype in part:
-            size = ITEMSIZE[dtype] * _numel(shape)
-            places[key] = Place(name, pos, key, tuple(shape), dtype, size)
-            pos += size
+    names, places, heads = shard_places(entries, max_shard_size, metadata)
+    ends = {p.file: p.offset + p.size for p in places.values()}
+    for name, head in zip(names, heads, strict=True):
         with open(out_dir / name, "wb") as f:
             f.write(head)
-            f.truncate(pos)
+            f.truncate(max(ends.get(name, 0), len(head)))
     return names, places
 
 
