@@ -96,13 +96,29 @@ class Job:
     dtype: str | None
     copies: bool
     parent: int  # the parent's pid: a worker whose parent is gone stops
+    stream: Callable  # streaming.stream_bound, passed down: this module sits below streaming
 
 
-def jobs_for(bound: BoundPlan, ckpt: Checkpoint, out_dir: Path, places: dict[str, Place], workers: int, **kw):
+@dataclasses.dataclass
+class Work:
+    """A bound conversion to split: what `stream_bound` (passed as `stream`: this module sits below
+    streaming) is called with, the outputs in order, and the progress callback."""
+
+    bound: BoundPlan
+    ckpt: Checkpoint
+    entries: list[tuple[str, tuple[int, ...], str]]
+    stream: Callable
+    device: str = "cpu"
+    dtype: str | None = None
+    on_tensor: Callable[[str, int], None] | None = None
+
+
+def jobs_for(work: Work, out_dir: Path, places: dict[str, Place], workers: int) -> list[Job]:
     """One Job per share of the units (at most one worker per unit)."""
-    all_units = units(bound, kw.get("dtype"))
+    bound = work.bound
+    all_units = units(bound, work.dtype)
     shares = split([u.size for u in all_units], workers)
-    src = ckpt.files if ckpt.files else ckpt.src
+    src = work.ckpt.files if work.ckpt.files else work.ckpt.src
     out = []
     for i, share in enumerate(shares):
         mine = [all_units[j] for j in share]
@@ -110,31 +126,32 @@ def jobs_for(bound: BoundPlan, ckpt: Checkpoint, out_dir: Path, places: dict[str
         groups = [bound.groups[u.ref] for u in mine if u.kind == "group"]
         sub = dataclasses.replace(bound, passthrough=passthrough, groups=groups)
         keys = [*passthrough.values(), *(k for g in groups for k in g.outputs)]
+        mine_places = {k: places[k] for k in keys}
+        copies = work.device == "cpu"  # as a single-process convert: block moves copied file to file
         out.append(
-            Job(i, len(shares), sub, src, out_dir, {k: places[k] for k in keys}, parent=os.getpid(), **kw)
+            Job(
+                i,
+                len(shares),
+                sub,
+                src,
+                out_dir,
+                mine_places,
+                work.device,
+                work.dtype,
+                copies,
+                os.getpid(),
+                work.stream,
+            )
         )
     return out
 
 
-def write_parallel(
-    bound: BoundPlan,
-    ckpt: Checkpoint,
-    entries: list[tuple[str, tuple[int, ...], str]],
-    out_dir: Path,
-    max_shard_size: int,
-    workers: int,
-    *,
-    device: str = "cpu",
-    dtype: str | None = None,
-    copies: bool = True,
-    on_tensor: Callable[[str, int], None] | None = None,
-) -> list[str]:
+def write_parallel(work: Work, out_dir: Path, max_shard_size: int, workers: int) -> list[str]:
     """What `write_sharded` writes for `stream_bound`'s outputs, by `workers` processes (the shard
     names returned); raises WorkerError, every worker ended, when one fails."""
-    names, places = lay_out(out_dir, entries, max_shard_size)
-    jobs = jobs_for(bound, ckpt, out_dir, places, workers, device=device, dtype=dtype, copies=copies)
-    run_jobs(jobs, on_tensor)
-    write_index(out_dir, entries, {k: p.file for k, p in places.items()}, names)
+    names, places = lay_out(out_dir, work.entries, max_shard_size)
+    run_jobs(jobs_for(work, out_dir, places, workers), work.on_tensor)
+    write_index(out_dir, work.entries, {k: p.file for k, p in places.items()}, names)
     return names
 
 
@@ -263,13 +280,11 @@ def _worker(job: Job, conn) -> None:
 
 def write_share(job: Job, sent: Callable[[str, int], None], current: list | None = None) -> None:
     """A job's tensors, made as `stream_bound` makes them, each written at its place and synced."""
-    from .streaming import stream_bound
-
     ckpt = Checkpoint(job.src)
     fds: dict[str, int] = {}
     sources: dict[str, int] = {}
     try:
-        for key, item in stream_bound(job.bound, ckpt, job.device, job.dtype, copies=job.copies):
+        for key, item in job.stream(job.bound, ckpt, job.device, job.dtype, copies=job.copies):
             if current is not None:
                 current[0] = key
             p = job.places[key]
@@ -340,17 +355,7 @@ def torchrun_world() -> int | None:
 
 
 def convert_on_ranks(
-    bound: BoundPlan,
-    ckpt: Checkpoint,
-    entries: list[tuple[str, tuple[int, ...], str]],
-    dst: str | Path,
-    max_shard_size: int,
-    finish: Callable[[Path], None],
-    *,
-    overwrite: bool = False,
-    device: str = "cpu",
-    dtype: str | None = None,
-    on_tensor: Callable[[str, int], None] | None = None,
+    work: Work, dst: str | Path, max_shard_size: int, finish: Callable[[Path], None], overwrite: bool = False
 ) -> tuple[list[str], Any]:
     """Every rank of a torch.distributed job writes its share (the ranks are the workers); rank 0
     makes the temporary, and after all have written (gloo), finishes it with `finish` and commits.
@@ -364,18 +369,17 @@ def convert_on_ranks(
         dist.init_process_group("gloo", timeout=timedelta(seconds=RANK_TIMEOUT))
     try:
         with _sigterm_interrupts():
-            return _on_ranks(
-                dist, bound, ckpt, entries, dst, max_shard_size, finish, overwrite, device, dtype, on_tensor
-            )
+            return _on_ranks(dist, work, dst, max_shard_size, finish, overwrite)
     finally:
         if own:
             dist.destroy_process_group()
 
 
-def _on_ranks(dist, bound, ckpt, entries, dst, limit, finish, overwrite, device, dtype, on_tensor):
+def _on_ranks(dist, work: Work, dst, limit: int, finish, overwrite: bool):
     from .io.writer import AtomicDir, shard_places
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    entries = work.entries
     names, places, _ = shard_places(entries, limit)
     atomic = None
     said: list = [None]
@@ -392,15 +396,13 @@ def _on_ranks(dist, bound, ckpt, entries, dst, limit, finish, overwrite, device,
     dist.broadcast_object_list(said, src=0)
     if isinstance(said[0], tuple):
         raise _rank_error(0, world, said[0], "could not start the conversion")
-    jobs = jobs_for(
-        bound, ckpt, Path(said[0]), places, world, device=device, dtype=dtype, copies=device == "cpu"
-    )
+    jobs = jobs_for(work, Path(said[0]), places, world)
     current: list = [None]
     status, mine = None, None
     try:
         _fault(rank)
         if rank < len(jobs):
-            write_share(jobs[rank], on_tensor or (lambda key, n: None), current)
+            write_share(jobs[rank], work.on_tensor or (lambda key, n: None), current)
     except Exception as exc:  # told to every rank before anything is committed
         status, mine = _said(exc, current[0]), exc
     statuses: list = [None] * world

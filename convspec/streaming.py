@@ -220,7 +220,7 @@ def convert_checkpoint(
     `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again.
     With `workers` > 1 the groups are split across that many processes (the same bytes); with
     `ranks`, across the ranks of the torch.distributed job, each of which calls this alike."""
-    from .parallel_convert import check_workers, convert_on_ranks, write_parallel
+    from .parallel_convert import Work, check_workers, convert_on_ranks, write_parallel
 
     workers = check_workers(workers)
     check_dtype(dtype)
@@ -241,35 +241,14 @@ def convert_checkpoint(
         if manifest:
             hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
 
+    work = Work(bound, ckpt, entries, stream_bound, device, dtype, on_tensor)
     if ranks:
-        files, cleanup = convert_on_ranks(
-            bound,
-            ckpt,
-            entries,
-            dst,
-            limit,
-            finish,
-            overwrite=overwrite,
-            device=device,
-            dtype=dtype,
-            on_tensor=on_tensor,
-        )
+        files, cleanup = convert_on_ranks(work, dst, limit, finish, overwrite)
         return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
     atomic = AtomicDir(dst, overwrite=overwrite)
     with atomic as tmp:
         if workers > 1:
-            files = write_parallel(
-                bound,
-                ckpt,
-                entries,
-                tmp,
-                limit,
-                workers,
-                device=device,
-                dtype=dtype,
-                copies=device == "cpu",
-                on_tensor=on_tensor,
-            )
+            files = write_parallel(work, tmp, limit, workers)
         else:
             stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
             files = write_sharded(tmp, entries, stream, limit, flush_behind=True)

@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "load_into",
             "regions",
             "sharded",
+            "parallel_convert",
             "runtime",
         ),
     ),
