@@ -253,6 +253,7 @@ def convert(
         CheckpointError: `src` is missing or malformed, `dst` exists, a pickle without `allow_pickle`.
         BindError: the checkpoint does not fit the plan (every problem, by key), before any write.
         SpecError, ConfigError, NotInvertibleError: as `compile` and `Plan.inverse`.
+        WorkerError: with `workers` or `ranks`, a worker or rank failed or died (it is named).
 
     Example:
         >>> r = convspec.convert("mixtral", "tiny-mixtral", "tiny-mixtral-fused", max_shard_size="64KB")

@@ -119,6 +119,7 @@ def jobs_for(work: Work, out_dir: Path, places: dict[str, Place], workers: int) 
     all_units = units(bound, work.dtype)
     shares = split([u.size for u in all_units], workers)
     src = work.ckpt.files if work.ckpt.files else work.ckpt.src
+    copies = work.device == "cpu"  # as a single-process convert: block moves copied file to file
     out = []
     for i, share in enumerate(shares):
         mine = [all_units[j] for j in share]
@@ -126,23 +127,20 @@ def jobs_for(work: Work, out_dir: Path, places: dict[str, Place], workers: int) 
         groups = [bound.groups[u.ref] for u in mine if u.kind == "group"]
         sub = dataclasses.replace(bound, passthrough=passthrough, groups=groups)
         keys = [*passthrough.values(), *(k for g in groups for k in g.outputs)]
-        mine_places = {k: places[k] for k in keys}
-        copies = work.device == "cpu"  # as a single-process convert: block moves copied file to file
-        out.append(
-            Job(
-                i,
-                len(shares),
-                sub,
-                src,
-                out_dir,
-                mine_places,
-                work.device,
-                work.dtype,
-                copies,
-                os.getpid(),
-                work.stream,
-            )
+        job = Job(
+            index=i,
+            count=len(shares),
+            bound=sub,
+            src=src,
+            out_dir=out_dir,
+            places={k: places[k] for k in keys},
+            device=work.device,
+            dtype=work.dtype,
+            copies=copies,
+            parent=os.getpid(),
+            stream=work.stream,
         )
+        out.append(job)
     return out
 
 
