@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--device", default="cpu", help=DEVICE_HELP)
     cv.add_argument("--dtype", help="cast every output to this dtype")
     cv.add_argument("--max-shard-size", default="5GB")
+    cv.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="split the groups across N processes; the same bytes as 1 (the default, this process)",
+    )
     cv.add_argument("--strict", action="store_true", help="every key must be claimed by a rule")
     cv.add_argument("--dry-run", action="store_true", help="print what would be written, from headers only")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
@@ -313,6 +319,10 @@ def _emit(data: bytes, output: str | None) -> int:
 
 
 def _convert(args) -> int:
+    from .parallel_convert import check_workers, torchrun_world
+
+    workers = check_workers(args.workers)  # before anything is read
+    ranks = torchrun_world() is not None  # launched by torchrun: the ranks share the work
     progress = None if args.quiet or args.dry_run or not sys.stderr.isatty() else _Progress()
     r = api.convert(
         args.spec,
@@ -328,6 +338,8 @@ def _convert(args) -> int:
         on_tensor=progress,
         manifest=args.manifest,
         allow_pickle=args.allow_pickle,
+        workers=workers,
+        ranks=ranks,
     )
     if progress is not None:
         progress.done()

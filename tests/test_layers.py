@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "regions",
             "sharded",
             "shardplan",
+            "parallel_convert",
             "runtime",
         ),
     ),
