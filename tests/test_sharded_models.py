@@ -10,13 +10,18 @@ replicated tensors and the files' headers, nothing else; no rank reads a whole s
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 from helpers.distributed import run_workers
-from helpers.read_count import headers_of
+from helpers.read_count import ReadLog, attribute, headers_of
 from helpers.tiny_checkpoints import ARCHITECTURES, KIMI_HEAD_DIM
+
+import convspec
+from convspec.io.checkpoint import Checkpoint
+from convspec.regions import read_regions
 
 TESTS = Path(__file__).resolve().parent
 
@@ -169,8 +174,6 @@ def loaded(request, sources, tmp_path_factory):
     """Every architecture in every mode, in one worker run per world size (processes start slowly)."""
     world = request.param
     out = tmp_path_factory.mktemp(f"world{world}")
-    import json
-
     return world, run_workers(WORKER, world, out, TESTS, json.dumps(_jobs(sources, MODES[world])))
 
 
@@ -276,10 +279,25 @@ def test_a_rank_whose_files_are_missing_is_one_error_on_every_rank(sources, tmp_
         assert r["data"] == 0, results
 
 
-def test_the_counting_reader_sees_every_header_byte(sources):
-    """The headers the worker maps reads onto are the files' own: 3 files, each tensor inside one."""
+def test_the_counting_reader_sees_every_byte_convspec_reads(sources):
+    """The counter itself, in one process: the bytes it logs for a region read are ReadStats' bytes,
+    all inside the right tensor; a whole-tensor `Checkpoint.get` (one preadv) is seen too; and the
+    header bytes are exactly 8 + the JSON of each of the 3 files."""
     spec, src = sources["deepseek_v3"]
+    plan = convspec.compile(spec, config=src / "config.json")
     headers = headers_of(src)
     assert len(headers) == 3
-    sizes = {Path(f).name: base for f, (base, _) in headers.items()}
-    assert all(8 < b < 4096 for b in sizes.values()), sizes
+    key = "model.layers.1.mlp.experts.down_proj"  # [4 experts, 16, 8]: experts 1 and 2
+    log = ReadLog().install()
+    try:
+        _, stats = read_regions(plan, src, {key: ((1, 3), (0, 16), (0, 8))})
+        got = attribute(log.reads, headers)
+        log.reads.clear()
+        Checkpoint(src).get("lm_head.weight")
+        whole = attribute(log.reads, headers)
+    finally:
+        log.uninstall()
+    assert got.data == stats.bytes == 2 * 16 * 8 * 2 and got.stray == 0
+    assert set(got.covered) == {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in (1, 2)}
+    assert got.header == sum(base for base, _ in headers.values())
+    assert whole.covered == {"lm_head.weight": 32 * 16 * 2} and whole.data == 32 * 16 * 2
