@@ -42,7 +42,11 @@ def stream(plan: Plan, src, device: str, dtype: str | None, strict: bool) -> Ite
     yield from stream_bound(bind_checkpoint(plan, ckpt, strict), ckpt, device, dtype)
 
 
-def load(plan: Plan, src, device: str, dtype: str | None, strict: bool) -> dict:
+def load(
+    plan: Plan, src, device: str, dtype: str | None, strict: bool, shard: Any = None, mesh: Any = None
+) -> dict:
+    if shard is not None or mesh is not None:
+        return _load_sharded(plan, src, device, dtype, strict, shard, mesh)
     from .io.checkpoint import Checkpoint
     from .streaming import Loaded, bind_checkpoint, stream_bound
 
@@ -52,16 +56,63 @@ def load(plan: Plan, src, device: str, dtype: str | None, strict: bool) -> dict:
     return Loaded(stream_bound(bound, ckpt, device, dtype), bound=bound)
 
 
+def _load_sharded(plan: Plan, src, device: str, dtype: str | None, strict: bool, shard, mesh) -> dict:
+    """`plan.load(src, shard=...)`: the mesh given, or one over every rank on `device`'s type."""
+    from .sharded import load_sharded
+
+    if mesh is None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        mesh = init_device_mesh(str(check_device(device)).split(":")[0], (world,))
+    return load_sharded(plan, src, mesh, shard, strict, dtype=dtype)[0]
+
+
 def load_into(plan: Plan, model, src, strict: bool, device: str | None):
     from .io.checkpoint import Checkpoint
     from .load_into import load_into as fill
     from .streaming import bind_checkpoint, stream_bound
+
+    place = _model_placements(model, plan.base_prefix)
+    if place is not None:  # a parallelized model: each rank reads its parameters' shards
+        from .sharded import load_placed
+
+        loaded, _ = load_placed(plan, src, place, device=device)
+        return fill(model, loaded.items(), strict, plan.base_prefix, len(loaded.bound.already))
 
     dev = check_device(device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu"))
     ckpt = Checkpoint(src)
     bound = bind_checkpoint(plan, ckpt)
     items = stream_bound(bound, ckpt, dev)
     return fill(model, items, strict=strict, base_prefix=plan.base_prefix, already=len(bound.already))
+
+
+def _model_placements(model, base_prefix: str):
+    """Where a model's DTensor parameters and buffers lie, as a `sharded.Place` by converted key
+    (tried with and without `base_prefix`, as filling the model tries them); None when it has none."""
+    import itertools
+
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    named = itertools.chain(
+        model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)
+    )
+    placed = {k: (t.device_mesh, tuple(t.placements)) for k, t in named if isinstance(t, DTensor)}
+    if not placed:
+        return None
+
+    def place(target: str, ndim: int):
+        names = (
+            (target, f"{base_prefix}.{target}", target.removeprefix(f"{base_prefix}."))
+            if base_prefix
+            else (target,)
+        )
+        return next((placed[k] for k in names if k in placed), None)
+
+    return place
 
 
 def save(plan: Plan, state_dict: dict, dst, max_shard_size: str | int, overwrite: bool) -> list[str]:

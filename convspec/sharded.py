@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConvspecError
+from .streaming import Loaded
 
 if TYPE_CHECKING:
     import torch
@@ -45,38 +46,113 @@ def local_region(
     return tuple((o, o + s) for o, s in zip(offset, size, strict=True))
 
 
+class Sharded(Loaded):
+    """What a sharded load returns: the tensors by key, `.bound` (what bind found) and `.stats` (what
+    this rank read, `regions.ReadStats`)."""
+
+    def __init__(self, items, bound, stats):
+        super().__init__(items, bound)
+        self.stats = stats
+
+
 def load_sharded(
     plan,
     src,
     mesh: DeviceMesh,
     placements: Mapping[str, Any] | Callable[[str], Any] | None = None,
     strict: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Every converted tensor of `src` as a DTensor on `mesh`, placed as `placements` says (a dict by
     target key, or a function of it; a key it does not name is replicated). Each rank reads the
-    source bytes of its own shard only. Returns the tensors and what this rank read (`ReadStats`)."""
+    source bytes of its own shard only. Returns the tensors and what this rank read (`ReadStats`).
+    Every rank calls it; a rank that finds a problem (a placement, a file) makes all of them raise."""
+    choose = placements if callable(placements) else (placements or {}).get
+    return load_placed(
+        plan, src, lambda target, ndim: (mesh, placements_of(choose(target), ndim)), strict, device, dtype
+    )
+
+
+Place = Callable[[str, int], "tuple[DeviceMesh, tuple] | None"]
+
+
+def load_placed(
+    plan, src, place: Place, strict: bool = False, device: str | None = None, dtype: str | None = None
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """What `load_sharded` does, each target on the mesh and placements `place(target, ndim)` gives
+    (None: a plain tensor, read whole), so the targets of one load may lie on different meshes (a
+    model's parameters). Local shards go to `device` (default: the mesh's device), cast to `dtype`."""
     from torch.distributed.tensor import DTensor
 
+    from .dtypes import check_dtype
     from .io.checkpoint import Checkpoint
+    from .ops.cast import cast_tensor
     from .ops.slicing import strides
     from .regions import RegionReader
     from .streaming import bind_checkpoint
 
-    ckpt = Checkpoint(src)
-    bound = bind_checkpoint(plan, ckpt, strict)
+    try:  # every check on every rank before any data is read: headers, bind, placements
+        check_dtype(dtype)
+        ckpt = Checkpoint(src)
+        bound = bind_checkpoint(plan, ckpt, strict)
+        placed = {}
+        for target, (shape, _) in bound.outputs.items():
+            placed[target] = where = place(target, len(shape))
+            if where is not None:
+                _check_fits(target, shape, *where)
+        problem = None
+    except ConvspecError as exc:
+        problem = exc
+    agree(problem)
     reader = RegionReader(bound, ckpt)
-    choose = placements if callable(placements) else (placements or {}).get
-    placed = {}
-    for target, (shape, _) in bound.outputs.items():  # every placement checked before any read
-        placed[target] = placements_of(choose(target), len(shape))
-        _check_fits(target, shape, mesh, placed[target])
-    out = {}
+    loaded = Sharded({}, bound, reader.stats)
     for target, (shape, _) in bound.outputs.items():
-        local = reader.read(target, local_region(shape, mesh, placed[target]))
-        out[target] = DTensor.from_local(
-            local, mesh, placed[target], run_check=False, shape=shape, stride=strides(shape)
+        where = placed[target]
+        region = None if where is None else local_region(shape, *where)
+        local = reader.read(target, region)
+        to = device or (None if where is None else _mesh_device(where[0]))
+        local = local if to is None or str(to) == "cpu" else local.to(to)
+        local = cast_tensor(local, dtype) if dtype else local
+        loaded[target] = (
+            local
+            if where is None
+            else DTensor.from_local(local, *where, run_check=False, shape=shape, stride=strides(shape))
         )
-    return out, reader.stats
+    return loaded, reader.stats
+
+
+def agree(problem: ConvspecError | None) -> None:
+    """Every rank of the job learns whether any rank found a problem, and then all raise the same
+    error (naming the rank when they differ), so none goes on to a collective the others never
+    reach. Without a process group of several ranks, this rank's own problem is raised."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if problem is not None:
+            raise problem
+        return
+    found: list = [None] * dist.get_world_size()
+    mine = None if problem is None else (problem.message, problem.hint)
+    dist.all_gather_object(found, mine)
+    failed = [(rank, f) for rank, f in enumerate(found) if f is not None]
+    if not failed:
+        return
+    if problem is not None and len(failed) == len(found) and all(f == mine for _, f in failed):
+        raise problem  # every rank found the same: as it is
+    rank, (message, hint) = failed[0]
+    more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+    raise ConvspecError(f"rank {rank}: {message}{more}", hint=hint)
+
+
+def _mesh_device(mesh: DeviceMesh) -> str:
+    """Where a mesh's local tensors live: the CPU, or this process's current accelerator."""
+    if mesh.device_type == "cpu":
+        return "cpu"
+    import torch
+
+    module = getattr(torch, mesh.device_type)
+    return f"{mesh.device_type}:{module.current_device()}"
 
 
 def _check_fits(target: str, shape: tuple[int, ...], mesh, placements: Sequence) -> None:

@@ -128,3 +128,63 @@ def test_a_shard_that_does_not_divide_is_one_error_on_every_rank(src, tmp_path):
     message = "does not divide into 3 shards"
     assert all(message in r.get("error", "") for r in results), results
     assert all(r["read"] == 0 for r in results)
+
+
+INTO = r"""
+import json, sys
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+import convspec
+
+out, src = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+rank, world = dist.get_rank(), dist.get_world_size()
+try:
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+    full = plan.load(src)
+    mesh = init_device_mesh("cpu", (world,))
+
+    # a model whose parameters are the converted keys, some of them DTensors as parallelize_module makes
+    model = torch.nn.Module()
+    for key, t in full.items():
+        owner = model
+        *path, name = key.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        value = torch.zeros_like(t)
+        if key.endswith("experts.gate_up_proj"):
+            value = distribute_tensor(value, mesh, [Shard(0)])
+        elif key.endswith("o_proj.weight"):
+            value = distribute_tensor(value, mesh, [Shard(1)])
+        owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+
+    report = plan.load_into(model, src)
+    bad, sharded = [], 0
+    for key, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            sharded += 1
+            if not p.full_tensor().equal(full[key]):
+                bad.append(key)
+        elif not p.equal(full[key]):
+            bad.append(key)
+
+    loaded = plan.load(src, shard={k: "experts" for k in full if k.endswith("experts.down_proj")})
+    by_plan = [k for k, t in loaded.items() if isinstance(t, DTensor) and not t.full_tensor().equal(full[k])]
+    result = {"ok": report.ok, "bad": bad, "sharded": sharded, "by_plan": by_plan,
+              "placed": sum(isinstance(t, DTensor) for t in loaded.values())}
+finally:
+    dist.destroy_process_group()
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(result, f)
+"""
+
+
+def test_a_model_with_dtensor_parameters_is_filled_shard_by_shard(src, tmp_path):
+    for r in run_workers(INTO, 2, tmp_path, src):
+        assert r == {"ok": True, "bad": [], "sharded": 4, "by_plan": [], "placed": 21}

@@ -296,26 +296,53 @@ class Plan:
         """
         yield from _runtime().stream(self, src, device, dtype, strict)
 
-    def load(self, src, device: str = "cpu", dtype: str | None = None, strict: bool = False) -> dict:
-        """A checkpoint read and converted into a dict of tensors.
+    def load(
+        self,
+        src,
+        device: str = "cpu",
+        dtype: str | None = None,
+        strict: bool = False,
+        shard: Any = None,
+        mesh: Any = None,
+    ) -> dict:
+        """A checkpoint read and converted into a dict of tensors, or of DTensors, each rank reading
+        only the source bytes of its own shards (docs/distributed.md).
 
         Args:
             src, device, dtype, strict: as `stream`.
+            shard: where each converted tensor lies on `mesh`, as `convspec.sharded.load_sharded`
+                takes it: {target: placement} or a function of the target; a placement is a
+                transformers tp_plan style ("colwise", "rowwise", "experts"), "replicate", or
+                DTensor placements, one per mesh dim. A key it does not name is replicated.
+            mesh: a `DeviceMesh`; default one dim over every rank of the job, on `device`'s type.
+                With either, the local shards go to the mesh's device.
 
         Returns:
             {target_key: tensor}, a dict whose `.bound` is what bind found and `.already` how many
-            source keys were in the target layout already (they pass through unchanged).
+            source keys were in the target layout already (they pass through unchanged). Sharded,
+            its `.stats` is what this rank read (bytes, read calls, regions read wider).
 
         Raises:
             CheckpointError, BindError, ConfigError: as `stream`.
+            ConvspecError: a placement that does not fit the mesh or does not divide; sharded, a
+                problem on any rank is raised on every rank, before any data is read.
 
         Example:
             >>> plan = convspec.compile("mixtral", config="tiny-mixtral/config.json")
             >>> sd = plan.load("tiny-mixtral")
             >>> sd["model.layers.1.mlp.experts.down_proj"].shape
             torch.Size([4, 32, 48])
+
+            Sharded (here a job of one rank: its shard is all of it):
+
+            >>> import torch.distributed as dist
+            >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            >>> sd = plan.load("tiny-mixtral", shard={"model.layers.1.mlp.experts.down_proj": "experts"})
+            >>> sd["model.layers.1.mlp.experts.down_proj"].placements, sd.stats.wider
+            ((Shard(dim=0),), 0)
+            >>> dist.destroy_process_group()
         """
-        return _runtime().load(self, src, device, dtype, strict)
+        return _runtime().load(self, src, device, dtype, strict, shard, mesh)
 
     def load_into(self, model, src, strict: bool = True, device: str | None = None):
         """Fill a model's parameters and buffers from a checkpoint, converted as it is read. A model
@@ -323,6 +350,9 @@ class Plan:
         has them copied in place. Keys are tried with and without the spec's `base_prefix`, so a
         base-model checkpoint fills a model with a head and the other way round. For a transformers
         model (`pip install 'convspec[transformers]'`), its non-persistent buffers are computed too.
+        A model whose parameters are DTensors (`parallelize_module`, `distribute_tensor`) gets on
+        each rank only its shards, read from their own source bytes (docs/distributed.md); every
+        rank calls it.
 
         Args:
             model: a `torch.nn.Module`.
@@ -477,7 +507,9 @@ class Runtime(Protocol):
     def bind(self, plan: Plan, layout: dict, strict: bool) -> BoundPlan: ...
     def apply(self, plan: Plan, state_dict: dict, strict: bool) -> dict: ...
     def stream(self, plan: Plan, src, device: str, dtype: str | None, strict: bool) -> Iterator: ...
-    def load(self, plan: Plan, src, device: str, dtype: str | None, strict: bool) -> dict: ...
+    def load(
+        self, plan: Plan, src, device: str, dtype: str | None, strict: bool, shard: Any, mesh: Any
+    ) -> dict: ...
     def load_into(self, plan: Plan, model, src, strict: bool, device: str | None): ...
     def save(
         self, plan: Plan, state_dict: dict, dst, max_shard_size: str | int, overwrite: bool
