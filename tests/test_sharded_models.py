@@ -6,7 +6,9 @@ and both on a 2 x 2 mesh, every rank's local shard is bit-identical to the full 
 
 A counting reader (tests/helpers/read_count.py) logs every byte the ranks get from the files through
 `os.pread`/`os.preadv` and maps it back onto the headers and tensors: each rank reads its shards, the
-replicated tensors and the files' headers, nothing else; no rank reads a whole sharded tensor."""
+replicated tensors and the files' headers (8 bytes + the JSON of each file, once: the only overhead),
+nothing else; no rank reads a whole sharded tensor. A rank whose copy lacks a file makes every rank
+raise the same error naming that rank and the file, before any tensor byte is read."""
 
 from __future__ import annotations
 
