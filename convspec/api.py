@@ -218,6 +218,8 @@ def convert(
     on_tensor: Callable[[str, int], None] | None = None,
     manifest: bool = False,
     allow_pickle: bool = False,
+    workers: int = 1,
+    ranks: bool = False,
 ) -> ConvertResult:
     """Convert the checkpoint at `src` into `dst`: sharded safetensors named as Hugging Face names
     them, written atomically (complete, or absent), the source's other files copied beside. The
@@ -238,6 +240,10 @@ def convert(
         manifest: also write `convspec-manifest.json` (sha256 of every source and output tensor).
         allow_pickle: read a `.bin`/`.pt` checkpoint with `torch.load(weights_only=True)` (never its
             code), through a safetensors copy in a temporary folder beside `dst`.
+        workers: split the groups across this many processes (at most one per group or renamed
+            key); the files are byte for byte those of `workers=1`, which converts in this process.
+        ranks: split the groups across the ranks of the torch.distributed job instead (torchrun:
+            every rank calls `convert` alike; rank 0 commits; one filesystem for all).
 
     Returns:
         A `ConvertResult`: `dst`, the shard file names (`files`), the number of tensors and bytes
@@ -247,6 +253,7 @@ def convert(
         CheckpointError: `src` is missing or malformed, `dst` exists, a pickle without `allow_pickle`.
         BindError: the checkpoint does not fit the plan (every problem, by key), before any write.
         SpecError, ConfigError, NotInvertibleError: as `compile` and `Plan.inverse`.
+        WorkerError: with `workers` or `ranks`, a worker or rank failed or died (it is named).
 
     Example:
         >>> r = convspec.convert("mixtral", "tiny-mixtral", "tiny-mixtral-fused", max_shard_size="64KB")
@@ -256,11 +263,15 @@ def convert(
     """
     from .io.destination import check_destination, check_output, source_paths
     from .io.writer import parse_size
+    from .parallel_convert import RANKS_HINT, check_workers
     from .streaming import convert_checkpoint
 
     device = check_device(device, needs_data=WRITES)  # options first: before a pickle is transcoded
     check_dtype(dtype)
     parse_size(max_shard_size)
+    workers = check_workers(workers)
+    if ranks and workers > 1:
+        raise ConvspecError("--workers and torchrun ranks cannot be combined", hint=RANKS_HINT)
     # where the output goes, before anything is read: never onto, around or inside the source
     check_output(dst, source_paths(src), src)
     check_destination(dst)
@@ -285,6 +296,8 @@ def convert(
             on_tensor=on_tensor,
             manifest=manifest,
             ckpt=ckpt,
+            workers=workers,
+            ranks=ranks,
         )
     if cleaned and result.cleanup is not None:  # a killed run's pickle copy: said with the rest
         result.cleanup = result.cleanup._replace(removed=[*cleaned, *result.cleanup.removed])

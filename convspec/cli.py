@@ -58,6 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", metavar="FILE", help="write the output here (svg, png, dot)")
     c.add_argument("--reverse", action="store_true", help="show the inverse plan")
     c.add_argument("--strict", action="store_true", help="with --against: every key must be claimed")
+    c.add_argument(
+        "--shard",
+        metavar="AXES",
+        help="with --against: what each rank reads under tp=N[,ep=N] with transformers' tp and ep plans",
+    )
+    c.add_argument(
+        "--placements",
+        metavar="FILE",
+        help='with --shard: a JSON object {glob or "re:REGEX": style, or [style or dim per mesh dim]} '
+        "placing the targets it matches before transformers' plans do",
+    )
     c.add_argument("--list", action="store_true", help="list the built-in specs")
     _json_flag(c)
     cv = sub.add_parser("convert", help="convert a checkpoint with a spec (atomic, sharded safetensors)")
@@ -68,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--device", default="cpu", help=DEVICE_HELP)
     cv.add_argument("--dtype", help="cast every output to this dtype")
     cv.add_argument("--max-shard-size", default="5GB")
+    cv.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="split the groups across N processes; the same bytes as 1 (the default, this process)",
+    )
     cv.add_argument("--strict", action="store_true", help="every key must be claimed by a rule")
     cv.add_argument("--dry-run", action="store_true", help="print what would be written, from headers only")
     cv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
@@ -199,12 +216,21 @@ def _compile(args) -> int:
         raise ConvspecError(
             "--group draws one group of a checkpoint", hint="use it with --against and --format svg|png|dot"
         )
+    if args.placements is not None and args.shard is None:
+        raise ConvspecError("--placements places targets for --shard", hint="use it with --shard tp=N[,ep=N]")
+    if args.shard is not None and (not args.against or fmt not in ("text", "json")):
+        raise ConvspecError(
+            "--shard counts what each rank reads from a checkpoint's headers",
+            hint="use it with --against CHECKPOINT (text or json output)",
+        )
     plan = _plan(args)
     if args.output is not None:
         _check_not_an_input(args.output, args)
     bound = None
     if args.against:
         bound = plan.bind(_layout(args.against), strict=args.strict)
+    if args.shard is not None:
+        return _compile_shard(plan, bound, args, fmt)
     if fmt in ("dot", "svg", "png"):
         from . import dot
 
@@ -222,6 +248,23 @@ def _compile(args) -> int:
         text = render.bound_json(bound) if fmt == "json" else render.bound_text(bound, s)
     else:
         text = render.plan_json(plan) if fmt == "json" else render.plan_text(plan, s)
+    return _emit((text + "\n").encode(), args.output)
+
+
+def _compile_shard(plan, bound, args, fmt: str) -> int:
+    """`compile --against DIR --shard tp=N,ep=N`: each rank's bytes and read calls, from headers only."""
+    from .shardplan import model_type_of, parse_shard, read_overrides, shard_report
+
+    parse_shard(args.shard)  # a bad shard is refused before the placements are worked out
+    overrides = read_overrides(args.placements) if args.placements is not None else None
+    report = shard_report(bound, model_type_of(plan), args.shard, overrides)
+    if fmt == "json":
+        text = json.dumps(report.to_json(), indent=2)
+    else:
+        text = "\n".join(report.lines(_style(sys.stdout)))
+    if args.output is None:
+        print(text)
+        return 0
     return _emit((text + "\n").encode(), args.output)
 
 
@@ -276,6 +319,10 @@ def _emit(data: bytes, output: str | None) -> int:
 
 
 def _convert(args) -> int:
+    from .parallel_convert import check_workers, torchrun_world
+
+    workers = check_workers(args.workers)  # before anything is read
+    ranks = torchrun_world() is not None  # launched by torchrun: the ranks share the work
     progress = None if args.quiet or args.dry_run or not sys.stderr.isatty() else _Progress()
     r = api.convert(
         args.spec,
@@ -291,6 +338,8 @@ def _convert(args) -> int:
         on_tensor=progress,
         manifest=args.manifest,
         allow_pickle=args.allow_pickle,
+        workers=workers,
+        ranks=ranks,
     )
     if progress is not None:
         progress.done()

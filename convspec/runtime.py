@@ -15,6 +15,7 @@ from .compile import check as plan_check
 from .compile import plan as _plan
 from .compile import plan_json
 from .devices import check_device
+from .errors import ConvspecError
 
 if TYPE_CHECKING:
     from .bind import BoundPlan
@@ -59,7 +60,14 @@ def load(
 def _load_sharded(plan: Plan, src, device: str, dtype: str | None, strict: bool, shard, mesh) -> dict:
     """`plan.load(src, shard=...)`: the mesh given, or one over every rank on `device`'s type."""
     from .sharded import load_sharded
+    from .shardplan import load_by_plan
 
+    if isinstance(shard, str):
+        if mesh is not None:
+            raise ConvspecError(
+                f"shard={shard!r} makes its own mesh", hint="give placements by key with mesh=, or no mesh"
+            )
+        return load_by_plan(plan, src, shard, str(check_device(device)), strict, dtype)[0]
     if mesh is None:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
@@ -78,7 +86,7 @@ def load_into(plan: Plan, model, src, strict: bool, device: str | None):
     if place is not None:  # a parallelized model: each rank reads its parameters' shards
         from .sharded import load_placed
 
-        loaded, _ = load_placed(plan, src, place, device=device)
+        loaded, _ = load_placed(plan, src, lambda bound: place, device=device)
         return fill(model, loaded.items(), strict, plan.base_prefix, len(loaded.bound.already))
 
     dev = check_device(device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu"))

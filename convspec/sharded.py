@@ -69,20 +69,28 @@ def load_sharded(
     source bytes of its own shard only. Returns the tensors and what this rank read (`ReadStats`).
     Every rank calls it; a rank that finds a problem (a placement, a file) makes all of them raise."""
     choose = placements if callable(placements) else (placements or {}).get
-    return load_placed(
-        plan, src, lambda target, ndim: (mesh, placements_of(choose(target), ndim)), strict, device, dtype
-    )
+
+    def placing(bound) -> Place:
+        return lambda target, ndim: (mesh, placements_of(choose(target), ndim))
+
+    return load_placed(plan, src, placing, strict, device, dtype)
 
 
 Place = Callable[[str, int], "tuple[DeviceMesh, tuple] | None"]
 
 
 def load_placed(
-    plan, src, place: Place, strict: bool = False, device: str | None = None, dtype: str | None = None
+    plan,
+    src,
+    placing: Callable[[Any], Place],
+    strict: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """What `load_sharded` does, each target on the mesh and placements `place(target, ndim)` gives
-    (None: a plain tensor, read whole), so the targets of one load may lie on different meshes (a
-    model's parameters). Local shards go to `device` (default: the mesh's device), cast to `dtype`."""
+    (None: a plain tensor, read whole), where `place = placing(bound)` may look at the bound plan;
+    the targets of one load may lie on different meshes (a model's parameters). Local shards go to
+    `device` (default: the mesh's device), cast to `dtype`."""
     from torch.distributed.tensor import DTensor
 
     from .dtypes import check_dtype
@@ -96,6 +104,7 @@ def load_placed(
         check_dtype(dtype)
         ckpt = Checkpoint(src)
         bound = bind_checkpoint(plan, ckpt, strict)
+        place = placing(bound)
         placed = {}
         for target, (shape, _) in bound.outputs.items():
             placed[target] = where = place(target, len(shape))

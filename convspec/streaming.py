@@ -212,10 +212,17 @@ def convert_checkpoint(
     on_tensor: Callable[[str, int], None] | None = None,
     manifest: bool = False,
     ckpt: Checkpoint | None = None,
+    workers: int = 1,
+    ranks: bool = False,
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
     `manifest`, a per-tensor hash manifest of the source and the output is written inside it.
-    `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again."""
+    `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again.
+    With `workers` > 1 the groups are split across that many processes (the same bytes); with
+    `ranks`, across the ranks of the torch.distributed job, each of which calls this alike."""
+    from .parallel_convert import Work, check_workers, convert_on_ranks, write_parallel
+
+    workers = check_workers(workers)
     check_dtype(dtype)
     device = check_device(device, needs_data=WRITES)
     ckpt = Checkpoint(src) if ckpt is None else ckpt
@@ -225,16 +232,27 @@ def convert_checkpoint(
     limit = parse_size(max_shard_size)
     if dry_run:
         return ConvertResult(None, [], len(entries), total, bound)
-    atomic = AtomicDir(dst, overwrite=overwrite)
-    with atomic as tmp:
-        stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
-        files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
+
+    def finish(tmp: Path) -> None:
         ckpt.copy_side_files(tmp)
         from . import manifest as hashes
 
         (tmp / hashes.MANIFEST).unlink(missing_ok=True)  # the source's own would not describe this output
         if manifest:
             hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
+
+    work = Work(bound, ckpt, entries, stream_bound, device, dtype, on_tensor)
+    if ranks:
+        files, cleanup = convert_on_ranks(work, dst, limit, finish, overwrite)
+        return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
+    atomic = AtomicDir(dst, overwrite=overwrite)
+    with atomic as tmp:
+        if workers > 1:
+            files = write_parallel(work, tmp, limit, workers)
+        else:
+            stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
+            files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
+        finish(tmp)
     return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup)
 
 

@@ -37,6 +37,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "load_into",
             "regions",
             "sharded",
+            "shardplan",
+            "parallel_convert",
             "runtime",
         ),
     ),
@@ -45,7 +47,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # what is built on the API: lint, explain, pictures, the transformers importer and exporter
     (
         "tools",
-        ("lint", "explain", "dot", "render", "pictures", "hf", "hf.*", "integrations", "integrations.*"),
+        (
+            "lint",
+            "explain",
+            "dot",
+            "render",
+            "pictures",
+            "hf",
+            "hf.*",
+            "integrations",
+            "integrations.*",
+        ),
     ),
     # the command line
     ("cli", ("cli",)),

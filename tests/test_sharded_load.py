@@ -176,8 +176,12 @@ try:
 
     loaded = plan.load(src, shard={k: "experts" for k in full if k.endswith("experts.down_proj")})
     by_plan = [k for k, t in loaded.items() if isinstance(t, DTensor) and not t.full_tensor().equal(full[k])]
+    by_tp = plan.load(src, shard="tp=2")  # placed as transformers' tp plan for mixtral places them
+    tp_bad = [k for k, t in by_tp.items() if not t.full_tensor().equal(full[k])]
+    cut = sorted({str(p) for t in by_tp.values() for p in t.placements if p.is_shard()})
     result = {"ok": report.ok, "bad": bad, "sharded": sharded, "by_plan": by_plan,
-              "placed": sum(isinstance(t, DTensor) for t in loaded.values())}
+              "placed": sum(isinstance(t, DTensor) for t in loaded.values()),
+              "tp_bad": tp_bad, "tp_cut": cut, "tp_read": by_tp.stats.bytes < loaded.stats.bytes}
 finally:
     dist.destroy_process_group()
 with open(f"{out}/rank{rank}.json", "w") as f:
@@ -187,4 +191,13 @@ with open(f"{out}/rank{rank}.json", "w") as f:
 
 def test_a_model_with_dtensor_parameters_is_filled_shard_by_shard(src, tmp_path):
     for r in run_workers(INTO, 2, tmp_path, src):
-        assert r == {"ok": True, "bad": [], "sharded": 4, "by_plan": [], "placed": 21}
+        assert r == {
+            "ok": True,
+            "bad": [],
+            "sharded": 4,
+            "by_plan": [],
+            "placed": 21,
+            "tp_bad": [],
+            "tp_cut": ["S(0)", "S(1)", "S(2)"],
+            "tp_read": True,
+        }

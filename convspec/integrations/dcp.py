@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 from torch.distributed.checkpoint import StorageReader
 
 from ..errors import ConvspecError
+from .dcp_writer import ConvspecWriter  # the way back, beside the reader
+
+__all__ = ["ConvspecReader", "ConvspecWriter"]
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint import LoadPlan, LoadPlanner, Metadata

@@ -531,6 +531,69 @@ class FileCopy(NamedTuple):
     spans: list[tuple[str, int, int, int]]
 
 
+def shard_names(count: int) -> list[str]:
+    """The files of `count` shards, named as Hugging Face names them."""
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class Place(NamedTuple):
+    """Where one output tensor goes: its file in the output directory, its absolute offset there,
+    and what it must be (the entry `write_item` checks it against)."""
+
+    file: str
+    offset: int
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    size: int
+
+
+def shard_places(
+    entries: list[tuple[str, tuple[int, ...], str]], max_shard_size: int, metadata: dict | None = None
+) -> tuple[list[str], dict[str, Place], list[bytes]]:
+    """The shard names, where every tensor goes, and each shard's header: from the entries alone."""
+    metadata = {"format": "pt", **(metadata or {})}
+    shards = plan_shards(entries, max_shard_size)
+    places: dict[str, Place] = {}
+    heads = []
+    for name, idx in zip(shard_names(len(shards)), shards, strict=True):
+        part = [entries[i] for i in idx]
+        heads.append(shard_header(part, metadata))
+        pos = len(heads[-1])
+        for key, shape, dtype in part:
+            size = ITEMSIZE[dtype] * _numel(shape)
+            places[key] = Place(name, pos, key, tuple(shape), dtype, size)
+            pos += size
+    return shard_names(len(shards)), places, heads
+
+
+def lay_out(
+    out_dir: Path,
+    entries: list[tuple[str, tuple[int, ...], str]],
+    max_shard_size: int,
+    metadata: dict | None = None,
+) -> tuple[list[str], dict[str, Place]]:
+    """Every shard file made at its final size with its header written, before any tensor: then any
+    process can write any tensor at its `Place` (multi-process convert). The shard names and places."""
+    names, places, heads = shard_places(entries, max_shard_size, metadata)
+    ends = {p.file: p.offset + p.size for p in places.values()}
+    for name, head in zip(names, heads, strict=True):
+        with open(out_dir / name, "wb") as f:
+            f.write(head)
+            f.truncate(max(ends.get(name, 0), len(head)))
+    return names, places
+
+
+def write_index(out_dir: Path, entries: list, weight_map: Mapping[str, str], names: list[str]) -> None:
+    """`model.safetensors.index.json` where there are several shards."""
+    if len(names) > 1:
+        total = sum(ITEMSIZE[d] * _numel(s) for _, s, d in entries)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def write_sharded(
     out_dir: Path,
     entries: list[tuple[str, tuple[int, ...], str]],
@@ -545,11 +608,7 @@ def write_sharded(
     so that the fsync before the directory is committed finds little left to do."""
     metadata = {"format": "pt", **(metadata or {})}
     shards = plan_shards(entries, max_shard_size)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
+    names = shard_names(len(shards))
     it: Iterator[tuple[str, torch.Tensor | FileCopy]] = iter(tensors)
     weight_map = {}
     sources: dict[str, int] = {}
@@ -565,7 +624,7 @@ def write_sharded(
                 try:
                     for key, shape, dtype in part:
                         size = ITEMSIZE[dtype] * _numel(shape)
-                        _write_item(fd, pos, (key, shape, dtype, size), next(it), sources)
+                        write_item(fd, pos, (key, shape, dtype, size), next(it), sources)
                         pos += size
                         weight_map[key] = name
                         if behind is not None:
@@ -581,10 +640,7 @@ def write_sharded(
             behind.close()
         for src in sources.values():
             os.close(src)
-    if len(names) > 1:
-        total = sum(ITEMSIZE[d] * _numel(s) for _, s, d in entries)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_index(out_dir, entries, weight_map, names)
     return names
 
 
@@ -643,8 +699,9 @@ class _FlushBehind:
 FLUSH_EVERY = 256 << 20
 
 
-def _write_item(fd: int, pos: int, expected: tuple, got: tuple, sources: dict[str, int]) -> None:
-    """One tensor at its offset: copied file to file, or its bytes written; checked against its entry."""
+def write_item(fd: int, pos: int, expected: tuple, got: tuple, sources: dict[str, int]) -> None:
+    """One tensor at its offset `pos` of `fd`: copied file to file, or its bytes written; checked against
+    its entry (key, shape, dtype, size). `sources` caches the descriptors of files copied from."""
     key, shape, dtype, size = expected
     got_key, item = got
     if isinstance(item, FileCopy):
@@ -665,6 +722,9 @@ def _write_item(fd: int, pos: int, expected: tuple, got: tuple, sources: dict[st
     if seen != (key, tuple(shape), dtype):
         raise RuntimeError(f"writer expected {key} {list(shape)} {dtype}, got {seen}")
     pwrite_all(fd, tensor_bytes(item), pos)
+
+
+_write_item = write_item  # its earlier name
 
 
 MIN_COPY_RUN = (
