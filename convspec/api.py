@@ -7,7 +7,7 @@ import dataclasses
 import difflib
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -264,6 +264,7 @@ def convert(
     from .io.destination import check_destination, check_output, source_paths
     from .io.writer import parse_size
     from .parallel_convert import RANKS_HINT, check_workers
+    from .ranks import agreed, process_group
     from .streaming import convert_checkpoint
 
     device = check_device(device, needs_data=WRITES)  # options first: before a pickle is transcoded
@@ -272,33 +273,36 @@ def convert(
     workers = check_workers(workers)
     if ranks and workers > 1:
         raise ConvspecError("--workers and torchrun ranks cannot be combined", hint=RANKS_HINT)
-    # where the output goes, before anything is read: never onto, around or inside the source
-    check_output(dst, source_paths(src), src)
-    check_destination(dst)
-    cleaned: list[Path] = []
-    with safetensors_source(src, allow_pickle, beside=dst, removed=cleaned) as src:
-        from .io.checkpoint import Checkpoint
+    with process_group() if ranks else nullcontext():  # under torchrun: every rank, alike
+        with agreed(ranks):  # a rank whose destination or checkpoint is wrong stops every rank
+            # where the output goes, before anything is read: never onto, around or inside the source
+            check_output(dst, source_paths(src), src)
+            check_destination(dst)
+        cleaned: list[Path] = []
+        with safetensors_source(src, allow_pickle, beside=dst, removed=cleaned) as src:
+            from .io.checkpoint import Checkpoint
 
-        ckpt = Checkpoint(src)  # its headers are read once, for the config and the conversion
-        plan = compile(spec, config=ckpt.config_path)
-        if reverse:
-            plan = plan.inverse()
-        result = convert_checkpoint(
-            plan,
-            src,
-            dst,
-            device=device,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            strict=strict,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            on_tensor=on_tensor,
-            manifest=manifest,
-            ckpt=ckpt,
-            workers=workers,
-            ranks=ranks,
-        )
+            with agreed(ranks):  # a rank whose copy of the checkpoint is wrong stops every rank
+                ckpt = Checkpoint(src)  # its headers are read once, for the config and the conversion
+                plan = compile(spec, config=ckpt.config_path)
+                if reverse:
+                    plan = plan.inverse()
+            result = convert_checkpoint(
+                plan,
+                src,
+                dst,
+                device=device,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                strict=strict,
+                overwrite=overwrite,
+                dry_run=dry_run,
+                on_tensor=on_tensor,
+                manifest=manifest,
+                ckpt=ckpt,
+                workers=workers,
+                ranks=ranks,
+            )
     if cleaned and result.cleanup is not None:  # a killed run's pickle copy: said with the rest
         result.cleanup = result.cleanup._replace(removed=[*cleaned, *result.cleanup.removed])
     return result

@@ -338,9 +338,6 @@ def _fault(index: int) -> None:
         raise RuntimeError(f"{FAULT_ENV} made this worker fail")
 
 
-RANK_TIMEOUT = 1800  # seconds a rank waits for the others (a process group convert makes itself)
-
-
 def torchrun_world() -> int | None:
     """The world size when launched by torchrun (or any launcher setting its env), else None."""
     try:
@@ -360,17 +357,10 @@ def convert_on_ranks(
     Every rank returns (the shard names, what rank 0 cleaned up) or raises the same failure."""
     import torch.distributed as dist
 
-    own = not dist.is_initialized()
-    if own:
-        from datetime import timedelta
+    from .ranks import process_group
 
-        dist.init_process_group("gloo", timeout=timedelta(seconds=RANK_TIMEOUT))
-    try:
-        with _sigterm_interrupts():
-            return _on_ranks(dist, work, dst, max_shard_size, finish, overwrite)
-    finally:
-        if own:
-            dist.destroy_process_group()
+    with process_group(), _sigterm_interrupts():
+        return _on_ranks(dist, work, dst, max_shard_size, finish, overwrite)
 
 
 def _on_ranks(dist, work: Work, dst, limit: int, finish, overwrite: bool):

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConvspecError
+from .ranks import agree
 from .streaming import Loaded
 
 if TYPE_CHECKING:
@@ -129,29 +130,6 @@ def load_placed(
             else DTensor.from_local(local, *where, run_check=False, shape=shape, stride=strides(shape))
         )
     return loaded, reader.stats
-
-
-def agree(problem: ConvspecError | None) -> None:
-    """Every rank of the job learns whether any rank found a problem, and then all raise the same
-    error (naming the rank when they differ), so none goes on to a collective the others never
-    reach. Without a process group of several ranks, this rank's own problem is raised."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        if problem is not None:
-            raise problem
-        return
-    found: list = [None] * dist.get_world_size()
-    mine = None if problem is None else (problem.message, problem.hint)
-    dist.all_gather_object(found, mine)
-    failed = [(rank, f) for rank, f in enumerate(found) if f is not None]
-    if not failed:
-        return
-    if problem is not None and len(failed) == len(found) and all(f == mine for _, f in failed):
-        raise problem  # every rank found the same: as it is
-    rank, (message, hint) = failed[0]
-    more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
-    raise ConvspecError(f"rank {rank}: {message}{more}", hint=hint)
 
 
 def _mesh_device(mesh: DeviceMesh) -> str:

@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,12 +221,14 @@ def convert_checkpoint(
     With `workers` > 1 the groups are split across that many processes (the same bytes); with
     `ranks`, across the ranks of the torch.distributed job, each of which calls this alike."""
     from .parallel_convert import Work, check_workers, convert_on_ranks, write_parallel
+    from .ranks import agreed, process_group
 
     workers = check_workers(workers)
     check_dtype(dtype)
     device = check_device(device, needs_data=WRITES)
-    ckpt = Checkpoint(src) if ckpt is None else ckpt
-    bound = bind_checkpoint(plan, ckpt, strict)
+    with process_group() if ranks else nullcontext(), agreed(ranks):  # every rank checks, then all go on
+        ckpt = Checkpoint(src) if ckpt is None else ckpt
+        bound = bind_checkpoint(plan, ckpt, strict)
     entries = output_order(bound, dtype)
     total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
     limit = parse_size(max_shard_size)

@@ -223,3 +223,32 @@ def test_under_torchrun_workers_is_refused_before_anything_is_read(src, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("error: --workers and torchrun ranks cannot be combined"), err
     assert not any(tmp_path.iterdir())
+
+
+MISSING = """
+import contextlib, io, json, os, sys
+from pathlib import Path
+from convspec.cli import main
+out, src, dst = Path(sys.argv[1]), sys.argv[2].replace("{rank}", os.environ["RANK"]), sys.argv[3]
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    rc = main(["convert", "mixtral", src, dst, "--quiet"])
+(out / f"rank{os.environ['RANK']}.json").write_text(json.dumps({"rc": rc, "err": err.getvalue()}))
+"""
+
+
+def test_under_torchrun_a_rank_whose_copy_is_missing_stops_every_rank_before_a_byte_is_read(src, tmp_path):
+    import shutil
+
+    from helpers.distributed import run_workers
+
+    shutil.copytree(src, tmp_path / "src0")
+    shutil.copytree(src, tmp_path / "src1")
+    for f in (tmp_path / "src1").glob("*.safetensors"):
+        f.unlink()  # rank 1's copy of the checkpoint lost its weights
+    (tmp_path / "logs").mkdir()
+    got = run_workers(MISSING, 2, tmp_path / "logs", str(tmp_path / "src{rank}"), str(tmp_path / "out"))
+    assert [r["rc"] for r in got] == [2, 2]
+    assert all(r["err"].startswith("error: rank 1: ") for r in got), got
+    assert got[0]["err"] == got[1]["err"]  # one error, the same on every rank
+    assert not (tmp_path / "out").exists()

@@ -89,9 +89,11 @@ try:
 
         if rank == 1:
             w.write_chunks = broken
+        writer = ConvspecWriter(plan, f"{dst}/failed", max_shard_size=shard)
         try:
-            dcp.save(tensors, storage_writer=ConvspecWriter(plan, f"{dst}/failed", max_shard_size=shard))
+            dcp.save(tensors, storage_writer=writer)
         except CheckpointException as exc:
+            writer.abort()  # DCP calls no writer method when a rank fails: the caller drops or aborts it
             result["failed"] = str(exc)[-2000:]
 finally:
     dist.destroy_process_group()

@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "streaming",
             "load_into",
             "regions",
+            "ranks",
             "sharded",
             "shardplan",
             "parallel_convert",
