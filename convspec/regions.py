@@ -186,13 +186,13 @@ class RegionReader:
         out = tuple(b - a for a, b in region)
         if 0 in out:
             return torch.empty(out, dtype=DTYPES[info.dtype])
-        runs = list(_runs(shape, region, item))
+        runs = list(region_runs(shape, region, item))
         self.stats.bytes += sum(n for _, _, n in runs)
         self.stats.runs += len(runs)
         return self.ckpt.assemble(out, info.dtype, [(key, s, d, n) for s, d, n in runs])
 
 
-def _runs(shape: tuple[int, ...], region: Region, item: int):
+def region_runs(shape: tuple[int, ...], region: Region, item: int):
     """The region of a row-major tensor as byte runs (source offset, offset in the region, size):
     the dims after the last one the region cuts are whole, so each run is that contiguous stretch."""
     d = len(shape) - 1
@@ -217,7 +217,7 @@ def cut_runs(runs: list[Run], shape: tuple[int, ...], region: Region, item: int)
     in the source and here, extends it."""
     out: list[Run] = []
     i = 0
-    for at, local, size in _runs(shape, region, item):
+    for at, local, size in region_runs(shape, region, item):
         end = at + size
         while runs[i].dst + runs[i].size <= at:
             i += 1

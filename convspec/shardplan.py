@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import ConvspecError
-from .regions import ReadStats, RegionReader, _runs
+from .regions import ReadStats, RegionReader, region_runs
 
 if TYPE_CHECKING:
     import torch
@@ -322,7 +322,7 @@ def rank_region(
 
 class CountingReader(RegionReader):
     """A region reader that reads no data: each source region is counted as the byte runs the real
-    reader would read (`regions._runs`) and stands as a meta tensor of its shape, which the ops map
+    reader would read (`regions.region_runs`) and stands as a meta tensor of its shape, which the ops map
     like any other. `wider`: each target read wider than asked, with the ops that widened it."""
 
     def __init__(self, bound: BoundPlan):
@@ -342,7 +342,7 @@ class CountingReader(RegionReader):
         info = self.bound.layout[key]
         out = tuple(b - a for a, b in region)
         if 0 not in out:
-            runs = list(_runs(info.shape, region, ITEMSIZE[info.dtype]))
+            runs = list(region_runs(info.shape, region, ITEMSIZE[info.dtype]))
             self.stats.bytes += sum(n for _, _, n in runs)
             self.stats.runs += len(runs)
         return torch.empty(out, dtype=DTYPES[info.dtype], device="meta")

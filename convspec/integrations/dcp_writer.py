@@ -33,8 +33,7 @@ from ..ops import TensorInfo
 from ..ops.base import dtype_name
 from ..ops.cast import cast_tensor
 from ..ops.slicing import Region, SliceMap, strides
-from ..regions import RegionReader
-from ..regions import _runs as region_runs
+from ..regions import RegionReader, region_runs
 
 if TYPE_CHECKING:
     import torch
@@ -316,7 +315,7 @@ class _Moves:
 
 def _copy(out: _Files, runs: list[Run], shape: tuple[int, ...], offsets: tuple[int, ...], data) -> None:
     """A chunk at `offsets` of a tensor of `shape` made of source `runs`: each stretch of the chunk
-    that is contiguous in the tensor (`regions._runs`) cut where the runs cut it, a pwrite each."""
+    that is contiguous in the tensor (`regions.region_runs`) cut where the runs cut it, a pwrite each."""
     item = data.element_size()
     raw = tensor_memory(data.cpu().contiguous())
     dsts = [r.dst for r in runs]
