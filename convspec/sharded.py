@@ -5,6 +5,7 @@ each reads from its own page cache or disk, where a broadcast would add a collec
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +41,81 @@ def placements_of(spec: Any, ndim: int) -> tuple:
 def local_region(
     shape: tuple[int, ...], mesh: DeviceMesh, placements: Sequence
 ) -> tuple[tuple[int, int], ...]:
-    """This rank's region of a tensor of `shape` placed on `mesh`, as DTensor cuts it."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    """This rank's region of a tensor of `shape` placed on `mesh`, as DTensor cuts it (one box: a
+    strided shard, several, is `local_blocks`)."""
+    blocks = local_blocks(shape, _sizes(mesh), mesh.get_coordinate(), placements)
+    if len(blocks) != 1:
+        raise ConvspecError(
+            f"a strided placement {list(placements)} holds {len(blocks)} regions a rank",
+            hint="use convspec.sharded.local_blocks",
+        )
+    return blocks[0][0]
 
-    size, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
-    return tuple((o, o + s) for o, s in zip(offset, size, strict=True))
+
+Block = tuple[tuple[tuple[int, int], ...], tuple[int, ...]]  # a region of the tensor, where it lies locally
+
+
+def local_blocks(
+    shape: Sequence[int], sizes: Sequence[int], coords: Sequence[int], placements: Sequence
+) -> list[Block]:
+    """The regions of a tensor of `shape` a rank at `coords` of a mesh of `sizes` holds, each with
+    its offset in the local tensor, mesh dim by mesh dim as DTensor cuts even shards: `Shard(d)`
+    takes the rank's part of what is left of dim d; `_StridedShard(d, split_factor=f)` (transformers'
+    packed gate/up) its part of each of f equal pieces, so f regions a rank."""
+
+    ranges = [[(0, n)] for n in shape]
+    for n, p, c in zip(sizes, placements, coords, strict=True):
+        if not cuts(p):
+            continue
+        factor = _split_factor(p)
+        d = p.dim % len(shape)
+        piece = sum(b - a for a, b in ranges[d]) // (n * (factor or 1))
+        ranges[d] = [
+            r
+            for k in range(factor or 1)
+            for r in _portion(ranges[d], (c + k * n) * piece, (c + k * n + 1) * piece)
+        ]
+    out = []
+    for combo in itertools.product(*(_with_offsets(r) for r in ranges)):
+        out.append((tuple(r for r, _ in combo), tuple(at for _, at in combo)))
+    return out
+
+
+def cuts(p) -> bool:
+    """Whether a placement cuts a tensor dim: `Shard`, or DTensor's strided shard."""
+    from torch.distributed.tensor import Shard
+
+    return isinstance(p, Shard) or _split_factor(p) is not None
+
+
+def _split_factor(p) -> int | None:
+    """A strided shard's split factor (DTensor's private `_StridedShard`); None for any other."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return p.split_factor if isinstance(p, _StridedShard) else None
+
+
+def _portion(ranges: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The global ranges of positions [lo, hi) of the ranges laid end to end."""
+    out, at = [], 0
+    for a, b in ranges:
+        start, stop = max(lo, at), min(hi, at + b - a)
+        if start < stop:
+            out.append((a + start - at, a + stop - at))
+        at += b - a
+    return out
+
+
+def _with_offsets(ranges: list[tuple[int, int]]) -> list[tuple[tuple[int, int], int]]:
+    out, at = [], 0
+    for a, b in ranges:
+        out.append(((a, b), at))
+        at += b - a
+    return out
+
+
+def _sizes(mesh) -> tuple[int, ...]:
+    return tuple(mesh.size(i) for i in range(mesh.ndim))
 
 
 class Sharded(Loaded):
@@ -119,8 +190,7 @@ def load_placed(
     loaded = Sharded({}, bound, reader.stats)
     for target, (shape, _) in bound.outputs.items():
         where = placed[target]
-        region = None if where is None else local_region(shape, *where)
-        local = reader.read(target, region)
+        local = reader.read(target) if where is None else read_local(reader, target, shape, *where)
         to = device or (None if where is None else _mesh_device(where[0]))
         local = local if to is None or str(to) == "cpu" else local.to(to)
         local = cast_tensor(local, dtype) if dtype else local
@@ -130,6 +200,27 @@ def load_placed(
             else DTensor.from_local(local, *where, run_check=False, shape=shape, stride=strides(shape))
         )
     return loaded, reader.stats
+
+
+def read_local(reader, target: str, shape: tuple[int, ...], mesh: DeviceMesh, placements: Sequence):
+    """This rank's local tensor of `target`: its one region read straight, or a strided shard's
+    regions each read into their place in it."""
+    blocks = local_blocks(shape, _sizes(mesh), mesh.get_coordinate(), placements)
+    if len(blocks) == 1:
+        return reader.read(target, blocks[0][0])
+    import torch
+
+    from .dtypes import DTYPES
+
+    size = [0] * len(shape)
+    for region, at in blocks:
+        size = [max(n, o + b - a) for n, o, (a, b) in zip(size, at, region, strict=True)]
+    local = torch.empty(size, dtype=DTYPES[reader.bound.outputs[target][1]])
+    for region, at in blocks:
+        local[tuple(slice(o, o + b - a) for o, (a, b) in zip(at, region, strict=True))] = reader.read(
+            target, region
+        )
+    return local
 
 
 def _mesh_device(mesh: DeviceMesh) -> str:
@@ -144,24 +235,36 @@ def _mesh_device(mesh: DeviceMesh) -> str:
 
 def _check_fits(target: str, shape: tuple[int, ...], mesh, placements: Sequence) -> None:
     """A placement must name one per mesh dim, and cut a dim the tensor has into even shards (DTensor
-    would make uneven ones; a checkpoint's shards are meant to be equal)."""
-    from torch.distributed.tensor import Shard
+    would make uneven ones; a checkpoint's shards are meant to be equal); a strided shard cuts a dim
+    no other placement cuts."""
 
     if len(placements) != mesh.ndim:
         raise ConvspecError(
             f"{target}: {len(placements)} placement(s) for a mesh of {mesh.ndim} dims",
             hint="give one placement per mesh dim",
         )
+    left = list(shape)  # what the mesh dims before leave of each dim
+    cut: dict[int, int] = {}  # tensor dim -> how many placements cut it
+    strided: set[int] = set()
     for mesh_dim, p in enumerate(placements):
-        if isinstance(p, Shard):
+        factor = _split_factor(p)
+        if cuts(p):
             if not -len(shape) <= p.dim < len(shape):
+                name = f"Shard({p.dim})" if not factor else f"_StridedShard({p.dim}, split_factor={factor})"
+                raise ConvspecError(f"{target}: {name} of a tensor with {len(shape)} dims {list(shape)}")
+            d, n = p.dim % len(shape), mesh.size(mesh_dim) * (factor or 1)
+            cut[d] = cut.get(d, 0) + 1
+            if factor:
+                strided.add(d)
+            if left[d] % n:
+                what = f"{n // (factor or 1)} shards" + (f" of each of {factor} parts" if factor else "")
                 raise ConvspecError(
-                    f"{target}: Shard({p.dim}) of a tensor with {len(shape)} dims {list(shape)}"
-                )
-            n = mesh.size(mesh_dim)
-            if shape[p.dim] % n:
-                raise ConvspecError(
-                    f"{target}: dim {p.dim % len(shape)} of {list(shape)} ({shape[p.dim]}) does not divide "
-                    f"into {n} shards",
+                    f"{target}: dim {d} of {list(shape)} ({left[d]}) does not divide into {what}",
                     hint="choose a placement whose dim divides by the mesh size, or replicate the tensor",
                 )
+            left[d] //= mesh.size(mesh_dim)
+    if any(cut[d] > 1 for d in strided):
+        raise ConvspecError(
+            f"{target}: a strided shard {list(placements)} with another placement on the same dim",
+            hint="cut the dim a strided shard cuts on one mesh dim only",
+        )

@@ -64,8 +64,9 @@ SHARDS = {
     "grouped_gemm": lambda ndim, name: 0,  # expert parallel: whole experts per rank
     "experts": lambda ndim, name: 0,  # convspec.sharded's names for it
     "ep": lambda ndim, name: 0,
-    "packed_colwise": lambda ndim, name: 0 if ndim == 1 else "strided",
-    "packed_rowwise": lambda ndim, name: None if ndim == 1 else "strided",
+    # gate and up packed in one tensor: each rank a part of each half, DTensor's _StridedShard
+    "packed_colwise": lambda ndim, name: 0 if ndim == 1 else ("strided", ndim - 2),
+    "packed_rowwise": lambda ndim, name: None if ndim == 1 else ("strided", ndim - 1),
 }
 EP_STYLES = {"grouped_gemm", "experts", "ep"}  # an override's style that goes on the ep dim
 # Styles that hook a module's forward and leave its parameters whole on every rank.
@@ -149,6 +150,7 @@ def placements_for(
     with the reason. `overrides` ({glob, or "re:" regex: style, or a list of one style or tensor dim
     per mesh dim}) come first, the first that matches. Placements as `load_sharded` takes them."""
     from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     sizes = (
         parse_shard(shard)
@@ -178,7 +180,13 @@ def placements_for(
                 used[axis] = f"Shard({style})" if isinstance(style, int) else style
             if why:
                 reasons[target] = why
-            per_dim.append(Replicate() if dim is None else Shard(dim))
+            per_dim.append(
+                Replicate()
+                if dim is None
+                else _StridedShard(dim[1], split_factor=2)
+                if isinstance(dim, tuple)
+                else Shard(dim)
+            )
         placed[target], styles[target] = tuple(per_dim), used
     return Placed(tuple(sizes.values()), tuple(sizes), placed, styles, reasons, shapes)
 
@@ -252,18 +260,16 @@ def _shape(s) -> tuple[int, ...]:
     return tuple(s[0]) if len(s) == 2 and isinstance(s[0], (tuple, list)) else tuple(s)
 
 
-def _dim_of(style: str | None, shape: tuple[int, ...], name: str) -> tuple[int | None, str | None]:
-    """The dim a style cuts (None: whole), and why a style that cuts is read whole instead."""
+def _dim_of(style: str | None, shape: tuple[int, ...], name: str) -> tuple[Any, str | None]:
+    """The dim a style cuts (None: whole; ("strided", d): a strided shard of d, two packed halves),
+    and why a style that cuts is read whole instead."""
     if style is None or style in WHOLE:
         return None, None
     if style not in SHARDS:
         return None, f"{style}: a style convspec does not map, read whole"
     dim = SHARDS[style](len(shape), name)
-    if dim == "strided":
-        return (
-            None,
-            f"{style}: a strided shard (a part of each packed half: two regions a rank), read whole",
-        )
+    if isinstance(dim, tuple):  # a strided shard of dim[1], halves packed
+        return dim, None
     if dim is not None and not 0 <= dim < len(shape):
         return None, f"{style}: cuts dim {dim} of a tensor with {len(shape)} dims {list(shape)}, read whole"
     return dim, None
@@ -300,21 +306,14 @@ def coords_of(rank: int, mesh_shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def rank_region(
+def rank_blocks(
     shape: Sequence[int], mesh_shape: Sequence[int], placements: Sequence, coords: Sequence[int]
-) -> Region:
-    """The region of a tensor of `shape` a rank at `coords` holds, as DTensor's
-    `compute_local_shape_and_global_offset` cuts even shards: mesh dim by mesh dim, each `Shard(d)`
-    cutting what the dims before left of dim d."""
-    from torch.distributed.tensor import Shard
+) -> tuple[Region, ...]:
+    """The regions of a tensor of `shape` a rank at `coords` holds (one, or a strided shard's
+    several), as `load_sharded` reads them (`sharded.local_blocks`)."""
+    from .sharded import local_blocks
 
-    size, offset = list(shape), [0] * len(shape)
-    for n, p, c in zip(mesh_shape, placements, coords, strict=True):
-        if isinstance(p, Shard):
-            d = p.dim % len(shape)
-            size[d] //= n
-            offset[d] += c * size[d]
-    return tuple((o, o + s) for o, s in zip(offset, size, strict=True))
+    return tuple(region for region, _ in local_blocks(shape, mesh_shape, coords, placements))
 
 
 # ---- what each rank reads, from headers only -----------------------------------------------------
@@ -382,19 +381,20 @@ def rank_io(bound: BoundPlan, placed: Placed) -> list[RankIO]:
     share (a whole tensor, a shard of its replicas) is walked once."""
     check_fits(placed)
     reader = CountingReader(bound)
-    cost: dict[tuple[str, Region], tuple[int, int, int, list[str] | None]] = {}
+    cost: dict[tuple[str, tuple[Region, ...]], tuple[int, int, int, list[str] | None]] = {}
     out = []
     for rank in range(math.prod(placed.mesh_shape)):
         io = RankIO(rank, coords_of(rank, placed.mesh_shape), ReadStats())
         for target, p in placed.placements.items():
-            region = rank_region(placed.shapes[target], placed.mesh_shape, p, io.coords)
-            c = cost.get((target, region))
+            regions = rank_blocks(placed.shapes[target], placed.mesh_shape, p, io.coords)
+            c = cost.get((target, regions))
             if c is None:
                 before = (reader.stats.bytes, reader.stats.runs, reader.stats.wider)
                 reader.wider.pop(target, None)
-                reader.read(target, region)
+                for region in regions:
+                    reader.read(target, region)
                 after = (reader.stats.bytes, reader.stats.runs, reader.stats.wider)
-                c = cost[target, region] = (
+                c = cost[target, regions] = (
                     *(a - b for a, b in zip(after, before, strict=True)),
                     reader.wider.get(target),
                 )
@@ -473,9 +473,9 @@ class ShardReport(NamedTuple):
 
 
 def _cuts(placement) -> bool:
-    from torch.distributed.tensor import Shard
+    from .sharded import cuts
 
-    return isinstance(placement, Shard)
+    return cuts(placement)
 
 
 def model_type_of(plan) -> str:

@@ -6,14 +6,23 @@ clear error on every rank, before any data is read."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from helpers.distributed import run_workers  # noqa: E402
 from make_tiny_mixtral import make  # noqa: E402
+from torch.distributed.tensor import Replicate, Shard  # noqa: E402
+from torch.distributed.tensor.placement_types import _StridedShard  # noqa: E402
+
+from convspec.errors import ConvspecError  # noqa: E402
+from convspec.sharded import _check_fits, local_blocks  # noqa: E402
+from convspec.shardplan import _Mesh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,12 +148,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import convspec
-from convspec.sharded import local_region
 
 
-def same(t, want):  # a DTensor's local shard against the full tensor narrowed (no collective)
-    region = local_region(tuple(want.shape), t.device_mesh, t.placements)
-    return t.to_local().equal(want[tuple(slice(a, b) for a, b in region)])
+def same(t, want):  # a DTensor's local shard against the full tensor cut as torch's placements cut it
+    mesh = t.device_mesh
+    for n, p, c in zip(mesh.shape, t.placements, mesh.get_coordinate()):
+        if not p.is_replicate():
+            want = p._split_tensor(want, n, with_padding=False)[0][c]
+    return t.to_local().equal(want)
 
 out, src = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -207,3 +218,40 @@ def test_a_model_with_dtensor_parameters_is_filled_shard_by_shard(src, tmp_path)
             "tp_cut": ["S(0)", "S(1)", "S(2)"],
             "tp_read": True,
         }
+
+
+@pytest.mark.parametrize(
+    "sizes, placements",
+    [
+        ((2,), [_StridedShard(1, split_factor=2)]),  # packed gate/up: a part of each half
+        ((4,), [_StridedShard(1, split_factor=2)]),
+        ((2,), [_StridedShard(1, split_factor=4)]),
+        ((2, 2), [Shard(0), _StridedShard(1, split_factor=2)]),
+        ((2, 2), [_StridedShard(1, split_factor=2), Shard(0)]),
+        ((2, 2), [Shard(1), Shard(1)]),
+        ((3,), [Shard(2)]),
+        ((2, 3), [Replicate(), Shard(2)]),
+    ],
+)
+def test_local_blocks_are_what_torch_placements_cut(sizes, placements):
+    t = torch.arange(4 * 8 * 3).reshape(4, 8, 3)
+    for coords in itertools.product(*(range(n) for n in sizes)):
+        want = t
+        for n, p, c in zip(sizes, placements, coords, strict=True):
+            if not p.is_replicate():
+                want = p._split_tensor(want, n, with_padding=False)[0][c]
+        blocks = local_blocks(t.shape, sizes, coords, placements)
+        got = torch.empty_like(want)
+        for region, at in blocks:
+            got[tuple(slice(o, o + b - a) for o, (a, b) in zip(at, region, strict=True))] = t[
+                tuple(slice(a, b) for a, b in region)
+            ]
+        assert got.equal(want), (sizes, placements, coords)
+        assert len(blocks) == math.prod(p.split_factor for p in placements if isinstance(p, _StridedShard))
+
+
+def test_a_strided_shard_with_another_cut_on_its_dim_is_refused():
+    with pytest.raises(ConvspecError, match="a strided shard .* with another placement on the same dim"):
+        _check_fits("w", (4, 8), _Mesh((2, 2)), [Shard(1), _StridedShard(1, split_factor=2)])
+    with pytest.raises(ConvspecError, match=r"does not divide into 2 shards of each of 2 parts"):
+        _check_fits("w", (4, 6), _Mesh((2,)), [_StridedShard(1, split_factor=2)])
