@@ -37,6 +37,7 @@ from convspec.integrations.dcp import ConvspecReader
 from convspec.io.checkpoint import Checkpoint
 from convspec.ops.slicing import strides
 from convspec.sharded import local_region
+from tests.helpers.placements import mixtral_placement
 
 out, src = sys.argv[1], sys.argv[2]
 READ = [0]  # bytes asked of the checkpoint's files, by anything
@@ -48,28 +49,10 @@ def counted(self, reads):
     return _read_many(self, reads)
 
 
-def placement(key, two_d):
-    if two_d:  # experts over one mesh dim, each expert's rows over the other (EP x TP)
-        if key.endswith("experts.gate_up_proj"):
-            return [Shard(0), Shard(1)]
-        if key.endswith("experts.down_proj"):
-            return [Shard(0), Shard(2)]
-        return [Replicate(), Shard(0)] if key.endswith("q_proj.weight") else [Replicate(), Replicate()]
-    if key.endswith("experts.gate_up_proj"):
-        return [Shard(0)]  # expert parallel: the stacked experts
-    if key.endswith("experts.down_proj"):
-        return [Shard(-1)]  # the experts' input features
-    if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "embed_tokens.weight")):
-        return [Shard(0)]  # colwise
-    if key.endswith("o_proj.weight"):
-        return [Shard(-1)]  # rowwise
-    return [Replicate()]
-
-
 def load(plan, full, mesh, two_d):
     state, placed, expected = {}, {}, 0
     for key, t in full.items():
-        places = placement(key, two_d)
+        places = mixtral_placement(key, two_d)
         region = local_region(tuple(t.shape), mesh, places)
         local = torch.full([b - a for a, b in region], -7, dtype=t.dtype)  # nothing to keep
         state[key] = DTensor.from_local(local, mesh, places, run_check=False, shape=t.shape,
@@ -82,7 +65,7 @@ def load(plan, full, mesh, two_d):
     dcp.load(state, storage_reader=reader)
     bad = []
     for key, t in full.items():
-        region = local_region(tuple(t.shape), mesh, placement(key, two_d))
+        region = local_region(tuple(t.shape), mesh, mixtral_placement(key, two_d))
         want = t[tuple(slice(a, b) for a, b in region)]
         got = state[key]
         if not isinstance(got, DTensor) or got.placements != placed[key] or \

@@ -38,6 +38,7 @@ from torch.distributed.tensor import Replicate, Shard
 import convspec
 from convspec.integrations.dcp_writer import ConvspecWriter
 from convspec.sharded import load_sharded
+from tests.helpers.placements import mixtral_placement
 
 out, src, dst, mode, shard = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 warnings.simplefilter("ignore")
@@ -48,24 +49,8 @@ try:
     mesh = init_device_mesh("cpu", (2, world // 2) if mode == "2d" else (world,))
     plan = convspec.compile("mixtral", config=f"{src}/config.json")
 
-    def placement(key):
-        if mode == "2d":  # experts over one mesh dim, each expert's rows over the other (EP x TP)
-            if key.endswith("experts.gate_up_proj"):
-                return [Shard(0), Shard(1)]
-            if key.endswith("experts.down_proj"):
-                return [Shard(0), Shard(2)]
-            if key.endswith("o_proj.weight"):
-                return [Replicate(), Shard(1)]
-            return [Replicate(), Shard(0)] if key.endswith("q_proj.weight") else [Replicate(), Replicate()]
-        if key.endswith("experts.gate_up_proj"):
-            return "experts"
-        if key.endswith("experts.down_proj"):
-            return [Shard(2)]  # the experts' input features
-        if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "embed_tokens.weight")):
-            return "colwise"
-        if key.endswith("o_proj.weight"):
-            return "rowwise"
-        return None  # replicated: DCP's dedup gives each to one rank
+    def placement(key):  # replicated ones: DCP's dedup gives each to one rank
+        return mixtral_placement(key, mode == "2d")
 
     tensors, _ = load_sharded(plan, src, mesh, placement)
     dcp.save(tensors, storage_writer=ConvspecWriter(plan, f"{dst}/saved", max_shard_size=shard))

@@ -36,6 +36,7 @@ from torch.distributed.tensor import Replicate, Shard
 import convspec
 from convspec.errors import ConvspecError
 from convspec.sharded import load_sharded, local_region, placements_of
+from tests.helpers.placements import mixtral_placement
 
 out, src, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 from convspec.io.checkpoint import Checkpoint
@@ -58,23 +59,9 @@ try:
     plan = convspec.compile("mixtral", config=f"{src}/config.json")
 
     def placement(key):
-        if mode == "2d":  # experts over one mesh dim, each expert's rows over the other (EP x TP)
-            if key.endswith("experts.gate_up_proj"):
-                return [Shard(0), Shard(1)]
-            if key.endswith("experts.down_proj"):
-                return [Shard(0), Shard(2)]
-            return [Replicate(), Shard(0)] if key.endswith("q_proj.weight") else [Replicate(), Replicate()]
-        if key.endswith("experts.gate_up_proj"):
-            return "experts"  # expert parallel: the stacked experts
-        if key.endswith("experts.down_proj"):
-            return [Shard(2)]  # the experts' input features
-        if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "embed_tokens.weight")):
-            return "colwise"
-        if key.endswith("o_proj.weight"):
-            return "rowwise"
         if mode == "bad" and key == "lm_head.weight":
             return [Shard(1), Shard(0)]  # two placements for a 1-D mesh
-        return None  # replicated
+        return mixtral_placement(key, mode == "2d")
 
     tensors, stats = load_sharded(plan, src, mesh, placement)
     full = plan.load(src)
