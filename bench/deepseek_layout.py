@@ -11,7 +11,6 @@ every placement of the benchmark fits 1, 2 and 4 ranks.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 MiB = 1 << 20
@@ -56,37 +55,12 @@ def layers_for(gib: float, experts: int = 64, hidden: int = 1024, moe: int = 512
 
 def write_checkpoint(d: Path, layers: int, shard_bytes: int = 512 * MiB, **widths) -> dict:
     """The original per-expert layout of `config(layers, **widths)`, random bf16, sharded, indexed."""
-    import torch
     import transformers
-    from transformers.core_model_loading import revert_weight_conversion
+    from load_convert import write_original  # bench/ is on the path of a bench script
 
-    from convspec.io.writer import write_file
-
-    cfg = config(layers, **widths)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
-    original = revert_weight_conversion(model, model.state_dict())
-    d.mkdir(parents=True)
-    cfg.save_pretrained(d)
-    pool = torch.randint(-(2**14), 2**14, (64 * MiB,), dtype=torch.int16).view(torch.bfloat16)
-    shards, cur, size = [], {}, 0
-    for k in sorted(original):
-        n = original[k].numel()
-        at = hash(k) % (len(pool) - n) if n < len(pool) else 0
-        cur[k] = pool[at : at + n].clone().reshape(original[k].shape)
-        size += 2 * n
-        if size >= shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-    if cur:
-        shards.append(cur)
-    weight_map = {}
-    for s, tensors in enumerate(shards):
-        name = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_file(d / name, tensors)
-        weight_map.update(dict.fromkeys(tensors, name))
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return {"bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")), "keys": len(original)}
+    return write_original(
+        d, config(layers, **widths), transformers.AutoModelForCausalLM.from_config, shard_bytes
+    )
 
 
 def main() -> None:

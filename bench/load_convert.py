@@ -61,15 +61,21 @@ def layers_for(gib: float) -> int:
 
 def write_checkpoint(d: Path, layers: int, shard_bytes: int = 1 << 30) -> dict:
     """The original Mixtral layout (what transformers reverts its model to), random bf16, sharded."""
-    import torch
     import transformers
+
+    return write_original(d, mixtral_config(layers), transformers.MixtralForCausalLM, shard_bytes)
+
+
+def write_original(d: Path, config, model_class, shard_bytes: int) -> dict:
+    """The original layout of `model_class(config)` (what transformers reverts the model to), random
+    bf16 from one pool, in shards of about `shard_bytes` with an index; its bytes and key count."""
+    import torch
     from transformers.core_model_loading import revert_weight_conversion
 
     from convspec.io.writer import write_file
 
-    config = mixtral_config(layers)
     with torch.device("meta"):
-        model = transformers.MixtralForCausalLM(config)
+        model = model_class(config)
     original = revert_weight_conversion(model, model.state_dict())
     d.mkdir(parents=True)
     config.save_pretrained(d)
@@ -77,9 +83,8 @@ def write_checkpoint(d: Path, layers: int, shard_bytes: int = 1 << 30) -> dict:
     shards, cur, size = [], {}, 0
     for k in sorted(original):
         n = original[k].numel()
-        cur[k] = (
-            pool[(hash(k) % (len(pool) - n)) if n < len(pool) else 0 :][:n].clone().reshape(original[k].shape)
-        )
+        at = hash(k) % (len(pool) - n) if n < len(pool) else 0
+        cur[k] = pool[at : at + n].clone().reshape(original[k].shape)
         size += 2 * n
         if size >= shard_bytes:
             shards.append(cur)
