@@ -24,6 +24,7 @@ PARAMS = {
     "interleave": ({"dim": 0, "parts": 2}, [(8, 3)]),
     "deinterleave": ({"dim": 0, "parts": 2}, [(8, 3)]),
     "cast": ({"dtype": "float32", "from": "bfloat16"}, [(4, 4)]),
+    "dequant_fp8": ({"dtype": "bfloat16"}, [(8, 16), (2, 2)]),
 }
 
 

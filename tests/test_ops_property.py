@@ -134,8 +134,11 @@ BUILDERS = {
 }
 
 
+ONE_WAY = {"dequant_fp8"}  # no inverse by design: tests/test_quant_ops.py tests it
+
+
 def test_every_op_has_a_builder():
-    assert set(BUILDERS) == set(OPS)
+    assert set(BUILDERS) | ONE_WAY == set(OPS)
 
 
 def _infos(ts):

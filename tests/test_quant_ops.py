@@ -10,6 +10,7 @@ from helpers.tensors import bit_equal, random_tensor
 import convspec
 from convspec.lint import check_spec
 from convspec.ops import OPS, NotInvertible, OpError, TensorInfo
+from convspec.ops.slicing import evaluate
 from convspec.spec import parse_spec
 
 OP = OPS["dequant_fp8"]
@@ -142,3 +143,12 @@ def test_a_bad_grid_is_one_bind_error_naming_the_key():
     ) as info:
         _plan().bind(layout)
     assert str(info.value).count("not divisible") == 1
+
+
+def test_a_shard_of_whole_blocks_reads_its_blocks_and_their_scales():
+    """Rows 128..256 of a 256 x 384 weight in blocks of 128: one block row and one scale row."""
+    q, s = _weight((256, 384), 5), _scale((2, 3), torch.float32, 6)
+    region = ((128, 256), (0, 384))
+    m = OP.slice_map({"dtype": "bfloat16"}, [TensorInfo.of(q), TensorInfo.of(s)], 0, region)
+    assert m.reads == ((((128, 256), (0, 384)),), (((1, 2), (0, 3)),))
+    assert bit_equal(evaluate(m, [q, s]), OP.apply({"dtype": "bfloat16"}, [q, s])[0][128:256])

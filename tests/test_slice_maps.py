@@ -41,16 +41,26 @@ CASES = [
     ("deinterleave", {"dim": 1, "parts": 3}, [(2, 9)]),
     ("cast", {"dtype": "float64"}, [(3, 4)]),
     ("cast", {"dtype": "bfloat16"}, [(5,)]),
+    ("dequant_fp8", {"dtype": "float32"}, [(12, 16), (3, 2)]),
+    ("dequant_fp8", {"dtype": "bfloat16"}, [(2, 6, 3), (2, 2, 1)]),
 ]
+# the input dtypes of the ops that take other than float32 (their values stay small and finite)
+INPUT_DTYPES = {"dequant_fp8": ("float8_e4m3fn", "float32")}
 
 
-def _inputs(shapes) -> list[torch.Tensor]:
+def _dtypes(name, shapes) -> tuple[str, ...]:
+    return INPUT_DTYPES.get(name, ("float32",) * len(shapes))
+
+
+def _inputs(shapes, dtypes=None) -> list[torch.Tensor]:
     n, out = 0, []
-    for s in shapes:  # distinct values everywhere: a wrong element cannot match by chance
+    for s, dtype in zip(
+        shapes, dtypes or ("float32",) * len(shapes), strict=True
+    ):  # distinct values everywhere: a wrong element cannot match by chance
         numel = 1
         for d in s:
             numel *= d
-        out.append(torch.arange(n, n + numel, dtype=torch.float32).reshape(s))
+        out.append(torch.arange(n, n + numel, dtype=torch.float32).reshape(s).to(getattr(torch, dtype)))
         n += numel
     return out
 
@@ -70,8 +80,8 @@ def _regions(shape, rng: random.Random, count: int = 40):
 )
 def test_a_region_made_from_its_map_is_that_region_of_the_output(name, params, shapes):
     op = OPS[name]
-    xs = _inputs(shapes)
-    infos = [TensorInfo(tuple(s), "float32") for s in shapes]
+    xs = _inputs(shapes, _dtypes(name, shapes))
+    infos = [TensorInfo(tuple(s), d) for s, d in zip(shapes, _dtypes(name, shapes), strict=True)]
     outs = op.apply(params, xs)
     assert [tuple(o.shape) for o in outs] == [i.shape for i in op.infer(params, infos)]
     rng = random.Random(f"{name}{params}")
@@ -102,7 +112,7 @@ def _aligned(name, params, shape, inputs, rng):
             out_row, in_row = math.prod(shape[1:]), math.prod(inputs[0][1:])
             if any(i * out_row % in_row for i in region[0]):
                 continue
-        elif name == "deinterleave":
+        elif name in ("deinterleave", "dequant_fp8"):  # dequant_fp8 reads the scales too
             continue  # its rows are strided in the input: a covering read, by its own account
         if region_numel(region):  # an empty region reads nothing worth counting
             yield region
@@ -113,7 +123,7 @@ def _aligned(name, params, shape, inputs, rng):
 )
 def test_an_aligned_region_is_read_exactly(name, params, shapes):
     op = OPS[name]
-    infos = [TensorInfo(tuple(s), "float32") for s in shapes]
+    infos = [TensorInfo(tuple(s), d) for s, d in zip(shapes, _dtypes(name, shapes), strict=True)]
     rng = random.Random(f"aligned {name}{params}")
     for k, info in enumerate(op.infer(params, infos)):
         for region in _aligned(name, params, info.shape, shapes, rng):

@@ -5,6 +5,7 @@ bit the tensor transformers loads. Lossy one way: undoing it would need a quanti
 from __future__ import annotations
 
 from .base import NotInvertible, Op, OpError, Param, check_extent
+from .slicing import SliceMap
 
 WEIGHT_DTYPES = ("float8_e4m3fn",)
 # uint8 scales are E8M0 exponents stored as bytes (a scale of 2 ** (byte - 127)), as transformers reads them
@@ -46,6 +47,21 @@ class DequantFp8(Op):
 
     def inverse(self, p, n_inputs):
         return self.nearest_inverse(p, n_inputs)
+
+    def slice_map(self, p, ins, k, region):
+        """The whole blocks the region touches, and their scales; narrowed to the region after. Never
+        exact (the scales are read too), but a shard of whole blocks reads only its own bytes."""
+        w, s = ins
+        lead, spans_w, spans_s, narrow = region[:-2], [], [], [(0, b - a) for a, b in region[:-2]]
+        for (a, b), block in zip(region[-2:], block_shape(w.shape, s.shape), strict=True):
+            lo, hi = a // block, -(-b // block)
+            if lo == hi:  # an empty span: one block read, none of it kept (a grid of 0 has no block size)
+                lo, hi = (lo - 1, lo) if lo else (0, 1)
+            spans_w.append((lo * block, hi * block))
+            spans_s.append((lo, hi))
+            narrow.append((a - lo * block, b - lo * block))
+        reads = ((lead + tuple(spans_w),), (lead + tuple(spans_s),))
+        return SliceMap(reads, self, p, 0, tuple(narrow))
 
 
 def block_shape(weight: tuple[int, ...], scale: tuple[int, ...]) -> tuple[int, int]:
