@@ -9,6 +9,7 @@ from .blockmoves import Blocks
 from .cast import Cast
 from .joining import Cat, Chunk, Split
 from .layout import Permute, Reshape, Transpose
+from .mxfp4 import DequantMxfp4
 from .rope import Deinterleave, Interleave, PermuteRope, UnpermuteRope
 from .stacking import Stack, Unstack
 
@@ -44,6 +45,7 @@ for _op in (
     Interleave,
     Deinterleave,
     Cast,
+    DequantMxfp4,
 ):
     register(_op)
 
