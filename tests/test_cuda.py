@@ -24,13 +24,18 @@ PARAMS = {
     "interleave": ({"dim": 0, "parts": 2}, [(8, 3)]),
     "deinterleave": ({"dim": 0, "parts": 2}, [(8, 3)]),
     "cast": ({"dtype": "float32", "from": "bfloat16"}, [(4, 4)]),
+    "dequant_mxfp4": ({"dtype": "bfloat16"}, [(2, 3, 4, 16), (2, 3, 4)]),
 }
+PACKED = {"dequant_mxfp4"}  # ops that take packed bytes (uint8), not values
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_op_on_cuda_matches_cpu(name):
     params, shapes = PARAMS[name]
-    ins = [torch.randn(*s).to(torch.bfloat16) for s in shapes]
+    ins = [
+        torch.randint(0, 256, s, dtype=torch.uint8) if name in PACKED else torch.randn(*s).to(torch.bfloat16)
+        for s in shapes
+    ]
     cpu = OPS[name].apply(params, ins)
     gpu = OPS[name].apply(params, [t.cuda() for t in ins])
     assert all(g.device.type == "cuda" for g in gpu)

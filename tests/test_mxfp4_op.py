@@ -81,6 +81,14 @@ def test_lossy_and_not_invertible():
         OP.inverse({"dtype": "bfloat16"}, 2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_cuda_as_transformers_on_cuda():
+    blocks, scales = _packed((4, 6, 3, 16), 5, lo=0, hi=256)
+    got = OP.apply({"dtype": "bfloat16"}, [blocks.cuda(), scales.cuda()])[0]
+    assert got.device.type == "cuda"
+    assert bit_equal(got.cpu(), _transformers(blocks.cuda(), scales.cuda(), "bfloat16").cpu().contiguous())
+
+
 def test_apply_on_meta():
     blocks, scales = _packed((2, 3, 4, 16), 0)
     out = OP.apply({"dtype": "float32"}, [blocks.to("meta"), scales.to("meta")])[0]

@@ -41,16 +41,25 @@ CASES = [
     ("deinterleave", {"dim": 1, "parts": 3}, [(2, 9)]),
     ("cast", {"dtype": "float64"}, [(3, 4)]),
     ("cast", {"dtype": "bfloat16"}, [(5,)]),
+    ("dequant_mxfp4", {"dtype": "float32"}, [(2, 3, 2, 4), (2, 3, 2)]),
+    ("dequant_mxfp4", {"dtype": "bfloat16"}, [(1, 2, 3, 1, 2), (1, 2, 3, 1)]),
 ]
+# the dtypes of an op's inputs where they are not float32, input by input
+INPUT_DTYPES = {"dequant_mxfp4": ("uint8", "uint8")}
 
 
-def _inputs(shapes) -> list[torch.Tensor]:
+def _dtypes(name, shapes) -> list[str]:
+    return list(INPUT_DTYPES.get(name, ("float32",) * len(shapes)))
+
+
+def _inputs(shapes, dtypes=None) -> list[torch.Tensor]:
     n, out = 0, []
-    for s in shapes:  # distinct values everywhere: a wrong element cannot match by chance
-        numel = 1
+    for s, dtype in zip(shapes, dtypes or ["float32"] * len(shapes), strict=True):
+        numel = 1  # distinct values everywhere (uint8: modulo 256): a wrong element cannot match by chance
         for d in s:
             numel *= d
-        out.append(torch.arange(n, n + numel, dtype=torch.float32).reshape(s))
+        x = torch.arange(n, n + numel, dtype=torch.float32).reshape(s)
+        out.append(x if dtype == "float32" else (x % 256).to(getattr(torch, dtype)))
         n += numel
     return out
 
@@ -70,8 +79,8 @@ def _regions(shape, rng: random.Random, count: int = 40):
 )
 def test_a_region_made_from_its_map_is_that_region_of_the_output(name, params, shapes):
     op = OPS[name]
-    xs = _inputs(shapes)
-    infos = [TensorInfo(tuple(s), "float32") for s in shapes]
+    xs = _inputs(shapes, _dtypes(name, shapes))
+    infos = [TensorInfo(tuple(s), d) for s, d in zip(shapes, _dtypes(name, shapes), strict=True)]
     outs = op.apply(params, xs)
     assert [tuple(o.shape) for o in outs] == [i.shape for i in op.infer(params, infos)]
     rng = random.Random(f"{name}{params}")
@@ -104,6 +113,8 @@ def _aligned(name, params, shape, inputs, rng):
                 continue
         elif name == "deinterleave":
             continue  # its rows are strided in the input: a covering read, by its own account
+        elif name == "dequant_mxfp4":
+            continue  # reads its inputs whole (a byte holds two values, a scale a block of them)
         if region_numel(region):  # an empty region reads nothing worth counting
             yield region
 
@@ -113,7 +124,7 @@ def _aligned(name, params, shape, inputs, rng):
 )
 def test_an_aligned_region_is_read_exactly(name, params, shapes):
     op = OPS[name]
-    infos = [TensorInfo(tuple(s), "float32") for s in shapes]
+    infos = [TensorInfo(tuple(s), d) for s, d in zip(shapes, _dtypes(name, shapes), strict=True)]
     rng = random.Random(f"aligned {name}{params}")
     for k, info in enumerate(op.infer(params, infos)):
         for region in _aligned(name, params, info.shape, shapes, rng):
