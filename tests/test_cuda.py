@@ -25,13 +25,23 @@ PARAMS = {
     "deinterleave": ({"dim": 0, "parts": 2}, [(8, 3)]),
     "cast": ({"dtype": "float32", "from": "bfloat16"}, [(4, 4)]),
     "dequant_fp8": ({"dtype": "bfloat16"}, [(8, 16), (2, 2)]),
+    "dequant_mxfp4": ({"dtype": "bfloat16"}, [(2, 3, 4, 16), (2, 3, 4)]),
 }
+# the input dtypes of ops that take other than bfloat16 values: FP8 weights, packed bytes (uint8)
+INPUT_DTYPES = {"dequant_fp8": ("float8_e4m3fn", "float32"), "dequant_mxfp4": ("uint8", "uint8")}
+
+
+def _input(shape, dtype: str) -> torch.Tensor:
+    if dtype == "uint8":
+        return torch.randint(0, 256, shape, dtype=torch.uint8)
+    return torch.randn(*shape).to(getattr(torch, dtype))
 
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_op_on_cuda_matches_cpu(name):
     params, shapes = PARAMS[name]
-    ins = [torch.randn(*s).to(torch.bfloat16) for s in shapes]
+    dtypes = INPUT_DTYPES.get(name, ("bfloat16",) * len(shapes))
+    ins = [_input(s, d) for s, d in zip(shapes, dtypes, strict=True)]
     cpu = OPS[name].apply(params, ins)
     gpu = OPS[name].apply(params, [t.cuda() for t in ins])
     assert all(g.device.type == "cuda" for g in gpu)

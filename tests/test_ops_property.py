@@ -4,6 +4,7 @@ apply, apply runs on the meta device, and lossy ops say so."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -117,6 +118,12 @@ def b_cast(data, dtype, seed):
     return {"dtype": dst, "from": src}, [random_tensor(shape, src, seed)]
 
 
+def b_dequant_mxfp4(data, dtype, seed):
+    shape = data.draw(st.lists(st.integers(1, 3), min_size=4, max_size=5))  # [..., G, B], rank 4+
+    out = data.draw(st.sampled_from(["bfloat16", "float16", "float32"]))
+    return {"dtype": out}, [random_tensor(shape, "uint8", seed), random_tensor(shape[:-1], "uint8", seed + 1)]
+
+
 BUILDERS = {
     "stack": b_stack,
     "unstack": b_unstack,
@@ -131,6 +138,7 @@ BUILDERS = {
     "interleave": _interleave,
     "deinterleave": _interleave,
     "cast": b_cast,
+    "dequant_mxfp4": b_dequant_mxfp4,
 }
 
 
@@ -156,6 +164,10 @@ def test_apply_then_inverse_is_identity(name, data, dtype, seed):
     assert len(outs) == (op.n_outputs(p) if not op.expands else len(outs))
     # infer agrees with apply, before any data is read
     assert op.infer(p, _infos(ins)) == _infos(outs)
+    if op.loses(p) is not None:  # a lossy op (a dequantization) has no exact inverse, and says why
+        with pytest.raises(NotInvertible, match=re.escape(op.loses(p))):
+            op.inverse(p, len(ins))
+        return
     # the inverse undoes it bit for bit
     inv_name, inv_p = op.inverse(p, len(ins))
     inv = OPS[inv_name]

@@ -43,24 +43,27 @@ CASES = [
     ("cast", {"dtype": "bfloat16"}, [(5,)]),
     ("dequant_fp8", {"dtype": "float32"}, [(12, 16), (3, 2)]),
     ("dequant_fp8", {"dtype": "bfloat16"}, [(2, 6, 3), (2, 2, 1)]),
+    ("dequant_mxfp4", {"dtype": "float32"}, [(2, 3, 2, 4), (2, 3, 2)]),
+    ("dequant_mxfp4", {"dtype": "bfloat16"}, [(1, 2, 3, 1, 2), (1, 2, 3, 1)]),
 ]
-# the input dtypes of the ops that take other than float32 (their values stay small and finite)
-INPUT_DTYPES = {"dequant_fp8": ("float8_e4m3fn", "float32")}
+# the dtypes of an op's inputs where they are not float32, input by input (values small and finite)
+INPUT_DTYPES = {"dequant_fp8": ("float8_e4m3fn", "float32"), "dequant_mxfp4": ("uint8", "uint8")}
 
 
-def _dtypes(name, shapes) -> tuple[str, ...]:
-    return INPUT_DTYPES.get(name, ("float32",) * len(shapes))
+def _dtypes(name, shapes) -> list[str]:
+    return list(INPUT_DTYPES.get(name, ("float32",) * len(shapes)))
 
 
 def _inputs(shapes, dtypes=None) -> list[torch.Tensor]:
     n, out = 0, []
-    for s, dtype in zip(
-        shapes, dtypes or ("float32",) * len(shapes), strict=True
-    ):  # distinct values everywhere: a wrong element cannot match by chance
-        numel = 1
+    for s, dtype in zip(shapes, dtypes or ["float32"] * len(shapes), strict=True):
+        numel = 1  # distinct values everywhere (uint8: modulo 256): a wrong element cannot match by chance
         for d in s:
             numel *= d
-        out.append(torch.arange(n, n + numel, dtype=torch.float32).reshape(s).to(getattr(torch, dtype)))
+        x = torch.arange(n, n + numel, dtype=torch.float32).reshape(s)
+        out.append(
+            x if dtype == "float32" else (x % 256 if dtype == "uint8" else x).to(getattr(torch, dtype))
+        )
         n += numel
     return out
 
@@ -114,6 +117,8 @@ def _aligned(name, params, shape, inputs, rng):
                 continue
         elif name in ("deinterleave", "dequant_fp8"):  # dequant_fp8 reads the scales too
             continue  # its rows are strided in the input: a covering read, by its own account
+        elif name == "dequant_mxfp4":
+            continue  # reads its inputs whole (a byte holds two values, a scale a block of them)
         if region_numel(region):  # an empty region reads nothing worth counting
             yield region
 

@@ -9,6 +9,7 @@ from .blockmoves import Blocks
 from .cast import Cast
 from .joining import Cat, Chunk, Split
 from .layout import Permute, Reshape, Transpose
+from .mxfp4 import DequantMxfp4
 from .quant import DequantFp8
 from .rope import Deinterleave, Interleave, PermuteRope, UnpermuteRope
 from .stacking import Stack, Unstack
@@ -46,6 +47,7 @@ for _op in (
     Deinterleave,
     Cast,
     DequantFp8,
+    DequantMxfp4,
 ):
     register(_op)
 
