@@ -354,12 +354,11 @@ def convert_on_ranks(
 ) -> tuple[list[str], Any]:
     """Every rank of a torch.distributed job writes its share (the ranks are the workers); rank 0
     makes the temporary, and after all have written (gloo), finishes it with `finish` and commits.
-    Every rank returns (the shard names, what rank 0 cleaned up) or raises the same failure."""
+    Every rank returns (the shard names, what rank 0 cleaned up) or raises the same failure. The
+    caller holds the process group (`ranks.process_group`)."""
     import torch.distributed as dist
 
-    from .ranks import process_group
-
-    with process_group(), _sigterm_interrupts():
+    with _sigterm_interrupts():
         return _on_ranks(dist, work, dst, max_shard_size, finish, overwrite)
 
 

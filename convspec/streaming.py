@@ -226,36 +226,37 @@ def convert_checkpoint(
     workers = check_workers(workers)
     check_dtype(dtype)
     device = check_device(device, needs_data=WRITES)
-    with process_group() if ranks else nullcontext(), agreed(ranks):  # every rank checks, then all go on
-        ckpt = Checkpoint(src) if ckpt is None else ckpt
-        bound = bind_checkpoint(plan, ckpt, strict)
-    entries = output_order(bound, dtype)
-    total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
-    limit = parse_size(max_shard_size)
-    if dry_run:
-        return ConvertResult(None, [], len(entries), total, bound)
+    with process_group() if ranks else nullcontext():  # one group for the checks and the writing
+        with agreed(ranks):  # every rank checks, then all go on
+            ckpt = Checkpoint(src) if ckpt is None else ckpt
+            bound = bind_checkpoint(plan, ckpt, strict)
+        entries = output_order(bound, dtype)
+        total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
+        limit = parse_size(max_shard_size)
+        if dry_run:
+            return ConvertResult(None, [], len(entries), total, bound)
 
-    def finish(tmp: Path) -> None:
-        ckpt.copy_side_files(tmp)
-        from . import manifest as hashes
+        def finish(tmp: Path) -> None:
+            ckpt.copy_side_files(tmp)
+            from . import manifest as hashes
 
-        (tmp / hashes.MANIFEST).unlink(missing_ok=True)  # the source's own would not describe this output
-        if manifest:
-            hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
+            (tmp / hashes.MANIFEST).unlink(missing_ok=True)  # the source's own would not describe this output
+            if manifest:
+                hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
 
-    work = Work(bound, ckpt, entries, stream_bound, device, dtype, on_tensor)
-    if ranks:
-        files, cleanup = convert_on_ranks(work, dst, limit, finish, overwrite)
-        return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
-    atomic = AtomicDir(dst, overwrite=overwrite)
-    with atomic as tmp:
-        if workers > 1:
-            files = write_parallel(work, tmp, limit, workers)
-        else:
-            stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
-            files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
-        finish(tmp)
-    return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup)
+        work = Work(bound, ckpt, entries, stream_bound, device, dtype, on_tensor)
+        if ranks:
+            files, cleanup = convert_on_ranks(work, dst, limit, finish, overwrite)
+            return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
+        atomic = AtomicDir(dst, overwrite=overwrite)
+        with atomic as tmp:
+            if workers > 1:
+                files = write_parallel(work, tmp, limit, workers)
+            else:
+                stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
+                files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
+            finish(tmp)
+        return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup)
 
 
 def save_state_dict(
