@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConvspecError
-from .ranks import agree
+from .ranks import agreed
 from .streaming import Loaded
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def load_placed(
     from .regions import RegionReader
     from .streaming import bind_checkpoint
 
-    try:  # every check on every rank before any data is read: headers, bind, placements
+    with agreed():  # every check on every rank before any data is read: headers, bind, placements
         check_dtype(dtype)
         ckpt = Checkpoint(src)
         bound = bind_checkpoint(plan, ckpt, strict)
@@ -182,10 +182,6 @@ def load_placed(
             placed[target] = where = place(target, len(shape))
             if where is not None:
                 _check_fits(target, shape, *where)
-        problem = None
-    except ConvspecError as exc:
-        problem = exc
-    agree(problem)
     reader = RegionReader(bound, ckpt)
     loaded = Sharded({}, bound, reader.stats)
     for target, (shape, _) in bound.outputs.items():
