@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
-import json
 import math
 import os
 import weakref
@@ -28,7 +27,7 @@ from ..dtypes import ITEMSIZE
 from ..errors import ConvspecError
 from ..io.destination import write_error
 from ..io.memory import tensor_memory
-from ..io.writer import AtomicDir, parse_size, plan_shards, pwrite_all, shard_header
+from ..io.writer import AtomicDir, lay_out, parse_size, pwrite_all, write_index
 from ..ops import TensorInfo
 from ..ops.base import dtype_name
 from ..ops.cast import cast_tensor
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
     from ..bind import BoundPlan
     from ..compile.plan import Plan
 
-INDEX = "model.safetensors.index.json"
 BLOCK = 1 << 22  # elements of a chunk placed at a time: their ids, order and bytes stay a few tens of MB
 MIN_RUN = 16  # elements: a chunk whose runs of consecutive ids are shorter on average is sorted by id
 
@@ -152,7 +150,7 @@ class ConvspecWriter(StorageWriter):
         order = [k for p in plans if isinstance(p.storage_data, list) for k in p.storage_data]
         converted = {k: infos[k] for k in dict.fromkeys([*order, *infos]) if k in infos}
         entries = original_layout(self.plan, converted)
-        target = self._create(entries, *shard_files(entries, self.limit))
+        target = self._create(entries)
         return [dataclasses.replace(p, storage_data=target) for p in plans]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -173,11 +171,9 @@ class ConvspecWriter(StorageWriter):
         if self._atomic is None:
             raise ConvspecError("ConvspecWriter.finish without a save in progress")
         target = self._target
-        if len(target.files) > 1:
-            total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in target.entries)
-            weight_map = {k: f for k, (f, _) in sorted(target.where.items())}
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (Path(target.tmp) / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(
+            Path(target.tmp), target.entries, {k: f for k, (f, _) in target.where.items()}, target.files
+        )
         try:
             self._atomic.commit()
         except BaseException:
@@ -199,25 +195,21 @@ class ConvspecWriter(StorageWriter):
             self._cleanup.detach()
         self._atomic = self._cleanup = None
 
-    def _create(self, entries: list, files: list[tuple[str, bytes, int]], where: dict) -> Target:
-        """The shard files, headers written and sized, in a new temporary directory beside `dst`."""
+    def _create(self, entries: list) -> Target:
+        """The shard files `write_sharded` would write, headers written and sized
+        (`io.writer.lay_out`), in a new temporary directory beside `dst`."""
         self.abort()
         atomic = AtomicDir(self.dst, overwrite=self.overwrite)
         self._atomic, self._cleanup = atomic, weakref.finalize(self, atomic.abort)
         try:
-            for name, head, size in files:
-                fd = os.open(atomic.tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                try:
-                    pwrite_all(fd, memoryview(head), 0)
-                    os.ftruncate(fd, size)
-                finally:
-                    os.close(fd)
+            names, places = lay_out(atomic.tmp, entries, self.limit)
         except BaseException as exc:
             self.abort()
             if isinstance(exc, OSError):
                 raise write_error(exc, self.dst, atomic.tmp) from None
             raise
-        self._target = Target(os.path.abspath(atomic.tmp), entries, [name for name, _, _ in files], where)
+        where = {k: (p.file, p.offset) for k, p in places.items()}
+        self._target = Target(os.path.abspath(atomic.tmp), entries, names, where)
         return self._target
 
 
@@ -237,27 +229,6 @@ def original_layout(plan: Plan, converted: dict[str, TensorInfo]) -> list[tuple[
             hint=f"save a state dict in the layout {plan.name} converts to",
         )
     return entries
-
-
-def shard_files(entries: list[tuple[str, tuple[int, ...], str]], limit: int):
-    """What `write_sharded` writes, without the data: each file's (name, header, size), and where
-    each tensor's data starts ({key: (file, byte offset in it)})."""
-    shards = plan_shards(entries, limit)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    files, where = [], {}
-    for name, idx in zip(names, shards, strict=True):
-        part = [entries[i] for i in idx]
-        head = shard_header(part, {"format": "pt"})
-        pos = len(head)
-        for key, shape, dtype in part:
-            where[key] = (name, pos)
-            pos += ITEMSIZE[dtype] * math.prod(shape)
-        files.append((name, head, pos))
-    return files, where
 
 
 def write_chunks(
