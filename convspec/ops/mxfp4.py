@@ -12,14 +12,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES
-from .base import NotInvertible, Op, OpError, Param, check_extent
+from .base import OpError, check_extent
+from .quant import Dequantize
 
 if TYPE_CHECKING:
     import torch
 
 # the 16 FP4 e2m1 values by nibble, transformers' FP4_VALUES
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-OUT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 ROWS_PER_CHUNK = 1 << 16  # blocks dequantized at a time: bounds the int32 nibble indices (4 MiB for B=16)
 
 
@@ -54,23 +54,13 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: str) -> torch.
     return out.reshape(*prefix, g * b * 2).transpose(1, 2).contiguous()
 
 
-class DequantMxfp4(Op):
+class DequantMxfp4(Dequantize):
     name = "dequant_mxfp4"
     doc = (
         "MXFP4 `blocks` (uint8 `[..., G, B]`) with their E8M0 `scales` (uint8 `[..., G]`) to `dtype`, "
         "as transformers' `convert_moe_packed_tensors` returns them. Lossy: no inverse."
     )
-    changes_values = True
-    min_inputs = 2
-    max_inputs = 2
-    params = (Param("dtype", "dtype", "bfloat16", "the output dtype: bfloat16, float16, float32 or float64"),)
-
-    def check(self, p):
-        if p.get("dtype", "bfloat16") not in OUT_DTYPES:
-            raise OpError(
-                f"dequant_mxfp4 dequantizes to a float dtype, not {p['dtype']}",
-                hint=f"dtype: {', '.join(OUT_DTYPES)}",
-            )
+    what = "MXFP4 blocks with their scales"
 
     def infer(self, p, ins):
         self.check(p)
@@ -93,12 +83,6 @@ class DequantMxfp4(Op):
     def apply(self, p, ins):
         blocks, scales = ins
         return [dequantize(blocks, scales, p.get("dtype", "bfloat16"))]
-
-    def loses(self, p):
-        return "dequant_mxfp4 dequantizes MXFP4 (lossy): its inverse would need a quantize op"
-
-    def inverse(self, p, n_inputs):
-        raise NotInvertible(self.loses(p))
 
 
 __all__ = ["DequantMxfp4", "dequantize", "out_shape"]

@@ -13,19 +13,38 @@ SCALE_DTYPES = ("float32", "bfloat16", "uint8")
 OUT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-class DequantFp8(Op):
-    name = "dequant_fp8"
-    doc = "FP8 e4m3 weight `w` times its block scale grid `s` (`weight_scale_inv`), as `dtype`."
+class Dequantize(Op):
+    """What every dequantizing op shares: two inputs (the quantized values and their scales), a float
+    output `dtype`, and no way back, not even a nearest one, until a quantize op exists."""
+
     changes_values = True
     min_inputs = 2
     max_inputs = 2
-    params = (Param("dtype", "dtype", "bfloat16", "the output dtype"),)
+    params = (Param("dtype", "dtype", "bfloat16", f"the output dtype: {', '.join(OUT_DTYPES)}"),)
+    what: str = ""  # what it dequantizes, for the reason it gives
 
     def check(self, p):
-        if p["dtype"] not in OUT_DTYPES:
+        if p.get("dtype", "bfloat16") not in OUT_DTYPES:
             raise OpError(
-                f"dequant_fp8 dtype={p['dtype']}: the output must be one of {', '.join(OUT_DTYPES)}"
+                f"{self.name} dequantizes to a float dtype, not {p['dtype']}: the output must be one of "
+                f"{', '.join(OUT_DTYPES)}",
+                hint=f"dtype: {', '.join(OUT_DTYPES)}",
             )
+
+    def loses(self, p):
+        return f"{self.name} dequantizes {self.what} (lossy): its inverse would need a quantize op"
+
+    def nearest_inverse(self, p, n_inputs):
+        raise NotInvertible(self.loses(p))
+
+    def inverse(self, p, n_inputs):
+        return self.nearest_inverse(p, n_inputs)
+
+
+class DequantFp8(Dequantize):
+    name = "dequant_fp8"
+    doc = "FP8 e4m3 weight `w` times its block scale grid `s` (`weight_scale_inv`), as `dtype`."
+    what = "an FP8 weight with its block scales"
 
     def infer(self, p, ins):
         w, s = ins
@@ -38,15 +57,6 @@ class DequantFp8(Op):
 
     def apply(self, p, ins):
         return [dequantize(ins[0], ins[1], p["dtype"])]
-
-    def loses(self, p):
-        return "dequant_fp8 dequantizes: the FP8 weight and its scales are not kept (lossy)"
-
-    def nearest_inverse(self, p, n_inputs):
-        raise NotInvertible(f"{self.loses(p)}; going back would need a quantize op")
-
-    def inverse(self, p, n_inputs):
-        return self.nearest_inverse(p, n_inputs)
 
     def slice_map(self, p, ins, k, region):
         """The whole blocks the region touches, and their scales; narrowed to the region after. Never
