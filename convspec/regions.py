@@ -84,6 +84,14 @@ class RegionReader:
 
     # ---- the byte-run path: a target of a group that only moves whole blocks -------------------
 
+    def byte_runs(self, target: str) -> list[Run] | None:
+        """The target's bytes as runs of source bytes in its own order: one for a key that passes
+        through, its block-move group's (blocks.py), or None where its group computes."""
+        if target in self._source_of:
+            source = self._source_of[target]
+            return [Run(source, 0, 0, self.bound.layout[source].nbytes)]
+        return self._block_runs(self._made_by[target][0], target)
+
     def _block_runs(self, g: Group, target: str) -> list[Run] | None:
         """The target's bytes as runs of source bytes (blocks.py), or None: its group computes."""
         if id(g) not in self._moves:

@@ -57,7 +57,7 @@ try:
     result["saved"] = True
     import convspec.integrations.dcp_writer as w
 
-    w._Moves.of = lambda self, target: None  # every chunk placed by element ids, as a computing group's
+    w.ElementIds.byte_runs = lambda self, target: None  # every chunk placed by element ids, as a computing group's
     dcp.save(tensors, storage_writer=ConvspecWriter(plan, f"{dst}/by_ids", max_shard_size=shard))
     if mode == "1d":  # a computing group (a cast, a transpose), each rank half the columns
         from torch.distributed.tensor import distribute_tensor

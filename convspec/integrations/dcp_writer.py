@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from ..blocks import Run, block_runs
+from ..blocks import Run
 from ..dtypes import ITEMSIZE
 from ..errors import ConvspecError
 from ..io.destination import write_error
@@ -32,7 +32,7 @@ from ..ops import TensorInfo
 from ..ops.base import dtype_name
 from ..ops.cast import cast_tensor
 from ..ops.slicing import Region, SliceMap, strides
-from ..regions import RegionReader, region_runs
+from ..regions import RegionReader, cut_runs
 
 if TYPE_CHECKING:
     import torch
@@ -239,7 +239,7 @@ def write_chunks(
     ends = list(itertools.accumulate((math.prod(s) for _, s, _ in entries), initial=0))
     bases = {k: base for (k, _, _), base in zip(entries, ends, strict=False)}
     bound = plan.bind({k: TensorInfo(s, d) for k, s, d in entries})
-    reader, moves = ElementIds(bound, bases, ends[-1]), _Moves(bound)
+    reader = ElementIds(bound, bases, ends[-1])
     out = _Files(target, bases)
     results = []
     try:
@@ -250,7 +250,7 @@ def write_chunks(
                 raise ConvspecError(
                     f"{fqn}: a chunk of {list(data.shape)} where {list(chunk.sizes)} was planned"
                 )
-            runs = moves.of(fqn) if data.numel() else None
+            runs = reader.byte_runs(fqn) if data.numel() else None
             if runs is not None and dtype_name(data.dtype) == bound.outputs[fqn][1]:
                 _copy(out, runs, bound.outputs[fqn][0], tuple(chunk.offsets), data)
             else:
@@ -262,42 +262,13 @@ def write_chunks(
     return results
 
 
-class _Moves:
-    """Each converted tensor whose bytes are moved as they are, as runs of source bytes in its order
-    (`blocks.block_runs`, per whole block, the trailing dims no op cuts; one run for a renamed key):
-    a chunk of it is written by those runs, with no element ids. None for a group that computes."""
-
-    def __init__(self, bound: BoundPlan):
-        self.bound = bound
-        self.made_by = {t: g for g in bound.groups for t in g.outputs}
-        self.source_of = {dst: src for src, dst in bound.passthrough.items()}
-        self.runs: dict[int, dict[str, list[Run]] | None] = {}
-
-    def of(self, target: str) -> list[Run] | None:
-        if target in self.source_of:
-            src = self.source_of[target]
-            return [Run(src, 0, 0, self.bound.layout[src].nbytes)]
-        g = self.made_by[target]
-        if id(g) not in self.runs:
-            self.runs[id(g)] = block_runs(self.bound, g, 0)
-        runs = self.runs[id(g)]
-        return None if runs is None else runs[target]
-
-
 def _copy(out: _Files, runs: list[Run], shape: tuple[int, ...], offsets: tuple[int, ...], data) -> None:
-    """A chunk at `offsets` of a tensor of `shape` made of source `runs`: each stretch of the chunk
-    that is contiguous in the tensor (`regions.region_runs`) cut where the runs cut it, a pwrite each."""
-    item = data.element_size()
+    """A chunk at `offsets` of a tensor of `shape` made of source `runs`: the runs cut to the chunk
+    (`regions.cut_runs`, as a sharded load reads them), a pwrite each."""
     raw = tensor_memory(data.cpu().contiguous())
-    dsts = [r.dst for r in runs]
     region = tuple((o, o + s) for o, s in zip(offsets, data.shape, strict=True))
-    for off, at, n in region_runs(shape, region, item):
-        j = bisect.bisect_right(dsts, off) - 1
-        while n > 0:
-            r = runs[j]
-            m = min(n, r.dst + r.size - off)
-            out.write(r.source, r.src + off - r.dst, raw[at : at + m])
-            off, at, n, j = off + m, at + m, n - m, j + 1
+    for r in cut_runs(runs, shape, region, data.element_size()):
+        out.write(r.source, r.src, raw[r.dst : r.dst + r.size])
 
 
 def _place(reader: ElementIds, out: _Files, fqn: str, offsets: tuple[int, ...], data: torch.Tensor) -> None:
