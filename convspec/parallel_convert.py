@@ -269,8 +269,7 @@ def _worker(job: Job, conn) -> None:
         write_share(job, lambda key, n: conn.send(("tensor", key, n)), current)
         conn.send(("done",))
     except BaseException as exc:  # reported to the parent, which names this worker
-        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-        conn.send(("error", current[0], message, getattr(exc, "hint", None)))
+        conn.send(("error", *_said(exc, current[0])))
         conn.close()
         sys.exit(1)
     conn.close()
