@@ -31,20 +31,35 @@ PLANS = Path(__file__).parent / "hf" / "tp_plans.json"
 # ---- the shard spec ------------------------------------------------------------------------------
 
 
+MAX_RANKS = 1 << 17  # ranks a shard's mesh may have: past the largest jobs, and `compile --shard` lists each
+
+
 def parse_shard(text: str) -> dict[str, int]:
     """A shard spec (`tp=4`, `ep=2`, `tp=2,ep=2`) as {axis: size}, in mesh order (ep before tp)."""
+    from .ops.base import short
+
     hint = "write AXIS=N[,AXIS=N] with AXIS tp or ep and N a positive whole number, e.g. tp=2,ep=2"
+    shown = short(str(text))
     sizes: dict[str, int] = {}
     for part in str(text).split(","):
         axis, eq, n = (s.strip() for s in part.partition("="))
         if not eq or axis not in AXES:
-            what = f"unknown axis {axis!r}" if eq else f"{part.strip()!r} is not AXIS=N"
-            raise ConvspecError(f"bad shard {text!r}: {what}", hint=hint)
+            what = f"unknown axis {short(axis)}" if eq else f"{short(part.strip())} is not AXIS=N"
+            raise ConvspecError(f"bad shard {shown}: {what}", hint=hint)
         if axis in sizes:
-            raise ConvspecError(f"bad shard {text!r}: {axis} is given twice", hint=hint)
-        if not re.fullmatch(r"[0-9]+", n) or int(n) < 1:
-            raise ConvspecError(f"bad shard {text!r}: {axis}={n} is not a positive whole number", hint=hint)
-        sizes[axis] = int(n)
+            raise ConvspecError(f"bad shard {shown}: {axis} is given twice", hint=hint)
+        digits = n.lstrip("0")
+        if not re.fullmatch(r"[0-9]+", n) or not digits:
+            raise ConvspecError(
+                f"bad shard {shown}: {axis}={n if len(n) <= 20 else short(n)} is not a positive whole number",
+                hint=hint,
+            )
+        sizes[axis] = int(digits) if len(digits) <= 7 else MAX_RANKS + 1  # no int of a huge text
+    if math.prod(sizes.values()) > MAX_RANKS:
+        raise ConvspecError(
+            f"bad shard {shown}: a mesh of more than {MAX_RANKS:,} ranks",
+            hint="shard over fewer ranks (tp times ep)",
+        )
     return {a: sizes[a] for a in AXES if a in sizes}
 
 

@@ -73,6 +73,10 @@ def test_a_shard_spec_names_each_axis_once_in_mesh_order():
         ("tp=0", "tp=0 is not a positive whole number"),
         ("tp=-2", "is not a positive whole number"),
         ("tp=two", "is not a positive whole number"),
+        ("tp=00", "tp=00 is not a positive whole number"),
+        ("tp=" + "9" * 5000, "a mesh of more than 131,072 ranks"),  # no int of 5000 digits
+        ("ep=512,tp=512", "a mesh of more than 131,072 ranks"),
+        ("x" * 5000 + "=2", "unknown axis 'xxxx"),
         ("tp=2,tp=4", "tp is given twice"),
         ("tp", "'tp' is not AXIS=N"),
         ("", "is not AXIS=N"),
@@ -82,6 +86,7 @@ def test_a_bad_shard_spec_says_what_is_wrong(text, why):
     with pytest.raises(ConvspecError, match="bad shard") as exc:
         parse_shard(text)
     assert why in exc.value.message
+    assert len(exc.value.message) < 200  # a huge shard text is shown cut short
 
 
 def test_placements_follow_transformers_styles(bound):
