@@ -30,16 +30,24 @@ class WorkerError(ConvspecError):
     """A worker process of a multi-process convert failed or died: nothing was written."""
 
 
+MAX_WORKERS = 1024  # processes a convert may start: past any machine's cores, short of a fork bomb
+
+
 def check_workers(value: Any) -> int:
-    """The number of worker processes, from an int or a decimal string: a whole number, at least 1."""
+    """The number of worker processes, from an int or a decimal string: a whole number, at least 1
+    and at most MAX_WORKERS."""
+    from .ops.base import short
+
     n = None
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
     elif isinstance(value, str) and 0 < len(value.strip()) <= 9 and value.strip().isdigit():
         n = int(value.strip())
-    if n is None or n < 1:
-        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:30]}..."
-        raise ConvspecError(f"--workers must be a whole number of at least 1, not {shown}", hint=WORKERS_HINT)
+    if n is None or not 1 <= n <= MAX_WORKERS:
+        raise ConvspecError(
+            f"--workers must be a whole number of at least 1 (at most {MAX_WORKERS}), not {short(value)}",
+            hint=WORKERS_HINT,
+        )
     return n
 
 

@@ -74,15 +74,16 @@ def test_the_api_takes_workers_and_reports_progress_for_every_tensor(src, tmp_pa
     assert sum(seen.values()) == r.bytes and r.files == ["model.safetensors"]
 
 
-@pytest.mark.parametrize("bad", ["0", "-1", "x", "1.5", "", " ", "99999999999"])
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "1.5", "", " ", "99999999999", "1025", "9" * 5000])
 def test_a_bad_workers_value_is_one_clear_error(src, tmp_path, capsys, bad):
     assert convert(src, tmp_path / "out", "--workers", bad) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --workers must be a whole number of at least 1"), err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert len(err.splitlines()[0]) < 200  # a huge value is shown cut short
 
 
-@pytest.mark.parametrize("bad", [0, -3, True, 2.0, None])
+@pytest.mark.parametrize("bad", [0, -3, True, 2.0, None, 1025, 10**12])
 def test_the_api_refuses_a_bad_workers_value_before_reading(tmp_path, bad):
     with pytest.raises(ConvspecError, match="--workers must be a whole number"):
         convspec.convert("mixtral", tmp_path / "missing", tmp_path / "out", workers=bad)
