@@ -253,14 +253,15 @@ def check_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+MAX_PLACEMENTS_BYTES = 1 << 20  # a placements file: a few patterns, never megabytes
+
+
 def read_overrides(path: str) -> dict[str, Any]:
-    """A `--placements` file: a JSON object {glob or "re:" regex: style, or a list per mesh dim}."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConvspecError(f"{path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ConvspecError(f"{path}: not JSON: {exc}") from None
+    """A `--placements` file: a JSON object {glob or "re:" regex: style, or a list per mesh dim},
+    read as every side file is (`io.sidefile.load_json`: capped, UTF-8, no key given twice)."""
+    from .io.sidefile import load_json
+
+    data = load_json(path, MAX_PLACEMENTS_BYTES, what="placements file")
     if not isinstance(data, dict):
         raise ConvspecError(f"{path}: placements are a JSON object {{pattern: style}}")
     return check_overrides(data)

@@ -351,7 +351,13 @@ def test_a_placements_file_overrides_the_plans(src, tmp_path, capsys, monkeypatc
     assert main([*argv, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["placements"]["model.layers.0.mlp.experts.gate_up_proj"] == ["Shard(dim=0)", "Shard(dim=1)"]
-    for text, message in [("{", "not JSON"), ("[1]", "a JSON object"), ('{"*": "nope"}', "is not a style")]:
+    for text, message in [
+        ("{", "invalid JSON"),
+        ("[1]", "a JSON object"),
+        ('{"*": "nope"}', "is not a style"),
+        ('{"*": "colwise", "*": "rowwise"}', "is given twice"),
+        ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ]:
         good.write_text(text)
         assert main(argv) == 2
         assert message in _one_error(capsys)
