@@ -70,3 +70,17 @@ def process_group(backend: str = "gloo") -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+def check_job(what: str) -> None:
+    """`what` needs a torch.distributed job: a process group made already, or torchrun's environment
+    to make one from; otherwise one clear error, where torch would fail on a missing variable."""
+    import os
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) and "RANK" not in os.environ:
+        raise ConvspecError(
+            f"{what} needs a torch.distributed job, and there is none",
+            hint="run under torchrun, or call torch.distributed.init_process_group first (or pass mesh=)",
+        )

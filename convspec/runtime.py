@@ -59,9 +59,13 @@ def load(
 
 def _load_sharded(plan: Plan, src, device: str, dtype: str | None, strict: bool, shard, mesh) -> dict:
     """`plan.load(src, shard=...)`: the mesh given, or one over every rank on `device`'s type."""
+    from .ops.base import short
+    from .ranks import check_job
     from .sharded import load_sharded
     from .shardplan import load_by_plan
 
+    if mesh is None:  # the mesh is made over the job's ranks
+        check_job(f"plan.load(shard={short(shard)})" if isinstance(shard, str) else "plan.load(shard=...)")
     if isinstance(shard, str):
         if mesh is not None:
             raise ConvspecError(

@@ -242,3 +242,14 @@ def test_a_strided_shard_with_another_cut_on_its_dim_is_refused():
         _check_fits("w", (4, 8), _Mesh((2, 2)), [Shard(1), _StridedShard(1, split_factor=2)])
     with pytest.raises(ConvspecError, match=r"does not divide into 2 shards of each of 2 parts"):
         _check_fits("w", (4, 6), _Mesh((2,)), [_StridedShard(1, split_factor=2)])
+
+
+@pytest.mark.parametrize("shard", ["tp=2", {"model.embed_tokens.weight": "colwise"}])
+def test_a_sharded_load_outside_a_distributed_job_is_one_clear_error(src, shard, monkeypatch):
+    import convspec
+
+    monkeypatch.delenv("RANK", raising=False)
+    plan = convspec.compile("mixtral", config=f"{src}/config.json")
+    with pytest.raises(ConvspecError, match="needs a torch.distributed job, and there is none") as exc:
+        plan.load(src, shard=shard)
+    assert "torchrun" in exc.value.hint
