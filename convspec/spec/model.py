@@ -172,6 +172,24 @@ class Include(IRNode):
 Rule = Annotated[Rename | Drop | Convert | Include, Field(discriminator="kind")]
 
 
+class Companion(IRNode):
+    """Tensors stored beside a quantized weight, by template over one capture `{w}`: `{w}` has
+    `{w}_scale_inv`; `{w}_blocks` has `{w}_scales`. The first companion is the weight's scale (it
+    follows every op on the weight); any others are per-tensor (an activation's `input_scale`)."""
+
+    weight: str  # "{w}", "{w}_blocks", "{w}.weight"
+    companions: list[str]  # ["{w}_scale_inv"], ["{w}.weight_scale", "{w}.input_scale"]
+
+
+class Quantization(IRNode):
+    """How a spec's quantized weights are stored: the scheme (what a scale means, the op that
+    dequantizes), its companions (none given: the scheme's own) and, for blocks, the block shape."""
+
+    scheme: Literal["fp8_blocks", "mxfp4", "fp8_tensor"]
+    companions: list[Companion] = []
+    block: Expr | None = None  # fp8_blocks: [rows, cols]; none given: the config's weight_block_size
+
+
 class Spec(IRNode):
     """A whole spec: a name, a one-line doc, the model types it serves, and ordered rules."""
 
@@ -180,8 +198,9 @@ class Spec(IRNode):
     model_types: list[str] = []
     base_prefix: str = ""  # the base model's prefix in full-model keys (transformers' base_model_prefix)
     rules: list[Rule] = []
+    quantization: Quantization | None = None  # quantized checkpoints: companions follow their weights
     file: Annotated[str | None, Field(default=None, exclude=True)] = None
 
 
-for _model in (ListExpr, BinOp, Neg, KwArg, Call, Let, Output):
+for _model in (ListExpr, BinOp, Neg, KwArg, Call, Let, Output, Quantization):
     _model.model_rebuild()
