@@ -160,7 +160,9 @@ def _here_hint(name: str) -> str | None:
     return None
 
 
-def compile(spec: Spec | str | Path, config: dict | str | Path | Any | None = None) -> Plan:  # noqa: A001
+def compile(  # noqa: A001
+    spec: Spec | str | Path, config: dict | str | Path | Any | None = None, *, dequantize: bool | str = False
+) -> Plan:
     """Compile a spec into a Plan: every rule checked, its ops resolved, its inverse derived.
 
     Args:
@@ -168,7 +170,10 @@ def compile(spec: Spec | str | Path, config: dict | str | Path | Any | None = No
             type or transformers class name, or the path of a `.yaml`/`.cspec` file.
         config: the model config that the spec's `config.*` expressions read: a dict, the path of a
             `config.json` (or of its directory), an object with `to_dict()` (a transformers config),
-            or None when the spec reads none (an expression that needs it fails at `bind`).
+            or None when the spec reads none (an expression that needs it fails at `bind`). Its
+            `quantization_config` says how quantized weights are stored (docs/quantization.md).
+        dequantize: the plan dequantizes quantized weights (`Plan.dequantize`): to bfloat16, or to
+            the dtype given; by default they are kept, bit for bit, with their scales.
 
     Returns:
         The compiled `Plan`, immutable and JSON-serialisable (`Plan.to_json`).
@@ -186,7 +191,8 @@ def compile(spec: Spec | str | Path, config: dict | str | Path | Any | None = No
     """
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
-    return compile_spec(spec, load_config(config), resolve=_resolver(spec))
+    plan = compile_spec(spec, load_config(config), resolve=_resolver(spec))
+    return plan.dequantize(dequantize if isinstance(dequantize, str) else "bfloat16") if dequantize else plan
 
 
 def _resolver(spec: Spec):
@@ -220,6 +226,7 @@ def convert(
     allow_pickle: bool = False,
     workers: int = 1,
     ranks: bool = False,
+    dequantize: bool | str = False,
 ) -> ConvertResult:
     """Convert the checkpoint at `src` into `dst`: sharded safetensors named as Hugging Face names
     them, written atomically (complete, or absent), the source's other files copied beside. The
@@ -244,6 +251,9 @@ def convert(
             key); the files are byte for byte those of `workers=1`, which converts in this process.
         ranks: split the groups across the ranks of the torch.distributed job instead (torchrun:
             every rank calls `convert` alike; rank 0 commits; one filesystem for all).
+        dequantize: dequantize quantized weights (FP8 blocks, MXFP4, compressed-tensors FP8) to
+            `dtype` (default bfloat16) with transformers' numerics; else they are kept, bit for bit,
+            with their scales beside them (docs/quantization.md).
 
     Returns:
         A `ConvertResult`: `dst`, the shard file names (`files`), the number of tensors and bytes
@@ -287,6 +297,7 @@ def convert(
                 plan = compile(spec, config=ckpt.config_path)
                 if reverse:
                     plan = plan.inverse()
+                plan = plan.for_dtype(dtype, dequantize)
             result = convert_checkpoint(
                 plan,
                 src,

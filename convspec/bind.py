@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from .companions import check_group, dequant_rule, layout_problems, passthrough_pairs, unclaimed_scales
 from .compile.plan import Plan, PlanRule
 from .errors import BindError, Problem
 from .interpret import GroupError, Index, Infer, Value, in_order, index_order
@@ -162,8 +163,11 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
     groups: dict[tuple[int, tuple], Group] = {}
     for (ri, keep), members in routes.members.items():
         rule = rules[ri]
+        members = {n: members[n] for n, _ in rule.inputs if n in members}  # the rule's order: weights first
         groups[(ri, keep)] = Group(rule, dict(zip(rule.keep, keep, strict=False)), members)
 
+    if plan.quant is not None and plan.quant.dequantize is not None:
+        _dequant_passthrough(plan, infos, passthrough, unmatched, groups)
     outputs: dict[str, TensorInfo] = {}
     origin: dict[str, str] = {}
 
@@ -177,6 +181,7 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
     for src, dst in passthrough.items():
         emit(dst, infos[src], src)
     _infer_groups(plan, groups.values(), infos, lead, emit, problems)
+    problems.extend(_companion_problems(plan, infos, outputs, groups.values()))
     # a key no rule touches that the inverse would rename or convert is already in the target layout:
     # it passes through unchanged, and saving back writes it in the original layout
     left = set(unmatched)
@@ -264,6 +269,17 @@ def _infer_groups(
                 Problem(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})", rule.number)
             )
             continue
+        if plan.quant is not None:
+            try:
+                check_group(plan, rule, g.members, infos)
+            except (GroupError, OpError) as exc:
+                msg = exc.message if isinstance(exc, OpError) else str(exc)
+                problems.append(
+                    Problem(
+                        f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})", rule.number
+                    )
+                )
+                continue
         n, size = _unstacked(rule, env)
         made, held = made + n, held + size
         if made > MAX_UNSTACKED + held // UNSTACKED_BYTES:
@@ -288,6 +304,31 @@ def _infer_groups(
                 g.outputs[target] = info
                 g.out_values[target] = (value, idx)
                 emit(target, info, source)
+
+
+def _dequant_passthrough(plan: Plan, infos: dict, passthrough: dict, unmatched: list, groups: dict) -> None:
+    """A dequantizing plan: each quantized weight that would pass through (renamed or not) becomes a
+    group of `companions.dequant_rule`, with its scale; its output keeps the weight's final name."""
+    rule = dequant_rule(plan)
+    taken = set()
+    for weight, scale, out in list(passthrough_pairs(plan.quant, infos, passthrough)):
+        groups[(rule.index, (out,))] = Group(rule, {"k": out}, {"w": {(): weight}, "w.scale": {(): scale}})
+        del passthrough[weight], passthrough[scale]
+        taken.update((weight, scale))
+    if taken:
+        unmatched[:] = [k for k in unmatched if k not in taken]
+
+
+def _companion_problems(plan: Plan, infos: dict, outputs: dict, groups) -> list[str]:
+    """Quantized weights and their companions, checked on both sides (`convspec.companions`); without
+    a quantization, the converted weights that would leave their scales behind."""
+    q = plan.quant
+    if q is None:
+        return unclaimed_scales(plan, infos, {k for g in groups for k in g.source_keys})
+    problems = layout_problems(q, infos, "checkpoint")
+    if not problems and q.dequantize is None:
+        problems = layout_problems(q, outputs, "converted layout")
+    return problems
 
 
 def _unstacked(rule: PlanRule, env: dict[str, Value]) -> tuple[int, int]:

@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("-o", "--output", metavar="FILE", help="write the output here (svg, png, dot)")
     c.add_argument("--reverse", action="store_true", help="show the inverse plan")
+    c.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="show the plan that dequantizes quantized weights (to bfloat16)",
+    )
     c.add_argument("--strict", action="store_true", help="with --against: every key must be claimed")
     c.add_argument(
         "--shard",
@@ -78,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--reverse", action="store_true", help="apply the inverse plan (save back)")
     cv.add_argument("--device", default="cpu", help=DEVICE_HELP)
     cv.add_argument("--dtype", help="cast every output to this dtype")
+    cv.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="dequantize quantized weights (to --dtype, default bfloat16) instead of keeping their scales",
+    )
     cv.add_argument("--max-shard-size", default="5GB")
     cv.add_argument(
         "--workers",
@@ -292,7 +302,8 @@ def _layout(against: str | None) -> dict | None:
 def _plan(args):
     """The spec compiled with --config or the checkpoint's config.json, inverted with --reverse."""
     plan = api.compile(args.spec, config=args.config or _checkpoint_config(args.against))
-    return plan.inverse() if args.reverse else plan
+    plan = plan.inverse() if args.reverse else plan
+    return plan.dequantize() if getattr(args, "dequantize", False) else plan
 
 
 def _checkpoint_config(against: str | None) -> str | None:
@@ -340,6 +351,7 @@ def _convert(args) -> int:
         allow_pickle=args.allow_pickle,
         workers=workers,
         ranks=ranks,
+        dequantize=args.dequantize,
     )
     if progress is not None:
         progress.done()

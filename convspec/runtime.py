@@ -145,4 +145,10 @@ def check(plan: Plan) -> None:
     plan_check.check_plan(plan)
 
 
+def dequantize(plan: Plan, dtype: str) -> Plan:
+    from .compile.dequantize import dequantized
+
+    return dequantized(plan, dtype)
+
+
 _plan.install_runtime(sys.modules[__name__])

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # spec text -> the spec model (the DSL, YAML, formatting)
     ("spec", ("spec", "spec.*")),
     # the spec model -> the Plan IR: patterns, the compiler, expressions, the plan and its JSON
-    ("compile", ("compile", "compile.*")),
+    ("compile", ("compile", "compile.*", "quantization")),
     # a plan against a checkpoint: routing keys, binding, block runs, running ops, streaming, and
     # the runtime the plan's conveniences are routed through
     (
@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "interpret",
             "routing",
             "bind",
+            "companions",
             "blocks",
             "run",
             "streaming",

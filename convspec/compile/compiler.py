@@ -6,8 +6,9 @@ import difflib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .. import quantization
 from ..errors import (
     OVERLAP,
     UNUSED,
@@ -38,6 +39,9 @@ from .patterns import (
     with_offset,
 )
 from .plan import Node, Plan, PlanRule
+
+if TYPE_CHECKING:
+    from ..quantization import Quant
 
 MAX_OP_VALUES = 4096  # values one op may yield (chunk n=, stack parts=, split sizes=): each is a name
 MAX_RULE_VALUES = 65_536  # values one convert may make: an ops chain multiplies them
@@ -172,6 +176,7 @@ class Compilation:
     resolve: Callable[[str], Spec] | None
     level: ErrorLevel = ErrorLevel.IMMEDIATE
     check_overlaps: bool = True
+    quant: Quant | None = None  # the plan's quantization, resolved by the quantization pass
     flat: list = field(default_factory=list)  # the rules, includes expanded
     origins: list = field(default_factory=list)  # for each, the include it came from ("" the spec's own)
     rules: list[PlanRule] = field(default_factory=list)  # the rules lowered so far, in order
@@ -203,25 +208,76 @@ def expand_includes(state: Compilation) -> None:
         state.report(exc)
 
 
+def quantize_rules(state: Compilation) -> None:
+    """Pass: the plan's quantization (the spec's, an include's, or the config's quant_method), and the
+    companion renames and drops it derives: a rename or drop of a weight by its full name does the
+    same to the weight's companions (a path capture at the end carries them already)."""
+    try:
+        q = quantization.resolve_quant(
+            quantization.declared(state.spec, state.resolve) or quantization.from_config(state.config),
+            state.config,
+        )
+    except (CompileError, ConfigError) as exc:
+        state.stopped = True
+        state.report(exc if isinstance(exc, CompileError) else CompileError(exc.message, hint=exc.hint))
+        return
+    state.quant = q
+    if q is None:
+        return
+    flat, origins = [], []
+    for rule, origin in zip(state.flat, state.origins, strict=True):
+        flat.append(rule)
+        origins.append(origin)
+        for derived_rule in _companion_rules(rule, q):
+            flat.append(derived_rule)
+            origins.append(origin)
+    state.flat, state.origins = flat, origins
+
+
+def _companion_rules(rule, q: Quant) -> list:
+    """The renames and drops a rename or drop of quantized weights by full name implies."""
+    if not isinstance(rule, (Rename, Drop)) or not isinstance(rule.source.parts[-1], Lit):
+        return []
+    src = rule.source.text
+    form = q.form_of(src)
+    if form is None or q.is_companion(src):
+        return []
+    if isinstance(rule, Drop):
+        return [Drop(source=_template(form.stem(src) + c), span=rule.span) for c in form.companions]
+    dst = rule.target.text
+    if form.stem(dst) is None:
+        return []
+    return [
+        Rename(
+            source=_template(form.stem(src) + c),
+            target=_template(form.stem(dst) + c),
+            one_way=rule.one_way,
+            span=rule.span,
+        )
+        for c in form.companions
+    ]
+
+
 def lower_rules(state: Compilation) -> None:
     """Pass: each rename, drop and convert becomes a PlanRule (a convert's expressions an op DAG),
     its templates checked first. One pass, rule by rule, so that the first error raised is the one
     of the first rule that has one, whichever check finds it."""
     for i, rule in enumerate(state.flat):
         try:
-            state.rules.append(lower_rule(i, rule, state.config))
+            state.rules.append(lower_rule(i, rule, state.config, state.quant))
         except CompileError as exc:
             state.report(exc, i)
 
 
-def lower_rule(i: int, rule, config: dict | None) -> PlanRule:
-    """One rule of the expanded spec, lowered and checked."""
+def lower_rule(i: int, rule, config: dict | None, quant: Quant | None = None) -> PlanRule:
+    """One rule of the expanded spec, lowered and checked (a convert's quantized weights with their
+    companions, when the plan has a quantization)."""
     check_templates(rule)
     if isinstance(rule, Rename):
         return _rename(i, rule)
     if isinstance(rule, Drop):
         return drop_rule(i, _where(rule.span), pattern_of(rule.source))
-    return _Lowering(i, rule, config).build()
+    return _Lowering(i, rule, config, quant).build()
 
 
 def check_claims(state: Compilation) -> None:
@@ -272,6 +328,7 @@ def make_plan(state: Compilation) -> None:
         inverse_error=inverse_error,
         lossy=lossy,
         base_prefix=spec.base_prefix,
+        quant=state.quant,
     )
 
 
@@ -287,6 +344,7 @@ class Pass:
 
 PASSES: tuple[Pass, ...] = (
     Pass("includes", expand_includes),
+    Pass("quantization", quantize_rules),
     Pass("rules", lower_rules),
     Pass("overlaps", check_claims, bounded=True),
     Pass("inverse", derive_inverse, bounded=True),
@@ -405,8 +463,10 @@ def rename_rule(
 class _Lowering:
     """Lowers one convert rule: expressions -> nodes, with capture and arity checks."""
 
-    def __init__(self, index: int, rule: Convert, config: dict | None):
+    def __init__(self, index: int, rule: Convert, config: dict | None, quant: Quant | None = None):
         self.index, self.rule, self.config = index, rule, config
+        self.quant = quant if quant is not None and not _dequantizes(rule) else None
+        self.scales: dict[str, str] = {}  # a quantized weight's value -> its scale grid's value
         self.nodes: list[Node] = []
         self.spans: list[Span | None] = []  # the call that made each node, for error carets
         self.env: dict[str, str] = {}
@@ -438,6 +498,7 @@ class _Lowering:
                         )
             self.env[b.name] = b.name
             inputs.append((b.name, pat))
+        inputs += self.companion_inputs()
         inputs = [(n, p.typed(self.types)) for n, p in inputs]
         for let in r.lets:
             vals = self.lower(let.expr, want=len(let.names))
@@ -463,7 +524,61 @@ class _Lowering:
                 )
             for t, v in zip(out.targets, vals, strict=False):
                 outputs.append((v, pattern_of(t), t.span))
+        outputs += self.companion_outputs(outputs)
         return self.check(inputs, outputs)
+
+    # ---- quantized weights (convspec.quantization) ---------------------------------------------
+
+    def companion_inputs(self) -> list[tuple[str, Pattern]]:
+        """Each quantized weight input's scale, bound beside it: `gate.scale` = `{...}_scale_inv`."""
+        q, out = self.quant, []
+        for b in self.rule.inputs if q is not None else ():
+            scale = q.scale_of(b.template.text)
+            if scale is None or q.is_companion(b.template.text):
+                continue
+            name = f"{b.name}.scale"
+            self.env[name] = self.scales[b.name] = name
+            out.append((name, pattern_of(_template(scale)).typed(self.types)))
+        return out
+
+    def companion_outputs(self, outputs: list) -> list:
+        """Keeping the weights quantized: each scale grid follows its weight through the same ops
+        (`Op.on_grid`), and is written beside it as the scheme names it."""
+        q, scales = self.quant, self.scales
+        if q is None or not scales:
+            return []
+        blocks = dict.fromkeys(scales, q.blocks)
+        for node, span in zip(list(self.nodes), list(self.spans), strict=True):
+            quantized = [a for a in node.inputs if a in scales]
+            if not quantized:
+                continue
+            if len(quantized) < len(node.inputs):
+                raise self.err(f"{node.op} joins a quantized weight with a tensor that is not", span)
+            op, p = OPS[node.op], dict(node.params)
+            try:
+                grid = op.on_grid(p, blocks[node.inputs[0]])
+                after = op.carry_blocks(p, None, blocks[node.inputs[0]])
+            except (OpError, TypeError) as exc:
+                msg = exc.message if isinstance(exc, OpError) else f"{node.op} needs numbers here"
+                raise self.err(msg, span, getattr(exc, "hint", None)) from None
+            outs = self.node(node.op, [scales[a] for a in node.inputs], grid, span, len(node.outputs))
+            for o, g in zip(node.outputs, outs, strict=True):
+                scales[o], blocks[o] = g, after
+        extra = []
+        for v, pat, span in outputs:
+            if v in scales:
+                scale = q.scale_of(pat.text)
+                if scale is None:
+                    raise self.err(f"the target {pat.text} is not a quantized weight's name", span)
+                extra.append((scales[v], pattern_of(_template(scale)), span))
+        return extra
+
+    def node(self, op: str, args: list[str], params: dict, span, n_out: int = 1) -> list[str]:
+        """A node the compiler adds (not written in the spec): its params are final."""
+        outs = [self.fresh() for _ in range(n_out)]
+        self.nodes.append(Node(op, tuple(args), tuple(outs), tuple(params.items()), _where(span)))
+        self.spans.append(span)
+        return outs
 
     # ---- lowering -----------------------------------------------------------------------------
 
@@ -665,6 +780,20 @@ class _Lowering:
 
 
 # ---- checks shared with plans read from JSON --------------------------------------------------
+
+
+def _dequantizes(rule: Convert) -> bool:
+    """Whether the spec's own expressions already dequantize (then the compiler adds nothing)."""
+    from ..ops.quant import Dequantize
+
+    def calls(e) -> bool:
+        if isinstance(e, Call):
+            return isinstance(OPS.get(e.op), Dequantize) or any(calls(a) for a in e.args)
+        return False
+
+    exprs = [x.expr for x in rule.lets] + [o.expr for o in rule.outputs if o.expr is not None]
+    chained = [c for o in rule.outputs for c in o.chain or ()]
+    return any(calls(e) for e in exprs + chained)
 
 
 def find_op(name: str) -> Op:

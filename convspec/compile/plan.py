@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from ..bind import BoundPlan
+    from ..quantization import Quant
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class Plan:
     lossy: tuple[str, ...] = ()  # why an exact inverse is impossible, rule by rule
     is_inverse: bool = False
     base_prefix: str = ""  # load_into matches keys with or without it (a base-model checkpoint)
+    quant: Quant | None = None  # quantized weights: their companions, kept or dequantized
 
     def __post_init__(self) -> None:  # the caller's config dict, copied: a later change never reaches it
         object.__setattr__(self, "config", freeze(self.config))
@@ -216,6 +218,7 @@ class Plan:
             lossy=(),
             is_inverse=not self.is_inverse,
             base_prefix=self.base_prefix,
+            quant=self.quant,
         )
 
     def bind(self, layout: dict, strict: bool = False):
@@ -294,7 +297,7 @@ class Plan:
             >>> sum(1 for _ in plan.stream("tiny-mixtral"))
             21
         """
-        yield from _runtime().stream(self, src, device, dtype, strict)
+        yield from _runtime().stream(self.for_dtype(dtype), src, device, dtype, strict)
 
     def load(
         self,
@@ -304,12 +307,15 @@ class Plan:
         strict: bool = False,
         shard: Any = None,
         mesh: Any = None,
+        dequantize: bool | str = False,
     ) -> dict:
         """A checkpoint read and converted into a dict of tensors, or of DTensors, each rank reading
         only the source bytes of its own shards (docs/distributed.md).
 
         Args:
             src, device, dtype, strict: as `stream`.
+            dequantize: quantized weights dequantized (`Plan.dequantize`) to `dtype` (default
+                bfloat16), with transformers' numerics; else they are kept with their companions.
             shard: where each converted tensor lies on `mesh`, as `convspec.sharded.load_sharded`
                 takes it: {target: placement} or a function of the target; a placement is a
                 transformers tp_plan style ("colwise", "rowwise", "experts"), "replicate", or
@@ -342,7 +348,32 @@ class Plan:
             ((Shard(dim=0),), 0)
             >>> dist.destroy_process_group()
         """
-        return _runtime().load(self, src, device, dtype, strict, shard, mesh)
+        plan = self.for_dtype(dtype, dequantize)
+        return _runtime().load(plan, src, device, dtype, strict, shard, mesh)
+
+    def dequantize(self, dtype: str = "bfloat16") -> Plan:
+        """This plan with its quantized weights dequantized to `dtype` by the scheme's op (transformers'
+        numerics), their scales consumed and per-tensor companions dropped. Lossy: no inverse.
+
+        Raises:
+            CompileError: the plan has no quantization (compile it with the checkpoint's config).
+        """
+        return derived(self, ("dequantize", dtype), lambda: _runtime().dequantize(self, dtype))
+
+    def for_dtype(self, dtype: str | None, dequantize: bool | str = False) -> Plan:
+        """The plan to run when outputs are cast to `dtype`: dequantizing when asked (to `dequantize`
+        when it names a dtype, else `dtype`, else bfloat16). Casting quantized weights kept with their
+        scales would change their values without them: refused."""
+        if dequantize:
+            return self.dequantize(dequantize if isinstance(dequantize, str) else dtype or "bfloat16")
+        if dtype is not None and self.quant is not None and self.quant.dequantize is None:
+            from ..errors import ConvspecError
+
+            raise ConvspecError(
+                f"casting to {dtype} would change quantized weights without their scales",
+                hint="dequantize them: --dequantize (with --dtype) on the command line, dequantize=True in Python",
+            )
+        return self
 
     def load_into(self, model, src, strict: bool = True, device: str | None = None):
         """Fill a model's parameters and buffers from a checkpoint, converted as it is read. A model
@@ -517,6 +548,7 @@ class Runtime(Protocol):
     def to_json(self, plan: Plan, indent: int | None) -> str: ...
     def from_json(self, text: str | bytes) -> Plan: ...
     def check(self, plan: Plan) -> None: ...
+    def dequantize(self, plan: Plan, dtype: str) -> Plan: ...
 
 
 _installed: list[Runtime] = []

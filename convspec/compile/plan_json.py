@@ -15,12 +15,15 @@ import difflib
 import json
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import PlanError, Span
 from ..ops import OpError
 from ..ops.base import short
 from .check import check_plan
+
+if TYPE_CHECKING:
+    from ..quantization import Quant
 from .expr import PARAM_FORM, SOURCE_FORM, ConfigExpr, config_expr_json, read_config_expr
 from .patterns import Pattern
 from .plan import Node, Plan, PlanRule
@@ -46,6 +49,7 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "lossy": list(plan.lossy),
         "is_inverse": plan.is_inverse,
         "base_prefix": plan.base_prefix,
+        **({"quant": plan.quant.to_dict()} if plan.quant is not None else {}),
         "regex": plan.regex,
     }
 
@@ -266,7 +270,7 @@ _PATTERN = {"text": ("str",), "parts": ("list",)}
 
 
 def _read(d: dict) -> Plan:
-    _fields(d, "", _PLAN, optional=("regex",))
+    _fields(d, "", _PLAN, optional=("regex", "quant"))
     if "regex" in d:  # derived from the rules: written for people, not read back
         _expect(d["regex"], "regex", "str")
     inverse = d["inverse_rules"]
@@ -283,7 +287,40 @@ def _read(d: dict) -> Plan:
         lossy=_strings(d["lossy"], "lossy"),
         is_inverse=d["is_inverse"],
         base_prefix=d["base_prefix"],
+        quant=_quant(d["quant"]) if d.get("quant") is not None else None,
     )
+
+
+def _quant(d: Any) -> Quant:
+    """A plan's quantization, every field checked (a plan file is untrusted input)."""
+    from ..dtypes import DTYPES
+    from ..quantization import SCHEMES, Quant
+
+    _fields(
+        d,
+        "quant",
+        {
+            "scheme": ("str",),
+            "companions": ("object",),
+            "block": ("list", "null"),
+            "dequantize": ("str", "null"),
+        },
+    )
+    if d["scheme"] not in SCHEMES:
+        raise PlanError(f"quant.scheme: {short(d['scheme'])} is not a scheme ({', '.join(SCHEMES)})")
+    for w, cs in d["companions"].items():
+        _strings(cs, f"quant.companions[{short(w)}]")
+        if not cs:
+            raise PlanError(f"quant.companions[{short(w)}]: a weight needs at least one companion")
+    block = d["block"]
+    if block is not None and (
+        len(block) != 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 20 for b in block)
+    ):
+        raise PlanError(f"quant.block: {short(block)} is not two block sizes between 1 and {1 << 20}")
+    if d["dequantize"] is not None and d["dequantize"] not in DTYPES:
+        raise PlanError(f"quant.dequantize: {short(d['dequantize'])} is not a dtype")
+    return Quant.from_dict(d)
 
 
 def _rule(d: Any, path: str) -> PlanRule:

@@ -195,6 +195,21 @@ class Op:
         `moves_blocks` is set; `rank` counts the dims of the first input, blocks' own included."""
         raise NotImplementedError
 
+    grid_refusal: ClassVar[str] = (
+        "moves values inside the blocks of a quantized weight, so its scales cannot follow"
+    )
+
+    def on_grid(self, p: dict, blocks: tuple[int, ...]) -> dict:
+        """This op's parameters on the scale grid of a quantized weight whose blocks have the shape
+        `blocks` (one size per dim, 1 where a dim is not blocked): the scales follow the weight. OpError
+        when they cannot."""
+        raise OpError(f"{self.name} {self.grid_refusal}", hint=DEQUANTIZE_HINT)
+
+    def carry_blocks(self, p: dict, ins: list[TensorInfo] | None, blocks: tuple[int, ...]) -> tuple[int, ...]:
+        """The blocks of the op's outputs, from its inputs' `blocks`; given the inputs' shapes (bind),
+        OpError where the op would cut a block (a part that is not a whole number of blocks)."""
+        raise OpError(f"{self.name} {self.grid_refusal}", hint=DEQUANTIZE_HINT)
+
     def block_dim(self, p: dict, rank: int) -> int:
         """The op's `dim` parameter as a non-negative dim, for an input of `rank` dims."""
         return p["dim"] % (rank + 1 if self.reduces else rank)
@@ -206,6 +221,32 @@ class Op:
         if not -ndim <= dim < max(ndim, 1):
             raise OpError(f"{what}={dim} is out of range for a tensor with {ndim} dims")
         return dim % ndim if ndim else 0
+
+
+DEQUANTIZE_HINT = "dequantize the weights first: --dequantize, or dequantize=True in Python"
+
+
+def whole_blocks(op: str, sizes: list[int], dim: int, block: int, what: str = "part") -> None:
+    """Every part but the last a whole number of blocks along `dim` (the last may end ragged, as a grid
+    of ceil(dim / block) allows); else OpError naming the part and its size."""
+    for k, size in enumerate(sizes[:-1]):
+        if size % block:
+            raise OpError(
+                f"{op}: {what} {k} has {size} along dim {dim}, not a whole number of blocks of {block}: "
+                "the scale grid cannot follow",
+                hint=DEQUANTIZE_HINT,
+            )
+
+
+def grid_sizes(op: str, sizes: Any, dim: int, block: int) -> list[int]:
+    """Part sizes along a blocked dim, in blocks (the last part rounded up)."""
+    if not isinstance(sizes, (list, tuple)):
+        raise OpError(
+            f"{op}: sizes from the config ({sizes}) on a quantized weight: the scale grid's sizes need numbers",
+            hint="write the sizes as numbers, compile with the config, or dequantize",
+        )
+    whole_blocks(op, list(sizes), dim, block)
+    return [s // block for s in sizes[:-1]] + [-(-sizes[-1] // block)] if sizes else []
 
 
 def check_extent(op: str, shape: tuple[int, ...], dtype: str) -> TensorInfo:

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from . import blockmoves
-from .base import NotInvertible, Op, OpError, Param, TensorInfo, check_extent, same_dtype
+from .base import (
+    NotInvertible,
+    Op,
+    OpError,
+    Param,
+    TensorInfo,
+    check_extent,
+    grid_sizes,
+    same_dtype,
+    whole_blocks,
+)
 from .slicing import SliceMap, replaced
 
 
@@ -71,6 +81,18 @@ class Cat(Op):
     def move_blocks(self, p, ins, rank):
         return [blockmoves.cat(ins, self.block_dim(p, rank))]
 
+    def on_grid(self, p, blocks):
+        dim = self.norm_dim(p["dim"], len(blocks))
+        if p.get("sizes") is None or blocks[dim] == 1:
+            return p
+        return {**p, "sizes": grid_sizes("cat", p["sizes"], dim, blocks[dim])}
+
+    def carry_blocks(self, p, ins, blocks):
+        dim = self.norm_dim(p["dim"], len(blocks))
+        if ins is not None:
+            whole_blocks("cat", [i.shape[dim] for i in ins], dim, blocks[dim])
+        return blocks
+
     def slice_map(self, p, ins, k, region):
         dim = self.norm_dim(p["dim"], len(region))
         a, b = region[dim]
@@ -133,6 +155,16 @@ class Split(Op):
     def move_blocks(self, p, ins, rank):
         return blockmoves.split(ins[0], self.block_dim(p, rank), p["sizes"])
 
+    def on_grid(self, p, blocks):
+        dim = self.norm_dim(p["dim"], len(blocks))
+        return p if blocks[dim] == 1 else {**p, "sizes": grid_sizes("split", p["sizes"], dim, blocks[dim])}
+
+    def carry_blocks(self, p, ins, blocks):
+        dim = self.norm_dim(p["dim"], len(blocks))
+        if ins is not None:
+            whole_blocks("split", list(p["sizes"]), dim, blocks[dim])
+        return blocks
+
     def slice_map(self, p, ins, k, region):
         dim = self.norm_dim(p["dim"], len(region))
         offset = sum(p["sizes"][:k])
@@ -182,6 +214,15 @@ class Chunk(Op):
         (x,) = ins
         dim = self.block_dim(p, rank)
         return blockmoves.split(x, dim, [x.shape[dim] // p["n"]] * p["n"])
+
+    def on_grid(self, p, blocks):
+        return p
+
+    def carry_blocks(self, p, ins, blocks):
+        dim = self.norm_dim(p["dim"], len(blocks))
+        if ins is not None and p.get("n"):
+            whole_blocks("chunk", [ins[0].shape[dim] // p["n"]] * p["n"], dim, blocks[dim])
+        return blocks
 
     def slice_map(self, p, ins, k, region):
         dim = self.norm_dim(p["dim"], len(region))

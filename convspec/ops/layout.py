@@ -27,6 +27,15 @@ class Transpose(Op):
     def inverse(self, p, n_inputs):
         return "transpose", {"dim0": p["dim0"], "dim1": p["dim1"]}
 
+    def on_grid(self, p, blocks):
+        return p
+
+    def carry_blocks(self, p, ins, blocks):
+        a, b = self.norm_dim(p["dim0"], len(blocks)), self.norm_dim(p["dim1"], len(blocks))
+        out = list(blocks)
+        out[a], out[b] = out[b], out[a]
+        return tuple(out)
+
     def slice_map(self, p, ins, k, region):
         a = self.norm_dim(p["dim0"], len(region))
         b = self.norm_dim(p["dim1"], len(region))
@@ -58,6 +67,14 @@ class Permute(Op):
     def inverse(self, p, n_inputs):
         dims = list(p["dims"])
         return "permute", {"dims": sorted(range(len(dims)), key=dims.__getitem__)}
+
+    def on_grid(self, p, blocks):
+        return p
+
+    def carry_blocks(self, p, ins, blocks):
+        if len(p["dims"]) != len(blocks):
+            raise OpError(f"permute dims={list(p['dims'])} for a quantized weight of {len(blocks)} dims")
+        return tuple(blocks[d] for d in p["dims"])
 
     def slice_map(self, p, ins, k, region):
         src = [region[0]] * len(region)

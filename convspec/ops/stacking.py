@@ -63,6 +63,13 @@ class Stack(Op):
     def move_blocks(self, p, ins, rank):
         return [blockmoves.stack(ins, self.block_dim(p, rank))]
 
+    def on_grid(self, p, blocks):
+        return p
+
+    def carry_blocks(self, p, ins, blocks):
+        dim = self.norm_dim(p["dim"], len(blocks) + 1)
+        return blocks[:dim] + (1,) + blocks[dim:]
+
     def slice_map(self, p, ins, k, region):
         """The members the region takes along the new dim, each read in the rest of the region."""
         dim = self.norm_dim(p["dim"], len(region))
@@ -110,6 +117,17 @@ class Unstack(Op):
 
     def inverse(self, p, n_inputs):
         return "stack", {"over": p["over"], "dim": p["dim"], "parts": p.get("parts", 1)}
+
+    def on_grid(self, p, blocks):
+        return p
+
+    def carry_blocks(self, p, ins, blocks):
+        dim = self.norm_dim(p["dim"], len(blocks))
+        if blocks[dim] != 1:
+            raise OpError(
+                f"unstack along dim {dim}, which holds blocks of {blocks[dim]} of a quantized weight"
+            )
+        return blocks[:dim] + blocks[dim + 1 :]
 
     def move_blocks(self, p, ins, rank):
         return blockmoves.unbind(ins[0], self.block_dim(p, rank))

@@ -1,0 +1,71 @@
+"""A plan that dequantizes: from a plan that keeps quantized weights with their companions, the plan
+whose converts dequantize each weight first (the scheme's op) and drop the scales' own ops, and whose
+per-tensor companions (`input_scale`) are dropped. Lossy: its inverse would need a quantize op."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import CompileError, Span
+from .compiler import _template, check_convert, drop_rule, inverse_of, pattern_of
+from .plan import Node, Plan, PlanRule
+
+
+def dequantized(plan: Plan, dtype: str) -> Plan:
+    """`plan` with its quantized weights dequantized to `dtype` (a float dtype the scheme's op makes)."""
+    q = plan.quant
+    if q is None:
+        raise CompileError(
+            f"the plan {plan.name} has no quantization to dequantize",
+            hint="give the checkpoint's config.json (its quantization_config), or add a quantization section",
+        )
+    if q.dequantize is not None:
+        if q.dequantize == dtype:
+            return plan
+        raise CompileError(f"the plan {plan.name} dequantizes to {q.dequantize} already, not {dtype}")
+    q = replace(q, dequantize=dtype)
+    rules = [_rule(r, q) for r in plan.rules]
+    for form in q.forms:  # per-tensor companions (input_scale) have no place beside floats
+        for c in form.companions[1:]:
+            rules.append(drop_rule(len(rules), Span(f"the {q.scheme} quantization", 0, 0), _pattern(c)))
+    inverse_rules, inverse_error, lossy = inverse_of(rules)
+    return replace(
+        plan,
+        rules=tuple(rules),
+        inverse_rules=inverse_rules,
+        inverse_error=inverse_error,
+        lossy=lossy,
+        quant=q,
+    )
+
+
+def _pattern(tail: str):
+    return pattern_of(_template("{q:path}" + tail))
+
+
+def _rule(r: PlanRule, q) -> PlanRule:
+    """A convert with its weights dequantized first and its scales' ops and outputs left out."""
+    if r.kind != "convert":
+        return r
+    by_text = {p.text: n for n, p in r.inputs}
+    pairs = {}
+    for n, p in r.inputs:
+        scale = q.scale_of(p.text)
+        if not q.is_companion(p.text) and scale in by_text:
+            pairs[n] = by_text[scale]
+    if not pairs:
+        return r
+    scales = {n for n, p in r.inputs if q.is_companion(p.text)}
+    nodes, renamed = [], {}
+    for w, s in pairs.items():
+        renamed[w] = f"{w}.dequantized"
+        nodes.append(Node(q.kind.dequant, (w, s), (renamed[w],), tuple(q.dequant_params().items()), r.where))
+    for node in r.nodes:
+        if any(a in scales for a in node.inputs):
+            scales.update(node.outputs)
+            continue
+        nodes.append(replace(node, inputs=tuple(renamed.get(a, a) for a in node.inputs)))
+    inputs = [(n, p) for n, p in r.inputs if n not in scales or n in pairs.values()]
+    outputs = [(renamed.get(v, v), p, None) for v, p in r.outputs if v not in scales]
+    types = dict(r.types)
+    return replace(check_convert(r.index, r.where, inputs, outputs, nodes, types), undoes=r.undoes)
