@@ -99,6 +99,18 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], str]], max_shard_size:
     return shards
 
 
+# safetensors' dtype order: its writer lays tensors out by dtype, this order reversed, then by name
+_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16")
+_DTYPE_ORDER += ("F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+_DTYPE_RANK = {code: i for i, code in enumerate(_DTYPE_ORDER)}
+
+
+def laid_out(entries: list) -> list:
+    """(key, shape, dtype) entries in the order safetensors' own writer lays a file out (larger dtypes
+    first, then by name), so that a file it wrote, converted and converted back, is the same bytes."""
+    return sorted(entries, key=lambda e: (-_DTYPE_RANK.get(SAFETENSORS_CODE[e[2]], -1), e[0]))
+
+
 def shard_header(entries, metadata: dict) -> bytes:
     """A shard's header (length prefix included) for (key, shape, dtype) entries laid out in order."""
     header: dict = {"__metadata__": metadata}
@@ -559,7 +571,7 @@ def shard_places(
     places: dict[str, Place] = {}
     heads = []
     for name, idx in zip(shard_names(len(shards)), shards, strict=True):
-        part = [entries[i] for i in idx]
+        part = laid_out([entries[i] for i in idx])
         heads.append(shard_header(part, metadata))
         pos = len(heads[-1])
         for key, shape, dtype in part:
@@ -615,17 +627,21 @@ def write_sharded(
     behind = _FlushBehind() if flush_behind else None
     try:
         for name, idx in zip(names, shards, strict=True):
-            part = [entries[i] for i in idx]
+            part = [entries[i] for i in idx]  # the order tensors arrive in
             with open(out_dir / name, "wb") as f:
-                head = shard_header(part, metadata)
+                laid = laid_out(part)
+                head = shard_header(laid, metadata)
                 f.write(head)
                 f.flush()
-                fd, pos = f.fileno(), len(head)
+                at, pos = {}, len(head)
+                for key, shape, dtype in laid:
+                    at[key] = pos
+                    pos += ITEMSIZE[dtype] * _numel(shape)
+                fd = f.fileno()
                 try:
                     for key, shape, dtype in part:
                         size = ITEMSIZE[dtype] * _numel(shape)
-                        write_item(fd, pos, (key, shape, dtype, size), next(it), sources)
-                        pos += size
+                        write_item(fd, at[key], (key, shape, dtype, size), next(it), sources)
                         weight_map[key] = name
                         if behind is not None:
                             behind.written(fd, size)
@@ -645,7 +661,7 @@ def write_sharded(
 
 
 def write_file(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """One safetensors file holding `tensors` in the given order, header metadata {"format": "pt"}: what
+    """One safetensors file holding `tensors` laid out as safetensors lays them out, header metadata {"format": "pt"}: what
     `safetensors.torch.save_file` writes, without the numpy it needs. Not atomic (a folder of them is:
     `AtomicDir`); shared or non-contiguous tensors are written as contiguous copies."""
     entries = []
@@ -654,13 +670,14 @@ def write_file(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: 
         if dtype not in ITEMSIZE:
             raise CheckpointError(f"tensor {key}: dtype {t.dtype} cannot be written as safetensors")
         entries.append((key, tuple(t.shape), dtype))
+    laid = laid_out(entries)
     with open(path, "wb") as f:
-        head = shard_header(entries, {"format": "pt", **(metadata or {})})
+        head = shard_header(laid, {"format": "pt", **(metadata or {})})
         f.write(head)
         f.flush()
         pos = len(head)
-        for t in tensors.values():
-            data = tensor_bytes(t)
+        for key, _, _ in laid:
+            data = tensor_bytes(tensors[key])
             pwrite_all(f.fileno(), data, pos)
             pos += len(data)
 
