@@ -194,7 +194,7 @@ def _yaml_slots(root: yaml.Node) -> list[tuple[Slot, int, int]]:
     for key, value in root.value:
         line = key.start_mark.line + 1
         if key.value == "quantization" and isinstance(value, yaml.MappingNode):
-            slots.append((("quantization",), line, _last_line(value)))
+            slots.append((("quantization",), line, line))  # its keys have slots of their own
             slots.extend(_yaml_quant_slots(value))
             continue
         if key.value != "rules":
@@ -211,8 +211,8 @@ def _yaml_quant_slots(section: yaml.MappingNode) -> list[tuple[Slot, int, int]]:
     slots: list[tuple[Slot, int, int]] = []
     for key, value in section.value:
         line = key.start_mark.line + 1
-        slots.append((("quantization", key.value), line, _last_line(value)))
         if key.value == "companions" and isinstance(value, yaml.MappingNode):
+            slots.append((("quantization", key.value), line, line))  # a comment below it: the companion's
             slots.extend(
                 (("companion", j), k.start_mark.line + 1, _last_line(v))
                 for j, (k, v) in enumerate(value.value)
