@@ -425,3 +425,16 @@ def test_schema_and_parser_refuse_a_bad_section(section):
     doc = {"spec": "q", "quantization": section}
     assert list(_validator().iter_errors(doc)) != []
     assert not _parses(doc)
+
+
+def test_a_long_block_expression_breaks_and_reads_back():
+    long = (
+        "max_block(config.quantization_config.weight_block_size_of_a_long_name ?? [128, 128], "
+        "config.text_config.another_quite_long_config_name)"
+    )
+    text = f"spec q\nquantization fp8_blocks block {long}\n"
+    cspec, yml = format_text(text, "q.cspec"), format_text(text, "q.cspec", to="yaml")
+    assert "  block: >-\n" in yml
+    assert all(len(line) <= 100 for line in (cspec + yml).splitlines())
+    assert _dump(cspec, "q.cspec") == _dump(yml, "q.yaml") == _dump(text, "q.cspec")
+    assert format_text(yml, "q.yaml") == yml and format_text(cspec, "q.cspec") == cspec

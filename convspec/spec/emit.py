@@ -238,14 +238,17 @@ def _yaml_quantization(q: Quantization | None) -> list[_Line]:
     """`quantization:` with its scheme, block (a `[...]` list when it is one of numbers) and companions."""
     if q is None:
         return [_Line(None, (("quantization",),))]
-    block = None
+    block, folded = None, False
     if q.block is not None:
         numbers = isinstance(q.block, ListExpr) and all(isinstance(i, Num) for i in q.block.items)
         block = "  block: " + (expr_text(q.block) if numbers else _q(expr_text(q.block)))
+        if len(block) > WIDTH and not numbers and expr_text(q.block).isprintable():
+            laid = _layout(q.block, 4, 4, STEP["yaml"])  # folded like a long `to:` expression
+            block, folded = "\n".join(["  block: >-", "    " + laid[0], *laid[1:]]), True
     lines = [
         _Line("quantization:", (("quantization",),)),
         _Line(f"  scheme: {q.scheme}", (("quantization", "scheme"),)),
-        _Line(block, (("quantization", "block"),)),
+        _Line(block, (("quantization", "block"),), trail_first=folded),
         _Line("  companions:" if q.companions else None, (("quantization", "companions"),)),
     ]
     for j, c in enumerate(q.companions):
