@@ -125,7 +125,7 @@ CASES = [
         "FILE:2:1: error: unknown word 'convret': did you mean 'convert'?\n"
         "    convret x = {p:path}.x\n"
         "    ^\n"
-        "  hint: expected 'alias', 'base_prefix', 'convert', 'doc', 'drop', 'include', 'model_types', 'rename', ...\n",
+        "  hint: expected 'alias', 'base_prefix', 'companion', 'convert', 'doc', 'drop', 'include', 'model_types', ...\n",
     ),
     Case(
         "swapped_letters",

@@ -139,7 +139,7 @@ CASES = [
         "FILE:2:1: error: unknown key 'rule' in the spec\n"
         "    rule:\n"
         "    ^\n"
-        "  hint: allowed keys: spec, doc, model_types, base_prefix, rules\n",
+        "  hint: allowed keys: spec, doc, model_types, base_prefix, quantization, rules\n",
     ),
     Case(
         "yaml_not_string",

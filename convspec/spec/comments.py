@@ -150,6 +150,9 @@ def _expr_comments(root: yaml.MappingNode) -> list[_Raw]:
     """Comments of the expression language inside YAML strings (`|` blocks may hold them): the
     emitter writes expressions without them, so they go above the expression's line."""
     out = []
+    section = next((v for k, v in root.value if k.value == "quantization"), None)
+    if isinstance(section, yaml.MappingNode):
+        out += _scalar_comments(v for k, v in section.value if k.value == "block")
     rules = next((v for k, v in root.value if k.value == "rules"), None)
     for item in rules.value if isinstance(rules, yaml.SequenceNode) else []:
         fields = {k.value: v for k, v in item.value}
@@ -162,11 +165,20 @@ def _expr_comments(root: yaml.MappingNode) -> list[_Raw]:
             for _, v in fields[key].value
         ]
         scalars += fields["ops"].value if "ops" in fields else []
-        for node in scalars:
-            for piece in node.value.split("\n"):
-                i = _comment_start(piece)
-                if i is not None:
-                    out.append(_Raw(node.start_mark.line + 1, piece[i:].rstrip(), False))
+        out += _scalar_comments(scalars)
+    return out
+
+
+def _scalar_comments(nodes) -> list[_Raw]:
+    """The expression comments inside these YAML scalars, each at its scalar's first line."""
+    out = []
+    for node in nodes:
+        if not isinstance(node, yaml.ScalarNode):
+            continue
+        for piece in node.value.split("\n"):
+            i = _comment_start(piece)
+            if i is not None:
+                out.append(_Raw(node.start_mark.line + 1, piece[i:].rstrip(), False))
     return out
 
 
@@ -181,12 +193,30 @@ def _yaml_slots(root: yaml.Node) -> list[tuple[Slot, int, int]]:
     slots: list[tuple[Slot, int, int]] = []
     for key, value in root.value:
         line = key.start_mark.line + 1
+        if key.value == "quantization" and isinstance(value, yaml.MappingNode):
+            slots.append((("quantization",), line, line))  # its keys have slots of their own
+            slots.extend(_yaml_quant_slots(value))
+            continue
         if key.value != "rules":
             slots.append(((key.value,), line, _last_line(value)))
             continue
         slots.append((("rules",), line, line))
         for i, item in enumerate(value.value):
             slots.extend(_yaml_rule_slots(i, item))
+    return slots
+
+
+def _yaml_quant_slots(section: yaml.MappingNode) -> list[tuple[Slot, int, int]]:
+    """One slot per key of `quantization:`, and one per weight of its `companions:`."""
+    slots: list[tuple[Slot, int, int]] = []
+    for key, value in section.value:
+        line = key.start_mark.line + 1
+        if key.value == "companions" and isinstance(value, yaml.MappingNode):
+            slots.append((("quantization", key.value), line, line))  # a comment below it: the companion's
+            slots.extend(
+                (("companion", j), k.start_mark.line + 1, _last_line(v))
+                for j, (k, v) in enumerate(value.value)
+            )
     return slots
 
 
@@ -253,10 +283,14 @@ def _dsl_slots(tree: Tree) -> list[tuple[Slot, int, int]]:
     slots: list[tuple[Slot, int, int]] = [(("spec",), header.meta.line, header.meta.end_line)]
     if header.children[1] is not None:
         slots.append((("doc",), header.meta.line, header.meta.end_line))
-    i = 0
+    i = companions = 0
     for st in statements:
-        if st.data in ("model_types", "doc", "base_prefix"):
+        if st.data in ("model_types", "doc", "base_prefix", "quantization"):
             slots.append(((st.data,), st.meta.line, st.meta.end_line))
+            continue
+        if st.data == "companion":
+            slots.append((("companion", companions), st.meta.line, st.meta.end_line))
+            companions += 1
             continue
         slots.extend(_dsl_rule_slots(i, st))
         i += 1

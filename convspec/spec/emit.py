@@ -29,6 +29,7 @@ from .model import (
     ListExpr,
     Neg,
     Num,
+    Quantization,
     Ref,
     Rename,
     Spec,
@@ -226,10 +227,50 @@ def to_yaml(spec: Spec, header: str = "", comments: Comments | None = None) -> s
         _Line(doc if spec.doc else None, (("doc",),), trail_first=folded),
         _Line(_flow_list("model_types: ", spec.model_types, 2), (("model_types",),)),
         _Line(f"base_prefix: {spec.base_prefix}" if spec.base_prefix else None, (("base_prefix",),)),
+        *_yaml_quantization(spec.quantization),
         _Line("rules:" if spec.rules else "rules: []", (("rules",),)),
     ]
     lines = top + [line for i, rule in enumerate(spec.rules) for line in _yaml_rule(i, rule)]
     return _render(lines, header, comments, footer_gap=False)
+
+
+def _yaml_quantization(q: Quantization | None) -> list[_Line]:
+    """`quantization:` with its scheme, block (a `[...]` list when it is one of numbers) and companions."""
+    if q is None:
+        return [_Line(None, (("quantization",),))]
+    block, folded = None, False
+    if q.block is not None:
+        numbers = isinstance(q.block, ListExpr) and all(isinstance(i, Num) for i in q.block.items)
+        block = "  block: " + (expr_text(q.block) if numbers else _q(expr_text(q.block)))
+        if len(block) > WIDTH and not numbers and expr_text(q.block).isprintable():
+            laid = _layout(q.block, 4, 4, STEP["yaml"])  # folded like a long `to:` expression
+            block, folded = "\n".join(["  block: >-", "    " + laid[0], *laid[1:]]), True
+    lines = [
+        _Line("quantization:", (("quantization",),)),
+        _Line(f"  scheme: {q.scheme}", (("quantization", "scheme"),)),
+        _Line(block, (("quantization", "block"),), trail_first=folded),
+        _Line("  companions:" if q.companions else None, (("quantization", "companions"),)),
+    ]
+    for j, c in enumerate(q.companions):
+        value = _q(c.companions[0]) if len(c.companions) == 1 else _flow_list("", c.companions, 6)
+        lines.append(_Line(f"    {_q(c.weight)}: {value}", (("companion", j),)))
+    return lines
+
+
+def _dsl_quantization(q: Quantization | None) -> list[_Line]:
+    """`quantization SCHEME [block EXPR]`, then one `companion WEIGHT -> COMPANION, ...` per weight."""
+    if q is None:
+        return [_Line(None, (("quantization",),))]
+    head = f"quantization {q.scheme}"
+    if q.block is not None:
+        head += " block "
+        head += "\n".join(_layout(q.block, len(head), 0, STEP["cspec"]))
+    slots = (("quantization",), ("quantization", "scheme"), ("quantization", "block"))
+    lines = [_Line(head, slots), _Line(None, (("quantization", "companions"),))]
+    for j, c in enumerate(q.companions):
+        text = _fill(f"companion {c.weight} -> ", c.companions, 4)
+        lines.append(_Line(text, (("companion", j),)))
+    return lines
 
 
 def _yaml_doc(doc: str) -> tuple[str, bool]:
@@ -326,6 +367,7 @@ def to_dsl(spec: Spec, header: str = "", comments: Comments | None = None) -> st
         _Line(f"doc {_dsl_string(spec.doc)}" if apart else None, (("doc",),) if apart else ()),
         _Line(_fill("model_types ", spec.model_types, 4) if spec.model_types else None, (("model_types",),)),
         _Line(f"base_prefix {spec.base_prefix}" if spec.base_prefix else None, (("base_prefix",),)),
+        *_dsl_quantization(spec.quantization),
         _Line(None, (("rules",),)),
     ]
     previous_long = True  # the header: a blank line always follows it

@@ -7,11 +7,13 @@ reading order and deep nesting is refused before the builder recurses into it.""
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from lark import Token, Transformer, Tree, UnexpectedInput, v_args
 from lark.exceptions import VisitError
 
-from ..errors import SpecError, SpecSyntaxError, SpecValidationError
+from ..errors import Span, SpecError, SpecSyntaxError, SpecValidationError
+from . import quant
 from .grammar import parser as _parser
 from .lexicon import is_dotted_prefix
 from .model import (
@@ -30,6 +32,7 @@ from .model import (
     Neg,
     Num,
     Output,
+    Quantization,
     Ref,
     Rename,
     Spec,
@@ -122,7 +125,7 @@ class _TemplateBuilder(Transformer):
             )
         offset = 0
         if offset_tok is not None:
-            offset = _int64(str(offset_tok), str(offset_tok), "offset", self.where.span(1, offset_tok.column))
+            offset = int64(str(offset_tok), str(offset_tok), "offset", self.where.span(1, offset_tok.column))
         return Cap(name=str(name_tok), type=ctype, offset=offset, span=span)
 
 
@@ -172,7 +175,7 @@ def _check_expr(node: Tree, where: Source | Embedded, depth: int = 0) -> None:
         return
     if node.data == "number":
         text = str(node.children[0])
-        _int64(text.split(".")[0], text, "number", _span(where, node))
+        int64(text.split(".")[0], text, "number", _span(where, node))
     for child in node.children:
         if isinstance(child, Tree):
             _check_expr(child, where, depth + 1)
@@ -253,7 +256,7 @@ class _ExprBuilder(Transformer):
         return Call(op=str(name), args=pos, kwargs=kws, span=self._span(meta))
 
 
-def _int64(digits: str, literal: str, what: str, span) -> int:
+def int64(digits: str, literal: str, what: str, span) -> int:
     """A literal's decimal digits as an int, refused past 64 bits before int() meets thousands of them."""
     if len(digits.lstrip("+-").lstrip("0")) > 20 or int(digits).bit_length() > MAX_INT_BITS:
         shown = literal if len(literal) <= 24 else f"{literal[:20]}... ({len(literal)} characters)"
@@ -287,6 +290,11 @@ def _guard_expressions(tree: Tree, source: Source) -> None:
     as an `invalid_expr` node: the builder raises its error where the expression stands, so errors
     still come in reading order (a bad target template before a bad expression after it)."""
     for statement in tree.children[1:]:
+        if statement.data == "quantization" and statement.children[1] is not None:
+            try:
+                _check_expr(statement.children[1], source)
+            except SpecError as exc:
+                statement.children[1] = Tree("invalid_expr", [exc])
         for part in statement.children if statement.data == "convert" else ():
             if part.data == "binding":
                 continue
@@ -327,6 +335,18 @@ class _DslBuilder(_ExprBuilder):
 
     def base_prefix(self, meta, children) -> tuple[str, str]:
         return "base_prefix", str(children[0])
+
+    def quantization(self, meta, children) -> _Quant:
+        scheme, block = children
+        span = self._span(meta)
+        block_span = block.span if block is not None else None
+        return _Quant(quant.check_scheme(str(scheme), _span(self.source, scheme)), block, block_span, span)
+
+    def companion(self, meta, children) -> _Companions:
+        weight, *comps = children
+        for t, what in [(weight, "weight template")] + [(c, "companion template") for c in comps]:
+            quant.check_template(t, what)  # here, so its error comes before those of later statements
+        return _Companions(weight, comps, self._span(meta))
 
     def rename(self, meta, children, one_way: bool = False) -> Rename:
         source, target, unless = children
@@ -394,10 +414,54 @@ class _DslBuilder(_ExprBuilder):
         (name, doc), *statements = children
         fields = {"doc": doc, "model_types": [], "base_prefix": ""}
         rules = []
+        head: _Quant | None = None
+        entries: list[_Companions] = []
         for st in statements:
-            if isinstance(st, tuple):
+            if isinstance(st, _Quant):
+                if head is not None:
+                    raise SpecValidationError(
+                        "a second 'quantization' statement",
+                        span=st.span,
+                        hint=f"a spec has one quantization section (the first is at line {head.span.line})",
+                    )
+                head = st
+            elif isinstance(st, _Companions):
+                entries.append(st)
+            elif isinstance(st, tuple):
                 key, value = st
                 fields[key] = fields[key] + value if key == "model_types" else value
             else:
                 rules.append(st)
+        fields["quantization"] = _quantization(head, entries)
         return Spec(name=name, **fields, rules=rules, file=self.source.file, span=self._span(meta))
+
+
+class _Quant(NamedTuple):
+    """A `quantization SCHEME [block EXPR]` statement, until the spec gathers its companions."""
+
+    scheme: str
+    block: Expr | None
+    block_span: Span | None
+    span: Span
+
+
+class _Companions(NamedTuple):
+    """A `companion WEIGHT -> COMPANION, ...` statement."""
+
+    weight: Template
+    companions: list[Template]
+    span: Span
+
+
+def _quantization(head: _Quant | None, entries: list[_Companions]) -> Quantization | None:
+    """The section of a `quantization` statement and the `companion` statements, wherever they stand."""
+    if head is None:
+        if entries:
+            raise SpecValidationError(
+                "a 'companion' statement without a 'quantization' statement",
+                span=entries[0].span,
+                hint="declare the scheme first, e.g. quantization fp8_blocks",
+            )
+        return None
+    parts = [(e.weight, e.companions, e.span) for e in entries]
+    return quant.build(head.scheme, head.block, head.block_span, parts, head.span)

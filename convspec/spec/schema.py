@@ -151,6 +151,44 @@ class ConvertRule(_Surface):
 
 Rule = RenameRule | AliasRule | DropRule | IncludeRule | ConvertRule
 
+# quant.py: `{w}` first, then literal key text (no other capture, no type, no offset).
+QUANT_TEMPLATE_PATTERN = r"^\{w\}[^{}\s]*$"
+QuantTemplate = Annotated[str, StringConstraints(pattern=QUANT_TEMPLATE_PATTERN)]
+BlockSize = Annotated[int, Field(ge=1)]
+
+
+class QuantizationSection(_Surface):
+    """`quantization:`: a scheme, an optional block shape (fp8_blocks only) and companions by template."""
+
+    model_config = ConfigDict(
+        title="quantization",
+        json_schema_extra={
+            "description": "How the checkpoint's quantized weights are stored: the scheme, the block "
+            "shape, and the tensors stored beside each weight (its companions).",
+            # quant.py: a block shape belongs to fp8_blocks alone.
+            "if": {"required": ["block"]},
+            "then": {"properties": {"scheme": {"const": "fp8_blocks"}}},
+        },
+    )
+    scheme: Literal["fp8_blocks", "mxfp4", "fp8_tensor"] = Field(
+        description="fp8_blocks: FP8 weights with a scale per block (DeepSeek-V3's weight_scale_inv); "
+        "mxfp4: packed 4-bit blocks with their scales (gpt-oss); fp8_tensor: FP8 weights with "
+        "per-tensor scales (compressed-tensors' weight_scale, input_scale).",
+    )
+    block: Expr | Annotated[list[BlockSize], Field(min_length=2, max_length=2)] | None = Field(
+        None,
+        description="fp8_blocks only: the block shape [rows, cols], as a list of numbers or an "
+        "expression, e.g. config.quantization_config.weight_block_size ?? [128, 128].",
+    )
+    companions: (
+        dict[QuantTemplate, QuantTemplate | Annotated[list[QuantTemplate], Field(min_length=1)]] | None
+    ) = Field(
+        None,
+        description='Weight template -> its companion template, or a list of them: "{w}": "{w}_scale_inv", '
+        '"{w}.weight": ["{w}.weight_scale", "{w}.input_scale"]. Each template is {w} then literal '
+        "key text.",
+    )
+
 
 class SpecFile(_Surface):
     """The top level of a YAML spec: the root the schema validates."""
@@ -171,6 +209,10 @@ class SpecFile(_Surface):
         None,
         description="The base model's attribute name in full-model keys (transformers' "
         "base_model_prefix), e.g. model.",
+    )
+    quantization: QuantizationSection | None = Field(
+        None,
+        description="How quantized weights and their scales are stored (FP8 blocks, MXFP4, per-tensor FP8).",
     )
     rules: list[Rule] = Field(
         [],

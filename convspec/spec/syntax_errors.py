@@ -111,7 +111,18 @@ _OUTPUT = (
     "each output of a convert is a line '-> TARGETS = EXPR' or '-> TARGETS ops [CALLS]'; "
     "a convert's inputs are separated by ','"
 )
-_STATEMENTS = ("rename", "alias", "convert", "drop", "include", "doc", "model_types", "base_prefix")
+_STATEMENTS = (
+    "rename",
+    "alias",
+    "convert",
+    "drop",
+    "include",
+    "doc",
+    "model_types",
+    "base_prefix",
+    "quantization",
+    "companion",
+)
 
 # mistake -> bad `.cspec` texts that show it; an error in the same parser state at the same kind of
 # token is that mistake. The forms the tests pin to their general message (`=>` for `->` in a
@@ -123,6 +134,12 @@ EXAMPLES: dict[str, list[str]] = {
         "spec s\nalias {p:path}.a {p}.b\n",
         "spec s\nrename a\n",
         *(f"spec s\nrename a\n{kw} x\n" for kw in _STATEMENTS),
+    ],
+    "companion_no_arrow": [
+        "spec s\nquantization q\ncompanion a b\n",
+        "spec s\nquantization q\ncompanion a = b\n",
+        "spec s\nquantization q\ncompanion a\n",
+        *(f"spec s\nquantization q\ncompanion a\n{kw} x\n" for kw in _STATEMENTS),
     ],
     "output_arrow": [
         "spec s\nconvert x = a\n = b = x\n",
@@ -248,6 +265,15 @@ def _rename_no_arrow(exc: UnexpectedToken) -> tuple[str, str] | None:
     return f"missing '->' before {exc.token.value!r}", _REWRITE
 
 
+def _companion_no_arrow(exc: UnexpectedToken) -> tuple[str, str] | None:
+    if not _accepts(exc, "->"):
+        return None
+    hint = "write it as: companion WEIGHT -> COMPANION, ... (e.g. companion {w} -> {w}_scale_inv)"
+    if _next_statement(exc.token):
+        return "the companion statement before this point has no '->' and no companion", hint
+    return f"missing '->' before {exc.token.value!r} in a companion statement", hint
+
+
 def _output_arrow(exc: UnexpectedToken) -> tuple[str, str] | None:
     if exc.token.value not in ("=", "=>") or not _after_inputs(exc):
         return None  # template text that merely starts with them, or an `=` inside a call
@@ -289,6 +315,7 @@ def _between_arguments(exc: UnexpectedToken) -> tuple[str, str] | None:
 _MESSAGES: dict[str, Callable[[UnexpectedToken], tuple[str, str] | None]] = {
     "rename_equals": _rename_equals,
     "rename_no_arrow": _rename_no_arrow,
+    "companion_no_arrow": _companion_no_arrow,
     "output_arrow": _output_arrow,
     "output_no_arrow": _output_no_arrow,
     "output_no_body": lambda exc: (

@@ -8,9 +8,10 @@ from __future__ import annotations
 import yaml
 
 from ..errors import SpecError, SpecSyntaxError, SpecValidationError
+from . import quant
 from .lexicon import is_dotted_prefix
-from .model import Binding, Convert, Drop, Include, Let, Output, Rename, Spec
-from .parse import MAX_SPEC_CHARS, parse_expr, parse_template
+from .model import Binding, Convert, Drop, Include, Let, ListExpr, Num, Output, Quantization, Rename, Spec
+from .parse import MAX_SPEC_CHARS, int64, parse_expr, parse_template
 from .source import Embedded, Source
 
 MAX_YAML_NODES = 200_000
@@ -22,7 +23,8 @@ _PLAIN_TAGS = {  # the tags plain YAML resolves to: anything else was written as
     yaml.SequenceNode: ("tag:yaml.org,2002:seq",),
 }
 
-TOP_KEYS = ("spec", "doc", "model_types", "base_prefix", "rules")
+TOP_KEYS = ("spec", "doc", "model_types", "base_prefix", "quantization", "rules")
+QUANT_KEYS = ("scheme", "block", "companions")
 RULE_KEYS = {
     "rename": ("rename", "to", "unless"),
     "alias": ("alias", "to", "unless"),
@@ -195,6 +197,7 @@ class _YamlBuilder:
                     span=self.span(node),
                     hint="the base model's attribute name, e.g. model",
                 )
+        quantization = self.quantization(fields["quantization"][1]) if "quantization" in fields else None
         rules = []
         if "rules" in fields:
             for item in self.sequence(fields["rules"][1], "'rules'"):
@@ -204,10 +207,54 @@ class _YamlBuilder:
             doc=doc,
             model_types=model_types,
             base_prefix=base_prefix,
+            quantization=quantization,
             rules=rules,
             file=self.source.file,
             span=self.span(root),
         )
+
+    def quantization(self, node: yaml.Node) -> Quantization:
+        """`quantization:` with `scheme:`, an optional `block:` and `companions:` (weight -> companion(s))."""
+        what = "'quantization'"
+        fields = {key: (k, v) for k, key, v in self.mapping(node, what, QUANT_KEYS)}
+        if "scheme" not in fields:
+            raise SpecValidationError(
+                "'quantization' needs 'scheme:'",
+                span=self.span(node),
+                hint=f"add 'scheme: NAME', one of: {', '.join(quant.SCHEMES)}",
+            )
+        scheme_node = fields["scheme"][1]
+        scheme = quant.check_scheme(self.string(scheme_node, "'scheme'"), self.span(scheme_node))
+        block, block_span = None, None
+        if "block" in fields:
+            block_node = fields["block"][1]
+            block_span = self.span(block_node)
+            if isinstance(block_node, yaml.SequenceNode):
+                block = self.block_list(block_node)
+            else:
+                block = self.expr(block_node, "'block' (an expression or a list of numbers)")
+        entries = []
+        if "companions" in fields:
+            for k, _, v in self.mapping(fields["companions"][1], "'companions' (weight -> companions)"):
+                items = [v] if isinstance(v, yaml.ScalarNode) else self.sequence(v, "a weight's companions")
+                comps = [self.template(c, "a companion template") for c in items]
+                entries.append((self.template(k, "a weight template"), comps, self.span(k)))
+        return quant.build(scheme, block, block_span, entries, self.span(node))
+
+    def block_list(self, node: yaml.SequenceNode) -> ListExpr:
+        """`block: [128, 128]`: the same IR as the expression `[128, 128]`."""
+        items = []
+        for item in self.sequence(node, "'block'"):
+            self._count(item)
+            digits = item.value if isinstance(item, yaml.ScalarNode) else ""
+            if item.tag != "tag:yaml.org,2002:int" or not digits.isascii() or not digits.isdigit():
+                raise SpecValidationError(
+                    "a block shape is a list of whole numbers such as [128, 128], or an expression",
+                    span=self.span(item),
+                    hint="e.g. block: [128, 128], or block: config.quantization_config.weight_block_size",
+                )
+            items.append(Num(value=int64(digits, digits, "number", self.span(item)), span=self.span(item)))
+        return ListExpr(items=items, span=self.span(node))
 
     def rule(self, node: yaml.Node):
         self._count(node)
