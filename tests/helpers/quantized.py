@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,35 +127,29 @@ def _config(model_type: str, arch: str, quantization: dict, **kwargs) -> dict:
     return config
 
 
-def _published_bf16(config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded bf16 weights under the keys the published checkpoint uses: transformers' model built on the
-    meta device gives every name and shape; its fused experts (`mlp.experts.gate_up_proj` `[E, 2I, H]`,
-    `down_proj` `[E, H, I]`) are written per expert, as DeepSeek-V3 and Qwen3-MoE publish them."""
-    import transformers
-
-    cfg = transformers.AutoConfig.for_model(config["model_type"], **_config_kwargs(config))
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
-    g, sd = torch.Generator().manual_seed(seed), {}
+def _published_bf16(config: dict, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Seeded bf16 weights under the keys the published checkpoint uses, one at a time: transformers'
+    model built on the meta device gives every name and shape; its fused experts (`mlp.experts.gate_up_proj`
+    `[E, 2I, H]`, `down_proj` `[E, H, I]`) are written per expert, as DeepSeek-V3 and Qwen3-MoE publish them."""
+    g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.5).to(torch.bfloat16)
 
-    for name, p in model.state_dict().items():
+    for name, p in _meta_state(config).items():
         if name.endswith("mlp.experts.gate_up_proj"):
             base, (e, two_i, h) = name.removesuffix("gate_up_proj"), p.shape
             for i in range(e):
-                sd[f"{base}{i}.gate_proj.weight"] = rand(two_i // 2, h)
-                sd[f"{base}{i}.up_proj.weight"] = rand(two_i // 2, h)
+                yield f"{base}{i}.gate_proj.weight", rand(two_i // 2, h)
+                yield f"{base}{i}.up_proj.weight", rand(two_i // 2, h)
         elif name.endswith("mlp.experts.down_proj"):
             base = name.removesuffix("down_proj")
             for i in range(p.shape[0]):
-                sd[f"{base}{i}.down_proj.weight"] = rand(*p.shape[1:])
+                yield f"{base}{i}.down_proj.weight", rand(*p.shape[1:])
         elif name.endswith("e_score_correction_bias"):
-            sd[name] = torch.randn(*p.shape, generator=g)  # float32, as DeepSeek-V3 publishes it
+            yield name, torch.randn(*p.shape, generator=g)  # float32, as DeepSeek-V3 publishes it
         else:
-            sd[name] = rand(*p.shape)
-    return sd
+            yield name, rand(*p.shape)
 
 
 def _config_kwargs(config: dict) -> dict:
@@ -166,11 +161,15 @@ def _config_kwargs(config: dict) -> dict:
 _KEEP_BF16 = re.compile(r"(embed_tokens|lm_head|mlp\.gate|mlp\.router)\.weight$")
 
 
-def _write_block_fp8(out: Path, config: dict, seed: int, block: int, files: int) -> Written:
-    """Quantize every 2-D weight but the kept ones to block FP8 with a `weight_scale_inv` beside it."""
-    originals = _published_bf16(config, seed)
-    written = Written(out, config, originals=originals)
-    for name, w in originals.items():
+def _write_block_fp8(
+    out: Path, config: dict, seed: int, block: int, files: int, keep: bool = True
+) -> Written:
+    """Quantize every 2-D weight but the kept ones to block FP8 with a `weight_scale_inv` beside it; with
+    `keep=False` the originals and dequantized values are not kept (a checkpoint of gigabytes)."""
+    written = Written(out, config)
+    for name, w in _published_bf16(config, seed):
+        if keep:
+            written.originals[name] = w
         if w.ndim != 2 or _KEEP_BF16.search(name):
             written.tensors[name] = w
             continue
@@ -178,7 +177,8 @@ def _write_block_fp8(out: Path, config: dict, seed: int, block: int, files: int)
         companion = f"{name}_scale_inv"
         written.tensors[name], written.tensors[companion] = q, scale
         written.scales[companion] = scale
-        written.dequantized[name] = dequantize_fp8_block(q, scale, (block, block))
+        if keep:
+            written.dequantized[name] = dequantize_fp8_block(q, scale, (block, block))
     write_safetensors(out, written.tensors, config, files)
     return written
 
@@ -192,23 +192,29 @@ def write_deepseek_v3_fp8(
     qk_rope_head_dim: int = 8,
     seed: int = 0,
     files: int = 1,
+    keep: bool = True,
+    **sizes: int,
 ) -> Written:
     """DeepSeek-V3 as deepseek-ai publishes it: per-expert `mlp.experts.E.{gate,up,down}_proj.weight` and
     every attention/MLP linear float8_e4m3fn with a float32 `weight_scale_inv` (grid ceil(dim / block));
     embeddings, head, norms and router bf16, `e_score_correction_bias` float32; layer 0 dense.
     `kv_a_proj_with_mqa` has kv_lora_rank + qk_rope_head_dim rows (40 by default: 2.5 blocks of 16, as
-    the real 576 are 4.5 blocks of 128). The published MTP layer (model.layers.61) is left out."""
-    hidden = 2 * block
+    the real 576 are 4.5 blocks of 128). The published MTP layer (model.layers.61) is left out.
+    `sizes` override the config's other dims (hidden_size=2048, ... for a benchmark's checkpoint of
+    gigabytes, with `keep=False`)."""
     quant = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"}
     quant["weight_block_size"] = [block, block]
-    config = _config(
-        "deepseek_v3", "DeepseekV3ForCausalLM", quant, vocab_size=4 * block, hidden_size=hidden,
-        intermediate_size=3 * block, moe_intermediate_size=block, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=experts, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=kv_lora_rank,
-        q_lora_rank=2 * block, qk_rope_head_dim=qk_rope_head_dim, qk_nope_head_dim=block, v_head_dim=block,
+    dims = dict(
+        vocab_size=4 * block, hidden_size=2 * block, intermediate_size=3 * block, moe_intermediate_size=block,
+        num_attention_heads=2, num_key_value_heads=2, q_lora_rank=2 * block, qk_nope_head_dim=block,
+        v_head_dim=block,
     )  # fmt: skip
-    return _write_block_fp8(out, config, seed, block, files)
+    config = _config(
+        "deepseek_v3", "DeepseekV3ForCausalLM", quant, **(dims | sizes), num_hidden_layers=layers,
+        n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=qk_rope_head_dim,
+    )  # fmt: skip
+    return _write_block_fp8(out, config, seed, block, files, keep)
 
 
 def write_qwen3_moe_fp8(
