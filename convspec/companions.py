@@ -11,6 +11,8 @@ from .ops import TensorInfo
 from .quantization import SCHEMES, Quant
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .compile.plan import Plan, PlanRule
 
 MAX_SHOWN = 5  # problems of one kind listed before "and N more"
@@ -206,6 +208,25 @@ def passthrough_pairs(q: Quant, layout: dict[str, TensorInfo], passthrough: dict
         out = form.stem(dst)
         if scale in passthrough and out is not None:
             yield key, scale, out
+
+
+def drop_quantization_config(path: Path, dtype: str) -> None:
+    """The config.json of a dequantized output: no `quantization_config` (a loader would take the
+    floats for quantized weights), its dtype the one the weights were dequantized to."""
+    import json
+
+    from .io.sidefile import MAX_CONFIG_BYTES, load_json
+
+    if not path.is_file():
+        return
+    config = load_json(path, MAX_CONFIG_BYTES, what="config")
+    if not isinstance(config, dict) or "quantization_config" not in config:
+        return
+    config.pop("quantization_config")
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = dtype
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 __all__ = ["Blocks", "check_group", "expected_grid", "layout_problems", "unclaimed_scales"]

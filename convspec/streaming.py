@@ -238,6 +238,10 @@ def convert_checkpoint(
 
         def finish(tmp: Path) -> None:
             ckpt.copy_side_files(tmp)
+            if plan.quant is not None and plan.quant.dequantize is not None:
+                from .companions import drop_quantization_config
+
+                drop_quantization_config(tmp / "config.json", plan.quant.dequantize)
             from . import manifest as hashes
 
             (tmp / hashes.MANIFEST).unlink(missing_ok=True)  # the source's own would not describe this output
