@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("key")
     _checkpoint_flags(ex, "bind to a checkpoint: the real group and shapes")
     ex.add_argument("--reverse", action="store_true", help="explain the key through the inverse plan")
+    ex.add_argument(
+        "--dequantize", action="store_true", help="explain the key through the plan that dequantizes"
+    )
     _json_flag(ex)
     f = sub.add_parser("fmt", help="format spec files canonically, or translate between YAML and .cspec")
     f.add_argument("specs", nargs="+", metavar="SPEC", help="spec files (.yaml, .yml, .cspec)")

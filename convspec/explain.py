@@ -8,11 +8,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .bind import as_infos
+from .companions import _owner
 from .compile.patterns import OffsetError, Pattern
 from .compile.plan import Plan, PlanRule
 from .errors import ConvspecError, NotInvertibleError
 from .interpret import GroupError, index_order, infer_group
 from .ops import TensorInfo
+from .quantization import Quant
 from .routing import route_all
 from .style import PLAIN, Style, table
 
@@ -66,6 +68,46 @@ class Output:
     info: TensorInfo | None = None
 
 
+@dataclass(frozen=True)
+class Quantized:
+    """What the plan's quantization makes of the key: a companion of `weight` (`role` names which), or
+    a quantized weight (`role` "weight") of `dtype` with its scale `scale`."""
+
+    quant: Quant
+    role: str  # weight | scale | input_scale | ... (a companion's name, its suffix)
+    weight: str
+    scale: str | None = None
+    dtype: str | None = None
+    passes: bool = False  # a companion no rule claims: it goes (or is dequantized) with its weight
+
+    def to_dict(self) -> dict:
+        q = self.quant
+        return {
+            "scheme": q.scheme,
+            "block": list(q.block) if q.block else None,
+            "dequantize": q.dequantize,
+            "role": self.role,
+            "weight": self.weight,
+            "scale": self.scale,
+            "dtype": self.dtype,
+            "passes": self.passes,
+        }
+
+    def text(self, s: Style = PLAIN) -> str:
+        q = self.quant
+        if self.role == "weight":
+            scale = f"its scale {s.key(self.scale)}"
+            tail = f"; dequantized to {q.dequantize}" if q.dequantize else ""
+            return f"{s.bold('quantized')}: {self.dtype}, {scale}{tail}"
+        how = f", blocks of {list(q.block)}" if q.block else ""
+        head = f"{s.bold('companion')}: the {self.role} of {s.key(self.weight)} ({q.scheme}{how})"
+        if not self.passes:
+            return head
+        if q.dequantize and self.role == "scale":
+            return f"{head}: dequantized with its weight (to {q.dequantize})"
+        return f"{head}: passes through with its weight"
+
+
 @dataclass
 class Explanation:
     """Everything `explain` found about one key; `explanation_text` and `to_dict` only render it."""
@@ -87,6 +129,7 @@ class Explanation:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    quant: Quantized | None = None  # the key as a companion or a quantized weight, when the plan has one
 
     @property
     def group_name(self) -> str:
@@ -144,6 +187,7 @@ class Explanation:
                 }
                 for o in self.outputs
             ],
+            "quantization": None if self.quant is None else self.quant.to_dict(),
             "notes": self.notes,
             "problems": self.problems,
         }
@@ -157,6 +201,7 @@ def explain(plan: Plan, key: str, layout: dict | None = None) -> Explanation:
         raise _not_found(plan, key, infos)
     steps, final, hit, error = _walk(plan, key)
     e = Explanation(plan, key, steps, final, bound=infos is not None, info=infos[key] if infos else None)
+    e.quant = _quantized(plan.quant, key, hit is None and error is None, infos)
     if error is not None:
         e.claim, e.error = "error", error
         return e
@@ -179,6 +224,23 @@ def explain(plan: Plan, key: str, layout: dict | None = None) -> Explanation:
     else:
         _bind_group(e, infos)
     return e
+
+
+def _quantized(q: Quant | None, key: str, passes: bool, infos: dict | None) -> Quantized | None:
+    """The key as the plan's quantization sees it: a companion (any key its templates name), or, with a
+    layout, a weight of the scheme's dtype."""
+    if q is None:
+        return None
+    owner = _owner(q, key)
+    if owner is not None:
+        weight, role = owner
+        companion = next(c for f in q.forms for c in f.companions if c and key.endswith(c))
+        name = "scale" if role == 0 else companion.lstrip("._")
+        return Quantized(q, name, weight, q.scale_of(weight), passes=passes)
+    info = None if infos is None else infos[key]
+    if info is None or info.dtype not in q.kind.weight_dtypes or q.form_of(key) is None:
+        return None
+    return Quantized(q, "weight", key, q.scale_of(key), info.dtype)
 
 
 def _walk(
@@ -314,6 +376,7 @@ def explanation_text(e: Explanation, style: Style = PLAIN) -> str:
     s = style
     through = f"the inverse of spec {e.plan.name}" if e.plan.is_inverse else f"spec {e.plan.name}"
     lines = [f"{s.key(e.key)} through {s.bold(through)}" + (f"  {_show(e.info)}" if e.info else "")]
+    lines += [e.quant.text(s)] if e.quant is not None else []
     lines += ["", s.bold("renames:")]
     lines += [ln for r in e.renames for ln in _rename_lines(r, s)] or ["  none"]
     lines.append("")
