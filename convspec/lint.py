@@ -12,13 +12,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import api
-from .compile.compiler import bounded_automata, compile_all
+from .compile.compiler import _dequantizes, bounded_automata, compile_all
 from .compile.patterns import OffsetError, Pattern, Unknown, _matches, meet, witness
 from .compile.plan import Plan
 from .errors import BindError, CompileError, ConfigError, Diagnostic, Span, SpecError
 from .io.config import load_config
 from .keyshapes import compact_keys
 from .ops import OPS, NotInvertible
+from .ops.quant import Dequantize
+from .quantization import Quant
 from .style import PLAIN, Style
 
 
@@ -53,6 +55,18 @@ RULES: dict[str, LintRule] = {
             "not-undone",
             "warning",
             "saving back would not undo a rule (the inverse takes its keys elsewhere)",
+        ),
+        LintRule(
+            "W208",
+            "companion-by-hand",
+            "warning",
+            "a convert binds a quantized weight's companion: the compiler derives every companion's ops",
+        ),
+        LintRule(
+            "W209",
+            "dequantizes",
+            "warning",
+            "a convert dequantizes a weight itself: the plan cannot save back",
         ),
         LintRule("I301", "unclaimed-keys", "info", "checkpoint keys no rule claims (they pass through)"),
     )
@@ -167,9 +181,10 @@ def check_spec(
     state = compile_all(parsed, load_config(config), api._resolver(parsed))
     findings += [_from_diagnostic(d) for d in state.diagnostics]  # every one, overlaps (E101) included
     plan, flat, origins = state.plan, state.flat, state.origins
+    lines = _lines(flat)
+    findings += _by_hand(state.quant, flat, origins)  # needs no plan: it explains why one failed
     if plan is None:  # a rule failed: the analyses below need every rule
-        return _finish(report, findings, select, ignore, {})
-    lines = {i: r.span for i, r in enumerate(flat)}
+        return _finish(report, findings, select, ignore, lines)
     try:
         with bounded_automata(flat):  # the analyses compare templates pairwise: their cost is bounded
             analysis = _Analysis(plan, flat, origins)
@@ -204,7 +219,17 @@ def _finish(report: Report, findings: list[Finding], select, ignore, spans) -> R
     return report
 
 
-def _suppressed(f: Finding, spans: dict[int, Span | None]) -> bool:
+def _lines(flat: list) -> dict:
+    """Where each rule, and each input and output of a convert, was written: a `# noqa` on any of
+    those lines silences the findings placed there."""
+    spans: dict = {i: r.span for i, r in enumerate(flat)}
+    for i, r in enumerate(flat):
+        parts = [*r.inputs, *r.outputs] if getattr(r, "kind", "") == "convert" else []
+        spans.update({(i, j): p.span for j, p in enumerate(parts)})
+    return spans
+
+
+def _suppressed(f: Finding, spans: dict) -> bool:
     """A `# noqa` or `# noqa: W201` comment on the finding's line silences it."""
     text = next(
         (s.text for s in spans.values() if s is not None and s.file == f.file and s.line == f.line), None
@@ -214,6 +239,29 @@ def _suppressed(f: Finding, spans: dict[int, Span | None]) -> bool:
         return False
     codes = m.group("codes")
     return codes is None or f.code in {c.strip().upper() for c in codes.split(",")}
+
+
+def _by_hand(q: Quant | None, flat: list, origins: list) -> list[Finding]:
+    """W208: the spec's own converts that bind a companion (a scale) as an input and do not dequantize:
+    the compiler binds each weight's companions beside it and derives their ops, so a rule of its own
+    for a scale writes its targets twice (or claims the keys the weight's rule binds)."""
+    out = []
+    for i, rule in enumerate(flat):
+        if q is None or origins[i] or getattr(rule, "kind", "") != "convert" or _dequantizes(rule):
+            continue
+        for b in rule.inputs:
+            if q.is_companion(b.template.text):
+                out.append(
+                    _at(
+                        "W208",
+                        b.span or rule.span,
+                        f"rule {i + 1} binds input {b.name} = {b.template.text}, a companion of the "
+                        f"{q.scheme} quantization: the compiler binds it beside its weight and derives its "
+                        "ops already, so the rule writes its targets twice",
+                        "drop the input: companions follow their weights (docs/quantization.md)",
+                    )
+                )
+    return out
 
 
 def _from_diagnostic(d: Diagnostic) -> Finding:
@@ -423,9 +471,23 @@ class _Analysis:
                         "add `# noqa: W204` to the rule's line if the loss is intended",
                     )
                 )
+            dequantizing = [n for n in rule.nodes if isinstance(OPS[n.op], Dequantize)]
+            if dequantizing:  # the more specific W209 says it, once for the rule
+                node = dequantizing[0]
+                out.append(
+                    _where(
+                        "W209",
+                        node.where,
+                        f"rule {i + 1} dequantizes ({node}): the plan cannot save back",
+                        "keep the weights quantized (their scales follow them) and dequantize at load time "
+                        "with --dequantize / dequantize=True",
+                    )
+                )
             for node in rule.nodes:
                 op, params = OPS[node.op], dict(node.params)
                 reason = op.loses(params)
+                if reason is not None and dequantizing:  # W209 said it
+                    continue
                 if reason is not None:  # it inverts, but not exactly
                     out.append(_where("W204", node.where, f"rule {i + 1}: {node}: {reason}"))
                     continue

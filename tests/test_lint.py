@@ -301,6 +301,138 @@ def test_a_key_already_in_the_target_layout_is_counted_not_warned_about():
     assert "1 unclaimed (1 of them in the target layout already)" in report.text()
 
 
+QUANT = "quantization:\n  scheme: fp8_blocks\n  block: [16, 16]\n"
+GATE = '      gate: "{p:path}.experts.{e:int}.gate_proj.weight"\n'
+GATE_SCALE = '      gs: "{p:path}.experts.{e:int}.gate_proj.weight_scale_inv"'
+SCALE_RULE = (
+    "  - convert:\n" + GATE_SCALE + "NOQA\n    to:\n" + '      "{p}.experts.g_scale_inv": stack(gs, over=e)\n'
+)
+WEIGHT_RULE = "  - convert:\n" + GATE + '    to:\n      "{p}.experts.g": stack(gate, over=e)\n'
+CSPEC_SCALE = (
+    "spec t\nquantization fp8_blocks block [16, 16]\n\n"
+    "convert gate = {p:path}.experts.{e:int}.gate_proj.weight -> {p}.experts.g = stack(gate, over=e)\n"
+    "convert gs = {p:path}.experts.{e:int}.gate_proj.weight_scale_inv"
+    " -> {p}.experts.g_scale_inv = stack(gs, over=e)NOQA\n"
+)
+
+
+def quant_spec(tmp_path: Path, rules: str, name: str = "q.yaml", quant: str = QUANT) -> str:
+    path = tmp_path / name
+    path.write_text("spec: t\n" + quant + "rules:\n" + rules)
+    return str(path)
+
+
+@pytest.mark.parametrize("syntax", ["yaml", "cspec"])
+def test_W208_a_convert_that_binds_a_scale_by_hand(tmp_path, syntax):
+    if syntax == "yaml":
+        path = quant_spec(tmp_path, WEIGHT_RULE + SCALE_RULE.replace("NOQA", ""))
+        line, col = 11, 7
+    else:
+        path = tmp_path / "q.cspec"
+        path.write_text(CSPEC_SCALE.replace("NOQA", ""))
+        path, line, col = str(path), 5, 9
+    report = check_spec(path)
+    f = only(report, "W208")
+    assert f.message.startswith(
+        "rule 2 binds input gs = {p:path}.experts.{e:int}.gate_proj.weight_scale_inv, a companion of the "
+        "fp8_blocks quantization"
+    )
+    assert f.hint == "drop the input: companions follow their weights (docs/quantization.md)"
+    assert (f.line, f.col, f.severity) == (line, col, "warning")
+    assert "E101" in codes(report)  # the weight's rule binds the same scales already
+
+
+def test_W208_when_the_scale_rule_is_the_weight_rule_the_plan_fails_and_W208_says_why(tmp_path):
+    rule = "  - convert:\n" + GATE + GATE_SCALE + '\n    to:\n      "{p}.experts.g": stack(gate, over=e)\n'
+    rule += '      "{p}.experts.g_scale_inv": stack(gs, over=e)\n'
+    report = check_spec(quant_spec(tmp_path, rule))
+    assert codes(report) == ["E002", "W208"]
+    assert "written twice" in report.findings[0].message
+
+
+def test_W208_needs_a_quantization_from_the_spec_an_include_or_the_config(tmp_path):
+    rules = SCALE_RULE.replace("NOQA", "")
+    assert "W208" not in codes(check_spec(quant_spec(tmp_path, rules, quant="")))  # no quantization
+    quant_spec(tmp_path, '  - drop: "{p:path}.unused"\n', name="base.yaml")
+    included = quant_spec(tmp_path, "  - include: base\n" + rules, name="inc.yaml", quant="")
+    assert only(check_spec(included), "W208").line == 5
+    fp8 = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+    plain = quant_spec(tmp_path, rules, name="plain.yaml", quant="")
+    assert only(check_spec(plain, config=fp8), "W208").line == 4
+
+
+def test_W208_a_rule_that_dequantizes_may_bind_its_scales(tmp_path):
+    rule = "  - convert:\n" + GATE + GATE_SCALE + "\n    to:\n"
+    rule += '      "{p}.experts.g": stack(dequant_fp8(gate, gs), over=e)\n'
+    assert codes(check_spec(quant_spec(tmp_path, rule))) == ["W209"]
+
+
+def test_W208_against_a_quantized_checkpoint_takes_the_quantization_from_its_config(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.quantized import write_deepseek_v3_fp8
+
+    ckpt = tmp_path / "ds"
+    write_deepseek_v3_fp8(ckpt, layers=2, experts=2)
+    rule = "  - convert:\n" + '      s: "{p:path}.mlp.experts.{e:int}.up_proj.weight_scale_inv"\n'
+    rule += '    to:\n      "{p}.mlp.experts.up_proj_scale_inv": stack(s, over=e)\n'
+    path = quant_spec(tmp_path, rule, quant="")
+    assert main(["check", path]) == 0
+    assert capsys.readouterr().out == f"{path}: no problems\n"  # no quantization without its config
+    assert main(["check", path, "--against", str(ckpt), "--select", "W208"]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}:4:7: W208 rule 1 binds input s = " in out
+
+
+def test_W208_noqa_on_the_input_line_silences_it(tmp_path):
+    yaml = quant_spec(tmp_path, WEIGHT_RULE + SCALE_RULE.replace("NOQA", "  # noqa: W208"))
+    assert "W208" not in codes(check_spec(yaml))
+    other = quant_spec(tmp_path, WEIGHT_RULE + SCALE_RULE.replace("NOQA", "  # noqa: W204"), "o.yaml")
+    assert "W208" in codes(check_spec(other))
+    cspec = tmp_path / "q.cspec"
+    cspec.write_text(CSPEC_SCALE.replace("NOQA", "  # noqa: W208"))
+    assert "W208" not in codes(check_spec(str(cspec)))
+
+
+@pytest.mark.parametrize("syntax", ["yaml", "cspec"])
+def test_W209_a_rule_that_dequantizes_is_W209_not_W204(tmp_path, syntax):
+    if syntax == "yaml":
+        rule = "  - convert:\n" + GATE + GATE_SCALE + "\n    to:\n"
+        rule += '      "{p}.experts.g": stack(dequant_fp8(gate, gs), over=e)\n'
+        path, line = quant_spec(tmp_path, rule), 10
+    else:
+        p = tmp_path / "q.cspec"
+        p.write_text(
+            "spec t\nquantization fp8_blocks block [16, 16]\n\n"
+            "convert gate = {p:path}.experts.{e:int}.gate_proj.weight,\n"
+            "        gs   = {p:path}.experts.{e:int}.gate_proj.weight_scale_inv\n"
+            "     -> {p}.experts.g = stack(dequant_fp8(gate, gs), over=e)\n"
+        )
+        path, line = str(p), 6
+    report = check_spec(path)
+    assert codes(report) == ["W209"]  # W204 (lossy-rule) would say it too: W209 is the specific one
+    f = report.findings[0]
+    assert f.message.startswith("rule 1 dequantizes (%1 = dequant_fp8(gate, gs, dtype=bfloat16))")
+    assert f.message.endswith(": the plan cannot save back")
+    assert f.hint == (
+        "keep the weights quantized (their scales follow them) and dequantize at load time "
+        "with --dequantize / dequantize=True"
+    )
+    assert f.line == line
+
+
+def test_W209_once_per_rule_and_other_rules_keep_W204(tmp_path):
+    rule = '  - drop: "{p:path}.inv_freq"\n  - convert:\n' + GATE + GATE_SCALE + "\n"
+    rule += '      up: "{p:path}.experts.{e:int}.up_proj.weight"\n'
+    rule += '      us: "{p:path}.experts.{e:int}.up_proj.weight_scale_inv"\n    to:\n'
+    rule += '      "{p}.experts.g": stack(dequant_fp8(gate, gs), over=e)\n'
+    rule += '      "{p}.experts.u": stack(dequant_fp8(up, us, dtype=float32), over=e)\n'
+    report = check_spec(quant_spec(tmp_path, rule))
+    assert only(report, "W209").line == 13  # the first dequantizing op of the rule
+    assert {f.line for f in report.findings if f.code == "W204"} == {6}  # the drop's, not the rule's
+    noqa = quant_spec(tmp_path, rule.replace("gs), over=e)", "gs), over=e)  # noqa: W209"), "n.yaml")
+    assert set(codes(check_spec(noqa))) == {"W204"}
+
+
 def test_I301_unclaimed_keys_grouped_by_shape():
     layout = {f"model.layers.{i}.input_layernorm.weight": bf16(2) for i in range(32)}
     layout["lm_head.weight"] = bf16(3, 2)
