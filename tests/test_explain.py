@@ -324,3 +324,95 @@ def test_plain_text_has_no_colour_codes_and_a_coloured_style_has_them(mixtral):
     assert "\033[36m" + W1 + "\033[0m" in coloured
     # aligned columns count visible characters only
     assert "\033[36mmodel.layers.0.mlp.experts.gate_up_proj\033[0m  [11, 96, 32] bfloat16" in coloured
+
+
+# ---- quantized checkpoints -------------------------------------------------------------------
+
+FP8 = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+KV = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # no rule of deepseek_v3 claims it
+UP = "model.layers.1.mlp.experts.2.up_proj.weight"  # stacked and joined with gate
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.quantized import write_deepseek_v3_fp8
+
+    return write_deepseek_v3_fp8(tmp_path_factory.mktemp("q") / "ds").dir
+
+
+def test_a_companion_a_convert_binds_says_whose_scale_it_is(capsys, fp8_ckpt):
+    assert main(["explain", "deepseek_v3", UP + "_scale_inv", "--against", str(fp8_ckpt)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"companion: the scale of {UP} (fp8_blocks, blocks of [16, 16])"
+    assert "  input     up.scale = {p:path}.mlp.experts.{e:int}.up_proj.weight_scale_inv" in lines
+
+
+def test_a_quantized_weight_names_its_scale_when_the_layout_is_known(capsys, fp8_ckpt):
+    assert main(["explain", "deepseek_v3", UP, "--against", str(fp8_ckpt)]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == f"quantized: float8_e4m3fn, its scale {UP}_scale_inv"
+    e = explain(convspec.compile("deepseek_v3", config=FP8), UP)  # no layout: its dtype is not known
+    assert e.quant is None
+    assert explanation_text(e).splitlines()[1] == ""
+
+
+def test_a_pass_through_companion_passes_or_is_dequantized_with_its_weight(capsys, fp8_ckpt):
+    assert main(["explain", "deepseek_v3", KV + "_scale_inv", "--against", str(fp8_ckpt)]) == 0
+    head = f"companion: the scale of {KV} (fp8_blocks, blocks of [16, 16])"
+    assert capsys.readouterr().out.splitlines()[1] == head + ": passes through with its weight"
+    args = ["explain", "deepseek_v3", KV + "_scale_inv", "--against", str(fp8_ckpt), "--dequantize"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[1] == head + ": dequantized with its weight (to bfloat16)"
+    assert main(["explain", "deepseek_v3", KV, "--against", str(fp8_ckpt), "--dequantize"]) == 0
+    out = capsys.readouterr().out.splitlines()[1]
+    assert out == f"quantized: float8_e4m3fn, its scale {KV}_scale_inv; dequantized to bfloat16"
+
+
+def test_a_companion_without_a_layout_and_in_json(capsys, tmp_path):
+    plan = convspec.compile("deepseek_v3", config=FP8)
+    e = explain(plan, KV + "_scale_inv")
+    assert explanation_text(e).splitlines()[1].startswith(f"companion: the scale of {KV} ")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(FP8))
+    assert main(["explain", "deepseek_v3", KV + "_scale_inv", "--config", str(config), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["quantization"] == {
+        "scheme": "fp8_blocks",
+        "block": [16, 16],
+        "dequantize": None,
+        "role": "scale",
+        "weight": KV,
+        "scale": KV + "_scale_inv",
+        "dtype": None,
+        "passes": True,
+    }
+    assert explain(convspec.compile("mixtral"), W1).to_dict()["quantization"] is None
+
+
+def test_per_tensor_and_mxfp4_companions_are_named_by_their_role():
+    plan = convspec.compile(
+        "identity", config={"quantization_config": {"quant_method": "compressed-tensors"}}
+    )
+    q = "model.layers.0.self_attn.q_proj"
+    layout = {
+        f"{q}.weight": TensorInfo((32, 32), "float8_e4m3fn"),
+        f"{q}.weight_scale": TensorInfo((32, 1), "float32"),
+        f"{q}.input_scale": TensorInfo((1,), "float32"),
+    }
+    text = explanation_text(explain(plan, f"{q}.input_scale", layout))
+    assert (
+        text.splitlines()[1]
+        == f"companion: the input_scale of {q}.weight (fp8_tensor): passes through with its weight"
+    )
+    mx = convspec.compile("identity", config={"quantization_config": {"quant_method": "mxfp4"}})
+    k = "model.layers.0.mlp.experts.down_proj"
+    layout = {
+        f"{k}_blocks": TensorInfo((4, 64, 2, 16), "uint8"),
+        f"{k}_scales": TensorInfo((4, 64, 2), "uint8"),
+    }
+    assert explanation_text(explain(mx, f"{k}_scales", layout)).splitlines()[1] == (
+        f"companion: the scale of {k}_blocks (mxfp4): passes through with its weight"
+    )
+    assert explanation_text(explain(mx, f"{k}_blocks", layout)).splitlines()[1] == (
+        f"quantized: uint8, its scale {k}_scales"
+    )
