@@ -506,6 +506,14 @@ def test_noqa_on_the_rule_line_silences_that_code_only(tmp_path):
     assert codes(check_spec(bare)) == []
 
 
+def test_noqa_on_an_op_line_of_a_convert_silences_the_finding_placed_there(tmp_path):
+    rule = (
+        '  - convert:\n      a: "{p:path}.w"\n    to:\n      "{p}.v": cast(a, dtype=bfloat16, from=float32)'
+    )
+    assert codes(check_spec(spec_file(tmp_path, rule + "\n"))) == ["W204"]
+    assert codes(check_spec(spec_file(tmp_path, rule + "  # noqa: W204\n", "n.yaml"))) == []
+
+
 def test_select_and_ignore_filter_by_code_prefix(tmp_path):
     path = spec_file(tmp_path, '  - drop: "{p:path}.inv_freq"\n  - rename: "{p:path}.w"\n    to: "{p}.w"\n')
     assert codes(check_spec(path, select=("W203",))) == ["W203"]
