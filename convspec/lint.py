@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -187,14 +188,20 @@ def check_spec(
         return _finish(report, findings, select, ignore, lines)
     try:
         with bounded_automata(flat):  # the analyses compare templates pairwise: their cost is bounded
-            analysis = _Analysis(plan, flat, origins)
+            derived = _derived(flat, state.quant)
+            analysis = _Analysis(plan, flat, origins, derived)
             findings += analysis.unreachable()
             findings += analysis.renames()
             findings += analysis.lossy()
             if plan.inverse_rules is not None:
                 inverse = plan.inverse(allow_lossy=True)
                 forward = [r.number - 1 for r in inverse.rules]  # the spec's rule each inverse rule undoes
-                back = _Analysis(inverse, [flat[i] for i in forward], [origins[i] for i in forward])
+                back = _Analysis(
+                    inverse,
+                    [flat[i] for i in forward],
+                    [origins[i] for i in forward],
+                    {k for k, i in enumerate(forward) if i in derived},
+                )
                 findings += back.not_undone()
     except CompileError as exc:
         findings.append(_from_diagnostic(exc.diagnostic()))
@@ -203,7 +210,7 @@ def check_spec(
         shadowed = {(f.file, f.line) for f in findings if f.code == "W201"}
         findings += [
             f
-            for f in _against(plan, flat, origins, parsed, layout, report, findings)
+            for f in _against(plan, flat, origins, parsed, layout, report, findings, derived)
             if not (f.code == "W206" and (f.file, f.line) in shadowed)  # said already, and why
         ]
     return _finish(report, findings, select, ignore, lines)
@@ -264,6 +271,21 @@ def _by_hand(q: Quant | None, flat: list, origins: list) -> list[Finding]:
     return out
 
 
+def _derived(flat: list, q: Quant | None) -> set[int]:
+    """The renames and drops of companions the quantization pass added, each right after the rule of
+    its weight and with its span: linted through that rule, not once more (a bf16 key's derived
+    scale rename is reached by no key, and is not the author's rule)."""
+    if q is None:
+        return set()
+    return {
+        i
+        for i in range(1, len(flat))
+        if getattr(flat[i], "kind", "") in ("rename", "drop")
+        and flat[i].span == flat[i - 1].span
+        and q.is_companion(flat[i].source.text)
+    }
+
+
 def _from_diagnostic(d: Diagnostic) -> Finding:
     """A finding is a diagnostic under lint's name for it: same code, place, message and hint."""
     span = d.span
@@ -289,8 +311,8 @@ def _at(code: str, span: Span | None, message: str, hint: str | None = None) -> 
 class _Analysis:
     """Questions about which keys reach which rule, answered exactly on the rules' patterns."""
 
-    def __init__(self, plan: Plan, flat: list, origins: list):
-        self.plan, self.flat, self.origins = plan, flat, origins
+    def __init__(self, plan: Plan, flat: list, origins: list, derived: AbstractSet[int] = frozenset()):
+        self.plan, self.flat, self.origins, self.derived = plan, flat, origins, derived
         self.rules = plan.rules
         self._meets: dict[tuple[Pattern, Pattern], bool] = {}
 
@@ -303,7 +325,7 @@ class _Analysis:
 
     def own(self, i: int) -> bool:
         """Rule i is the linted spec's own, not an included spec's (those are linted on their own)."""
-        return self.origins[i] == ""
+        return self.origins[i] == "" and i not in self.derived
 
     def claims(self, k: int) -> list[tuple[Pattern, tuple[Pattern, ...]]]:
         """What rule k takes from the keys that reach it: each input, less its `unless` keys."""
@@ -462,7 +484,7 @@ class _Analysis:
     def lossy(self) -> list[Finding]:
         out = []
         for i, rule in enumerate(self.rules):
-            if rule.kind == "drop":
+            if rule.kind == "drop" and i not in self.derived:  # a companion's drop: its weight's says it
                 out.append(
                     _at(
                         "W204",
@@ -511,7 +533,14 @@ def _where(code: str, where: Span | str, message: str, hint: str | None = None) 
 
 
 def _against(
-    plan: Plan, flat: list, origins: list, spec, layout: dict, report: Report, prior: list[Finding]
+    plan: Plan,
+    flat: list,
+    origins: list,
+    spec,
+    layout: dict,
+    report: Report,
+    prior: list[Finding],
+    derived: AbstractSet[int] = frozenset(),
 ) -> list[Finding]:
     out: list[Finding] = []
     try:
@@ -544,7 +573,7 @@ def _against(
                 )
             )
     for i, rule in enumerate(plan.rules):
-        if hits[i] or origins[i]:  # an included rule: its include is reported as a whole
+        if hits[i] or origins[i] or i in derived:  # an included rule: its include is reported as a whole
             continue
         hint = None
         if i in later:

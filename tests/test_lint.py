@@ -433,6 +433,16 @@ def test_W209_once_per_rule_and_other_rules_keep_W204(tmp_path):
     assert set(codes(check_spec(noqa))) == {"W204"}
 
 
+def test_the_companion_rules_a_quantization_derives_are_not_linted_again(tmp_path):
+    # a full-name drop and rename derive the same for `..._scale_inv`: one W204, and no W206 for the
+    # derived rename that no key of a checkpoint without that scale reaches
+    rules = '  - drop: "{p:path}.gate.bias"\n  - rename: "{p:path}.norm.weight"\n    to: "{p}.ln.weight"\n'
+    fp8 = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+    layout = {"m.gate.bias": bf16(4), "m.norm.weight": bf16(4)}
+    report = check_spec(spec_file(tmp_path, rules), config=fp8, layout=layout, checkpoint="ckpt")
+    assert codes(report) == ["W204"] and report.findings[0].line == 3
+
+
 def test_I301_unclaimed_keys_grouped_by_shape():
     layout = {f"model.layers.{i}.input_layernorm.weight": bf16(2) for i in range(32)}
     layout["lm_head.weight"] = bf16(3, 2)
