@@ -83,8 +83,12 @@ def test_fused_experts_keep_fp8_with_their_grids_stacked_and_joined(written, nam
         for n in ("gate_proj", "up_proj", "down_proj")
     }
     assert out[f"{pre}.gate_up_proj"].dtype == torch.float8_e4m3fn
-    assert torch.equal(bits(out[f"{pre}.gate_up_proj"]), bits(torch.cat([fp8["gate_proj"], fp8["up_proj"]], 1)))
-    assert torch.equal(out[f"{pre}.gate_up_proj_scale_inv"], torch.cat([grid["gate_proj"], grid["up_proj"]], 1))
+    assert torch.equal(
+        bits(out[f"{pre}.gate_up_proj"]), bits(torch.cat([fp8["gate_proj"], fp8["up_proj"]], 1))
+    )
+    assert torch.equal(
+        out[f"{pre}.gate_up_proj_scale_inv"], torch.cat([grid["gate_proj"], grid["up_proj"]], 1)
+    )
     assert torch.equal(out[f"{pre}.down_proj_scale_inv"], grid["down_proj"])
     weights = {k for k in out if not k.endswith("_scale_inv")}
     assert {k.removesuffix("_scale_inv") for k in out if k.endswith("_scale_inv")} <= weights  # no orphan
@@ -207,7 +211,9 @@ def test_each_companion_problem_is_one_clear_error_before_anything_is_written(
 ):
     edit, message = HOSTILE[case]
     src = _edited(written["qwen3_moe"].dir, tmp_path / "src", edit)
-    args = ["convert", "qwen3_moe", str(src), str(tmp_path / "out")] + (["--dequantize"] if dequantize else [])
+    args = ["convert", "qwen3_moe", str(src), str(tmp_path / "out")] + (
+        ["--dequantize"] if dequantize else []
+    )
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err, err
@@ -242,5 +248,7 @@ def test_an_op_the_scales_cannot_follow_is_a_compile_error_naming_the_rule(tmp_p
     )
     with pytest.raises(convspec.errors.CompileError) as exc:
         convspec.compile(spec)
-    assert "rule 1 (convert): permute_rope moves values inside the blocks of a quantized weight" in str(exc.value)
+    assert "rule 1 (convert): permute_rope moves values inside the blocks of a quantized weight" in str(
+        exc.value
+    )
     assert "dequantize" in str(exc.value.hint)
