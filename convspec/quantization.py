@@ -104,6 +104,13 @@ class Quant:
         form = self.form_of(text)
         return None if form is None else form.stem(text) + form.companions[0]
 
+    def scale_of_target(self, text: str) -> str:
+        """The scale's name beside a converted weight named `text`: as `scale_of` where the name has
+        the weight's form, else the name with the scale's suffix appended (`.weight_scale` as
+        `_weight_scale`: a fused `gate_up_proj` has `gate_up_proj_weight_scale`)."""
+        scale = self.scale_of(text)
+        return scale if scale is not None else text + self.forms[0].companions[0].replace(".", "_")
+
     def is_companion(self, text: str) -> bool:
         """Whether `text` (a key or a template's text) names a companion, not a weight."""
         return any(text.endswith(c) for f in self.forms for c in f.companions)
