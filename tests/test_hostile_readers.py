@@ -877,7 +877,7 @@ class Obj:
         self.pairs = pairs
 
 
-ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "U16": 2, "F64": 8}
+ST_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E8M0": 1, "U16": 2, "F64": 8}
 NAMES = ["m.a", "m.b", "w", "x.y.z", "é", "", "__metadata_", "a\nb"]
 ODD = [Raw(t) for t in ("4.0", "4e0", "1.5", "true", "false", "-0", "null", "-1", "18446744073709551616")]
 ODD += ["4", [], {}, [1, 2, 3]]
