@@ -3,6 +3,9 @@ a hand-computed case, and the op in a spec: applied, declared lossy, a bad grid 
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 from helpers.tensors import bit_equal, random_tensor
@@ -281,3 +284,169 @@ def test_e8m0_scales_pass_through_a_convert_byte_for_byte(tmp_path):
     convspec.convert(str(tmp_path / "id.cspec"), tmp_path / "src", tmp_path / "dst")
     with safe_open(str(tmp_path / "dst/model.safetensors"), "pt") as f:
         assert bit_equal(f.get_tensor("m.s"), s)
+
+
+# ---- dequant_fp8_tensor: compressed-tensors FP8 ------------------------------------------------------
+
+TENSOR_OP = OPS["dequant_fp8_tensor"]
+
+
+def _ct_decompress(state_dict, scheme):
+    """compressed-tensors' numerics (the package is not installable here), copied as the oracle for
+    what transformers calls: `NaiveQuantizationCompressor.decompress` (compressors/naive_quantized/base.py)
+    calls `dequantize(x_q, scale, dtype=torch.get_default_dtype())` (quantization/lifecycle/forward.py),
+    which infers the strategy from the scale's shape; per tensor or channel `_dequantize` returns
+    `x_q.to(scale.dtype) * scale` uncast, per group the same over `unflatten(-1, (groups, size))`, then
+    `.to(dtype)`."""
+    x, scale = state_dict["weight"], state_dict["weight_scale"]
+    if scale.ndim <= 1 or scale.shape[1] == 1:
+        out = x.to(scale.dtype) * scale
+    else:
+        grouped = x.unflatten(-1, (scale.shape[1], x.shape[1] // scale.shape[1]))
+        out = (
+            (grouped.to(scale.dtype) * scale.unsqueeze(-1))
+            .flatten(start_dim=-2)
+            .to(torch.get_default_dtype())
+        )
+    return {**state_dict, "weight": out}
+
+
+@pytest.fixture
+def ct_dequantize(monkeypatch):
+    """transformers 5.23's own `CompressedTensorsDequantize.convert` (integrations/compressed_tensors.py,
+    lines 73-131), with `compressed_tensors.compressors` (imported at line 81) stubbed by
+    `_ct_decompress`: the dense path (lines 85-93) is that, then transformers' `.to(dtype)`; the FP8
+    experts path (lines 98-123) is transformers' alone. Returns f(input_dict, dtype) -> its output."""
+    ct = pytest.importorskip("transformers.integrations.compressed_tensors")
+    compressor = types.SimpleNamespace(decompress=_ct_decompress)
+    registry = types.SimpleNamespace(get_value_from_registry=lambda name: compressor)
+    monkeypatch.setitem(sys.modules, "compressed_tensors", types.ModuleType("compressed_tensors"))
+    stub = types.ModuleType("compressed_tensors.compressors")
+    stub.BaseCompressor = registry
+    monkeypatch.setitem(sys.modules, "compressed_tensors.compressors", stub)
+    scheme = types.SimpleNamespace(
+        format="float-quantized", weights=types.SimpleNamespace(type="float", num_bits=8, strategy="channel")
+    )
+    quantizer = types.SimpleNamespace(compressor=types.SimpleNamespace(quantization_config=None))
+
+    def run(input_dict, dtype):
+        model = types.SimpleNamespace(get_parameter=lambda name: torch.empty(0, dtype=getattr(torch, dtype)))
+        op = ct.CompressedTensorsDequantize(quantizer, scheme)
+        return op.convert(input_dict, [], [], full_layer_name="m.experts.w", model=model)
+
+    return run
+
+
+# (weight, scale): per tensor ([], [1], and [1, 1] as transformers saves it), per channel, per group
+TENSOR_SHAPES = [
+    ((16, 24), ()),
+    ((16, 24), (1,)),
+    ((16, 24), (1, 1)),
+    ((16, 24), (16, 1)),
+    ((16, 24), (16, 3)),
+    ((16, 24), (1, 4)),
+]
+SCALE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize(("wshape", "sshape"), TENSOR_SHAPES, ids=str)
+@pytest.mark.parametrize("sdtype", SCALE_DTYPES, ids=str)
+@pytest.mark.parametrize("out", ["bfloat16", "float32", "float16"])
+def test_a_linear_is_bit_identical_to_transformers(ct_dequantize, wshape, sshape, sdtype, out):
+    """The default: the product in the scale's dtype, as compressed-tensors decompresses a linear."""
+    q, s = _weight(wshape, 20), _scale(sshape, sdtype, 21)
+    want = ct_dequantize({"weight": [q], "weight_scale": [s]}, out)["m.experts.w"]
+    (got,) = TENSOR_OP.apply({"dtype": out}, [q, s])
+    assert bit_equal(got, want)
+    assert TENSOR_OP.infer({"dtype": out}, [TensorInfo.of(q), TensorInfo.of(s)]) == [TensorInfo.of(got)]
+
+
+@pytest.mark.parametrize("sshape", [(16, 1), (1, 1), ()], ids=str)
+@pytest.mark.parametrize("sdtype", SCALE_DTYPES, ids=str)
+@pytest.mark.parametrize("out", ["bfloat16", "float32", "float16"])
+def test_stacked_experts_are_bit_identical_to_transformers(ct_dequantize, sshape, sdtype, out):
+    """compute=float32: transformers' FP8 experts path, expert by expert, then stacked; the op takes
+    the stacked [E, rows, cols] weight with its stacked scales."""
+    experts = [(_weight((16, 24), 30 + e), _scale(sshape, sdtype, 40 + e)) for e in range(3)]
+    got = ct_dequantize(
+        {"m.e.gate.weight": [q for q, _ in experts], "m.e.gate.weight_scale": [s for _, s in experts]}, out
+    )
+    want = got["m.e.gate.weight"]
+    q = torch.stack([q for q, _ in experts])
+    s = torch.stack([s.reshape(-1, 1) if s.ndim < 2 else s for _, s in experts])
+    (ours,) = TENSOR_OP.apply({"dtype": out, "compute": "float32"}, [q, s])
+    assert bit_equal(ours, want)
+
+
+def test_the_two_transformers_paths_differ_so_compute_chooses(ct_dequantize):
+    """A bf16 scale to a float32 output: a linear's product is rounded to bf16, an expert's is not."""
+    q, s = _weight((16, 24), 50), _scale((16, 1), torch.bfloat16, 51)
+    linear = ct_dequantize({"weight": [q], "weight_scale": [s]}, "float32")["m.experts.w"]
+    expert = ct_dequantize({"m.e.weight": [q], "m.e.weight_scale": [s]}, "float32")["m.e.weight"][0]
+    assert not bit_equal(linear, expert)
+    assert bit_equal(TENSOR_OP.apply({"dtype": "float32"}, [q, s])[0], linear)
+    assert bit_equal(TENSOR_OP.apply({"dtype": "float32", "compute": "float32"}, [q, s])[0], expert)
+
+
+def test_a_hand_computed_per_channel_case():
+    q = torch.tensor([[1.0, -2.0, 448.0], [0.5, 3.0, -6.0]]).to(torch.float8_e4m3fn)
+    s = torch.tensor([[0.5], [-2.0]])
+    (got,) = TENSOR_OP.apply({"dtype": "float32"}, [q, s])
+    assert got.tolist() == [[0.5, -1.0, 224.0], [-1.0, -6.0, 12.0]]
+    (group,) = TENSOR_OP.apply({"dtype": "float32"}, [q[:, :2], torch.tensor([[1.0, 2.0], [4.0, 8.0]])])
+    assert group.tolist() == [[1.0, -4.0], [2.0, 24.0]]
+
+
+@pytest.mark.parametrize(
+    ("weight", "scale", "params", "message"),
+    [
+        (
+            ((8, 6), "float8_e4m3fn"),
+            ((8, 4), "float32"),
+            {},
+            r"4 groups do not divide the weight's 6 columns",
+        ),
+        (
+            ((8, 6), "float8_e4m3fn"),
+            ((4, 1), "float32"),
+            {},
+            r"neither per tensor \(\[\] or \[1\]\), per channel",
+        ),
+        (((8, 6), "float8_e4m3fn"), ((8,), "float32"), {}, r"weight \[8, 6\], weight_scale \[8\]"),
+        (((2, 8, 6), "float8_e4m3fn"), ((3, 8, 1), "float32"), {}, r"neither per tensor"),
+        (((6,), "float8_e4m3fn"), ((), "float32"), {}, r"needs 2 dims or more"),
+        (((8, 6), "bfloat16"), ((8, 1), "float32"), {}, r"the weight is bfloat16, not float8_e4m3fn"),
+        (
+            ((8, 6), "float8_e4m3fn"),
+            ((8, 1), "uint8"),
+            {},
+            r"the scale is uint8, not one of float32, bfloat16, float16",
+        ),
+        (((8, 6), "float8_e4m3fn"), ((8, 1), "float32"), {"compute": "int32"}, r"compute must be one of"),
+        (((8, 6), "float8_e4m3fn"), ((8, 1), "float32"), {"dtype": "int8"}, r"float dtype, not int8"),
+    ],
+)
+def test_dequant_fp8_tensor_refuses_what_does_not_fit(weight, scale, params, message):
+    with pytest.raises(OpError, match=message):
+        TENSOR_OP.infer({"dtype": "bfloat16", **params}, [TensorInfo(*weight), TensorInfo(*scale)])
+
+
+def test_dequant_fp8_tensor_in_a_spec_is_lossy_and_binds_with_the_keys():
+    spec = "spec ct\nconvert w = {p:path}.weight, s = {p:path}.weight_scale -> {p}.weight = dequant_fp8_tensor(w, s)\n"
+    plan = convspec.compile(parse_spec(spec, "ct.cspec"))
+    q, s = _weight((4, 6), 60), _scale((4, 1), torch.bfloat16, 61)
+    out = plan.apply({"m.weight": q, "m.weight_scale": s})
+    assert bit_equal(out["m.weight"], TENSOR_OP.apply({"dtype": "bfloat16"}, [q, s])[0])
+    assert "dequant_fp8_tensor dequantizes an FP8 weight with its weight_scale (lossy)" in plan.inverse_error
+    with pytest.raises(
+        convspec.BindError, match=r"weight_scale \[3, 1\] \(keys: m\.weight, m\.weight_scale\)"
+    ):
+        plan.bind({"m.weight": ((4, 6), "float8_e4m3fn"), "m.weight_scale": ((3, 1), "float32")})
+
+
+def test_dequant_fp8_tensor_on_meta():
+    (got,) = TENSOR_OP.apply(
+        {"dtype": "float16"},
+        [torch.empty(2, 4, 8, dtype=torch.float8_e4m3fn, device="meta"), torch.empty(2, 4, 2, device="meta")],
+    )
+    assert (got.device.type, tuple(got.shape), got.dtype) == ("meta", (2, 4, 8), torch.float16)

@@ -257,14 +257,19 @@ def dequantize_tensor(weight, scale, dtype: str, compute: str | None = None):
     Default: compressed-tensors' `_dequantize` (`x_q.to(scale.dtype) * scale`, what its
     `decompress` gives transformers for a linear, which casts it to the model's dtype); compute=float32:
     transformers' `CompressedTensorsDequantize` for FP8 experts (`(q.to(f32) * s.to(f32)).to(dtype)`)."""
+    import torch
 
     from ..dtypes import DTYPES
 
     c = scale.dtype if compute is None else DTYPES[compute]
-    s = scale.to(c)
-    if s.dim() >= 2 and 1 < s.shape[-1]:  # per group: each scale over its columns
-        s = s.repeat_interleave(weight.shape[-1] // s.shape[-1], dim=-1)
-    return (weight.to(c) * s).to(DTYPES[dtype])
+    if scale.dim() < 2 or scale.shape[-1] == 1:
+        return (weight.to(c) * scale.to(c)).to(DTYPES[dtype])
+    # per group, shaped as compressed-tensors shapes it (torch's kernels for other shapes may give a
+    # NaN another payload), and through float32 as its group path returns it
+    groups = scale.shape[-1]
+    grouped = weight.to(c).unflatten(-1, (groups, weight.shape[-1] // groups)) * scale.to(c).unsqueeze(-1)
+    out = grouped.flatten(start_dim=-2)
+    return (out if compute is not None else out.to(torch.float32)).to(DTYPES[dtype])
 
 
 # ---- quantizers (not ops): FP8 checkpoints made here, for tests and benchmarks --------------------
