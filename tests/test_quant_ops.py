@@ -13,6 +13,7 @@ from helpers.tensors import bit_equal, random_tensor
 import convspec
 from convspec.lint import check_spec
 from convspec.ops import OPS, NotInvertible, OpError, TensorInfo
+from convspec.ops.quant import quantize_fp8_blocks, quantize_fp8_tensor
 from convspec.ops.slicing import evaluate
 from convspec.spec import parse_spec
 
@@ -450,3 +451,51 @@ def test_dequant_fp8_tensor_on_meta():
         [torch.empty(2, 4, 8, dtype=torch.float8_e4m3fn, device="meta"), torch.empty(2, 4, 2, device="meta")],
     )
     assert (got.device.type, tuple(got.shape), got.dtype) == ("meta", (2, 4, 8), torch.float16)
+
+
+# ---- quantizers: FP8 checkpoints made here ------------------------------------------------------------
+
+BLOCK_SCALES = ["float32", "bfloat16", "float8_e8m0fnu", "uint8"]
+
+
+def _bytes(t):
+    return t.contiguous().view(torch.uint8) if t.element_size() == 1 else t
+
+
+@pytest.mark.parametrize("scale_dtype", BLOCK_SCALES)
+@pytest.mark.parametrize(("shape", "block"), [((300, 200), (128, 128)), ((2, 9, 12), (4, 8))], ids=str)
+def test_quantize_fp8_blocks_round_trips_near_and_is_a_fixed_point(scale_dtype, shape, block):
+    """dequant(quantize(x)) is x to within FP8's step (1/16 of a value, E8M0's saturation 1/8), and
+    quantizing an exact (float64) dequantization gives the same bytes back."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(70)) * 3
+    q, s = quantize_fp8_blocks(x, block, scale_dtype)
+    grid = (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+    assert (q.dtype, q.shape, tuple(s.shape[-2:])) == (torch.float8_e4m3fn, x.shape, grid)
+    assert str(s.dtype).removeprefix("torch.") == scale_dtype
+    back = OP.apply({"dtype": "float64", "block": list(block)}, [q, s])[0]
+    step = _reference(torch.ones_like(q), s, "float64", block) * 2**-9  # the smallest FP8 step, scaled
+    tolerance = 1 / 8 if scale_dtype in ("float8_e8m0fnu", "uint8") else 1 / 16
+    assert bool(((back - x.double()).abs() <= x.double().abs() * tolerance + step).all())
+    q2, s2 = quantize_fp8_blocks(back, block, scale_dtype)
+    assert bit_equal(q2, q) and torch.equal(_bytes(s2), _bytes(s))
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("per", ["tensor", "channel"])
+def test_quantize_fp8_tensor_round_trips_near_and_is_a_fixed_point(scale_dtype, per):
+    x = torch.randn(3, 16, 40, generator=torch.Generator().manual_seed(71))
+    q, s = quantize_fp8_tensor(x, per, scale_dtype)
+    assert tuple(s.shape) == ((1,) if per == "tensor" else (3, 16, 1))
+    back = TENSOR_OP.apply({"dtype": "float64", "compute": "float64"}, [q, s])[0]
+    assert bool(((back - x.double()).abs() <= x.double().abs() / 16 + s.double() * 2**-9).all())
+    q2, s2 = quantize_fp8_tensor(back, per, scale_dtype)
+    assert bit_equal(q2, q) and bit_equal(s2, s)
+
+
+def test_quantize_keeps_zeros_and_refuses_what_it_cannot_make():
+    q, s = quantize_fp8_blocks(torch.zeros(4, 4), (2, 2))
+    assert s.tolist() == [[1.0, 1.0], [1.0, 1.0]] and not bool(q.float().any())
+    with pytest.raises(ValueError, match="scale_dtype must be one of"):
+        quantize_fp8_blocks(torch.ones(4, 4), (2, 2), "float16")
+    with pytest.raises(ValueError, match="per must be"):
+        quantize_fp8_tensor(torch.ones(4, 4), "group")
