@@ -499,3 +499,24 @@ def test_quantize_keeps_zeros_and_refuses_what_it_cannot_make():
         quantize_fp8_blocks(torch.ones(4, 4), (2, 2), "float16")
     with pytest.raises(ValueError, match="per must be"):
         quantize_fp8_tensor(torch.ones(4, 4), "group")
+
+
+@pytest.mark.parametrize(
+    ("sdtype", "out"),
+    [(torch.float32, o) for o in ("bfloat16", "float16", "float32")] + [(torch.bfloat16, "bfloat16")],
+    ids=str,
+)
+def test_the_two_paths_agree_where_docs_ops_says(sdtype, out):
+    """docs/ops.md: float32 scales, and bfloat16 scales into bfloat16 (finite values)."""
+    q, s = random_tensor((16, 24), "float8_e4m3fn", 90, finite=True), _scale((16, 1), sdtype, 91)
+    default = TENSOR_OP.apply({"dtype": out}, [q, s])[0]
+    assert bit_equal(default, TENSOR_OP.apply({"dtype": out, "compute": "float32"}, [q, s])[0])
+
+
+def test_lint_marks_dequant_fp8_tensor(tmp_path):
+    path = tmp_path / "ct.cspec"
+    path.write_text(
+        "spec ct\nconvert w = {p:path}.weight, s = {p:path}.weight_scale -> {p}.weight = dequant_fp8_tensor(w, s)\n"
+    )
+    found = [f for f in check_spec(str(path)).findings if f.code == "W204"]
+    assert len(found) == 1 and "dequant_fp8_tensor dequantizes" in found[0].message
