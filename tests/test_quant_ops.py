@@ -520,3 +520,16 @@ def test_lint_marks_dequant_fp8_tensor(tmp_path):
     )
     found = [f for f in check_spec(str(path)).findings if f.code == "W204"]
     assert len(found) == 1 and "dequant_fp8_tensor dequantizes" in found[0].message
+
+
+@pytest.mark.parametrize("sshape", [(), (1,), (2, 8, 1), (2, 8, 4), (2, 1, 2)], ids=str)
+def test_a_region_of_dequant_fp8_tensor_from_its_slice_map(sshape):
+    """Per tensor (0-D too), per channel, per group: the map's reads make that region of the output."""
+    q, s = _weight((2, 8, 12), 100), _scale(sshape, torch.float32, 101)
+    p = {"dtype": "float32"}
+    whole_out = TENSOR_OP.apply(p, [q, s])[0]
+    for region in [((0, 2), (0, 8), (0, 12)), ((1, 2), (3, 7), (2, 9)), ((0, 1), (5, 5), (12, 12))]:
+        m = TENSOR_OP.slice_map(p, [TensorInfo.of(q), TensorInfo.of(s)], 0, region)
+        assert not m.exact  # the scale is read too
+        want = whole_out[tuple(slice(a, b) for a, b in region)]
+        assert bit_equal(evaluate(m, [q, s]), want.contiguous())

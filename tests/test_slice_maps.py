@@ -49,7 +49,7 @@ CASES = [
     ("dequant_fp8_tensor", {"dtype": "float32"}, [(2, 6, 8), (2, 6, 4)]),  # per group of 2
     ("dequant_fp8_tensor", {"dtype": "bfloat16"}, [(6, 9), (1, 3)]),  # groups shared by the rows
     ("dequant_fp8_tensor", {"dtype": "float32"}, [(5, 4), (1,)]),  # per tensor
-    ("dequant_fp8_tensor", {"dtype": "float32", "compute": "float32"}, [(3, 4), ()]),
+    ("dequant_fp8_tensor", {"dtype": "float32", "compute": "float32"}, [(3, 4), (1, 1)]),
     ("dequant_mxfp4", {"dtype": "float32"}, [(2, 3, 2, 4), (2, 3, 2)]),
     ("dequant_mxfp4", {"dtype": "bfloat16"}, [(1, 2, 3, 1, 2), (1, 2, 3, 1)]),
 ]
