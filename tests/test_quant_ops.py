@@ -533,3 +533,26 @@ def test_a_region_of_dequant_fp8_tensor_from_its_slice_map(sshape):
         assert not m.exact  # the scale is read too
         want = whole_out[tuple(slice(a, b) for a, b in region)]
         assert bit_equal(evaluate(m, [q, s]), want.contiguous())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize(
+    "sdtype", [torch.float32, torch.bfloat16, torch.uint8, torch.float8_e8m0fnu], ids=str
+)
+def test_on_cuda_as_transformers_on_cuda(sdtype):
+    q, s = _weight((3, 256, 384), 110).cuda(), _scale((3, 2, 3), sdtype, 111).cuda()
+    (got,) = OP.apply({"dtype": "bfloat16"}, [q, s])
+    assert got.device.type == "cuda" and bit_equal(got.cpu(), _transformers(q, s, "bfloat16").cpu())
+    # against other torch calls (and the CPU): finite values, as a NaN's payload may follow the kernel
+    q, s = (
+        random_tensor((576, 200), "float8_e4m3fn", 112, finite=True).cuda(),
+        _scale((5, 2), sdtype, 113).cuda(),
+    )
+    (got,) = OP.apply({"dtype": "bfloat16", "block": [128, 128]}, [q, s])
+    assert bit_equal(got.cpu(), _reference(q, s, "bfloat16", [128, 128]).cpu())
+    t, ts = (
+        random_tensor((16, 24), "float8_e4m3fn", 114, finite=True).cuda(),
+        _scale((16, 3), torch.bfloat16, 115).cuda(),
+    )
+    for p in ({"dtype": "float32"}, {"dtype": "bfloat16", "compute": "float32"}):
+        assert bit_equal(TENSOR_OP.apply(p, [t, ts])[0].cpu(), TENSOR_OP.apply(p, [t.cpu(), ts.cpu()])[0])
