@@ -179,7 +179,8 @@ def _reference(q, s, out, block):
     repeat_interleave and cropped, independent of the op's pad-and-crop."""
     rows, cols = q.shape[-2:]
     s32 = (s.to(torch.float32) - 127.0).exp2() if s.dtype == torch.uint8 else s.to(torch.float32)
-    spread = s32.repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)[..., :rows, :cols]
+    spread = s32.repeat_interleave(min(block[0], rows), -2).repeat_interleave(min(block[1], cols), -1)
+    spread = spread[..., :rows, :cols]  # (spread by at most the dim: a block past it is cropped anyway)
     return (q.to(torch.float32) * spread).to(getattr(torch, out))
 
 
@@ -189,6 +190,7 @@ RAGGED = [
     ((9, 8), [4, 8], (3, 1)),  # one dim partial, the other whole
     ((3, 5), [8, 8], (1, 1)),  # one block larger than the weight
     ((0, 5), [4, 4], (0, 2)),  # no rows
+    ((3, 5), [2**40, 2**62], (1, 1)),  # blocks far past the weight: one block, nothing padded to them
 ]
 
 

@@ -161,7 +161,10 @@ def dequantize(weight, scale, dtype: str, block: list[int] | tuple[int, int] | N
 
     rows, cols = weight.shape[-2:]
     grid_rows, grid_cols = scale.shape[-2:]
-    block_rows, block_cols = (rows // grid_rows, cols // grid_cols) if block is None else block
+    if block is None:
+        block_rows, block_cols = rows // grid_rows, cols // grid_cols
+    else:  # a block past its dim is the dim (one block): padded by less than a block, never by a huge one
+        block_rows, block_cols = min(block[0], rows) or 1, min(block[1], cols) or 1
     w32 = weight.to(torch.float32)
     padded = (grid_rows * block_rows, grid_cols * block_cols)
     if padded != (rows, cols):
@@ -318,6 +321,7 @@ def quantize_fp8_blocks(
 
     rows, cols = w.shape[-2:]
     grid = (-(-rows // block[0]), -(-cols // block[1]))
+    block = (min(block[0], rows) or 1, min(block[1], cols) or 1)  # a block past its dim is the dim
     x = _wide(w)
     x = torch.nn.functional.pad(x, (0, grid[1] * block[1] - cols, 0, grid[0] * block[0] - rows))
     blocks = x.reshape(*w.shape[:-2], grid[0], block[0], grid[1], block[1])
