@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from .interpret import Interpreter
 from .ops import TensorInfo
-from .quantization import SCHEMES, Quant
+from .quantization import SCHEMES, Quant, suffix
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -114,7 +114,7 @@ def unclaimed_scales(plan: Plan, layout: dict[str, TensorInfo], converted: set[s
 
 
 def _forms(scheme):
-    from .quantization import Form, suffix
+    from .quantization import Form
 
     return tuple(Form(suffix(w), tuple(suffix(c) for c in cs)) for w, cs in scheme.companions)
 
@@ -207,7 +207,7 @@ def passthrough_pairs(q: Quant, layout: dict[str, TensorInfo], passthrough: dict
         scale = form.stem(key) + form.companions[0]
         out = form.stem(dst)
         if scale in passthrough and out is not None:
-            yield key, scale, out
+            yield key, scale, out + suffix(q.kind.dequantized)
 
 
 def drop_quantization_config(path: Path, dtype: str) -> None:

@@ -18,6 +18,7 @@ from convspec.cli import main
 from convspec.errors import BindError, NotInvertibleError
 from convspec.ops import OPS
 from tests.helpers.quantized import (
+    transformers_dequantized,
     write_compressed_fp8,
     write_deepseek_v3_fp8,
     write_gpt_oss_mxfp4,
@@ -252,3 +253,40 @@ def test_an_op_the_scales_cannot_follow_is_a_compile_error_naming_the_rule(tmp_p
         exc.value
     )
     assert "dequantize" in str(exc.value.hint)
+
+
+# ---- dequantized: transformers' numerics ----------------------------------------------------------
+
+ORACLE = {
+    "deepseek_v3": (write_deepseek_v3_fp8, {"qk_rope_head_dim": 16}),  # whole blocks: transformers loads it
+    "qwen3_moe": (write_qwen3_moe_fp8, {}),
+    "gpt_oss": (write_gpt_oss_mxfp4, {}),
+    "compressed": (write_compressed_fp8, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(ORACLE))
+def test_the_dequantized_load_is_transformers_dequantized_load_bit_for_bit(name, tmp_path):
+    make, kwargs = ORACLE[name]
+    w = make(tmp_path / name, **kwargs)
+    plan = convspec.compile(model_type(w.dir), config=w.dir / "config.json")
+    ours = dict(plan.load(w.dir, dequantize=True))
+    theirs = transformers_dequantized(w.dir)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for key, t in theirs.items():
+        assert ours[key].dtype == t.dtype and torch.equal(bits(ours[key]), bits(t)), key
+
+
+def test_a_ragged_grid_dequantizes_by_the_true_block_where_transformers_refuses(written):
+    """DeepSeek-V3's kv_a_proj_with_mqa (here 40 rows in blocks of 16: a grid of 3) dequantizes as
+    DeepSeek's own weight_dequant does: each row by its block's scale."""
+    w = written["deepseek_v3"]
+    plan = convspec.compile("deepseek_v3", config=w.dir / "config.json")
+    ours = dict(plan.load(w.dir, dequantize=True))
+    for key in (k for k in w.dequantized if "kv_a_proj_with_mqa" in k):
+        assert w.tensors[key].shape[0] % 16  # ragged indeed
+        assert torch.equal(bits(ours[key]), bits(w.dequantized[key].to(torch.bfloat16))), key
+    with pytest.raises(RuntimeError, match="automatic conversion of the weights"):
+        transformers_dequantized(
+            w.dir
+        )  # its Fp8Dequantize: "Weight shape (40, 32) not divisible by scale grid (3, 2)"
