@@ -91,14 +91,14 @@ def expected_grid(q: Quant, weight: tuple[int, ...], scale: tuple[int, ...]) -> 
 
 
 def unclaimed_scales(plan: Plan, layout: dict[str, TensorInfo], converted: set[str]) -> list[str]:
-    """Without a quantization in the plan: the converted weights that have a scale beside them (the
-    scales would be left behind as orphans of weights that no longer exist)."""
+    """Without a quantization in the plan: the converted weights whose scale no convert takes with
+    them (it would be left behind, an orphan of a weight that no longer exists)."""
     problems = []
     for scheme in SCHEMES.values():
         q = Quant(scheme.name, _forms(scheme), (1, 1) if scheme.grid == "blocks" else None)
         for key in layout:
             owner = _owner(q, key)
-            if owner is not None and owner[1] == 0 and owner[0] in converted:
+            if owner is not None and owner[1] == 0 and owner[0] in converted and key not in converted:
                 w = layout[owner[0]]
                 if w.dtype in scheme.weight_dtypes:
                     problems.append(
