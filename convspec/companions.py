@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from .interpret import Interpreter
 from .ops import TensorInfo
-from .quantization import SCHEMES, Quant
+from .quantization import SCHEMES, Quant, suffix
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -91,14 +91,14 @@ def expected_grid(q: Quant, weight: tuple[int, ...], scale: tuple[int, ...]) -> 
 
 
 def unclaimed_scales(plan: Plan, layout: dict[str, TensorInfo], converted: set[str]) -> list[str]:
-    """Without a quantization in the plan: the converted weights that have a scale beside them (the
-    scales would be left behind as orphans of weights that no longer exist)."""
+    """Without a quantization in the plan: the converted weights whose scale no convert takes with
+    them (it would be left behind, an orphan of a weight that no longer exists)."""
     problems = []
     for scheme in SCHEMES.values():
         q = Quant(scheme.name, _forms(scheme), (1, 1) if scheme.grid == "blocks" else None)
         for key in layout:
             owner = _owner(q, key)
-            if owner is not None and owner[1] == 0 and owner[0] in converted:
+            if owner is not None and owner[1] == 0 and owner[0] in converted and key not in converted:
                 w = layout[owner[0]]
                 if w.dtype in scheme.weight_dtypes:
                     problems.append(
@@ -114,7 +114,7 @@ def unclaimed_scales(plan: Plan, layout: dict[str, TensorInfo], converted: set[s
 
 
 def _forms(scheme):
-    from .quantization import Form, suffix
+    from .quantization import Form
 
     return tuple(Form(suffix(w), tuple(suffix(c) for c in cs)) for w, cs in scheme.companions)
 
@@ -207,7 +207,7 @@ def passthrough_pairs(q: Quant, layout: dict[str, TensorInfo], passthrough: dict
         scale = form.stem(key) + form.companions[0]
         out = form.stem(dst)
         if scale in passthrough and out is not None:
-            yield key, scale, out
+            yield key, scale, out + suffix(q.kind.dequantized)
 
 
 def drop_quantization_config(path: Path, dtype: str) -> None:

@@ -14,6 +14,7 @@ ITEMSIZE: dict[str, int] = {
     "bfloat16": 2,
     "float8_e4m3fn": 1,
     "float8_e5m2": 1,
+    "float8_e8m0fnu": 1,  # a power of two 2 ** (byte - 127), 0xFF NaN: MXFP8/DeepSeek E8M0 scales
     "int64": 8,
     "int32": 4,
     "int16": 2,

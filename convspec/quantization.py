@@ -26,6 +26,8 @@ class Scheme:
     dequant: str  # the op: weight, scale -> floats
     grid: str  # "blocks": one scale per block of the last two dims; "mx": one per 32 values; "channel"
     doc: str = ""
+    in_convert: tuple[tuple[str, str], ...] = ()  # the dequantizing op's params inside a convert
+    dequantized: str = "{w}"  # the key a dequantized weight is written as
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -60,6 +62,9 @@ SCHEMES: dict[str, Scheme] = {
             "dequant_fp8_tensor",
             "channel",
             "compressed-tensors FP8: a per-tensor or per-channel `weight_scale`, an `input_scale`",
+            # transformers dequantizes the experts a convert fuses in float32, a linear in the scale's dtype
+            (("compute", "float32"),),
+            "{w}.weight",
         ),
     )
 }
@@ -104,6 +109,13 @@ class Quant:
         form = self.form_of(text)
         return None if form is None else form.stem(text) + form.companions[0]
 
+    def scale_of_target(self, text: str) -> str:
+        """The scale's name beside a converted weight named `text`: as `scale_of` where the name has
+        the weight's form, else the name with the scale's suffix appended (`.weight_scale` as
+        `_weight_scale`: a fused `gate_up_proj` has `gate_up_proj_weight_scale`)."""
+        scale = self.scale_of(text)
+        return scale if scale is not None else text + self.forms[0].companions[0].replace(".", "_")
+
     def is_companion(self, text: str) -> bool:
         """Whether `text` (a key or a template's text) names a companion, not a weight."""
         return any(text.endswith(c) for f in self.forms for c in f.companions)
@@ -118,11 +130,12 @@ class Quant:
         """The block along each of the weight's dims (1: each index has its own scale)."""
         return self.block if self.block is not None else (1,) * self.rank
 
-    def dequant_params(self) -> dict:
-        """The dequantizing op's parameters: the dtype, and the block where the op takes one."""
+    def dequant_params(self, in_convert: bool = False) -> dict:
+        """The dequantizing op's parameters: the dtype, the block where the op takes one, and the
+        scheme's own inside a convert."""
         from .ops import OPS
 
-        params = {"dtype": self.dequantize}
+        params = {"dtype": self.dequantize, **(dict(self.kind.in_convert) if in_convert else {})}
         if self.block is not None and any(p.name == "block" for p in OPS[self.kind.dequant].params):
             params["block"] = list(self.block)
         return params

@@ -25,10 +25,15 @@ PARAMS = {
     "deinterleave": ({"dim": 0, "parts": 2}, [(8, 3)]),
     "cast": ({"dtype": "float32", "from": "bfloat16"}, [(4, 4)]),
     "dequant_fp8": ({"dtype": "bfloat16"}, [(8, 16), (2, 2)]),
+    "dequant_fp8_tensor": ({"dtype": "bfloat16"}, [(8, 16), (8, 1)]),
     "dequant_mxfp4": ({"dtype": "bfloat16"}, [(2, 3, 4, 16), (2, 3, 4)]),
 }
 # the input dtypes of ops that take other than bfloat16 values: FP8 weights, packed bytes (uint8)
-INPUT_DTYPES = {"dequant_fp8": ("float8_e4m3fn", "float32"), "dequant_mxfp4": ("uint8", "uint8")}
+INPUT_DTYPES = {
+    "dequant_fp8": ("float8_e4m3fn", "float32"),
+    "dequant_fp8_tensor": ("float8_e4m3fn", "bfloat16"),
+    "dequant_mxfp4": ("uint8", "uint8"),
+}
 
 
 def _input(shape, dtype: str) -> torch.Tensor:

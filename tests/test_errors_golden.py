@@ -159,7 +159,7 @@ CASES = [
         "FILE:3:17: error: rule 1 (convert): unknown op 'stak'\n"
         "         -> {p}.y = stak(x, over=e)\n"
         "                    ^\n"
-        "  hint: did you mean 'stack'? ops: cast, cat, chunk, deinterleave, dequant_fp8, dequant_mxfp4, interleave, permute, permute_rope, reshape, split, stack, transpose, unpermute_rope, unstack\n",
+        "  hint: did you mean 'stack'? ops: cast, cat, chunk, deinterleave, dequant_fp8, dequant_fp8_tensor, dequant_mxfp4, interleave, permute, permute_rope, reshape, split, stack, transpose, unpermute_rope, unstack\n",
     ),
     Case(
         "arity",
@@ -202,7 +202,7 @@ CASES = [
         "FILE:3:31: error: rule 1 (convert): unknown dtype 'bfloat61' for cast\n"
         "         -> {p}.y = cast(x, dtype=bfloat61, from=float32)\n"
         "                                  ^\n"
-        "  hint: did you mean 'bfloat16'? dtypes: float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, int64, int32, int16, int8, uint8, bool\n",
+        "  hint: did you mean 'bfloat16'? dtypes: float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2, float8_e8m0fnu, int64, int32, int16, int8, uint8, bool\n",
     ),
     Case(
         "chunk_folded",

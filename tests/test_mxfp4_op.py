@@ -10,6 +10,7 @@ from helpers.tensors import bit_equal
 import convspec
 from convspec.lint import check_spec
 from convspec.ops import OPS, NotInvertible, OpError, TensorInfo
+from convspec.ops.mxfp4 import quantize
 
 OP = OPS["dequant_mxfp4"]
 
@@ -146,3 +147,36 @@ def test_a_bad_scales_shape_is_one_bind_error_naming_the_key(tmp_path):
     message = str(info.value)
     assert "m.experts.gate_up_proj" in message
     assert "need scales of shape [4, 6, 3]" in message and "got [4, 6, 2]" in message
+
+
+# ---- quantize: gpt-oss's layout made here, the inverse direction --------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 5), (3, 4, 2, 64)], ids=str)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_quantize_is_the_inverse_layout_near_in_value_and_a_fixed_point(shape, dtype):
+    """`quantize` of a tensor in transformers' layout gives blocks and scales that transformers
+    dequantizes back to it within FP4's step, and quantizing that again gives the same bytes."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(80)) * 5).to(getattr(torch, dtype))
+    blocks, scales = quantize(x)
+    assert blocks.dtype == scales.dtype == torch.uint8
+    assert tuple(blocks.shape[:-1]) == tuple(scales.shape) and blocks.shape[-1] == 16
+    back = _transformers(blocks, scales, "float32")
+    assert back.shape == x.shape
+    scale = (scales.to(torch.float32) - 127).exp2()  # [E, rows, G] -> per value, in x's layout
+    step = scale.repeat_interleave(32, dim=-1).reshape(*x.transpose(1, 2).shape).transpose(1, 2) / 2
+    assert bool(((back - x.float()).abs() <= x.float().abs() / 4 + step).all())
+    for again in (back, back.to(getattr(torch, dtype)), OP.apply({"dtype": dtype}, [blocks, scales])[0]):
+        b2, s2 = quantize(again)
+        assert torch.equal(b2, blocks) and torch.equal(s2, scales)
+
+
+def test_quantize_rounds_to_the_nearest_fp4_ties_to_even():
+    """One block of 32 with amax 7, so scale 2 ** (floor(log2(7)) - 2) = 1 (byte 127): each value its
+    nearest FP4, a tie to the even code, 7 saturating to 6, a negative that rounds to 0 kept as -0."""
+    values = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -5.5, 7.0, 0.2] + [0.0] * 20
+    blocks, scales = quantize(torch.tensor(values).reshape(1, 32, 1))
+    assert scales.tolist() == [[[127]]]
+    got = _transformers(blocks, scales, "float32").reshape(-1)[:12]
+    assert got.tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.0, -6.0, 6.0, 0.0]
+    assert torch.signbit(got[8]) and not torch.signbit(got[0])

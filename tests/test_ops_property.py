@@ -142,7 +142,7 @@ BUILDERS = {
 }
 
 
-ONE_WAY = {"dequant_fp8"}  # no inverse by design: tests/test_quant_ops.py tests it
+ONE_WAY = {"dequant_fp8", "dequant_fp8_tensor"}  # no inverse by design: tests/test_quant_ops.py tests them
 
 
 def test_every_op_has_a_builder():

@@ -18,6 +18,7 @@ from convspec.cli import main
 from convspec.errors import BindError, NotInvertibleError
 from convspec.ops import OPS
 from tests.helpers.quantized import (
+    transformers_dequantized,
     write_compressed_fp8,
     write_deepseek_v3_fp8,
     write_gpt_oss_mxfp4,
@@ -83,8 +84,12 @@ def test_fused_experts_keep_fp8_with_their_grids_stacked_and_joined(written, nam
         for n in ("gate_proj", "up_proj", "down_proj")
     }
     assert out[f"{pre}.gate_up_proj"].dtype == torch.float8_e4m3fn
-    assert torch.equal(bits(out[f"{pre}.gate_up_proj"]), bits(torch.cat([fp8["gate_proj"], fp8["up_proj"]], 1)))
-    assert torch.equal(out[f"{pre}.gate_up_proj_scale_inv"], torch.cat([grid["gate_proj"], grid["up_proj"]], 1))
+    assert torch.equal(
+        bits(out[f"{pre}.gate_up_proj"]), bits(torch.cat([fp8["gate_proj"], fp8["up_proj"]], 1))
+    )
+    assert torch.equal(
+        out[f"{pre}.gate_up_proj_scale_inv"], torch.cat([grid["gate_proj"], grid["up_proj"]], 1)
+    )
     assert torch.equal(out[f"{pre}.down_proj_scale_inv"], grid["down_proj"])
     weights = {k for k in out if not k.endswith("_scale_inv")}
     assert {k.removesuffix("_scale_inv") for k in out if k.endswith("_scale_inv")} <= weights  # no orphan
@@ -207,7 +212,9 @@ def test_each_companion_problem_is_one_clear_error_before_anything_is_written(
 ):
     edit, message = HOSTILE[case]
     src = _edited(written["qwen3_moe"].dir, tmp_path / "src", edit)
-    args = ["convert", "qwen3_moe", str(src), str(tmp_path / "out")] + (["--dequantize"] if dequantize else [])
+    args = ["convert", "qwen3_moe", str(src), str(tmp_path / "out")] + (
+        ["--dequantize"] if dequantize else []
+    )
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err, err
@@ -242,5 +249,44 @@ def test_an_op_the_scales_cannot_follow_is_a_compile_error_naming_the_rule(tmp_p
     )
     with pytest.raises(convspec.errors.CompileError) as exc:
         convspec.compile(spec)
-    assert "rule 1 (convert): permute_rope moves values inside the blocks of a quantized weight" in str(exc.value)
+    assert "rule 1 (convert): permute_rope moves values inside the blocks of a quantized weight" in str(
+        exc.value
+    )
     assert "dequantize" in str(exc.value.hint)
+
+
+# ---- dequantized: transformers' numerics ----------------------------------------------------------
+
+ORACLE = {
+    "deepseek_v3": (write_deepseek_v3_fp8, {"qk_rope_head_dim": 16}),  # whole blocks: transformers loads it
+    "qwen3_moe": (write_qwen3_moe_fp8, {}),
+    "gpt_oss": (write_gpt_oss_mxfp4, {}),
+    "compressed": (write_compressed_fp8, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(ORACLE))
+def test_the_dequantized_load_is_transformers_dequantized_load_bit_for_bit(name, tmp_path):
+    make, kwargs = ORACLE[name]
+    w = make(tmp_path / name, **kwargs)
+    plan = convspec.compile(model_type(w.dir), config=w.dir / "config.json")
+    ours = dict(plan.load(w.dir, dequantize=True))
+    theirs = transformers_dequantized(w.dir)
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    for key, t in theirs.items():
+        assert ours[key].dtype == t.dtype and torch.equal(bits(ours[key]), bits(t)), key
+
+
+def test_a_ragged_grid_dequantizes_by_the_true_block_where_transformers_refuses(written):
+    """DeepSeek-V3's kv_a_proj_with_mqa (here 40 rows in blocks of 16: a grid of 3) dequantizes as
+    DeepSeek's own weight_dequant does: each row by its block's scale."""
+    w = written["deepseek_v3"]
+    plan = convspec.compile("deepseek_v3", config=w.dir / "config.json")
+    ours = dict(plan.load(w.dir, dequantize=True))
+    for key in (k for k in w.dequantized if "kv_a_proj_with_mqa" in k):
+        assert w.tensors[key].shape[0] % 16  # ragged indeed
+        assert torch.equal(bits(ours[key]), bits(w.dequantized[key].to(torch.bfloat16))), key
+    with pytest.raises(RuntimeError, match="automatic conversion of the weights"):
+        transformers_dequantized(
+            w.dir
+        )  # its Fp8Dequantize: "Weight shape (40, 32) not divisible by scale grid (3, 2)"

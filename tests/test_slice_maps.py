@@ -43,11 +43,22 @@ CASES = [
     ("cast", {"dtype": "bfloat16"}, [(5,)]),
     ("dequant_fp8", {"dtype": "float32"}, [(12, 16), (3, 2)]),
     ("dequant_fp8", {"dtype": "bfloat16"}, [(2, 6, 3), (2, 2, 1)]),
+    ("dequant_fp8", {"dtype": "float32", "block": [4, 3]}, [(10, 7), (3, 3)]),  # partial last blocks
+    ("dequant_fp8", {"dtype": "float32", "block": [2, 5]}, [(2, 4, 5), (2, 2, 1)]),
+    ("dequant_fp8_tensor", {"dtype": "float32"}, [(6, 8), (6, 1)]),  # per channel
+    ("dequant_fp8_tensor", {"dtype": "float32"}, [(2, 6, 8), (2, 6, 4)]),  # per group of 2
+    ("dequant_fp8_tensor", {"dtype": "bfloat16"}, [(6, 9), (1, 3)]),  # groups shared by the rows
+    ("dequant_fp8_tensor", {"dtype": "float32"}, [(5, 4), (1,)]),  # per tensor
+    ("dequant_fp8_tensor", {"dtype": "float32", "compute": "float32"}, [(3, 4), (1, 1)]),
     ("dequant_mxfp4", {"dtype": "float32"}, [(2, 3, 2, 4), (2, 3, 2)]),
     ("dequant_mxfp4", {"dtype": "bfloat16"}, [(1, 2, 3, 1, 2), (1, 2, 3, 1)]),
 ]
 # the dtypes of an op's inputs where they are not float32, input by input (values small and finite)
-INPUT_DTYPES = {"dequant_fp8": ("float8_e4m3fn", "float32"), "dequant_mxfp4": ("uint8", "uint8")}
+INPUT_DTYPES = {
+    "dequant_fp8": ("float8_e4m3fn", "float32"),
+    "dequant_fp8_tensor": ("float8_e4m3fn", "float32"),
+    "dequant_mxfp4": ("uint8", "uint8"),
+}
 
 
 def _dtypes(name, shapes) -> list[str]:
@@ -115,7 +126,7 @@ def _aligned(name, params, shape, inputs, rng):
             out_row, in_row = math.prod(shape[1:]), math.prod(inputs[0][1:])
             if any(i * out_row % in_row for i in region[0]):
                 continue
-        elif name in ("deinterleave", "dequant_fp8"):  # dequant_fp8 reads the scales too
+        elif name in ("deinterleave", "dequant_fp8", "dequant_fp8_tensor"):  # dequant_* read the scales too
             continue  # its rows are strided in the input: a covering read, by its own account
         elif name == "dequant_mxfp4":
             continue  # reads its inputs whole (a byte holds two values, a scale a block of them)

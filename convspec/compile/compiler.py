@@ -567,10 +567,7 @@ class _Lowering:
         extra = []
         for v, pat, span in outputs:
             if v in scales:
-                scale = q.scale_of(pat.text)
-                if scale is None:
-                    raise self.err(f"the target {pat.text} is not a quantized weight's name", span)
-                extra.append((scales[v], pattern_of(_template(scale)), span))
+                extra.append((scales[v], pattern_of(_template(q.scale_of_target(pat.text))), span))
         return extra
 
     def node(self, op: str, args: list[str], params: dict, span, n_out: int = 1) -> list[str]:

@@ -59,7 +59,15 @@ def _rule(r: PlanRule, q) -> PlanRule:
     nodes, renamed = [], {}
     for w, s in pairs.items():
         renamed[w] = f"{w}.dequantized"
-        nodes.append(Node(q.kind.dequant, (w, s), (renamed[w],), tuple(q.dequant_params().items()), r.where))
+        nodes.append(
+            Node(
+                q.kind.dequant,
+                (w, s),
+                (renamed[w],),
+                tuple(q.dequant_params(in_convert=True).items()),
+                r.where,
+            )
+        )
     for node in r.nodes:
         if any(a in scales for a in node.inputs):
             scales.update(node.outputs)

@@ -27,6 +27,7 @@ SAFETENSORS_CODES = {  # a header's dtype code -> convspec's dtype name (convspe
     "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
     "I64": "int64",
     "I32": "int32",
     "I16": "int16",

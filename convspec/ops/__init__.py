@@ -10,7 +10,7 @@ from .cast import Cast
 from .joining import Cat, Chunk, Split
 from .layout import Permute, Reshape, Transpose
 from .mxfp4 import DequantMxfp4
-from .quant import DequantFp8
+from .quant import DequantFp8, DequantFp8Tensor
 from .rope import Deinterleave, Interleave, PermuteRope, UnpermuteRope
 from .stacking import Stack, Unstack
 
@@ -47,6 +47,7 @@ for _op in (
     Deinterleave,
     Cast,
     DequantFp8,
+    DequantFp8Tensor,
     DequantMxfp4,
 ):
     register(_op)

@@ -54,6 +54,32 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: str) -> torch.
     return out.reshape(*prefix, g * b * 2).transpose(1, 2).contiguous()
 
 
+def quantize(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `dequantize`'s layout and the nearest of its values: `w` (finite, as transformers
+    returns gpt-oss experts, `[E, G * block, rows]`, or `out_shape` of more dims) as uint8 blocks
+    `[E, rows, G, block / 2]` and E8M0 scales `[E, rows, G]`. Each block's scale is 2 ** (floor(log2(amax)) - 2), the OCP MX rule (values
+    past 6 saturate; an all-zero block gets 1), each value the nearest FP4 (ties to even), so quantizing
+    a dequantized tensor gives back the same bytes."""
+    import torch
+
+    if w.dim() < 3 or block < 2 or block % 2 or w.transpose(1, 2).shape[-1] % block:
+        raise ValueError(f"quantize: w {list(w.shape)} is no dequantize output of blocks of {block} values")
+    x = w.transpose(1, 2).to(torch.float64)  # [*prefix, G * block], as dequantize makes it before the swap
+    x = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = x.abs().amax(dim=-1)
+    exp = torch.where(amax > 0, torch.frexp(amax)[1] - 1 - 2, 0)  # floor(log2(amax)) - 2
+    scales = (exp + 127).clamp(0, 254).to(torch.uint8)
+    v = x / (scales.to(torch.float64) - 127).exp2().unsqueeze(-1)
+    mag = v.abs().clamp(max=6.0)
+    code = sum(((mag > t) if down else (mag >= t)).to(torch.uint8) for t, down in FP4_CUTS)
+    code = code | torch.signbit(v).to(torch.uint8) << 3
+    return code[..., 0::2] | code[..., 1::2] << 4, scales
+
+
+# where an FP4 magnitude rounds up to the next value, and whether a tie rounds down (to the even code)
+FP4_CUTS = ((0.25, True), (0.75, False), (1.25, True), (1.75, False), (2.5, True), (3.5, False), (5.0, True))
+
+
 class DequantMxfp4(Dequantize):
     name = "dequant_mxfp4"
     doc = (
@@ -85,4 +111,4 @@ class DequantMxfp4(Dequantize):
         return [dequantize(blocks, scales, p.get("dtype", "bfloat16"))]
 
 
-__all__ = ["DequantMxfp4", "dequantize", "out_shape"]
+__all__ = ["DequantMxfp4", "dequantize", "out_shape", "quantize"]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-DTYPE_NAMES = ["float32", "bfloat16", "float16", "float8_e4m3fn", "int8", "bool"]
+DTYPE_NAMES = ["float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e8m0fnu", "int8", "bool"]
 
 
 def random_tensor(shape, dtype: torch.dtype | str, seed: int, finite: bool = False) -> torch.Tensor:
