@@ -416,3 +416,26 @@ def test_per_tensor_and_mxfp4_companions_are_named_by_their_role():
     assert explanation_text(explain(mx, f"{k}_blocks", layout)).splitlines()[1] == (
         f"quantized: uint8, its scale {k}_scales"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "spec: t\nquantization:\n  scheme: fp8_blocks\n  block: [8, 8]\nrules:\n"
+        '  - rename: "{p:path}.attn.{rest:path}"\n    to: "{p}.self_attn.{rest}"\n',
+        "spec t\nquantization fp8_blocks block [8, 8]\n\nrename {p:path}.attn.{rest:path} -> {p}.self_attn.{rest}\n",
+    ],
+    ids=["yaml", "cspec"],
+)
+def test_a_spec_of_either_syntax_with_its_own_quantization_section(text):
+    plan = convspec.compile(parse_spec(text, "t.yaml" if text.startswith("spec:") else "t.cspec"))
+    e = explain(plan, "m.attn.q.weight_scale_inv")
+    assert e.final == "m.self_attn.q.weight_scale_inv"
+    assert explanation_text(e).splitlines()[1] == (
+        "companion: the scale of m.attn.q.weight (fp8_blocks, blocks of [8, 8]): passes through with its weight"
+    )
+
+
+def test_dequantize_without_a_quantization_is_a_usage_error(capsys):
+    assert main(["explain", "mixtral", W1, "--dequantize"]) == 2
+    assert "has no quantization to dequantize" in capsys.readouterr().err
