@@ -502,6 +502,9 @@ class ShardReport(NamedTuple):
             + ", ".join(f"{n} on {a}" for a, n in counts.items())
             + f"; whole on every rank: {whole}"
         )
+        grids = _companions(p)
+        if grids:
+            out.append(f"scale grids placed as their weights: {len(grids)}")
         fall = self.fallbacks()
         if fall:
             out.append(f"read whole or wider than the shard ({len(fall)}):")
@@ -509,6 +512,12 @@ class ShardReport(NamedTuple):
         else:
             out.append("no target is read wider than its shard")
         return out
+
+
+def _companions(p: Placed) -> dict[str, tuple[str, tuple[int, int]]]:
+    from .sharded import companions
+
+    return companions(p.plan, p.placements)
 
 
 def _cuts(placement) -> bool:
