@@ -138,9 +138,10 @@ def load_sharded(
     dtype: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Every converted tensor of `src` as a DTensor on `mesh`, placed as `placements` says (a dict by
-    target key, or a function of it; a key it does not name is replicated). Each rank reads the
-    source bytes of its own shard only. Returns the tensors and what this rank read (`ReadStats`).
-    Every rank calls it; a rank that finds a problem (a placement, a file) makes all of them raise."""
+    target key, or a function of it; a key it does not name is replicated, but the scale grid of a
+    kept quantized weight is placed as its weight). Each rank reads the source bytes of its own shard
+    only. Returns the tensors and what this rank read (`ReadStats`). Every rank calls it; a rank that
+    finds a problem (a placement, a shard that cuts a block, a file) makes all of them raise."""
     choose = placements if callable(placements) else (placements or {}).get
 
     def placing(bound) -> Place:
@@ -242,8 +243,9 @@ def check_placed(plan, shapes: Mapping[str, tuple[int, ...]], placed: Mapping[st
     for target, where in placed.items():
         if where is not None and target not in grids:
             _check_fits(target, shapes[target], *where)
+    seen: dict = {}  # the ranks are walked once per shapes and placements, not once per layer
     for grid, (weight, block) in grids.items():
-        check_grid(weight, shapes[weight], placed[weight], grid, shapes[grid], placed[grid], block)
+        check_grid(weight, shapes[weight], placed[weight], grid, shapes[grid], placed[grid], block, seen)
         if placed[grid] is not None:
             _check_fits(grid, shapes[grid], *placed[grid])
 
@@ -302,18 +304,23 @@ def companions(plan, targets) -> dict[str, tuple[str, tuple[int, int]]]:
     return out
 
 
-_GRID_CHECKS: dict[tuple, tuple[str, str] | None] = {}  # one walk of the ranks per shapes, placements
-MAX_GRID_CHECKS = 4096
 _W, _G = "\0weight", "\0grid"  # the names in a problem found once for every pair alike
 
 
 def check_grid(
-    weight: str, wshape: tuple[int, ...], wwhere, grid: str, gshape: tuple[int, ...], gwhere, block
+    weight: str,
+    wshape: tuple[int, ...],
+    wwhere,
+    grid: str,
+    gshape: tuple[int, ...],
+    gwhere,
+    block: tuple[int, int],
+    seen: dict | None = None,
 ) -> None:
     """Refuse, before any data is read, a weight's shard that cuts a block of its scale grid, and a
     grid placed so that a rank does not hold exactly the blocks of its weight's shard. `wwhere`,
     `gwhere`: (mesh, placements), or None for a tensor read whole. Every rank is checked alike, so
-    every rank finds the same problem."""
+    every rank finds the same problem; `seen` keeps what was found for the same shapes and placements."""
     if len(wshape) < 2 or len(gshape) != len(wshape) or (wwhere is None and gwhere is None):
         return
     if gwhere is not None and not _fits_mesh(gshape, *gwhere):
@@ -327,11 +334,10 @@ def check_grid(
     wp = tuple(wwhere[1]) if wwhere is not None else None
     gp = tuple(gwhere[1]) if gwhere is not None else None
     key = (tuple(wshape), tuple(gshape), _sizes(mesh), _names(mesh), repr(wp), repr(gp), tuple(block))
-    if key not in _GRID_CHECKS:
-        if len(_GRID_CHECKS) >= MAX_GRID_CHECKS:
-            _GRID_CHECKS.clear()
-        _GRID_CHECKS[key] = _grid_problem(wshape, wp, gshape, gp, mesh, tuple(block))
-    problem = _GRID_CHECKS[key]
+    seen = {} if seen is None else seen
+    if key not in seen:
+        seen[key] = _grid_problem(wshape, wp, gshape, gp, mesh, tuple(block))
+    problem = seen[key]
     if problem is not None:
         message, hint = problem
         raise ConvspecError(message.replace(_W, weight).replace(_G, grid), hint=hint)
