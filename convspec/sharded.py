@@ -363,6 +363,12 @@ def _grid_problem(wshape, wp, gshape, gp, mesh, block) -> tuple[str, str] | None
             for r in wregions
         ]
         got = _regions(gshape, sizes, coords, gp)
+        if got != want and gp is None:
+            return (
+                f"{_G} is read whole on every rank, where its weight {_W} is placed {_show(wp)}",
+                "place the scale grid as its weight (a model's scale parameter a DTensor placed as its "
+                "weight), or dequantize",
+            )
         if got != want:
             show = lambda rs: ", ".join(str([list(x) for x in r]) for r in rs)  # noqa: E731
             return (

@@ -151,6 +151,18 @@ def test_whole_blocks_pass_and_a_ragged_last_block_passes_where_its_dim_is_whole
         check_placed(bound.plan, shapes, {"w": (mesh, [Shard(1)]), "w_scale_inv": (mesh, [Shard(1)])})
 
 
+def test_a_grid_read_whole_beside_a_sharded_weight_is_refused(bound):
+    mesh = _Mesh((2,), ("tp",))
+    shapes = {"w": (64, 32), "w_scale_inv": (4, 2)}
+    with pytest.raises(ConvspecError) as exc:
+        check_placed(bound.plan, shapes, {"w": (mesh, [Shard(0)]), "w_scale_inv": None})
+    assert (
+        exc.value.message
+        == "w_scale_inv is read whole on every rank, where its weight w is placed [Shard(dim=0)]"
+    )
+    check_placed(bound.plan, shapes, {"w": None, "w_scale_inv": None})  # both whole: nothing to check
+
+
 # ---- on a gloo mesh ----------------------------------------------------------------------------
 
 WORKER = r"""
