@@ -504,7 +504,8 @@ class ShardReport(NamedTuple):
         )
         grids = _companions(p)
         if grids:
-            out.append(f"scale grids placed as their weights: {len(grids)}")
+            same = sum(p.placements[g] == p.placements[w] for g, (w, _) in grids.items())
+            out.append(f"scale grids placed as their weights: {same} of {len(grids)}")
         fall = self.fallbacks()
         if fall:
             out.append(f"read whole or wider than the shard ({len(fall)}):")

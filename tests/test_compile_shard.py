@@ -429,7 +429,7 @@ def test_compile_shard_places_each_scale_grid_as_its_weight(tmp_path, capsys, mo
     src = write_fp8(tmp_path / "fp8")
     _no_reads(monkeypatch)
     assert main(["compile", "deepseek_v3", "--against", str(src), "--shard", "tp=2"]) == 0
-    assert "scale grids placed as their weights: 9" in capsys.readouterr().out
+    assert "scale grids placed as their weights: 9 of 9" in capsys.readouterr().out
     assert main(["compile", "deepseek_v3", "--against", str(src), "--shard", "tp=2", "--json"]) == 0
     placed = json.loads(capsys.readouterr().out)["placements"]
     grids = [k for k in placed if k.endswith("_scale_inv")]
