@@ -6,6 +6,7 @@ each reads from its own page cache or disk, where a broadcast would add a collec
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -137,13 +138,22 @@ def load_sharded(
     dtype: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], Any]:
     """Every converted tensor of `src` as a DTensor on `mesh`, placed as `placements` says (a dict by
-    target key, or a function of it; a key it does not name is replicated). Each rank reads the
-    source bytes of its own shard only. Returns the tensors and what this rank read (`ReadStats`).
-    Every rank calls it; a rank that finds a problem (a placement, a file) makes all of them raise."""
+    target key, or a function of it; a key it does not name is replicated, but the scale grid of a
+    kept quantized weight is placed as its weight). Each rank reads the source bytes of its own shard
+    only. Returns the tensors and what this rank read (`ReadStats`). Every rank calls it; a rank that
+    finds a problem (a placement, a shard that cuts a block, a file) makes all of them raise."""
     choose = placements if callable(placements) else (placements or {}).get
 
     def placing(bound) -> Place:
-        return lambda target, ndim: (mesh, placements_of(choose(target), ndim))
+        grids = companions(bound.plan, bound.outputs)
+
+        def place(target: str, ndim: int):
+            spec = choose(target)
+            if spec is None and target in grids:  # a scale grid not placed: as its weight is
+                spec = choose(grids[target][0])
+            return mesh, placements_of(spec, ndim)
+
+        return place
 
     return load_placed(plan, src, placing, strict, device, dtype)
 
@@ -177,11 +187,8 @@ def load_placed(
         ckpt = Checkpoint(src)
         bound = bind_checkpoint(plan, ckpt, strict)
         place = placing(bound)
-        placed = {}
-        for target, (shape, _) in bound.outputs.items():
-            placed[target] = where = place(target, len(shape))
-            if where is not None:
-                _check_fits(target, shape, *where)
+        placed = {target: place(target, len(shape)) for target, (shape, _) in bound.outputs.items()}
+        check_placed(bound.plan, {t: s for t, (s, _) in bound.outputs.items()}, placed)
     reader = RegionReader(bound, ckpt)
     loaded = Sharded({}, bound, reader.stats)
     for target, (shape, _) in bound.outputs.items():
@@ -229,6 +236,20 @@ def _mesh_device(mesh: DeviceMesh) -> str:
     return f"{mesh.device_type}:{module.current_device()}"
 
 
+def check_placed(plan, shapes: Mapping[str, tuple[int, ...]], placed: Mapping[str, Any]) -> None:
+    """Every placement fits its tensor (`_check_fits`), and every scale grid of a kept quantized
+    weight holds exactly the blocks of its weight's shard, which cuts no block (`check_grid`)."""
+    grids = companions(plan, shapes)
+    for target, where in placed.items():
+        if where is not None and target not in grids:
+            _check_fits(target, shapes[target], *where)
+    seen: dict = {}  # the ranks are walked once per shapes and placements, not once per layer
+    for grid, (weight, block) in grids.items():
+        check_grid(weight, shapes[weight], placed[weight], grid, shapes[grid], placed[grid], block, seen)
+        if placed[grid] is not None:
+            _check_fits(grid, shapes[grid], *placed[grid])
+
+
 def _check_fits(target: str, shape: tuple[int, ...], mesh, placements: Sequence) -> None:
     """A placement must name one per mesh dim, and cut a dim the tensor has into even shards (DTensor
     would make uneven ones; a checkpoint's shards are meant to be equal); a strided shard cuts a dim
@@ -264,3 +285,141 @@ def _check_fits(target: str, shape: tuple[int, ...], mesh, placements: Sequence)
             f"{target}: a strided shard {list(placements)} with another placement on the same dim",
             hint="cut the dim a strided shard cuts on one mesh dim only",
         )
+
+
+# ---- scale grids of quantized weights (issue 17): placed as their weights, whole blocks a rank ----
+
+
+def companions(plan, targets) -> dict[str, tuple[str, tuple[int, int]]]:
+    """The scale grids among `targets` ({grid: (its weight, the block it has one scale per)}): a
+    block-quantized plan's kept weights' (`plan.quant`); none for a plan that dequantizes."""
+    q = getattr(plan, "quant", None)
+    if q is None or q.block is None or q.dequantize:
+        return {}
+    out = {}
+    for target in targets:
+        grid = None if q.is_companion(target) else q.scale_of(target)
+        if grid is not None and grid != target and grid in targets:
+            out[grid] = (target, q.block)
+    return out
+
+
+_W, _G = "\0weight", "\0grid"  # the names in a problem found once for every pair alike
+
+
+def check_grid(
+    weight: str,
+    wshape: tuple[int, ...],
+    wwhere,
+    grid: str,
+    gshape: tuple[int, ...],
+    gwhere,
+    block: tuple[int, int],
+    seen: dict | None = None,
+) -> None:
+    """Refuse, before any data is read, a weight's shard that cuts a block of its scale grid, and a
+    grid placed so that a rank does not hold exactly the blocks of its weight's shard. `wwhere`,
+    `gwhere`: (mesh, placements), or None for a tensor read whole. Every rank is checked alike, so
+    every rank finds the same problem; `seen` keeps what was found for the same shapes and placements."""
+    if len(wshape) < 2 or len(gshape) != len(wshape) or (wwhere is None and gwhere is None):
+        return
+    if gwhere is not None and not _fits_mesh(gshape, *gwhere):
+        return  # `_check_fits` says what is wrong with the grid's placement
+    mesh = (wwhere or gwhere)[0]
+    if wwhere is not None and gwhere is not None and _ranks_of(wwhere[0]) != _ranks_of(gwhere[0]):
+        raise ConvspecError(
+            f"{grid} lies on another mesh than its weight {weight}",
+            hint="place a scale grid on its weight's mesh, as its weight",
+        )
+    wp = tuple(wwhere[1]) if wwhere is not None else None
+    gp = tuple(gwhere[1]) if gwhere is not None else None
+    key = (tuple(wshape), tuple(gshape), _sizes(mesh), _names(mesh), repr(wp), repr(gp), tuple(block))
+    seen = {} if seen is None else seen
+    if key not in seen:
+        seen[key] = _grid_problem(wshape, wp, gshape, gp, mesh, tuple(block))
+    problem = seen[key]
+    if problem is not None:
+        message, hint = problem
+        raise ConvspecError(message.replace(_W, weight).replace(_G, grid), hint=hint)
+
+
+def _grid_problem(wshape, wp, gshape, gp, mesh, block) -> tuple[str, str] | None:
+    """What `check_grid` refuses (message with the names as `_W` and `_G`, hint), or None. Walks every
+    rank's coordinates along the mesh dims that cut either tensor."""
+    sizes, n = _sizes(mesh), len(wshape)
+    cutting = [i for i in range(len(sizes)) if any(p is not None and cuts(p[i]) for p in (wp, gp))]
+    for picked in itertools.product(*(range(sizes[i]) for i in cutting)):
+        coords = [0] * len(sizes)
+        for i, c in zip(cutting, picked, strict=True):
+            coords[i] = c
+        wregions = _regions(wshape, sizes, coords, wp)
+        for region in wregions:
+            for d, b in zip(range(n - 2, n), block, strict=True):
+                lo, hi = region[d]
+                if lo % b or (hi % b and hi != wshape[d]):
+                    return _cut_message(wshape, wp, mesh, d, b)
+        want = [
+            (*r[:-2], *((lo // b, -(-hi // b)) for (lo, hi), b in zip(r[-2:], block, strict=True)))
+            for r in wregions
+        ]
+        got = _regions(gshape, sizes, coords, gp)
+        if got != want and gp is None:
+            return (
+                f"{_G} is read whole on every rank, where its weight {_W} is placed {_show(wp)}",
+                "place the scale grid as its weight (a model's scale parameter a DTensor placed as its "
+                "weight), or dequantize",
+            )
+        if got != want:
+            show = lambda rs: ", ".join(str([list(x) for x in r]) for r in rs)  # noqa: E731
+            return (
+                f"{_G}: placed {_show(gp)}, the rank at {list(coords)} holds the scales {show(got)}, where "
+                f"the blocks of its weight {_W} (placed {_show(wp)}) are {show(want)}",
+                "leave the scale grid out of the placements (it then follows its weight), or place it as "
+                "its weight",
+            )
+    return None
+
+
+def _cut_message(wshape, wp, mesh, d: int, b: int) -> tuple[str, str]:
+    """Which mesh dims give each rank how many rows (columns) of dim d, cutting blocks of b."""
+    sizes, names = _sizes(mesh), _names(mesh)
+    by = [i for i, p in enumerate(wp) if cuts(p) and p.dim % len(wshape) == d]
+    factor = max((_split_factor(wp[i]) or 1 for i in by), default=1)
+    piece = wshape[d] // (factor * math.prod(sizes[i] for i in by))
+    unit = "rows" if d == len(wshape) - 2 else "columns"
+    axes = ",".join(f"{names[i]}={sizes[i]}" if names else f"a mesh dim of {sizes[i]}" for i in by)
+    parts = f" in each of its {factor} packed parts" if factor > 1 else ""
+    size = "a " + ("/".join(names[i] for i in by) if names else "mesh") + " size"
+    return (
+        f"{_W}: {axes} gives each rank {piece} {unit} of dim {d}{parts}, which cuts the blocks of {b} {unit} "
+        f"its scale grid has one scale per",
+        f"use {size} whose shards are whole blocks of {b}, or dequantize (plan.dequantize(), --dequantize)",
+    )
+
+
+def _fits_mesh(shape, mesh, placements) -> bool:
+    """One placement per mesh dim, each cutting a dim the tensor has."""
+    return len(placements) == mesh.ndim and all(
+        -len(shape) <= p.dim < len(shape) for p in placements if cuts(p)
+    )
+
+
+def _regions(shape, sizes, coords, placements) -> list:
+    if placements is None:
+        return [tuple((0, n) for n in shape)]
+    return [region for region, _ in local_blocks(shape, sizes, coords, placements)]
+
+
+def _show(placements) -> str:
+    return "whole" if placements is None else "[" + ", ".join(map(repr, placements)) + "]"
+
+
+def _names(mesh) -> tuple[str, ...] | None:
+    names = getattr(mesh, "mesh_dim_names", None)
+    return tuple(names) if names else None
+
+
+def _ranks_of(mesh):
+    """Which rank sits where on a mesh (a DeviceMesh's rank layout; a shape for a mesh without one)."""
+    layout = getattr(mesh, "mesh", None)
+    return layout.tolist() if layout is not None else _sizes(mesh)

@@ -151,6 +151,7 @@ class Placed(NamedTuple):
     styles: dict[str, dict[str, str]]
     reasons: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
+    plan: Any = None  # the plan whose scale grids follow their weights (`sharded.companions`)
 
 
 def placements_for(
@@ -203,14 +204,29 @@ def placements_for(
                 else Shard(dim)
             )
         placed[target], styles[target] = tuple(per_dim), used
-    return Placed(tuple(sizes.values()), tuple(sizes), placed, styles, reasons, shapes)
+    plan = getattr(bound, "plan", None)
+    _follow_weights(plan, placed, styles, reasons, overrides)
+    return Placed(tuple(sizes.values()), tuple(sizes), placed, styles, reasons, shapes, plan)
+
+
+def _follow_weights(plan, placed: dict, styles: dict, reasons: dict, overrides: Mapping[str, Any]) -> None:
+    """Each scale grid of a kept quantized weight placed as its weight (the plans name weights, and a
+    module's entry would place a stacked grid by its own style), unless an override names the grid."""
+    from .sharded import companions
+
+    for grid, (weight, _) in companions(plan, placed).items():
+        if any(_matches(pattern, grid) for pattern in overrides):
+            continue
+        placed[grid], styles[grid] = placed[weight], dict(styles[weight])
+        reasons.pop(grid, None)
+        if weight in reasons:
+            reasons[grid] = reasons[weight]
 
 
 def _styles(target: str, sizes: Mapping[str, int], plans: Mapping, overrides: Mapping[str, Any]) -> list:
     """The style (or tensor dim) each mesh axis gives `target`: an override's, else the plans'."""
     for pattern, value in overrides.items():
-        hit = re.fullmatch(pattern[3:], target) if pattern.startswith("re:") else fnmatchcase(target, pattern)
-        if not hit:
+        if not _matches(pattern, target):
             continue
         if isinstance(value, list):
             if len(value) != len(sizes):
@@ -223,6 +239,13 @@ def _styles(target: str, sizes: Mapping[str, int], plans: Mapping, overrides: Ma
         return [value if (axis == "ep") == (value in EP_STYLES) else None for axis in sizes]
     expert = "ep" in sizes and _is_expert(plans.get("ep", {}), target)
     return [None if axis == "tp" and expert else _style_of(plans.get(axis, {}), target) for axis in sizes]
+
+
+def _matches(pattern: str, target: str) -> bool:
+    """Whether an override's pattern (a glob, or a "re:" regex) names `target`."""
+    return bool(
+        re.fullmatch(pattern[3:], target) if pattern.startswith("re:") else fnmatchcase(target, pattern)
+    )
 
 
 def check_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -297,20 +320,20 @@ def _dim_of(style: str | None, shape: tuple[int, ...], name: str) -> tuple[Any, 
 class _Mesh:
     """What `sharded._check_fits` asks of a mesh (its ndim and sizes), with no process group."""
 
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape, self.ndim = shape, len(shape)
+    def __init__(self, shape: tuple[int, ...], names: tuple[str, ...] | None = None):
+        self.shape, self.ndim, self.mesh_dim_names = shape, len(shape), names
 
     def size(self, dim: int) -> int:
         return self.shape[dim]
 
 
 def check_fits(placed: Placed) -> None:
-    """Every placement cuts its dim into even shards, checked as `load_sharded` checks it."""
-    from .sharded import _check_fits
+    """Every placement cuts its dim into even shards, and every scale grid holds its weight shard's
+    blocks, none cut: checked as `load_sharded` checks them (`sharded.check_placed`)."""
+    from .sharded import check_placed
 
-    mesh = _Mesh(placed.mesh_shape)
-    for target, p in placed.placements.items():
-        _check_fits(target, placed.shapes[target], mesh, p)
+    mesh = _Mesh(placed.mesh_shape, placed.mesh_dim_names)
+    check_placed(placed.plan, placed.shapes, {t: (mesh, p) for t, p in placed.placements.items()})
 
 
 def coords_of(rank: int, mesh_shape: Sequence[int]) -> tuple[int, ...]:
@@ -479,6 +502,10 @@ class ShardReport(NamedTuple):
             + ", ".join(f"{n} on {a}" for a, n in counts.items())
             + f"; whole on every rank: {whole}"
         )
+        grids = _companions(p)
+        if grids:
+            same = sum(p.placements[g] == p.placements[w] for g, (w, _) in grids.items())
+            out.append(f"scale grids placed as their weights: {same} of {len(grids)}")
         fall = self.fallbacks()
         if fall:
             out.append(f"read whole or wider than the shard ({len(fall)}):")
@@ -486,6 +513,12 @@ class ShardReport(NamedTuple):
         else:
             out.append("no target is read wider than its shard")
         return out
+
+
+def _companions(p: Placed) -> dict[str, tuple[str, tuple[int, int]]]:
+    from .sharded import companions
+
+    return companions(p.plan, p.placements)
 
 
 def _cuts(placement) -> bool:

@@ -419,3 +419,24 @@ def test_the_bundled_plans_are_what_transformers_says():
         timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_compile_shard_places_each_scale_grid_as_its_weight(tmp_path, capsys, monkeypatch):
+    """A DeepSeek-V3 FP8 checkpoint: every `weight_scale_inv` is placed as its weight (listed in the
+    JSON), and a tp size that cuts a block is the bind error, exit 2 (issue 17)."""
+    from test_sharded_quant import write_fp8
+
+    src = write_fp8(tmp_path / "fp8")
+    _no_reads(monkeypatch)
+    assert main(["compile", "deepseek_v3", "--against", str(src), "--shard", "tp=2"]) == 0
+    assert "scale grids placed as their weights: 9 of 9" in capsys.readouterr().out
+    assert main(["compile", "deepseek_v3", "--against", str(src), "--shard", "tp=2", "--json"]) == 0
+    placed = json.loads(capsys.readouterr().out)["placements"]
+    grids = [k for k in placed if k.endswith("_scale_inv")]
+    assert len(grids) == 9 and all(placed[g] == placed[g.removesuffix("_scale_inv")] for g in grids)
+    assert placed["model.layers.1.mlp.experts.gate_up_proj_scale_inv"] == ["_StridedShard(dim=1, sf=2)"]
+    assert main(["compile", "deepseek_v3", "--against", str(src), "--shard", "tp=4"]) == 2
+    assert _one_error(capsys).startswith(
+        "error: model.layers.0.mlp.down_proj.weight: tp=4 gives each rank 8 columns of dim 1, which cuts "
+        "the blocks of 16 columns"
+    )
