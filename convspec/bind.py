@@ -180,8 +180,12 @@ def _bind(plan: Plan, layout: dict, strict: bool) -> BoundPlan:
 
     for src, dst in passthrough.items():
         emit(dst, infos[src], src)
-    _infer_groups(plan, groups.values(), infos, lead, emit, problems)
-    problems.extend(_companion_problems(plan, infos, outputs, groups.values()))
+    source = layout_problems(plan.quant, infos, "checkpoint") if plan.quant is not None else []
+    if source:  # a weight without its scale, a wrong grid: the groups' own errors would only follow from it
+        problems.extend(source)
+    else:
+        _infer_groups(plan, groups.values(), infos, lead, emit, problems)
+        problems.extend(_companion_problems(plan, outputs, groups.values(), infos))
     # a key no rule touches that the inverse would rename or convert is already in the target layout:
     # it passes through unchanged, and saving back writes it in the original layout
     left = set(unmatched)
@@ -319,16 +323,14 @@ def _dequant_passthrough(plan: Plan, infos: dict, passthrough: dict, unmatched: 
         unmatched[:] = [k for k in unmatched if k not in taken]
 
 
-def _companion_problems(plan: Plan, infos: dict, outputs: dict, groups) -> list[str]:
-    """Quantized weights and their companions, checked on both sides (`convspec.companions`); without
-    a quantization, the converted weights that would leave their scales behind."""
+def _companion_problems(plan: Plan, outputs: dict, groups, infos: dict) -> list[str]:
+    """What the conversion writes of quantized weights and companions (`convspec.companions`), the
+    checkpoint's being checked first; without a quantization, the converted weights that would leave
+    their scales behind."""
     q = plan.quant
     if q is None:
         return unclaimed_scales(plan, infos, {k for g in groups for k in g.source_keys})
-    problems = layout_problems(q, infos, "checkpoint")
-    if not problems and q.dequantize is None:
-        problems = layout_problems(q, outputs, "converted layout")
-    return problems
+    return layout_problems(q, outputs, "converted layout") if q.dequantize is None else []
 
 
 def _unstacked(rule: PlanRule, env: dict[str, Value]) -> tuple[int, int]:

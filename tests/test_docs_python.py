@@ -23,6 +23,7 @@ PAGES = [
     "docs/schema.md",
     "docs/architecture.md",
     "docs/distributed.md",
+    "docs/quantization.md",
 ]
 RUN_ELSEWHERE = {"docs/integrations.md"}
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)

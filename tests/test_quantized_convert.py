@@ -223,13 +223,19 @@ def test_each_companion_problem_is_one_clear_error_before_anything_is_written(
 
 
 def test_a_cat_of_parts_that_are_not_whole_blocks_is_refused_naming_the_part(written):
-    config = {**written["qwen3_moe"].config}
-    config["quantization_config"] = {**config["quantization_config"], "weight_block_size": [12, 16]}
-    plan = convspec.compile("qwen3_moe", config=config)
-    layout = {k: (tuple(t.shape), str(t.dtype)[6:]) for k, t in written["qwen3_moe"].tensors.items()}
+    """Experts of 24 rows in blocks of 16 have good grids (2 rows each), but gate and up joined would
+    put up's first 8 rows in gate's last block: the grid cannot follow."""
+    plan = convspec.compile("qwen3_moe", config=written["qwen3_moe"].config)
+    layout = {}
+    for e in range(2):
+        for n in ("gate_proj", "up_proj"):
+            key = f"model.layers.0.mlp.experts.{e}.{n}.weight"
+            layout[key] = ((24, 32), "float8_e4m3fn")
+            layout[key + "_scale_inv"] = ((2, 2), "float32")
     with pytest.raises(BindError) as exc:
         plan.bind(layout)
-    assert "cat: part 0 has 16 along dim 1, not a whole number of blocks of 12" in str(exc.value)
+    assert "cat: part 0 has 24 along dim 1, not a whole number of blocks of 16" in str(exc.value)
+    assert "keys: model.layers.0.mlp.experts.0.gate_proj.weight" in str(exc.value)
 
 
 def test_without_a_quantization_the_scales_of_converted_weights_are_not_left_behind(written):
