@@ -303,6 +303,8 @@ def _infer_groups(
         for value, pat in rule.outputs:
             vfree = rule.free_of[value]
             for idx, info in env[value].items():
+                if type(info) is str:  # an input written straight to a target: its source key's info
+                    info = infos[info]
                 key = pat.format({**g.keep, **dict(zip(vfree, idx, strict=False))})
                 target, _ = follow_renames(plan, unlead(key, lead), rule.index + 1, True, lead)
                 g.outputs[target] = info

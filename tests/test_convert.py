@@ -339,3 +339,18 @@ def test_a_conversion_of_block_moves_copies_them_whatever_their_size_and_imports
     assert res.stdout.strip() == "False"
     plan = convspec.compile("mixtral", config=src / "config.json")
     assert_same_state(_load_dir(tmp_path / "out"), plan.apply(_load_dir(src)))
+
+
+def test_a_convert_that_writes_an_input_as_it_is_binds_applies_and_converts(tmp_path):
+    """`-> {p}.s = x`: the target is the input itself (bind took the source key for its info)."""
+    from safetensors.torch import save_file
+
+    spec = tmp_path / "bare.yaml"
+    spec.write_text('spec: bare\nrules:\n  - convert:\n      x: "{p:path}.scale"\n    to:\n      "{p}.s": x\n')
+    plan = convspec.compile(spec)
+    assert plan.bind({"a.scale": ((2,), "float32")}).outputs == {"a.s": ((2,), "float32")}
+    assert plan.inverse().apply({"a.s": torch.ones(2)})["a.scale"].tolist() == [1.0, 1.0]
+    (tmp_path / "src").mkdir()
+    save_file({"a.scale": torch.arange(2.0)}, str(tmp_path / "src" / "model.safetensors"))
+    assert main(["convert", str(spec), str(tmp_path / "src"), str(tmp_path / "out"), "--quiet"]) == 0
+    assert load_file(str(tmp_path / "out" / "model.safetensors"))["a.s"].tolist() == [0.0, 1.0]
