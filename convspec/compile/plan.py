@@ -319,7 +319,8 @@ class Plan:
             shard: where each converted tensor lies on `mesh`, as `convspec.sharded.load_sharded`
                 takes it: {target: placement} or a function of the target; a placement is a
                 transformers tp_plan style ("colwise", "rowwise", "experts"), "replicate", or
-                DTensor placements, one per mesh dim. A key it does not name is replicated.
+                DTensor placements, one per mesh dim. A key it does not name is replicated, but
+                a quantized weight's scale grid, which lies as its weight does.
             mesh: a `DeviceMesh`; default one dim over every rank of the job, on `device`'s type.
                 With either, the local shards go to the mesh's device.
 
