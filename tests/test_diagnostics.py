@@ -50,8 +50,8 @@ def collected(path: str) -> list[Diagnostic]:
 
 
 def test_the_compiler_is_an_explicit_ordered_tuple_of_passes():
-    assert [p.name for p in PASSES] == ["includes", "rules", "overlaps", "inverse", "plan"]
-    assert [p.bounded for p in PASSES] == [False, False, True, True, False]
+    assert [p.name for p in PASSES] == ["includes", "quantization", "rules", "overlaps", "inverse", "plan"]
+    assert [p.bounded for p in PASSES] == [False, False, False, True, True, False]
 
 
 def test_collecting_reports_every_error_with_its_code_severity_and_span(tmp_path):
