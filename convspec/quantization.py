@@ -118,7 +118,7 @@ class Quant:
 
     def is_companion(self, text: str) -> bool:
         """Whether `text` (a key or a template's text) names a companion, not a weight."""
-        return any(text.endswith(c) for f in self.forms for c in f.companions)
+        return any(c and text.endswith(c) for f in self.forms for c in f.companions)
 
     @property
     def rank(self) -> int:

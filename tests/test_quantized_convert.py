@@ -296,3 +296,14 @@ def test_a_ragged_grid_dequantizes_by_the_true_block_where_transformers_refuses(
         transformers_dequantized(
             w.dir
         )  # its Fp8Dequantize: "Weight shape (40, 32) not divisible by scale grid (3, 2)"
+
+
+def test_a_quantization_declared_by_an_included_spec_applies_and_the_spec_overrides_the_config(tmp_path):
+    (tmp_path / "fp8.cspec").write_text("spec fp8\nquantization fp8_blocks block [32, 32]\n")
+    (tmp_path / "model.yaml").write_text(
+        "spec: model\nrules:\n  - include: fp8\n  - convert:\n"
+        '      w: "{p:path}.experts.{e:int}.w"\n    to:\n      "{p}.w": stack(w, over=e)\n'
+    )
+    plan = convspec.compile(tmp_path / "model.yaml", config={"quantization_config": {"quant_method": "mxfp4"}})
+    assert (plan.quant.scheme, plan.quant.block) == ("fp8_blocks", (32, 32))
+    assert [p.text for _, p in plan.rules[0].outputs] == ["{p:path}.w", "{p:path}.w_scale_inv"]

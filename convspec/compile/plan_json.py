@@ -310,8 +310,10 @@ def _quant(d: Any) -> Quant:
         raise PlanError(f"quant.scheme: {short(d['scheme'])} is not a scheme ({', '.join(SCHEMES)})")
     for w, cs in d["companions"].items():
         _strings(cs, f"quant.companions[{short(w)}]")
-        if not cs:
-            raise PlanError(f"quant.companions[{short(w)}]: a weight needs at least one companion")
+        if not cs or not all(cs):
+            raise PlanError(
+                f"quant.companions[{short(w)}]: a weight needs companions, each a non-empty suffix"
+            )
     block = d["block"]
     if block is not None and (
         len(block) != 2
