@@ -293,6 +293,13 @@ LEADING = st.one_of(st.integers(0, 6), st.integers(MAX_MEMBERS + 1, MAX_MEMBERS 
 DIMS = st.one_of(st.integers(0, 4), st.sampled_from([2**20, 2**40, 2**61, 2**62]))
 
 
+def unstacked_past_limit(made: dict) -> bool:
+    """Whether unstacking `made` ({key: shape} of bf16 tensors, equal groups) passes bind's limit: more
+    tensors than MAX_UNSTACKED plus one per UNSTACKED_BYTES they hold (checked as groups add up)."""
+    held = sum(extent(s) if all(s) else 0 for s in made.values())  # bytes (extent counts a 0 as 1)
+    return len(made) > MAX_UNSTACKED + held // UNSTACKED_BYTES
+
+
 @CONVERSIONS
 @given(
     spec=st.sampled_from(sorted(MOE)),
@@ -323,6 +330,8 @@ def test_fused_experts_from_a_header_reverse(tmp_path, spec, experts, zero, data
         assert_refused(d, code, text, f"more than the limit of {MAX_MEMBERS} per collection (keys: ")
         assert text.startswith(f"error: {d}/src/model.safetensors: rule "), text
         assert any(f"(keys: {k})" in text for k in shapes), text
+    elif unstacked_past_limit(members(spec, layers, experts, inter, hidden)):
+        assert_refused(d, code, text, "unstacking makes")  # many empty tensors: bind's MAX_UNSTACKED
     else:
         assert code == 0, text
         assert layout_of(d / "out") == {
