@@ -13,8 +13,6 @@ from .ops import OPS, Op, TensorInfo
 from .ops.stacking import MAX_MEMBERS, MembersLimit, too_many
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from .compile.plan import Node, Plan, PlanRule
 
 Index = tuple[str, ...]
@@ -51,10 +49,6 @@ class Interpreter:
 
     def call(self, op: Op, p: dict, leaves: list) -> list:
         raise NotImplementedError
-
-    def call_each(self, op: Op, p: dict, calls: Iterable[list], n: int) -> Iterable[list]:
-        """`call` on the leaves of each of `n` members, in order (an executor may run them at once)."""
-        return (self.call(op, p, leaves) for leaves in calls)
 
     def run(self, rule: PlanRule, env: dict[str, Value]) -> dict[str, Value]:
         """Every value of the rule's DAG, from `env` (its inputs by name); `env` is filled in."""
@@ -121,9 +115,9 @@ class Interpreter:
                     f"({', '.join(f'{c}={v}' for c, v in zip(arg_free, diff, strict=False))} is in only one)"
                 )
         outs: list[Value] = [{} for _ in node.outputs]
-        order = sorted(keys, key=index_order)
-        each = self.call_each(op, p, ([a[idx] for a in args] for idx in order), len(order))
-        for idx, results in zip(order, each, strict=True):
+        call = self.call
+        for idx in sorted(keys, key=index_order):
+            results = call(op, p, [a[idx] for a in args])
             if len(results) != len(node.outputs):
                 raise GroupError(
                     f"{node.op} yields {len(results)} values, the rule names {len(node.outputs)}"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from .bind import BoundPlan, Group, bind
@@ -14,28 +11,10 @@ from .ops import Op, TensorInfo
 
 
 class TorchRun(Interpreter):
-    """The op DAG on tensors: each op's torch apply. An op that computes new values (a cast, a
-    dequantization) runs on a collection's members in threads, one per torch thread: torch frees the
-    GIL inside an op, and such an op is often one no kernel of torch spreads over cores (FP8 -> float32)."""
+    """The op DAG on tensors: each op's torch apply."""
 
     def call(self, op: Op, p: dict, leaves: list) -> list:
         return op.apply(p, leaves)
-
-    def call_each(self, op: Op, p: dict, calls: Iterable[list], n: int) -> Iterable[list]:
-        threads = min(torch.get_num_threads(), n)
-        if not op.changes_values or threads < 2:
-            return super().call_each(op, p, calls, n)
-        return _pool(threads).map(lambda leaves: op.apply(p, leaves), calls)
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per size, kept for the process (made on first use)."""
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="convspec-op")
-    return _POOLS[threads]
 
 
 def run_group(bound: BoundPlan, group: Group, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -44,9 +44,41 @@ def _pattern(tail: str):
 
 
 def _rule(r: PlanRule, q) -> PlanRule:
-    """A convert with its weights dequantized first and its scales' ops and outputs left out."""
+    """A convert that dequantizes: at its outputs where the scheme's grid is one of blocks (the
+    converted weight and its converted grid, which follows it block for block), else first."""
     if r.kind != "convert":
         return r
+    return (_at_outputs(r, q) if q.kind.grid == "blocks" else None) or _first(r, q)
+
+
+def _at_outputs(r: PlanRule, q) -> PlanRule | None:
+    """The weights and their grids move as they do kept (whole FP8 blocks: bytes copied as they are),
+    then each output weight is dequantized once with its grid, the same values as dequantizing each
+    source weight first: every element is its weight times its block's scale. None when an output has
+    no grid beside it."""
+    by_text = {p.text: v for v, p in r.outputs}
+    pairs = {v: by_text.get(q.scale_of_target(p.text)) for v, p in r.outputs}
+    grids = {s for s in pairs.values() if s is not None}
+    if not grids:
+        return None
+    nodes, outputs = list(r.nodes), []
+    for v, p in r.outputs:
+        if v in grids:
+            continue
+        if pairs[v] is None:
+            return None
+        out = f"{v}.dequantized"
+        nodes.append(
+            Node(q.kind.dequant, (v, pairs[v]), (out,), tuple(q.dequant_params(True).items()), r.where)
+        )
+        outputs.append((out, p, None))
+    return replace(
+        check_convert(r.index, r.where, list(r.inputs), outputs, nodes, dict(r.types)), undoes=r.undoes
+    )
+
+
+def _first(r: PlanRule, q) -> PlanRule:
+    """A convert with its weights dequantized first and its scales' ops and outputs left out."""
     by_text = {p.text: n for n, p in r.inputs}
     pairs = {}
     for n, p in r.inputs:

@@ -150,11 +150,16 @@ def _scale_f32(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
+SLAB = 1 << 24  # float32 values dequantized at a time (64 MiB): a larger weight goes by slabs of block rows
+
+
 def dequantize(weight, scale, dtype: str, block: list[int] | tuple[int, int] | None = None):
     """`weight` times `scale` spread over its blocks, in float32, then cast to `dtype`: the same torch
     operations, in the same order, as transformers' `Fp8Dequantize._dequantize_one`. With `block` and
     a last block that is partial, the weight is padded to whole blocks first and the result cropped:
-    each element is still its float32 product, cast."""
+    each element is still its float32 product, cast. A weight of more than SLAB values is dequantized
+    slab by slab of whole block rows into its output (each element the same product): the float32
+    temporaries stay small, and a fused tensor is written once."""
     import torch
 
     from ..dtypes import DTYPES
@@ -162,17 +167,44 @@ def dequantize(weight, scale, dtype: str, block: list[int] | tuple[int, int] | N
     rows, cols = weight.shape[-2:]
     grid_rows, grid_cols = scale.shape[-2:]
     if block is None:
-        block_rows, block_cols = rows // grid_rows, cols // grid_cols
+        sizes = rows // grid_rows, cols // grid_cols
     else:  # a block past its dim is the dim (one block): padded by less than a block, never by a huge one
-        block_rows, block_cols = min(block[0], rows) or 1, min(block[1], cols) or 1
+        sizes = min(block[0], rows) or 1, min(block[1], cols) or 1
+    if weight.numel() <= SLAB or weight.device.type == "meta":
+        return _dequantize(weight, scale, DTYPES[dtype], sizes)
+    out = torch.empty(weight.shape, dtype=DTYPES[dtype], device=weight.device)
+    w3, s3, o3 = (
+        weight.reshape(-1, rows, cols),
+        scale.reshape(-1, grid_rows, grid_cols),
+        out.view(-1, rows, cols),
+    )
+    step = max(1, SLAB // max(sizes[0] * cols, 1))  # block rows a slab holds
+    for i in range(w3.shape[0]):
+        for g in range(0, grid_rows, step):
+            r0, r1 = g * sizes[0], min((g + step) * sizes[0], rows)
+            _dequantize(w3[i, r0:r1], s3[i, g : g + step], DTYPES[dtype], sizes, out=o3[i, r0:r1])
+    return out
+
+
+def _dequantize(weight, scale, dtype, sizes: tuple[int, int], out=None):
+    """One slab: the float32 product of each element and its block's scale, cast to `dtype` (into
+    `out` when given: `copy_` casts as `to` does, without a tensor between)."""
+    import torch
+
+    rows, cols = weight.shape[-2:]
+    grid_rows, grid_cols = scale.shape[-2:]
+    block_rows, block_cols = sizes
     w32 = weight.to(torch.float32)
     padded = (grid_rows * block_rows, grid_cols * block_cols)
     if padded != (rows, cols):
         w32 = torch.nn.functional.pad(w32, (0, padded[1] - cols, 0, padded[0] - rows))
     q = w32.reshape(*weight.shape[:-2], grid_rows, block_rows, grid_cols, block_cols)
     s = _scale_f32(scale).unsqueeze(-1).unsqueeze(-3)  # [..., grid_rows, 1, grid_cols, 1]
-    out = (q * s).to(DTYPES[dtype]).reshape(*weight.shape[:-2], *padded)
-    return out if padded == (rows, cols) else out[..., :rows, :cols].contiguous()
+    q = q.mul_(s).reshape(*weight.shape[:-2], *padded)  # the float32 product, in place (as `q * s`)
+    q = q if padded == (rows, cols) else q[..., :rows, :cols]
+    if out is not None:
+        return out.copy_(q)
+    return q.to(dtype).contiguous()
 
 
 class DequantFp8Tensor(Dequantize):
