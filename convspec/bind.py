@@ -254,7 +254,11 @@ def _infer_groups(
                 )
             )
             continue
+        blocks = plan.quant is not None  # first: a cut block explains the shapes that would follow
         try:  # the members' leaves are source keys: infer looks their TensorInfos up
+            if blocks:
+                check_group(plan, rule, g.members, infos)
+            blocks = False
             env = infer.run(rule, dict(g.members))
         except MembersLimit as exc:
             raise LimitError(
@@ -269,21 +273,15 @@ def _infer_groups(
             ) from None
         except (GroupError, OpError) as exc:
             msg = exc.message if isinstance(exc, OpError) else str(exc)
+            if blocks and plan.quant.dequantize is not None:  # it joins FP8 blocks, then dequantizes them
+                msg += (
+                    "; this plan joins the FP8 weights before it dequantizes them: write the rule with "
+                    "dequant_fp8 on each weight to dequantize them first (docs/quantization.md)"
+                )
             problems.append(
                 Problem(f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})", rule.number)
             )
             continue
-        if plan.quant is not None:
-            try:
-                check_group(plan, rule, g.members, infos)
-            except (GroupError, OpError) as exc:
-                msg = exc.message if isinstance(exc, OpError) else str(exc)
-                problems.append(
-                    Problem(
-                        f"{rule.label}: group {g.name}: {msg} (keys: {_short(g.source_keys)})", rule.number
-                    )
-                )
-                continue
         n, size = _unstacked(rule, env)
         made, held = made + n, held + size
         if made > MAX_UNSTACKED + held // UNSTACKED_BYTES:

@@ -236,6 +236,10 @@ def test_a_cat_of_parts_that_are_not_whole_blocks_is_refused_naming_the_part(wri
         plan.bind(layout)
     assert "cat: part 0 has 24 along dim 1, not a whole number of blocks of 16" in str(exc.value)
     assert "keys: model.layers.0.mlp.experts.0.gate_proj.weight" in str(exc.value)
+    with pytest.raises(BindError) as exc:  # the dequantizing plan joins FP8 blocks too, then dequantizes
+        plan.dequantize().bind(layout)
+    assert "not a whole number of blocks of 16" in str(exc.value)
+    assert "write the rule with dequant_fp8 on each weight to dequantize them first" in str(exc.value)
 
 
 def test_without_a_quantization_the_scales_of_converted_weights_are_not_left_behind(written):
