@@ -558,3 +558,21 @@ def test_on_cuda_as_transformers_on_cuda(sdtype):
     )
     for p in ({"dtype": "float32"}, {"dtype": "bfloat16", "compute": "float32"}):
         assert bit_equal(TENSOR_OP.apply(p, [t, ts])[0].cpu(), TENSOR_OP.apply(p, [t.cpu(), ts.cpu()])[0])
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 48), (70, 33), (2, 64, 32)], ids=str)
+def test_a_weight_dequantized_by_slabs_is_the_weight_dequantized_whole(shape, monkeypatch):
+    """Past SLAB values a weight goes by slabs of whole block rows, written into its output: each
+    element is still its float32 product, cast (ragged blocks too)."""
+    from convspec.ops import quant
+
+    torch.manual_seed(7)
+    w = torch.randn(*shape).to(torch.float8_e4m3fn)
+    grid = (-(-shape[-2] // 16), -(-shape[-1] // 16))
+    s = torch.rand(*shape[:-2], *grid) + 0.1
+    whole = quant.dequantize(w, s, "bfloat16", [16, 16])
+    monkeypatch.setattr(quant, "SLAB", 16 * 16)  # a slab of one block row (or less)
+    slabs = quant.dequantize(w, s, "bfloat16", [16, 16])
+    assert torch.equal(whole.view(torch.int16), slabs.view(torch.int16))
+    full = s.repeat_interleave(16, -2).repeat_interleave(16, -1)[..., : shape[-2], : shape[-1]]
+    assert torch.equal(whole.view(torch.int16), (w.float() * full).to(torch.bfloat16).view(torch.int16))

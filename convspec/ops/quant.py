@@ -198,8 +198,11 @@ def _dequantize(weight, scale, dtype, sizes: tuple[int, int], out=None):
     padded = (grid_rows * block_rows, grid_cols * block_cols)
     if padded != (rows, cols):
         w32 = torch.nn.functional.pad(w32, (0, padded[1] - cols, 0, padded[0] - rows))
-    q = w32.reshape(*weight.shape[:-2], grid_rows, block_rows, grid_cols, block_cols)
+    blocked = (*weight.shape[:-2], grid_rows, block_rows, grid_cols, block_cols)
+    q = w32.reshape(blocked)
     s = _scale_f32(scale).unsqueeze(-1).unsqueeze(-3)  # [..., grid_rows, 1, grid_cols, 1]
+    if out is not None and padded == (rows, cols):  # the float32 product cast as it is written
+        return torch.mul(q, s, out=out.view(blocked))
     q = q.mul_(s).reshape(*weight.shape[:-2], *padded)  # the float32 product, in place (as `q * s`)
     q = q if padded == (rows, cols) else q[..., :rows, :cols]
     if out is not None:
