@@ -150,7 +150,7 @@ def _scale_f32(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
-SLAB = 1 << 24  # float32 values dequantized at a time (64 MiB): a larger weight goes by slabs of block rows
+SLAB = 1 << 21  # float32 values dequantized at a time (8 MiB): a larger weight goes by slabs of block rows
 
 
 def dequantize(weight, scale, dtype: str, block: list[int] | tuple[int, int] | None = None):
