@@ -59,10 +59,13 @@ def load(mode: str, d: Path) -> dict:
     import torch
 
     if mode == "read":  # every byte of every shard into memory, nothing else
-        return {
-            f.name: torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8)
-            for f in d.glob("*.safetensors")
-        }
+        out = {}
+        for f in d.glob("*.safetensors"):
+            buf = bytearray(f.stat().st_size)
+            with open(f, "rb") as fh:
+                fh.readinto(buf)
+            out[f.name] = torch.frombuffer(buf, dtype=torch.uint8)
+        return out
     if mode == "transformers":
         sys.path.insert(0, str(ROOT))
         import transformers
