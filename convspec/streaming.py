@@ -103,7 +103,7 @@ def stream_bound(
 
             from .run import run_group
 
-            with torch.no_grad(), _few_threads(torch):
+            with torch.no_grad(), _few_threads(torch, computes(what.rule)):
                 if not on_cpu:
                     tensors = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
                 outs = run_group(bound, what, tensors)
@@ -116,13 +116,21 @@ READ_AHEAD = (os.cpu_count() or 1) > 2  # with two cores or fewer, a reader thre
 # threads slows both (60 `torch.cat` of a DeepSeek layout: 1.2 s with it, 0.03-0.11 s without)
 
 
+def computes(rule) -> bool:
+    """Whether a rule computes values (dequantizes, casts): work every core should share."""
+    from .ops import OPS
+
+    return any(OPS[n.op].changes_values for n in rule.nodes)
+
+
 @contextmanager
-def _few_threads(torch) -> Iterator[None]:
-    """One torch thread for a group's ops where cores are few: waking a second one costs more than
-    the copies it shares (DeepSeek's 58 `torch.cat`: 1.2 s with two threads, 0.05 s with one, on a busy
-    2-core machine). The ops only move and cast values, so the bits do not depend on it."""
+def _few_threads(torch, computing: bool = False) -> Iterator[None]:
+    """One torch thread for a group's ops where cores are few, unless they compute values: waking a
+    second one costs more than the copies it shares (DeepSeek's 58 `torch.cat`: 1.2 s with two
+    threads, 0.05 s with one, on a busy 2-core machine), but a dequantization is work for both. The
+    bits do not depend on the threads."""
     before = torch.get_num_threads()
-    if READ_AHEAD or before == 1:
+    if READ_AHEAD or before == 1 or computing:
         yield
         return
     torch.set_num_threads(1)
