@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from .interpret import Interpreter
 from .ops import TensorInfo
-from .quantization import SCHEMES, Quant, suffix
+from .quantization import SCHEMES, Quant, resolve_quant, suffix
+from .spec.model import Quantization
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -28,7 +29,7 @@ def layout_problems(q: Quant, layout: dict[str, TensorInfo], side: str) -> list[
         found.setdefault(kind, []).append(msg)
 
     for key, info in layout.items():
-        owner = _owner(q, key)
+        owner = owner_of(q, key)
         if owner is not None:
             weight, role = owner
             if weight not in layout:
@@ -50,7 +51,7 @@ def layout_problems(q: Quant, layout: dict[str, TensorInfo], side: str) -> list[
     return problems
 
 
-def _owner(q: Quant, key: str) -> tuple[str, int] | None:
+def owner_of(q: Quant, key: str) -> tuple[str, int] | None:
     """The weight a companion key belongs to, and which of its companions it is (0: the scale)."""
     for form in q.forms:
         for role, c in enumerate(form.companions):
@@ -95,9 +96,9 @@ def unclaimed_scales(plan: Plan, layout: dict[str, TensorInfo], converted: set[s
     them (it would be left behind, an orphan of a weight that no longer exists)."""
     problems = []
     for scheme in SCHEMES.values():
-        q = Quant(scheme.name, _forms(scheme), (1, 1) if scheme.grid == "blocks" else None)
+        q = resolve_quant(Quantization(scheme=scheme.name), None)
         for key in layout:
-            owner = _owner(q, key)
+            owner = owner_of(q, key)
             if owner is not None and owner[1] == 0 and owner[0] in converted and key not in converted:
                 w = layout[owner[0]]
                 if w.dtype in scheme.weight_dtypes:
@@ -111,12 +112,6 @@ def unclaimed_scales(plan: Plan, layout: dict[str, TensorInfo], converted: set[s
     if len(problems) > MAX_SHOWN:
         problems = [*problems[:MAX_SHOWN], f"... and {len(problems) - MAX_SHOWN} more like it"]
     return problems
-
-
-def _forms(scheme):
-    from .quantization import Form
-
-    return tuple(Form(suffix(w), tuple(suffix(c) for c in cs)) for w, cs in scheme.companions)
 
 
 class Blocks(Interpreter):
@@ -229,4 +224,4 @@ def drop_quantization_config(path: Path, dtype: str) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-__all__ = ["Blocks", "check_group", "expected_grid", "layout_problems", "unclaimed_scales"]
+__all__ = ["Blocks", "check_group", "expected_grid", "layout_problems", "owner_of", "unclaimed_scales"]

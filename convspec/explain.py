@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .bind import as_infos
-from .companions import _owner
+from .companions import owner_of
 from .compile.patterns import OffsetError, Pattern
 from .compile.plan import Plan, PlanRule
 from .errors import ConvspecError, NotInvertibleError
@@ -231,7 +231,7 @@ def _quantized(q: Quant | None, key: str, passes: bool, infos: dict | None) -> Q
     layout, a weight of the scheme's dtype."""
     if q is None:
         return None
-    owner = _owner(q, key)
+    owner = owner_of(q, key)
     if owner is not None:
         weight, role = owner
         companion = next(c for f in q.forms for c in f.companions if c and key.endswith(c))
