@@ -329,7 +329,7 @@ def _companion_problems(plan: Plan, outputs: dict, groups, infos: dict) -> list[
     their scales behind."""
     q = plan.quant
     if q is None:
-        return unclaimed_scales(plan, infos, {k for g in groups for k in g.source_keys})
+        return unclaimed_scales(plan, infos, [k for g in groups for k in g.source_keys])
     return layout_problems(q, outputs, "converted layout") if q.dequantize is None else []
 
 

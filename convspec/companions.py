@@ -4,6 +4,7 @@ and no op of a group cuts a block of a quantized weight (`Op.carry_blocks`)."""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import TYPE_CHECKING
 
 from .interpret import Interpreter
@@ -91,27 +92,46 @@ def expected_grid(q: Quant, weight: tuple[int, ...], scale: tuple[int, ...]) -> 
     return [(*lead,), (*lead, 1), (*lead, weight[-2], 1)] if len(weight) >= 2 else None
 
 
-def unclaimed_scales(plan: Plan, layout: dict[str, TensorInfo], converted: set[str]) -> list[str]:
-    """Without a quantization in the plan: the converted weights whose scale no convert takes with
-    them (it would be left behind, an orphan of a weight that no longer exists)."""
+def unclaimed_scales(plan: Plan, layout: dict[str, TensorInfo], converted: list[str]) -> list[str]:
+    """Without a quantization in the plan: the converted weights (`converted`, source keys in group
+    order) whose scale no convert takes with them (it would be left behind, an orphan of a weight that
+    no longer exists). Only the converted keys of a quantized dtype are looked at: binding a plain
+    checkpoint costs a dtype test per converted key."""
+    quantized = [k for k in converted if layout[k].dtype in WEIGHT_DTYPES]
+    if not quantized:
+        return []
+    taken = set(converted)
     problems = []
     for scheme in SCHEMES.values():
-        q = resolve_quant(Quantization(scheme=scheme.name), None)
-        for key in layout:
-            owner = owner_of(q, key)
-            if owner is not None and owner[1] == 0 and owner[0] in converted and key not in converted:
-                w = layout[owner[0]]
-                if w.dtype in scheme.weight_dtypes:
-                    problems.append(
-                        f"{owner[0]} is a quantized weight ({w.dtype}) with the scale {key}, and a convert "
-                        f"claims it, but the plan {plan.name} has no quantization: its scales would be left "
-                        "behind, no longer matching"
-                    )
+        q = _own_quant(scheme.name)
+        for key in quantized:
+            scale = q.scale_of(key)
+            w = layout[key]
+            if (
+                w.dtype in scheme.weight_dtypes
+                and not q.is_companion(key)
+                and scale in layout
+                and scale not in taken
+            ):
+                problems.append(
+                    f"{key} is a quantized weight ({w.dtype}) with the scale {scale}, and a convert "
+                    f"claims it, but the plan {plan.name} has no quantization: its scales would be left "
+                    "behind, no longer matching"
+                )
         if problems:
             break
     if len(problems) > MAX_SHOWN:
         problems = [*problems[:MAX_SHOWN], f"... and {len(problems) - MAX_SHOWN} more like it"]
     return problems
+
+
+WEIGHT_DTYPES = frozenset(d for s in SCHEMES.values() for d in s.weight_dtypes)
+
+
+@cache
+def _own_quant(scheme: str) -> Quant:
+    """A scheme with its own companions and default block, resolved once."""
+    return resolve_quant(Quantization(scheme=scheme), None)
 
 
 class Blocks(Interpreter):
