@@ -192,7 +192,7 @@ def compile(  # noqa: A001
     if not isinstance(spec, Spec):
         spec = load_spec(spec)
     plan = compile_spec(spec, load_config(config), resolve=_resolver(spec))
-    return plan.dequantize(dequantize if isinstance(dequantize, str) else "bfloat16") if dequantize else plan
+    return plan.for_dtype(None, dequantize)
 
 
 def _resolver(spec: Spec):

@@ -40,10 +40,9 @@ def layout_problems(q: Quant, layout: dict[str, TensorInfo], side: str) -> list[
                 if problem:
                     say("grid", problem)
             continue
-        if info.dtype in scheme.weight_dtypes and q.form_of(key) is not None:
-            scale = q.scale_of(key)
-            if scale not in layout:
-                say("missing", f"{key} is a quantized weight ({info.dtype}) without its scale {scale}")
+        scale = q.scale_of(key) if info.dtype in scheme.weight_dtypes else None
+        if scale is not None and scale not in layout:
+            say("missing", f"{key} is a quantized weight ({info.dtype}) without its scale {scale}")
     problems = []
     for msgs in found.values():
         problems += msgs[:MAX_SHOWN]
@@ -188,25 +187,28 @@ def dequant_rule(plan: Plan) -> PlanRule:
 
 
 def _dequant_rule(plan: Plan) -> PlanRule:
+    from .compile.dequantize import dequant_node
     from .compile.patterns import Pattern
-    from .compile.plan import Node, PlanRule
+    from .compile.plan import PlanRule
     from .errors import Span
 
     q = plan.quant
     form = q.forms[0]
-    path = (("cap", "k", "path"),)
-    pat = lambda tail: Pattern("{k:path}" + tail, path + ((("lit", tail, None),) if tail else ()))  # noqa: E731
-    where = Span(f"the {q.scheme} quantization", 0, 0)
-    node = Node(q.kind.dequant, ("w", "w.scale"), ("%1",), tuple(q.dequant_params().items()), where)
+
+    # made here: a spec may not write `{k:path}_scale_inv` (a path capture stands for whole segments)
+    def pattern(tail: str) -> Pattern:
+        return Pattern("{k:path}" + tail, (("cap", "k", "path"),) + ((("lit", tail, None),) if tail else ()))
+
+    node = dequant_node(q, "w", "w.scale", Span(f"the {q.scheme} quantization", 0, 0), in_convert=False)
     return PlanRule(
         index=len(plan.rules),
         kind="convert",
         where=node.where,
-        inputs=(("w", pat(form.weight)), ("w.scale", pat(form.companions[0]))),
-        outputs=(("%1", pat("")),),
+        inputs=(("w", pattern(form.weight)), ("w.scale", pattern(form.companions[0]))),
+        outputs=((node.outputs[0], pattern("")),),
         nodes=(node,),
         keep=("k",),
-        free=(("%1", ()), ("w", ()), ("w.scale", ())),
+        free=((node.outputs[0], ()), ("w", ()), ("w.scale", ())),
         types=(("k", "path"),),
     )
 
@@ -215,12 +217,10 @@ def passthrough_pairs(q: Quant, layout: dict[str, TensorInfo], passthrough: dict
     """The quantized weights that pass through (renamed or not) with their scale: (weight, scale,
     the key the dequantized weight is written as)."""
     for key, dst in passthrough.items():
-        info = layout[key]
-        form = q.form_of(key)
-        if form is None or info.dtype not in q.kind.weight_dtypes or q.is_companion(key):
+        scale = q.scale_of(key)
+        if scale is None or layout[key].dtype not in q.kind.weight_dtypes or q.is_companion(key):
             continue
-        scale = form.stem(key) + form.companions[0]
-        out = form.stem(dst)
+        out = q.form_of(key).stem(dst)
         if scale in passthrough and out is not None:
             yield key, scale, out + suffix(q.kind.dequantized)
 

@@ -81,10 +81,6 @@ class Form:
         """The `{w}` of a weight key of this form, or None when the key is not one."""
         return key[: len(key) - len(self.weight)] if key.endswith(self.weight) else None
 
-    def companion_keys(self, key: str) -> tuple[str, ...]:
-        stem = self.stem(key)
-        return () if stem is None else tuple(stem + c for c in self.companions)
-
 
 @dataclass(frozen=True)
 class Quant:

@@ -43,6 +43,13 @@ def _pattern(tail: str):
     return pattern_of(_template("{q:path}" + tail))
 
 
+def dequant_node(q, weight: str, scale: str, where: Span, in_convert: bool = True) -> Node:
+    """`weight.dequantized = <the scheme's op>(weight, scale, ...)`: the one node every dequantizing
+    rule adds (in a convert, with the scheme's params for converts)."""
+    params = q.dequant_params(in_convert)
+    return Node(q.kind.dequant, (weight, scale), (f"{weight}.dequantized",), tuple(params.items()), where)
+
+
 def _rule(r: PlanRule, q) -> PlanRule:
     """A convert that dequantizes: at its outputs where the scheme's grid is one of blocks (the
     converted weight and its converted grid, which follows it block for block), else first."""
@@ -67,11 +74,8 @@ def _at_outputs(r: PlanRule, q) -> PlanRule | None:
             continue
         if pairs[v] is None:
             return None
-        out = f"{v}.dequantized"
-        nodes.append(
-            Node(q.kind.dequant, (v, pairs[v]), (out,), tuple(q.dequant_params(True).items()), r.where)
-        )
-        outputs.append((out, p, None))
+        nodes.append(dequant_node(q, v, pairs[v], r.where))
+        outputs.append((nodes[-1].outputs[0], p, None))
     return replace(
         check_convert(r.index, r.where, list(r.inputs), outputs, nodes, dict(r.types)), undoes=r.undoes
     )
@@ -90,16 +94,8 @@ def _first(r: PlanRule, q) -> PlanRule:
     scales = {n for n, p in r.inputs if q.is_companion(p.text)}
     nodes, renamed = [], {}
     for w, s in pairs.items():
-        renamed[w] = f"{w}.dequantized"
-        nodes.append(
-            Node(
-                q.kind.dequant,
-                (w, s),
-                (renamed[w],),
-                tuple(q.dequant_params(in_convert=True).items()),
-                r.where,
-            )
-        )
+        nodes.append(dequant_node(q, w, s, r.where))
+        renamed[w] = nodes[-1].outputs[0]
     for node in r.nodes:
         if any(a in scales for a in node.inputs):
             scales.update(node.outputs)
