@@ -133,6 +133,21 @@ def _own_quant(scheme: str) -> Quant:
     return resolve_quant(Quantization(scheme=scheme), None)
 
 
+def scale_grids(plan, targets) -> dict[str, tuple[str, tuple[int, int]]]:
+    """The scale grids among `targets` ({grid: (its weight, the block it has one scale per)}): a
+    block-quantized plan's kept weights' (`plan.quant`); none for a plan that dequantizes. A sharded
+    load places each as its weight."""
+    q = getattr(plan, "quant", None)
+    if q is None or q.block is None or q.dequantize:
+        return {}
+    out = {}
+    for target in targets:
+        grid = None if q.is_companion(target) else q.scale_of(target)
+        if grid is not None and grid != target and grid in targets:
+            out[grid] = (target, q.block)
+    return out
+
+
 class Blocks(Interpreter):
     """The quantized weights of a group through its ops, as (TensorInfo, blocks) leaves: each op says
     where its outputs' blocks are (`Op.carry_blocks`), or that it cuts one (OpError)."""
@@ -244,4 +259,12 @@ def drop_quantization_config(path: Path, dtype: str) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-__all__ = ["Blocks", "check_group", "expected_grid", "layout_problems", "owner_of", "unclaimed_scales"]
+__all__ = [
+    "Blocks",
+    "check_group",
+    "expected_grid",
+    "layout_problems",
+    "owner_of",
+    "scale_grids",
+    "unclaimed_scales",
+]

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .companions import scale_grids
 from .errors import ConvspecError
 from .ranks import agreed
 from .streaming import Loaded
@@ -145,7 +146,7 @@ def load_sharded(
     choose = placements if callable(placements) else (placements or {}).get
 
     def placing(bound) -> Place:
-        grids = companions(bound.plan, bound.outputs)
+        grids = scale_grids(bound.plan, bound.outputs)
 
         def place(target: str, ndim: int):
             spec = choose(target)
@@ -239,7 +240,7 @@ def _mesh_device(mesh: DeviceMesh) -> str:
 def check_placed(plan, shapes: Mapping[str, tuple[int, ...]], placed: Mapping[str, Any]) -> None:
     """Every placement fits its tensor (`_check_fits`), and every scale grid of a kept quantized
     weight holds exactly the blocks of its weight's shard, which cuts no block (`check_grid`)."""
-    grids = companions(plan, shapes)
+    grids = scale_grids(plan, shapes)
     for target, where in placed.items():
         if where is not None and target not in grids:
             _check_fits(target, shapes[target], *where)
@@ -288,20 +289,6 @@ def _check_fits(target: str, shape: tuple[int, ...], mesh, placements: Sequence)
 
 
 # ---- scale grids of quantized weights (issue 17): placed as their weights, whole blocks a rank ----
-
-
-def companions(plan, targets) -> dict[str, tuple[str, tuple[int, int]]]:
-    """The scale grids among `targets` ({grid: (its weight, the block it has one scale per)}): a
-    block-quantized plan's kept weights' (`plan.quant`); none for a plan that dequantizes."""
-    q = getattr(plan, "quant", None)
-    if q is None or q.block is None or q.dequantize:
-        return {}
-    out = {}
-    for target in targets:
-        grid = None if q.is_companion(target) else q.scale_of(target)
-        if grid is not None and grid != target and grid in targets:
-            out[grid] = (target, q.block)
-    return out
 
 
 _W, _G = "\0weight", "\0grid"  # the names in a problem found once for every pair alike

@@ -151,7 +151,7 @@ class Placed(NamedTuple):
     styles: dict[str, dict[str, str]]
     reasons: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
-    plan: Any = None  # the plan whose scale grids follow their weights (`sharded.companions`)
+    plan: Any = None  # the plan whose scale grids follow their weights (`companions.scale_grids`)
 
 
 def placements_for(
@@ -212,9 +212,9 @@ def placements_for(
 def _follow_weights(plan, placed: dict, styles: dict, reasons: dict, overrides: Mapping[str, Any]) -> None:
     """Each scale grid of a kept quantized weight placed as its weight (the plans name weights, and a
     module's entry would place a stacked grid by its own style), unless an override names the grid."""
-    from .sharded import companions
+    from .companions import scale_grids
 
-    for grid, (weight, _) in companions(plan, placed).items():
+    for grid, (weight, _) in scale_grids(plan, placed).items():
         if any(_matches(pattern, grid) for pattern in overrides):
             continue
         placed[grid], styles[grid] = placed[weight], dict(styles[weight])
@@ -516,9 +516,9 @@ class ShardReport(NamedTuple):
 
 
 def _companions(p: Placed) -> dict[str, tuple[str, tuple[int, int]]]:
-    from .sharded import companions
+    from .companions import scale_grids
 
-    return companions(p.plan, p.placements)
+    return scale_grids(p.plan, p.placements)
 
 
 def _cuts(placement) -> bool:

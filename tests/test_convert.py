@@ -346,7 +346,9 @@ def test_a_convert_that_writes_an_input_as_it_is_binds_applies_and_converts(tmp_
     from safetensors.torch import save_file
 
     spec = tmp_path / "bare.yaml"
-    spec.write_text('spec: bare\nrules:\n  - convert:\n      x: "{p:path}.scale"\n    to:\n      "{p}.s": x\n')
+    spec.write_text(
+        'spec: bare\nrules:\n  - convert:\n      x: "{p:path}.scale"\n    to:\n      "{p}.s": x\n'
+    )
     plan = convspec.compile(spec)
     assert plan.bind({"a.scale": ((2,), "float32")}).outputs == {"a.s": ((2,), "float32")}
     assert plan.inverse().apply({"a.s": torch.ones(2)})["a.scale"].tolist() == [1.0, 1.0]

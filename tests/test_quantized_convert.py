@@ -308,6 +308,8 @@ def test_a_quantization_declared_by_an_included_spec_applies_and_the_spec_overri
         "spec: model\nrules:\n  - include: fp8\n  - convert:\n"
         '      w: "{p:path}.experts.{e:int}.w"\n    to:\n      "{p}.w": stack(w, over=e)\n'
     )
-    plan = convspec.compile(tmp_path / "model.yaml", config={"quantization_config": {"quant_method": "mxfp4"}})
+    plan = convspec.compile(
+        tmp_path / "model.yaml", config={"quantization_config": {"quant_method": "mxfp4"}}
+    )
     assert (plan.quant.scheme, plan.quant.block) == ("fp8_blocks", (32, 32))
     assert [p.text for _, p in plan.rules[0].outputs] == ["{p:path}.w", "{p:path}.w_scale_inv"]

@@ -18,9 +18,10 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import convspec
+from convspec.companions import scale_grids
 from convspec.errors import ConvspecError
 from convspec.io.checkpoint import Checkpoint
-from convspec.sharded import check_placed, companions
+from convspec.sharded import check_placed
 from convspec.shardplan import _Mesh, placements_for, shard_report
 from convspec.streaming import bind_checkpoint
 
@@ -85,7 +86,7 @@ DENSE_GATE = "model.layers.0.mlp.gate_proj.weight"
 
 
 def test_each_scale_grid_is_placed_as_its_weight(bound):
-    grids = companions(bound.plan, bound.outputs)
+    grids = scale_grids(bound.plan, bound.outputs)
     assert grids[f"{GATE_UP}_scale_inv"] == (GATE_UP, (16, 16))
     assert len(grids) == 9  # every FP8 weight the conversion writes has its grid
     for shard in ("tp=2", "ep=2", "tp=2,ep=2"):
