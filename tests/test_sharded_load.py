@@ -135,6 +135,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import convspec
+from tests.helpers.placements import model_holding
 
 
 def same(t, want):  # a DTensor's local shard against the full tensor cut as torch's placements cut it
@@ -153,20 +154,15 @@ try:
     mesh = init_device_mesh("cpu", (world,))
 
     # a model whose parameters are the converted keys, some of them DTensors as parallelize_module makes
-    model = torch.nn.Module()
-    for key, t in full.items():
-        owner = model
-        *path, name = key.split(".")
-        for part in path:
-            if not hasattr(owner, part):
-                owner.add_module(part, torch.nn.Module())
-            owner = getattr(owner, part)
+    def value(key, t):
         value = torch.zeros_like(t)
         if key.endswith("experts.gate_up_proj"):
-            value = distribute_tensor(value, mesh, [Shard(0)])
-        elif key.endswith("o_proj.weight"):
-            value = distribute_tensor(value, mesh, [Shard(1)])
-        owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+            return distribute_tensor(value, mesh, [Shard(0)])
+        if key.endswith("o_proj.weight"):
+            return distribute_tensor(value, mesh, [Shard(1)])
+        return value
+
+    model = model_holding(full, value)
 
     report = plan.load_into(model, src)
     bad, sharded = [], 0

@@ -24,19 +24,9 @@ from convspec.io.checkpoint import Checkpoint
 from convspec.sharded import check_placed
 from convspec.shardplan import _Mesh, placements_for, shard_report
 from convspec.streaming import bind_checkpoint
+from tests.helpers.quantized import quantize_fp8_block
 
 H, FF, E = 64, 32, 4  # hidden, intermediate (per expert), experts
-
-
-def quantize(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 e4m3 values and their per-block `weight_scale_inv`, as DeepSeek-V3 publishes them."""
-    rows, cols = w.shape
-    gr, gc = -(-rows // block), -(-cols // block)
-    pad = torch.zeros(gr * block, gc * block)
-    pad[:rows, :cols] = w
-    grid = pad.reshape(gr, block, gc, block).abs().amax(dim=(1, 3)).clamp(min=1e-4) / 448
-    s = grid.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
-    return (w / s).to(torch.float8_e4m3fn), grid.float()
 
 
 def write_fp8(d: Path, block: int = 16) -> Path:
@@ -47,7 +37,9 @@ def write_fp8(d: Path, block: int = 16) -> Path:
     sd = {}
 
     def linear(name: str, rows: int, cols: int) -> None:
-        sd[f"{name}.weight"], sd[f"{name}.weight_scale_inv"] = quantize(torch.randn(rows, cols), block)
+        sd[f"{name}.weight"], sd[f"{name}.weight_scale_inv"] = quantize_fp8_block(
+            torch.randn(rows, cols), (block, block)
+        )
 
     for proj, (rows, cols) in {"gate_proj": (FF, H), "up_proj": (FF, H), "down_proj": (H, FF)}.items():
         linear(f"model.layers.0.mlp.{proj}", rows, cols)
@@ -178,6 +170,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 import convspec
 from convspec.errors import ConvspecError
 from convspec.io.checkpoint import Checkpoint
+from tests.helpers.placements import model_holding
 
 out, src, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 READ = [0]  # bytes asked of the checkpoint's files, by anything
@@ -231,19 +224,13 @@ try:
         # a model whose parameters are the converted keys, the experts' down_proj and its grid DTensors
         # placed by the model: `load_into` fills each rank's shards, the grid's as the model places it
         mesh = init_device_mesh("cpu", (world,))
-        model = torch.nn.Module()
-        for key, t in full.items():
-            owner = model
-            *path, name = key.split(".")
-            for part in path:
-                if not hasattr(owner, part):
-                    owner.add_module(part, torch.nn.Module())
-                owner = getattr(owner, part)
-            value = torch.zeros_like(t)
-            if key.startswith(down):
-                local = value.chunk(world)[rank].contiguous()
-                value = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=t.shape, stride=t.stride())
-            owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+        def value(key, t):
+            if not key.startswith(down):
+                return torch.zeros_like(t)
+            local = torch.zeros_like(t).chunk(world)[rank].contiguous()
+            return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=t.shape, stride=t.stride())
+
+        model = model_holding(full, value)
         report = plan.load_into(model, src)
         params = dict(model.named_parameters())
         result["into"] = report.ok and all(

@@ -5,6 +5,7 @@ mesh dim and each expert's rows over the other (EP x TP). Worker scripts import 
 
 from __future__ import annotations
 
+import torch
 from torch.distributed.tensor import Replicate, Shard
 
 
@@ -27,3 +28,18 @@ def mixtral_placement(key: str, two_d: bool = False) -> list:
     if key.endswith("o_proj.weight"):
         return [Shard(1)]  # rowwise
     return [Replicate()]
+
+
+def model_holding(state: dict, value) -> torch.nn.Module:
+    """A module whose parameters are the keys of `state` (each dotted prefix a submodule), the one of
+    `key` being `value(key, tensor)`: a DTensor where a test places it, as `parallelize_module` makes."""
+    model = torch.nn.Module()
+    for key, t in state.items():
+        owner = model
+        *path, name = key.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_parameter(name, torch.nn.Parameter(value(key, t), requires_grad=False))
+    return model
