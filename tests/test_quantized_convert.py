@@ -313,3 +313,14 @@ def test_a_quantization_declared_by_an_included_spec_applies_and_the_spec_overri
     )
     assert (plan.quant.scheme, plan.quant.block) == ("fp8_blocks", (32, 32))
     assert [p.text for _, p in plan.rules[0].outputs] == ["{p:path}.w", "{p:path}.w_scale_inv"]
+
+
+def test_a_cast_of_a_quantized_weight_is_refused_for_what_it_would_do(tmp_path):
+    spec = tmp_path / "castq.yaml"
+    spec.write_text(
+        "spec: castq\nquantization:\n  scheme: fp8_blocks\nrules:\n  - convert:\n"
+        '      w: "{p:path}.w"\n    to:\n      "{p}.v": cast(w, dtype=bfloat16)\n'
+    )
+    with pytest.raises(convspec.errors.CompileError) as exc:
+        convspec.compile(spec)
+    assert "cast would change a quantized weight's values without its scales" in str(exc.value)

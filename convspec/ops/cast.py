@@ -100,6 +100,7 @@ class Cast(Op):
     name = "cast"
     doc = "Convert to `dtype`. With `from` declared and a widening cast, it is exact and invertible."
     changes_values = True
+    grid_refusal = "would change a quantized weight's values without its scales"
     params = (
         Param("dtype", "dtype"),
         Param("from", "dtype", None, "the input dtype: checked, and needed for the inverse"),
