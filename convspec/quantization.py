@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
-from .spec.model import Companion, Quantization, Spec
+from .spec.model import Companion, Quantization
 
 DEFAULT_BLOCK = (128, 128)  # DeepSeek-V3's and Qwen3's weight_block_size
 
@@ -156,30 +156,9 @@ def suffix(template: str) -> str:
     return template.removeprefix("{w}")
 
 
-def declared(spec: Spec, resolve) -> Quantization | None:
-    """The spec's quantization section, else the first one of the specs it includes (depth first)."""
-    if spec.quantization is not None:
-        return spec.quantization
-    seen: set[str] = {spec.name}
-    stack = [r.spec for r in reversed(spec.rules) if getattr(r, "kind", "") == "include"]
-    while stack and resolve is not None:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            inner = resolve(name)
-        except Exception:  # noqa: BLE001 - the includes pass reports it, with its location
-            return None
-        if inner.quantization is not None:
-            return inner.quantization
-        stack.extend(r.spec for r in reversed(inner.rules) if getattr(r, "kind", "") == "include")
-    return None
-
-
 def from_config(config: Any) -> Quantization | None:
     """The scheme a config's `quantization_config.quant_method` names, with its own companions."""
-    qc = config.get("quantization_config") if isinstance(config, dict) or hasattr(config, "get") else None
+    qc = config.get("quantization_config") if hasattr(config, "get") else None
     method = qc.get("quant_method") if hasattr(qc, "get") else None
     for s in SCHEMES.values():
         if method == s.quant_method:
@@ -223,4 +202,4 @@ def _block(q: Quantization, config: Any) -> tuple[int, int]:
     return int(raw[0]), int(raw[1])
 
 
-__all__ = ["SCHEMES", "Companion", "Form", "Quant", "Scheme", "declared", "from_config", "resolve_quant"]
+__all__ = ["SCHEMES", "Companion", "Form", "Quant", "Scheme", "from_config", "resolve_quant"]

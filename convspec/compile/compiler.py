@@ -177,6 +177,7 @@ class Compilation:
     level: ErrorLevel = ErrorLevel.IMMEDIATE
     check_overlaps: bool = True
     quant: Quant | None = None  # the plan's quantization, resolved by the quantization pass
+    included: list = field(default_factory=list)  # the quantization sections of included specs, in order
     flat: list = field(default_factory=list)  # the rules, includes expanded
     origins: list = field(default_factory=list)  # for each, the include it came from ("" the spec's own)
     rules: list[PlanRule] = field(default_factory=list)  # the rules lowered so far, in order
@@ -202,7 +203,7 @@ class Compilation:
 def expand_includes(state: Compilation) -> None:
     """Pass: the spec's rules with every include expanded; an include that cannot be is fatal."""
     try:
-        state.flat, state.origins = _flatten(state.spec, state.resolve)
+        state.flat, state.origins = _flatten(state.spec, state.resolve, quantizations=state.included)
     except CompileError as exc:
         state.stopped = True
         state.report(exc)
@@ -214,7 +215,9 @@ def quantize_rules(state: Compilation) -> None:
     same to the weight's companions (a path capture at the end carries them already)."""
     try:
         q = quantization.resolve_quant(
-            quantization.declared(state.spec, state.resolve) or quantization.from_config(state.config),
+            state.spec.quantization
+            or next(iter(state.included), None)  # the first included spec's, depth first
+            or quantization.from_config(state.config),
             state.config,
         )
     except (CompileError, ConfigError) as exc:
@@ -1094,12 +1097,18 @@ class _Budget:
 
 
 def _flatten(
-    spec: Spec, resolve, _stack: tuple[str, ...] = (), _origin: str = "", _budget: _Budget | None = None
+    spec: Spec,
+    resolve,
+    _stack: tuple[str, ...] = (),
+    _origin: str = "",
+    _budget: _Budget | None = None,
+    quantizations: list | None = None,
 ) -> tuple[list, list]:
     """Rules and, for each, which include it came from. Under several prefixes the first prefix a
     key has wins (transformers' `base_model_prefix.scope.` before `scope.`): a rename under a later
     prefix leaves keys under an earlier, longer one alone. The size is counted as it grows, and
-    refused past MAX_EXPANDED_RULES (with the guards a later prefix adds) before it is made."""
+    refused past MAX_EXPANDED_RULES (with the guards a later prefix adds) before it is made. The
+    included specs' quantization sections are appended to `quantizations`, depth first."""
     out, origins = [], []
     budget = _budget or _Budget()
     stack = _stack or (spec.name,)  # the names included so far: a file need not hold the spec it is named for
@@ -1120,7 +1129,11 @@ def _flatten(
             included = resolve(rule.spec)
         except SpecNotFoundError as exc:
             raise CompileError(f"include {rule.spec}: {exc.message}", span=rule.span, hint=exc.hint) from None
-        inner, inner_origins = _flatten(included, resolve, (*stack, rule.spec), f"{_origin}/{n}", budget)
+        if quantizations is not None and included.quantization is not None:
+            quantizations.append(included.quantization)
+        inner, inner_origins = _flatten(
+            included, resolve, (*stack, rule.spec), f"{_origin}/{n}", budget, quantizations
+        )
         if rule.only != "all":
             keep = [
                 (r, o)
