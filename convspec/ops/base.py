@@ -226,13 +226,13 @@ class Op:
 DEQUANTIZE_HINT = "dequantize the weights first: --dequantize, or dequantize=True in Python"
 
 
-def whole_blocks(op: str, sizes: list[int], dim: int, block: int, what: str = "part") -> None:
+def whole_blocks(op: str, sizes: list[int], dim: int, block: int) -> None:
     """Every part but the last a whole number of blocks along `dim` (the last may end ragged, as a grid
     of ceil(dim / block) allows); else OpError naming the part and its size."""
     for k, size in enumerate(sizes[:-1]):
         if size % block:
             raise OpError(
-                f"{op}: {what} {k} has {size} along dim {dim}, not a whole number of blocks of {block}: "
+                f"{op}: part {k} has {size} along dim {dim}, not a whole number of blocks of {block}: "
                 "the scale grid cannot follow",
                 hint=DEQUANTIZE_HINT,
             )
