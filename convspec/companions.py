@@ -32,7 +32,7 @@ def layout_problems(q: Quant, layout: dict[str, TensorInfo], side: str) -> list[
     for key, info in layout.items():
         owner = owner_of(q, key)
         if owner is not None:
-            weight, role = owner
+            weight, role, _ = owner
             if weight not in layout:
                 say("orphan", f"{key} is a companion of {weight}, which the {side} lacks")
             elif role == 0:
@@ -51,12 +51,13 @@ def layout_problems(q: Quant, layout: dict[str, TensorInfo], side: str) -> list[
     return problems
 
 
-def owner_of(q: Quant, key: str) -> tuple[str, int] | None:
-    """The weight a companion key belongs to, and which of its companions it is (0: the scale)."""
+def owner_of(q: Quant, key: str) -> tuple[str, int, str] | None:
+    """The weight a companion key belongs to, which of its companions it is (0: the scale), and that
+    companion's suffix (`_scale_inv`, `.input_scale`)."""
     for form in q.forms:
         for role, c in enumerate(form.companions):
             if key.endswith(c) and c:
-                return key[: len(key) - len(c)] + form.weight, role
+                return key[: len(key) - len(c)] + form.weight, role, c
     return None
 
 

@@ -233,8 +233,7 @@ def _quantized(q: Quant | None, key: str, passes: bool, infos: dict | None) -> Q
         return None
     owner = owner_of(q, key)
     if owner is not None:
-        weight, role = owner
-        companion = next(c for f in q.forms for c in f.companions if c and key.endswith(c))
+        weight, role, companion = owner
         name = "scale" if role == 0 else companion.lstrip("._")
         return Quantized(q, name, weight, q.scale_of(weight), passes=passes)
     info = None if infos is None else infos[key]
