@@ -188,7 +188,7 @@ def check_spec(
         return _finish(report, findings, select, ignore, lines)
     try:
         with bounded_automata(flat):  # the analyses compare templates pairwise: their cost is bounded
-            derived = _derived(flat, state.quant)
+            derived = state.companion_rules
             analysis = _Analysis(plan, flat, origins, derived)
             findings += analysis.unreachable()
             findings += analysis.renames()
@@ -269,21 +269,6 @@ def _by_hand(q: Quant | None, flat: list, origins: list) -> list[Finding]:
                     )
                 )
     return out
-
-
-def _derived(flat: list, q: Quant | None) -> set[int]:
-    """The renames and drops of companions the quantization pass added, each right after the rule of
-    its weight and with its span: linted through that rule, not once more (a bf16 key's derived
-    scale rename is reached by no key, and is not the author's rule)."""
-    if q is None:
-        return set()
-    return {
-        i
-        for i in range(1, len(flat))
-        if getattr(flat[i], "kind", "") in ("rename", "drop")
-        and flat[i].span == flat[i - 1].span
-        and q.is_companion(flat[i].source.text)
-    }
 
 
 def _from_diagnostic(d: Diagnostic) -> Finding:

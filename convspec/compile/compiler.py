@@ -178,6 +178,7 @@ class Compilation:
     check_overlaps: bool = True
     quant: Quant | None = None  # the plan's quantization, resolved by the quantization pass
     included: list = field(default_factory=list)  # the quantization sections of included specs, in order
+    companion_rules: set[int] = field(default_factory=set)  # the renames and drops the quantization added
     flat: list = field(default_factory=list)  # the rules, includes expanded
     origins: list = field(default_factory=list)  # for each, the include it came from ("" the spec's own)
     rules: list[PlanRule] = field(default_factory=list)  # the rules lowered so far, in order
@@ -232,6 +233,7 @@ def quantize_rules(state: Compilation) -> None:
         flat.append(rule)
         origins.append(origin)
         for derived_rule in _companion_rules(rule, q):
+            state.companion_rules.add(len(flat))
             flat.append(derived_rule)
             origins.append(origin)
     state.flat, state.origins = flat, origins
