@@ -290,10 +290,10 @@ def convert(
             check_destination(dst)
         cleaned: list[Path] = []
         with safetensors_source(src, allow_pickle, beside=dst, removed=cleaned) as src:
-            from .io.checkpoint import Checkpoint
+            from .io.checkpoint import open_checkpoint
 
             with agreed(ranks):  # a rank whose copy of the checkpoint is wrong stops every rank
-                ckpt = Checkpoint(src)  # its headers are read once, for the config and the conversion
+                ckpt = open_checkpoint(src)  # its headers are read once, for the config and the conversion
                 plan = compile(spec, config=ckpt.config_path)
                 if reverse:
                     plan = plan.inverse()

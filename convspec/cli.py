@@ -450,14 +450,14 @@ class _Progress:
 
 def _verify(args) -> int:
     from .devices import COMPARES, check_device
-    from .io.checkpoint import Checkpoint
+    from .io.checkpoint import open_checkpoint
     from .streaming import verify_checkpoint
 
     check_device(args.device, needs_data=COMPARES)  # before a pickle source is transcoded
     if args.manifest:
         return _verify_manifest(args)
     with api.safetensors_source(args.src, args.allow_pickle) as src:
-        plan = api.compile(args.spec, config=Checkpoint(src).config_path)
+        plan = api.compile(args.spec, config=open_checkpoint(src).config_path)
         v = verify_checkpoint(plan, src, device=args.device, converted=args.converted)
     bad = v.mismatches
     if args.json:

@@ -17,7 +17,7 @@ from .compile.plan import Plan
 from .devices import COMPARES, WRITES, check_device
 from .dtypes import ITEMSIZE, check_dtype
 from .errors import BindError
-from .io.checkpoint import Checkpoint
+from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.writer import AtomicDir, FileCopy, parse_size, write_sharded
 from .ops.cast import cast_tensor
 
@@ -61,7 +61,9 @@ def stream_bound(
             on_tensor(key, t.numel() * t.element_size())
         return t
 
-    def moved(keys) -> bool:  # the bytes go out as they are: no cast
+    def moved(keys) -> bool:  # the bytes go out as they are: no cast, none decoded on read
+        if ckpt.decoded and any(k in ckpt.decoded for k in keys):
+            return False
         return dtype is None or all(layout[k].dtype == dtype for k in keys)
 
     units: list[tuple[str, object, object]] = [("pass", src, dst) for src, dst in bound.passthrough.items()]
@@ -225,7 +227,7 @@ def convert_checkpoint(
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
     `manifest`, a per-tensor hash manifest of the source and the output is written inside it.
-    `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again.
+    `ckpt`, `open_checkpoint(src)` already read (to find its config), spares reading every header again.
     With `workers` > 1 the groups are split across that many processes (the same bytes); with
     `ranks`, across the ranks of the torch.distributed job, each of which calls this alike."""
     from .parallel_convert import Work, check_workers, convert_on_ranks, write_parallel
@@ -236,7 +238,7 @@ def convert_checkpoint(
     device = check_device(device, needs_data=WRITES)
     with process_group() if ranks else nullcontext():  # one group for the checks and the writing
         with agreed(ranks):  # every rank checks, then all go on
-            ckpt = Checkpoint(src) if ckpt is None else ckpt
+            ckpt = open_checkpoint(src) if ckpt is None else ckpt
             bound = bind_checkpoint(plan, ckpt, strict)
         entries = output_order(bound, dtype)
         total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
@@ -352,9 +354,9 @@ def _verify(plan: Plan, src, device: str, limit: int, converted) -> Verification
 
     from .run import run_group
 
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     bound = bind_checkpoint(plan, ckpt)
-    other = Checkpoint(converted) if converted is not None else None
+    other = open_checkpoint(converted) if converted is not None else None
     inverse = plan.inverse() if other is None else None
     bad: list[Mismatch] = []
     checked = 0

@@ -28,8 +28,21 @@ SMALL_READ = 1 << 20  # reads of up to this many bytes in all go on the calling 
 PARALLEL_PIECE = 64 << 10  # ... and so do reads that average under this size, however many
 
 
+def open_checkpoint(src: str | Path | list) -> Checkpoint:
+    """The checkpoint at `src`: a .gguf file (io/gguf_checkpoint.py), else safetensors."""
+    if not isinstance(src, list | tuple) and str(src).lower().endswith(".gguf"):
+        from .gguf_checkpoint import GgufCheckpoint
+
+        return GgufCheckpoint(src)
+    return Checkpoint(src)
+
+
 class Checkpoint:
     """A safetensors checkpoint (a directory, an index, or one file) read lazily."""
+
+    # keys whose bytes are not the tensor's (a GGUF block type: decoded by `get`), so never copied or
+    # read by byte range; key -> how they are stored
+    decoded: dict[str, int] = {}
 
     def __init__(self, src: str | Path | list):
         self.files = [Path(f) for f in src] if isinstance(src, list | tuple) else None
@@ -48,6 +61,11 @@ class Checkpoint:
         if self.src.is_dir() and not self.files:
             return next((f for f in self.side_files if f.name == "config.json"), None)
         return checkpoint_config(self.src if self.src.is_dir() else self.src.parent)
+
+    @property
+    def config(self) -> dict | Path | None:
+        """What `convspec.compile` takes as this checkpoint's config: its config.json's path."""
+        return self.config_path
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor into fresh memory with pread (no mmap: memory is bounded by what is alive).

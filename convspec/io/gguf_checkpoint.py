@@ -1,0 +1,93 @@
+"""A GGUF file read as a checkpoint: the same lazy, byte-range interface as safetensors.
+
+Plain-typed tensors (F32, F16, BF16, ...) are bytes torch reads as they are, so renames copy them file
+to file. Block-typed ones (Q8_0, Q4_K, ...) are decoded on read by the `dequant_ggml` op: the block type
+is how this file stores a tensor, chosen per tensor, not part of the layout a spec describes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..ops.base import TensorInfo
+from .checkpoint import Checkpoint
+from .gguf import GgufHeader, entries, read_header
+from .safetensors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+SUFFIX = ".gguf"
+METADATA_FILE = "gguf_metadata.json"  # the metadata a config.json does not hold, for the way back
+
+
+def is_gguf(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == SUFFIX
+
+
+class GgufCheckpoint(Checkpoint):
+    """One .gguf file. Its config is built from its metadata (`convspec.ggufmeta`); converting it
+    writes that config.json and the rest of the metadata (tokenizer, ...) beside the weights."""
+
+    def __init__(self, src: str | Path):
+        self.files = None
+        self.src = Path(src)
+        self.header: GgufHeader = read_header(self.src)
+        self.entries, self.decoded = entries(self.header)
+        self.side_files = []
+        self._fds = {}
+        self._pool = None
+        self._config: dict | None = None
+
+    @property
+    def config_path(self) -> Path | None:
+        return None
+
+    @property
+    def config(self) -> dict:
+        """The transformers config this file's metadata describes."""
+        if self._config is None:
+            from ..ggufmeta import config_from_metadata
+
+            meta = {k: v for k, (_, v) in self.header.metadata.items()}
+            self._config = config_from_metadata(meta, list(self.header.tensors))
+        return self._config
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.decoded:
+            return super().get(key)
+        from ..ops import OPS
+
+        t = self.header.tensors[key]
+        raw = self.assemble(t.stored.shape, "uint8", [(key, 0, 0, t.end - t.start)])
+        return OPS["dequant_ggml"].apply({"type": t.ggml_type}, [raw])[0]
+
+    def stored(self, key: str) -> TensorInfo:
+        return self.header.tensors[key].stored
+
+    def copy_side_files(self, dst: Path) -> None:
+        """config.json from the metadata, and the metadata itself for `convspec` to write back."""
+        (dst / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        kept = [[k, t, v] for k, (t, v) in self.header.metadata.items()]
+        (dst / METADATA_FILE).write_text(json.dumps({"metadata": kept}) + "\n")
+
+
+def saved_metadata(directory: Path) -> dict[str, tuple[str, Any]]:
+    """The GGUF metadata a conversion from GGUF left beside the weights, or {} when there is none."""
+    from .sidefile import MAX_CONFIG_BYTES, load_json
+
+    path = directory / METADATA_FILE
+    if not path.exists():
+        return {}
+    data = load_json(path, MAX_CONFIG_BYTES * 64, CheckpointError, "GGUF metadata file")
+    items = data.get("metadata") if isinstance(data, dict) else None
+    if not isinstance(items, list) or not all(
+        isinstance(i, list) and len(i) == 3 and isinstance(i[0], str) and isinstance(i[1], str) for i in items
+    ):
+        raise CheckpointError(
+            f"{path}: not a GGUF metadata file (a list of [key, type, value])",
+            hint=f"remove {METADATA_FILE}, or convert the .gguf file again",
+        )
+    return {k: (t, v) for k, t, v in items}
