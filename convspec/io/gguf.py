@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..dtypes import ITEMSIZE
-from ..ops.base import TensorInfo
-from ..ops.ggml import GGML_TYPES, block_size
+from ..ops.base import TensorInfo, short
+from ..ops.ggml import GGML_TYPES, block_size, row_bytes
 from .safetensors import CheckpointError, Entry
 from .sidefile import open_regular
 
@@ -100,11 +100,6 @@ class GgufHeader:
         return default if got is None else got[1]
 
 
-def row_bytes(ggml_type: int, cols: int) -> int:
-    elements, size = block_size(ggml_type)
-    return cols // elements * size
-
-
 class _Cursor:
     """Reads a header front to back with pread, never past the file's end nor MAX_HEADER: every
     error names the file and the byte where it went wrong."""
@@ -162,7 +157,9 @@ class _Cursor:
             elem = self.unpack("<I", what)
             at = self.pos
             count = self.unpack("<Q", what)
-            least = struct.calcsize(SCALARS[elem][1]) if elem in SCALARS else 8 if elem in (STRING, ARRAY) else 0
+            least = (
+                struct.calcsize(SCALARS[elem][1]) if elem in SCALARS else 8 if elem in (STRING, ARRAY) else 0
+            )
             if not least:
                 raise self.fail(f"{what}: unknown array element type {elem} at byte {at - 4}")
             if count * least > self.size - self.pos:
@@ -199,7 +196,9 @@ def read_header(path: str | Path) -> GgufHeader:
         if version not in VERSIONS:
             swapped = struct.unpack(">I", struct.pack("<I", version))[0]
             why = "a big-endian file" if swapped in VERSIONS else f"version {version}"
-            raise cur.fail(f"{why} is not supported (versions {', '.join(map(str, VERSIONS))}, little-endian)")
+            raise cur.fail(
+                f"{why} is not supported (versions {', '.join(map(str, VERSIONS))}, little-endian)"
+            )
         n_tensors = cur.unpack("<Q", "the tensor count")
         n_kv = cur.unpack("<Q", "the metadata count")
         # every metadata entry takes at least 12 bytes (an empty key, a type, a u8), every tensor info 28
@@ -266,7 +265,9 @@ def _placed(cur: _Cursor, infos: list, alignment: int, data_start: int) -> dict[
             rows *= s
         nbytes = rows * (shape[-1] // elements) * bsize
         if offset % alignment:
-            raise cur.fail(f"tensor {name!r}: its offset {offset} is not a multiple of the alignment {alignment}")
+            raise cur.fail(
+                f"tensor {name!r}: its offset {offset} is not a multiple of the alignment {alignment}"
+            )
         start = data_start + offset
         if nbytes > cur.size or start > cur.size - nbytes:
             raise cur.fail(
@@ -328,12 +329,19 @@ def _type_code(vtype: str) -> int:
 
 def header_bytes(
     metadata: dict[str, tuple[str, Any]], tensors: list[tuple[str, tuple[int, ...], int]], alignment: int
-) -> tuple[bytes, list[int]]:
+) -> tuple[bytes, list[int], int]:
     """A GGUF v3 header for `tensors` (name, torch shape, GGML type) in that order, padded to the
-    alignment, and each tensor's offset from the start of the file."""
+    alignment; each tensor's offset from the start of the file; the file's size (each tensor padded
+    to the alignment, the last too, as gguf-py writes it)."""
     parts = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(metadata))]
     for key, (vtype, value) in metadata.items():
-        parts += [_pack_string(key), struct.pack("<I", _type_code(vtype)), _pack_value(vtype, value)]
+        try:
+            parts += [_pack_string(key), struct.pack("<I", _type_code(vtype)), _pack_value(vtype, value)]
+        except (struct.error, KeyError, TypeError, ValueError, AttributeError):
+            raise CheckpointError(
+                f"GGUF metadata {key!r}: {short(value)} is not a value of type {vtype}",
+                hint=f"types: {', '.join(TYPE_IDS)}, and arr:<type> for a list",
+            ) from None
     rel, pos = [], 0
     for name, shape, ggml_type in tensors:
         ne = tuple(reversed(shape)) or (1,)
@@ -347,7 +355,7 @@ def header_bytes(
         pos += -(-nbytes // alignment) * alignment
     head = b"".join(parts)
     head += b"\0" * (-len(head) % alignment)
-    return head, [len(head) + r for r in rel]
+    return head, [len(head) + r for r in rel], len(head) + pos
 
 
 def dtype_type(dtype: str) -> int:

@@ -71,23 +71,41 @@ class GgufCheckpoint(Checkpoint):
         """config.json from the metadata, and the metadata itself for `convspec` to write back."""
         (dst / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
         kept = [[k, t, v] for k, (t, v) in self.header.metadata.items()]
-        (dst / METADATA_FILE).write_text(json.dumps({"metadata": kept}) + "\n")
+        saved = {"metadata": kept, "tensors": list(self.header.tensors)}
+        (dst / METADATA_FILE).write_text(json.dumps(saved, ensure_ascii=False) + "\n")
 
 
-def saved_metadata(directory: Path) -> dict[str, tuple[str, Any]]:
-    """The GGUF metadata a conversion from GGUF left beside the weights, or {} when there is none."""
+def saved_gguf(directory: Path | None) -> tuple[dict[str, tuple[str, Any]], list[str]]:
+    """What a conversion from GGUF left beside the weights for the way back: the file's metadata and
+    its tensor order; ({}, []) when there is none."""
+    from .gguf import TYPE_IDS
     from .sidefile import MAX_CONFIG_BYTES, load_json
 
-    path = directory / METADATA_FILE
-    if not path.exists():
-        return {}
+    path = None if directory is None else directory / METADATA_FILE
+    if path is None or not path.exists():
+        return {}, []
     data = load_json(path, MAX_CONFIG_BYTES * 64, CheckpointError, "GGUF metadata file")
     items = data.get("metadata") if isinstance(data, dict) else None
-    if not isinstance(items, list) or not all(
-        isinstance(i, list) and len(i) == 3 and isinstance(i[0], str) and isinstance(i[1], str) for i in items
+    order = data.get("tensors", []) if isinstance(data, dict) else None
+    if (
+        not isinstance(items, list)
+        or not all(_saved_item(i, TYPE_IDS) for i in items)
+        or not isinstance(order, list)
+        or not all(isinstance(n, str) for n in order)
     ):
         raise CheckpointError(
-            f"{path}: not a GGUF metadata file (a list of [key, type, value])",
+            f"{path}: not a GGUF metadata file ({{'metadata': [[key, type, value], ...], 'tensors': [names]}})",
             hint=f"remove {METADATA_FILE}, or convert the .gguf file again",
         )
-    return {k: (t, v) for k, t, v in items}
+    return {k: (t, v) for k, t, v in items}, order
+
+
+def _saved_item(item: Any, types: dict) -> bool:
+    if not (
+        isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], str)
+    ):
+        return False
+    vtype = item[1].removeprefix("arr:")
+    while vtype.startswith("arr:"):
+        vtype = vtype.removeprefix("arr:")
+    return vtype in types or vtype == "arr"
