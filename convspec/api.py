@@ -358,8 +358,8 @@ def gguf_spec(
             except ConvspecError:
                 pass  # not a GGUF architecture: the spec is loaded as named
     if writes and not reads and not reverse:
-        name = spec.name if isinstance(spec, Spec) else Path(str(spec)).stem
-        reverse = name.startswith("gguf_")
+        spec = spec if isinstance(spec, Spec) else load_spec(spec)
+        reverse = spec.name.startswith("gguf_")
     return spec, reverse
 
 

@@ -23,17 +23,9 @@ def gguf_metadata(
     """The metadata to write and the tensor order: a GGUF's own (kept beside a conversion from it)
     where the config still says the same, the config's (`convspec.ggufmeta`) where it says more or
     otherwise; general.file_type from the types written, where a type was chosen or the file had one."""
-    from .ggufmeta import metadata_from_config
-
-    config = load_config(ckpt.config)
-    if config is None:
-        raise CheckpointError(
-            f"{ckpt.src} has no config.json, which a GGUF file's metadata is made from",
-            hint="convert a Hugging Face directory that has its config.json",
-        )
     saved, order = saved_gguf(ckpt.src if ckpt.src.is_dir() else None)
     meta = dict(saved)
-    for key, (vtype, value) in metadata_from_config(config, tensor_names).items():
+    for key, (vtype, value) in _from_config(ckpt, tensor_names, bool(saved)).items():
         if key not in meta or meta[key][1] != value:
             meta[key] = (vtype, value)
     file_type = _file_type(types)
@@ -42,6 +34,29 @@ def gguf_metadata(
     known = set(tensor_names)
     laid = [n for n in order if n in known]
     return meta, laid + [n for n in tensor_names if n not in set(laid)]
+
+
+def _from_config(ckpt: Checkpoint, tensor_names: list[str], saved: bool) -> dict[str, tuple[str, Any]]:
+    """The metadata the checkpoint's config.json describes; {} where the GGUF's own metadata was kept
+    and the config is missing or of a model type no GGUF mapping knows."""
+    from . import ggufmeta
+    from .errors import ConvspecError
+
+    config = load_config(ckpt.config)
+    if config is None:
+        if saved:
+            return {}
+        raise CheckpointError(
+            f"{ckpt.src} has no config.json, which a GGUF file's metadata is made from",
+            hint="convert a Hugging Face directory that has its config.json",
+        )
+    try:
+        ggufmeta.gguf_arch(config.get("model_type", ""))
+    except ConvspecError:
+        if saved:
+            return {}
+        raise
+    return ggufmeta.metadata_from_config(config, tensor_names)
 
 
 def _file_type(types: dict[str, int]) -> int | None:

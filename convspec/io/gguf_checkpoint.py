@@ -46,13 +46,19 @@ class GgufCheckpoint(Checkpoint):
         return None
 
     @property
-    def config(self) -> dict:
-        """The transformers config this file's metadata describes."""
+    def config(self) -> dict | None:
+        """The transformers config this file's metadata describes; None for an architecture that no
+        GGUF mapping knows (a spec of one's own can still convert its tensors)."""
         if self._config is None:
-            from ..ggufmeta import config_from_metadata
+            from .. import ggufmeta
+            from ..errors import ConvspecError
 
+            try:
+                ggufmeta.model_type(str(self.header.value("general.architecture")))
+            except ConvspecError:
+                return None
             meta = {k: v for k, (_, v) in self.header.metadata.items()}
-            self._config = config_from_metadata(meta, list(self.header.tensors))
+            self._config = ggufmeta.config_from_metadata(meta, list(self.header.tensors))
         return self._config
 
     def get(self, key: str) -> torch.Tensor:
@@ -69,7 +75,8 @@ class GgufCheckpoint(Checkpoint):
 
     def copy_side_files(self, dst: Path) -> None:
         """config.json from the metadata, and the metadata itself for `convspec` to write back."""
-        (dst / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        if self.config is not None:
+            (dst / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
         kept = [[k, t, v] for k, (t, v) in self.header.metadata.items()]
         saved = {"metadata": kept, "tensors": list(self.header.tensors)}
         (dst / METADATA_FILE).write_text(json.dumps(saved, ensure_ascii=False) + "\n")
