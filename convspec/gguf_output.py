@@ -78,11 +78,11 @@ def write_gguf_output(
     overwrite: bool = False,
 ) -> tuple[list[str], Any]:
     """Write the converted tensors as the GGUF file `dst`: `stream(copies)` yields them in `entries`
-    order. The file's name and what was cleaned up of killed earlier runs."""
+    order (byte ranges to copy where they can be: those to cast or quantize are read). The file's name and what was cleaned up of killed earlier runs."""
     chosen = check_gguf_type(gguf_type)
     types = tensor_types(entries, chosen)
     metadata, order = gguf_metadata(ckpt, types, [k for k, _, _ in entries], chosen is not None)
     atomic = AtomicFile(dst, overwrite=overwrite)
     with atomic as fd:
-        write_gguf(fd, entries, stream(chosen is None), metadata, types, order)
+        write_gguf(fd, entries, stream(True), metadata, types, order)
     return [atomic.dst.name], atomic.cleanup

@@ -23,6 +23,7 @@ from .writer import (
     _rename2,
     _uninterrupted,
     clean_temporaries,
+    gather,
     pwrite_all,
     tensor_bytes,
     write_item,
@@ -171,6 +172,8 @@ def write_gguf(
         for key, item in tensors:
             shape, dtype = by_key[key]
             ggml_type = types[key]
+            if isinstance(item, FileCopy) and ggml_type != dtype_type(dtype):  # bytes to cast: read them
+                item = _read(item, shape, dtype, sources)
             if isinstance(item, FileCopy):
                 size = sum(span[3] for span in item.spans)
                 write_item(fd, at[key], (key, shape, dtype, size), (key, item), sources)
@@ -183,6 +186,20 @@ def write_gguf(
         for src in sources.values():
             os.close(src)
     return end
+
+
+def _read(item: FileCopy, shape: tuple[int, ...], dtype: str, sources: dict[str, int]) -> torch.Tensor:
+    """The tensor a FileCopy's spans hold."""
+    import torch
+
+    from ..dtypes import DTYPES
+
+    size = sum(span[3] for span in item.spans)
+    for file in {span[0] for span in item.spans}:
+        if file not in sources:
+            sources[file] = os.open(file, os.O_RDONLY)
+    data = gather(sorted(item.spans), sources, size)
+    return torch.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape) if size else torch.empty(shape)
 
 
 def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
