@@ -228,6 +228,7 @@ def convert(
     ranks: bool = False,
     dequantize: bool | str = False,
     gguf_type: str | None = None,
+    allow_lossy: bool = False,
 ) -> ConvertResult:
     """Convert the checkpoint at `src` into `dst`: sharded safetensors named as Hugging Face names
     them, written atomically (complete, or absent), the source's other files copied beside. The
@@ -258,6 +259,8 @@ def convert(
         gguf_type: for a `.gguf` output, the type of every tensor of two dims or more (`"f16"`,
             `"bf16"`, `"f32"`, `"q8_0"`, `"q4_0"`; 1-D tensors stay F32, as llama.cpp keeps them);
             None keeps each tensor's dtype, exactly (docs/gguf.md).
+        allow_lossy: with `reverse`, run the nearest inverse of a lossy plan (llama.cpp's `w + 1`
+            norms round in float32) instead of refusing it.
 
     A `.gguf` file is read or written where `src` or `dst` names one: a GGUF spec (`gguf_llama`, or
     `llama`, or `gguf` for the file's own architecture) converts GGUF -> transformers, and writing a
@@ -305,7 +308,7 @@ def convert(
                 spec, reverse = gguf_spec(spec, ckpt, dst, reverse)
                 plan = compile(spec, config=ckpt.config)
                 if reverse:
-                    plan = plan.inverse()
+                    plan = plan.inverse(allow_lossy=allow_lossy)
                 plan = plan.for_dtype(dtype, dequantize)
             result = convert_checkpoint(
                 plan,

@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--reverse", action="store_true", help="apply the inverse plan (save back)")
+    cv.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="with --reverse (or a .gguf output): run the nearest inverse of a lossy plan instead of refusing it",
+    )
     cv.add_argument("--device", default="cpu", help=DEVICE_HELP)
     cv.add_argument("--dtype", help="cast every output to this dtype")
     cv.add_argument(
@@ -370,6 +375,7 @@ def _convert(args) -> int:
         ranks=ranks,
         dequantize=args.dequantize,
         gguf_type=args.gguf_type,
+        allow_lossy=args.allow_lossy,
     )
     if progress is not None:
         progress.done()
