@@ -117,7 +117,12 @@ class Unsqueeze(Op):
 
     def _at(self, p, rank: int) -> int:
         """Where the new dim goes, as a dim of the output (of rank + 1 dims)."""
-        return self.norm_dim(p["dim"], rank + 1)
+        if not -rank - 1 <= p["dim"] <= rank:
+            raise OpError(
+                f"unsqueeze dim={p['dim']} is out of range for a tensor with {rank} dims "
+                f"(a new dim goes at {-rank - 1}..{rank})"
+            )
+        return p["dim"] % (rank + 1)
 
     def infer(self, p, ins):
         (x,) = ins
