@@ -166,7 +166,8 @@ class DequantGgml(GgmlOp):
         return [_convert(x, out.shape, torch.float32, lambda a: quants.dequantize(a, t), rows)]
 
     def loses(self, p):
-        return f"dequant_ggml of {GGML_TYPES.get(p['type'], p['type'])} blocks loses their packing (lossy)"
+        name = GGML_TYPES.get(p["type"], p["type"])
+        return f"dequant_ggml of {name} blocks is lossy: quantizing the values again need not give the same blocks"
 
     def nearest_inverse(self, p, n_inputs):
         if p["type"] not in QUANTIZABLE:

@@ -68,10 +68,8 @@ class Add(ValueMap):
         return [_compute(ins[0], lambda t: t + p["value"])]
 
     def loses(self, p):
-        return (
-            f"add(value={p['value']}) rounds in floating point: (x + {p['value']}) - {p['value']} is not x "
-            "for every x (lossy)"
-        )
+        v = p["value"]
+        return f"add(value={v}) rounds in floating point: adding {-v} back does not give every x again (lossy)"
 
     def nearest_inverse(self, p, n_inputs):
         return "add", {"value": -p["value"]}
