@@ -189,3 +189,20 @@ def test_dequant_is_transformers_own_gguf_dequantization(t):
     out = _dequant(t, blocks)
     theirs = tdequant.dequantize(torch.from_numpy(blocks), t).reshape(out.shape)
     assert torch.equal(_bits(out), _bits(theirs))
+
+
+def test_gguf_is_an_extra_pinned_with_the_tests():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    assert extras["gguf"] == ["gguf==0.19.0"]
+    assert "convspec[gguf]" in extras["test"] and "accelerate==1.15.0" in extras["test"]
+    pins = (root / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    assert "gguf==0.19.0" in pins and "accelerate==1.15.0" in pins
+    from importlib.metadata import version
+
+    assert version("gguf") == "0.19.0"  # the version the type table above was checked against
