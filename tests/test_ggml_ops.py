@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+import convspec
 from convspec.errors import ConvspecError
 from convspec.ops import OPS, NotInvertible, OpError, TensorInfo, ggml
+from convspec.spec import parse_spec
 
 gguf = pytest.importorskip("gguf")
 from gguf import quants  # noqa: E402
@@ -163,7 +165,11 @@ def test_shape_and_type_errors():
 def test_without_gguf_the_ops_say_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     monkeypatch.setitem(sys.modules, "gguf.quants", None)
-    assert ggml.row_bytes("q8_0", 64) == 68  # the table needs no gguf-py
+    assert ggml.row_bytes("q8_0", 64) == 68  # the table needs no gguf-py, nor do compiling and binding
+    plan = convspec.compile(
+        parse_spec("spec s\nconvert q = {p:path}.q -> {p}.w = dequant_ggml(q, type=8)\n", "s.cspec")
+    )
+    assert plan.bind({"m.q": ((2, 68), "uint8")}).plan is plan
     with pytest.raises(ConvspecError, match="need the gguf package") as e:
         OPS["dequant_ggml"].apply({"type": Q8_0}, [torch.zeros(1, 34, dtype=torch.uint8)])
     assert e.value.hint == "pip install 'convspec[gguf]'"

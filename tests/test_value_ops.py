@@ -69,6 +69,7 @@ def test_log_neg_is_transformers_log_negate(dtype):
     out = _apply("log_neg", {}, x)
     assert bit_equal(out, torch.log(-x.float()).to(x.dtype))
     assert bit_equal(out, _transformers(gguf_mapping.LogNegate(), x))
+    assert torch.isnan(_apply("log_neg", {}, torch.tensor([1.0], dtype=getattr(torch, dtype)))).all()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])

@@ -69,7 +69,9 @@ class Add(ValueMap):
 
     def loses(self, p):
         v = p["value"]
-        return f"add(value={v}) rounds in floating point: adding {-v} back does not give every x again (lossy)"
+        return (
+            f"add(value={v}) rounds in floating point: adding {-v} back does not give every x again (lossy)"
+        )
 
     def nearest_inverse(self, p, n_inputs):
         return "add", {"value": -p["value"]}
