@@ -232,3 +232,14 @@ def test_reshaping_and_regrouping_convert_as_byte_copies(tmp_path):
     convspec.convert(str(spec), tmp_path / "out", tmp_path / "back", reverse=True)
     back = {k: v for f in (tmp_path / "back").glob("*.safetensors") for k, v in load_file(f).items()}
     assert sorted(back) == sorted(sd) and all(bit_equal(back[k], sd[k]) for k in sd)
+
+
+def test_a_regroup_heads_slice_reads_exactly_its_rows():
+    """A shard of the grouped rows reads the tiled rows it is made of, joined in order, and nothing
+    else; rows contiguous in the input too are one read."""
+    op, info = OPS["regroup_heads"], [TensorInfo((2 + 12, 4), "float32")]
+    p = {"groups": 2, "size": 3, "rows": 2, "dim": 0, "offset": 2}
+    m = op.slice_map(p, info, 0, ((2, 6), (0, 4)))  # output chunks (0, 0), (0, 1): input rows 2..4, 8..10
+    assert m.reads == ((((2, 4), (0, 4)), ((8, 10), (0, 4))),) and m.op is None and m.exact
+    one = op.slice_map({**p, "groups": 1, "size": 6}, info, 0, ((0, 14), (0, 4)))
+    assert one.reads == ((((0, 14), (0, 4)),),)
