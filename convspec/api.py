@@ -301,7 +301,7 @@ def convert(
             check_destination(dst)
         cleaned: list[Path] = []
         with safetensors_source(src, allow_pickle, beside=dst, removed=cleaned) as src:
-            from .io.checkpoint import open_checkpoint
+            from .io.formats import open_checkpoint
 
             with agreed(ranks):  # a rank whose copy of the checkpoint is wrong stops every rank
                 ckpt = open_checkpoint(src)  # its headers are read once, for the config and the conversion

@@ -308,7 +308,7 @@ def _layout(against: str | None) -> dict | None:
     """A checkpoint's layout from its headers ({key: TensorInfo}), or None without --against."""
     if against is None:
         return None
-    from .io.checkpoint import open_checkpoint
+    from .io.formats import open_checkpoint
 
     return open_checkpoint(against).layout
 
@@ -317,7 +317,7 @@ def _plan(args):
     """The spec compiled with --config or the checkpoint's config.json, inverted with --reverse."""
     spec = args.spec
     if args.against and args.against.lower().endswith(".gguf"):  # the GGUF spec, its config from the file
-        from .io.checkpoint import open_checkpoint
+        from .io.formats import open_checkpoint
 
         ckpt = open_checkpoint(args.against)
         spec, _ = api.gguf_spec(spec, ckpt, "", args.reverse)
@@ -471,7 +471,7 @@ class _Progress:
 
 def _verify(args) -> int:
     from .devices import COMPARES, check_device
-    from .io.checkpoint import open_checkpoint
+    from .io.formats import open_checkpoint
     from .streaming import verify_checkpoint
 
     check_device(args.device, needs_data=COMPARES)  # before a pickle source is transcoded

@@ -18,7 +18,8 @@ from typing import Any
 from .bind import BoundPlan
 from .dtypes import ITEMSIZE
 from .errors import ConvspecError
-from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.checkpoint import Checkpoint
+from .io.formats import open_checkpoint
 from .io.writer import Place, lay_out, write_index, write_item
 
 FAULT_ENV = "CONVSPEC_TEST_WORKER_FAULT"  # "N:raise", "N:kill" or "N:hang": worker N fails (tests only)

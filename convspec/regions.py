@@ -262,7 +262,7 @@ def read_regions(
 ) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """`regions` of a checkpoint's converted tensors ({target: region, None for all of it}), each
     read from the source bytes it is made of, and what was read."""
-    from .io.checkpoint import open_checkpoint
+    from .io.formats import open_checkpoint
     from .streaming import bind_checkpoint
 
     ckpt = open_checkpoint(src)

@@ -35,7 +35,7 @@ def apply(plan: Plan, state_dict: dict, strict: bool = False) -> dict:
 
 
 def stream(plan: Plan, src, device: str, dtype: str | None, strict: bool) -> Iterator[tuple[str, Any]]:
-    from .io.checkpoint import open_checkpoint
+    from .io.formats import open_checkpoint
     from .streaming import bind_checkpoint, stream_bound
 
     device = check_device(device)  # meta too (shapes only); before anything is read
@@ -48,7 +48,7 @@ def load(
 ) -> dict:
     if shard is not None or mesh is not None:
         return _load_sharded(plan, src, device, dtype, strict, shard, mesh)
-    from .io.checkpoint import open_checkpoint
+    from .io.formats import open_checkpoint
     from .streaming import Loaded, bind_checkpoint, stream_bound
 
     device = check_device(device)
@@ -82,7 +82,7 @@ def _load_sharded(plan: Plan, src, device: str, dtype: str | None, strict: bool,
 
 
 def load_into(plan: Plan, model, src, strict: bool, device: str | None):
-    from .io.checkpoint import open_checkpoint
+    from .io.formats import open_checkpoint
     from .load_into import load_into as fill
     from .streaming import bind_checkpoint, stream_bound
 

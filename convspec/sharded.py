@@ -177,7 +177,7 @@ def load_placed(
     from torch.distributed.tensor import DTensor
 
     from .dtypes import check_dtype
-    from .io.checkpoint import open_checkpoint
+    from .io.formats import open_checkpoint
     from .ops.cast import cast_tensor
     from .ops.slicing import strides
     from .regions import RegionReader

@@ -17,7 +17,8 @@ from .compile.plan import Plan
 from .devices import COMPARES, WRITES, check_device
 from .dtypes import ITEMSIZE, check_dtype
 from .errors import BindError, ConvspecError
-from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.checkpoint import Checkpoint
+from .io.formats import open_checkpoint
 from .io.gguf_checkpoint import is_gguf
 from .io.writer import AtomicDir, FileCopy, parse_size, write_sharded
 from .ops.cast import cast_tensor

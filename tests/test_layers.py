@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "sharded",
             "shardplan",
             "parallel_convert",
+            "gguf_output",
             "runtime",
         ),
     ),

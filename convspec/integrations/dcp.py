@@ -37,7 +37,7 @@ class ConvspecReader(StorageReader):
         self._bind(src)
 
     def _bind(self, src: str | os.PathLike) -> None:
-        from ..io.checkpoint import open_checkpoint
+        from ..io.formats import open_checkpoint
         from ..regions import RegionReader
         from ..streaming import bind_checkpoint
 

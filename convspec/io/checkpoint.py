@@ -28,15 +28,6 @@ SMALL_READ = 1 << 20  # reads of up to this many bytes in all go on the calling 
 PARALLEL_PIECE = 64 << 10  # ... and so do reads that average under this size, however many
 
 
-def open_checkpoint(src: str | Path | list) -> Checkpoint:
-    """The checkpoint at `src`: a .gguf file (io/gguf_checkpoint.py), else safetensors."""
-    if not isinstance(src, list | tuple) and str(src).lower().endswith(".gguf"):
-        from .gguf_checkpoint import GgufCheckpoint
-
-        return GgufCheckpoint(src)
-    return Checkpoint(src)
-
-
 class Checkpoint:
     """A safetensors checkpoint (a directory, an index, or one file) read lazily."""
 

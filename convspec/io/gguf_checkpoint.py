@@ -64,11 +64,10 @@ class GgufCheckpoint(Checkpoint):
     def get(self, key: str) -> torch.Tensor:
         if key not in self.decoded:
             return super().get(key)
-        from ..ops import OPS
+        from ..ops.ggml import dequantize
 
         t = self.header.tensors[key]
-        raw = self.assemble(t.stored.shape, "uint8", [(key, 0, 0, t.end - t.start)])
-        return OPS["dequant_ggml"].apply({"type": t.ggml_type}, [raw])[0]
+        return dequantize(self.assemble(t.stored.shape, "uint8", [(key, 0, 0, t.end - t.start)]), t.ggml_type)
 
     def stored(self, key: str) -> TensorInfo:
         return self.header.tensors[key].stored

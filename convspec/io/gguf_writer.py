@@ -213,7 +213,7 @@ def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
 def stored_as(t: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """`t` as GGUF stores it with this type: cast to its dtype, or quantized into blocks."""
     from ..dtypes import DTYPES
-    from ..ops import OPS
+    from ..ops.ggml import quantize
 
     name = GGML_TYPES[ggml_type]
     if name in PLAIN_TYPES:
@@ -221,4 +221,4 @@ def stored_as(t: torch.Tensor, ggml_type: int) -> torch.Tensor:
         return t if t.dtype == dtype else t.to(dtype)
     if ggml_type not in QUANTIZABLE:
         raise CheckpointError(f"convspec cannot quantize to {name}", hint="choose --gguf-type q8_0 or q4_0")
-    return OPS["quantize_ggml"].apply({"type": ggml_type}, [t.float()])[0]
+    return quantize(t.float(), ggml_type)
