@@ -133,9 +133,11 @@ COMPUTED: dict[str, dict[str, str]] = {
     "bloom": {"feed_forward_length": "four_times_embedding"},
     "falcon": {"feed_forward_length": "four_times_embedding"},
     "minimax-m2": {"expert_gating_func": "gating_func_id"},
-    "lfm2": {"attention.head_count_kv": "lfm2_kv_heads_per_layer", "shortconv.l_cache": "copy"},
+    "lfm2": {"attention.head_count_kv": "kv_heads_per_layer"},
     "qwen35": {
         "block_count": "layers_plus_mtp",
+        "full_attention_interval": "full_attention_interval",
+        "nextn_predict_layers": "mtp_layers",
         "ssm.inner_size": "value_dim_total",
         "rope.dimension_count": "partial_rotary_dims",
         "rope.dimension_sections": "mrope_sections",
@@ -259,6 +261,7 @@ def _arch_entry(arch: str, mapping: dict, defaults: dict, archs_new: set, key_ty
         write["rope.freq_base"] = ROPE_THETA
     for suffix, keys in (BASE_EXTRA | LLAMA_CPP_EXTRA.get(arch, {}) | CANDIDATES.get(arch, {})).items():
         write[suffix] = keys + [k for k in write.get(suffix, []) if k not in keys]
+    write = {s: _with_aliases(keys, model_type) for s, keys in write.items()}
     computed = COMPUTED.get(arch, {})
     order = list(key_types)
     suffixes = sorted(set(read) | set(write) | set(computed), key=lambda s: _order(s, order))
@@ -277,6 +280,19 @@ def _arch_entry(arch: str, mapping: dict, defaults: dict, archs_new: set, key_ty
         "vocab_from_tokens": new_path or "vocab_size" not in read,
         "note": NOTES.get(arch),
     }
+
+
+def _with_aliases(keys: list[str], model_type: str) -> list[str]:
+    """Candidates plus the names the config class's attribute_map gives them (a Qwen3MoeConfig
+    stores num_experts as num_local_experts; a GPT2Config max_position_embeddings as n_positions)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    amap = getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) if model_type in CONFIG_MAPPING else {}
+    out = list(keys)
+    for key in keys:
+        out += [amap[key]] if key in amap else []
+        out += [alias for alias, target in amap.items() if target == key]
+    return list(dict.fromkeys(out))
 
 
 # llama.cpp's TextModel.set_gguf_parameters order, then the rest by name
