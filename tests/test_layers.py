@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("style", "errors", "dtypes", "devices", "derived", "frozen", "extras", "keyshapes")),
     # what each op means: parameters, shapes, the torch apply, the inverse
     ("ops", ("ops", "ops.*")),
-    # bytes on disk: safetensors headers and reads, writers, side files, GGUF metadata <-> config; no spec, no plan
+    # bytes on disk: safetensors headers and reads, writers, side files, GGUF metadata; no spec, no plan
     ("io", ("io", "io.*", "manifest", "ggufmeta")),
     # spec text -> the spec model (the DSL, YAML, formatting)
     ("spec", ("spec", "spec.*")),
