@@ -224,6 +224,13 @@ def gguf_tensors(model, gguf_arch: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _f32(w: np.ndarray) -> np.ndarray:
+    """float32 values of a float array, or of bfloat16 bits held as uint16."""
+    if w.dtype == np.uint16:
+        return (w.astype(np.uint32) << 16).view(np.float32)
+    return w.astype(np.float32)
+
+
 def write_gguf_with_gguf_py(
     path: str | Path, gguf_arch: str, tensors: dict[str, np.ndarray], metadata: dict, qtype: str | None = None
 ) -> Path:
@@ -264,12 +271,11 @@ def write_gguf_with_gguf_py(
     for name, w in tensors.items():
         if qtype is not None and w.ndim >= 2:
             q = getattr(gguf.GGMLQuantizationType, qtype)
-            data = gguf.quants.quantize(w.astype(np.float32), q)
-            writer.add_tensor(name, data, raw_dtype=q)
+            writer.add_tensor(name, gguf.quants.quantize(_f32(w), q), raw_dtype=q)
+        elif w.ndim <= 1:  # llama.cpp keeps 1-D tensors (norms, biases) F32
+            writer.add_tensor(name, _f32(w))
         elif w.dtype == np.uint16:  # bfloat16 bits
             writer.add_tensor(name, w, raw_dtype=gguf.GGMLQuantizationType.BF16)
-        elif w.ndim <= 1 and w.dtype != np.float32:
-            writer.add_tensor(name, w.astype(np.float32))
         else:
             writer.add_tensor(name, w)
     writer.write_header_to_file()

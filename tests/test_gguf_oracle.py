@@ -1,0 +1,106 @@
+"""The GGUF oracle harness (tests/helpers/gguf_models.py) holds: for each arch, transformers' own GGUF
+loader (`from_pretrained(dir, gguf_file=...)`) loads the file gguf-py writes from the tiny model's
+tensors, transformed as llama.cpp's converter does, back into the tiny model, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("gguf", reason="the GGUF oracle needs gguf-py (pip install gguf)")
+pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
+pytest.importorskip("transformers", reason="the GGUF oracle is transformers' GGUF loader")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from helpers.gguf_models import gguf_tensors, tiny_model, write_tiny_gguf  # noqa: E402
+
+from convspec import ggufmeta  # noqa: E402
+
+ARCHS = [
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen2moe",
+    "qwen3moe",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "mamba",
+    "bloom",
+    "gpt2",
+    "starcoder2",
+    "stablelm",
+    "nemotron",
+]
+
+
+def _load(tmp_path, path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=dtype)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_loads_the_harness_file_bit_for_bit(arch, tmp_path):
+    model, path = write_tiny_gguf(tmp_path, arch)
+    loaded = _load(tmp_path, path)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor), name
+    assert type(loaded).__name__ == ggufmeta.causal_lm(arch)
+
+
+def test_names_are_gguf_pys():
+    """The harness names every tensor as gguf-py's TensorNameMap does; the arch-specific layouts."""
+    t = gguf_tensors(tiny_model("llama"), "llama")
+    assert {"token_embd.weight", "output.weight", "output_norm.weight", "blk.1.attn_q.weight"} <= set(t)
+    t = gguf_tensors(tiny_model("qwen2moe"), "qwen2moe")
+    assert t["blk.0.ffn_gate_exps.weight"].shape == (4, 1408, 64)  # [experts, rows, cols] in torch order
+    assert t["blk.0.ffn_down_exps.weight"].shape == (4, 64, 1408)
+    assert t["blk.0.ffn_gate_inp_shexp.weight"].shape == (64,)
+    t = gguf_tensors(tiny_model("mamba"), "mamba")
+    assert t["blk.0.ssm_conv1d.weight"].shape == (128, 4) and (t["blk.0.ssm_a"] < 0).all()
+    t = gguf_tensors(tiny_model("gemma2"), "gemma2")
+    assert "output.weight" not in t  # tied: llama.cpp writes no output for gemma
+
+
+def test_llama_q_k_rows_are_permuted_gqa_aware():
+    model = tiny_model("llama")
+    t = gguf_tensors(model, "llama")
+    k = model.state_dict()["model.layers.0.self_attn.k_proj.weight"].numpy()  # 2 kv heads of 16 rows
+    g = t["blk.0.attn_k.weight"]
+    # head 0: HF rows [0..7 | 8..15] (the two rope halves) -> GGML pairs (0, 8), (1, 9), ...
+    assert np.array_equal(g[0], k[0]) and np.array_equal(g[1], k[8]) and np.array_equal(g[16], k[16])
+
+
+def test_q8_0_file_loads_as_transformers_dequantizes_it(tmp_path):
+    """Q8_0: 2-D tensors quantized by gguf.quants as llama.cpp does, 1-D ones F32 (exact)."""
+    import gguf
+
+    model, path = write_tiny_gguf(tmp_path, "qwen2", qtype="Q8_0")
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    loaded = _load(tmp_path, path).state_dict()
+    want = model.state_dict()
+    assert torch.equal(
+        loaded["model.layers.0.input_layernorm.weight"], want["model.layers.0.input_layernorm.weight"]
+    )
+    q = want["model.layers.0.self_attn.q_proj.weight"].numpy()
+    expected = gguf.quants.dequantize(
+        gguf.quants.quantize(q, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    )
+    assert np.array_equal(loaded["model.layers.0.self_attn.q_proj.weight"].numpy(), expected)
+    assert not np.array_equal(expected, q)  # lossy, as declared
+
+
+def test_bf16_file_loads_bit_for_bit(tmp_path):
+    model, path = write_tiny_gguf(tmp_path, "llama", dtype=torch.bfloat16)
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == "BF16" and types["output_norm.weight"] == "F32"
+    loaded = _load(tmp_path, path, dtype=torch.bfloat16).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded[name].to(torch.bfloat16), tensor), name
