@@ -367,7 +367,20 @@ def _rope_factor(config: Mapping[str, Any]) -> float | None:
     return _first(config, ["rope_parameters.partial_rotary_factor", "partial_rotary_factor"])
 
 
+def _lfm2_ff_dim(config: Mapping[str, Any], arch: str) -> int:
+    """LFM2's feed-forward width as the model builds it (llama.cpp's LFM2 converter does the same)."""
+    ff = _need(config, "intermediate_size", arch)
+    if not config.get("block_auto_adjust_ff_dim"):
+        return ff
+    ff = int(2 * ff / 3)
+    if (multiplier := config.get("block_ffn_dim_multiplier")) is not None:
+        ff = int(multiplier * ff)
+    multiple = config.get("block_multiple_of") or 1
+    return multiple * ((ff + multiple - 1) // multiple)
+
+
 _COMPUTED = {
+    "lfm2_ff_dim": _lfm2_ff_dim,
     "head_dim_or_ratio": lambda c, a: (
         c.get("head_dim") or _need(c, "hidden_size", a) // _need(c, "num_attention_heads", a)
     ),

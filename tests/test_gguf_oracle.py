@@ -31,6 +31,9 @@ ARCHS = [
     "starcoder2",
     "stablelm",
     "nemotron",
+    "falcon",
+    "lfm2",
+    "minimax-m2",
 ]
 
 

@@ -27,6 +27,9 @@ ARCHS = [
     "starcoder2",
     "stablelm",
     "nemotron",
+    "falcon",
+    "lfm2",
+    "minimax-m2",
 ]
 
 
@@ -193,6 +196,7 @@ def test_config_equals_transformers_and_round_trips(arch, tmp_path):
     pytest.importorskip("transformers")
     from helpers.gguf_models import tiny_config, write_gguf_with_gguf_py
     from transformers import AutoConfig
+    from transformers.integrations.gguf import GGUF_CONFIG_ARCHS, get_gguf_config, read_gguf_metadata
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     original = tiny_config(arch)
@@ -204,7 +208,10 @@ def test_config_equals_transformers_and_round_trips(arch, tmp_path):
     reader = gguf.GGUFReader(path)
     read = {k: f.contents() for k, f in reader.fields.items()}
     ours = ggufmeta.config_from_metadata(read, [t.name for t in reader.tensors], str(path))
-    assert ours == load_gguf_checkpoint(str(path))["config"]
+    if arch in GGUF_CONFIG_ARCHS:  # transformers' new config path, as AutoConfig chooses it
+        assert ours == get_gguf_config(*read_gguf_metadata(str(path)))
+    else:
+        assert ours == load_gguf_checkpoint(str(path))["config"]
     # the typed metadata itself gives the same config as the file's
     assert ggufmeta.config_from_metadata(md, names) == ours
     back = AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf")

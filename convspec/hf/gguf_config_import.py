@@ -133,7 +133,7 @@ COMPUTED: dict[str, dict[str, str]] = {
     "bloom": {"feed_forward_length": "four_times_embedding"},
     "falcon": {"feed_forward_length": "four_times_embedding"},
     "minimax-m2": {"expert_gating_func": "gating_func_id"},
-    "lfm2": {"attention.head_count_kv": "kv_heads_per_layer"},
+    "lfm2": {"attention.head_count_kv": "kv_heads_per_layer", "feed_forward_length": "lfm2_ff_dim"},
     "qwen35": {
         "block_count": "layers_plus_mtp",
         "full_attention_interval": "full_attention_interval",

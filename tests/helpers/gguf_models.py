@@ -85,6 +85,37 @@ TINY: dict[str, dict] = {
     ),
     "starcoder2": dict(_COMMON, **_ATTN, norm_epsilon=1e-5, tie_word_embeddings=True, use_bias=True),
     "stablelm": dict(_COMMON, **_ATTN, layer_norm_eps=1e-5, tie_word_embeddings=False),
+    # multi-query (one kv head): llama.cpp's qkv regrouping is then the identity, which transformers
+    # relies on (it has no falcon tensor processor); layer_norm_epsilon is not read back: the default
+    "falcon": dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "lfm2": dict(
+        _COMMON,
+        **_ATTN,
+        num_hidden_layers=3,
+        layer_types=["conv", "full_attention", "conv"],
+        block_auto_adjust_ff_dim=False,
+        norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+    "minimax-m2": dict(
+        _COMMON,
+        **_ATTN,
+        intermediate_size=32,
+        head_dim=16,
+        rotary_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    ),
     "nemotron": dict(_COMMON, **_ATTN, head_dim=16, norm_eps=1e-5, tie_word_embeddings=False),
 }
 
@@ -178,7 +209,9 @@ def _value_transform(gguf_arch: str, gname: str, w: np.ndarray, cfg) -> np.ndarr
         return w + np.float32(1) if w.dtype == np.float32 else (w.astype(np.float32) + 1).astype(w.dtype)
     if gguf_arch == "mamba" and gname.endswith("ssm_a"):
         return -np.exp(w)
-    if gguf_arch == "mamba" and gname.endswith("ssm_conv1d.weight"):
+    if (gguf_arch == "mamba" and gname.endswith("ssm_conv1d.weight")) or gname.endswith(
+        "shortconv.conv.weight"
+    ):
         return w.squeeze(1)
     if gguf_arch == "bloom" and ".attn_qkv." in gname:
         return _bloom_qkv(w, cfg.n_head, cfg.hidden_size)
@@ -209,6 +242,9 @@ def gguf_tensors(model, gguf_arch: str) -> dict[str, np.ndarray]:
         if hf_name.endswith((".attn.bias", ".attn.masked_bias")) or "rotary_emb" in hf_name:
             continue
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.e_score_correction_bias", hf_name):
+            out[f"blk.{m[1]}.exp_probs_b.bias"] = w  # minimax-m2's routing bias
             continue
         base, suffix = (
             (hf_name.rsplit(".", 1) + [""])[:2] if hf_name.endswith((".weight", ".bias")) else (hf_name, "")
