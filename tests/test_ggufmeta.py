@@ -30,6 +30,8 @@ ARCHS = [
     "falcon",
     "lfm2",
     "minimax-m2",
+    "qwen35",
+    "qwen35moe",
 ]
 
 

@@ -21,6 +21,13 @@ _COMMON = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256
 )
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2)
+_MROPE = {
+    "rope_type": "default",
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+    "mrope_section": [2, 1, 1],
+    "mrope_interleaved": True,
+}
 TINY: dict[str, dict] = {
     "llama": dict(
         _COMMON, **_ATTN, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False
@@ -116,6 +123,38 @@ TINY: dict[str, dict] = {
         eos_token_id=2,
         tie_word_embeddings=False,
     ),
+    "qwen35": dict(
+        _COMMON,
+        **_ATTN,
+        head_dim=16,
+        linear_num_key_heads=2,
+        # three value heads per key head, which llama.cpp tiles: (2, 3) is no involution, so the
+        # direction of the reorder is tested (with two per key head, tiling is its own inverse)
+        linear_num_value_heads=6,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention"],
+        rope_parameters=_MROPE,
+        tie_word_embeddings=False,
+    ),
+    "qwen35moe": dict(
+        _COMMON,
+        **_ATTN,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention"],
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters=_MROPE,
+        tie_word_embeddings=False,
+    ),
     "nemotron": dict(_COMMON, **_ATTN, head_dim=16, norm_eps=1e-5, tie_word_embeddings=False),
 }
 
@@ -134,12 +173,16 @@ def _exact_norm_values(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _exact_exp_values(shape, gen: torch.Generator) -> torch.Tensor:
-    """Values x in [-2, 2] with log(exp(x)) == x in float32 under numpy and torch (mamba's A_log)."""
+    """Values x in [-2, 2] with log(exp(x)) == x in float32, numpy's or torch's exp then numpy's or
+    torch's log (A_log, stored as -exp(A_log)): bit-for-bit comparisons then test the layout."""
     flat = torch.empty(int(np.prod(shape)))
     filled = 0
     while filled < flat.numel():
         x = torch.rand(4 * flat.numel(), generator=gen) * 4 - 2
-        ok = (torch.log(torch.exp(x)) == x) & torch.from_numpy(np.log(np.exp(x.numpy())) == x.numpy())
+        exps = (torch.exp(x), torch.from_numpy(np.exp(x.numpy())))  # either library's exp, then either log
+        ok = torch.ones_like(x, dtype=torch.bool)
+        for e in exps:
+            ok &= (torch.log(e) == x) & torch.from_numpy(np.log(e.numpy()) == x.numpy())
         take = x[ok][: flat.numel() - filled]
         flat[filled : filled + take.numel()] = take
         filled += take.numel()
@@ -200,8 +243,53 @@ def _experts(sd: dict, gguf_arch: str, out: dict) -> None:
             out[f"blk.{m[1]}.ffn_up_exps.weight"] = np.ascontiguousarray(w[:, half:])
 
 
+def _tile(w: np.ndarray, cfg, head_dim: int = 1, offset: int = 0, axis: int = 0) -> np.ndarray:
+    """Qwen3.5's value heads from grouped by key head (HF) to tiled (llama.cpp), past `offset` rows
+    of `axis`: v0k0 v1k0 v0k1 v1k1 -> v0k0 v0k1 v1k0 v1k1 (transformers' TiledToGroupedRows undoes it)."""
+    k = cfg.linear_num_key_heads
+    r = cfg.linear_num_value_heads // k
+    w = np.moveaxis(w, axis, 0)
+    tail = w[offset:]
+    tail = tail.reshape(k, r, head_dim, *tail.shape[1:]).swapaxes(0, 1).reshape(tail.shape)
+    return np.ascontiguousarray(np.moveaxis(np.concatenate([w[:offset], tail]), 0, axis))
+
+
+_QWEN35_OFFSET_NORMS = (
+    "attn_norm.weight",
+    "post_attention_norm.weight",
+    "attn_q_norm.weight",
+    "attn_k_norm.weight",
+)
+
+
+def _qwen35(gname: str, w: np.ndarray, cfg) -> np.ndarray:
+    """llama.cpp's Qwen3.5 converter: `w + 1` norms (not ssm_norm), -exp(A_log), squeezed conv1d,
+    value heads tiled on every tensor indexed by them."""
+    vdim = cfg.linear_value_head_dim
+    qk_rows = 2 * cfg.linear_key_head_dim * cfg.linear_num_key_heads
+    if gname == "output_norm.weight" or gname.endswith(_QWEN35_OFFSET_NORMS):
+        return w + np.float32(1)
+    if gname.endswith("ssm_a"):
+        return _tile(-np.exp(w), cfg)
+    if gname.endswith(("ssm_dt.bias", "ssm_alpha.weight", "ssm_beta.weight")):
+        return _tile(w, cfg)
+    if gname.endswith("attn_gate.weight"):
+        return _tile(w, cfg, vdim)
+    if gname.endswith("attn_qkv.weight"):
+        return _tile(w, cfg, vdim, offset=qk_rows)
+    if gname.endswith("ssm_conv1d.weight"):
+        return _tile(w.squeeze(1), cfg, vdim, offset=qk_rows)
+    if gname.endswith("ssm_out.weight"):
+        return _tile(w, cfg, vdim, axis=1)
+    if gname.endswith("ffn_gate_inp_shexp.weight"):
+        return w.reshape(-1)
+    return w
+
+
 def _value_transform(gguf_arch: str, gname: str, w: np.ndarray, cfg) -> np.ndarray:
     """convert_hf_to_gguf.py's modify_tensors for one tensor, by arch."""
+    if gguf_arch in ("qwen35", "qwen35moe"):
+        return _qwen35(gname, w, cfg)
     if gguf_arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
         kv = cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads
         return _permute(w, cfg.num_attention_heads, kv)
@@ -242,6 +330,9 @@ def gguf_tensors(model, gguf_arch: str) -> dict[str, np.ndarray]:
         if hf_name.endswith((".attn.bias", ".attn.masked_bias")) or "rotary_emb" in hf_name:
             continue
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if m := re.fullmatch(r"model\.layers\.(\d+)\.linear_attn\.dt_bias", hf_name):
+            out[f"blk.{m[1]}.ssm_dt.bias"] = _value_transform(gguf_arch, "ssm_dt.bias", w, cfg)
             continue
         if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.e_score_correction_bias", hf_name):
             out[f"blk.{m[1]}.exp_probs_b.bias"] = w  # minimax-m2's routing bias
