@@ -12,7 +12,7 @@ pytest.importorskip("transformers", reason="the GGUF oracle is transformers' GGU
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from helpers.gguf_models import gguf_tensors, tiny_model, write_tiny_gguf  # noqa: E402
+from helpers.gguf_models import auto_class, gguf_tensors, tiny_model, write_tiny_gguf  # noqa: E402
 
 from convspec import ggufmeta  # noqa: E402
 
@@ -36,19 +36,18 @@ ARCHS = [
     "minimax-m2",
     "qwen35",
     "qwen35moe",
+    "t5",
 ]
 
 
-def _load(tmp_path, path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=dtype)
+def _load(tmp_path, path, dtype=torch.float32, arch="llama"):
+    return auto_class(arch).from_pretrained(tmp_path, gguf_file=path.name, dtype=dtype)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_loads_the_harness_file_bit_for_bit(arch, tmp_path):
     model, path = write_tiny_gguf(tmp_path, arch)
-    loaded = _load(tmp_path, path)
+    loaded = _load(tmp_path, path, arch=arch)
     want, got = model.state_dict(), loaded.state_dict()
     assert set(got) == set(want)
     for name, tensor in want.items():

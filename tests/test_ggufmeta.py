@@ -32,6 +32,7 @@ ARCHS = [
     "minimax-m2",
     "qwen35",
     "qwen35moe",
+    "t5",
 ]
 
 

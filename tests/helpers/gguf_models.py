@@ -155,6 +155,18 @@ TINY: dict[str, dict] = {
         rope_parameters=_MROPE,
         tie_word_embeddings=False,
     ),
+    # gated-gelu (transformers sets is_gated_act for every GGUF t5); shared embedding untied from lm_head
+    "t5": dict(
+        vocab_size=128,
+        d_model=64,
+        d_kv=16,
+        d_ff=96,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+    ),
     "nemotron": dict(_COMMON, **_ATTN, head_dim=16, norm_eps=1e-5, tie_word_embeddings=False),
 }
 
@@ -189,12 +201,17 @@ def _exact_exp_values(shape, gen: torch.Generator) -> torch.Tensor:
     return flat.reshape(shape)
 
 
+def auto_class(gguf_arch: str):
+    """AutoModelForCausalLM, or AutoModelForSeq2SeqLM for t5."""
+    import transformers
+
+    return transformers.AutoModelForSeq2SeqLM if gguf_arch == "t5" else transformers.AutoModelForCausalLM
+
+
 def tiny_model(gguf_arch: str, dtype: torch.dtype = torch.float32):
     """The tiny model, every parameter seeded-random (norms too, on an exact grid)."""
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(gguf_arch), dtype=torch.float32)
+    model = auto_class(gguf_arch).from_config(tiny_config(gguf_arch), dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
