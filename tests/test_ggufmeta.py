@@ -225,3 +225,48 @@ def test_config_equals_transformers_and_round_trips(arch, tmp_path):
         except (AttributeError, KeyError):
             continue  # a key this config class does not have (gpt2's n_ctx): nothing to keep
         assert _as_f32(_get(back, key)) == _as_f32(want), key
+
+
+def test_gpt_oss_metadata_and_transformers_rope_scaling_failure(tmp_path):
+    """gpt-oss: the config keys round trip; llama.cpp's yarn keys (rope.scaling.*) make transformers
+    5.23's load_gguf_checkpoint fail (it reads each field's first part, the key's length, and calls
+    float() on that array), so metadata_from_config does not write them (yarn scaling is not carried)."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("gguf")
+    transformers = pytest.importorskip("transformers")
+    from helpers.gguf_models import write_gguf_with_gguf_py
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = transformers.AutoConfig.for_model(
+        "gpt_oss",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=64,
+        tie_word_embeddings=False,
+    )
+    names = ["token_embd.weight", "output.weight"]
+    md = ggufmeta.metadata_from_config(cfg.to_dict(), names)
+    assert not any(".rope.scaling." in k for k in md)
+    assert md["gpt-oss.attention.sliding_window"] == md["gpt-oss.sliding_window"] == ("u32", 64)
+    zeros = {n: np.zeros((4, 4), np.float32) for n in names}
+    path = write_gguf_with_gguf_py(tmp_path / "m.gguf", "gpt-oss", zeros, md)
+    theirs = load_gguf_checkpoint(str(path))["config"]
+    assert ggufmeta.config_from_metadata(md, names) == theirs
+    assert (
+        theirs["model_type"] == "gpt_oss"
+        and theirs["num_local_experts"] == 4
+        and theirs["sliding_window"] == 64
+    )
+    md["gpt-oss.rope.scaling.type"] = ("str", "yarn")
+    md["gpt-oss.rope.scaling.factor"] = ("f32", 32.0)
+    path = write_gguf_with_gguf_py(tmp_path / "y.gguf", "gpt-oss", zeros, md)
+    with pytest.raises(TypeError):
+        load_gguf_checkpoint(str(path))
+    assert ggufmeta.config_from_metadata(md, names)["rope_scaling"] == {"rope_type": "yarn", "factor": 32.0}
