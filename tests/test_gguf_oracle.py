@@ -55,6 +55,20 @@ def test_transformers_loads_the_harness_file_bit_for_bit(arch, tmp_path):
     assert type(loaded).__name__ == ggufmeta.causal_lm(arch)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_q8_0_files_load_close_with_norms_exact(arch, tmp_path):
+    """Q8_0 (2-D and 3-D tensors in blocks of 32 along rows, as llama.cpp quantizes them): transformers
+    loads every tensor in its shape, within Q8_0's rounding, and the F32 ones (norms, biases) exactly."""
+    model, path = write_tiny_gguf(tmp_path, arch, qtype="Q8_0")
+    got = _load(tmp_path, path, arch=arch).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert got[name].shape == tensor.shape, name
+        if tensor.ndim == 1:
+            assert torch.equal(got[name], tensor), name
+        else:
+            assert torch.allclose(got[name], tensor, atol=2e-3, rtol=0), name
+
+
 def test_names_are_gguf_pys():
     """The harness names every tensor as gguf-py's TensorNameMap does; the arch-specific layouts."""
     t = gguf_tensors(tiny_model("llama"), "llama")

@@ -368,6 +368,17 @@ def gguf_tensors(model, gguf_arch: str) -> dict[str, np.ndarray]:
     return out
 
 
+# tensors llama.cpp's converter keeps in float32 whatever the output type (besides every 1-D tensor)
+ALWAYS_F32 = (
+    "ffn_gate_inp.weight",
+    "ssm_conv1d.weight",
+    "shortconv.conv.weight",
+    "ssm_a",
+    "ssm_d",
+    "attn_rel_b.weight",
+)
+
+
 def _f32(w: np.ndarray) -> np.ndarray:
     """float32 values of a float array, or of bfloat16 bits held as uint16."""
     if w.dtype == np.uint16:
@@ -413,10 +424,15 @@ def write_gguf_with_gguf_py(
         else:
             adders[type_](key, value)
     for name, w in tensors.items():
-        if qtype is not None and w.ndim >= 2:
+        if qtype is not None and w.ndim >= 2 and not name.endswith(ALWAYS_F32):
             q = getattr(gguf.GGMLQuantizationType, qtype)
-            writer.add_tensor(name, gguf.quants.quantize(_f32(w), q), raw_dtype=q)
-        elif w.ndim <= 1:  # llama.cpp keeps 1-D tensors (norms, biases) F32
+            if (
+                w.shape[-1] % gguf.GGML_QUANT_SIZES[q][0]
+            ):  # rows not whole blocks: llama.cpp falls back to F16
+                writer.add_tensor(name, _f32(w).astype(np.float16))
+            else:
+                writer.add_tensor(name, gguf.quants.quantize(_f32(w), q), raw_dtype=q)
+        elif w.ndim <= 1 or name.endswith(ALWAYS_F32):  # llama.cpp keeps these F32
             writer.add_tensor(name, _f32(w))
         elif w.dtype == np.uint16:  # bfloat16 bits
             writer.add_tensor(name, w, raw_dtype=gguf.GGMLQuantizationType.BF16)
