@@ -69,6 +69,33 @@ def test_q8_0_files_load_close_with_norms_exact(arch, tmp_path):
             assert torch.allclose(got[name], tensor, atol=2e-3, rtol=0), name
 
 
+def test_gpt_oss_transformers_loads_all_but_the_experts_and_sinks(tmp_path):
+    """transformers 5.23 cannot load llama.cpp's gpt-oss experts or attention sinks: its gpt-oss tensor
+    processor is registered under `gpt_oss` while files say `gpt-oss`, and its name map looks for
+    `blk.N.ffn_down_exps` / `blk.N.attn_sinks` without the `.weight` llama.cpp writes. Those come back
+    newly initialized (reported missing); every other tensor loads bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    model, path = write_tiny_gguf(tmp_path, "gpt-oss")
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32, output_loading_info=True
+    )
+    lost = {k for k in model.state_dict() if ".mlp.experts." in k or k.endswith("self_attn.sinks")}
+    assert set(info["missing_keys"]) == lost and len(lost) == 10
+    got = loaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name not in lost:
+            assert torch.equal(got[name], tensor), name
+    t = gguf_tensors(model, "gpt-oss")  # llama.cpp's layout, for convspec's own gpt-oss spec
+    assert t["blk.0.ffn_gate_exps.weight"].shape == (4, 32, 64) and t["blk.0.ffn_up_exps.bias"].shape == (
+        4,
+        32,
+    )
+    assert t["blk.0.ffn_down_exps.weight"].shape == (4, 64, 32) and "blk.0.attn_sinks.weight" in t
+    gate_up = model.state_dict()["model.layers.0.mlp.experts.gate_up_proj"].numpy()  # [E, H, 2I], interleaved
+    assert np.array_equal(t["blk.0.ffn_up_exps.weight"], gate_up[:, :, 1::2].swapaxes(1, 2))
+
+
 def test_names_are_gguf_pys():
     """The harness names every tensor as gguf-py's TensorNameMap does; the arch-specific layouts."""
     t = gguf_tensors(tiny_model("llama"), "llama")

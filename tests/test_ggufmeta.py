@@ -33,6 +33,7 @@ ARCHS = [
     "qwen35",
     "qwen35moe",
     "t5",
+    "gpt-oss",
 ]
 
 

@@ -167,6 +167,16 @@ TINY: dict[str, dict] = {
         tie_word_embeddings=False,
         decoder_start_token_id=0,
     ),
+    "gpt-oss": dict(
+        _COMMON,
+        **_ATTN,
+        intermediate_size=32,
+        head_dim=64,  # transformers reads no key_length for gpt_oss: its default
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=64,
+        tie_word_embeddings=False,
+    ),
     "nemotron": dict(_COMMON, **_ATTN, head_dim=16, norm_eps=1e-5, tie_word_embeddings=False),
 }
 
@@ -303,6 +313,23 @@ def _qwen35(gname: str, w: np.ndarray, cfg) -> np.ndarray:
     return w
 
 
+def _gpt_oss_experts(sd: dict, out: dict) -> None:
+    """llama.cpp's GptOssModel: gate_up_proj [E, H, 2I] (gate and up interleaved) -> ffn_gate_exps and
+    ffn_up_exps [E, I, H]; down_proj [E, I, H] -> ffn_down_exps [E, H, I]; their biases alike."""
+    for name in list(sd):
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?", name)
+        if not m:
+            continue
+        w, blk, bias = sd.pop(name), f"blk.{m[1]}", ".bias" if m[3] else ".weight"
+        if m[2] == "down_proj":
+            out[f"{blk}.ffn_down_exps{bias}"] = w if m[3] else np.ascontiguousarray(w.swapaxes(-1, -2))
+            continue
+        w = w if m[3] else w.swapaxes(-1, -2)  # [E, 2I, H], or the bias [E, 2I]
+        gate, up = (w[..., ::2], w[..., 1::2]) if m[3] else (w[:, ::2], w[:, 1::2])
+        out[f"{blk}.ffn_gate_exps{bias}"] = np.ascontiguousarray(gate)
+        out[f"{blk}.ffn_up_exps{bias}"] = np.ascontiguousarray(up)
+
+
 def _value_transform(gguf_arch: str, gname: str, w: np.ndarray, cfg) -> np.ndarray:
     """convert_hf_to_gguf.py's modify_tensors for one tensor, by arch."""
     if gguf_arch in ("qwen35", "qwen35moe"):
@@ -342,6 +369,8 @@ def gguf_tensors(model, gguf_arch: str) -> dict[str, np.ndarray]:
     n_layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     names = _name_map(gguf_arch, n_layers)
     out: dict[str, np.ndarray] = {}
+    if gguf_arch == "gpt-oss":
+        _gpt_oss_experts(sd, out)
     _experts(sd, gguf_arch, out)
     for hf_name, w in sd.items():
         if hf_name.endswith((".attn.bias", ".attn.masked_bias")) or "rotary_emb" in hf_name:
@@ -361,7 +390,7 @@ def gguf_tensors(model, gguf_arch: str) -> dict[str, np.ndarray]:
         gname = names.get_name(base) or (names.get_name(base.split(".", 1)[1]) if "." in base else None)
         if gname is None:
             raise KeyError(f"gguf-py's TensorNameMap for {gguf_arch} has no name for {hf_name}")
-        gname = gname + ("." + suffix if suffix else "")
+        gname = gname + ("." + suffix if suffix else ".weight" if gname.endswith("attn_sinks") else "")
         out[gname] = _value_transform(gguf_arch, gname, w, cfg)
     if gguf_arch in ("bloom", "gpt2") and "output.weight" not in out:
         out["output.weight"] = out["token_embd.weight"]  # llama.cpp writes the tied output for these
