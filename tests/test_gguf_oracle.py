@@ -96,6 +96,26 @@ def test_gpt_oss_transformers_loads_all_but_the_experts_and_sinks(tmp_path):
     assert np.array_equal(t["blk.0.ffn_up_exps.weight"], gate_up[:, :, 1::2].swapaxes(1, 2))
 
 
+def test_mistral_is_a_llama_file_named_mistral_which_transformers_cannot_load(tmp_path):
+    """llama.cpp writes mistral as `llama` (q/k rows permuted); transformers reads such a file's config
+    as mistral only when general.name is exactly `mistral`, which metadata_from_config writes for a
+    mistral config. transformers 5.23 then fails to load the weights: its GGUF name map asks gguf-py
+    for an architecture `mistral`, which gguf-py does not have (NotImplementedError)."""
+    from helpers.gguf_models import TINY, write_gguf_with_gguf_py
+    from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(**TINY["llama"]), dtype=torch.float32).eval()
+    tensors = gguf_tensors(model, "llama")
+    md = ggufmeta.metadata_from_config(model.config.to_dict(), tensors)
+    assert md["general.architecture"] == ("str", "llama") and md["general.name"] == ("str", "mistral")
+    path = write_gguf_with_gguf_py(tmp_path / "m.gguf", "llama", tensors, md)
+    config = AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    assert type(config).__name__ == "MistralConfig" and config.num_key_value_heads == 2
+    with pytest.raises(NotImplementedError, match="mistral"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+
+
 def test_names_are_gguf_pys():
     """The harness names every tensor as gguf-py's TensorNameMap does; the arch-specific layouts."""
     t = gguf_tensors(tiny_model("llama"), "llama")
