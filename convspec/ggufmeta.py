@@ -458,13 +458,6 @@ def metadata_from_config(
     }
     if row["causal_lm"] is None:
         raise ConfigError(f"transformers has no model class for GGUF architecture {arch!r}", hint=row["note"])
-    if (
-        _first(cfg, row["write"].get("block_count", ["num_hidden_layers"])) is None
-        and "block_count" not in row["computed"]
-    ):
-        raise ConfigError(
-            f"the {arch} config has no layer count", hint="add `num_hidden_layers` to config.json"
-        )
     for suffix, type_ in row["types"].items():
         if suffix in row["computed"]:
             value = _COMPUTED[row["computed"][suffix]](cfg, arch)
@@ -472,6 +465,11 @@ def metadata_from_config(
             value = _first(cfg, row["write"].get(suffix, ()))
         if value is not None:
             out[f"{arch}.{suffix}"] = _typed(type_, value, f"{arch}.{suffix}")
+    if f"{arch}.block_count" not in out:
+        layers = " or ".join(row["write"].get("block_count", ["num_hidden_layers"]))
+        raise ConfigError(
+            f"the {arch} config has no layer count ({layers})", hint=f"add {layers} to config.json"
+        )
     _tokenizer(out, cfg, row, vocab)
     _check_tie(cfg, row, arch, tensor_names)
     return out

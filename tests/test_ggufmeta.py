@@ -162,6 +162,8 @@ def test_errors_name_the_key_and_the_file():
         ggufmeta.metadata_from_config(_llama_config(tie_word_embeddings=False), ["token_embd.weight"])
     with pytest.raises(ConfigError, match="u32"):
         ggufmeta.metadata_from_config(_llama_config(num_hidden_layers=-1), [])
+    with pytest.raises(ConfigError, match="num_hidden_layers"):
+        ggufmeta.metadata_from_config(_llama_config(num_hidden_layers=None), [])
     with pytest.raises(ConfigError, match="no model class"):  # transformers 5.23 has no deci config
         ggufmeta.metadata_from_config({"model_type": "deci", "num_hidden_layers": 2}, [])
     with pytest.raises(ConvspecError, match="mrope_section"):
