@@ -56,6 +56,15 @@ def test_transformers_loads_the_harness_file_bit_for_bit(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_f16_files_load_bit_for_bit(arch, tmp_path):
+    """A float16 model written F16 (1-D tensors F32, as llama.cpp keeps them) loads back exactly."""
+    model, path = write_tiny_gguf(tmp_path, arch, dtype=torch.float16)
+    got = _load(tmp_path, path, dtype=torch.float16, arch=arch).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(got[name].to(torch.float16), tensor), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_q8_0_files_load_close_with_norms_exact(arch, tmp_path):
     """Q8_0 (2-D and 3-D tensors in blocks of 32 along rows, as llama.cpp quantizes them): transformers
     loads every tensor in its shape, within Q8_0's rounding, and the F32 ones (norms, biases) exactly."""

@@ -295,9 +295,9 @@ def _qwen35(gname: str, w: np.ndarray, cfg) -> np.ndarray:
     vdim = cfg.linear_value_head_dim
     qk_rows = 2 * cfg.linear_key_head_dim * cfg.linear_num_key_heads
     if gname == "output_norm.weight" or gname.endswith(_QWEN35_OFFSET_NORMS):
-        return w + np.float32(1)
+        return _f32(w) + np.float32(1)
     if gname.endswith("ssm_a"):
-        return _tile(-np.exp(w), cfg)
+        return _tile(-np.exp(_f32(w)), cfg)  # in float32, as ssm_a is stored
     if gname.endswith(("ssm_dt.bias", "ssm_alpha.weight", "ssm_beta.weight")):
         return _tile(w, cfg)
     if gname.endswith("attn_gate.weight"):
@@ -338,9 +338,9 @@ def _value_transform(gguf_arch: str, gname: str, w: np.ndarray, cfg) -> np.ndarr
         kv = cfg.num_attention_heads if ".attn_q." in gname else cfg.num_key_value_heads
         return _permute(w, cfg.num_attention_heads, kv)
     if gguf_arch in ("gemma2", "gemma3", "nemotron") and gname.endswith("norm.weight"):
-        return w + np.float32(1) if w.dtype == np.float32 else (w.astype(np.float32) + 1).astype(w.dtype)
+        return _f32(w) + np.float32(1)  # in float32: norms are stored F32
     if gguf_arch == "mamba" and gname.endswith("ssm_a"):
-        return -np.exp(w)
+        return -np.exp(_f32(w))  # in float32, as ssm_a is stored
     if (gguf_arch == "mamba" and gname.endswith("ssm_conv1d.weight")) or gname.endswith(
         "shortconv.conv.weight"
     ):
