@@ -264,8 +264,7 @@ def _arch_entry(arch: str, mapping: dict, defaults: dict, archs_new: set, key_ty
         write[suffix] = keys + [k for k in write.get(suffix, []) if k not in keys]
     write = {s: _with_aliases(keys, model_type) for s, keys in write.items()}
     computed = COMPUTED.get(arch, {})
-    order = list(key_types)
-    suffixes = sorted(set(read) | set(write) | set(computed), key=lambda s: _order(s, order))
+    suffixes = sorted(set(read) | set(write) | set(computed), key=_order)
     types = {s: _key_type(s, key_types, arch) for s in suffixes}
     return {
         "model_type": model_type,
@@ -296,7 +295,7 @@ def _with_aliases(keys: list[str], model_type: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-# llama.cpp's TextModel.set_gguf_parameters order, then the rest by name
+# vocab_size, then llama.cpp's TextModel.set_gguf_parameters order, then the rest by name
 ORDER = [
     "vocab_size",
     "block_count",
@@ -316,7 +315,7 @@ ORDER = [
 ]
 
 
-def _order(suffix: str, _all: list[str]) -> tuple[int, str]:
+def _order(suffix: str) -> tuple[int, str]:
     return (ORDER.index(suffix) if suffix in ORDER else len(ORDER), suffix)
 
 
