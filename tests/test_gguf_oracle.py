@@ -125,6 +125,30 @@ def test_mistral_is_a_llama_file_named_mistral_which_transformers_cannot_load(tm
         AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("arch", ["lfm2", "qwen35", "gpt2"])
+def test_gguf_py_reads_back_the_declared_types(arch, tmp_path):
+    """The file holds each metadata key in the type ggufmeta declares (arrays with their element type)."""
+    import gguf
+
+    model = tiny_model(arch)
+    tensors = gguf_tensors(model, arch)
+    md = ggufmeta.metadata_from_config(model.config.to_dict(), tensors)
+    path = write_tiny_gguf(tmp_path, arch)[1]
+    short = {
+        "UINT32": "u32",
+        "INT32": "i32",
+        "FLOAT32": "f32",
+        "STRING": "str",
+        "BOOL": "bool",
+        "ARRAY": "arr",
+    }
+    fields = gguf.GGUFReader(path).fields
+    for key, (type_, value) in md.items():
+        assert ":".join(short[t.name] for t in fields[key].types) == type_, key
+        got = fields[key].contents()
+        assert got == value or (type_ == "f32" and np.float32(got) == np.float32(value)), key
+
+
 def test_names_are_gguf_pys():
     """The harness names every tensor as gguf-py's TensorNameMap does; the arch-specific layouts."""
     t = gguf_tensors(tiny_model("llama"), "llama")
