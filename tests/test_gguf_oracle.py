@@ -149,6 +149,26 @@ def test_gguf_py_reads_back_the_declared_types(arch, tmp_path):
         assert got == value or (type_ == "f32" and np.float32(got) == np.float32(value)), key
 
 
+def test_umt5_is_a_t5_file_named_umt5(tmp_path):
+    """llama.cpp writes umt5 as `t5`; transformers loads it as umt5 when general.name contains `umt5`,
+    which metadata_from_config writes for a umt5 config. Every layer's relative attention bias loads."""
+    from helpers.gguf_models import TINY, write_gguf_with_gguf_py
+    from transformers import AutoModelForSeq2SeqLM, UMT5Config
+
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(UMT5Config(**TINY["t5"]), dtype=torch.float32).eval()
+    tensors = gguf_tensors(model, "t5")
+    md = ggufmeta.metadata_from_config(model.config.to_dict(), tensors)
+    assert md["general.architecture"] == ("str", "t5") and md["general.name"] == ("str", "umt5")
+    path = write_gguf_with_gguf_py(tmp_path / "m.gguf", "t5", tensors, md)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    assert type(loaded).__name__ == "UMT5ForConditionalGeneration"
+    got = loaded.state_dict()
+    assert set(got) == set(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+
+
 def test_names_are_gguf_pys():
     """The harness names every tensor as gguf-py's TensorNameMap does; the arch-specific layouts."""
     t = gguf_tensors(tiny_model("llama"), "llama")
