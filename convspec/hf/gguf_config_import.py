@@ -155,11 +155,20 @@ NOTES = {
     "stablelm": "use_qkv_bias and use_parallel_residual come from the tensor names, not metadata.",
     "gpt-oss": "transformers 5.23 reads rope.scaling.* from field.parts[0] (the key's length, not the value) "
     "and fails on a file with rope.scaling.factor, so metadata_from_config leaves yarn scaling out; "
+    "nor does it load llama.cpp's experts and sinks (its processor is keyed gpt_oss, not gpt-oss); "
     "it writes both `attention.sliding_window` (llama.cpp's) and `sliding_window` (transformers').",
     "deci": "transformers 5.23 has no `deci` config class: AutoConfig cannot build this model type.",
     "gpt2": "vocab_size comes from the token list's length; context_length is read into n_ctx, not "
     "n_positions, so n_positions keeps its default.",
     "qwen2moe": "moe_intermediate_size and shared_expert_intermediate_size are not read by transformers.",
+    "qwen3": "transformers reads no attention.key_length for qwen3: head_dim keeps its default (128).",
+    "qwen3moe": "moe_intermediate_size is not read by transformers (default 768).",
+    "falcon": "transformers reads head_count_kv into num_key_value_heads (FalconConfig says num_kv_heads) and "
+    "has no falcon tensor processor: only multi-query files (one kv head, where llama.cpp's qkv regrouping "
+    "is the identity) load with their values; layer_norm_epsilon is not read.",
+    "gemma4": "transformers reads neither head_dim nor the per-layer-input sizes (vocab_size_per_layer_input, "
+    "hidden_size_per_layer_input): a file loads only into a model with those defaults.",
+    "mamba": "llama.cpp stores A as -exp(A_log) and the conv1d kernel squeezed to 2-D; transformers undoes both.",
     "lfm2": "read by transformers' new config path: layer_types from per-layer head_count_kv (0 = conv).",
 }
 
