@@ -150,13 +150,14 @@ ROPE_THETA = ["rope_theta", "rope_parameters.rope_theta", "rope_parameters.full_
 
 TIE_EXEMPT = ("falcon", "bloom")  # load_gguf_checkpoint's `exceptions`: always tied, whatever the file holds
 NOTES = {
-    "llama": "general.name == 'mistral' (exactly) loads as model_type mistral (load_gguf_checkpoint).",
+    "llama": "general.name == 'mistral' (exactly) reads as model_type mistral (load_gguf_checkpoint), whose "
+    "weights transformers 5.23 then cannot load (gguf-py has no architecture 'mistral').",
     "t5": "transformers sets is_gated_act=True; a general.name containing 'umt5' loads as umt5.",
     "stablelm": "use_qkv_bias and use_parallel_residual come from the tensor names, not metadata.",
     "gpt-oss": "transformers 5.23 reads rope.scaling.* from field.parts[0] (the key's length, not the value) "
     "and fails on a file with rope.scaling.factor, so metadata_from_config leaves yarn scaling out; "
     "nor does it load llama.cpp's experts and sinks (its processor is keyed gpt_oss, not gpt-oss); "
-    "it writes both `attention.sliding_window` (llama.cpp's) and `sliding_window` (transformers').",
+    "metadata_from_config writes both `attention.sliding_window` (llama.cpp's) and `sliding_window` (transformers').",
     "deci": "transformers 5.23 has no `deci` config class: AutoConfig cannot build this model type.",
     "gpt2": "vocab_size comes from the token list's length; context_length is read into n_ctx, not "
     "n_positions, so n_positions keeps its default.",
