@@ -58,7 +58,7 @@ class GgufCheckpoint(Checkpoint):
             except ConvspecError:
                 return None
             meta = {k: v for k, (_, v) in self.header.metadata.items()}
-            self._config = ggufmeta.config_from_metadata(meta, list(self.header.tensors))
+            self._config = ggufmeta.config_from_metadata(meta, list(self.header.tensors), str(self.src))
         return self._config
 
     def get(self, key: str) -> torch.Tensor:

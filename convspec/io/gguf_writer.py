@@ -49,14 +49,30 @@ def check_gguf_type(name: str | None) -> int | None:
     return type_id(name)
 
 
+# tensors llama.cpp's converter keeps F32 whatever the file type (convert_hf_to_gguf.py prepare_tensors):
+# norms, router and convolution weights, ssm constants, relative position biases
+KEEP_F32 = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ssm_conv1d.weight",
+    "shortconv.conv.weight",
+    "ssm_a",
+    "ssm_d",
+    "attn_rel_b.weight",
+    "pos_embd.weight",
+    "token_types.weight",
+)
+
+
 def tensor_types(entries: list[tuple[str, tuple[int, ...], str]], gguf_type: int | None) -> dict[str, int]:
     """Each output's GGML type: its own dtype's, or with `gguf_type`, that type for tensors of two
-    dims or more (F16 where rows are not whole blocks: llama.cpp's fallback), F32 for the rest."""
+    dims or more (F16 where rows are not whole blocks: llama.cpp's fallback), F32 for the rest and
+    for those llama.cpp keeps F32 (KEEP_F32)."""
     out = {}
     for key, shape, dtype in entries:
         if gguf_type is None:
             out[key] = dtype_type(dtype)
-        elif len(shape) < 2:
+        elif len(shape) < 2 or key.endswith(KEEP_F32):
             out[key] = dtype_type("float32")
         elif gguf_type in BLOCK_TYPES and shape[-1] % block_size(gguf_type)[0]:
             out[key] = dtype_type("float16")
