@@ -67,6 +67,21 @@ def _file_type(types: dict[str, int]) -> int | None:
     return FILE_TYPES.get(GGML_TYPES[common])
 
 
+def check_gguf_names(bound: BoundPlan, src: str | Path, dst: str | Path) -> None:
+    """Refuse a source key that would reach the GGUF file under its own name: no rule claims it and it
+    is not in the GGUF layout already, so it has no llama.cpp name (a layout the spec does not read)."""
+    already = set(bound.already)
+    left = [k for k in bound.unmatched if k not in already]
+    if left:
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        raise CheckpointError(
+            f"cannot write {dst}: {len(left)} tensor(s) of {src} have no GGUF name in spec "
+            f"{bound.plan.name}: {shown}",
+            hint="a GGUF file holds llama.cpp's names only: convert a checkpoint in the layout the spec "
+            "reads (`convspec explain SPEC KEY` shows which rule would claim a key)",
+        )
+
+
 def write_gguf_output(
     bound: BoundPlan,
     ckpt: Checkpoint,

@@ -247,6 +247,10 @@ def convert_checkpoint(
         entries = output_order(bound, dtype)
         total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
         limit = parse_size(max_shard_size)
+        if is_gguf(dst):
+            from .gguf_output import check_gguf_names
+
+            check_gguf_names(bound, src, dst)
         if dry_run:
             return ConvertResult(None, [], len(entries), total, bound)
         if is_gguf(dst):

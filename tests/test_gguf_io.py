@@ -409,3 +409,19 @@ def test_source_file_is_never_written(toy: Path):
     before = (toy / "toy.gguf").read_bytes(), os.stat(toy / "toy.gguf").st_mtime_ns
     convspec.convert(toy / "toy.yaml", toy / "toy.gguf", toy / "hf")
     assert ((toy / "toy.gguf").read_bytes(), os.stat(toy / "toy.gguf").st_mtime_ns) == before
+
+
+def test_a_key_with_no_gguf_name_is_refused(toy: Path, capsys):
+    """A tensor no rule claims would reach the GGUF file under its Hugging Face name: refused, naming it."""
+    from convspec.io.writer import write_file
+
+    write_toy(toy / "toy.gguf")
+    convspec.convert(toy / "toy.yaml", toy / "toy.gguf", toy / "hf")
+    write_file(toy / "hf" / "extra.safetensors", {"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)})
+    assert main(["convert", str(toy / "toy.yaml"), str(toy / "hf"), str(toy / "out.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "1 tensor(s) of" in err
+        and "have no GGUF name in spec gguf_toy: model.layers.0.mlp.up_proj.weight" in err
+    )
+    assert not (toy / "out.gguf").exists()
