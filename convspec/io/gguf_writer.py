@@ -59,7 +59,7 @@ KEEP_F32 = (
     "ssm_a",
     "ssm_d",
     "attn_rel_b.weight",
-    "pos_embd.weight",
+    "position_embd.weight",
     "token_types.weight",
 )
 

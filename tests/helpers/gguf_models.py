@@ -405,6 +405,8 @@ ALWAYS_F32 = (
     "ssm_a",
     "ssm_d",
     "attn_rel_b.weight",
+    "position_embd.weight",
+    "token_types.weight",
 )
 
 
