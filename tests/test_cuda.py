@@ -27,12 +27,21 @@ PARAMS = {
     "dequant_fp8": ({"dtype": "bfloat16"}, [(8, 16), (2, 2)]),
     "dequant_fp8_tensor": ({"dtype": "bfloat16"}, [(8, 16), (8, 1)]),
     "dequant_mxfp4": ({"dtype": "bfloat16"}, [(2, 3, 4, 16), (2, 3, 4)]),
+    "add": ({"value": 1}, [(4, 4)]),
+    "log_neg": ({}, [(4, 4)]),
+    "neg_exp": ({}, [(4, 4)]),
+    "unsqueeze": ({"dim": 1}, [(4, 4)]),
+    "squeeze": ({"dim": 1}, [(4, 1, 3)]),
+    "regroup_heads": ({"groups": 2, "size": 3, "rows": 2, "dim": 0, "offset": 1}, [(13, 3)]),
+    "dequant_ggml": ({"type": 8}, [(4, 68)]),  # q8_0, bytes of quantize_ggml (finite scales)
+    "quantize_ggml": ({"type": 8}, [(4, 64)]),
 }
 # the input dtypes of ops that take other than bfloat16 values: FP8 weights, packed bytes (uint8)
 INPUT_DTYPES = {
     "dequant_fp8": ("float8_e4m3fn", "float32"),
     "dequant_fp8_tensor": ("float8_e4m3fn", "bfloat16"),
     "dequant_mxfp4": ("uint8", "uint8"),
+    "dequant_ggml": ("uint8",),
 }
 
 
@@ -47,6 +56,10 @@ def test_op_on_cuda_matches_cpu(name):
     params, shapes = PARAMS[name]
     dtypes = INPUT_DTYPES.get(name, ("bfloat16",) * len(shapes))
     ins = [_input(s, d) for s, d in zip(shapes, dtypes, strict=True)]
+    if name == "log_neg":  # log(-x) of negative values: no NaN, which torch.equal never matches
+        ins = [-t.abs() - 1 for t in ins]
+    if name == "dequant_ggml":
+        ins = OPS["quantize_ggml"].apply(params, [torch.randn(4, 64)])
     cpu = OPS[name].apply(params, ins)
     gpu = OPS[name].apply(params, [t.cuda() for t in ins])
     assert all(g.device.type == "cuda" for g in gpu)

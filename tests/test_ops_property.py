@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import convspec
-from convspec.ops import DTYPES, OPS, NotInvertible, TensorInfo
+from convspec.ops import DTYPES, OPS, NotInvertible, TensorInfo, ggml
 from convspec.ops.cast import EXACT
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -124,6 +124,66 @@ def b_dequant_mxfp4(data, dtype, seed):
     return {"dtype": out}, [random_tensor(shape, "uint8", seed), random_tensor(shape[:-1], "uint8", seed + 1)]
 
 
+FLOATS = ("float32", "bfloat16", "float16")
+
+
+def _float(dtype: str) -> str:
+    """The drawn dtype where it is one the value ops take, else float32."""
+    return dtype if dtype in FLOATS else "float32"
+
+
+def b_add(data, dtype, seed):
+    shape = data.draw(dims_st)
+    return {"value": data.draw(st.integers(-4, 4))}, [random_tensor(shape, _float(dtype), seed)]
+
+
+def b_value(data, dtype, seed):  # log_neg, neg_exp: any values (NaNs and infs included)
+    return {}, [random_tensor(data.draw(dims_st), _float(dtype), seed)]
+
+
+def b_unsqueeze(data, dtype, seed):
+    shape = data.draw(dims_st)
+    dim = data.draw(st.integers(-(len(shape) + 1), len(shape)))
+    return {"dim": dim}, [random_tensor(shape, dtype, seed)]
+
+
+def b_squeeze(data, dtype, seed):
+    shape = data.draw(dims_st)
+    dim = data.draw(st.integers(0, len(shape)))
+    shape.insert(dim, 1)
+    if data.draw(st.booleans()):
+        dim -= len(shape)
+    return {"dim": dim}, [random_tensor(shape, dtype, seed)]
+
+
+def b_regroup_heads(data, dtype, seed):
+    shape = data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+    dim = _dim(data, len(shape))
+    a, b, r, offset = (data.draw(st.integers(lo, 3)) for lo in (1, 1, 1, 0))
+    shape[dim] = offset + a * b * r
+    p = {"groups": a, "size": b, "rows": r, "dim": dim, "offset": offset}
+    return p, [random_tensor(shape, dtype, seed)]
+
+
+GGML = st.sampled_from(sorted(ggml.DEQUANTIZABLE))
+
+
+def b_dequant_ggml(data, dtype, seed):
+    t = data.draw(GGML)
+    shape = data.draw(st.lists(st.integers(1, 3), max_size=2)) + [
+        ggml.block_size(t)[1] * data.draw(st.integers(0, 2))
+    ]
+    return {"type": t}, [random_tensor(shape, "uint8", seed)]
+
+
+def b_quantize_ggml(data, dtype, seed):
+    t = data.draw(st.sampled_from(sorted(ggml.QUANTIZABLE)))
+    shape = data.draw(st.lists(st.integers(1, 3), max_size=2)) + [
+        ggml.block_size(t)[0] * data.draw(st.integers(0, 2))
+    ]
+    return {"type": t}, [random_tensor(shape, _float(dtype), seed, finite=True)]
+
+
 BUILDERS = {
     "stack": b_stack,
     "unstack": b_unstack,
@@ -139,6 +199,14 @@ BUILDERS = {
     "deinterleave": _interleave,
     "cast": b_cast,
     "dequant_mxfp4": b_dequant_mxfp4,
+    "add": b_add,
+    "log_neg": b_value,
+    "neg_exp": b_value,
+    "unsqueeze": b_unsqueeze,
+    "squeeze": b_squeeze,
+    "regroup_heads": b_regroup_heads,
+    "dequant_ggml": b_dequant_ggml,
+    "quantize_ggml": b_quantize_ggml,
 }
 
 

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from convspec.ops import OPS, Op, TensorInfo
+from convspec.ops import OPS, Op, TensorInfo, ggml
 from convspec.ops.slicing import SliceMap, evaluate, read_numel, region_numel, take, whole
 
 # (op, params, input shapes): small, with odd sizes, negative dims and more than one part
@@ -52,12 +52,27 @@ CASES = [
     ("dequant_fp8_tensor", {"dtype": "float32", "compute": "float32"}, [(3, 4), (1, 1)]),
     ("dequant_mxfp4", {"dtype": "float32"}, [(2, 3, 2, 4), (2, 3, 2)]),
     ("dequant_mxfp4", {"dtype": "bfloat16"}, [(1, 2, 3, 1, 2), (1, 2, 3, 1)]),
+    ("add", {"value": 1}, [(3, 4)]),
+    ("log_neg", {}, [(5,)]),
+    ("neg_exp", {}, [(3, 4)]),
+    ("unsqueeze", {"dim": 1}, [(3, 4)]),
+    ("unsqueeze", {"dim": -1}, [(3, 4)]),
+    ("unsqueeze", {"dim": 0}, [(5,)]),
+    ("squeeze", {"dim": 1}, [(3, 1, 4)]),
+    ("squeeze", {"dim": -1}, [(4, 1)]),
+    ("regroup_heads", {"groups": 2, "size": 3, "rows": 2}, [(12, 3)]),
+    ("regroup_heads", {"groups": 3, "size": 2, "rows": 1, "dim": 1, "offset": 2}, [(2, 8)]),
+    ("dequant_ggml", {"type": 8}, [(3, 68)]),  # q8_0
+    ("dequant_ggml", {"type": 2}, [(2, 3, 36)]),  # q4_0
+    ("quantize_ggml", {"type": 8}, [(3, 64)]),
+    ("quantize_ggml", {"type": 2}, [(2, 1, 96)]),
 ]
 # the dtypes of an op's inputs where they are not float32, input by input (values small and finite)
 INPUT_DTYPES = {
     "dequant_fp8": ("float8_e4m3fn", "float32"),
     "dequant_fp8_tensor": ("float8_e4m3fn", "float32"),
     "dequant_mxfp4": ("uint8", "uint8"),
+    "dequant_ggml": ("uint8",),
 }
 
 
@@ -79,6 +94,18 @@ def _inputs(shapes, dtypes=None) -> list[torch.Tensor]:
     return out
 
 
+def _values(name, params, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inputs an op reads as numbers: negative ones for log_neg, GGML blocks of finite scales."""
+    if name == "log_neg":
+        return [-(x + 1) for x in xs]
+    if name == "dequant_ggml":
+        t = params["type"]
+        n, size = ggml.block_size(t)
+        floats = torch.linspace(-3, 3, xs[0].numel() // size * n).reshape(*xs[0].shape[:-1], -1)
+        return OPS["quantize_ggml"].apply({"type": t}, [floats])
+    return xs
+
+
 def _regions(shape, rng: random.Random, count: int = 40):
     yield whole(shape)
     for _ in range(count):
@@ -94,7 +121,7 @@ def _regions(shape, rng: random.Random, count: int = 40):
 )
 def test_a_region_made_from_its_map_is_that_region_of_the_output(name, params, shapes):
     op = OPS[name]
-    xs = _inputs(shapes, _dtypes(name, shapes))
+    xs = _values(name, params, _inputs(shapes, _dtypes(name, shapes)))
     infos = [TensorInfo(tuple(s), d) for s, d in zip(shapes, _dtypes(name, shapes), strict=True)]
     outs = op.apply(params, xs)
     assert [tuple(o.shape) for o in outs] == [i.shape for i in op.infer(params, infos)]
@@ -130,6 +157,10 @@ def _aligned(name, params, shape, inputs, rng):
             continue  # its rows are strided in the input: a covering read, by its own account
         elif name == "dequant_mxfp4":
             continue  # reads its inputs whole (a byte holds two values, a scale a block of them)
+        elif name == "regroup_heads":
+            continue  # the rows past `offset` are strided in the input: it reads the input whole
+        elif name in ("dequant_ggml", "quantize_ggml"):
+            continue  # whole blocks of bytes in, values out (or back): never counted as exact
         if region_numel(region):  # an empty region reads nothing worth counting
             yield region
 

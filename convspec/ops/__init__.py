@@ -7,12 +7,14 @@ from ..dtypes import DTYPES
 from .base import NotInvertible, Op, OpError, Param, TensorInfo, dtype_name
 from .blockmoves import Blocks
 from .cast import Cast
+from .ggml import DequantGgml, QuantizeGgml
 from .joining import Cat, Chunk, Split
 from .layout import Permute, Reshape, Transpose
 from .mxfp4 import DequantMxfp4
 from .quant import DequantFp8, DequantFp8Tensor
 from .rope import Deinterleave, Interleave, PermuteRope, UnpermuteRope
 from .stacking import Stack, Unstack
+from .values import Add, LogNeg, NegExp, RegroupHeads, Squeeze, Unsqueeze
 
 OPS: dict[str, Op] = {}
 
@@ -49,6 +51,14 @@ for _op in (
     DequantFp8,
     DequantFp8Tensor,
     DequantMxfp4,
+    Add,
+    LogNeg,
+    NegExp,
+    Unsqueeze,
+    Squeeze,
+    RegroupHeads,
+    DequantGgml,
+    QuantizeGgml,
 ):
     register(_op)
 
