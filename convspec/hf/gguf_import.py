@@ -122,36 +122,47 @@ PROCESSOR_OPS: dict[str, tuple[ValueOp, ...]] = {
     "TensorProcessor": (),
     "LlamaTensorProcessor": (
         ValueOp(".attn_q.", "permute_rope({x}, heads=config.num_attention_heads)"),
-        ValueOp(".attn_k.", "permute_rope({x}, heads=config.num_key_value_heads ?? config.num_attention_heads)"),
+        ValueOp(
+            ".attn_k.", "permute_rope({x}, heads=config.num_key_value_heads ?? config.num_attention_heads)"
+        ),
     ),
     # gate and up experts -> one gate_up_proj (cat on dim 1, gate first): see _fuse
     "Qwen2MoeTensorProcessor": (ValueOp("ffn_gate_inp_shexp", "unsqueeze({x}, dim=0)"),),
     "MiniMaxM2TensorProcessor": (),
     "GptOssTensorProcessor": (),
     "BloomTensorProcessor": (
-        ValueOp("attn_qkv", "regroup_heads({x}, groups=3, size=config.n_head, rows=config.hidden_size // config.n_head)"),
+        ValueOp(
+            "attn_qkv",
+            "regroup_heads({x}, groups=3, size=config.n_head, rows=config.hidden_size // config.n_head)",
+        ),
     ),
     "T5TensorProcessor": (),  # it only records the block index
     "GPT2TensorProcessor": tuple(
         ValueOp(n, "transpose({x}, dim0=0, dim1=1)")
         for n in ("attn_qkv.weight", "ffn_down.weight", "ffn_up.weight", "attn_output.weight")
     ),
-    "MambaTensorProcessor": (ValueOp("ssm_conv1d.weight", "unsqueeze({x}, dim=1)"), ValueOp("ssm_a", "log_neg({x})")),
+    "MambaTensorProcessor": (
+        ValueOp("ssm_conv1d.weight", "unsqueeze({x}, dim=1)"),
+        ValueOp("ssm_a", "log_neg({x})"),
+    ),
     "NemotronTensorProcessor": _NORM_MINUS_ONE,
     "Gemma2TensorProcessor": _NORM_MINUS_ONE,
     "Lfm2TensorProcessor": (ValueOp("shortconv.conv.weight", "unsqueeze({x}, dim=1)"),),
 }
 _FUSED_ORDER = ("ffn_gate_exps", "ffn_up_exps")  # Qwen2Moe/MiniMaxM2 _set_moe_expert_tensor: gate, then up
 
-# What the table cannot say, per processor: (HF key pattern, reason)
-PROCESSOR_NOTES: dict[str, tuple[tuple[str, str], ...]] = {
-    "GptOssTensorProcessor": (
+# What the importer cannot say, per architecture: (HF key pattern, reason). Rules for those keys are left out.
+ARCH_NOTES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gpt-oss": (
         (
             r"\.mlp\.experts\.",
-            "GptOssTensorProcessor matches ffn_(gate|up|down)_projs / ffn_gate_up_projs, which gguf-py does not "
-            "name gpt-oss experts (ffn_gate_exps, ffn_up_exps, ffn_down_exps, as llama.cpp writes them: "
-            "gate/up de-interleaved and transposed), and writes per-expert block_sparse_moe keys "
-            "GptOssForCausalLM lacks: transformers loads no expert tensor of a gpt-oss GGUF file",
+            "transformers picks the processor by general.architecture, and TENSOR_PROCESSORS says 'gpt_oss' "
+            "where files say 'gpt-oss': the plain TensorProcessor runs, its name map wants "
+            "blk.N.ffn_down_exps where llama.cpp writes blk.N.ffn_down_exps.weight (transposed), and nothing "
+            "maps ffn_gate_exps/ffn_up_exps (llama.cpp's de-interleaved, transposed gate_up_proj) or the "
+            "expert biases; GptOssTensorProcessor would not either (it matches ffn_*_projs names and writes "
+            "per-expert block_sparse_moe keys GptOssForCausalLM lacks): transformers loads no expert tensor "
+            "of a gpt-oss GGUF file",
         ),
     ),
 }
@@ -189,7 +200,9 @@ def tiny_model(model_type: str, tiny: dict, kind: str = "causal"):
     kw = {**TINY, **tiny}
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in kw.items() if v is not None})
+        config = transformers.AutoConfig.for_model(
+            model_type, **{k: v for k, v in kw.items() if v is not None}
+        )
         if model_type in ("t5", "umt5") and kind == "encoder":
             cls = getattr(transformers, "T5EncoderModel" if model_type == "t5" else "UMT5EncoderModel")
         elif kind != "causal":
@@ -209,7 +222,11 @@ def _split(key: str) -> tuple[str, str]:
 
 def legacy_entries(arch: str, model) -> tuple[list[Entry], list[str]]:
     """transformers' legacy path: its name map for `model`, with the processor's value transforms."""
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
 
     proc_cls = TENSOR_PROCESSORS.get(arch, TensorProcessor)
     proc = proc_cls(config={})
@@ -239,7 +256,9 @@ def _fuse(srcs: list[str], hf: str) -> Entry:
     """Gate and up experts into one gate_up_proj, as _set_moe_expert_tensor does (dim 1, gate first)."""
     leaf = lambda g: next((n for n in _FUSED_ORDER if f".{n}." in g), None)  # noqa: E731
     if sorted(leaf(g) or "" for g in srcs) != sorted(_FUSED_ORDER):
-        raise ConvspecError(f"several GGUF tensors map to {hf}: {srcs}, and the importer knows no fusion of them")
+        raise ConvspecError(
+            f"several GGUF tensors map to {hf}: {srcs}, and the importer knows no fusion of them"
+        )
     srcs = sorted(srcs, key=lambda g: _FUSED_ORDER.index(leaf(g)))
     names = [leaf(g).removeprefix("ffn_") for g in srcs]
     return Entry(list(zip(names, srcs, strict=True)), hf, f"cat({', '.join(names)}, dim=1, equal=true)")
@@ -361,7 +380,7 @@ def op_expr(op, x: str, differs: list[str]) -> str:
     if kind in ("TiledToGroupedRows", "TiledToGroupedInputs") and hasattr(op, "args"):
         args, kwargs = op.args
         names = ("num_k_heads", "heads_per_k", "head_dim", "offset")
-        p = {**dict(zip(names, args)), **kwargs}
+        p = {**dict(zip(names, args, strict=False)), **kwargs}
         out = f"regroup_heads({x}, groups={_text(p['heads_per_k'])}, size={_text(p['num_k_heads'])}"
         out += f", rows={_text(p.get('head_dim', 1))}"
         if kind == "TiledToGroupedInputs":
@@ -528,7 +547,7 @@ def import_arch(arch: str) -> GgufImport:
             if k not in mapped and k not in unmapped and mt == a.model_type:
                 unmapped.append(k)
     out = GgufImport(arch, main_class, generalize(entries), notes, differs)
-    _processor_notes(out, arch, unmapped)
+    _arch_notes(out, arch, unmapped)
     return out
 
 
@@ -536,13 +555,13 @@ def _same(a: Entry, b: Entry) -> bool:
     return a.sources == b.sources and a.target == b.target and a.expr == b.expr
 
 
-def _processor_notes(imp: GgufImport, arch: str, unmapped: list[str]) -> None:
-    """Unmapped keys a processor's note explains go into that note; the rest are listed as such."""
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
-    proc = TENSOR_PROCESSORS.get(arch, TensorProcessor).__name__
-    for pattern, why in PROCESSOR_NOTES.get(proc, ()):
+def _arch_notes(imp: GgufImport, arch: str, unmapped: list[str]) -> None:
+    """Keys an ARCH_NOTES entry explains lose their rules and go into its note; other keys without a
+    GGUF tensor are listed as such."""
+    for pattern, why in ARCH_NOTES.get(arch, ()):
         keys = [k for k in unmapped if re.search(pattern, k)]
+        keys += [e.target for e in imp.entries if re.search(pattern, e.target)]
+        imp.entries = [e for e in imp.entries if not re.search(pattern, e.target)]
         if keys:
             imp.notes.append(f"{why} ({', '.join(_layer0(keys))})")
             unmapped = [k for k in unmapped if k not in keys]
@@ -583,7 +602,9 @@ def spec_text(imp: GgufImport) -> str:
     header += [f"# not expressible: {n}" for n in imp.notes]
     header += [f"# differs from transformers: {n}" for n in imp.differs]
     if imp.unmapped:
-        header.append(f"# no GGUF tensor (transformers leaves these as the model has them): {', '.join(imp.unmapped)}")
+        header.append(
+            f"# no GGUF tensor (transformers leaves these as the model has them): {', '.join(imp.unmapped)}"
+        )
     return to_yaml(spec, header="\n".join(_wrap(h) for h in header))
 
 
