@@ -175,6 +175,7 @@ class Entry:
     sources: list[tuple[str, str]]
     target: str
     expr: str | None = None  # None: a rename
+    let: tuple[str, str] | None = None  # (name, expression) the output's expression reads
 
 
 @dataclass
@@ -437,10 +438,26 @@ def new_path_entries(arch: str, model) -> tuple[list[Entry], list[str], list[str
             expr = f"cat({', '.join(names)}, dim={cat.dim}, equal=true)"
         else:
             expr = "x"
-        for op in ops:
+        # the value ops are elementwise, so they commute exactly with the layout ops: applied last, on
+        # the output's own line, where the spec says with `# noqa: W204` that saving back rounds
+        values = [op for op in ops if type(op).__name__ in _VALUE_OPS]
+        for op in [op for op in ops if op not in values]:
             expr = op_expr(op, expr, differs)
-        out.append(Entry(list(zip(names, [g for g, _ in srcs], strict=True)), hf, expr))
+        let = None
+        if values and expr != "x":
+            let, expr = ("g", expr), "g"
+        for op in values:
+            expr = op_expr(op, expr, differs)
+        out.append(Entry(list(zip(names, [g for g, _ in srcs], strict=True)), hf, expr, let))
     return out, list(dict.fromkeys(notes)), list(dict.fromkeys(differs))
+
+
+_VALUE_OPS = ("SubtractOne", "LogNegate")
+# why saving back through a lossy op is intended, by op: written beside it as `# noqa: W204 (...)`
+LOSSY_WHY = {
+    "add": "llama.cpp stores w + 1",
+    "log_neg": "llama.cpp stores -exp(A_log)",
+}
 
 
 def _var(gguf_name: str) -> str:
@@ -481,10 +498,10 @@ def generalize(entries: list[Entry]) -> list[Entry]:
     out, seen = [], set()
     for e, opts in zip(entries, options, strict=True):
         best = max(opts, key=lambda o: count[_hashable(o)])
-        key = (_hashable(best), e.expr)
+        key = (_hashable(best), e.expr, e.let)
         if key not in seen:
             seen.add(key)
-            out.append(Entry(best[0], best[1], e.expr))
+            out.append(Entry(best[0], best[1], e.expr, e.let))
     return out
 
 
@@ -552,7 +569,7 @@ def import_arch(arch: str) -> GgufImport:
 
 
 def _same(a: Entry, b: Entry) -> bool:
-    return a.sources == b.sources and a.target == b.target and a.expr == b.expr
+    return (a.sources, a.target, a.expr, a.let) == (b.sources, b.target, b.expr, b.let)
 
 
 def _arch_notes(imp: GgufImport, arch: str, unmapped: list[str]) -> None:
@@ -594,7 +611,8 @@ def spec_text(imp: GgufImport) -> str:
             lines.append(f"rename {e.sources[0][1]} -> {e.target}")
             continue
         srcs = ",\n        ".join(f"{v} = {g}" for v, g in e.sources)
-        lines.append(f"convert {srcs}\n     -> {e.target}\n        = {e.expr}")
+        let = f"\n  let {e.let[0]} = {e.let[1]}" if e.let else ""
+        lines.append(f"convert {srcs}{let}\n     -> {e.target}\n        = {e.expr}")
     dsl = f"spec {name} {_quote(doc)}\n\n" + "\n\n".join(lines) + "\n"
     spec = parse_spec(dsl, f"{name}.cspec")
     version = getattr(gguf, "__version__", None) or _gguf_version()
@@ -605,7 +623,18 @@ def spec_text(imp: GgufImport) -> str:
         header.append(
             f"# no GGUF tensor (transformers leaves these as the model has them): {', '.join(imp.unmapped)}"
         )
-    return to_yaml(spec, header="\n".join(_wrap(h) for h in header))
+    return _noqa(to_yaml(spec, header="\n".join(_wrap(h) for h in header)))
+
+
+def _noqa(text: str) -> str:
+    """An output whose expression is a lossy value op says on its line that the loss is intended."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^\s+\S+: (\w+)\(", line)
+        if m and m.group(1) in LOSSY_WHY:
+            line += f"  # noqa: W204 ({LOSSY_WHY[m.group(1)]})"
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def _gguf_version() -> str:
