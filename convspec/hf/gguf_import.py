@@ -439,7 +439,7 @@ def new_path_entries(arch: str, model) -> tuple[list[Entry], list[str], list[str
         else:
             expr = "x"
         # the value ops are elementwise, so they commute exactly with the layout ops: applied last, on
-        # the output's own line, where the spec says with `# noqa: W204` that saving back rounds
+        # the output's own line, where the spec's noqa comment for W204 says that saving back rounds
         values = [op for op in ops if type(op).__name__ in _VALUE_OPS]
         for op in [op for op in ops if op not in values]:
             expr = op_expr(op, expr, differs)
@@ -453,7 +453,7 @@ def new_path_entries(arch: str, model) -> tuple[list[Entry], list[str], list[str
 
 
 _VALUE_OPS = ("SubtractOne", "LogNegate")
-# why saving back through a lossy op is intended, by op: written beside it as `# noqa: W204 (...)`
+# why saving back through a lossy op is intended, by op: written beside it in the spec as a noqa comment for W204
 LOSSY_WHY = {
     "add": "llama.cpp stores w + 1",
     "log_neg": "llama.cpp stores -exp(A_log)",
