@@ -18,7 +18,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import convspec  # noqa: E402
-from convspec.hf.gguf_import import ARCHS, NO_SPEC, import_arch, spec_name, spec_text, tiny_model  # noqa: E402
+from convspec.hf.gguf_import import (  # noqa: E402
+    ARCHS,
+    EXACT,
+    NO_SPEC,
+    VALUE_CHECKED,
+    import_arch,
+    spec_name,
+    spec_text,
+    tiny_model,
+)
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 ARCH_NAMES = list(ARCHS)
@@ -257,14 +266,7 @@ def _new_path(arch: str, model, arrays: dict) -> dict:
     return out
 
 
-VALUE_ARCHS = [
-    "llama", "gemma2", "gemma3", "nemotron", "bloom", "gpt2", "mamba", "qwen2moe", "qwen3moe", "minimax-m2",
-    "qwen35", "qwen35moe", "lfm2", "qwen2", "phi3", "t5", "stablelm", "starcoder2", "falcon", "gemma4",
-]  # fmt: skip
-EXACT = {"llama", "bloom", "gpt2", "qwen2moe", "qwen3moe", "minimax-m2", "lfm2", "qwen2", "phi3", "t5"}
-
-
-@pytest.mark.parametrize("arch", VALUE_ARCHS)
+@pytest.mark.parametrize("arch", VALUE_CHECKED)
 def test_forward_equals_transformers_gguf_loading(arch, models):
     """The forward plan on llama.cpp's arrays gives transformers' tensors, bit for bit; where no op
     rounds, it gives back the HF tensors themselves, and the inverse gives back llama.cpp's arrays."""
@@ -295,3 +297,12 @@ def test_llama_is_gqa_here(models):
     """The llama check above covers grouped-query attention: k's rows permute per kv head."""
     c = models["llama"].config
     assert c.num_key_value_heads < c.num_attention_heads
+
+
+def test_conformance_md_has_the_gguf_section():
+    """docs/conformance.md ends with the GGUF section as the importer renders it now (tools/conformance.py
+    appends it when it writes the page); its claims are the checks above."""
+    from convspec.hf.gguf_import import conformance_section
+
+    text = (SPECS.parent / "docs" / "conformance.md").read_text()
+    assert text.endswith("\n\n" + conformance_section()), "regenerate: python tools/conformance.py"

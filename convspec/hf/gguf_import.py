@@ -660,3 +660,75 @@ def import_gguf(arch: str) -> Imported:
 def gguf_specs() -> dict[str, str]:
     """Every GGUF spec the importer writes: spec name -> YAML."""
     return {spec_name(a): spec_text(import_arch(a)) for a in ARCHS}
+
+
+# ---- docs/conformance.md's GGUF section ------------------------------------------------------------------
+
+# What tests/test_gguf_specs.py checks with data, so that the section claims only what it runs:
+# forward on llama.cpp's arrays == transformers' GGUF loading of them (VALUE_CHECKED); and where no op
+# rounds, forward gives the HF tensors and the inverse llama.cpp's arrays back, bit for bit (EXACT).
+VALUE_CHECKED = tuple(ARCHS)
+EXACT = tuple(a for a in ARCHS if a not in ("gemma2", "gemma3", "nemotron", "mamba", "qwen35", "qwen35moe"))
+
+
+def conformance_section() -> str:
+    """The "GGUF specs" section of docs/conformance.md (tests/test_gguf_specs.py compares it)."""
+    import gguf
+    import transformers
+    from transformers.integrations.gguf import GGUF_ARCHS
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    gv = getattr(gguf, "__version__", None) or _gguf_version()
+    lines = [
+        "## GGUF specs",
+        "",
+        "Checked by `python -m pytest tests/test_gguf_specs.py` against transformers "
+        f"{transformers.__version__} and gguf {gv}",
+        "(this section is `convspec.hf.gguf_import.conformance_section()`). One spec per llama.cpp",
+        "`general.architecture`, `gguf_<arch>` ('-' as '_'): GGUF names and layouts -> the transformers",
+        "model's state_dict, written by `convspec import-transformers --gguf ARCH` from transformers' GGUF",
+        "loading of a tiny model of the architecture. Its inverse writes GGUF.",
+        "",
+        "- **names**: for every architecture, the inverse writes each key of the tiny model under the",
+        "  name gguf-py's `TensorNameMap` gives it; keys with no GGUF tensor pass through, named in",
+        "  the spec's header.",
+        "- **values**: the forward plan, on arrays laid out as llama.cpp's `convert_hf_to_gguf.py` writes",
+        "  them, equals transformers' GGUF loading of the same arrays (its TensorProcessor, or its",
+        "  `GGUF_ARCHS` converters) bit for bit; mamba's `A_log` within 1 ulp, where transformers takes",
+        "  numpy's float32 log and convspec torch's (as transformers' own `LogNegate` does).",
+        "- **exact**: no op rounds: forward also gives the model's tensors back, and the inverse",
+        "  llama.cpp's arrays, bit for bit. Elsewhere saving back adds 1 to norms or takes `-exp`",
+        "  again in float (`# noqa: W204` in the spec).",
+        "",
+        "| architecture | spec | transformers class | transformers' GGUF path | value ops | checked | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arch in ARCHS:
+        imp = import_arch(arch)
+        path = (
+            "`GGUF_ARCHS`"
+            if arch in GGUF_ARCHS
+            else f"`{TENSOR_PROCESSORS.get(arch, TensorProcessor).__name__}`"
+        )
+        ops = sorted({m for e in imp.entries for x in (e.expr, e.let and e.let[1]) if x for m in _ops_of(x)})
+        checked = (
+            "names, values, exact" if arch in EXACT else "names, values" if arch in VALUE_CHECKED else "names"
+        )
+        notes = "; ".join(
+            [f"not expressible: {n}" for n in imp.notes] + [f"differs: {n}" for n in imp.differs]
+        )
+        if imp.unmapped:
+            notes = (
+                (notes + "; " if notes else "")
+                + "no GGUF tensor: "
+                + ", ".join(f"`{k}`" for k in imp.unmapped)
+            )
+        cells = [f"`{arch}`", f"`{spec_name(arch)}`", imp.model_class, path, ", ".join(ops), checked, notes]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines += ["", "No spec:", ""]
+    lines += [f"- `{a}`: {why}." for a, why in NO_SPEC.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _ops_of(expr: str) -> list[str]:
+    return re.findall(r"([a-z_]+)\(", expr)
