@@ -242,7 +242,7 @@ def test_an_op_that_cannot_map_the_shard_is_named_with_its_target(tmp_path):
 def test_every_op_maps_a_slice_on_meta_tensors(bound):
     """The counting reader runs each slice map on meta tensors: every built-in op gives the shape and
     dtype it gives on data (`test_slice_maps.CASES` holds a case of each)."""
-    from test_slice_maps import CASES
+    from test_slice_maps import CASES, _dtypes
 
     from convspec.ops import OPS, TensorInfo
     from convspec.ops.slicing import finish, take
@@ -252,8 +252,9 @@ def test_every_op_maps_a_slice_on_meta_tensors(bound):
     }
     reader = CountingReader(bound)
     for name, params, shapes in CASES:
-        infos = [TensorInfo(tuple(s), "float32") for s in shapes]
-        xs = [torch.zeros(s) for s in shapes]
+        dtypes = _dtypes(name, shapes)  # the dtypes the op takes (dequant_ggml: uint8 bytes)
+        infos = [TensorInfo(tuple(s), d) for s, d in zip(shapes, dtypes, strict=True)]
+        xs = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(shapes, dtypes, strict=True)]
         for k, out in enumerate(OPS[name].apply(params, xs)):
             region = tuple((0, (n + 1) // 2) for n in out.shape)
             m = OPS[name].slice_map(params, infos, k, region)

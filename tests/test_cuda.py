@@ -55,6 +55,9 @@ def _input(shape, dtype: str) -> torch.Tensor:
 def test_op_on_cuda_matches_cpu(name):
     params, shapes = PARAMS[name]
     dtypes = INPUT_DTYPES.get(name, ("bfloat16",) * len(shapes))
+    # fixed inputs: log_neg and neg_exp compute exp/log in float32, where CUDA's and the CPU's may
+    # differ in a last bit that the cast to bfloat16 nearly always (not provably) rounds away
+    torch.manual_seed(0)
     ins = [_input(s, d) for s, d in zip(shapes, dtypes, strict=True)]
     if name == "log_neg":  # log(-x) of negative values: no NaN, which torch.equal never matches
         ins = [-t.abs() - 1 for t in ins]

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+import convspec
 from convspec.errors import ConvspecError
 from convspec.ops import OPS, NotInvertible, OpError, TensorInfo, ggml
+from convspec.spec import parse_spec
 
 gguf = pytest.importorskip("gguf")
 from gguf import quants  # noqa: E402
@@ -163,7 +165,11 @@ def test_shape_and_type_errors():
 def test_without_gguf_the_ops_say_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     monkeypatch.setitem(sys.modules, "gguf.quants", None)
-    assert ggml.row_bytes("q8_0", 64) == 68  # the table needs no gguf-py
+    assert ggml.row_bytes("q8_0", 64) == 68  # the table needs no gguf-py, nor do compiling and binding
+    plan = convspec.compile(
+        parse_spec("spec s\nconvert q = {p:path}.q -> {p}.w = dequant_ggml(q, type=8)\n", "s.cspec")
+    )
+    assert plan.bind({"m.q": ((2, 68), "uint8")}).plan is plan
     with pytest.raises(ConvspecError, match="need the gguf package") as e:
         OPS["dequant_ggml"].apply({"type": Q8_0}, [torch.zeros(1, 34, dtype=torch.uint8)])
     assert e.value.hint == "pip install 'convspec[gguf]'"
@@ -189,3 +195,20 @@ def test_dequant_is_transformers_own_gguf_dequantization(t):
     out = _dequant(t, blocks)
     theirs = tdequant.dequantize(torch.from_numpy(blocks), t).reshape(out.shape)
     assert torch.equal(_bits(out), _bits(theirs))
+
+
+def test_gguf_is_an_extra_pinned_with_the_tests():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    assert extras["gguf"] == ["gguf==0.19.0"]
+    assert "convspec[gguf]" in extras["test"] and "accelerate==1.15.0" in extras["test"]
+    pins = (root / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    assert "gguf==0.19.0" in pins and "accelerate==1.15.0" in pins
+    from importlib.metadata import version
+
+    assert version("gguf") == "0.19.0"  # the version the type table above was checked against

@@ -62,6 +62,8 @@ CASES = [
     ("squeeze", {"dim": -1}, [(4, 1)]),
     ("regroup_heads", {"groups": 2, "size": 3, "rows": 2}, [(12, 3)]),
     ("regroup_heads", {"groups": 3, "size": 2, "rows": 1, "dim": 1, "offset": 2}, [(2, 8)]),
+    ("regroup_heads", {"groups": 2, "size": 2, "rows": 3, "dim": -1, "offset": 1}, [(2, 3, 13)]),
+    ("regroup_heads", {"groups": 1, "size": 4, "rows": 2, "offset": 3}, [(11, 2)]),  # one group: a copy
     ("dequant_ggml", {"type": 8}, [(3, 68)]),  # q8_0
     ("dequant_ggml", {"type": 2}, [(2, 3, 36)]),  # q4_0
     ("quantize_ggml", {"type": 8}, [(3, 64)]),
@@ -157,8 +159,6 @@ def _aligned(name, params, shape, inputs, rng):
             continue  # its rows are strided in the input: a covering read, by its own account
         elif name == "dequant_mxfp4":
             continue  # reads its inputs whole (a byte holds two values, a scale a block of them)
-        elif name == "regroup_heads":
-            continue  # the rows past `offset` are strided in the input: it reads the input whole
         elif name in ("dequant_ggml", "quantize_ggml"):
             continue  # whole blocks of bytes in, values out (or back): never counted as exact
         if region_numel(region):  # an empty region reads nothing worth counting

@@ -69,6 +69,7 @@ def test_log_neg_is_transformers_log_negate(dtype):
     out = _apply("log_neg", {}, x)
     assert bit_equal(out, torch.log(-x.float()).to(x.dtype))
     assert bit_equal(out, _transformers(gguf_mapping.LogNegate(), x))
+    assert torch.isnan(_apply("log_neg", {}, torch.tensor([1.0], dtype=getattr(torch, dtype)))).all()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
@@ -112,7 +113,9 @@ def test_squeeze_refuses_a_dim_that_is_not_1():
         OPS["squeeze"].infer({"dim": 1}, [TensorInfo((6, 4), "float32")])
     with pytest.raises(OpError, match="squeeze dim=0 of a tensor with no dims"):
         OPS["squeeze"].infer({"dim": 0}, [TensorInfo((), "float32")])
-    with pytest.raises(OpError, match=r"unsqueeze dim=3 is out of range for a tensor with 2 dims \(a new dim goes at -3..2\)"):
+    with pytest.raises(
+        OpError, match=r"unsqueeze dim=3 is out of range for a tensor with 2 dims \(a new dim goes at -3..2\)"
+    ):
         OPS["unsqueeze"].infer({"dim": 3}, [TensorInfo((6, 4), "float32")])
 
 
@@ -195,3 +198,48 @@ def test_regroup_heads_moves_whole_rows_as_blocks():
     moved = op.move_blocks(p, [Blocks((7,), list(range(7)))], 2)
     assert moved == [Blocks((7,), op.apply(p, [torch.arange(7)])[0].tolist())]
     assert op.whole_dims(p, 2) == 1
+
+
+def test_reshaping_and_regrouping_convert_as_byte_copies(tmp_path):
+    """unsqueeze, squeeze and regroup_heads only move whole rows: each group is a block plan (byte
+    ranges, blocks.block_runs), a convert gives torch's tensors, and the reverse the source back."""
+    from safetensors.torch import load_file, save_file
+
+    import convspec
+    from convspec.blocks import block_runs
+
+    sd = {f"l.{i}.conv": torch.randn(2 + 12, 4) for i in range(2)} | {"l.0.a": torch.randn(6, 1, 3)}
+    save_file(sd, tmp_path / "src.safetensors")
+    spec = tmp_path / "s.cspec"
+    spec.write_text(
+        "spec s\n"
+        "convert w = {p:path}.conv -> {p}.conv1d = unsqueeze(regroup_heads(w, groups=2, size=3, rows=2, "
+        "offset=2), dim=1)\n"
+        "convert a = {p:path}.a -> {p}.a2 = squeeze(a, dim=1)\n"
+    )
+    plan = convspec.compile(str(spec))
+    bound = plan.bind({k: (tuple(v.shape), "float32") for k, v in sd.items()})
+    assert all(block_runs(bound, g, 0) is not None for g in bound.groups)
+    convspec.convert(str(spec), tmp_path / "src.safetensors", tmp_path / "out")
+    out = {k: v for f in (tmp_path / "out").glob("*.safetensors") for k, v in load_file(f).items()}
+    p = {"groups": 2, "size": 3, "rows": 2, "offset": 2}
+    for i in range(2):
+        assert bit_equal(out[f"l.{i}.conv1d"], _regroup(sd[f"l.{i}.conv"], 2, 3, 2, 0, 2).unsqueeze(1))
+        assert bit_equal(
+            out[f"l.{i}.conv1d"], OPS["regroup_heads"].apply(p, [sd[f"l.{i}.conv"]])[0].unsqueeze(1)
+        )
+    assert bit_equal(out["l.0.a2"], sd["l.0.a"][:, 0])
+    convspec.convert(str(spec), tmp_path / "out", tmp_path / "back", reverse=True)
+    back = {k: v for f in (tmp_path / "back").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert sorted(back) == sorted(sd) and all(bit_equal(back[k], sd[k]) for k in sd)
+
+
+def test_a_regroup_heads_slice_reads_exactly_its_rows():
+    """A shard of the grouped rows reads the tiled rows it is made of, joined in order, and nothing
+    else; rows contiguous in the input too are one read."""
+    op, info = OPS["regroup_heads"], [TensorInfo((2 + 12, 4), "float32")]
+    p = {"groups": 2, "size": 3, "rows": 2, "dim": 0, "offset": 2}
+    m = op.slice_map(p, info, 0, ((2, 6), (0, 4)))  # output chunks (0, 0), (0, 1): input rows 2..4, 8..10
+    assert m.reads == ((((2, 4), (0, 4)), ((8, 10), (0, 4))),) and m.op is None and m.exact
+    one = op.slice_map({**p, "groups": 1, "size": 6}, info, 0, ((0, 14), (0, 4)))
+    assert one.reads == ((((0, 14), (0, 4)),),)

@@ -102,6 +102,13 @@ def _gguf_quants():
     return quants
 
 
+def _qtype(t: int):
+    """gguf-py's enum member for the id `t` (its functions are typed for it)."""
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(t)
+
+
 def _convert(x: torch.Tensor, out_shape: tuple[int, ...], out_dtype, fn, chunk_rows: int) -> torch.Tensor:
     """`fn` (numpy to numpy, row by row) over the rows of `x`, a chunk at a time, into a new tensor."""
     import numpy as np
@@ -160,13 +167,14 @@ class DequantGgml(GgmlOp):
 
         (x,) = ins
         (out,) = self.infer(p, [TensorInfo.of(x)])
-        t = p["type"]
         quants = _gguf_quants() if x.device.type != "meta" else None
+        t = _qtype(p["type"]) if quants else None
         rows = max(1, CHUNK_BYTES // max(1, x.shape[-1]))
         return [_convert(x, out.shape, torch.float32, lambda a: quants.dequantize(a, t), rows)]
 
     def loses(self, p):
-        return f"dequant_ggml of {GGML_TYPES.get(p['type'], p['type'])} blocks loses their packing (lossy)"
+        name = GGML_TYPES.get(p["type"], p["type"])
+        return f"dequant_ggml of {name} blocks is lossy: quantizing the values again need not give the same blocks"
 
     def nearest_inverse(self, p, n_inputs):
         if p["type"] not in QUANTIZABLE:
@@ -206,8 +214,8 @@ class QuantizeGgml(GgmlOp):
 
         (x,) = ins
         (out,) = self.infer(p, [TensorInfo.of(x)])
-        t = p["type"]
         quants = _gguf_quants() if x.device.type != "meta" else None
+        t = _qtype(p["type"]) if quants else None
         rows = max(1, CHUNK_BYTES // max(1, 4 * x.shape[-1]))
         return [_convert(x.float(), out.shape, torch.uint8, lambda a: quants.quantize(a, t), rows)]
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from .base import NotInvertible, Op, OpError, Param, TensorInfo
 from .blockmoves import Blocks
-from .slicing import SliceMap, whole_inputs
+from .slicing import SliceMap, replaced, whole_inputs
 
 MAX_ADD = 1 << 24  # the largest |value| of add: every integer up to it is exact in float32
 VALUE_REFUSAL = "would change a quantized weight's values without its scales"
@@ -68,9 +68,9 @@ class Add(ValueMap):
         return [_compute(ins[0], lambda t: t + p["value"])]
 
     def loses(self, p):
+        v = p["value"]
         return (
-            f"add(value={p['value']}) rounds in floating point: (x + {p['value']}) - {p['value']} is not x "
-            "for every x (lossy)"
+            f"add(value={v}) rounds in floating point: adding {-v} back does not give every x again (lossy)"
         )
 
     def nearest_inverse(self, p, n_inputs):
@@ -291,11 +291,30 @@ class RegroupHeads(Op):
         return blocks
 
     def slice_map(self, p, ins, k, region):
-        """Rows before `offset` are read as they are; any other region reads the input whole."""
+        """Any region, exactly: the input rows of each head block it touches (blocks of `rows` rows
+        are whole in the input), read in output order and joined; nothing is computed."""
         d = self.norm_dim(p.get("dim", 0), len(region))
-        if region[d][1] <= p.get("offset", 0):
+        a, b = region[d]
+        if a == b:
             return SliceMap(((region,),))
-        return whole_inputs(self, p, ins, k, region)
+        spans: list[tuple[int, int]] = []
+        for start, stop in self._runs(p, a, b):
+            if spans and spans[-1][1] == start:  # contiguous in the input too: one read
+                spans[-1] = (spans[-1][0], stop)
+            else:
+                spans.append((start, stop))
+        return SliceMap((tuple(replaced(region, d, s) for s in spans),), join=d)
+
+    def _runs(self, p, a: int, b: int):
+        """The input rows (start, stop) of output rows a..b along dim, in output order."""
+        ga, sb, r, offset = p["groups"], p["size"], p.get("rows", 1), p.get("offset", 0)
+        if a < offset:
+            yield a, min(b, offset)
+        for c in range(max(a - offset, 0) // r, -(-(b - offset) // r) if b > offset else 0):
+            ib, ia = divmod(c, ga)  # output chunk c is (size index, group index)
+            lo, hi = max(a, offset + c * r), min(b, offset + (c + 1) * r)
+            src = offset + (ia * sb + ib) * r - (offset + c * r)
+            yield lo + src, hi + src
 
 
 __all__ = ["Add", "LogNeg", "NegExp", "RegroupHeads", "Squeeze", "Unsqueeze"]
