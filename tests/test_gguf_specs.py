@@ -306,3 +306,17 @@ def test_conformance_md_has_the_gguf_section():
 
     text = (SPECS.parent / "docs" / "conformance.md").read_text()
     assert text.endswith("\n\n" + conformance_section()), "regenerate: python tools/conformance.py"
+
+
+def test_the_cli_writes_a_gguf_spec(tmp_path, capsys):
+    """`convspec import-transformers --gguf ARCH -o FILE` writes what specs/ has; an architecture with
+    no spec is one clear error, exit 2."""
+    from convspec.cli import main
+
+    out = tmp_path / "gguf_qwen2moe.yaml"
+    assert main(["import-transformers", "--gguf", "qwen2moe", "-o", str(out)]) == 0
+    assert out.read_text() == (SPECS / "gguf_qwen2moe.yaml").read_text()
+    capsys.readouterr()
+    assert main(["import-transformers", "--gguf", "deci"]) == 2
+    err = capsys.readouterr().err
+    assert "no GGUF spec for architecture 'deci'" in err and "remote code" in err and "Traceback" not in err
