@@ -112,12 +112,13 @@ class ValueOp:
 
     match: str
     expr: str
+    why: str | None = None  # why saving back rounds, when it does (the spec's noqa comment for W204)
 
 
 # What each legacy TensorProcessor's `process` does to a tensor, GGUF -> transformers (the classes are
 # code; this says the same as data). Name hooks (preprocess_name, perform_fallback_tensor_mapping) are
 # not here: transformers' get_gguf_hf_weights_map runs them.
-_NORM_MINUS_ONE = (ValueOp("norm.weight", "add({x}, value=-1)"),)
+_NORM_MINUS_ONE = (ValueOp("norm.weight", "add({x}, value=-1)", "llama.cpp stores w + 1"),)
 PROCESSOR_OPS: dict[str, tuple[ValueOp, ...]] = {
     "TensorProcessor": (),
     "LlamaTensorProcessor": (
@@ -143,7 +144,7 @@ PROCESSOR_OPS: dict[str, tuple[ValueOp, ...]] = {
     ),
     "MambaTensorProcessor": (
         ValueOp("ssm_conv1d.weight", "unsqueeze({x}, dim=1)"),
-        ValueOp("ssm_a", "log_neg({x})"),
+        ValueOp("ssm_a", "log_neg({x})", "llama.cpp stores -exp(A_log)"),
     ),
     "NemotronTensorProcessor": _NORM_MINUS_ONE,
     "Gemma2TensorProcessor": _NORM_MINUS_ONE,
@@ -176,6 +177,7 @@ class Entry:
     target: str
     expr: str | None = None  # None: a rename
     let: tuple[str, str] | None = None  # (name, expression) the output's expression reads
+    why: str | None = None  # why saving back rounds, when it does
 
 
 @dataclass
@@ -248,8 +250,8 @@ def legacy_entries(arch: str, model) -> tuple[list[Entry], list[str]]:
             out.append(_fuse(srcs, hf))
             continue
         (g,) = srcs
-        expr = next((op.expr.format(x="x") for op in ops if op.match in g), None)
-        out.append(Entry([("x", g)], hf, expr))
+        op = next((op for op in ops if op.match in g), None)
+        out.append(Entry([("x", g)], hf, op.expr.format(x="x"), why=op.why) if op else Entry([("x", g)], hf))
     return out, notes
 
 
@@ -440,7 +442,7 @@ def new_path_entries(arch: str, model) -> tuple[list[Entry], list[str], list[str
             expr = "x"
         # the value ops are elementwise, so they commute exactly with the layout ops: applied last, on
         # the output's own line, where the spec's noqa comment for W204 says that saving back rounds
-        values = [op for op in ops if type(op).__name__ in _VALUE_OPS]
+        values = [op for op in ops if type(op).__name__ in ROUNDING]
         for op in [op for op in ops if op not in values]:
             expr = op_expr(op, expr, differs)
         let = None
@@ -448,16 +450,13 @@ def new_path_entries(arch: str, model) -> tuple[list[Entry], list[str], list[str
             let, expr = ("g", expr), "g"
         for op in values:
             expr = op_expr(op, expr, differs)
-        out.append(Entry(list(zip(names, [g for g, _ in srcs], strict=True)), hf, expr, let))
+        why = "; ".join(ROUNDING[type(op).__name__] for op in values) or None
+        out.append(Entry(list(zip(names, [g for g, _ in srcs], strict=True)), hf, expr, let, why))
     return out, list(dict.fromkeys(notes)), list(dict.fromkeys(differs))
 
 
-_VALUE_OPS = ("SubtractOne", "LogNegate")
-# why saving back through a lossy op is intended, by op: written beside it in the spec as a noqa comment for W204
-LOSSY_WHY = {
-    "add": "llama.cpp stores w + 1",
-    "log_neg": "llama.cpp stores -exp(A_log)",
-}
+# transformers' GGUF_ARCHS ops that undo a rounding llama.cpp value transform, and why saving back rounds
+ROUNDING = {"SubtractOne": "llama.cpp stores w + 1", "LogNegate": "llama.cpp stores -exp(A_log)"}
 
 
 def _var(gguf_name: str) -> str:
@@ -501,7 +500,7 @@ def generalize(entries: list[Entry]) -> list[Entry]:
         key = (_hashable(best), e.expr, e.let)
         if key not in seen:
             seen.add(key)
-            out.append(Entry(best[0], best[1], e.expr, e.let))
+            out.append(Entry(best[0], best[1], e.expr, e.let, e.why))
     return out
 
 
@@ -623,16 +622,17 @@ def spec_text(imp: GgufImport) -> str:
         header.append(
             f"# no GGUF tensor (transformers leaves these as the model has them): {', '.join(imp.unmapped)}"
         )
-    return _noqa(to_yaml(spec, header="\n".join(_wrap(h) for h in header)))
+    return _noqa(to_yaml(spec, header="\n".join(_wrap(h) for h in header)), imp.entries)
 
 
-def _noqa(text: str) -> str:
-    """An output whose expression is a lossy value op says on its line that the loss is intended."""
+def _noqa(text: str, entries: list[Entry]) -> str:
+    """An output whose value op rounds says on its line that the loss is intended (lint's W204)."""
+    why = {e.target: e.why for e in entries if e.why}
     out = []
     for line in text.splitlines():
-        m = re.match(r"^\s+\S+: (\w+)\(", line)
-        if m and m.group(1) in LOSSY_WHY:
-            line += f"  # noqa: W204 ({LOSSY_WHY[m.group(1)]})"
+        m = re.match(r'^\s+"?([^":\s]+)"?: ', line)
+        if m and m.group(1) in why:
+            line += f"  # noqa: W204 ({why[m.group(1)]})"
         out.append(line)
     return "\n".join(out) + "\n"
 
