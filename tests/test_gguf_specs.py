@@ -21,6 +21,7 @@ import convspec  # noqa: E402
 from convspec.hf.gguf_import import (  # noqa: E402
     ARCHS,
     EXACT,
+    FILE_CHECKED,
     NO_SPEC,
     VALUE_CHECKED,
     import_arch,
@@ -320,3 +321,52 @@ def test_the_cli_writes_a_gguf_spec(tmp_path, capsys):
     assert main(["import-transformers", "--gguf", "deci"]) == 2
     err = capsys.readouterr().err
     assert "no GGUF spec for architecture 'deci'" in err and "remote code" in err and "Traceback" not in err
+
+
+def _write_gguf(arch: str, model, arrays: dict, path: Path) -> None:
+    """A GGUF file written by gguf-py: the tiny config as the metadata transformers reads, F32 tensors."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, attr in GGUF_CONFIG_MAPPING[ARCHS[arch].model_type.removesuffix("_text")].items():
+        v = getattr(model.config, attr, None) if attr else None
+        if isinstance(v, int) and not isinstance(v, bool):
+            w.add_uint32(f"{arch}.{key}", v)
+        elif isinstance(v, float):
+            w.add_float32(f"{arch}.{key}", v)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(model.config.vocab_size)])
+    for k, a in arrays.items():
+        w.add_tensor(k, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", FILE_CHECKED)
+def test_the_oracle_is_transformers_loading_a_file_gguf_py_wrote(arch, models, tmp_path):
+    """What transformers_load gives is what `from_pretrained(gguf_file=...)` gives on a file gguf-py
+    wrote with the same arrays, tensor for tensor: so the forward plan equals transformers' GGUF load."""
+    import contextlib
+    import io
+
+    import transformers
+
+    model = models[arch]
+    _, arrays = gguf_state(arch, model)
+    _write_gguf(arch, model, arrays, tmp_path / "m.gguf")
+    cls = (
+        transformers.AutoModelForSeq2SeqLM
+        if ARCHS[arch].kind == "seq2seq"
+        else transformers.AutoModelForCausalLM
+    )
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = cls.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    expected = transformers_load(arch, model, arrays)
+    assert [k for k in expected if not torch.equal(loaded[k], expected[k])] == []
+    got = convspec.compile(spec_name(arch), model.config).apply(
+        {k: torch.from_numpy(v) for k, v in arrays.items()}
+    )
+    differ = [k for k in got if not torch.equal(got[k], loaded[k])]
+    assert differ == ([k for k in got if k.endswith("A_log")] if arch == "mamba" else [])  # 1 ulp, above

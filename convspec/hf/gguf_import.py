@@ -669,6 +669,14 @@ def gguf_specs() -> dict[str, str]:
 # rounds, forward gives the HF tensors and the inverse llama.cpp's arrays back, bit for bit (EXACT).
 VALUE_CHECKED = tuple(ARCHS)
 EXACT = tuple(a for a in ARCHS if a not in ("gemma2", "gemma3", "nemotron", "mamba", "qwen35", "qwen35moe"))
+# and transformers' from_pretrained(gguf_file=...) of a file gguf-py wrote gives the same tensors: where its
+# GGUF config mapping reads the whole tiny config from the metadata (not for qwen3's head_dim, gpt2,
+# phi3's pad token, qwen2moe/qwen3moe's expert widths, gemma4, gpt-oss; qwen35/qwen35moe/lfm2 build
+# their config with other keys)
+FILE_CHECKED = (
+    "llama", "qwen2", "falcon", "bloom", "stablelm", "starcoder2", "mamba", "nemotron", "gemma2", "gemma3",
+    "t5", "minimax-m2",
+)  # fmt: skip
 
 
 def conformance_section() -> str:
@@ -696,6 +704,9 @@ def conformance_section() -> str:
         "  them, equals transformers' GGUF loading of the same arrays (its TensorProcessor, or its",
         "  `GGUF_ARCHS` converters) bit for bit; mamba's `A_log` within 1 ulp, where transformers takes",
         "  numpy's float32 log and convspec torch's (as transformers' own `LogNegate` does).",
+        "- **file**: transformers' `from_pretrained(gguf_file=...)` of a file gguf-py wrote with those",
+        "  arrays gives those same tensors (where its GGUF config mapping reads the whole tiny config",
+        "  from the file's metadata).",
         "- **exact**: no op rounds: forward also gives the model's tensors back, and the inverse",
         "  llama.cpp's arrays, bit for bit. Elsewhere saving back adds 1 to norms or takes `-exp`",
         "  again in float (`# noqa: W204` in the spec).",
