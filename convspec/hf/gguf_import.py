@@ -722,8 +722,9 @@ def conformance_section() -> str:
             else f"`{TENSOR_PROCESSORS.get(arch, TensorProcessor).__name__}`"
         )
         ops = sorted({m for e in imp.entries for x in (e.expr, e.let and e.let[1]) if x for m in _ops_of(x)})
-        checked = (
-            "names, values, exact" if arch in EXACT else "names, values" if arch in VALUE_CHECKED else "names"
+        flags = (True, arch in VALUE_CHECKED, arch in FILE_CHECKED, arch in EXACT)
+        checked = ", ".join(
+            n for n, on in zip(("names", "values", "file", "exact"), flags, strict=True) if on
         )
         notes = "; ".join(
             [f"not expressible: {n}" for n in imp.notes] + [f"differs: {n}" for n in imp.differs]
