@@ -227,6 +227,8 @@ def convert(
     workers: int = 1,
     ranks: bool = False,
     dequantize: bool | str = False,
+    gguf_type: str | None = None,
+    allow_lossy: bool = False,
 ) -> ConvertResult:
     """Convert the checkpoint at `src` into `dst`: sharded safetensors named as Hugging Face names
     them, written atomically (complete, or absent), the source's other files copied beside. The
@@ -254,6 +256,15 @@ def convert(
         dequantize: dequantize quantized weights (FP8 blocks, MXFP4, compressed-tensors FP8) to
             `dtype` (default bfloat16) with transformers' numerics; else they are kept, bit for bit,
             with their scales beside them (docs/quantization.md).
+        gguf_type: for a `.gguf` output, the type of every tensor of two dims or more (`"f16"`,
+            `"bf16"`, `"f32"`, `"q8_0"`, `"q4_0"`; 1-D tensors stay F32, as llama.cpp keeps them);
+            None keeps each tensor's dtype, exactly (docs/gguf.md).
+        allow_lossy: with `reverse`, run the nearest inverse of a lossy plan (llama.cpp's `w + 1`
+            norms round in float32) instead of refusing it.
+
+    A `.gguf` file is read or written where `src` or `dst` names one: a GGUF spec (`gguf_llama`, or
+    `llama`, or `gguf` for the file's own architecture) converts GGUF -> transformers, and writing a
+    `.gguf` from a Hugging Face folder runs it in reverse.
 
     Returns:
         A `ConvertResult`: `dst`, the shard file names (`files`), the number of tensors and bytes
@@ -290,13 +301,14 @@ def convert(
             check_destination(dst)
         cleaned: list[Path] = []
         with safetensors_source(src, allow_pickle, beside=dst, removed=cleaned) as src:
-            from .io.checkpoint import Checkpoint
+            from .io.formats import open_checkpoint
 
             with agreed(ranks):  # a rank whose copy of the checkpoint is wrong stops every rank
-                ckpt = Checkpoint(src)  # its headers are read once, for the config and the conversion
-                plan = compile(spec, config=ckpt.config_path)
+                ckpt = open_checkpoint(src)  # its headers are read once, for the config and the conversion
+                spec, reverse = gguf_spec(spec, ckpt, dst, reverse)
+                plan = compile(spec, config=ckpt.config)
                 if reverse:
-                    plan = plan.inverse()
+                    plan = plan.inverse(allow_lossy=allow_lossy)
                 plan = plan.for_dtype(dtype, dequantize)
             result = convert_checkpoint(
                 plan,
@@ -313,10 +325,45 @@ def convert(
                 ckpt=ckpt,
                 workers=workers,
                 ranks=ranks,
+                gguf_type=gguf_type,
             )
     if cleaned and result.cleanup is not None:  # a killed run's pickle copy: said with the rest
         result.cleanup = result.cleanup._replace(removed=[*cleaned, *result.cleanup.removed])
     return result
+
+
+def gguf_spec(
+    spec: Spec | str | Path, ckpt, dst: str | Path, reverse: bool
+) -> tuple[Spec | str | Path, bool]:
+    """The spec and direction for a conversion that reads or writes a .gguf file: `llama` (or a
+    transformers model type) names the built-in `gguf_llama`, `gguf` the one for the file's own
+    architecture (or the config's); a GGUF spec writing a .gguf from another format runs in reverse."""
+    from .io.gguf_checkpoint import GgufCheckpoint, is_gguf
+
+    reads, writes = isinstance(ckpt, GgufCheckpoint), is_gguf(dst)
+    if not (reads or writes):
+        return spec, reverse
+    if isinstance(spec, str) and not _is_path(spec):
+        from . import ggufmeta
+
+        if spec == "gguf":
+            if reads:
+                arch = ckpt.header.value("general.architecture")
+            else:
+                config = load_config(ckpt.config) or {}
+                arch = ggufmeta.gguf_arch(config.get("model_type", ""))
+            spec = ggufmeta.spec_name(str(arch))
+        elif "gguf_" + spec.replace("-", "_") in _builtin_index():
+            spec = "gguf_" + spec.replace("-", "_")
+        elif not spec.startswith("gguf_"):
+            try:
+                spec = ggufmeta.spec_name(ggufmeta.gguf_arch(spec))
+            except ConvspecError:
+                pass  # not a GGUF architecture: the spec is loaded as named
+    if writes and not reads and not reverse:
+        spec = spec if isinstance(spec, Spec) else load_spec(spec)
+        reverse = spec.name.startswith("gguf_")
+    return spec, reverse
 
 
 @contextmanager

@@ -81,12 +81,23 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--reverse", action="store_true", help="apply the inverse plan (save back)")
+    cv.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="with --reverse (or a .gguf output): run the nearest inverse of a lossy plan instead of refusing it",
+    )
     cv.add_argument("--device", default="cpu", help=DEVICE_HELP)
     cv.add_argument("--dtype", help="cast every output to this dtype")
     cv.add_argument(
         "--dequantize",
         action="store_true",
         help="dequantize quantized weights (to --dtype, default bfloat16) instead of keeping their scales",
+    )
+    cv.add_argument(
+        "--gguf-type",
+        metavar="TYPE",
+        help="for a .gguf output: f32, f16, bf16, q8_0 or q4_0 for every tensor of 2+ dims (1-D ones stay "
+        "f32); default: each tensor's own dtype, exactly",
     )
     cv.add_argument("--max-shard-size", default="5GB")
     cv.add_argument(
@@ -300,14 +311,22 @@ def _layout(against: str | None) -> dict | None:
     """A checkpoint's layout from its headers ({key: TensorInfo}), or None without --against."""
     if against is None:
         return None
-    from .io.safetensors import read_layout
+    from .io.formats import open_checkpoint
 
-    return {k: e.info for k, e in read_layout(against).items()}
+    return open_checkpoint(against).layout
 
 
 def _plan(args):
     """The spec compiled with --config or the checkpoint's config.json, inverted with --reverse."""
-    plan = api.compile(args.spec, config=args.config or _checkpoint_config(args.against))
+    spec = args.spec
+    if args.against and args.against.lower().endswith(".gguf"):  # the GGUF spec, its config from the file
+        from .io.formats import open_checkpoint
+
+        ckpt = open_checkpoint(args.against)
+        spec, _ = api.gguf_spec(spec, ckpt, "", args.reverse)
+        plan = api.compile(spec, config=args.config or ckpt.config)
+    else:
+        plan = api.compile(spec, config=args.config or _checkpoint_config(args.against))
     plan = plan.inverse() if args.reverse else plan
     return plan.dequantize() if getattr(args, "dequantize", False) else plan
 
@@ -358,6 +377,8 @@ def _convert(args) -> int:
         workers=workers,
         ranks=ranks,
         dequantize=args.dequantize,
+        gguf_type=args.gguf_type,
+        allow_lossy=args.allow_lossy,
     )
     if progress is not None:
         progress.done()
@@ -453,14 +474,14 @@ class _Progress:
 
 def _verify(args) -> int:
     from .devices import COMPARES, check_device
-    from .io.checkpoint import Checkpoint
+    from .io.formats import open_checkpoint
     from .streaming import verify_checkpoint
 
     check_device(args.device, needs_data=COMPARES)  # before a pickle source is transcoded
     if args.manifest:
         return _verify_manifest(args)
     with api.safetensors_source(args.src, args.allow_pickle) as src:
-        plan = api.compile(args.spec, config=Checkpoint(src).config_path)
+        plan = api.compile(args.spec, config=open_checkpoint(src).config)
         v = verify_checkpoint(plan, src, device=args.device, converted=args.converted)
     bad = v.mismatches
     if args.json:

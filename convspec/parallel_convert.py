@@ -19,6 +19,7 @@ from .bind import BoundPlan
 from .dtypes import ITEMSIZE
 from .errors import ConvspecError
 from .io.checkpoint import Checkpoint
+from .io.formats import open_checkpoint
 from .io.writer import Place, lay_out, write_index, write_item
 
 FAULT_ENV = "CONVSPEC_TEST_WORKER_FAULT"  # "N:raise", "N:kill" or "N:hang": worker N fails (tests only)
@@ -285,7 +286,7 @@ def _worker(job: Job, conn) -> None:
 
 def write_share(job: Job, sent: Callable[[str, int], None], current: list | None = None) -> None:
     """A job's tensors, made as `stream_bound` makes them, each written at its place and synced."""
-    ckpt = Checkpoint(job.src)
+    ckpt = open_checkpoint(job.src)
     fds: dict[str, int] = {}
     sources: dict[str, int] = {}
     try:

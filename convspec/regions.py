@@ -89,6 +89,8 @@ class RegionReader:
         through, its block-move group's (blocks.py), or None where its group computes."""
         if target in self._source_of:
             source = self._source_of[target]
+            if source in self.ckpt.decoded:
+                return None
             return [Run(source, 0, 0, self.bound.layout[source].nbytes)]
         return self._block_runs(self._made_by[target][0], target)
 
@@ -97,6 +99,8 @@ class RegionReader:
         if id(g) not in self._moves:
             self._moves[id(g)] = block_runs(self.bound, g, 0)  # no smaller read than the walk's
         runs = self._moves[id(g)]
+        if runs is not None and self.ckpt.decoded and any(k in self.ckpt.decoded for k in g.source_keys):
+            runs = self._moves[id(g)] = None  # a block-typed GGUF source: its bytes are not the values
         return None if runs is None else runs[target]
 
     def _assemble(self, target: str, region: Region, runs: list[Run]) -> torch.Tensor:
@@ -194,6 +198,10 @@ class RegionReader:
         out = tuple(b - a for a, b in region)
         if 0 in out:
             return torch.empty(out, dtype=DTYPES[info.dtype])
+        if key in self.ckpt.decoded:  # decoded whole (a block spans a row), then cut
+            self.stats.bytes += info.nbytes
+            self.stats.runs += 1
+            return self.ckpt.get(key)[tuple(slice(a, b) for a, b in region)].contiguous()
         runs = list(region_runs(shape, region, item))
         self.stats.bytes += sum(n for _, _, n in runs)
         self.stats.runs += len(runs)
@@ -254,9 +262,9 @@ def read_regions(
 ) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """`regions` of a checkpoint's converted tensors ({target: region, None for all of it}), each
     read from the source bytes it is made of, and what was read."""
-    from .io.checkpoint import Checkpoint
+    from .io.formats import open_checkpoint
     from .streaming import bind_checkpoint
 
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     reader = RegionReader(bind_checkpoint(plan, ckpt, strict), ckpt)
     return {t: reader.read(t, r) for t, r in regions.items()}, reader.stats

@@ -35,11 +35,11 @@ def apply(plan: Plan, state_dict: dict, strict: bool = False) -> dict:
 
 
 def stream(plan: Plan, src, device: str, dtype: str | None, strict: bool) -> Iterator[tuple[str, Any]]:
-    from .io.checkpoint import Checkpoint
+    from .io.formats import open_checkpoint
     from .streaming import bind_checkpoint, stream_bound
 
     device = check_device(device)  # meta too (shapes only); before anything is read
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     yield from stream_bound(bind_checkpoint(plan, ckpt, strict), ckpt, device, dtype)
 
 
@@ -48,11 +48,11 @@ def load(
 ) -> dict:
     if shard is not None or mesh is not None:
         return _load_sharded(plan, src, device, dtype, strict, shard, mesh)
-    from .io.checkpoint import Checkpoint
+    from .io.formats import open_checkpoint
     from .streaming import Loaded, bind_checkpoint, stream_bound
 
     device = check_device(device)
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     bound = bind_checkpoint(plan, ckpt, strict)
     return Loaded(stream_bound(bound, ckpt, device, dtype), bound=bound)
 
@@ -82,7 +82,7 @@ def _load_sharded(plan: Plan, src, device: str, dtype: str | None, strict: bool,
 
 
 def load_into(plan: Plan, model, src, strict: bool, device: str | None):
-    from .io.checkpoint import Checkpoint
+    from .io.formats import open_checkpoint
     from .load_into import load_into as fill
     from .streaming import bind_checkpoint, stream_bound
 
@@ -94,7 +94,7 @@ def load_into(plan: Plan, model, src, strict: bool, device: str | None):
         return fill(model, loaded.items(), strict, plan.base_prefix, len(loaded.bound.already))
 
     dev = check_device(device or next((str(p.device) for p in model.parameters() if not p.is_meta), "cpu"))
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     bound = bind_checkpoint(plan, ckpt)
     items = stream_bound(bound, ckpt, dev)
     return fill(model, items, strict=strict, base_prefix=plan.base_prefix, already=len(bound.already))

@@ -177,7 +177,7 @@ def load_placed(
     from torch.distributed.tensor import DTensor
 
     from .dtypes import check_dtype
-    from .io.checkpoint import Checkpoint
+    from .io.formats import open_checkpoint
     from .ops.cast import cast_tensor
     from .ops.slicing import strides
     from .regions import RegionReader
@@ -185,7 +185,7 @@ def load_placed(
 
     with agreed():  # every check on every rank before any data is read: headers, bind, placements
         check_dtype(dtype)
-        ckpt = Checkpoint(src)
+        ckpt = open_checkpoint(src)
         bound = bind_checkpoint(plan, ckpt, strict)
         place = placing(bound)
         placed = {target: place(target, len(shape)) for target, (shape, _) in bound.outputs.items()}

@@ -16,8 +16,10 @@ from .blocks import block_runs
 from .compile.plan import Plan
 from .devices import COMPARES, WRITES, check_device
 from .dtypes import ITEMSIZE, check_dtype
-from .errors import BindError
+from .errors import BindError, ConvspecError
 from .io.checkpoint import Checkpoint
+from .io.formats import open_checkpoint
+from .io.gguf_checkpoint import is_gguf
 from .io.writer import AtomicDir, FileCopy, parse_size, write_sharded
 from .ops.cast import cast_tensor
 
@@ -61,7 +63,9 @@ def stream_bound(
             on_tensor(key, t.numel() * t.element_size())
         return t
 
-    def moved(keys) -> bool:  # the bytes go out as they are: no cast
+    def moved(keys) -> bool:  # the bytes go out as they are: no cast, none decoded on read
+        if ckpt.decoded and any(k in ckpt.decoded for k in keys):
+            return False
         return dtype is None or all(layout[k].dtype == dtype for k in keys)
 
     units: list[tuple[str, object, object]] = [("pass", src, dst) for src, dst in bound.passthrough.items()]
@@ -222,10 +226,11 @@ def convert_checkpoint(
     ckpt: Checkpoint | None = None,
     workers: int = 1,
     ranks: bool = False,
+    gguf_type: str | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
     `manifest`, a per-tensor hash manifest of the source and the output is written inside it.
-    `ckpt`, `Checkpoint(src)` already read (to find its config), spares reading every header again.
+    `ckpt`, `open_checkpoint(src)` already read (to find its config), spares reading every header again.
     With `workers` > 1 the groups are split across that many processes (the same bytes); with
     `ranks`, across the ranks of the torch.distributed job, each of which calls this alike."""
     from .parallel_convert import Work, check_workers, convert_on_ranks, write_parallel
@@ -234,15 +239,30 @@ def convert_checkpoint(
     workers = check_workers(workers)
     check_dtype(dtype)
     device = check_device(device, needs_data=WRITES)
+    check_gguf_output(dst, gguf_type, workers, ranks, manifest)
     with process_group() if ranks else nullcontext():  # one group for the checks and the writing
         with agreed(ranks):  # every rank checks, then all go on
-            ckpt = Checkpoint(src) if ckpt is None else ckpt
+            ckpt = open_checkpoint(src) if ckpt is None else ckpt
             bound = bind_checkpoint(plan, ckpt, strict)
         entries = output_order(bound, dtype)
         total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
         limit = parse_size(max_shard_size)
+        if is_gguf(dst):
+            from .gguf_output import check_gguf_names
+
+            check_gguf_names(bound, src, dst)
         if dry_run:
             return ConvertResult(None, [], len(entries), total, bound)
+        if is_gguf(dst):
+            from .gguf_output import write_gguf_output
+
+            def stream(copies: bool):
+                return stream_bound(bound, ckpt, device, dtype, on_tensor, copies=copies and device == "cpu")
+
+            files, cleanup = write_gguf_output(
+                bound, ckpt, dst, entries, stream, gguf_type=gguf_type, overwrite=overwrite
+            )
+            return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
 
         def finish(tmp: Path) -> None:
             ckpt.copy_side_files(tmp)
@@ -269,6 +289,29 @@ def convert_checkpoint(
                 files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
             finish(tmp)
         return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup)
+
+
+def check_gguf_output(dst, gguf_type: str | None, workers: int, ranks: bool, manifest: bool) -> None:
+    """Options that a GGUF output (one file, one process) cannot honour, refused before any read."""
+    from .io.gguf_writer import check_gguf_type
+
+    if not is_gguf(dst):
+        if gguf_type is not None:
+            raise ConvspecError(
+                f"--gguf-type {gguf_type} needs a .gguf output, not {dst}", hint="name the output NAME.gguf"
+            )
+        return
+    check_gguf_type(gguf_type)
+    refused = [
+        flag
+        for flag, on in (("--workers", workers > 1), ("torchrun ranks", ranks), ("--manifest", manifest))
+        if on
+    ]
+    if refused:
+        raise ConvspecError(
+            f"a GGUF output is one file written by one process: {', '.join(refused)} cannot apply to {dst}",
+            hint="drop them, or write a safetensors folder",
+        )
 
 
 def save_state_dict(
@@ -352,9 +395,9 @@ def _verify(plan: Plan, src, device: str, limit: int, converted) -> Verification
 
     from .run import run_group
 
-    ckpt = Checkpoint(src)
+    ckpt = open_checkpoint(src)
     bound = bind_checkpoint(plan, ckpt)
-    other = Checkpoint(converted) if converted is not None else None
+    other = open_checkpoint(converted) if converted is not None else None
     inverse = plan.inverse() if other is None else None
     bad: list[Mismatch] = []
     checked = 0

@@ -17,8 +17,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("style", "errors", "dtypes", "devices", "derived", "frozen", "extras", "keyshapes")),
     # what each op means: parameters, shapes, the torch apply, the inverse
     ("ops", ("ops", "ops.*")),
-    # bytes on disk: safetensors headers and reads, writers, side files; knows no spec and no plan
-    ("io", ("io", "io.*", "manifest")),
+    # bytes on disk: safetensors headers and reads, writers, side files, GGUF metadata; no spec, no plan
+    ("io", ("io", "io.*", "manifest", "ggufmeta")),
     # spec text -> the spec model (the DSL, YAML, formatting)
     ("spec", ("spec", "spec.*")),
     # the spec model -> the Plan IR: patterns, the compiler, expressions, the plan and its JSON
@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "sharded",
             "shardplan",
             "parallel_convert",
+            "gguf_output",
             "runtime",
         ),
     ),

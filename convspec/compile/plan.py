@@ -202,7 +202,9 @@ class Plan:
             raise NotInvertibleError(
                 f"spec {self.name} cannot be inverted exactly: "
                 + (self.inverse_error or "; ".join(self.lossy)),
-                hint=None if self.inverse_error else "pass allow_lossy=True for a best-effort inverse",
+                hint=None
+                if self.inverse_error
+                else "pass allow_lossy=True (convert --allow-lossy) for a best-effort inverse",
             )
         return derived(self, "inverse", self._make_inverse)
 

@@ -37,11 +37,11 @@ class ConvspecReader(StorageReader):
         self._bind(src)
 
     def _bind(self, src: str | os.PathLike) -> None:
-        from ..io.checkpoint import Checkpoint
+        from ..io.formats import open_checkpoint
         from ..regions import RegionReader
         from ..streaming import bind_checkpoint
 
-        ckpt = Checkpoint(src)
+        ckpt = open_checkpoint(src)
         self.bound = bind_checkpoint(self.plan, ckpt, self.strict)
         self.src, self.ckpt = src, ckpt
         self.regions = RegionReader(self.bound, ckpt)

@@ -31,6 +31,10 @@ PARALLEL_PIECE = 64 << 10  # ... and so do reads that average under this size, h
 class Checkpoint:
     """A safetensors checkpoint (a directory, an index, or one file) read lazily."""
 
+    # keys whose bytes are not the tensor's (a GGUF block type: decoded by `get`), so never copied or
+    # read by byte range; key -> how they are stored
+    decoded: dict[str, int] = {}
+
     def __init__(self, src: str | Path | list):
         self.files = [Path(f) for f in src] if isinstance(src, list | tuple) else None
         self.src = self.files[0].parent if self.files else Path(src)
@@ -48,6 +52,11 @@ class Checkpoint:
         if self.src.is_dir() and not self.files:
             return next((f for f in self.side_files if f.name == "config.json"), None)
         return checkpoint_config(self.src if self.src.is_dir() else self.src.parent)
+
+    @property
+    def config(self) -> dict | Path | None:
+        """What `convspec.compile` takes as this checkpoint's config: its config.json's path."""
+        return self.config_path
 
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor into fresh memory with pread (no mmap: memory is bounded by what is alive).

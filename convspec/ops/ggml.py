@@ -251,3 +251,13 @@ __all__ = [
     "row_bytes",
     "type_id",
 ]
+
+
+def dequantize(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """The values of packed GGML blocks (uint8 rows): `dequant_ggml` applied, for a reader decoding a file."""
+    return DequantGgml().apply({"type": ggml_type}, [raw])[0]
+
+
+def quantize(values: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """Float rows as packed GGML blocks: `quantize_ggml` applied, for a writer encoding a file."""
+    return QuantizeGgml().apply({"type": ggml_type}, [values])[0]
