@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import convspec  # noqa: E402
 from convspec.hf.gguf_import import (  # noqa: E402
     ARCHS,
+    CONVERT_CHECKED,
     EXACT,
     FILE_CHECKED,
     NO_SPEC,
@@ -370,3 +371,28 @@ def test_the_oracle_is_transformers_loading_a_file_gguf_py_wrote(arch, models, t
     )
     differ = [k for k in got if not torch.equal(got[k], loaded[k])]
     assert differ == ([k for k in got if k.endswith("A_log")] if arch == "mamba" else [])  # 1 ulp, above
+
+
+@pytest.mark.parametrize("arch", CONVERT_CHECKED)
+def test_convert_of_a_gguf_py_file_equals_transformers_load(arch, tmp_path):
+    """`convspec convert gguf FILE out/` on the oracle harness's file (tests/helpers/gguf_models.py,
+    written by gguf-py as llama.cpp lays tensors out) gives what transformers' from_pretrained(gguf_file=)
+    loads, bit for bit; only weights the loaded model ties to another are not written."""
+    import contextlib
+    import io
+
+    from helpers.gguf_models import auto_class, write_tiny_gguf
+    from safetensors.torch import load_file
+
+    from convspec.cli import main
+
+    _, path = write_tiny_gguf(tmp_path, arch)
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = (
+            auto_class(arch).from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).state_dict()
+        )
+        assert main(["convert", "gguf", str(path), str(tmp_path / "out")]) == 0
+    got = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert [k for k in got if k not in loaded or not torch.equal(got[k], loaded[k])] == []
+    ptrs = [v.data_ptr() for k, v in loaded.items() if k in got]
+    assert [k for k, v in loaded.items() if k not in got and v.data_ptr() not in ptrs] == []

@@ -679,6 +679,14 @@ FILE_CHECKED = (
 )  # fmt: skip
 
 
+# and `convspec convert gguf FILE out/` on the file tests/helpers/gguf_models.py has gguf-py write (llama.cpp's
+# layout, the metadata transformers reads) gives transformers' from_pretrained(gguf_file=...), bit for bit
+CONVERT_CHECKED = (
+    "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma2", "gemma3", "phi3", "mamba", "bloom", "gpt2",
+    "starcoder2", "stablelm", "nemotron", "falcon", "lfm2", "minimax-m2", "qwen35", "qwen35moe", "t5",
+)  # fmt: skip
+
+
 def conformance_section() -> str:
     """The "GGUF specs" section of docs/conformance.md (tests/test_gguf_specs.py compares it)."""
     import gguf
@@ -707,6 +715,10 @@ def conformance_section() -> str:
         "- **file**: transformers' `from_pretrained(gguf_file=...)` of a file gguf-py wrote with those",
         "  arrays gives those same tensors (where its GGUF config mapping reads the whole tiny config",
         "  from the file's metadata).",
+        "- **convert**: `convspec convert gguf FILE out/` on a file gguf-py wrote in llama.cpp's layout",
+        "  (tests/helpers/gguf_models.py) gives what `from_pretrained(gguf_file=...)` loads, bit for bit;",
+        "  a weight the loaded model ties to another (`lm_head` of a file without `output.weight`) is",
+        "  not written.",
         "- **exact**: no op rounds: forward also gives the model's tensors back, and the inverse",
         "  llama.cpp's arrays, bit for bit. Elsewhere saving back adds 1 to norms or takes `-exp`",
         "  again in float (`# noqa: W204` in the spec).",
@@ -722,10 +734,9 @@ def conformance_section() -> str:
             else f"`{TENSOR_PROCESSORS.get(arch, TensorProcessor).__name__}`"
         )
         ops = sorted({m for e in imp.entries for x in (e.expr, e.let and e.let[1]) if x for m in _ops_of(x)})
-        flags = (True, arch in VALUE_CHECKED, arch in FILE_CHECKED, arch in EXACT)
-        checked = ", ".join(
-            n for n, on in zip(("names", "values", "file", "exact"), flags, strict=True) if on
-        )
+        flags = (True, arch in VALUE_CHECKED, arch in FILE_CHECKED, arch in CONVERT_CHECKED, arch in EXACT)
+        kinds = ("names", "values", "file", "convert", "exact")
+        checked = ", ".join(n for n, on in zip(kinds, flags, strict=True) if on)
         notes = "; ".join(
             [f"not expressible: {n}" for n in imp.notes] + [f"differs: {n}" for n in imp.differs]
         )
