@@ -168,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
         help="write the spec for a transformers model type or class (needs transformers)",
     )
     im.add_argument("key", metavar="MODEL_TYPE_OR_CLASS")
+    im.add_argument(
+        "--gguf", action="store_true", help="KEY is a GGUF general.architecture: its gguf_ARCH spec"
+    )
     im.add_argument("-o", "--output", metavar="FILE", help="write the spec here (included specs beside it)")
     _json_flag(im)
     return p
@@ -650,6 +653,8 @@ def _import(args) -> int:
 
     from .hf.library import import_key
 
+    if args.gguf:
+        from .hf.gguf_import import import_gguf as import_key
     imp = import_key(args.key)
     main_text = imp.specs[imp.name]
     if args.json:

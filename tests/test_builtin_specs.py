@@ -200,11 +200,14 @@ def test_forward_then_inverse_is_identity(name):
         assert {
             k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in out.items()
         } == bound.outputs
-        back = plan.inverse().apply(out)
+        # the drawn keys never reach a convert, so a spec whose converts are lossy (the GGUF specs'
+        # add, log_neg) still gives them back bit for bit through its best-effort inverse
+        lossy = bool(plan.lossy)
+        back = plan.inverse(allow_lossy=lossy).apply(out)
         assert_same_state(back, state)
         # the JSON form of the plan does the same
         again = convspec.Plan.from_json(plan.to_json())
-        assert_same_state(again.inverse().apply(again.apply(state)), state)
+        assert_same_state(again.inverse(allow_lossy=lossy).apply(again.apply(state)), state)
 
     check()
 
@@ -242,7 +245,13 @@ def _group_layout(plan, rule, shape: tuple[int, ...], n_experts: int = 4, path: 
     return layout
 
 
-CONVERT_SPECS = [n for n in NAMES if any(r.kind == "convert" for r in convspec.compile(n).rules)]
+# The GGUF specs' converts read GGUF config fields (bloom's n_head) and some round: they are checked
+# with data against transformers' GGUF loading in tests/test_gguf_specs.py
+CONVERT_SPECS = [
+    n
+    for n in NAMES
+    if any(r.kind == "convert" for r in convspec.compile(n).rules) and not n.startswith("gguf_")
+]
 
 
 @pytest.mark.parametrize("name", CONVERT_SPECS)

@@ -209,9 +209,13 @@ def test_good_specs_compile(text):
 def test_builtin_specs_pass_the_checks(name):
     """Every built-in spec compiles (overlaps, captures, ops all checked) and has an exact inverse."""
     config = {"num_attention_heads": 4, "hidden_size": 32, "num_key_value_heads": 2}
-    for plan in (convspec.compile(name), convspec.compile(name, config)):
+    # the GGUF specs read their architecture's own config fields (bloom's n_head): tests/test_gguf_specs.py
+    # compiles each with its model's config. Where llama.cpp stores w + 1 or -exp(A_log) saving back
+    # rounds, which each such rule declares (`# noqa: W204`, which the lint test holds them to)
+    gguf = name.startswith("gguf_")
+    for plan in (convspec.compile(name),) + (() if gguf else (convspec.compile(name, config),)):
         assert plan.inverse_error is None, plan.inverse_error
-        assert not plan.lossy, plan.lossy
+        assert not plan.lossy or gguf, plan.lossy
 
 
 # ---- overlap detection ------------------------------------------------------------------------

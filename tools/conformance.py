@@ -112,7 +112,9 @@ def main() -> int:
         base = f"`{r.base}`" if r.base else ""
         lines.append(f"| `{r.key}` | {base} | {f'`{r.spec}`' if r.spec else ''} | {r.status} | {detail} |")
     out = ROOT / "docs" / "conformance.md"
-    out.write_text("\n".join(lines) + "\n")
+    from convspec.hf.gguf_import import conformance_section  # the GGUF specs' section, checked by its tests
+
+    out.write_text("\n".join(lines) + "\n\n" + conformance_section())
     print(f"head classes {dict(counts)}, base-model classes {dict(based)} -> {out}")
     return 0
 
