@@ -44,6 +44,8 @@ class RegionReader:
 
     def __init__(self, bound: BoundPlan, ckpt: Checkpoint):
         self.bound, self.ckpt = bound, ckpt
+        # source keys whose bytes are not their values (a GGUF block type): never read as byte runs
+        self._decoded = ckpt.decoded if ckpt is not None else {}
         self.stats = ReadStats()
         self.by_runs_reads = 0  # regions read straight from their target's byte runs (no walk)
         self._made_by = {t: (g, v, idx) for g in bound.groups for t, (v, idx) in g.out_values.items()}
@@ -89,7 +91,7 @@ class RegionReader:
         through, its block-move group's (blocks.py), or None where its group computes."""
         if target in self._source_of:
             source = self._source_of[target]
-            if source in self.ckpt.decoded:
+            if source in self._decoded:
                 return None
             return [Run(source, 0, 0, self.bound.layout[source].nbytes)]
         return self._block_runs(self._made_by[target][0], target)
@@ -99,7 +101,7 @@ class RegionReader:
         if id(g) not in self._moves:
             self._moves[id(g)] = block_runs(self.bound, g, 0)  # no smaller read than the walk's
         runs = self._moves[id(g)]
-        if runs is not None and self.ckpt.decoded and any(k in self.ckpt.decoded for k in g.source_keys):
+        if runs is not None and self._decoded and any(k in self._decoded for k in g.source_keys):
             runs = self._moves[id(g)] = None  # a block-typed GGUF source: its bytes are not the values
         return None if runs is None else runs[target]
 
@@ -198,7 +200,7 @@ class RegionReader:
         out = tuple(b - a for a, b in region)
         if 0 in out:
             return torch.empty(out, dtype=DTYPES[info.dtype])
-        if key in self.ckpt.decoded:  # decoded whole (a block spans a row), then cut
+        if key in self._decoded:  # decoded whole (a block spans a row), then cut
             self.stats.bytes += info.nbytes
             self.stats.runs += 1
             return self.ckpt.get(key)[tuple(slice(a, b) for a, b in region)].contiguous()
