@@ -1,0 +1,194 @@
+"""GGUF written by convspec (issue 18's tests): for each architecture that builds here, a tiny model
+saved as transformers saves it is converted to GGUF by `convspec convert ARCH hf/ model.gguf` in
+F32, F16, BF16 and Q8_0, then
+
+(a) read back by gguf-py: llama.cpp's names (the harness's, from gguf-py's TensorNameMap), shapes and
+    the types llama.cpp's converter chooses;
+(b) loaded by transformers' own GGUF path (`from_pretrained(dir, gguf_file=...)`): equal to the model
+    for float types (bit for bit for F32; as the model rounded to F16/BF16 for those), and to
+    transformers' loading of gguf-py's own Q8_0 file of the same model for Q8_0;
+(c) converted back to a Hugging Face folder by convspec: bit-identical to the original for F32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gguf", reason="GGUF needs gguf-py: pip install 'convspec[gguf]'")
+pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate installed")
+pytest.importorskip("transformers", reason="the oracle is transformers' GGUF loader")
+
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from helpers.gguf_models import (  # noqa: E402
+    auto_class,
+    gguf_tensors,
+    tiny_model,
+    write_gguf_with_gguf_py,
+)
+from safetensors.torch import load_file  # noqa: E402
+
+from convspec import ggufmeta  # noqa: E402
+
+# the architectures whose tiny model transformers loads back from a GGUF file (tests/test_gguf_oracle.py)
+ARCHS = [
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen2moe",
+    "qwen3moe",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "mamba",
+    "bloom",
+    "gpt2",
+    "starcoder2",
+    "stablelm",
+    "nemotron",
+    "falcon",
+    "lfm2",
+    "minimax-m2",
+    "qwen35",
+    "qwen35moe",
+    "t5",
+]
+T = gguf.GGMLQuantizationType
+# GGUF tensors computed with exp (`-exp(A_log)`): torch's float32 exp, which convspec runs, and numpy's,
+# which the harness (as llama.cpp) runs, may differ in the last bit
+TRANSCENDENTAL = ("ssm_a",)
+# the architectures whose GGUF layout stores values a float rounds (w + 1 norms, -exp(A_log)): exact in
+# float32 on the tiny models' values, rounded in bfloat16
+ROUNDS = ("gemma2", "gemma3", "nemotron", "mamba", "qwen35", "qwen35moe")
+
+
+def same_array(name: str, got: np.ndarray, want: np.ndarray) -> bool:
+    if name.endswith(TRANSCENDENTAL) and got.dtype == np.float32:
+        return bool(np.allclose(got, want, rtol=2**-23, atol=0))
+    return bool(np.array_equal(got, want))
+
+
+def expected_names(model, arch: str, want: dict) -> set[str]:
+    """llama.cpp's names for the model, less the output a tied model leaves to the embedding (llama.cpp
+    writes gpt2's and bloom's anyway, as a copy)."""
+    names = set(want)
+    if getattr(model.config, "tie_word_embeddings", False):
+        names.discard("output.weight")
+    return names
+
+
+def hf_folder(model, d: Path) -> Path:
+    """The model as transformers saves it (the layout of a checkpoint on the Hub)."""
+    model.save_pretrained(d)
+    return d
+
+
+def read(path: Path) -> dict[str, tuple[tuple[int, ...], int, np.ndarray]]:
+    """A GGUF file as gguf-py reads it: name -> (torch-order shape, type, data)."""
+    r = gguf.GGUFReader(str(path))
+    return {
+        t.name: (tuple(int(n) for n in reversed(t.shape)), int(t.tensor_type), np.asarray(t.data))
+        for t in r.tensors
+    }
+
+
+def loaded(path: Path, arch: str, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    model = auto_class(arch).from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model.state_dict()
+
+
+def convert(arch: str, src: Path, dst: Path, *extra: str) -> None:
+    from convspec.cli import main
+
+    assert main(["convert", arch, str(src), str(dst), "--quiet", *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Per arch: its tiny float32 model and the model's folder, made once."""
+    out = {}
+    for arch in ARCHS:
+        d = tmp_path_factory.mktemp(arch.replace("-", "_"))
+        model = tiny_model(arch)
+        out[arch] = (model, hf_folder(model, d / "hf"))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_gguf_by_convspec_loads_in_transformers_and_comes_back(arch, built, tmp_path):
+    model, hf = built[arch]
+    path = tmp_path / "model.gguf"
+    convert(arch, hf, path, "--allow-lossy")
+    # (a) gguf-py reads llama.cpp's names and shapes, every tensor F32
+    ours = read(path)
+    want = gguf_tensors(model, arch)
+    assert set(ours) == expected_names(model, arch, want)
+    for name in ours:
+        shape, ggml_type, data = ours[name]
+        assert shape == want[name].shape and ggml_type == T.F32, name
+        assert same_array(name, data, want[name].astype(np.float32)), name
+    # (b) transformers loads it as the model, bit for bit
+    got, orig = loaded(path, arch), model.state_dict()
+    assert set(got) == set(orig)
+    bad = [k for k in orig if not torch.equal(got[k], orig[k])]
+    assert not bad, bad[:5]
+    # (c) and back to the Hugging Face folder, tensor for tensor
+    back = tmp_path / "back"
+    convert(arch, path, back)
+    tensors = {}
+    for f in sorted(back.glob("*.safetensors")):
+        tensors |= load_file(f)
+    saved = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        saved |= load_file(f)
+    assert set(tensors) == set(saved)
+    bad = [k for k in saved if not torch.equal(tensors[k], saved[k])]
+    assert not bad, bad[:5]
+    config = json.loads((back / "config.json").read_text())
+    assert config["model_type"] == ggufmeta.model_type(arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f16_and_bf16(arch, built, tmp_path):
+    """F16 (--gguf-type f16) and BF16 (a bfloat16 model's own dtype): 2-D tensors in that type,
+    1-D ones F32, and transformers loads the model as rounded to that type."""
+    model, hf = built[arch]
+    convert(arch, hf, tmp_path / "h.gguf", "--gguf-type", "f16", "--allow-lossy")
+    types = {n: t for n, (_, t, _) in read(tmp_path / "h.gguf").items()}
+    assert T.F16 in set(types.values()) and all(t in (T.F16, T.F32) for t in types.values())
+    got = loaded(tmp_path / "h.gguf", arch)
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], v) or torch.equal(got[k], v.half().float()), k
+    bf = tiny_model(arch, torch.bfloat16)
+    hf16 = hf_folder(bf, tmp_path / "hf16")
+    convert(arch, hf16, tmp_path / "b.gguf", "--allow-lossy")
+    types = {n: t for n, (_, t, _) in read(tmp_path / "b.gguf").items()}
+    assert T.BF16 in set(types.values())
+    got = loaded(tmp_path / "b.gguf", arch, torch.bfloat16)
+    if arch in ROUNDS:  # w + 1 or -exp(x) rounded to bfloat16 on the way, as llama.cpp's converter does
+        bad = [k for k, v in bf.state_dict().items() if not torch.allclose(got[k], v, rtol=2**-7, atol=2**-7)]
+    else:
+        bad = [k for k, v in bf.state_dict().items() if not torch.equal(got[k], v)]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_q8_0_equals_gguf_py_quantizing_the_same_model(arch, built, tmp_path):
+    """--gguf-type q8_0 writes the blocks gguf-py writes for the same model (llama.cpp's F32 list and
+    F16 fallback included), so transformers loads the two files alike."""
+    model, hf = built[arch]
+    convert(arch, hf, tmp_path / "q.gguf", "--gguf-type", "q8_0", "--allow-lossy")
+    tensors = gguf_tensors(model, arch)
+    write_gguf_with_gguf_py(tmp_path / "ref.gguf", arch, tensors, {}, "Q8_0")
+    ours, ref = read(tmp_path / "q.gguf"), read(tmp_path / "ref.gguf")
+    assert set(ours) == expected_names(model, arch, ref)
+    for name in ours:
+        shape, ggml_type, data = ref[name]
+        assert ours[name][:2] == (shape, ggml_type), name
+        assert same_array(name, ours[name][2], data), name
+    got, want = loaded(tmp_path / "q.gguf", arch), model.state_dict()
+    assert set(got) == set(want)
