@@ -24,6 +24,7 @@ PAGES = [
     "docs/architecture.md",
     "docs/distributed.md",
     "docs/quantization.md",
+    "docs/gguf.md",
 ]
 RUN_ELSEWHERE = {"docs/integrations.md"}
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
