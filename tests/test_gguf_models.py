@@ -25,6 +25,7 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from helpers.gguf_models import (  # noqa: E402
+    LOADED,
     auto_class,
     gguf_tensors,
     tiny_model,
@@ -34,29 +35,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from convspec import ggufmeta  # noqa: E402
 
-# the architectures whose tiny model transformers loads back from a GGUF file (tests/test_gguf_oracle.py)
-ARCHS = [
-    "llama",
-    "qwen2",
-    "qwen3",
-    "qwen2moe",
-    "qwen3moe",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "mamba",
-    "bloom",
-    "gpt2",
-    "starcoder2",
-    "stablelm",
-    "nemotron",
-    "falcon",
-    "lfm2",
-    "minimax-m2",
-    "qwen35",
-    "qwen35moe",
-    "t5",
-]
+ARCHS = LOADED
 T = gguf.GGMLQuantizationType
 # GGUF tensors computed with exp (`-exp(A_log)`): torch's float32 exp, which convspec runs, and numpy's,
 # which the harness (as llama.cpp) runs, may differ in the last bit

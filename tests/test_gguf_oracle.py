@@ -12,32 +12,11 @@ pytest.importorskip("transformers", reason="the GGUF oracle is transformers' GGU
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from helpers.gguf_models import auto_class, gguf_tensors, tiny_model, write_tiny_gguf  # noqa: E402
+from helpers.gguf_models import LOADED, auto_class, gguf_tensors, tiny_model, write_tiny_gguf  # noqa: E402
 
 from convspec import ggufmeta  # noqa: E402
 
-ARCHS = [
-    "llama",
-    "qwen2",
-    "qwen3",
-    "qwen2moe",
-    "qwen3moe",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "mamba",
-    "bloom",
-    "gpt2",
-    "starcoder2",
-    "stablelm",
-    "nemotron",
-    "falcon",
-    "lfm2",
-    "minimax-m2",
-    "qwen35",
-    "qwen35moe",
-    "t5",
-]
+ARCHS = LOADED
 
 
 def _load(tmp_path, path, dtype=torch.float32, arch="llama"):

@@ -7,34 +7,13 @@ import math
 import struct
 
 import pytest
+from helpers.gguf_models import LOADED
 
 from convspec import ggufmeta
 from convspec.errors import ConfigError, ConvspecError
 
 # the archs whose tiny models transformers builds here (tests/helpers/gguf_models.py TINY)
-ARCHS = [
-    "llama",
-    "qwen2",
-    "qwen3",
-    "qwen2moe",
-    "qwen3moe",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "mamba",
-    "bloom",
-    "gpt2",
-    "starcoder2",
-    "stablelm",
-    "nemotron",
-    "falcon",
-    "lfm2",
-    "minimax-m2",
-    "qwen35",
-    "qwen35moe",
-    "t5",
-    "gpt-oss",
-]
+ARCHS = [*LOADED, "gpt-oss"]
 
 
 def test_names():

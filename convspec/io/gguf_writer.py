@@ -15,6 +15,7 @@ from .safetensors import CheckpointError
 from .writer import (
     RENAME_NOREPLACE,
     TMP_MARK,
+    Atomic,
     Cleanup,
     FileCopy,
     _deferred_interrupt,
@@ -81,7 +82,7 @@ def tensor_types(entries: list[tuple[str, tuple[int, ...], str]], gguf_type: int
     return out
 
 
-class AtomicFile:
+class AtomicFile(Atomic):
     """A temporary file beside `dst`, renamed into place only by `commit()`; removed on failure. Named
     as AtomicDir names its temporaries, so the next run clears what a killed one left."""
 
@@ -149,19 +150,6 @@ class AtomicFile:
 
     def __enter__(self) -> int:
         return self.fd
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self.commit()
-                return
-            except BaseException as failed:
-                exc = failed
-        self.abort()
-        if isinstance(exc, OSError):
-            raise write_error(exc, self.dst, self.tmp) from None
-        if exc_type is None:
-            raise exc
 
 
 def write_gguf(

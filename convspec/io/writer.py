@@ -337,7 +337,34 @@ def _mark() -> str:
     return f"{os.getpid()}" if start is None else f"{os.getpid()}-{start}"
 
 
-class AtomicDir:
+class Atomic:
+    """What AtomicDir and io/gguf_writer's AtomicFile share: a `with` block commits on success, and
+    aborts on any failure (an OSError said as one message naming `dst`)."""
+
+    dst: Path
+    tmp: Path
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+                return
+            except BaseException as failed:
+                exc = failed
+        self.abort()
+        if isinstance(exc, OSError):
+            raise write_error(exc, self.dst, self.tmp) from None
+        if exc_type is None:
+            raise exc
+
+
+class AtomicDir(Atomic):
     """A temporary directory beside `dst`, renamed into place only by `commit()`; removed on failure.
     A kill at any instant leaves `dst` as it was or complete; the next run clears what the dead one left."""
 
@@ -437,19 +464,6 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self.commit()
-                return
-            except BaseException as failed:
-                exc = failed
-        self.abort()
-        if isinstance(exc, OSError):
-            raise write_error(exc, self.dst, self.tmp) from None
-        if exc_type is None:
-            raise exc
 
 
 @contextmanager

@@ -181,6 +181,31 @@ TINY: dict[str, dict] = {
 }
 
 
+# the architectures whose tiny model transformers loads back from a GGUF file (tests/test_gguf_oracle.py)
+LOADED = [
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen2moe",
+    "qwen3moe",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "mamba",
+    "bloom",
+    "gpt2",
+    "starcoder2",
+    "stablelm",
+    "nemotron",
+    "falcon",
+    "lfm2",
+    "minimax-m2",
+    "qwen35",
+    "qwen35moe",
+    "t5",
+]
+
+
 def tiny_config(gguf_arch: str):
     """The transformers config of this arch's tiny model."""
     from transformers import AutoConfig
