@@ -573,7 +573,19 @@ def _codes(text: str | None) -> tuple[str, ...] | None:
 def _explain(args) -> int:
     from .explain import explain, explanation_text
 
-    e = explain(_plan(args), args.key, _layout(args.against))
+    ckpt = None
+    if args.against:
+        from .io.formats import open_checkpoint
+
+        ckpt = open_checkpoint(args.against)
+    e = explain(_plan(args), args.key, None if ckpt is None else ckpt.layout)
+    if ckpt is not None and args.key in ckpt.decoded:  # a GGUF block type: the values are not the bytes
+        from .ops.ggml import GGML_TYPES
+
+        kind = GGML_TYPES[ckpt.decoded[args.key]]
+        e.notes.append(
+            f"stored as {kind} blocks in {args.against}: read through dequant_ggml, which is lossy"
+        )
     if args.json:
         print(json.dumps(e.to_dict(), indent=2))
     else:

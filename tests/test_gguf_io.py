@@ -425,3 +425,20 @@ def test_a_key_with_no_gguf_name_is_refused(toy: Path, capsys):
         and "have no GGUF name in spec gguf_toy: model.layers.0.mlp.up_proj.weight" in err
     )
     assert not (toy / "out.gguf").exists()
+
+
+def test_explain_says_a_block_typed_key_is_decoded(toy: Path, capsys):
+    write_toy(toy / "toy.gguf", quantized=True)
+    assert (
+        main(["explain", str(toy / "toy.yaml"), "blk.1.attn_q.weight", "--against", str(toy / "toy.gguf")])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        f"note: stored as q8_0 blocks in {toy / 'toy.gguf'}: read through dequant_ggml, which is lossy" in out
+    )
+    assert (
+        main(["explain", str(toy / "toy.yaml"), "blk.0.attn_q.weight", "--against", str(toy / "toy.gguf")])
+        == 0
+    )
+    assert "dequant_ggml" not in capsys.readouterr().out
