@@ -1,6 +1,7 @@
 """The GGUF specs (specs/gguf_<arch>.yaml): what the importer writes now, compiled; the names their
 inverse writes are gguf-py TensorNameMap's; their forward plan, on a GGUF-named state dict made the way
-llama.cpp's convert_hf_to_gguf.py makes it, gives what transformers' own GGUF loading gives on the same
+llama.cpp's convert_hf_to_gguf.py makes it, gives the keys save_pretrained writes (the Hub's layout) and,
+fused as transformers fuses that layout on load, what transformers' own GGUF loading gives on the same
 arrays (its TensorProcessor, or its GGUF_ARCHS ops), bit for bit."""
 
 from __future__ import annotations
@@ -515,3 +516,19 @@ def test_a_saved_moe_checkpoint_round_trips_through_gguf(arch, tmp_path):
             )
     assert set(ours) == set(expected)
     assert [k for k in expected if not torch.equal(ours[k], expected[k])] == []
+
+
+def test_the_importer_refuses_what_it_cannot_compose():
+    """A rule whose expression the built-in spec's inverse does not start by undoing is an importer error
+    that names the key and the rule, not a guessed rule."""
+    from convspec.errors import ConvspecError
+    from convspec.hf.gguf_import import Entry
+    from convspec.hf.gguf_saved import to_saved
+
+    inv = saved_inverse("qwen2_moe")
+    fine = Entry([("x", "blk.0.ffn_down_exps.weight")], "model.layers.0.mlp.experts.down_proj")
+    (got,) = to_saved([fine], inv)
+    assert (got.target, got.expr) == ("model.layers.0.mlp.experts.{e}.down_proj.weight", "unstack(x, over=e)")
+    odd = Entry(fine.sources, fine.target, "transpose(x, dim0=1, dim1=2)")
+    with pytest.raises(ConvspecError, match=r"cannot compose model\.layers\.0\.mlp\.experts\.down_proj"):
+        to_saved([odd], inv)
