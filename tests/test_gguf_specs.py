@@ -1,6 +1,7 @@
 """The GGUF specs (specs/gguf_<arch>.yaml): what the importer writes now, compiled; the names their
 inverse writes are gguf-py TensorNameMap's; their forward plan, on a GGUF-named state dict made the way
-llama.cpp's convert_hf_to_gguf.py makes it, gives what transformers' own GGUF loading gives on the same
+llama.cpp's convert_hf_to_gguf.py makes it, gives the keys save_pretrained writes (the Hub's layout) and,
+fused as transformers fuses that layout on load, what transformers' own GGUF loading gives on the same
 arrays (its TensorProcessor, or its GGUF_ARCHS ops), bit for bit."""
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from convspec.hf.gguf_import import (  # noqa: E402
     EXACT,
     FILE_CHECKED,
     NO_SPEC,
+    ROUND_TRIP,
+    SAVED_CHECKED,
     VALUE_CHECKED,
     import_arch,
     spec_name,
     spec_text,
     tiny_model,
 )
+from convspec.hf.gguf_saved import saved_inverse, saved_key  # noqa: E402
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 ARCH_NAMES = list(ARCHS)
@@ -123,20 +127,40 @@ def _meta_state(model) -> dict:
     }
 
 
+def _inverse_of_builtin(arch: str):
+    """transformers' conversion mapping as convspec's built-in spec, inverted: state_dict -> saved."""
+    return saved_inverse(ARCHS[arch].model_type)
+
+
+def to_saved_layout(arch: str, state: dict) -> dict:
+    """A state_dict-keyed state in the layout save_pretrained writes (per-expert keys for the MoE archs)."""
+    inv = _inverse_of_builtin(arch)
+    return state if inv is None else inv.apply(state)
+
+
+def to_state_dict_layout(arch: str, state: dict) -> dict:
+    """A saved-layout state fused as transformers fuses it on load (its conversion mapping, which
+    convspec's built-in spec for the model type encodes: tests/test_conformance.py checks those)."""
+    inv = _inverse_of_builtin(arch)
+    return state if inv is None else inv.inverse().apply(state)
+
+
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_the_inverse_writes_gguf_py_names(arch, models):
-    """Every HF key the spec maps is written under the name gguf-py's TensorNameMap gives it; every
-    other key passes through (the spec's header lists them)."""
+    """Every HF key the spec maps (in the saved layout) is written under the name gguf-py's
+    TensorNameMap gives it; every other key passes through (the spec's header lists them)."""
     model = models[arch]
     plan = convspec.compile(spec_name(arch), model.config)
-    out = plan.inverse(allow_lossy=True).apply(_meta_state(model))
+    saved = to_saved_layout(arch, _meta_state(model))
+    out = plan.inverse(allow_lossy=True).apply(saved)
     names = gguf_names(arch, model)
     text = (SPECS / f"{spec_name(arch)}.yaml").read_text()
-    passed = {k for k in out if k in model.state_dict()}
+    passed = {k for k in out if k in saved}
     header = " ".join(line.lstrip("# ") for line in text.split("\nspec:")[0].splitlines())
     for k in passed:  # a key left as it is: the header names it and says why
         assert re.sub(r"\.(\d+)\.", ".{i}.", k, count=1) in header, k
-    expected = {n for k, ns in names.items() if k not in passed for n in ns}
+    inv = _inverse_of_builtin(arch)
+    expected = {n for k, ns in names.items() if saved_key(k, inv) not in passed for n in ns}
     assert set(out) - passed == expected
     if arch == "gpt-oss":
         assert {k for k in passed if ".experts." in k}  # transformers loads none of them (see the note)
@@ -276,7 +300,8 @@ def test_forward_equals_transformers_gguf_loading(arch, models):
     hf, arrays = gguf_state(arch, model)
     expected = transformers_load(arch, model, arrays)
     plan = convspec.compile(spec_name(arch), model.config)
-    got = plan.apply({k: torch.from_numpy(v) for k, v in arrays.items()})
+    saved = plan.apply({k: torch.from_numpy(v) for k, v in arrays.items()})
+    got = to_state_dict_layout(arch, saved)
     assert set(got) == set(expected)
     for k, v in expected.items():
         if arch == "mamba" and k.endswith("A_log"):
@@ -290,7 +315,7 @@ def test_forward_equals_transformers_gguf_loading(arch, models):
         assert torch.allclose(got[k], hf[k], atol=1e-5), k  # and it is the model's own tensor
     if arch in EXACT:
         assert all(torch.equal(got[k], hf[k]) for k in got)
-        back = plan.inverse().apply(got)
+        back = plan.inverse().apply(saved)
         assert set(back) == set(arrays)
         assert all(np.array_equal(back[k].numpy(), arrays[k]) for k in arrays)
 
@@ -369,6 +394,7 @@ def test_the_oracle_is_transformers_loading_a_file_gguf_py_wrote(arch, models, t
     got = convspec.compile(spec_name(arch), model.config).apply(
         {k: torch.from_numpy(v) for k, v in arrays.items()}
     )
+    got = to_state_dict_layout(arch, got)
     differ = [k for k in got if not torch.equal(got[k], loaded[k])]
     assert differ == ([k for k in got if k.endswith("A_log")] if arch == "mamba" else [])  # 1 ulp, above
 
@@ -376,8 +402,10 @@ def test_the_oracle_is_transformers_loading_a_file_gguf_py_wrote(arch, models, t
 @pytest.mark.parametrize("arch", CONVERT_CHECKED)
 def test_convert_of_a_gguf_py_file_equals_transformers_load(arch, tmp_path):
     """`convspec convert gguf FILE out/` on the oracle harness's file (tests/helpers/gguf_models.py,
-    written by gguf-py as llama.cpp lays tensors out) gives what transformers' from_pretrained(gguf_file=)
-    loads, bit for bit; only weights the loaded model ties to another are not written."""
+    written by gguf-py as llama.cpp lays tensors out) writes the layout save_pretrained writes, which
+    fused as transformers fuses it is what transformers' from_pretrained(gguf_file=) loads, bit for bit,
+    and from_pretrained(out/) loads that too; only weights the loaded model ties to another are not
+    written."""
     import contextlib
     import io
 
@@ -392,7 +420,115 @@ def test_convert_of_a_gguf_py_file_equals_transformers_load(arch, tmp_path):
             auto_class(arch).from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).state_dict()
         )
         assert main(["convert", "gguf", str(path), str(tmp_path / "out")]) == 0
-    got = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    files = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    got = to_state_dict_layout(arch, files)
     assert [k for k in got if k not in loaded or not torch.equal(got[k], loaded[k])] == []
     ptrs = [v.data_ptr() for k, v in loaded.items() if k in got]
     assert [k for k, v in loaded.items() if k not in got and v.data_ptr() not in ptrs] == []
+    with contextlib.redirect_stderr(io.StringIO()):
+        ours = auto_class(arch).from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    assert [k for k in loaded if not torch.equal(ours[k], loaded[k])] == []
+
+
+# ---- the Hugging Face side is the layout save_pretrained writes ----------------------------------------
+
+
+def _saved_keys(model, path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    model.save_pretrained(path)
+    keys = set()
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            keys |= set(fh.keys())
+    return keys
+
+
+def test_saved_and_round_trip_cover_what_they_should(models):
+    """`saved` is checked for every architecture of the oracle harness; `round trip` for every one whose
+    saved layout is not its state_dict (the importer composed its experts)."""
+    from helpers.gguf_models import TINY
+
+    assert set(SAVED_CHECKED) == set(TINY) & set(ARCHS)
+    changed = {
+        a for a in ARCHS if set(to_saved_layout(a, _meta_state(models[a]))) != set(models[a].state_dict())
+    }
+    assert changed == set(ROUND_TRIP)
+
+
+@pytest.mark.parametrize("arch", SAVED_CHECKED)
+def test_forward_gives_the_keys_save_pretrained_writes(arch, tmp_path):
+    """The forward plan on the tiny model's GGUF tensors gives exactly the keys `save_pretrained`
+    writes for it (weights it ties to another are written by neither). gpt-oss's experts have no rule
+    (its spec's header says why), and its sinks are `blk.N.attn_sinks` in transformers' name map where
+    llama.cpp writes `blk.N.attn_sinks.weight`: they are left out on both sides."""
+    from helpers.gguf_models import gguf_tensors
+    from helpers.gguf_models import tiny_model as harness_model
+
+    model = harness_model(arch)
+    saved = _saved_keys(model, tmp_path)
+    arrays = gguf_tensors(model, arch)
+    meta = {k: torch.empty(v.shape, device="meta") for k, v in arrays.items()}
+    out = set(convspec.compile(spec_name(arch), model.config).apply(meta))
+    if arch == "gpt-oss":  # no expert rule; transformers' name map wants `attn_sinks`, the harness writes
+        out = {k for k in out if "_exps" not in k and "attn_sinks" not in k}  # llama.cpp's `.weight` suffix
+        saved = {k for k in saved if ".experts." not in k and not k.endswith(".sinks")}
+    sd = model.state_dict()
+    tied = {k for k in out - saved if any(sd[k].data_ptr() == sd[s].data_ptr() for s in saved if s in sd)}
+    assert out - tied == saved
+    assert tied <= {"lm_head.weight"}
+
+
+@pytest.mark.parametrize("arch", ROUND_TRIP)
+def test_a_saved_moe_checkpoint_round_trips_through_gguf(arch, tmp_path):
+    """`convspec convert ARCH <save_pretrained dir> out.gguf`, then `convspec convert ARCH out.gguf back/`,
+    gives the saved tensors back bit for bit (per-expert keys stacked, then unstacked: byte moves), and
+    transformers loads back/ as it loads the gguf-py file of the same model (or, where it cannot load that
+    file, see tests/helpers/gguf_models.py TINY, as the model itself)."""
+    import contextlib
+    import io
+
+    from helpers.gguf_models import auto_class, write_tiny_gguf
+    from safetensors.torch import load_file
+
+    from convspec.cli import main
+
+    model, path = write_tiny_gguf(tmp_path, arch)
+    hf = tmp_path / "hf"
+    model.save_pretrained(hf)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        lossy = ["--allow-lossy"] if arch not in EXACT else []  # w + 1 norms, -exp(A_log): this file is exact
+        assert main(["convert", arch, str(hf), str(tmp_path / "out.gguf"), *lossy]) == 0
+        assert main(["convert", arch, str(tmp_path / "out.gguf"), str(tmp_path / "back")]) == 0
+    saved = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
+    back = {k: v for f in sorted((tmp_path / "back").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert set(back) == set(saved) and any(".experts.0." in k for k in saved)
+    assert [k for k in saved if not torch.equal(back[k], saved[k])] == []
+    with contextlib.redirect_stderr(io.StringIO()):
+        ours = auto_class(arch).from_pretrained(tmp_path / "back", dtype=torch.float32).state_dict()
+        if arch in ("qwen2moe", "qwen3moe"):  # transformers does not read their expert widths from GGUF
+            expected = model.state_dict()
+        else:
+            expected = (
+                auto_class(arch)
+                .from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+                .state_dict()
+            )
+    assert set(ours) == set(expected)
+    assert [k for k in expected if not torch.equal(ours[k], expected[k])] == []
+
+
+def test_the_importer_refuses_what_it_cannot_compose():
+    """A rule whose expression the built-in spec's inverse does not start by undoing is an importer error
+    that names the key and the rule, not a guessed rule."""
+    from convspec.errors import ConvspecError
+    from convspec.hf.gguf_import import Entry
+    from convspec.hf.gguf_saved import to_saved
+
+    inv = saved_inverse("qwen2_moe")
+    fine = Entry([("x", "blk.0.ffn_down_exps.weight")], "model.layers.0.mlp.experts.down_proj")
+    (got,) = to_saved([fine], inv)
+    assert (got.target, got.expr) == ("model.layers.0.mlp.experts.{e}.down_proj.weight", "unstack(x, over=e)")
+    odd = Entry(fine.sources, fine.target, "transpose(x, dim0=1, dim1=2)")
+    with pytest.raises(ConvspecError, match=r"cannot compose model\.layers\.0\.mlp\.experts\.down_proj"):
+        to_saved([odd], inv)

@@ -1,7 +1,10 @@
 """Import transformers' GGUF loading as specs: one per GGUF architecture, GGUF names and layouts ->
-the transformers model's state_dict. Names come from transformers' own `get_gguf_hf_weights_map`
-(gguf-py's TensorNameMap plus the TensorProcessor's name hooks) or, for the architectures of its new
-path (`GGUF_ARCHS`), from its WeightRenaming/WeightConverter lists; values from the table below.
+the checkpoint layout transformers saves (what `save_pretrained` writes, the Hub's). Names come from
+transformers' own `get_gguf_hf_weights_map` (gguf-py's TensorNameMap plus the TensorProcessor's name
+hooks) or, for the architectures of its new path (`GGUF_ARCHS`), from its WeightRenaming/WeightConverter
+lists; values from the table below. Those give the model's state_dict; gguf_saved composes them with the
+inverse of convspec's built-in spec for the model type (transformers' conversion mapping) to reach the
+saved layout: per-expert keys `unstack(x, over=e)` from GGUF's stacked experts.
 
     convspec import-transformers --gguf llama -o specs/gguf_llama.yaml
 """
@@ -21,6 +24,7 @@ from ..errors import ConvspecError
 from ..extras import require_transformers
 from ..spec import parse_spec
 from ..spec.emit import to_yaml
+from .gguf_saved import saved_inverse, saved_key, to_saved
 from .library import SCHEMA_LINE, Imported, _quote, _wrap
 
 HEADER = (
@@ -554,14 +558,15 @@ def import_arch(arch: str) -> GgufImport:
             got, n = legacy_entries(arch, model)
             d = []
         mapped = {e.target for e in got}
-        for e in got:
+        inverse = saved_inverse(mt)
+        for e in to_saved(got, inverse):
             if not any(_same(e, x) for x in entries):
                 entries.append(e)
         notes += [x for x in n if x not in notes]
         differs += [x for x in d if x not in differs]
         for k in model.state_dict():
-            if k not in mapped and k not in unmapped and mt == a.model_type:
-                unmapped.append(k)
+            if k not in mapped and saved_key(k, inverse) not in unmapped and mt == a.model_type:
+                unmapped.append(saved_key(k, inverse))
     out = GgufImport(arch, main_class, generalize(entries), notes, differs)
     _arch_notes(out, arch, unmapped)
     return out
@@ -602,7 +607,7 @@ def spec_text(imp: GgufImport) -> str:
     name = spec_name(imp.arch)
     doc = (
         f"llama.cpp GGUF ({imp.arch}) <-> transformers {imp.model_class}: GGUF tensor names and layouts "
-        "-> the model's state_dict"
+        "-> the checkpoint layout transformers saves"
     )
     lines = []
     for e in imp.entries:
@@ -687,6 +692,61 @@ CONVERT_CHECKED = (
 )  # fmt: skip
 
 
+# the forward plan's keys are the ones save_pretrained writes, for the tiny models of the oracle harness
+# (tests/helpers/gguf_models.py), every architecture it has
+SAVED_CHECKED = (
+    "llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "gemma2", "gemma3", "phi3", "mamba", "bloom", "gpt2",
+    "starcoder2", "stablelm", "falcon", "lfm2", "minimax-m2", "qwen35", "qwen35moe", "t5", "gpt-oss",
+    "nemotron",
+)  # fmt: skip
+# where the saved layout is not the state_dict (transformers' conversion mapping fuses the experts):
+# save_pretrained's folder -> GGUF -> a folder is the same bytes, and from_pretrained of it is right
+ROUND_TRIP = ("qwen2moe", "qwen3moe", "qwen35moe", "minimax-m2")
+
+
+def _section_intro(tv: str, gv: str) -> list[str]:
+    """The section's heading and what each check of its table means."""
+    return [
+        "## GGUF specs",
+        "",
+        f"Checked by `python -m pytest tests/test_gguf_specs.py` against transformers {tv} and gguf {gv}",
+        "(this section is `convspec.hf.gguf_import.conformance_section()`). One spec per llama.cpp",
+        "`general.architecture`, `gguf_<arch>` ('-' as '_'): GGUF names and layouts -> the checkpoint",
+        "layout transformers saves (`save_pretrained`'s, the Hub's), written by `convspec import-transformers",
+        "--gguf ARCH` from transformers' GGUF loading of a tiny model of the architecture, composed with the",
+        "inverse of convspec's built-in spec for its model type (transformers' conversion mapping: per-expert",
+        "keys `unstack(x, over=e)` from GGUF's stacked experts). Its inverse writes GGUF.",
+        "",
+        "- **names**: for every architecture, the inverse writes each key of the tiny model (in the saved",
+        "  layout) under the name gguf-py's `TensorNameMap` gives it; keys with no GGUF tensor pass",
+        "  through, named in the spec's header.",
+        "- **saved**: the forward plan, on the GGUF tensors of the oracle harness's tiny model",
+        "  (tests/helpers/gguf_models.py), gives exactly the keys `save_pretrained` writes for it (a tied",
+        "  weight is written by neither; gpt-oss's experts and sinks aside, see its notes).",
+        "- **round trip**: `convspec convert ARCH <save_pretrained folder> out.gguf` then",
+        "  `convspec convert ARCH out.gguf back/` gives the saved tensors back bit for bit, and",
+        "  `from_pretrained(back/)` equals `from_pretrained(gguf_file=...)` of the gguf-py file (qwen2moe,",
+        "  qwen3moe: the model itself, whose expert widths transformers does not read from GGUF).",
+        "- **values**: the forward plan, on arrays laid out as llama.cpp's `convert_hf_to_gguf.py` writes",
+        "  them, fused as transformers fuses a saved checkpoint on load, equals transformers' GGUF loading",
+        "  of the same arrays (its TensorProcessor, or its `GGUF_ARCHS` converters) bit for bit; mamba's",
+        "  `A_log` within 1 ulp, where transformers takes numpy's float32 log and convspec torch's (as",
+        "  transformers' own `LogNegate` does).",
+        "- **file**: transformers' `from_pretrained(gguf_file=...)` of a file gguf-py wrote with those",
+        "  arrays gives those same tensors (where its GGUF config mapping reads the whole tiny config",
+        "  from the file's metadata).",
+        "- **convert**: `convspec convert gguf FILE out/` on a file gguf-py wrote in llama.cpp's layout",
+        "  (tests/helpers/gguf_models.py) writes what, fused as transformers fuses it and loaded by",
+        "  `from_pretrained(out/)` alike, is what `from_pretrained(gguf_file=...)` loads, bit for bit; a",
+        "  weight the loaded model ties to another (`lm_head` of a file without `output.weight`) is not",
+        "  written.",
+        "- **exact**: no op rounds: forward also gives the model's tensors back, and the inverse",
+        "  llama.cpp's arrays, bit for bit. Elsewhere saving back adds 1 to norms or takes `-exp`",
+        "  again in float (`# noqa: W204` in the spec).",
+        "",
+    ]
+
+
 def conformance_section() -> str:
     """The "GGUF specs" section of docs/conformance.md (tests/test_gguf_specs.py compares it)."""
     import gguf
@@ -694,35 +754,8 @@ def conformance_section() -> str:
     from transformers.integrations.gguf import GGUF_ARCHS
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    gv = getattr(gguf, "__version__", None) or _gguf_version()
-    lines = [
-        "## GGUF specs",
-        "",
-        "Checked by `python -m pytest tests/test_gguf_specs.py` against transformers "
-        f"{transformers.__version__} and gguf {gv}",
-        "(this section is `convspec.hf.gguf_import.conformance_section()`). One spec per llama.cpp",
-        "`general.architecture`, `gguf_<arch>` ('-' as '_'): GGUF names and layouts -> the transformers",
-        "model's state_dict, written by `convspec import-transformers --gguf ARCH` from transformers' GGUF",
-        "loading of a tiny model of the architecture. Its inverse writes GGUF.",
-        "",
-        "- **names**: for every architecture, the inverse writes each key of the tiny model under the",
-        "  name gguf-py's `TensorNameMap` gives it; keys with no GGUF tensor pass through, named in",
-        "  the spec's header.",
-        "- **values**: the forward plan, on arrays laid out as llama.cpp's `convert_hf_to_gguf.py` writes",
-        "  them, equals transformers' GGUF loading of the same arrays (its TensorProcessor, or its",
-        "  `GGUF_ARCHS` converters) bit for bit; mamba's `A_log` within 1 ulp, where transformers takes",
-        "  numpy's float32 log and convspec torch's (as transformers' own `LogNegate` does).",
-        "- **file**: transformers' `from_pretrained(gguf_file=...)` of a file gguf-py wrote with those",
-        "  arrays gives those same tensors (where its GGUF config mapping reads the whole tiny config",
-        "  from the file's metadata).",
-        "- **convert**: `convspec convert gguf FILE out/` on a file gguf-py wrote in llama.cpp's layout",
-        "  (tests/helpers/gguf_models.py) gives what `from_pretrained(gguf_file=...)` loads, bit for bit;",
-        "  a weight the loaded model ties to another (`lm_head` of a file without `output.weight`) is",
-        "  not written.",
-        "- **exact**: no op rounds: forward also gives the model's tensors back, and the inverse",
-        "  llama.cpp's arrays, bit for bit. Elsewhere saving back adds 1 to norms or takes `-exp`",
-        "  again in float (`# noqa: W204` in the spec).",
-        "",
+    lines = _section_intro(transformers.__version__, getattr(gguf, "__version__", None) or _gguf_version())
+    lines += [
         "| architecture | spec | transformers class | transformers' GGUF path | value ops | checked | notes |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -734,8 +767,11 @@ def conformance_section() -> str:
             else f"`{TENSOR_PROCESSORS.get(arch, TensorProcessor).__name__}`"
         )
         ops = sorted({m for e in imp.entries for x in (e.expr, e.let and e.let[1]) if x for m in _ops_of(x)})
-        flags = (True, arch in VALUE_CHECKED, arch in FILE_CHECKED, arch in CONVERT_CHECKED, arch in EXACT)
-        kinds = ("names", "values", "file", "convert", "exact")
+        flags = (
+            True, arch in SAVED_CHECKED, arch in ROUND_TRIP, arch in VALUE_CHECKED, arch in FILE_CHECKED,
+            arch in CONVERT_CHECKED, arch in EXACT,
+        )  # fmt: skip
+        kinds = ("names", "saved", "round trip", "values", "file", "convert", "exact")
         checked = ", ".join(n for n, on in zip(kinds, flags, strict=True) if on)
         notes = "; ".join(
             [f"not expressible: {n}" for n in imp.notes] + [f"differs: {n}" for n in imp.differs]
