@@ -337,7 +337,8 @@ def gguf_spec(
 ) -> tuple[Spec | str | Path, bool]:
     """The spec and direction for a conversion that reads or writes a .gguf file: `llama` (or a
     transformers model type) names the built-in `gguf_llama`, `gguf` the one for the file's own
-    architecture (or the config's); a GGUF spec writing a .gguf from another format runs in reverse."""
+    architecture (or the config's), and GGUF to GGUF keeps the names (`identity`); a GGUF spec
+    writing a .gguf from another format runs in reverse."""
     from .io.gguf_checkpoint import GgufCheckpoint, is_gguf
 
     reads, writes = isinstance(ckpt, GgufCheckpoint), is_gguf(dst)
@@ -346,7 +347,9 @@ def gguf_spec(
     if isinstance(spec, str) and not _is_path(spec):
         from . import ggufmeta
 
-        if spec == "gguf":
+        if reads and writes:  # GGUF to GGUF: the same names, other types (--gguf-type)
+            spec = "identity"
+        elif spec == "gguf":
             if reads:
                 arch = ckpt.header.value("general.architecture")
             else:

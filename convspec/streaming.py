@@ -247,7 +247,7 @@ def convert_checkpoint(
         entries = output_order(bound, dtype)
         total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
         limit = parse_size(max_shard_size)
-        if is_gguf(dst):
+        if is_gguf(dst) and not is_gguf(src):  # from GGUF, names are llama.cpp's already
             from .gguf_output import check_gguf_names
 
             check_gguf_names(bound, src, dst)

@@ -442,3 +442,32 @@ def test_explain_says_a_block_typed_key_is_decoded(toy: Path, capsys):
         == 0
     )
     assert "dequant_ggml" not in capsys.readouterr().out
+
+
+def test_spec_names_resolve_to_gguf_specs(tmp_path: Path):
+    """`llama`, a transformers model type, and `gguf` (the file's own architecture) name GGUF specs
+    when a side is a .gguf file; a .gguf output from a folder runs the spec in reverse; GGUF to GGUF
+    keeps the names and changes the types."""
+    from convspec.api import gguf_spec
+    from convspec.io.checkpoint import Checkpoint
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    from convspec.io.writer import write_file
+
+    write_file(hf / "model.safetensors", {"model.embed_tokens.weight": torch.ones(4, 32)})
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    spec, reverse = gguf_spec("llama", Checkpoint(hf), tmp_path / "x.gguf", False)
+    assert (spec.name, reverse) == ("gguf_llama", True)
+    assert gguf_spec("qwen2_moe", Checkpoint(hf), tmp_path / "x.gguf", False)[0].name == "gguf_qwen2moe"
+    assert gguf_spec("gguf", Checkpoint(hf), tmp_path / "x.gguf", False)[0].name == "gguf_llama"
+    assert gguf_spec("llama", Checkpoint(hf), tmp_path / "out", False) == ("llama", False)
+    path = tmp_path / "toy.gguf"
+    write_toy(path)
+    assert gguf_spec("gguf", GgufCheckpoint(path), tmp_path / "out", False) == ("gguf_toy", False)
+    assert gguf_spec("llama", GgufCheckpoint(path), tmp_path / "out", False) == ("gguf_llama", False)
+    assert gguf_spec("llama", GgufCheckpoint(path), tmp_path / "y.gguf", False) == ("identity", False)
+    r = convspec.convert("llama", path, tmp_path / "q.gguf", gguf_type="q8_0")
+    got = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    assert r.tensors == 5 and {t.name for t in got.tensors} == set(read_header(path).tensors)
+    assert {t.name: t.tensor_type for t in got.tensors}["blk.0.attn_q.weight"] == T.Q8_0
