@@ -11,7 +11,7 @@ from typing import Any
 from .bind import BoundPlan
 from .io.checkpoint import Checkpoint
 from .io.config import load_config
-from .io.gguf_checkpoint import saved_gguf
+from .io.gguf_checkpoint import GgufCheckpoint, saved_gguf
 from .io.gguf_writer import FILE_TYPES, AtomicFile, check_gguf_type, tensor_types, write_gguf
 from .io.safetensors import CheckpointError
 from .ops.ggml import GGML_TYPES
@@ -23,7 +23,10 @@ def gguf_metadata(
     """The metadata to write and the tensor order: a GGUF's own (kept beside a conversion from it)
     where the config still says the same, the config's (`convspec.ggufmeta`) where it says more or
     otherwise; general.file_type from the types written, where a type was chosen or the file had one."""
-    saved, order = saved_gguf(ckpt.src if ckpt.src.is_dir() else None)
+    if isinstance(ckpt, GgufCheckpoint):  # GGUF to GGUF: the file's own
+        saved, order = dict(ckpt.header.metadata), list(ckpt.header.tensors)
+    else:
+        saved, order = saved_gguf(ckpt.src if ckpt.src.is_dir() else None)
     meta = dict(saved)
     for key, (vtype, value) in _from_config(ckpt, tensor_names, bool(saved)).items():
         if key not in meta or meta[key][1] != value:
