@@ -999,7 +999,9 @@ def test_every_builtin_spec_exports_alike_with_and_without_a_config():
         rules = convspec.compile(name).rules
         return any(isinstance(v, ConfigExpr) for rule in rules for node in rule.nodes for _, v in node.params)
 
-    names = [n for n in sorted({f.rsplit(".", 1)[0] for f in _builtin_index().values()}) if needs_config(n)]
+    # the GGUF specs (issue 18) read GGUF files, which transformers' conversion mapping never sees: not exported
+    builtins = {f.rsplit(".", 1)[0] for f in _builtin_index().values()}
+    names = [n for n in sorted(builtins) if not n.startswith("gguf_") and needs_config(n)]
     assert {"kimi_k25", "kimi_k25_base", "mistral_large4", "mistral_large4_base"} <= set(names)
     differ = [name for name in names if export(name, config) != export(name, None)]
     assert differ == []
