@@ -10,7 +10,8 @@ about 1.0 B parameters, 2.1 GB) is made here. Each job runs in a fresh process, 
 - convspec `convert llama model.gguf OUT/`: the way back to a Hugging Face folder,
 - transformers 5.23 `from_pretrained(dir, gguf_file=..., dtype=float16)`, the peer, which loads
   the same GGUF into a model (checked equal to convspec's output tensor for tensor before timing),
-  and the same followed by `save_pretrained` (what `convert` does: a folder on disk).
+  and the same followed by writing its state dict with `safetensors.torch.save_file` (what `convert`
+  does: a file on disk; transformers' own `save_pretrained` refuses a model loaded from GGUF).
 
     python bench/gguf_convert.py [--dir DIR] [--repeat 3]
 """
@@ -41,7 +42,7 @@ LABELS = {
     "cp_gguf": "cp model.gguf",
     "to_hf": "convspec GGUF -> HF",
     "transformers": "transformers GGUF load",
-    "transformers_save": "transformers load + save",
+    "transformers_save": "transformers load + save_file",
 }
 
 
@@ -69,15 +70,20 @@ def job(mode: str, d: Path) -> dict:
     """One timed job; its output is removed afterwards by the parent."""
     if mode in ("cp_hf", "cp_gguf"):
         src = d / "hf" / "model.safetensors" if mode == "cp_hf" else d / "model.gguf"
-        shutil.copyfile(src, d / "copy")
+        subprocess.run(["cp", str(src), str(d / "copy")], check=True)
         return {"bytes": src.stat().st_size}
     if mode.startswith("transformers"):
         import torch
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file="model.gguf", dtype=torch.float16)
-        if mode == "transformers_save":
-            model.save_pretrained(d / "t-out")
+        if mode == "transformers_save":  # save_pretrained refuses a GGUF-loaded model: its state dict
+            from safetensors.torch import save_file
+
+            (d / "t-out").mkdir()
+            save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items()}, d / "t-out" / "model.safetensors"
+            )
         return {"tensors": len(model.state_dict())}
     import convspec
 
@@ -128,8 +134,9 @@ def compare(d: Path) -> None:
 
 def run(mode: str, d: Path) -> tuple[float, float, dict]:
     """(seconds, peak RSS in GiB, what it printed) of one job in a fresh process; its output removed."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}  # transformers' GGUF loader draws a bar per load
     p = subprocess.Popen(
-        [sys.executable, __file__, "--one", mode, "--dir", str(d)], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--one", mode, "--dir", str(d)], stdout=subprocess.PIPE, text=True, env=env
     )
     out = p.stdout.read()
     _, status, usage = os.wait4(p.pid, 0)
@@ -167,8 +174,9 @@ def main() -> int:
         f"model: {size / 1e9:.2f} GB safetensors, {(d / 'model.gguf').stat().st_size / 1e9:.2f} GB GGUF at {d}"
     )
     checked = subprocess.run(
-        [sys.executable, __file__, "--compare", "--dir", str(d)], capture_output=True, text=True, check=True
-    )
+        [sys.executable, __file__, "--compare", "--dir", str(d)], capture_output=True, text=True, check=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )  # fmt: skip
     print(f"convspec GGUF -> HF == transformers' GGUF load: {checked.stdout.strip().splitlines()[-1]}")
     rows: dict[str, list] = {}
     for _ in range(args.repeat):
