@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..ops.base import TensorInfo
 from .checkpoint import Checkpoint
 from .gguf import GgufHeader, entries, read_header
 from .safetensors import CheckpointError
@@ -68,9 +67,6 @@ class GgufCheckpoint(Checkpoint):
 
         t = self.header.tensors[key]
         return dequantize(self.assemble(t.stored.shape, "uint8", [(key, 0, 0, t.end - t.start)]), t.ggml_type)
-
-    def stored(self, key: str) -> TensorInfo:
-        return self.header.tensors[key].stored
 
     def copy_side_files(self, dst: Path) -> None:
         """config.json from the metadata, and the metadata itself for `convspec` to write back."""
