@@ -4,8 +4,10 @@ hostile header one clear error; the header reader fuzzed like the safetensors on
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -471,3 +473,63 @@ def test_spec_names_resolve_to_gguf_specs(tmp_path: Path):
     got = gguf.GGUFReader(str(tmp_path / "q.gguf"))
     assert r.tensors == 5 and {t.name for t in got.tensors} == set(read_header(path).tensors)
     assert {t.name: t.tensor_type for t in got.tensors}["blk.0.attn_q.weight"] == T.Q8_0
+
+
+def test_a_killed_runs_temporary_file_is_removed(toy: Path, capsys):
+    """A GGUF temporary a dead run left beside the destination (its pid gone) is removed and named."""
+    write_toy(toy / "toy.gguf")
+    convspec.convert(toy / "toy.yaml", toy / "toy.gguf", toy / "hf")
+    stale = toy / ".out.gguf.convspec-tmp-4194303"  # above any pid this machine gives
+    stale.write_bytes(b"GGUF half")
+    assert main(["convert", str(toy / "toy.yaml"), str(toy / "hf"), str(toy / "out.gguf")]) == 0
+    assert not stale.exists() and (toy / "out.gguf").read_bytes() == (toy / "toy.gguf").read_bytes()
+    assert f"removed {stale.name}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL: Linux")
+def test_a_killed_gguf_convert_leaves_nothing_or_the_whole_file(tmp_path: Path):
+    """SIGKILLed at seeded points over a run, a .gguf output is absent (and the same command again
+    writes it, removing the dead run's temporary) or byte for byte the uninterrupted one."""
+    import random
+    import time
+
+    from test_kill import _delays, _kill_after
+
+    from convspec.io.writer import write_file
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    g = torch.Generator().manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(4096, 512, generator=g)}
+    for i in range(8):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            tensors[f"model.layers.{i}.self_attn.{name}.weight"] = torch.randn(512, 512, generator=g)
+        tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.randn(512, generator=g)
+    write_file(hf / "model.safetensors", tensors)  # 42 MB
+    config = {"model_type": "llama", "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "vocab_size": 4096, "intermediate_size": 1024, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 128, "tie_word_embeddings": True}  # fmt: skip
+    (hf / "config.json").write_text(json.dumps(config))
+    dst = tmp_path / "out.gguf"
+    argv = ["convert", "llama", str(hf), str(dst), "--quiet", "--gguf-type", "f16"]
+    t0 = time.monotonic()
+    assert main(argv) == 0
+    duration = max(time.monotonic() - t0, 1.0) + 1.0  # a child also imports torch
+    reference = dst.read_bytes()
+    dst.unlink()
+
+    def temporaries() -> list[str]:
+        return [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.gguf.")]
+
+    outcomes = {"absent": 0, "complete": 0}
+    for delay in _delays(8, duration, random.Random(18)):
+        _kill_after(argv, delay)
+        if dst.exists():
+            assert dst.read_bytes() == reference and not temporaries(), f"killed at {delay:.2f}s"
+            outcomes["complete"] += 1
+        else:
+            outcomes["absent"] += 1
+            assert main(argv) == 0 and dst.read_bytes() == reference
+            assert not temporaries(), f"a rerun after a kill at {delay:.2f}s left {temporaries()}"
+        dst.unlink()
+    assert outcomes["absent"] >= 1  # the kill at once, on any machine
