@@ -396,6 +396,7 @@ def _convert(args) -> int:
                     "bytes": r.bytes,
                     "coverage": r.bound.coverage(),
                     "warnings": r.bound.warnings,
+                    "notes": r.notes,
                     **({"outputs": outputs} if args.dry_run else {}),
                 },
                 indent=2,
@@ -410,7 +411,7 @@ def _convert(args) -> int:
         print(f"would write {r.tensors} tensors, {r.bytes} bytes to {args.dst}")
         _already_note(r)
         return 0
-    for line in _cleanup_notes(r.cleanup):
+    for line in [*_cleanup_notes(r.cleanup), *r.notes]:
         print(f"note: {line}", file=sys.stderr)
     print(f"wrote {r.tensors} tensors ({r.bytes} bytes) in {len(r.files)} file(s) to {r.dst}")
     _already_note(r)

@@ -28,7 +28,7 @@ def gguf_metadata(
     else:
         saved, order = saved_gguf(ckpt.src if ckpt.src.is_dir() else None)
     meta = dict(saved)
-    for key, (vtype, value) in _from_config(ckpt, tensor_names, bool(saved)).items():
+    for key, (vtype, value) in _from_config(ckpt, tensor_names, saved).items():
         if key not in meta or meta[key][1] != value:
             meta[key] = (vtype, value)
     file_type = _file_type(types)
@@ -39,9 +39,10 @@ def gguf_metadata(
     return meta, laid + [n for n in tensor_names if n not in set(laid)]
 
 
-def _from_config(ckpt: Checkpoint, tensor_names: list[str], saved: bool) -> dict[str, tuple[str, Any]]:
+def _from_config(ckpt: Checkpoint, tensor_names: list[str], saved: dict) -> dict[str, tuple[str, Any]]:
     """The metadata the checkpoint's config.json describes; {} where the GGUF's own metadata was kept
-    and the config is missing or of a model type no GGUF mapping knows."""
+    and the config is missing, of a model type no GGUF mapping knows, or says what that metadata says
+    (every key transformers reads from it equal): then the file's own keys stay as they were."""
     from . import ggufmeta
     from .errors import ConvspecError
 
@@ -54,12 +55,32 @@ def _from_config(ckpt: Checkpoint, tensor_names: list[str], saved: bool) -> dict
             hint="convert a Hugging Face directory that has its config.json",
         )
     try:
-        ggufmeta.gguf_arch(config.get("model_type", ""))
+        arch = ggufmeta.gguf_arch(config.get("model_type", ""))
     except ConvspecError:
         if saved:
             return {}
         raise
+    if saved and _says_the_same(ggufmeta, arch, config, saved, tensor_names):
+        return {}
     return ggufmeta.metadata_from_config(config, tensor_names)
+
+
+def _says_the_same(ggufmeta, arch: str, config: dict, saved: dict, tensor_names: list[str]) -> bool:
+    """Whether the config is what the kept metadata describes, on every key transformers reads."""
+    from .errors import ConvspecError
+
+    try:
+        implied = ggufmeta.config_from_metadata({k: v for k, (_, v) in saved.items()}, tensor_names)
+    except ConvspecError:
+        return False
+    return all(_lookup(implied, key) == _lookup(config, key) for key in ggufmeta.loading_keys(arch))
+
+
+def _lookup(config: dict, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _file_type(types: dict[str, int]) -> int | None:

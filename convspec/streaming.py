@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from .dtypes import ITEMSIZE, check_dtype
 from .errors import BindError, ConvspecError
 from .io.checkpoint import Checkpoint
 from .io.formats import open_checkpoint
-from .io.gguf_checkpoint import is_gguf
+from .io.gguf_checkpoint import GgufCheckpoint, is_gguf
 from .io.writer import AtomicDir, FileCopy, parse_size, write_sharded
 from .ops.cast import cast_tensor
 
@@ -203,6 +203,7 @@ class ConvertResult:
     bytes: int
     bound: BoundPlan
     cleanup: Any = None  # what was found of earlier runs beside dst (io.writer.Cleanup)
+    notes: list[str] = field(default_factory=list)  # what the user should know (a tokenizer not written)
 
     @property
     def already(self) -> int:
@@ -264,8 +265,14 @@ def convert_checkpoint(
             )
             return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
 
+        notes: list[str] = []
+
         def finish(tmp: Path) -> None:
             ckpt.copy_side_files(tmp)
+            if isinstance(ckpt, GgufCheckpoint):
+                from .gguf_tokenizer import write_tokenizer
+
+                notes.extend(filter(None, [write_tokenizer(ckpt, tmp)]))
             if plan.quant is not None and plan.quant.dequantize is not None:
                 from .companions import drop_quantization_config
 
@@ -279,7 +286,7 @@ def convert_checkpoint(
         work = Work(bound, ckpt, entries, stream_bound, device, dtype, on_tensor)
         if ranks:
             files, cleanup = convert_on_ranks(work, dst, limit, finish, overwrite)
-            return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
+            return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup, notes)
         atomic = AtomicDir(dst, overwrite=overwrite)
         with atomic as tmp:
             if workers > 1:
@@ -288,7 +295,7 @@ def convert_checkpoint(
                 stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
                 files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
             finish(tmp)
-        return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup)
+        return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup, notes)
 
 
 def check_gguf_output(dst, gguf_type: str | None, workers: int, ranks: bool, manifest: bool) -> None:

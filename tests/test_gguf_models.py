@@ -171,3 +171,81 @@ def test_q8_0_equals_gguf_py_quantizing_the_same_model(arch, built, tmp_path):
         assert same_array(name, ours[name][2], data), name
     got, want = loaded(tmp_path / "q.gguf", arch), model.state_dict()
     assert set(got) == set(want)
+
+
+def _llama_with_tokenizer(path: Path) -> None:
+    """A one-layer llama GGUF file with a small SentencePiece-style vocabulary, as llama.cpp writes one."""
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    toks += ["▁", "a", "b", "c", "▁a", "▁b", "ab", "▁ab", "abc"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(toks) - 259)])
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(toks) - 259))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(8)
+    w.add_head_count(1)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tensor("token_embd.weight", np.zeros((len(toks), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_tokenizer_is_written_as_transformers_reads_it(tmp_path, capsys):
+    """A GGUF file's tokenizer comes out as tokenizer.json (transformers' own GGUF tokenizer conversion),
+    which encodes as transformers' tokenizer of the file; the way back keeps the file's metadata."""
+    from transformers import AutoTokenizer
+
+    _llama_with_tokenizer(tmp_path / "tok.gguf")
+    convert("llama", tmp_path / "tok.gguf", tmp_path / "hf")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    text = "abc ab a cab"
+    want = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf").encode(text)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == want
+    convert("llama", tmp_path / "hf", tmp_path / "back.gguf")
+    assert (tmp_path / "back.gguf").read_bytes() == (tmp_path / "tok.gguf").read_bytes()
+
+
+def test_without_transformers_the_tokenizer_is_a_note(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    _llama_with_tokenizer(tmp_path / "tok.gguf")
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    convert("llama", tmp_path / "tok.gguf", tmp_path / "hf")
+    err = capsys.readouterr().err
+    assert (
+        "note: tok.gguf's tokenizer was not written as tokenizer.json (transformers is not installed" in err
+    )
+    assert (
+        not (tmp_path / "hf" / "tokenizer.json").exists()
+        and (tmp_path / "hf" / "gguf_metadata.json").exists()
+    )
+
+
+def test_an_edited_config_changes_the_metadata_written_back(tmp_path):
+    """The kept metadata is written back as it was only while config.json says the same; an edit wins."""
+    _llama_with_tokenizer(tmp_path / "tok.gguf")
+    convert("llama", tmp_path / "tok.gguf", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-6
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    convert("llama", tmp_path / "hf", tmp_path / "back.gguf")
+    fields = gguf.GGUFReader(str(tmp_path / "back.gguf")).fields
+    assert fields["llama.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(1e-6)
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == 268  # the kept tokenizer is still there

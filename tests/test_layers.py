@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "shardplan",
             "parallel_convert",
             "gguf_output",
+            "gguf_tokenizer",
             "runtime",
         ),
     ),
