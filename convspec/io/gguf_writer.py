@@ -13,7 +13,6 @@ from .destination import check_destination, make_folders, output_path, remove_fo
 from .gguf import DEFAULT_ALIGNMENT, PLAIN_TYPES, dtype_type, header_bytes
 from .safetensors import CheckpointError
 from .writer import (
-    RENAME_NOREPLACE,
     TMP_MARK,
     Atomic,
     Cleanup,
@@ -21,7 +20,6 @@ from .writer import (
     _deferred_interrupt,
     _fsync_dir,
     _mark,
-    _rename2,
     _uninterrupted,
     clean_temporaries,
     gather,
@@ -124,17 +122,6 @@ class AtomicFile(Atomic):
             )
         _fsync_dir(self.dst.parent)
         self._made = []
-
-    def _rename_noreplace(self) -> bool:
-        try:
-            if _rename2(self.tmp, self.dst, RENAME_NOREPLACE):
-                return True
-        except FileExistsError:
-            return False
-        if os.path.lexists(self.dst):
-            return False
-        os.rename(self.tmp, self.dst)
-        return True
 
     def abort(self) -> None:
         with _uninterrupted():

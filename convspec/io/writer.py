@@ -350,6 +350,18 @@ class Atomic:
     def abort(self) -> None:
         raise NotImplementedError
 
+    def _rename_noreplace(self) -> bool:
+        """Rename the temporary to `dst` unless something is there: False, and nothing done, if it is."""
+        try:
+            if _rename2(self.tmp, self.dst, RENAME_NOREPLACE):
+                return True
+        except FileExistsError:
+            return False
+        if os.path.lexists(self.dst):
+            return False
+        os.rename(self.tmp, self.dst)
+        return True
+
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             try:
@@ -422,18 +434,6 @@ class AtomicDir(Atomic):
         self._release()
         if old is not None:
             _remove(old)
-
-    def _rename_noreplace(self) -> bool:
-        """Rename the temporary to `dst` unless something is there: False, and nothing done, if it is."""
-        try:
-            if _rename2(self.tmp, self.dst, RENAME_NOREPLACE):
-                return True
-        except FileExistsError:
-            return False
-        if os.path.lexists(self.dst):
-            return False
-        os.rename(self.tmp, self.dst)
-        return True
 
     def _swap_aside(self) -> Path:
         """Without an atomic exchange: old moved aside (locked: no other run takes it for a dead one's), new
