@@ -249,3 +249,43 @@ def test_an_edited_config_changes_the_metadata_written_back(tmp_path):
     fields = gguf.GGUFReader(str(tmp_path / "back.gguf")).fields
     assert fields["llama.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(1e-6)
     assert len(fields["tokenizer.ggml.tokens"].contents()) == 268  # the kept tokenizer is still there
+
+
+def test_a_k_quant_file_reads_as_transformers_loads_it(tmp_path):
+    """A llama file of Q4_K and Q6_K blocks (as a Q4_K_M file mixes them) with F32 norms: convspec's
+    Hugging Face folder is transformers' GGUF load, tensor for tensor, bit for bit (both dequantize
+    with gguf-py; the q/k rows are permuted after)."""
+    from test_ggml_ops import Q4_K, Q6_K, _k_blocks
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    tensors = gguf_tensors(model, "llama")
+    metadata = ggufmeta.metadata_from_config(config.to_dict(), tensors)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    for key, (type_, value) in metadata.items():
+        if key != "general.architecture":
+            {"u32": w.add_uint32, "f32": w.add_float32, "str": w.add_string}[type_](key, value)
+    types = {}
+    for i, (name, a) in enumerate(tensors.items()):
+        if a.ndim == 2:
+            t = Q6_K if name in ("output.weight", "blk.0.attn_v.weight") else Q4_K
+            blocks = _k_blocks(t, a.shape[0] * a.shape[1] // 256, seed=i).reshape(a.shape[0], -1)
+            w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType(t))
+            types[name] = t
+        else:
+            w.add_tensor(name, a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert set(types.values()) == {Q4_K, Q6_K}
+    convert("llama", tmp_path / "k.gguf", tmp_path / "hf")
+    ours = load_file(tmp_path / "hf" / "model.safetensors")
+    theirs = loaded(tmp_path / "k.gguf", "llama")
+    assert set(ours) == set(theirs)
+    bad = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not bad, bad[:5]
