@@ -100,6 +100,14 @@ class GgufHeader:
         return default if got is None else got[1]
 
 
+def tensor_nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
+    """The bytes of a tensor of this (torch) shape stored in this GGML type: rows of whole blocks."""
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    return rows * row_bytes(ggml_type, shape[-1] if shape else 1)
+
+
 class _Cursor:
     """Reads a header front to back with pread, never past the file's end nor MAX_HEADER: every
     error names the file and the byte where it went wrong."""
@@ -254,16 +262,13 @@ def _placed(cur: _Cursor, infos: list, alignment: int, data_start: int) -> dict[
     for name, shape, ggml_type, offset, at in infos:
         if name in out:
             raise cur.fail(f"tensor {name!r} appears twice (the second info at byte {at})")
-        elements, bsize = block_size(ggml_type)
+        elements, _ = block_size(ggml_type)
         if shape[-1] % elements:
             raise cur.fail(
                 f"tensor {name!r}: rows of {shape[-1]} values are not whole {GGML_TYPES[ggml_type]} blocks "
                 f"of {elements}"
             )
-        rows = 1
-        for s in shape[:-1]:
-            rows *= s
-        nbytes = rows * (shape[-1] // elements) * bsize
+        nbytes = tensor_nbytes(shape, ggml_type)
         if offset % alignment:
             raise cur.fail(
                 f"tensor {name!r}: its offset {offset} is not a multiple of the alignment {alignment}"
@@ -347,12 +352,7 @@ def header_bytes(
         ne = tuple(reversed(shape)) or (1,)
         parts += [_pack_string(name), struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, ggml_type, pos)]
         rel.append(pos)
-        elements, size = block_size(ggml_type)
-        rows = 1
-        for s in shape[:-1]:
-            rows *= s
-        nbytes = rows * ((shape[-1] if shape else 1) // elements) * size
-        pos += -(-nbytes // alignment) * alignment
+        pos += -(-tensor_nbytes(shape, ggml_type) // alignment) * alignment
     head = b"".join(parts)
     head += b"\0" * (-len(head) % alignment)
     return head, [len(head) + r for r in rel], len(head) + pos

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..ops.ggml import BLOCK_TYPES, GGML_TYPES, QUANTIZABLE, block_size, type_id
 from .destination import check_destination, make_folders, output_path, remove_folders, write_error
-from .gguf import DEFAULT_ALIGNMENT, PLAIN_TYPES, dtype_type, header_bytes
+from .gguf import DEFAULT_ALIGNMENT, PLAIN_TYPES, dtype_type, header_bytes, tensor_nbytes
 from .safetensors import CheckpointError
 from .writer import (
     TMP_MARK,
@@ -170,7 +170,7 @@ def write_gguf(
                 write_item(fd, at[key], (key, shape, dtype, size), (key, item), sources)
             else:
                 data = tensor_bytes(stored_as(item, ggml_type))
-                if len(data) != _nbytes(shape, ggml_type):
+                if len(data) != tensor_nbytes(shape, ggml_type):
                     raise RuntimeError(f"writer expected {key} {list(shape)}, got {list(item.shape)}")
                 pwrite_all(fd, data, at[key])
     finally:
@@ -191,14 +191,6 @@ def _read(item: FileCopy, shape: tuple[int, ...], dtype: str, sources: dict[str,
             sources[file] = os.open(file, os.O_RDONLY)
     data = gather(sorted(item.spans), sources, size)
     return torch.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape) if size else torch.empty(shape)
-
-
-def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
-    elements, size = block_size(ggml_type)
-    rows = 1
-    for s in shape[:-1]:
-        rows *= s
-    return rows * ((shape[-1] if shape else 1) // elements) * size
 
 
 def stored_as(t: torch.Tensor, ggml_type: int) -> torch.Tensor:
