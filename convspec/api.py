@@ -351,13 +351,12 @@ def gguf_spec(
             spec = "identity"
         elif spec == "gguf":
             if reads:
-                arch = ckpt.header.value("general.architecture")
+                arch = str(ckpt.header.value("general.architecture"))
             else:
-                config = load_config(ckpt.config) or {}
-                arch = ggufmeta.gguf_arch(config.get("model_type", ""))
-            spec = ggufmeta.spec_name(str(arch))
-        elif "gguf_" + spec.replace("-", "_") in _builtin_index():
-            spec = "gguf_" + spec.replace("-", "_")
+                arch = ggufmeta.gguf_arch(load_config(ckpt.config) or {})
+            spec = ggufmeta.spec_name(arch)
+        elif ggufmeta.spec_name(spec) in _builtin_index():
+            spec = ggufmeta.spec_name(spec)
         elif not spec.startswith("gguf_"):
             try:
                 spec = ggufmeta.spec_name(ggufmeta.gguf_arch(spec))

@@ -4,7 +4,7 @@ kept beside the weights), each tensor's GGML type, the file written atomically."
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -107,21 +107,21 @@ def check_gguf_names(bound: BoundPlan, src: str | Path, dst: str | Path) -> None
 
 
 def write_gguf_output(
-    bound: BoundPlan,
     ckpt: Checkpoint,
     dst: str | Path,
     entries: list[tuple[str, tuple[int, ...], str]],
-    stream: Callable[[bool], Any],
+    tensors: Iterable[tuple[str, Any]],
     *,
     gguf_type: str | None = None,
     overwrite: bool = False,
 ) -> tuple[list[str], Any]:
-    """Write the converted tensors as the GGUF file `dst`: `stream(copies)` yields them in `entries`
-    order (byte ranges to copy where they can be: those to cast or quantize are read). The file's name and what was cleaned up of killed earlier runs."""
+    """Write the converted tensors (arriving in `entries` order, as tensors or byte ranges to copy:
+    those to cast or quantize are read) as the GGUF file `dst`. The file's name and what was cleaned
+    up of killed earlier runs."""
     chosen = check_gguf_type(gguf_type)
     types = tensor_types(entries, chosen)
     metadata, order = gguf_metadata(ckpt, types, [k for k, _, _ in entries], chosen is not None)
     atomic = AtomicFile(dst, overwrite=overwrite)
     with atomic as fd:
-        write_gguf(fd, entries, stream(True), metadata, types, order)
+        write_gguf(fd, entries, tensors, metadata, types, order)
     return [atomic.dst.name], atomic.cleanup

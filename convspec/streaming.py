@@ -248,7 +248,7 @@ def convert_checkpoint(
         entries = output_order(bound, dtype)
         total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
         limit = parse_size(max_shard_size)
-        if is_gguf(dst) and not is_gguf(src):  # from GGUF, names are llama.cpp's already
+        if is_gguf(dst) and not isinstance(ckpt, GgufCheckpoint):  # from GGUF, names are llama.cpp's already
             from .gguf_output import check_gguf_names
 
             check_gguf_names(bound, src, dst)
@@ -257,11 +257,9 @@ def convert_checkpoint(
         if is_gguf(dst):
             from .gguf_output import write_gguf_output
 
-            def stream(copies: bool):
-                return stream_bound(bound, ckpt, device, dtype, on_tensor, copies=copies and device == "cpu")
-
+            stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
             files, cleanup = write_gguf_output(
-                bound, ckpt, dst, entries, stream, gguf_type=gguf_type, overwrite=overwrite
+                ckpt, dst, entries, stream, gguf_type=gguf_type, overwrite=overwrite
             )
             return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
 

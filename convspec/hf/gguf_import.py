@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import ConvspecError
 from ..extras import require_transformers
+from ..ggufmeta import spec_name
 from ..spec import parse_spec
 from ..spec.emit import to_yaml
 from .gguf_saved import saved_inverse, saved_key, to_saved
@@ -192,11 +193,6 @@ class Imported1:
     differs: list[str]
     unmapped: list[str]  # HF keys with no GGUF tensor
     doc: str
-
-
-def spec_name(arch: str) -> str:
-    """`gguf_<arch>`, llama.cpp's general.architecture with '-' as '_'."""
-    return "gguf_" + arch.replace("-", "_")
 
 
 def tiny_model(model_type: str, tiny: dict, kind: str = "causal"):
