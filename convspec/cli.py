@@ -255,7 +255,7 @@ def _compile(args) -> int:
         _check_not_an_input(args.output, args)
     bound = None
     if args.against:
-        bound = plan.bind(_layout(args.against), strict=args.strict)
+        bound = plan.bind(_layout(args), strict=args.strict)
     if args.shard is not None:
         return _compile_shard(plan, bound, args, fmt)
     if fmt in ("dot", "svg", "png"):
@@ -307,22 +307,29 @@ def _check_not_an_input(output: str, args) -> None:
         check_output(output, source_paths(args.against), args.against, what="the checkpoint")
 
 
-def _layout(against: str | None) -> dict | None:
-    """A checkpoint's layout from its headers ({key: TensorInfo}), or None without --against."""
-    if against is None:
+def _against(args):
+    """The --against checkpoint, its headers read once per command (the plan, the layout, explain's
+    notes all use it); None without --against."""
+    if args.against is None:
         return None
-    from .io.formats import open_checkpoint
+    if getattr(args, "opened", None) is None:
+        from .io.formats import open_checkpoint
 
-    return open_checkpoint(against).layout
+        args.opened = open_checkpoint(args.against)
+    return args.opened
+
+
+def _layout(args) -> dict | None:
+    """The --against checkpoint's layout from its headers ({key: TensorInfo}), or None without it."""
+    ckpt = _against(args)
+    return None if ckpt is None else ckpt.layout
 
 
 def _plan(args):
     """The spec compiled with --config or the checkpoint's config.json, inverted with --reverse."""
     spec = args.spec
     if args.against and args.against.lower().endswith(".gguf"):  # the GGUF spec, its config from the file
-        from .io.formats import open_checkpoint
-
-        ckpt = open_checkpoint(args.against)
+        ckpt = _against(args)
         spec, _ = api.gguf_spec(spec, ckpt, "", args.reverse)
         plan = api.compile(spec, config=args.config or ckpt.config)
     else:
@@ -552,7 +559,7 @@ def _check(args) -> int:
     from .lint import check_spec
 
     config = args.config or _checkpoint_config(args.against)
-    layout = _layout(args.against)
+    layout = _layout(args)
     select = _codes(args.select)
     ignore = _codes(args.ignore)
     reports = [
@@ -574,12 +581,8 @@ def _codes(text: str | None) -> tuple[str, ...] | None:
 def _explain(args) -> int:
     from .explain import explain, explanation_text
 
-    ckpt = None
-    if args.against:
-        from .io.formats import open_checkpoint
-
-        ckpt = open_checkpoint(args.against)
-    e = explain(_plan(args), args.key, None if ckpt is None else ckpt.layout)
+    e = explain(_plan(args), args.key, _layout(args))
+    ckpt = _against(args)
     if ckpt is not None and args.key in ckpt.decoded:  # a GGUF block type: the values are not the bytes
         from .ops.ggml import GGML_TYPES
 
