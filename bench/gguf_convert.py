@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from fresh import run_job
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=5632,
@@ -135,18 +137,11 @@ def compare(d: Path) -> None:
 def run(mode: str, d: Path) -> tuple[float, float, dict]:
     """(seconds, peak RSS in GiB, what it printed) of one job in a fresh process; its output removed."""
     env = {**os.environ, "TQDM_DISABLE": "1"}  # transformers' GGUF loader draws a bar per load
-    p = subprocess.Popen(
-        [sys.executable, __file__, "--one", mode, "--dir", str(d)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{mode} failed")
+    result = run_job(__file__, ["--one", mode, "--dir", str(d)], env)
     for name in ("copy", "out.gguf", "hf-out", "t-out"):
         path = d / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    got = json.loads(out.strip().splitlines()[-1])
-    return got["s"], usage.ru_maxrss / (1 << 20), got
+    return result
 
 
 def main() -> int:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fresh import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = dict(
@@ -115,16 +116,7 @@ def compare(d: Path) -> None:
 
 def run(mode: str, d: Path) -> tuple[float, float, dict]:
     """(seconds, peak RSS in GiB, what it printed) of one load in a fresh process."""
-    p = subprocess.Popen(
-        [sys.executable, __file__, "--one", mode, "--dir", str(d)], stdout=subprocess.PIPE, text=True
-    )
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise SystemExit(f"{mode} failed ({p.returncode})")
-    got = json.loads(out.strip().splitlines()[-1])
-    return got["s"], usage.ru_maxrss / (1 << 20), got
+    return run_job(__file__, ["--one", mode, "--dir", str(d)])
 
 
 def same(d: Path) -> str:
