@@ -328,7 +328,9 @@ def _layout(args) -> dict | None:
 def _plan(args):
     """The spec compiled with --config or the checkpoint's config.json, inverted with --reverse."""
     spec = args.spec
-    if args.against and args.against.lower().endswith(".gguf"):  # the GGUF spec, its config from the file
+    from .io.gguf_checkpoint import is_gguf
+
+    if args.against and is_gguf(args.against):  # the GGUF spec, its config from the file
         ckpt = _against(args)
         spec, _ = api.gguf_spec(spec, ckpt, "", args.reverse)
         plan = api.compile(spec, config=args.config or ckpt.config)
