@@ -300,13 +300,14 @@ def check_gguf_output(dst, gguf_type: str | None, workers: int, ranks: bool, man
     """Options that a GGUF output (one file, one process) cannot honour, refused before any read."""
     from .io.gguf_writer import check_gguf_type
 
+    check_gguf_type(gguf_type)  # a known name first: then it is short enough to show as it is
     if not is_gguf(dst):
         if gguf_type is not None:
             raise ConvspecError(
-                f"--gguf-type {gguf_type} needs a .gguf output, not {dst}", hint="name the output NAME.gguf"
+                f"--gguf-type {gguf_type} needs a .gguf output, not {dst}",
+                hint="name the output NAME.gguf",
             )
         return
-    check_gguf_type(gguf_type)
     refused = [
         flag
         for flag, on in (("--workers", workers > 1), ("torchrun ranks", ranks), ("--manifest", manifest))

@@ -533,3 +533,19 @@ def test_a_killed_gguf_convert_leaves_nothing_or_the_whole_file(tmp_path: Path):
             assert not temporaries(), f"a rerun after a kill at {delay:.2f}s left {temporaries()}"
         dst.unlink()
     assert outcomes["absent"] >= 1  # the kill at once, on any machine
+
+
+@pytest.mark.parametrize("dst", ["out.gguf", "out"])
+def test_a_huge_gguf_type_is_shown_cut_short(toy: Path, capsys, dst):
+    """A 100,000-character --gguf-type is one short line, whatever the output, and nothing is written."""
+    write_toy(toy / "toy.gguf")
+    convspec.convert(toy / "toy.yaml", toy / "toy.gguf", toy / "hf")
+    assert (
+        main(
+            ["convert", str(toy / "toy.yaml"), str(toy / "hf"), str(toy / dst), "--gguf-type", "x" * 100_000]
+        )
+        == 2
+    )
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("error: unknown GGUF type 'xxx") and len(first) < 200
+    assert not (toy / dst).exists()

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..ops.base import short
 from ..ops.ggml import BLOCK_TYPES, GGML_TYPES, QUANTIZABLE, block_size, type_id
 from .destination import check_destination, make_folders, output_path, remove_folders, write_error
 from .gguf import DEFAULT_ALIGNMENT, PLAIN_TYPES, dtype_type, header_bytes, tensor_nbytes
@@ -43,7 +44,7 @@ def check_gguf_type(name: str | None) -> int | None:
         return None
     if str(name).lower() not in GGUF_TYPES:
         raise CheckpointError(
-            f"unknown GGUF type {name!r}", hint=f"--gguf-type takes one of {', '.join(GGUF_TYPES)}"
+            f"unknown GGUF type {short(name)}", hint=f"--gguf-type takes one of {', '.join(GGUF_TYPES)}"
         )
     return type_id(name)
 
