@@ -549,3 +549,16 @@ def test_a_huge_gguf_type_is_shown_cut_short(toy: Path, capsys, dst):
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("error: unknown GGUF type 'xxx") and len(first) < 200
     assert not (toy / dst).exists()
+
+
+def test_kept_metadata_nested_past_what_the_reader_reads_is_refused(toy: Path, capsys):
+    """gguf_metadata.json may hold an array of arrays (the reader reads those back), not deeper."""
+    write_toy(toy / "toy.gguf")
+    convspec.convert(toy / "toy.yaml", toy / "toy.gguf", toy / "hf")
+    kept = toy / "hf" / METADATA_FILE
+    kept.write_text(json.dumps({"metadata": [["k", "arr:arr:u8", [[1], [2, 3]]]], "tensors": []}))
+    assert main(["convert", str(toy / "toy.yaml"), str(toy / "hf"), str(toy / "a.gguf")]) == 0
+    assert read_header(toy / "a.gguf").metadata["k"] == ("arr:arr:u8", [[1], [2, 3]])
+    kept.write_text(json.dumps({"metadata": [["k", "arr:arr:arr:u8", [[[1]]]]], "tensors": []}))
+    assert main(["convert", str(toy / "toy.yaml"), str(toy / "hf"), str(toy / "b.gguf")]) == 2
+    assert "not a GGUF metadata file" in capsys.readouterr().err and not (toy / "b.gguf").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
-from .gguf import GgufHeader, entries, read_header
+from .gguf import MAX_NESTING, TYPE_IDS, GgufHeader, entries, read_header
 from .safetensors import CheckpointError
 
 if TYPE_CHECKING:
@@ -80,7 +80,6 @@ class GgufCheckpoint(Checkpoint):
 def saved_gguf(directory: Path | None) -> tuple[dict[str, tuple[str, Any]], list[str]]:
     """What a conversion from GGUF left beside the weights for the way back: the file's metadata and
     its tensor order; ({}, []) when there is none."""
-    from .gguf import TYPE_IDS
     from .sidefile import MAX_CONFIG_BYTES, load_json
 
     path = None if directory is None else directory / METADATA_FILE
@@ -103,11 +102,12 @@ def saved_gguf(directory: Path | None) -> tuple[dict[str, tuple[str, Any]], list
 
 
 def _saved_item(item: Any, types: dict) -> bool:
+    """[key, type, value] with a type the reader reads back: arrays nested at most MAX_NESTING deep."""
     if not (
         isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], str)
     ):
         return False
-    vtype = item[1].removeprefix("arr:")
+    vtype, depth = item[1], 0
     while vtype.startswith("arr:"):
-        vtype = vtype.removeprefix("arr:")
-    return vtype in types or vtype == "arr"
+        vtype, depth = vtype.removeprefix("arr:"), depth + 1
+    return depth <= MAX_NESTING and (vtype in types or (vtype == "arr" and depth < MAX_NESTING))
