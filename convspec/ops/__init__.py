@@ -4,12 +4,13 @@ op is one `Op` subclass, and nothing outside this package knows op names."""
 from __future__ import annotations
 
 from ..dtypes import DTYPES
-from .base import NotInvertible, Op, OpError, Param, TensorInfo, dtype_name
+from .base import Factors, NoLowRank, NotInvertible, OnFactors, Op, OpError, Param, TensorInfo, dtype_name
 from .blockmoves import Blocks
 from .cast import Cast
 from .ggml import DequantGgml, QuantizeGgml
 from .joining import Cat, Chunk, Split
 from .layout import Permute, Reshape, Transpose
+from .lowrank import BlockDiag, Flatten, Same, Share, Unadaptable, UnblockDiag, Unflatten
 from .mxfp4 import DequantMxfp4
 from .quant import DequantFp8, DequantFp8Tensor
 from .rope import Deinterleave, Interleave, PermuteRope, UnpermuteRope
@@ -59,6 +60,13 @@ for _op in (
     RegroupHeads,
     DequantGgml,
     QuantizeGgml,
+    BlockDiag,
+    UnblockDiag,
+    Share,
+    Same,
+    Flatten,
+    Unflatten,
+    Unadaptable,
 ):
     register(_op)
 
@@ -66,6 +74,9 @@ __all__ = [
     "DTYPES",
     "OPS",
     "Blocks",
+    "Factors",
+    "NoLowRank",
+    "OnFactors",
     "NotInvertible",
     "Op",
     "OpError",

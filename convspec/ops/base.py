@@ -44,6 +44,38 @@ class NotInvertible(Exception):
     """Raised by `Op.inverse` with the reason the op cannot be undone exactly."""
 
 
+class NoLowRank(Exception):
+    """Raised by `Op.low_rank` with the reason the op has no counterpart on low-rank factors."""
+
+
+class Factors(NamedTuple):
+    """A weight of `ndim` dims held as factors L @ R over its last two dims (LoRA: L is B, R is A),
+    or, `swapped`, as their transpose there. L is [..., rows, rank], R is [..., rank, cols]."""
+
+    ndim: int
+    swapped: bool = False
+
+    @property
+    def rows(self) -> int:
+        """The weight's dim that L's rows make."""
+        return self.ndim - 1 if self.swapped else self.ndim - 2
+
+    @property
+    def cols(self) -> int:
+        """The weight's dim that R's columns make."""
+        return self.ndim - 2 if self.swapped else self.ndim - 1
+
+
+class OnFactors(NamedTuple):
+    """An op on a weight as ops on its factors: `left` on the L's of its inputs, `right` on their R's,
+    each (op name, params) or None where the factor is kept as it is: one input to several outputs
+    shares it, several inputs to one output must hold the same one. `outs`: the outputs' factors."""
+
+    left: tuple[str, dict] | None
+    right: tuple[str, dict] | None
+    outs: tuple[Factors, ...]
+
+
 class TensorInfo(NamedTuple):
     """What bind knows of a tensor before reading it: its shape and dtype name. A named tuple: bind
     makes one per checkpoint key, so it must be cheap."""
@@ -172,6 +204,11 @@ class Op:
         """The op (name, params) that undoes this one exactly; raises NotInvertible with the reason."""
         raise NotInvertible(f"{self.name} has no inverse")
 
+    def low_rank(self, p: dict, ins: list[Factors]) -> OnFactors:
+        """This op on weights held as low-rank factors (`Factors`), for the adapter of a weight it
+        converts; raises NoLowRank with the reason where the factors cannot follow it."""
+        raise NoLowRank(f"{self.name} changes values in a way low-rank factors cannot follow")
+
     def nearest_inverse(self, p: dict, n_inputs: int) -> tuple[str, dict]:
         """The op that brings the output back as near as it can: the inverse a lossy plan uses."""
         return self.inverse(p, n_inputs)
@@ -221,6 +258,18 @@ class Op:
         if not -ndim <= dim < max(ndim, 1):
             raise OpError(f"{what}={dim} is out of range for a tensor with {ndim} dims")
         return dim % ndim if ndim else 0
+
+
+def on_one_dim(op: Op, p: dict, f: Factors, n_out: int = 1, key: str = "dim") -> OnFactors:
+    """`op` along one dim `p[key]` of a weight, moving elements within it: on both factors along a
+    leading dim, on L along the rows, on R along the columns (the other factor kept, or shared)."""
+    dim = op.norm_dim(p[key], f.ndim)
+    outs = (f,) * n_out
+    if dim < f.ndim - 2:
+        return OnFactors((op.name, p), (op.name, p), outs)
+    if dim == f.rows:
+        return OnFactors((op.name, {**p, key: f.ndim - 2}), None, outs)
+    return OnFactors(None, (op.name, {**p, key: f.ndim - 1}), outs)
 
 
 DEQUANTIZE_HINT = "dequantize the weights first: --dequantize, or dequantize=True in Python"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, ITEMSIZE
-from .base import NotInvertible, Op, OpError, Param, check_extent
+from .base import NotInvertible, OnFactors, Op, OpError, Param, check_extent
 from .slicing import SliceMap
 
 if TYPE_CHECKING:
@@ -148,3 +148,6 @@ def _ints(dtype: str):
     import torch
 
     return getattr(torch, f"int{8 * ITEMSIZE[dtype]}")
+
+    def low_rank(self, p, ins):
+        return OnFactors((self.name, p), (self.name, p), (ins[0],))

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from . import blockmoves
 from .base import (
+    NoLowRank,
     NotInvertible,
+    OnFactors,
     Op,
     OpError,
     Param,
     TensorInfo,
     check_extent,
     grid_sizes,
+    on_one_dim,
     same_dtype,
     whole_blocks,
 )
@@ -108,6 +111,22 @@ class Cat(Op):
             return SliceMap(tuple(reads))
         return SliceMap(tuple(reads), self, {"dim": dim})
 
+    def low_rank(self, p, ins):
+        f = ins[0]
+        if len(set(ins)) > 1:
+            raise NoLowRank("joins weights whose factors lie differently (one transposed)")
+        dim = self.norm_dim(p["dim"], f.ndim)
+        if dim < f.ndim - 2:
+            return OnFactors((self.name, p), (self.name, p), (f,))
+        sized = {"sizes": p.get("sizes"), "equal": bool(p.get("equal"))}
+        if dim == f.rows:  # B block-diagonal, the A's stacked along the rank (PEFT's form)
+            return OnFactors(
+                ("block_diag", {"dim": -2, **sized}), ("cat", {"dim": f.ndim - 2, "equal": True}), (f,)
+            )
+        return OnFactors(
+            ("cat", {"dim": f.ndim - 1, "equal": True}), ("block_diag", {"dim": -1, **sized}), (f,)
+        )
+
 
 class Split(Op):
     name = "split"
@@ -171,6 +190,9 @@ class Split(Op):
         a, b = region[dim]
         return SliceMap(((replaced(region, dim, (a + offset, b + offset)),),))
 
+    def low_rank(self, p, ins):
+        return on_one_dim(self, p, ins[0])
+
 
 class Chunk(Op):
     name = "chunk"
@@ -229,3 +251,6 @@ class Chunk(Op):
         offset = k * (ins[0].shape[dim] // p["n"])
         a, b = region[dim]
         return SliceMap(((replaced(region, dim, (a + offset, b + offset)),),))
+
+    def low_rank(self, p, ins):
+        return on_one_dim(self, p, ins[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .base import NotInvertible, Op, OpError, Param, TensorInfo, check_extent
+from .base import NoLowRank, NotInvertible, OnFactors, Op, OpError, Param, TensorInfo, check_extent
 from .slicing import SliceMap, whole_inputs
 
 
@@ -42,6 +42,15 @@ class Transpose(Op):
         src = list(region)
         src[a], src[b] = src[b], src[a]
         return SliceMap(((tuple(src),),), self, p)
+
+    def low_rank(self, p, ins):
+        (f,) = ins
+        a, b = sorted((self.norm_dim(p["dim0"], f.ndim), self.norm_dim(p["dim1"], f.ndim)))
+        if (a, b) == (f.ndim - 2, f.ndim - 1):  # (L @ R)^T: the same factors, read the other way
+            return OnFactors(None, None, (f._replace(swapped=not f.swapped),))
+        if b < f.ndim - 2:
+            return OnFactors((self.name, p), (self.name, p), (f,))
+        raise NoLowRank(f"transpose({a}, {b}) swaps a leading dim with the weight's rows or columns")
 
 
 class Permute(Op):
@@ -95,6 +104,17 @@ def _resolve(shape: list[int], numel: int) -> tuple[int, ...]:
     if math.prod(shape) != numel:
         raise OpError(f"cannot reshape {numel} elements to {shape}")
     return tuple(shape)
+
+    def low_rank(self, p, ins):
+        (f,) = ins
+        dims, n = [d % f.ndim for d in p["dims"]], f.ndim
+        if len(dims) != n or sorted(dims[n - 2 :]) != [n - 2, n - 1]:
+            raise NoLowRank(
+                f"permute(dims={list(p['dims'])}) moves the weight's rows or columns among its leading dims"
+            )
+        lead = {"dims": [*dims[: n - 2], n - 2, n - 1]}
+        swapped = f.swapped != (dims[n - 2] == n - 1)
+        return OnFactors((self.name, lead), (self.name, lead), (f._replace(swapped=swapped),))
 
 
 class Reshape(Op):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Op, OpError, Param, TensorInfo
+from .base import NoLowRank, OnFactors, Op, OpError, Param, TensorInfo, on_one_dim
 from .slicing import Region, SliceMap, replaced, whole_inputs
 
 
@@ -65,6 +65,12 @@ class PermuteRope(Op):
     def slice_map(self, p, ins, k, region):
         return _rope_slice(self, p, ins, region)
 
+    def low_rank(self, p, ins):
+        (f,) = ins
+        if f.ndim != 2 or f.swapped:
+            raise NoLowRank(f"{self.name} permutes dim 0, which is not the rows of a 2-D weight here")
+        return OnFactors((self.name, p), None, (f,))
+
 
 class UnpermuteRope(Op):
     name = "unpermute_rope"
@@ -96,6 +102,12 @@ def _regroup(t, dim: int, a: int, b: int):
     shape = list(t.shape)
     split = shape[:dim] + [a, b] + shape[dim + 1 :]
     return t.reshape(split).transpose(dim, dim + 1).reshape(shape).contiguous()
+
+    def low_rank(self, p, ins):
+        (f,) = ins
+        if f.ndim != 2 or f.swapped:
+            raise NoLowRank(f"{self.name} permutes dim 0, which is not the rows of a 2-D weight here")
+        return OnFactors((self.name, p), None, (f,))
 
 
 class Interleave(Op):
@@ -129,6 +141,9 @@ class Interleave(Op):
         )
         narrow = None if (lo, hi) == (a, b) else _relative(region, dim, (a - lo, b - lo))
         return SliceMap((reads,), self, {"dim": dim, "parts": parts}, 0, narrow, join=dim)
+
+    def low_rank(self, p, ins):
+        return on_one_dim(self, p, ins[0])
 
 
 class Deinterleave(Op):
@@ -165,3 +180,6 @@ class Deinterleave(Op):
         rows = r1 - r0
         narrow = None if parts == 1 else _relative(region, dim, (block * rows, (block + 1) * rows))
         return SliceMap(((read,),), self, {"dim": dim, "parts": parts}, 0, narrow)
+
+    def low_rank(self, p, ins):
+        return on_one_dim(self, p, ins[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from operator import itemgetter
 
 from . import blockmoves
-from .base import Op, OpError, Param, TensorInfo, check_extent, same_dtype
+from .base import Factors, NoLowRank, OnFactors, Op, OpError, Param, TensorInfo, check_extent, same_dtype
 from .slicing import SliceMap, whole_inputs
 
 # the most members one collection may have (a stack's inputs, an unstack's outputs): models have
@@ -80,6 +80,13 @@ class Stack(Op):
         reads = tuple((rest,) if a <= i < b else () for i in range(len(ins)))
         return SliceMap(reads, self, {"over": p["over"], "dim": dim})
 
+    def low_rank(self, p, ins):
+        (f,) = ins
+        out = Factors(f.ndim + 1, f.swapped)
+        if self.norm_dim(p["dim"], out.ndim) > f.ndim - 2:
+            raise NoLowRank(f"stack along dim {p['dim']} puts the stacked dim inside the rows and columns")
+        return OnFactors((self.name, p), (self.name, p), (out,))
+
 
 class Unstack(Op):
     name = "unstack"
@@ -136,3 +143,9 @@ class Unstack(Op):
         """Member k's region is the input's, at k along the unstacked dim."""
         dim = self.norm_dim(p["dim"], len(region) + 1)
         return SliceMap(((region[:dim] + ((k, k + 1),) + region[dim:],),), self, p)
+
+    def low_rank(self, p, ins):
+        (f,) = ins
+        if self.norm_dim(p["dim"], f.ndim) >= f.ndim - 2:
+            raise NoLowRank(f"unstack along dim {p['dim']} cuts the weight's rows or columns apart")
+        return OnFactors((self.name, p), (self.name, p), (Factors(f.ndim - 1, f.swapped),))

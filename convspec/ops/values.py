@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from .base import NotInvertible, Op, OpError, Param, TensorInfo
+from .base import NotInvertible, Op, OpError, Param, TensorInfo, on_one_dim
 from .blockmoves import Blocks
 from .slicing import SliceMap, replaced, whole_inputs
 
@@ -315,6 +315,9 @@ class RegroupHeads(Op):
             lo, hi = max(a, offset + c * r), min(b, offset + (c + 1) * r)
             src = offset + (ia * sb + ib) * r - (offset + c * r)
             yield lo + src, hi + src
+
+    def low_rank(self, p, ins):
+        return on_one_dim(self, p, ins[0])
 
 
 __all__ = ["Add", "LogNeg", "NegExp", "RegroupHeads", "Squeeze", "Unsqueeze"]

@@ -1,0 +1,394 @@
+"""The adapter plan of a plan: each rule that converts a weight W, rewritten as rules on its LoRA
+factors (W + s * B @ A), by what each op means for factors (`Op.low_rank`). Nothing is written by
+hand: the adapter plan binds, streams and inverts like any other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import CompileError, Span
+from ..io.adapter import EMBEDDING, LINEAR, MAGNITUDE, PREFIX, WRAPPED, LoraConfig, lora_config
+from ..ops import OPS, Factors, NoLowRank
+from .patterns import Pattern
+from .plan import Node, Plan, PlanRule
+
+VARIANTS = ("linear", "embedding", "full")
+SKIPPED = ("bias",)  # weights no LoRA adapts: their rules get no adapter rule
+
+
+@dataclass(frozen=True)
+class Produced:
+    """What one adapter rule writes for one base output: the weight's name as PEFT targets it, and the
+    rank and alpha its factors have (rank_pattern and alpha_pattern follow them)."""
+
+    kind: str  # module | embedding | param
+    module: str  # the module's name in the converted model (a template: captures as written)
+    name: str  # the leaf name target_modules / target_parameters list
+    rank: int
+    alpha: float | int
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter plan and what it knows beyond the plan: where each rule came from, the rules whose
+    adapters it refuses (and why), and what each rule produces for the adapter config."""
+
+    plan: Plan
+    base: Plan
+    config: LoraConfig
+    refused: tuple[tuple[str, str], ...] = ()  # (base rule label, why)
+    produced: dict[int, tuple[Produced, ...]] = field(default_factory=dict)  # adapter rule index ->
+    consumed: dict[int, tuple[str, ...]] = field(default_factory=dict)  # adapter rule index -> leaves
+
+
+def _text(parts) -> str:
+    return "".join(a if k == "lit" else (f"{{{a}:{b}}}" if b else f"{{{a}}}") for k, a, b in parts)
+
+
+def _pattern(parts) -> Pattern:
+    merged: list[tuple[str, str, str | None]] = []
+    for part in parts:
+        if part[0] == "lit" and merged and merged[-1][0] == "lit":
+            merged[-1] = ("lit", merged[-1][1] + part[1], None)
+        elif part[0] != "lit" or part[1]:
+            merged.append(part)
+    return Pattern(_text(merged), tuple(merged))
+
+
+def _split(p: Pattern) -> tuple[tuple, str] | None:
+    """A weight template as (the module's parts, the parameter's name), None when it ends in a capture."""
+    kind, last, _ = p.parts[-1]
+    if kind != "lit" or "." not in last:
+        return None
+    head, _, leaf = last.rpartition(".")
+    return (*p.parts[:-1], ("lit", head, None)), leaf
+
+
+def _example(parts) -> str:
+    """A module name for a template, for PEFT's patterns: captures as a plausible value."""
+    return "".join(a if k == "lit" else ("0" if b == "int" else "x") for k, a, b in parts)
+
+
+def _leaf(parts) -> str:
+    return _text(parts).rpartition(".")[2]
+
+
+class _Rule:
+    """One adapter rule being made from one base convert rule, in one variant."""
+
+    def __init__(self, d: Derivation, rule: PlanRule, variant: str):
+        self.d, self.rule, self.variant = d, rule, variant
+        self.nodes: list[Node] = []
+        self.free: dict[str, tuple[str, ...]] = {}
+        self.count = 0
+
+    def fresh(self, like: str) -> str:
+        self.count += 1
+        name = f"{like}_{self.count}"
+        self.free[name] = self.rule.free_of.get(like, ())
+        return name
+
+    def node(self, op: str, ins: list[str], params: dict, like: str, n: int = 1, where: Span | None = None):
+        outs = [self.fresh(like) for _ in range(n)]
+        self.nodes.append(Node(op, tuple(ins), tuple(outs), tuple(params.items()), where or self.rule.where))
+        return outs
+
+    def inputs(self):
+        """The adapter's inputs for each base input, and the factors (L, R) they make."""
+        ins, vals = [], {}
+        for name, pat in self.rule.inputs:
+            split = _split(pat)
+            if split is None:
+                raise NoLowRank(f"its input {pat.text} ends in a capture, so its weight has no module name")
+            module, leaf = split
+            where = self.rule.where
+            if self.variant == "embedding":
+                a, b = (_pattern((("lit", PREFIX, None), *module, ("lit", "." + s, None))) for s in EMBEDDING)
+                ins += [(f"{name}_A", a), (f"{name}_B", b)]
+                self.free[f"{name}_A"] = self.free[f"{name}_B"] = self.rule.free_of.get(name, ())
+                vals[name] = (f"{name}_B", f"{name}_A", Factors(2, True), self.d.rank(module, leaf))
+                continue
+            depth = 0 if leaf == "weight" else self.d.depth(module, leaf, "in")
+            wrap = "." + WRAPPED * depth
+            a, b = (_pattern((("lit", PREFIX, None), *module, ("lit", wrap + s, None))) for s in LINEAR)
+            ins += [(f"{name}_A", a), (f"{name}_B", b)]
+            self.free[f"{name}_A"] = self.free[f"{name}_B"] = self.rule.free_of.get(name, ())
+            r = self.d.rank(module, leaf)
+            if leaf == "weight":
+                vals[name] = (f"{name}_B", f"{name}_A", Factors(2), r)
+                continue
+            # a parameter adapter (PEFT's ParamWrapper): an expert stack's factors, experts flattened
+            (right,) = self.node("unflatten", [f"{name}_A"], {"dim": 0, "sizes": [-1, r]}, name, where=where)
+            (u,) = self.node("unflatten", [f"{name}_B"], {"dim": 1, "sizes": [r, -1]}, name, where=where)
+            (left,) = self.node("permute", [u], {"dims": [2, 0, 1]}, name, where=where)
+            vals[name] = (left, right, Factors(3), r)
+        return ins, vals
+
+    def build(self) -> tuple[PlanRule, tuple[Produced, ...], tuple[str, ...]]:
+        ins, vals = self.inputs()
+        scalings = {}
+        for name, pat in self.rule.inputs:
+            module, leaf = _split(pat)
+            r = vals[name][3]
+            scalings[name] = self.d.config.scaling(r, self.d.alpha(module, leaf))
+        for node in self.rule.nodes:
+            op = OPS[node.op]
+            facs = [vals[v][2] for v in node.inputs]
+            on = op.low_rank(dict(node.params), facs)
+            n = len(node.outputs)
+            outs = on.outs * n if len(on.outs) == 1 else on.outs
+            ranks = [vals[v][3] for v in node.inputs]
+            joins = any(side is not None and side[0] == "block_diag" for side in (on.left, on.right))
+            if joins and len({scalings.get(v) for v in node.inputs}) > 1:
+                raise NoLowRank(f"{node.op} joins weights whose adapters scale differently (alpha / r)")
+            like = node.outputs[0]
+            lefts = self.side(on.left, [vals[v][0] for v in node.inputs], n, like, node)
+            rights = self.side(on.right, [vals[v][1] for v in node.inputs], n, like, node)
+            rank = sum(ranks) if joins else ranks[0]
+            scale = scalings.get(node.inputs[0])
+            for k, v in enumerate(node.outputs):
+                vals[v] = (lefts[k], rights[k], outs[k], rank)
+                scalings[v] = scale
+        outputs, produced = [], []
+        for value, pat in self.rule.outputs:
+            left, right, f, rank = vals[value]
+            split = _split(pat)
+            if split is None:
+                raise NoLowRank(f"its output {pat.text} ends in a capture, so its weight has no module name")
+            module, leaf = split
+            want = self.variant == "embedding"
+            if f.swapped != want:  # (L @ R)^T = R^T @ L^T: the factors trade places
+                dims = {"dim0": f.ndim - 2, "dim1": f.ndim - 1}
+                (left,), (right,) = (
+                    self.node("transpose", [right], dims, value),
+                    self.node("transpose", [left], dims, value),
+                )
+            alpha = self.d.config.alpha_for(rank, scalings[value])
+            if self.variant == "embedding":
+                names, kind = EMBEDDING, "embedding"
+                tail = [("lit", "." + s, None) for s in names]
+            elif leaf == "weight":
+                if f.ndim != 2:
+                    raise NoLowRank(f"its output {pat.text} is a module's weight of {f.ndim} dims")
+                kind, tail = "module", [("lit", "." + s, None) for s in LINEAR]
+            else:
+                kind = "param"
+                wrap = "." + WRAPPED * self.d.depth(module, leaf, "out")
+                tail = [("lit", wrap + s, None) for s in LINEAR]
+                if f.ndim == 3:
+                    (right,) = self.node("flatten", [right], {"dim": 0, "sizes": [-1, rank]}, value)
+                    (u,) = self.node("permute", [left], {"dims": [1, 2, 0]}, value)
+                    (left,) = self.node("flatten", [u], {"dim": 1, "sizes": [rank, -1]}, value)
+                elif f.ndim != 2:
+                    raise NoLowRank(f"its output {pat.text} has {f.ndim} dims; PEFT adapts 2 or 3")
+            a, b = (_pattern((("lit", PREFIX, None), *module, t)) for t in tail)
+            outputs += [(right, a), (left, b)]
+            name = leaf if kind == "param" else _leaf(module)
+            produced.append(Produced(kind, _text(module), name, rank, alpha))
+        consumed = tuple(
+            _leaf(_split(p)[0]) if _split(p)[1] == "weight" else _split(p)[1] for _, p in self.rule.inputs
+        )
+        rule = PlanRule(
+            index=0,
+            kind="convert",
+            where=self.rule.where,
+            inputs=tuple(ins),
+            outputs=tuple(outputs),
+            nodes=tuple(self.nodes),
+            keep=self.rule.keep,
+            free=tuple(self.free.items()),
+            types=self.rule.types,
+        )
+        return rule, tuple(produced), consumed
+
+    def side(self, on, values: list[str], n: int, like: str, node: Node) -> list[str]:
+        """One factor's values through `on` (an op, or None: kept, shared or checked equal)."""
+        if on is not None:
+            name, params = on
+            return self.node(name, values, params, like, n, node.where)
+        if len(values) == n:
+            return values
+        if len(values) == 1:
+            return self.node("share", values, {"n": n}, like, n, node.where)
+        return self.node("same", values, {}, like, 1, node.where)
+
+
+class Derivation:
+    """Makes the adapter plan of `base` for adapters of `config`; `targeted` names the parameters
+    (not modules' weights) an adapter targets, which set how PEFT nests their adapters."""
+
+    def __init__(self, base: Plan, config: LoraConfig, targeted: frozenset[str] | None = None):
+        self.base, self.config, self.targeted = base, config, targeted
+        self.siblings: dict[tuple[str, str], list[str]] = {}  # (side, module text) -> params in order
+        for rule in base.rules:
+            for side, pats in (("in", rule.inputs), ("out", rule.outputs)):
+                for _, pat in pats:
+                    split = _split(pat)
+                    if split is not None and split[1] not in ("weight", *SKIPPED):
+                        names = self.siblings.setdefault((side, _text(split[0])), [])
+                        if split[1] not in names:
+                            names.append(split[1])
+
+    def depth(self, module, leaf: str, side: str) -> int:
+        """How many `base_layer.` PEFT puts before a parameter's adapter: one for each parameter of the
+        same module adapted after it (PEFT wraps a module's parameters in their order)."""
+        names = self.siblings.get((side, _text(module)), [leaf])
+        later = names[names.index(leaf) + 1 :] if leaf in names else []
+        return sum(1 for n in later if self.targeted is None or n in self.targeted)
+
+    def rank(self, module, leaf: str) -> int:
+        return self.config.rank(self._name(module, leaf))
+
+    def alpha(self, module, leaf: str) -> float:
+        return self.config.alpha_of(self._name(module, leaf))
+
+    @staticmethod
+    def _name(module, leaf: str) -> str:
+        return _example(module) if leaf == "weight" else f"{_example(module)}.{leaf}"
+
+    def run(self) -> Adapter:
+        from .compiler import inverse_of
+
+        rules: list[PlanRule] = []
+        refused, produced, consumed = [], {}, {}
+        for rule in self.base.rules:
+            if rule.kind in ("rename", "drop"):
+                rules += [_with_index(r, len(rules) + i) for i, r in enumerate(self.renamed(rule))]
+                continue
+            weights = [_split(p) for _, p in rule.inputs]
+            if all(w is not None and w[1] in SKIPPED for w in weights):
+                continue
+            for variant in VARIANTS:
+                if variant == "embedding" and not all(
+                    (s := _split(p)) is not None and s[1] == "weight"
+                    for _, p in (*rule.inputs, *rule.outputs)
+                ):
+                    continue
+                if variant == "full":
+                    rules.append(_prefixed(rule, len(rules)))
+                    continue
+                try:
+                    new, made, used = _Rule(self, rule, variant).build()
+                except NoLowRank as exc:
+                    refused.append((rule.label, str(exc)))
+                    new, made, used = _refusal(rule, variant, str(exc)), (), ()
+                produced[len(rules)], consumed[len(rules)] = made, used
+                rules.append(_with_index(new, len(rules)))
+        inverse_rules, inverse_error, lossy = inverse_of(rules)
+        plan = Plan(
+            name=f"{self.base.name}.lora",
+            doc=f"LoRA adapters of {self.base.name}: {self.base.doc}".strip(": "),
+            model_types=self.base.model_types,
+            rules=tuple(rules),
+            config=self.base.config,
+            inverse_rules=inverse_rules,
+            inverse_error=inverse_error,
+            lossy=lossy,
+            is_inverse=self.base.is_inverse,
+        )
+        return Adapter(plan, self.base, self.config, tuple(refused), produced, consumed)
+
+    def renamed(self, rule: PlanRule) -> list[PlanRule]:
+        """A rename or a drop, for every name PEFT saves under the weights it matches."""
+        (_, src), (_, dst) = rule.inputs[0], (rule.outputs[0] if rule.outputs else (None, None))
+        forms: list[tuple[tuple, tuple | None]] = []
+        s_split, d_split = _split(src), _split(dst) if dst is not None else None
+        if s_split is None or (dst is not None and d_split is None):  # ends in a capture: the rest follows
+            forms.append(
+                (
+                    (("lit", PREFIX, None), *src.parts),
+                    None if dst is None else (("lit", PREFIX, None), *dst.parts),
+                )
+            )
+        else:
+            (sm, sl), dd = s_split, d_split
+            if sl in SKIPPED:
+                return []
+            if sl == "weight":
+                tails = [("." + s, "." + s) for s in (*LINEAR, *EMBEDDING, MAGNITUDE)]
+            else:
+                ws = "." + WRAPPED * self.depth(sm, sl, "in")
+                wd = "." + WRAPPED * (self.depth(dd[0], dd[1], "out") if dd is not None else 0)
+                tails = [(ws + s, wd + s) for s in LINEAR]
+            tails.append(
+                ("." + sl, "." + (dd[1] if dd is not None else sl))
+            )  # the weight itself (modules_to_save)
+            for ts, td in tails:
+                forms.append(
+                    (
+                        (("lit", PREFIX, None), *sm, ("lit", ts, None)),
+                        None if dd is None else (("lit", PREFIX, None), *dd[0], ("lit", td, None)),
+                    )
+                )
+        out = []
+        for s, d in forms:
+            inputs = (("x", _pattern(s)),)
+            outputs = () if d is None else (("x", _pattern(d)),)
+            out.append(
+                PlanRule(
+                    0,
+                    rule.kind,
+                    rule.where,
+                    inputs,
+                    outputs,
+                    keep=rule.keep,
+                    free=rule.free,
+                    types=rule.types,
+                    unless=tuple(_pattern((("lit", PREFIX, None), *u.parts)) for u in rule.unless),
+                    one_way=rule.one_way,
+                )
+            )
+        return out
+
+
+def _with_index(rule: PlanRule, index: int) -> PlanRule:
+    from dataclasses import replace
+
+    return replace(rule, index=index)
+
+
+def _prefixed(rule: PlanRule, index: int) -> PlanRule:
+    """The base rule on the weights themselves, as an adapter saves the ones it trains whole."""
+    from dataclasses import replace
+
+    def pre(pats):
+        return tuple((n, _pattern((("lit", PREFIX, None), *p.parts))) for n, p in pats)
+
+    return replace(rule, index=index, inputs=pre(rule.inputs), outputs=pre(rule.outputs))
+
+
+def _refusal(rule: PlanRule, variant: str, why: str) -> PlanRule:
+    """A rule that claims the adapter keys of `rule`'s weights and refuses them at bind."""
+    op = next((n.op for n in rule.nodes), "convert")
+    names = EMBEDDING if variant == "embedding" else LINEAR
+    ins, outs, free = [], [], {}
+    for name, pat in rule.inputs:
+        split = _split(pat)
+        module = split[0] if split is not None else pat.parts
+        for i, s in enumerate(names):
+            ins.append((f"{name}_{i}", _pattern((("lit", PREFIX, None), *module, ("lit", "." + s, None)))))
+            free[f"{name}_{i}"] = rule.free_of.get(name, ())
+    node = Node("no_low_rank", tuple(n for n, _ in ins), ("out",), (("op", op),), rule.where)
+    out_pat = _pattern((("lit", PREFIX, None), *rule.outputs[0][1].parts, ("lit", ".refused", None)))
+    outs.append(("out", out_pat))
+    return PlanRule(
+        0,
+        "convert",
+        rule.where,
+        tuple(ins),
+        tuple(outs),
+        nodes=(node,),
+        keep=rule.keep,
+        free=tuple(free.items()),
+        types=rule.types,
+    )
+
+
+def derive(base: Plan, config: LoraConfig | dict | None = None, targeted=None) -> Adapter:
+    """The adapter plan of `base` for LoRA adapters with `config` (an adapter_config.json's dict;
+    None: PEFT's defaults). See docs/adapters.md."""
+    if not isinstance(config, LoraConfig):
+        config = lora_config(config or {})
+    if base.quant is not None and base.quant.dequantize is not None:
+        raise CompileError(f"spec {base.name} dequantizes weights; an adapter has none to dequantize")
+    return Derivation(base, config, None if targeted is None else frozenset(targeted)).run()
