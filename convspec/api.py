@@ -229,6 +229,8 @@ def convert(
     dequantize: bool | str = False,
     gguf_type: str | None = None,
     allow_lossy: bool = False,
+    adapter: bool | None = None,
+    base: str | Path | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint at `src` into `dst`: sharded safetensors named as Hugging Face names
     them, written atomically (complete, or absent), the source's other files copied beside. The
@@ -261,6 +263,11 @@ def convert(
             None keeps each tensor's dtype, exactly (docs/gguf.md).
         allow_lossy: with `reverse`, run the nearest inverse of a lossy plan (llama.cpp's `w + 1`
             norms round in float32) instead of refusing it.
+        adapter: `src` is a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json) of
+            a model the spec converts: its factors are converted by the adapter plan derived from the
+            spec (docs/adapters.md). None: when `src` has an adapter_config.json.
+        base: with an adapter, the base model's checkpoint (in the layout `src` adapts): its
+            config.json compiles the spec, and its headers check the factors' shapes.
 
     A `.gguf` file is read or written where `src` or `dst` names one: a GGUF spec (`gguf_llama`, or
     `llama`, or `gguf` for the file's own architecture) converts GGUF -> transformers, and writing a
@@ -292,6 +299,32 @@ def convert(
     check_dtype(dtype)
     parse_size(max_shard_size)
     workers = check_workers(workers)
+    if adapter or (adapter is None and _is_adapter(src)):
+        return _convert_adapter(
+            spec,
+            src,
+            dst,
+            reverse=reverse,
+            device=device,
+            dtype=dtype,
+            strict=strict,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            on_tensor=on_tensor,
+            base=base,
+            refused={
+                "--manifest": manifest,
+                "--workers": workers > 1,
+                "torchrun ranks": ranks,
+                "--dequantize": bool(dequantize),
+                "--gguf-type": gguf_type is not None,
+                "--allow-pickle": allow_pickle,
+            },
+        )
+    if base is not None:
+        raise ConvspecError(
+            "--base names the base model of an adapter", hint=f"{src} is no adapter: drop --base"
+        )
     if ranks and workers > 1:
         raise ConvspecError("--workers and torchrun ranks cannot be combined", hint=RANKS_HINT)
     with process_group() if ranks else nullcontext():  # under torchrun: every rank, alike
@@ -330,6 +363,79 @@ def convert(
     if cleaned and result.cleanup is not None:  # a killed run's pickle copy: said with the rest
         result.cleanup = result.cleanup._replace(removed=[*cleaned, *result.cleanup.removed])
     return result
+
+
+def _is_adapter(src) -> bool:
+    from .io.adapter import is_adapter
+
+    return is_adapter(src)
+
+
+def adapter_plan(
+    spec: Spec | str | Path, adapter: str | Path, *, base: str | Path | None = None, reverse: bool = False
+):
+    """The plan that converts the LoRA adapter directory `adapter` (`reverse`: one of the converted
+    layout, back), checked against the adapter's headers and, given `base`, the base checkpoint's:
+    A and B in pairs, of the config's ranks, of the base weights' shapes. Returns the
+    `compile.lora.Adapter` (its `plan` converts forward; with `reverse`, use `plan.inverse()`)."""
+    from .adapters import adapter_plan as derive_for
+    from .adapters import check_base, check_factors
+    from .io.adapter import read_adapter_config
+    from .io.formats import open_checkpoint
+    from .io.safetensors import CheckpointError
+
+    src = Path(adapter)
+    if not _is_adapter(src):
+        raise CheckpointError(
+            f"{src}: not a PEFT adapter (no adapter_config.json)",
+            hint="pass the directory PEFT saved the adapter in",
+        )
+    config = read_adapter_config(src)
+    ckpt = open_checkpoint(src)
+    base_ckpt = None
+    if base is not None:
+        base_ckpt = open_checkpoint(base)
+    plan = compile(spec, config=None if base_ckpt is None else base_ckpt.config)
+    derived = derive_for(plan, config, ckpt.layout, reverse)
+    side = "out" if reverse else "in"
+    check_factors(ckpt.layout, config, derived, side, src)
+    if base_ckpt is not None:
+        check_base(ckpt.layout, base_ckpt.layout, derived, side, src, base)
+    return derived
+
+
+def _convert_adapter(
+    spec, src, dst, *, reverse, device, dtype, strict, overwrite, dry_run, on_tensor, base, refused
+):
+    """`convert` of a PEFT LoRA adapter: the adapter plan of the spec, one adapter_model.safetensors
+    and the adapter config that names the converted modules, written atomically."""
+    from .io.destination import check_destination, check_output, source_paths
+    from .io.formats import open_checkpoint
+    from .streaming import convert_checkpoint
+
+    flags = [flag for flag, on in refused.items() if on]
+    if flags:
+        raise ConvspecError(
+            f"{', '.join(flags)} cannot apply to an adapter ({src})",
+            hint="an adapter is one small file: drop them",
+        )
+    check_output(dst, source_paths(src), src)
+    check_destination(dst)
+    derived = adapter_plan(spec, src, base=base, reverse=reverse)
+    plan = derived.plan.inverse() if reverse else derived.plan
+    return convert_checkpoint(
+        plan,
+        src,
+        dst,
+        device=device,
+        dtype=dtype,
+        strict=strict,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        on_tensor=on_tensor,
+        ckpt=open_checkpoint(src),
+        adapter=derived,
+    )
 
 
 def gguf_spec(

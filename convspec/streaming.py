@@ -26,6 +26,8 @@ from .ops.cast import cast_tensor
 if TYPE_CHECKING:
     import torch
 
+    from .compile.lora import Adapter
+
 
 def output_order(bound: BoundPlan, dtype: str | None = None) -> list[tuple[str, tuple[int, ...], str]]:
     """Every output (key, shape, dtype) in the order `stream_bound` yields them."""
@@ -228,12 +230,15 @@ def convert_checkpoint(
     workers: int = 1,
     ranks: bool = False,
     gguf_type: str | None = None,
+    adapter: Adapter | None = None,
 ) -> ConvertResult:
     """Convert a checkpoint directory to `dst` atomically (complete and valid, or absent); with
     `manifest`, a per-tensor hash manifest of the source and the output is written inside it.
     `ckpt`, `open_checkpoint(src)` already read (to find its config), spares reading every header again.
     With `workers` > 1 the groups are split across that many processes (the same bytes); with
-    `ranks`, across the ranks of the torch.distributed job, each of which calls this alike."""
+    `ranks`, across the ranks of the torch.distributed job, each of which calls this alike. With
+    `adapter` (`plan` is its plan or that plan's inverse), a PEFT adapter is written: one
+    adapter_model.safetensors and the adapter_config.json that names the converted modules."""
     from .parallel_convert import Work, check_workers, convert_on_ranks, write_parallel
     from .ranks import agreed, process_group
 
@@ -247,7 +252,7 @@ def convert_checkpoint(
             bound = bind_checkpoint(plan, ckpt, strict)
         entries = output_order(bound, dtype)
         total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
-        limit = parse_size(max_shard_size)
+        limit = parse_size(max_shard_size) if adapter is None else 1 << 62  # PEFT reads one file
         if is_gguf(dst) and not isinstance(ckpt, GgufCheckpoint):  # from GGUF, names are llama.cpp's already
             from .gguf_output import check_gguf_names
 
@@ -280,6 +285,12 @@ def convert_checkpoint(
             (tmp / hashes.MANIFEST).unlink(missing_ok=True)  # the source's own would not describe this output
             if manifest:
                 hashes.write(hashes.build(plan.name, plan.is_inverse, dtype, src, tmp), tmp)
+            if adapter is not None:
+                from .adapters import converted_config
+                from .io.adapter import ADAPTER_CONFIG, config_text
+
+                reverse = plan.is_inverse != adapter.plan.is_inverse
+                (tmp / ADAPTER_CONFIG).write_text(config_text(converted_config(adapter, bound, reverse)))
 
         work = Work(bound, ckpt, entries, stream_bound, device, dtype, on_tensor)
         if ranks:
@@ -291,7 +302,8 @@ def convert_checkpoint(
                 files = write_parallel(work, tmp, limit, workers)
             else:
                 stream = stream_bound(bound, ckpt, device, dtype, on_tensor, copies=device == "cpu")
-                files = write_sharded(tmp, entries, stream, limit, flush_behind=True)
+                stem = "model" if adapter is None else "adapter_model"
+                files = write_sharded(tmp, entries, stream, limit, flush_behind=True, stem=stem)
             finish(tmp)
         return ConvertResult(Path(dst), files, len(entries), total, bound, atomic.cleanup, notes)
 

@@ -38,7 +38,18 @@ class Adapter:
     config: LoraConfig
     refused: tuple[tuple[str, str], ...] = ()  # (base rule label, why)
     produced: dict[int, tuple[Produced, ...]] = field(default_factory=dict)  # adapter rule index ->
-    consumed: dict[int, tuple[str, ...]] = field(default_factory=dict)  # adapter rule index -> leaves
+    consumed: dict[int, tuple[Produced, ...]] = field(default_factory=dict)  # ... and what it reads
+    params: tuple[tuple[str, Pattern, Pattern], ...] = ()  # (side in|out, adapter A pattern, weight)
+
+    def param_weight(self, key: str, side: str) -> str | None:
+        """The weight a parameter adapter's A key (`side`: the base plan's in or out) adapts, None
+        for a module's adapter (its weight is the module's `.weight`)."""
+        for s, a, weight in self.params:
+            if s == side:
+                m = a.match(key)
+                if m is not None:
+                    return weight.format(m)
+        return None
 
 
 def _text(parts) -> str:
@@ -78,6 +89,7 @@ class _Rule:
 
     def __init__(self, d: Derivation, rule: PlanRule, variant: str):
         self.d, self.rule, self.variant = d, rule, variant
+        self.params: list[tuple[str, Pattern, Pattern]] = []
         self.nodes: list[Node] = []
         self.free: dict[str, tuple[str, ...]] = {}
         self.count = 0
@@ -117,6 +129,7 @@ class _Rule:
             if leaf == "weight":
                 vals[name] = (f"{name}_B", f"{name}_A", Factors(2), r)
                 continue
+            self.params.append(("in", a, pat))
             # a parameter adapter (PEFT's ParamWrapper): an expert stack's factors, experts flattened
             (right,) = self.node("unflatten", [f"{name}_A"], {"dim": 0, "sizes": [-1, r]}, name, where=where)
             (u,) = self.node("unflatten", [f"{name}_B"], {"dim": 1, "sizes": [r, -1]}, name, where=where)
@@ -126,6 +139,7 @@ class _Rule:
 
     def build(self) -> tuple[PlanRule, tuple[Produced, ...], tuple[str, ...]]:
         ins, vals = self.inputs()
+        initial = {name: vals[name][3] for name, _ in self.rule.inputs}
         scalings = {}
         for name, pat in self.rule.inputs:
             module, leaf = _split(pat)
@@ -183,11 +197,16 @@ class _Rule:
                     raise NoLowRank(f"its output {pat.text} has {f.ndim} dims; PEFT adapts 2 or 3")
             a, b = (_pattern((("lit", PREFIX, None), *module, t)) for t in tail)
             outputs += [(right, a), (left, b)]
+            if kind == "param":
+                self.params.append(("out", a, pat))
             name = leaf if kind == "param" else _leaf(module)
             produced.append(Produced(kind, _text(module), name, rank, alpha))
-        consumed = tuple(
-            _leaf(_split(p)[0]) if _split(p)[1] == "weight" else _split(p)[1] for _, p in self.rule.inputs
-        )
+        consumed = []
+        for name, pat in self.rule.inputs:
+            module, leaf = _split(pat)
+            kind = "param" if leaf != "weight" else ("embedding" if self.variant == "embedding" else "module")
+            label = leaf if kind == "param" else _leaf(module)
+            consumed.append(Produced(kind, _text(module), label, initial[name], self.d.alpha(module, leaf)))
         rule = PlanRule(
             index=0,
             kind="convert",
@@ -199,7 +218,8 @@ class _Rule:
             free=tuple(self.free.items()),
             types=self.rule.types,
         )
-        return rule, tuple(produced), consumed
+        self.d.params += self.params
+        return rule, tuple(produced), tuple(consumed)
 
     def side(self, on, values: list[str], n: int, like: str, node: Node) -> list[str]:
         """One factor's values through `on` (an op, or None: kept, shared or checked equal)."""
@@ -219,6 +239,7 @@ class Derivation:
 
     def __init__(self, base: Plan, config: LoraConfig, targeted: frozenset[str] | None = None):
         self.base, self.config, self.targeted = base, config, targeted
+        self.params: list[tuple[str, Pattern, Pattern]] = []
         self.siblings: dict[tuple[str, str], list[str]] = {}  # (side, module text) -> params in order
         for rule in base.rules:
             for side, pats in (("in", rule.inputs), ("out", rule.outputs)):
@@ -286,7 +307,7 @@ class Derivation:
             lossy=lossy,
             is_inverse=self.base.is_inverse,
         )
-        return Adapter(plan, self.base, self.config, tuple(refused), produced, consumed)
+        return Adapter(plan, self.base, self.config, tuple(refused), produced, consumed, tuple(self.params))
 
     def renamed(self, rule: PlanRule) -> list[PlanRule]:
         """A rename or a drop, for every name PEFT saves under the weights it matches."""

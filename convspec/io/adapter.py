@@ -134,5 +134,5 @@ def read_adapter_config(src: str | Path) -> LoraConfig:
 
 
 def config_text(raw: dict) -> str:
-    """An adapter config as PEFT writes one (sorted keys, two-space indent)."""
-    return json.dumps(raw, indent=2, sort_keys=True) + "\n"
+    """An adapter config as PEFT writes one (sorted keys, two-space indent, no final newline)."""
+    return json.dumps(raw, indent=2, sort_keys=True)

@@ -557,11 +557,11 @@ class FileCopy(NamedTuple):
     spans: list[tuple[str, int, int, int]]
 
 
-def shard_names(count: int) -> list[str]:
-    """The files of `count` shards, named as Hugging Face names them."""
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """The files of `count` shards, named as Hugging Face names them (`stem`: PEFT's is adapter_model)."""
     if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 class Place(NamedTuple):
@@ -627,6 +627,7 @@ def write_sharded(
     max_shard_size: int,
     metadata: dict | None = None,
     flush_behind: bool = False,
+    stem: str = "model",
 ) -> list[str]:
     """Write tensors (arriving in `entries` order) as HF-named shards plus an index when there are several.
     Every header is computed before a byte is written; each tensor then goes straight to its offset.
@@ -634,7 +635,7 @@ def write_sharded(
     so that the fsync before the directory is committed finds little left to do."""
     metadata = {"format": "pt", **(metadata or {})}
     shards = plan_shards(entries, max_shard_size)
-    names = shard_names(len(shards))
+    names = shard_names(len(shards), stem)
     it: Iterator[tuple[str, torch.Tensor | FileCopy]] = iter(tensors)
     weight_map = {}
     sources: dict[str, int] = {}
