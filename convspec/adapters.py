@@ -5,6 +5,7 @@ converted names, and the merge that checks a conversion (convert then merge == m
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compile.lora import Adapter, derive
@@ -213,4 +214,60 @@ def merge(
             continue
         delta = cfg.scaling(a.shape[0], cfg.alpha_of(name)) * (b @ a)
         out[target] = w + (delta.T if kind == "embedding" else delta)
+    return out
+
+
+@dataclass(frozen=True)
+class MergeMismatch:
+    """A converted weight where merging then converting differs from converting then merging."""
+
+    key: str
+    why: str
+    max_abs_diff: float | None = None
+
+
+@dataclass
+class MergeCheck:
+    """What `merge_check` compared: every weight of the converted base, and where the two ways differ."""
+
+    checked: int
+    mismatches: list[MergeMismatch] = field(default_factory=list)
+    tolerance: float = 0.0
+
+
+def merge_check(
+    base_plan, adapter: Adapter, weights: dict, factors: dict, reverse: bool = False
+) -> MergeCheck:
+    """Merge the adapter into the base then convert, and convert both then merge with the converted
+    adapter config: the same weights, in float64, up to the rounding of sums taken in another order
+    (a relative 1e-12 of each weight's largest value)."""
+    import torch
+
+    src_side, dst_side = ("out", "in") if reverse else ("in", "out")
+    plan_w = base_plan.inverse() if reverse else base_plan
+    plan_a = adapter.plan.inverse() if reverse else adapter.plan
+    weights = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in weights.items()}
+    one = plan_w.apply(merge(weights, factors, adapter.config.raw, adapter, src_side))
+    converted = plan_a.apply(factors)
+    bound = plan_a.bind({k: TensorInfo.of(v) for k, v in factors.items()})
+    config = converted_config(adapter, bound, reverse)
+    two = merge(plan_w.apply(weights), converted, config, adapter, dst_side)
+    out = MergeCheck(checked=len(one), tolerance=1e-12)
+    for key in sorted(set(one) | set(two)):
+        if key not in one or key not in two:
+            where = "merging then converting" if key in one else "converting then merging"
+            out.mismatches.append(MergeMismatch(key, f"only {where} makes it"))
+            continue
+        a, b = one[key], two[key]
+        if a.shape != b.shape:
+            out.mismatches.append(MergeMismatch(key, f"shapes {list(a.shape)} and {list(b.shape)}"))
+            continue
+        if not a.is_floating_point():
+            if not torch.equal(a, b):
+                out.mismatches.append(MergeMismatch(key, "values differ"))
+            continue
+        diff = (a - b).abs().max().item() if a.numel() else 0.0
+        scale = max(a.abs().max().item() if a.numel() else 0.0, 1.0)
+        if diff > out.tolerance * scale:
+            out.mismatches.append(MergeMismatch(key, "the merged weights differ", diff))
     return out

@@ -404,6 +404,38 @@ def adapter_plan(
     return derived
 
 
+def verify_adapter(
+    spec: Spec | str | Path, adapter: str | Path, *, base: str | Path | None = None, reverse: bool = False
+):
+    """Convert the adapter forward and back and compare with it bit for bit; given `base` (the
+    base checkpoint in the adapter's layout), also merge: converting the adapter and the base then
+    merging equals merging then converting, in float64. Returns (round-trip mismatches as
+    (key, why), the `adapters.MergeCheck` or None)."""
+    import torch
+
+    from .adapters import merge_check
+    from .io.formats import open_checkpoint
+
+    derived = adapter_plan(spec, adapter, base=base, reverse=reverse)
+    forward = derived.plan.inverse() if reverse else derived.plan
+    ckpt = open_checkpoint(adapter)
+    factors = {k: ckpt.get(k) for k in ckpt.layout}
+    back = forward.inverse().apply(forward.apply(factors))
+    problems = [(k, "missing after the round trip") for k in factors if k not in back]
+    problems += [(k, "not in the adapter") for k in back if k not in factors]
+    problems += [
+        (k, "differs after the round trip")
+        for k, t in factors.items()
+        if k in back and (back[k].dtype != t.dtype or back[k].shape != t.shape or not torch.equal(back[k], t))
+    ]
+    merged = None
+    if base is not None:
+        weights_ckpt = open_checkpoint(base)
+        weights = {k: weights_ckpt.get(k) for k in weights_ckpt.layout}
+        merged = merge_check(derived.base, derived, weights, factors, reverse)
+    return problems, merged
+
+
 def _convert_adapter(
     spec, src, dst, *, reverse, device, dtype, strict, overwrite, dry_run, on_tensor, base, refused
 ):

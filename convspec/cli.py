@@ -34,6 +34,13 @@ SPEC_HELP = (
     "a built-in spec name or model type, or a spec file: a path with a / or a .yaml/.yml/.cspec suffix"
 )
 DEVICE_HELP = "where computed tensors go: cpu (default), cuda, cuda:N, mps; checked before anything is read"
+ADAPTER_HELP = (
+    "convert a PEFT LoRA adapter of the model (adapter_model.safetensors + adapter_config.json) with "
+    "the adapter plan derived from the spec (automatic when SRC has an adapter_config.json)"
+)
+BASE_HELP = (
+    "with an adapter: the base model's checkpoint (its config.json, and its shapes to check the factors)"
+)
 
 
 @cache  # built once: a parser is not changed by parsing, and building one costs more than most commands
@@ -63,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         help="show the plan that dequantizes quantized weights (to bfloat16)",
     )
     c.add_argument("--strict", action="store_true", help="with --against: every key must be claimed")
+    c.add_argument("--adapter", action="store_true", help="show the plan of the model's LoRA adapters")
+    c.add_argument("--base", metavar="DIR", help=BASE_HELP)
     c.add_argument(
         "--shard",
         metavar="AXES",
@@ -81,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--reverse", action="store_true", help="apply the inverse plan (save back)")
+    cv.add_argument("--adapter", action="store_true", help=ADAPTER_HELP)
+    cv.add_argument("--base", metavar="DIR", help=BASE_HELP)
     cv.add_argument(
         "--allow-lossy",
         action="store_true",
@@ -131,6 +142,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--allow-pickle", action="store_true", help="read a .bin/.pt SRC (weights only)")
     v.add_argument(
+        "--adapter", action="store_true", help="SRC is a LoRA adapter: convert it forward and back"
+    )
+    v.add_argument(
+        "--base",
+        metavar="DIR",
+        help="with --adapter: also check that converting then merging into the converted base equals "
+        "merging into DIR then converting (float64)",
+    )
+    v.add_argument("--reverse", action="store_true", help="with --adapter: SRC is in the converted layout")
+    v.add_argument(
         "--manifest",
         action="store_true",
         help="with --converted: check that SRC and DIR still hash to what DIR's manifest records; a checksum "
@@ -149,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("key")
     _checkpoint_flags(ex, "bind to a checkpoint: the real group and shapes")
     ex.add_argument("--reverse", action="store_true", help="explain the key through the inverse plan")
+    ex.add_argument("--adapter", action="store_true", help="explain a LoRA adapter's key (adapter plan)")
+    ex.add_argument("--base", metavar="DIR", help=BASE_HELP)
     ex.add_argument(
         "--dequantize", action="store_true", help="explain the key through the plan that dequantizes"
     )
@@ -326,7 +349,14 @@ def _layout(args) -> dict | None:
 
 
 def _plan(args):
-    """The spec compiled with --config or the checkpoint's config.json, inverted with --reverse."""
+    """The spec compiled with --config or the checkpoint's config.json, inverted with --reverse; with
+    --adapter or an adapter as --against, the plan of its LoRA adapters."""
+    from .io.adapter import is_adapter
+
+    if getattr(args, "adapter", False) or (args.against and is_adapter(args.against)):
+        return _adapter_plan(args)
+    if getattr(args, "base", None):
+        raise ConvspecError("--base names the base model of an adapter", hint="use it with --adapter")
     spec = args.spec
     from .io.gguf_checkpoint import is_gguf
 
@@ -338,6 +368,27 @@ def _plan(args):
         plan = api.compile(spec, config=args.config or _checkpoint_config(args.against))
     plan = plan.inverse() if args.reverse else plan
     return plan.dequantize() if getattr(args, "dequantize", False) else plan
+
+
+def _adapter_plan(args):
+    """The adapter plan: for the --against adapter (checked against its headers, and --base's), or
+    for adapters of PEFT's default config."""
+    from .io.adapter import is_adapter
+
+    if args.against and is_adapter(args.against):
+        if args.config:
+            raise ConvspecError(
+                "an adapter's spec is compiled with --base's config.json", hint="pass --base DIR"
+            )
+        derived = api.adapter_plan(args.spec, args.against, base=args.base, reverse=args.reverse)
+    else:
+        if args.against:
+            raise ConvspecError(f"--adapter: {args.against} is no PEFT adapter (no adapter_config.json)")
+        from .compile.lora import derive
+
+        config = args.config or _checkpoint_config(args.base)
+        derived = derive(api.compile(args.spec, config=config))
+    return derived.plan.inverse() if args.reverse else derived.plan
 
 
 def _checkpoint_config(against: str | None) -> str | None:
@@ -388,6 +439,8 @@ def _convert(args) -> int:
         dequantize=args.dequantize,
         gguf_type=args.gguf_type,
         allow_lossy=args.allow_lossy,
+        adapter=True if args.adapter else None,
+        base=args.base,
     )
     if progress is not None:
         progress.done()
@@ -490,6 +543,14 @@ def _verify(args) -> int:
     check_device(args.device, needs_data=COMPARES)  # before a pickle source is transcoded
     if args.manifest:
         return _verify_manifest(args)
+    from .io.adapter import is_adapter
+
+    if args.adapter or is_adapter(args.src):
+        return _verify_adapter(args)
+    if args.base or args.reverse:
+        raise ConvspecError(
+            "--base and --reverse verify an adapter", hint="pass --adapter with an adapter directory"
+        )
     with api.safetensors_source(args.src, args.allow_pickle) as src:
         plan = api.compile(args.spec, config=open_checkpoint(src).config)
         v = verify_checkpoint(plan, src, device=args.device, converted=args.converted)
@@ -525,6 +586,40 @@ def _verify(args) -> int:
     tail = f"; stopped at the first {len(bad)} (the source has {v.total} tensors)" if v.stopped else ""
     print(f"{len(bad)} mismatch(es) among {v.checked} tensors checked{tail}")
     return 1
+
+
+def _verify_adapter(args) -> int:
+    """An adapter converted forward and back (bit for bit), and with --base merged both ways."""
+    if args.converted or args.allow_pickle:
+        raise ConvspecError("--converted and --allow-pickle do not apply to an adapter", hint="drop them")
+    problems, merged = api.verify_adapter(args.spec, args.src, base=args.base, reverse=args.reverse)
+    bad = [*problems, *((m.key, m.why, m.max_abs_diff) for m in (merged.mismatches if merged else []))]
+    if args.json:
+        d = {"round_trip": [{"key": k, "why": w} for k, w in problems], "ok": not bad}
+        if merged is not None:
+            d["merge"] = {
+                "checked": merged.checked,
+                "tolerance": merged.tolerance,
+                "mismatches": [
+                    {"key": m.key, "why": m.why, "max_abs_diff": m.max_abs_diff} for m in merged.mismatches
+                ],
+            }
+        print(json.dumps(d, indent=2))
+        return 1 if bad else 0
+    s = _style(sys.stdout)
+    for k, why in problems:
+        print(f"{s.error('MISMATCH')} {k}: {why}")
+    for m in merged.mismatches if merged else []:
+        diff = "" if m.max_abs_diff is None else f", max abs diff {m.max_abs_diff:g}"
+        print(f"{s.error('MISMATCH')} {m.key}: {m.why}{diff}")
+    if not problems:
+        print(f"{s.ok('ok')}: the adapter comes back bit for bit")
+    if merged is not None and not merged.mismatches:
+        print(
+            f"{s.ok('ok')}: {merged.checked} weights: converting then merging equals merging then converting "
+            f"(float64, within {merged.tolerance:g} of each weight's largest value)"
+        )
+    return 1 if bad else 0
 
 
 def _verify_manifest(args) -> int:

@@ -94,14 +94,17 @@ class _Rule:
         self.free: dict[str, tuple[str, ...]] = {}
         self.count = 0
 
-    def fresh(self, like: str) -> str:
-        self.count += 1
-        name = f"{like}_{self.count}"
+    def fresh(self, like: str, factor: str) -> str:
+        """A value of `factor` (A or B) of the base value `like`: `B%3` (`B%3'`, ... as it is rewritten)."""
+        name = f"{factor}{like}" if like.startswith("%") else f"{like}_{factor}"
+        while name in self.free:
+            name += "'"
         self.free[name] = self.rule.free_of.get(like, ())
         return name
 
-    def node(self, op: str, ins: list[str], params: dict, like: str, n: int = 1, where: Span | None = None):
-        outs = [self.fresh(like) for _ in range(n)]
+    def node(self, op: str, ins: list[str], params: dict, likes, factor: str, where: Span | None = None):
+        likes = [likes] if isinstance(likes, str) else likes
+        outs = [self.fresh(like, factor) for like in likes]
         self.nodes.append(Node(op, tuple(ins), tuple(outs), tuple(params.items()), where or self.rule.where))
         return outs
 
@@ -131,9 +134,9 @@ class _Rule:
                 continue
             self.params.append(("in", a, pat))
             # a parameter adapter (PEFT's ParamWrapper): an expert stack's factors, experts flattened
-            (right,) = self.node("unflatten", [f"{name}_A"], {"dim": 0, "sizes": [-1, r]}, name, where=where)
-            (u,) = self.node("unflatten", [f"{name}_B"], {"dim": 1, "sizes": [r, -1]}, name, where=where)
-            (left,) = self.node("permute", [u], {"dims": [2, 0, 1]}, name, where=where)
+            (right,) = self.node("unflatten", [f"{name}_A"], {"dim": 0, "sizes": [-1, r]}, name, "A", where)
+            (u,) = self.node("unflatten", [f"{name}_B"], {"dim": 1, "sizes": [r, -1]}, name, "B", where)
+            (left,) = self.node("permute", [u], {"dims": [2, 0, 1]}, name, "B", where)
             vals[name] = (left, right, Factors(3), r)
         return ins, vals
 
@@ -152,12 +155,11 @@ class _Rule:
             n = len(node.outputs)
             outs = on.outs * n if len(on.outs) == 1 else on.outs
             ranks = [vals[v][3] for v in node.inputs]
-            joins = any(side is not None and side[0] == "block_diag" for side in (on.left, on.right))
+            joins = on.joins_ranks
             if joins and len({scalings.get(v) for v in node.inputs}) > 1:
                 raise NoLowRank(f"{node.op} joins weights whose adapters scale differently (alpha / r)")
-            like = node.outputs[0]
-            lefts = self.side(on.left, [vals[v][0] for v in node.inputs], n, like, node)
-            rights = self.side(on.right, [vals[v][1] for v in node.inputs], n, like, node)
+            lefts = self.side(on.left, [vals[v][0] for v in node.inputs], node, "B")
+            rights = self.side(on.right, [vals[v][1] for v in node.inputs], node, "A")
             rank = sum(ranks) if joins else ranks[0]
             scale = scalings.get(node.inputs[0])
             for k, v in enumerate(node.outputs):
@@ -174,8 +176,8 @@ class _Rule:
             if f.swapped != want:  # (L @ R)^T = R^T @ L^T: the factors trade places
                 dims = {"dim0": f.ndim - 2, "dim1": f.ndim - 1}
                 (left,), (right,) = (
-                    self.node("transpose", [right], dims, value),
-                    self.node("transpose", [left], dims, value),
+                    self.node("transpose", [right], dims, value, "B"),
+                    self.node("transpose", [left], dims, value, "A"),
                 )
             alpha = self.d.config.alpha_for(rank, scalings[value])
             if self.variant == "embedding":
@@ -190,9 +192,9 @@ class _Rule:
                 wrap = "." + WRAPPED * self.d.depth(module, leaf, "out")
                 tail = [("lit", wrap + s, None) for s in LINEAR]
                 if f.ndim == 3:
-                    (right,) = self.node("flatten", [right], {"dim": 0, "sizes": [-1, rank]}, value)
-                    (u,) = self.node("permute", [left], {"dims": [1, 2, 0]}, value)
-                    (left,) = self.node("flatten", [u], {"dim": 1, "sizes": [rank, -1]}, value)
+                    (right,) = self.node("flatten", [right], {"dim": 0, "sizes": [-1, rank]}, value, "A")
+                    (u,) = self.node("permute", [left], {"dims": [1, 2, 0]}, value, "B")
+                    (left,) = self.node("flatten", [u], {"dim": 1, "sizes": [rank, -1]}, value, "B")
                 elif f.ndim != 2:
                     raise NoLowRank(f"its output {pat.text} has {f.ndim} dims; PEFT adapts 2 or 3")
             a, b = (_pattern((("lit", PREFIX, None), *module, t)) for t in tail)
@@ -221,16 +223,17 @@ class _Rule:
         self.d.params += self.params
         return rule, tuple(produced), tuple(consumed)
 
-    def side(self, on, values: list[str], n: int, like: str, node: Node) -> list[str]:
+    def side(self, on, values: list[str], node: Node, factor: str) -> list[str]:
         """One factor's values through `on` (an op, or None: kept, shared or checked equal)."""
         if on is not None:
             name, params = on
-            return self.node(name, values, params, like, n, node.where)
+            return self.node(name, values, params, list(node.outputs), factor, node.where)
+        n = len(node.outputs)
         if len(values) == n:
             return values
         if len(values) == 1:
-            return self.node("share", values, {"n": n}, like, n, node.where)
-        return self.node("same", values, {}, like, 1, node.where)
+            return self.node("share", values, {"n": n}, list(node.outputs), factor, node.where)
+        return self.node("same", values, {}, node.outputs[0], factor, node.where)
 
 
 class Derivation:

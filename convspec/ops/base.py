@@ -74,6 +74,7 @@ class OnFactors(NamedTuple):
     left: tuple[str, dict] | None
     right: tuple[str, dict] | None
     outs: tuple[Factors, ...]
+    joins_ranks: bool = False  # the outputs' rank is the inputs' ranks together (a block-diagonal join)
 
 
 class TensorInfo(NamedTuple):

@@ -121,10 +121,10 @@ class Cat(Op):
         sized = {"sizes": p.get("sizes"), "equal": bool(p.get("equal"))}
         if dim == f.rows:  # B block-diagonal, the A's stacked along the rank (PEFT's form)
             return OnFactors(
-                ("block_diag", {"dim": -2, **sized}), ("cat", {"dim": f.ndim - 2, "equal": True}), (f,)
+                ("block_diag", {"dim": -2, **sized}), ("cat", {"dim": f.ndim - 2, "equal": True}), (f,), True
             )
         return OnFactors(
-            ("cat", {"dim": f.ndim - 1, "equal": True}), ("block_diag", {"dim": -1, **sized}), (f,)
+            ("cat", {"dim": f.ndim - 1, "equal": True}), ("block_diag", {"dim": -1, **sized}), (f,), True
         )
 
 
