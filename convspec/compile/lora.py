@@ -75,6 +75,30 @@ def _split(p: Pattern) -> tuple[tuple, str] | None:
     return (*p.parts[:-1], ("lit", head, None)), leaf
 
 
+def _specialized(rule: PlanRule) -> PlanRule:
+    """A rule whose every template ends in one segment capture (`{p}.qkv_proj.{kind}`: weight or
+    bias) as the same rule on weights: the capture written as `weight`, as adapters adapt them."""
+    from dataclasses import replace
+
+    pats = [p for _, p in (*rule.inputs, *rule.outputs)]
+    ends = {p.parts[-1][1] if p.parts[-1][0] == "cap" else None for p in pats}
+    types = dict(rule.types)
+    if len(ends) != 1 or None in ends or types.get(next(iter(ends)), "seg") != "seg":
+        return rule
+    (cap,) = ends
+
+    def lit(p: Pattern) -> Pattern:
+        return _pattern((*p.parts[:-1], ("lit", "weight", None)))
+
+    return replace(
+        rule,
+        inputs=tuple((n, lit(p)) for n, p in rule.inputs),
+        outputs=tuple((n, lit(p)) for n, p in rule.outputs),
+        keep=tuple(k for k in rule.keep if k != cap),
+        types=tuple((k, v) for k, v in rule.types if k != cap),
+    )
+
+
 def _example(parts) -> str:
     """A module name for a template, for PEFT's patterns: captures as a plausible value."""
     return "".join(a if k == "lit" else ("0" if b == "int" else "x") for k, a, b in parts)
@@ -275,7 +299,7 @@ class Derivation:
 
         rules: list[PlanRule] = []
         refused, produced, consumed = [], {}, {}
-        for rule in self.base.rules:
+        for rule in map(_specialized, self.base.rules):
             if rule.kind in ("rename", "drop"):
                 rules += [_with_index(r, len(rules) + i) for i, r in enumerate(self.renamed(rule))]
                 continue
