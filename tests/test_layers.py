@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "parallel_convert",
             "gguf_output",
             "gguf_tokenizer",
+            "adapters",
             "runtime",
         ),
     ),

@@ -363,6 +363,29 @@ class Plan:
         """
         return derived(self, ("dequantize", dtype), lambda: _runtime().dequantize(self, dtype))
 
+    def adapter(self, kind: str = "lora", config: dict | None = None) -> Plan:
+        """The plan that converts LoRA adapters of the models this plan converts: every rule on a
+        weight rewritten on its factors A and B (docs/adapters.md); `config` is the adapter's
+        adapter_config.json (None: PEFT's defaults, r=8). Its inverse converts them back exactly.
+
+        Raises:
+            ConvspecError: `kind` is not "lora".
+
+        Example:
+            >>> lora = convspec.compile("mixtral").adapter()
+            >>> print(lora.rules[1].nodes[4])
+            B%3 = block_diag(B%1, B%2, dim=-2, equal=true)
+        """
+        if kind != "lora":
+            from ..errors import ConvspecError
+
+            raise ConvspecError(
+                f"adapter kind {kind!r}: convspec derives LoRA adapter plans", hint='kind="lora"'
+            )
+        from .lora import derive
+
+        return derive(self, config).plan
+
     def for_dtype(self, dtype: str | None, dequantize: bool | str = False) -> Plan:
         """The plan to run when outputs are cast to `dtype`: dequantizing when asked (to `dequantize`
         when it names a dtype, else `dtype`, else bfloat16). Casting quantized weights kept with their
