@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .compile.lora import Adapter, derive
 from .errors import BindError
-from .io.adapter import EMBEDDING, LINEAR, PREFIX, LoraConfig, lora_config, pattern_key
+from .io.adapter import EMBEDDING, LINEAR, MAGNITUDE, PREFIX, LoraConfig, lora_config, pattern_key
 from .ops import TensorInfo
 
 FACTORS = {
@@ -55,6 +55,27 @@ def adapter_plan(base, config: LoraConfig, layout: dict[str, TensorInfo], revers
     return adapter if made == every else derive(base, config, targeted=made)
 
 
+def check_refused(adapter: Adapter, plan, layout: dict[str, TensorInfo], src) -> None:
+    """Headers only: no key of the adapter reaches a rule whose weights its factors cannot follow
+    (the reason is the one derivation found: the op, or the config's ranks and alphas)."""
+    from .errors import ConvspecError
+    from .routing import route_one
+
+    why = {i: (label, reason) for i, label, reason in adapter.refused}
+    if plan.is_inverse:  # an inverse rule says which forward rule it undoes
+        why = {r.index: why[r.number - 1] for r in plan.rules if r.number - 1 in why and r.kind == "convert"}
+    if not why:
+        return
+    for key in layout:
+        hit = route_one(plan, key)
+        if hit[0] == "member" and hit[1] in why:
+            label, reason = why[hit[1]]
+            raise ConvspecError(
+                f"{src}: {key}: {label}: the adapter cannot be converted: {reason}",
+                hint="merge the adapter into the base model (PEFT merge_and_unload) and convert the merged weights",
+            )
+
+
 def check_factors(
     layout: dict[str, TensorInfo], config: LoraConfig, adapter: Adapter, side: str, src
 ) -> None:
@@ -94,7 +115,9 @@ def check_factors(
                 f"{module} rank {want} (r, or its rank_pattern)"
             )
     if problems:
-        raise BindError(f"{src}: the adapter's factors do not fit its config", problems=problems)
+        raise BindError(
+            problems, hint=f"the factors of the adapter {src} must pair up, of the ranks its config gives"
+        )
 
 
 def check_base(
@@ -128,7 +151,9 @@ def check_base(
                 f"{key}: the factors {list(a.shape)} and {list(b.shape)} do not fit {weight} {list(w.shape)}"
             )
     if problems:
-        raise BindError(f"{src}: the adapter does not fit the base checkpoint {base_src}", problems=problems)
+        raise BindError(
+            problems, hint=f"the adapter {src} must adapt weights of the base checkpoint {base_src}"
+        )
 
 
 def converted_config(adapter: Adapter, bound, reverse: bool = False) -> dict:
@@ -213,7 +238,11 @@ def merge(
             out[target] = w + s * torch.bmm(b.reshape(b.shape[0], r, n).permute(2, 0, 1), a.reshape(n, r, -1))
             continue
         delta = cfg.scaling(a.shape[0], cfg.alpha_of(name)) * (b @ a)
-        out[target] = w + (delta.T if kind == "embedding" else delta)
+        merged = w + (delta.T if kind == "embedding" else delta)
+        magnitude = factors.get(f"{PREFIX}{module}.{MAGNITUDE}")
+        if magnitude is not None:  # DoRA: each row rescaled to its magnitude, as PEFT merges it
+            merged = merged * (magnitude.to(torch.float64) / merged.norm(dim=1)).unsqueeze(1)
+        out[target] = merged
     return out
 
 

@@ -379,7 +379,8 @@ def adapter_plan(
     A and B in pairs, of the config's ranks, of the base weights' shapes. Returns the
     `compile.lora.Adapter` (its `plan` converts forward; with `reverse`, use `plan.inverse()`)."""
     from .adapters import adapter_plan as derive_for
-    from .adapters import check_base, check_factors
+    from .adapters import check_base, check_factors, check_refused
+    from .compile.lora import derive
     from .io.adapter import read_adapter_config
     from .io.formats import open_checkpoint
     from .io.safetensors import CheckpointError
@@ -396,9 +397,11 @@ def adapter_plan(
     if base is not None:
         base_ckpt = open_checkpoint(base)
     plan = compile(spec, config=None if base_ckpt is None else base_ckpt.config)
-    derived = derive_for(plan, config, ckpt.layout, reverse)
     side = "out" if reverse else "in"
-    check_factors(ckpt.layout, config, derived, side, src)
+    first = derive(plan, config)
+    check_factors(ckpt.layout, config, first, side, src)  # before any bind: pairs and ranks by key
+    check_refused(first, first.plan.inverse() if reverse else first.plan, ckpt.layout, src)
+    derived = derive_for(plan, config, ckpt.layout, reverse)
     if base_ckpt is not None:
         check_base(ckpt.layout, base_ckpt.layout, derived, side, src, base)
     return derived

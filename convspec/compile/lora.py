@@ -12,7 +12,7 @@ from ..ops import OPS, Factors, NoLowRank
 from .patterns import Pattern
 from .plan import Node, Plan, PlanRule
 
-VARIANTS = ("linear", "embedding", "full")
+VARIANTS = ("linear", "embedding", "full")  # a DoRA adapter's Linear weights: "dora" for "linear"
 SKIPPED = ("bias",)  # weights no LoRA adapts: their rules get no adapter rule
 
 
@@ -36,7 +36,7 @@ class Adapter:
     plan: Plan
     base: Plan
     config: LoraConfig
-    refused: tuple[tuple[str, str], ...] = ()  # (base rule label, why)
+    refused: tuple[tuple[int, str, str], ...] = ()  # (its rule index, base rule label, why)
     produced: dict[int, tuple[Produced, ...]] = field(default_factory=dict)  # adapter rule index ->
     consumed: dict[int, tuple[Produced, ...]] = field(default_factory=dict)  # ... and what it reads
     params: tuple[tuple[str, Pattern, Pattern], ...] = ()  # (side in|out, adapter A pattern, weight)
@@ -99,6 +99,10 @@ def _specialized(rule: PlanRule) -> PlanRule:
     )
 
 
+def kind_of(leaf: str) -> str:
+    return "module" if leaf == "weight" else "param"
+
+
 def _example(parts) -> str:
     """A module name for a template, for PEFT's patterns: captures as a plausible value."""
     return "".join(a if k == "lit" else ("0" if b == "int" else "x") for k, a, b in parts)
@@ -114,6 +118,7 @@ class _Rule:
     def __init__(self, d: Derivation, rule: PlanRule, variant: str):
         self.d, self.rule, self.variant = d, rule, variant
         self.params: list[tuple[str, Pattern, Pattern]] = []
+        self.mags: dict[str, str] = {}  # DoRA: base value -> its magnitude value
         self.nodes: list[Node] = []
         self.free: dict[str, tuple[str, ...]] = {}
         self.count = 0
@@ -155,7 +160,18 @@ class _Rule:
             r = self.d.rank(module, leaf)
             if leaf == "weight":
                 vals[name] = (f"{name}_B", f"{name}_A", Factors(2), r)
+                if self.variant == "dora":  # DoRA: the magnitude of each of the weight's rows
+                    ins.append(
+                        (
+                            f"{name}_M",
+                            _pattern((("lit", PREFIX, None), *module, ("lit", "." + MAGNITUDE, None))),
+                        )
+                    )
+                    self.free[f"{name}_M"] = self.rule.free_of.get(name, ())
+                    self.mags[name] = f"{name}_M"
                 continue
+            if self.variant == "dora":
+                raise NoLowRank(f"PEFT has no DoRA for a parameter's adapter ({pat.text})")
             self.params.append(("in", a, pat))
             # a parameter adapter (PEFT's ParamWrapper): an expert stack's factors, experts flattened
             (right,) = self.node("unflatten", [f"{name}_A"], {"dim": 0, "sizes": [-1, r]}, name, "A", where)
@@ -180,8 +196,15 @@ class _Rule:
             outs = on.outs * n if len(on.outs) == 1 else on.outs
             ranks = [vals[v][3] for v in node.inputs]
             joins = on.joins_ranks
+            if joins and len(set(ranks)) > 1:
+                raise NoLowRank(
+                    f"{node.op} joins weights whose adapters have ranks {ranks} (adapter config): the "
+                    "block-diagonal form needs one rank, so that its inverse can split it"
+                )
             if joins and len({scalings.get(v) for v in node.inputs}) > 1:
                 raise NoLowRank(f"{node.op} joins weights whose adapters scale differently (alpha / r)")
+            if self.variant == "dora":
+                self.magnitude(node, on, facs)
             lefts = self.side(on.left, [vals[v][0] for v in node.inputs], node, "B")
             rights = self.side(on.right, [vals[v][1] for v in node.inputs], node, "A")
             rank = sum(ranks) if joins else ranks[0]
@@ -197,6 +220,17 @@ class _Rule:
                 raise NoLowRank(f"its output {pat.text} ends in a capture, so its weight has no module name")
             module, leaf = split
             want = self.variant == "embedding"
+            if value in self.mags:
+                if kind_of(leaf) != "module" or f.swapped or f.ndim != 2:
+                    raise NoLowRank(
+                        f"its output {pat.text} is no Linear weight, which DoRA's magnitude needs"
+                    )
+                outputs.append(
+                    (
+                        self.mags[value],
+                        _pattern((("lit", PREFIX, None), *module, ("lit", "." + MAGNITUDE, None))),
+                    )
+                )
             if f.swapped != want:  # (L @ R)^T = R^T @ L^T: the factors trade places
                 dims = {"dim0": f.ndim - 2, "dim1": f.ndim - 1}
                 (left,), (right,) = (
@@ -230,7 +264,7 @@ class _Rule:
         consumed = []
         for name, pat in self.rule.inputs:
             module, leaf = _split(pat)
-            kind = "param" if leaf != "weight" else ("embedding" if self.variant == "embedding" else "module")
+            kind = kind_of(leaf) if self.variant != "embedding" else "embedding"
             label = leaf if kind == "param" else _leaf(module)
             consumed.append(Produced(kind, _text(module), label, initial[name], self.d.alpha(module, leaf)))
         rule = PlanRule(
@@ -246,6 +280,14 @@ class _Rule:
         )
         self.d.params += self.params
         return rule, tuple(produced), tuple(consumed)
+
+    def magnitude(self, node: Node, on, facs: list[Factors]) -> None:
+        """DoRA's magnitude vectors through `node`: they follow the weight's rows as B does."""
+        if any(f.swapped for f in facs) or on.rows is False:
+            raise NoLowRank(f"DoRA's magnitude (one per row of the weight) cannot follow {node.op} here")
+        rows = on.left if on.rows is True else on.rows
+        got = self.side(rows, [self.mags[v] for v in node.inputs], node, "M")
+        self.mags.update(zip(node.outputs, got, strict=True))
 
     def side(self, on, values: list[str], node: Node, factor: str) -> list[str]:
         """One factor's values through `on` (an op, or None: kept, shared or checked equal)."""
@@ -307,6 +349,7 @@ class Derivation:
             if all(w is not None and w[1] in SKIPPED for w in weights):
                 continue
             for variant in VARIANTS:
+                variant = "dora" if variant == "linear" and self.config.dora else variant
                 if variant == "embedding" and not all(
                     (s := _split(p)) is not None and s[1] == "weight"
                     for _, p in (*rule.inputs, *rule.outputs)
@@ -318,7 +361,7 @@ class Derivation:
                 try:
                     new, made, used = _Rule(self, rule, variant).build()
                 except NoLowRank as exc:
-                    refused.append((rule.label, str(exc)))
+                    refused.append((len(rules), rule.label, str(exc)))
                     new, made, used = _refusal(rule, variant, str(exc)), (), ()
                 produced[len(rules)], consumed[len(rules)] = made, used
                 rules.append(_with_index(new, len(rules)))

@@ -75,6 +75,9 @@ class OnFactors(NamedTuple):
     right: tuple[str, dict] | None
     outs: tuple[Factors, ...]
     joins_ranks: bool = False  # the outputs' rank is the inputs' ranks together (a block-diagonal join)
+    # DoRA's magnitude, one value per row of the weight: True, it follows as L does (`left`, whose
+    # leading and row dims are the weight's); an (op, params) of its own; False, it cannot follow
+    rows: Any = True
 
 
 class TensorInfo(NamedTuple):
@@ -267,10 +270,11 @@ def on_one_dim(op: Op, p: dict, f: Factors, n_out: int = 1, key: str = "dim") ->
     dim = op.norm_dim(p[key], f.ndim)
     outs = (f,) * n_out
     if dim < f.ndim - 2:
+        p = {**p, key: dim}
         return OnFactors((op.name, p), (op.name, p), outs)
     if dim == f.rows:
         return OnFactors((op.name, {**p, key: f.ndim - 2}), None, outs)
-    return OnFactors(None, (op.name, {**p, key: f.ndim - 1}), outs)
+    return OnFactors(None, (op.name, {**p, key: f.ndim - 1}), outs, rows=False)
 
 
 DEQUANTIZE_HINT = "dequantize the weights first: --dequantize, or dequantize=True in Python"

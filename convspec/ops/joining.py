@@ -117,14 +117,23 @@ class Cat(Op):
             raise NoLowRank("joins weights whose factors lie differently (one transposed)")
         dim = self.norm_dim(p["dim"], f.ndim)
         if dim < f.ndim - 2:
+            p = {**p, "dim": dim}
             return OnFactors((self.name, p), (self.name, p), (f,))
         sized = {"sizes": p.get("sizes"), "equal": bool(p.get("equal"))}
         if dim == f.rows:  # B block-diagonal, the A's stacked along the rank (PEFT's form)
             return OnFactors(
-                ("block_diag", {"dim": -2, **sized}), ("cat", {"dim": f.ndim - 2, "equal": True}), (f,), True
+                ("block_diag", {"dim": -2, **sized}),
+                ("cat", {"dim": f.ndim - 2, "equal": True}),
+                (f,),
+                True,
+                ("cat", {"dim": f.ndim - 2, **sized}),
             )
         return OnFactors(
-            ("cat", {"dim": f.ndim - 1, "equal": True}), ("block_diag", {"dim": -1, **sized}), (f,), True
+            ("cat", {"dim": f.ndim - 1, "equal": True}),
+            ("block_diag", {"dim": -1, **sized}),
+            (f,),
+            True,
+            False,
         )
 
 

@@ -47,8 +47,9 @@ class Transpose(Op):
         (f,) = ins
         a, b = sorted((self.norm_dim(p["dim0"], f.ndim), self.norm_dim(p["dim1"], f.ndim)))
         if (a, b) == (f.ndim - 2, f.ndim - 1):  # (L @ R)^T: the same factors, read the other way
-            return OnFactors(None, None, (f._replace(swapped=not f.swapped),))
+            return OnFactors(None, None, (f._replace(swapped=not f.swapped),), rows=False)
         if b < f.ndim - 2:
+            p = {"dim0": a, "dim1": b}
             return OnFactors((self.name, p), (self.name, p), (f,))
         raise NoLowRank(f"transpose({a}, {b}) swaps a leading dim with the weight's rows or columns")
 
@@ -114,7 +115,7 @@ def _resolve(shape: list[int], numel: int) -> tuple[int, ...]:
             )
         lead = {"dims": [*dims[: n - 2], n - 2, n - 1]}
         swapped = f.swapped != (dims[n - 2] == n - 1)
-        return OnFactors((self.name, lead), (self.name, lead), (f._replace(swapped=swapped),))
+        return OnFactors((self.name, lead), (self.name, lead), (f._replace(swapped=swapped),), rows=False)
 
 
 class Reshape(Op):

@@ -83,8 +83,10 @@ class Stack(Op):
     def low_rank(self, p, ins):
         (f,) = ins
         out = Factors(f.ndim + 1, f.swapped)
-        if self.norm_dim(p["dim"], out.ndim) > f.ndim - 2:
+        dim = self.norm_dim(p["dim"], out.ndim)
+        if dim > f.ndim - 2:
             raise NoLowRank(f"stack along dim {p['dim']} puts the stacked dim inside the rows and columns")
+        p = {**p, "dim": dim}
         return OnFactors((self.name, p), (self.name, p), (out,))
 
 
@@ -146,6 +148,8 @@ class Unstack(Op):
 
     def low_rank(self, p, ins):
         (f,) = ins
-        if self.norm_dim(p["dim"], f.ndim) >= f.ndim - 2:
+        dim = self.norm_dim(p["dim"], f.ndim)
+        if dim >= f.ndim - 2:
             raise NoLowRank(f"unstack along dim {p['dim']} cuts the weight's rows or columns apart")
+        p = {**p, "dim": dim}
         return OnFactors((self.name, p), (self.name, p), (Factors(f.ndim - 1, f.swapped),))
