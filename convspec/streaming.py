@@ -161,17 +161,18 @@ def _read_ahead(read: Callable, units: list) -> Iterator[tuple[Any, Any]]:
             yield unit, cell.pop()
 
 
-def bind_checkpoint(plan: Plan, ckpt: Checkpoint, strict: bool = False) -> BoundPlan:
+def bind_checkpoint(plan: Plan, ckpt: Checkpoint, strict: bool = False, claims: bool = True) -> BoundPlan:
     """Bind, and refuse a checkpoint the plan does not apply to: no rule claims a key and none is in
     the layout the plan writes already. A checkpoint already in that layout binds: its keys pass
-    through (the plan of the other direction would claim them, so no hint can point that way)."""
+    through (the plan of the other direction would claim them, so no hint can point that way).
+    `claims=False`: a checkpoint no rule claims is fine (an adapter of weights the spec leaves alone)."""
     try:
         bound = plan.bind(ckpt.layout, strict=strict)
     except LimitError as exc:  # name the file that holds the keys (bind sees only the layout)
         entry = ckpt.entries.get(exc.keys[0]) if exc.keys else None
         where = entry.file if entry is not None else ckpt.src
         raise LimitError([f"{where}: {exc.problems[0]}"], exc.keys, hint=exc.hint) from None
-    if plan.rules and bound.claimed == 0 and not bound.already and ckpt.entries:
+    if claims and plan.rules and bound.claimed == 0 and not bound.already and ckpt.entries:
         raise BindError(
             [f"spec {plan.name} claims no key of {ckpt.src} ({len(ckpt.entries)} keys)"],
             hint="check that the spec fits this model",
@@ -249,7 +250,7 @@ def convert_checkpoint(
     with process_group() if ranks else nullcontext():  # one group for the checks and the writing
         with agreed(ranks):  # every rank checks, then all go on
             ckpt = open_checkpoint(src) if ckpt is None else ckpt
-            bound = bind_checkpoint(plan, ckpt, strict)
+            bound = bind_checkpoint(plan, ckpt, strict, claims=adapter is None)
         entries = output_order(bound, dtype)
         total = sum(ITEMSIZE[d] * math.prod(s) for _, s, d in entries)
         limit = parse_size(max_shard_size) if adapter is None else 1 << 62  # PEFT reads one file
@@ -269,6 +270,10 @@ def convert_checkpoint(
             return ConvertResult(Path(dst), files, len(entries), total, bound, cleanup)
 
         notes: list[str] = []
+        if adapter is not None and bound.claimed == 0:
+            notes.append(
+                f"no key of {src} adapts a weight {plan.name} converts: the adapter is copied unchanged"
+            )
 
         def finish(tmp: Path) -> None:
             ckpt.copy_side_files(tmp)

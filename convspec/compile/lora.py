@@ -345,9 +345,14 @@ class Derivation:
             if rule.kind in ("rename", "drop"):
                 rules += [_with_index(r, len(rules) + i) for i, r in enumerate(self.renamed(rule))]
                 continue
-            weights = [_split(p) for _, p in rule.inputs]
-            if all(w is not None and w[1] in SKIPPED for w in weights):
+            weights = [_split(p) for _, p in (*rule.inputs, *rule.outputs)]
+            if all(w is not None and w[1] in SKIPPED for w in weights[: len(rule.inputs)]):
                 continue
+            if self.targeted is not None and any(
+                w is not None and w[1] not in ("weight", *SKIPPED) and w[1] not in self.targeted
+                for w in weights
+            ):
+                continue  # a parameter this adapter does not adapt: its name would be another's
             for variant in VARIANTS:
                 variant = "dora" if variant == "linear" and self.config.dora else variant
                 if variant == "embedding" and not all(
@@ -365,6 +370,15 @@ class Derivation:
                     new, made, used = _refusal(rule, variant, str(exc)), (), ()
                 produced[len(rules)], consumed[len(rules)] = made, used
                 rules.append(_with_index(new, len(rules)))
+        kept = _claimed_once(rules, refused)
+        if len(kept) < len(rules):  # renumbered: what each rule produced follows it
+            old = {id(r): r.index for r in kept}
+            produced = {i: produced[old[id(r)]] for i, r in enumerate(kept) if old[id(r)] in produced}
+            consumed = {i: consumed[old[id(r)]] for i, r in enumerate(kept) if old[id(r)] in consumed}
+            refused = [
+                (next((i for i, r in enumerate(kept) if r.index == j), -1), la, w) for j, la, w in refused
+            ]
+            rules = [_with_index(r, i) for i, r in enumerate(kept)]
         inverse_rules, inverse_error, lossy = inverse_of(rules)
         plan = Plan(
             name=f"{self.base.name}.lora",
@@ -430,6 +444,23 @@ class Derivation:
                 )
             )
         return out
+
+
+def _claimed_once(rules: list[PlanRule], refused: list) -> list[PlanRule]:
+    """The rules, each adapter key read by one: where PEFT's names cannot tell two weights' adapters
+    apart (a module's weight and a parameter of it, `gate.weight` and `gate.weight_1`), the first
+    rule keeps them and the other is dropped, said in `refused`."""
+    seen: dict[str, PlanRule] = {}
+    out = []
+    for rule in rules:
+        pats = [p.text for _, p in rule.inputs] if rule.kind == "convert" else []
+        first = next((seen[t] for t in pats if t in seen), None)
+        if first is not None:
+            refused.append((-1, rule.label, f"its adapters' names are those of {first.label}'s"))
+            continue
+        seen.update(dict.fromkeys(pats, rule))
+        out.append(rule)
+    return out
 
 
 def _with_index(rule: PlanRule, index: int) -> PlanRule:

@@ -114,6 +114,11 @@ def lora_config(raw: Any, where: str = ADAPTER_CONFIG) -> LoraConfig:
             f"{where}: fan_in_fan_out adapters (GPT-2's Conv1D) store A and B transposed; not supported",
             hint="merge the adapter into the base model and convert the merged weights",
         )
+    if raw.get("lora_bias"):
+        raise ConfigError(
+            f"{where}: lora_bias adapters train a bias beside B; converting them is not supported",
+            hint="merge the adapter into the base model and convert the merged weights",
+        )
     return LoraConfig(
         r=_number(raw, "r", where, int, 8),
         alpha=_number(raw, "lora_alpha", where, (int, float), 8),
