@@ -366,7 +366,8 @@ class Derivation:
                 try:
                     new, made, used = _Rule(self, rule, variant).build()
                 except NoLowRank as exc:
-                    refused.append((len(rules), rule.label, str(exc)))
+                    why = str(exc) if variant != "embedding" else f"as an embedding's adapter: {exc}"
+                    refused.append((len(rules), rule.label, why))
                     new, made, used = _refusal(rule, variant, str(exc)), (), ()
                 produced[len(rules)], consumed[len(rules)] = made, used
                 rules.append(_with_index(new, len(rules)))

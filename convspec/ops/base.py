@@ -211,7 +211,7 @@ class Op:
     def low_rank(self, p: dict, ins: list[Factors]) -> OnFactors:
         """This op on weights held as low-rank factors (`Factors`), for the adapter of a weight it
         converts; raises NoLowRank with the reason where the factors cannot follow it."""
-        raise NoLowRank(f"{self.name} changes values in a way low-rank factors cannot follow")
+        raise NoLowRank(f"{self.name} has no counterpart on low-rank factors: (B @ A) after it is no B' @ A'")
 
     def nearest_inverse(self, p: dict, n_inputs: int) -> tuple[str, dict]:
         """The op that brings the output back as near as it can: the inverse a lossy plan uses."""
