@@ -25,6 +25,7 @@ PAGES = [
     "docs/distributed.md",
     "docs/quantization.md",
     "docs/gguf.md",
+    "docs/adapters.md",
 ]
 RUN_ELSEWHERE = {"docs/integrations.md"}
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
