@@ -30,11 +30,12 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 
 
 class Case:
-    """One tiny model and its adapter, both converted by `spec` (`model`: the transformers model the
-    original checkpoint was saved from, where there is one)."""
+    """One tiny model and its adapter, both converted by `spec`: the transformers classes of the
+    original and converted layouts (None: a layout transformers has no class for) and configs."""
 
-    def __init__(self, root: Path, spec: str, tiny: lm.Tiny, model=None):
+    def __init__(self, root: Path, spec: str, tiny: lm.Tiny, classes, config, model=None):
         self.spec, self.tiny, self.model = spec, tiny, model
+        self.classes, self.config = classes, config  # (original class, converted class), converted config
         self.adapter = root / "converted"
         self.base = root / "converted_base"
         convspec.convert(spec, tiny.adapter, self.adapter, base=tiny.base)
@@ -48,18 +49,18 @@ class Case:
 
 
 def _make(name: str, root: Path) -> Case:
-    if name == "mixtral":
-        tiny, model = lm.mixtral(root)
-        return Case(root, "mixtral", tiny, model=model)
-    if name == "qwen2_moe":
-        tiny, model = lm.qwen2_moe(root)
-        return Case(root, "qwen2_moe", tiny, model=model)
+    from transformers import LlamaForCausalLM, Phi3ForCausalLM
+
+    if name in ("mixtral", "qwen2_moe"):
+        tiny, model = getattr(lm, name)(root)
+        return Case(root, name, tiny, (None, type(model)), tiny.config, model=model)
     if name == "phi3_to_llama":
-        return Case(root, PHI3_LLAMA, lm.phi3(root))
+        return Case(root, PHI3_LLAMA, lm.phi3(root), (Phi3ForCausalLM, LlamaForCausalLM), lm.llama_config())
     if name == "llama_to_phi3":
-        return Case(root, LLAMA_PHI3, lm.llama(root))
+        return Case(root, LLAMA_PHI3, lm.llama(root), (LlamaForCausalLM, Phi3ForCausalLM), lm.phi3_config())
     assert name == "meta_llama"
-    return Case(root, LLAMA_META, lm.meta_llama(root))
+    tiny = lm.meta_llama(root)
+    return Case(root, LLAMA_META, tiny, (None, LlamaForCausalLM), tiny.config)
 
 
 NAMES = ["mixtral", "qwen2_moe", "phi3_to_llama", "llama_to_phi3", "meta_llama"]
@@ -132,6 +133,21 @@ def test_verify_passes_both_ways(case, capsys):
     assert main(["verify", case.spec, str(case.adapter), "--base", str(case.base), "--reverse"]) == 0
     out = capsys.readouterr().out
     assert out.count("comes back bit for bit") == 2 and out.count("merging then converting") == 2, out
+
+
+def test_merging_commutes_with_converting_exactly_in_float64(case):
+    """The issue's merge property with PEFT's merge, not convspec's: the original adapter merged by
+    PEFT into the original base (float64), converted by the spec's plan, equals the converted base
+    with the converted adapter merged by PEFT, bit for bit (renames, stacks, permutations, splits
+    and block-diagonal joins add only exact zeros)."""
+    plan = convspec.compile(case.spec, config=case.tiny.config)
+    original, converted = case.classes
+    one = plan.apply(lm.merged64(case.tiny.state, case.tiny.adapter, original, case.tiny.config))
+    two = lm.merged64(plan.apply(case.tiny.state), case.adapter, converted, case.config)
+    assert one.keys() == two.keys()
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []
+    base = plan.apply({k: v.to(torch.float64) for k, v in case.tiny.state.items()})
+    assert [k for k in base if not torch.equal(base[k], two[k])]  # the adapter changed weights
 
 
 def test_the_converted_adapter_changes_the_model(case):

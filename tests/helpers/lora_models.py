@@ -287,3 +287,19 @@ def merged(state: dict[str, torch.Tensor], adapter: Path) -> dict[str, torch.Ten
 
     model = PeftModel.from_pretrained(skeleton(state), str(adapter)).merge_and_unload()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def merged64(state: dict[str, torch.Tensor], adapter: Path, cls=None, config=None) -> dict[str, torch.Tensor]:
+    """`state` with the adapter merged in by PEFT in float64 (the float32 factors widen exactly), on
+    the transformers model `cls` (PEFT nests a module's parameter adapters in the model's parameter
+    order) or, with none, on the skeleton of the layout."""
+    from peft import PeftModel
+
+    state = {k: v.to(torch.float64) for k, v in state.items()}
+    if cls is None:
+        model = skeleton(state)
+    else:
+        model = cls(config).to(torch.float64).eval()
+        model.load_state_dict(state, strict=True)
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
