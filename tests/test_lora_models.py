@@ -1,9 +1,10 @@
 """LoRA adapters of tiny real models, made by PEFT on the original layout and converted by the base
 model's spec (issue 19): per-expert Mixtral and Qwen2-MoE to fused experts, Phi-3's fused q/k/v and
-gate/up to Llama's and back, Meta's rope order to transformers'. Oracles owe nothing to convspec:
-PEFT's own transformers-v5 conversion, transformers + PEFT outputs of the original model with the
-original adapter, and PEFT's merge of the original adapter converted by hand. Each adapter also
-comes back byte for byte, and `convspec verify --base` passes both ways."""
+gate/up to Llama's and back, Meta's rope order to transformers'. The oracles are PEFT's and
+transformers': PEFT's own transformers-v5 conversion of MoE adapters, transformers + PEFT outputs of
+the original model with the original adapter, and PEFT's merge of the original adapter, converted as
+the base is (the base conversions are checked against transformers and hand conversions). Each
+adapter also comes back byte for byte, and `convspec verify --base` passes both ways."""
 
 from __future__ import annotations
 
@@ -66,24 +67,22 @@ def _make(name: str, root: Path) -> Case:
 NAMES = ["mixtral", "qwen2_moe", "phi3_to_llama", "llama_to_phi3", "meta_llama"]
 
 
-@pytest.fixture(scope="module", params=NAMES)
-def case(request, tmp_path_factory) -> Case:
-    return _cases(request.param, tmp_path_factory)
-
-
-_MADE: dict[str, Case] = {}
-
-
-def _cases(name: str, factory) -> Case:
-    """Each model made and converted once for the module (the tests only read its files)."""
-    if name not in _MADE:
-        _MADE[name] = _make(name, factory.mktemp(name))
-    return _MADE[name]
-
-
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    return lambda name: _cases(name, tmp_path_factory)
+    """`made(name)`: the model made and converted once for the module (the tests only read its files)."""
+    cases: dict[str, Case] = {}
+
+    def get(name: str) -> Case:
+        if name not in cases:
+            cases[name] = _make(name, tmp_path_factory.mktemp(name))
+        return cases[name]
+
+    return get
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def case(request, made) -> Case:
+    return made(request.param)
 
 
 def _peft(model, adapter: Path):
