@@ -162,44 +162,47 @@ def converted_config(adapter: Adapter, bound, reverse: bool = False) -> dict:
     together, and the alpha that keeps the parts' scaling)."""
     config = adapter.config
     raw = dict(config.raw)
-    consumed: set[str] = set()
-    modules: set[str] = set()
-    params: set[str] = set()
+    used: dict[str, set[str]] = {"module": set(), "param": set()}  # names read, by kind
+    made: dict[str, set[str]] = {"module": set(), "param": set()}  # names written, by kind
     special: dict[str, tuple[int, float]] = {}
     for g in bound.groups:
         index = g.rule.number - 1  # an inverse rule: the number of the rule it undoes
-        made, used = adapter.produced.get(index, ()), adapter.consumed.get(index, ())
+        wrote, read = adapter.produced.get(index, ()), adapter.consumed.get(index, ())
         if reverse:
-            made, used = used, made
-        consumed |= {p.name for p in used}
-        for p in made:
-            (params if p.kind == "param" else modules).add(p.name)
+            wrote, read = read, wrote
+        for p in read:
+            used["param" if p.kind == "param" else "module"].add(p.name)
+        for p in wrote:
+            made["param" if p.kind == "param" else "module"].add(p.name)
             special[p.name] = (p.rank, p.alpha)
     for src, dst in bound.passthrough.items():  # a module renamed: its adapter follows it
         a, b = factor_of(src), factor_of(dst)
         if a is not None and b is not None:
             old, new = a[0].rpartition(".")[2], b[0].rpartition(".")[2]
             if old != new:
-                consumed.add(old)
-                modules.add(new)
-    gone = consumed - modules - params
+                used["module"].add(old)
+                made["module"].add(new)
+    # a module and a parameter may share a leaf name (qwen2_moe's experts.{e}.down_proj and
+    # experts.down_proj): each list loses only the names of its own kind that no output has
+    gone = {kind: used[kind] - made[kind] for kind in used}
 
-    def names(key: str, made: set[str]):
+    def names(key: str, kind: str):
         v = raw.get(key)
         had = {v} if isinstance(v, str) else set(v or ())
-        if isinstance(v, str) and not (had & gone) and not made - had:
+        if isinstance(v, str) and not (had & gone[kind]) and not made[kind] - had:
             return v  # a regex (or "all-linear") that no conversion touched stays as written
-        kept = [n for n in ([v] if isinstance(v, str) else v or ()) if n not in gone]
-        out = kept + sorted(made - set(kept))  # the config's own order, then the new names
+        kept = [n for n in ([v] if isinstance(v, str) else v or ()) if n not in gone[kind]]
+        out = kept + sorted(made[kind] - set(kept))  # the config's own order, then the new names
         return out or None
 
-    if consumed or modules:
-        raw["target_modules"] = names("target_modules", modules)
-    if consumed or params:
-        raw["target_parameters"] = names("target_parameters", params)
+    if used["module"] or made["module"]:
+        raw["target_modules"] = names("target_modules", "module")
+    if used["param"] or made["param"]:
+        raw["target_parameters"] = names("target_parameters", "param")
+    every_gone = gone["module"] | gone["param"]
     for key, pos, default in (("rank_pattern", 0, config.r), ("alpha_pattern", 1, config.alpha)):
         old = raw.get(key) or {}
-        patterns = {k: v for k, v in old.items() if not any(pattern_key([k], f"x.{n}") for n in gone)}
+        patterns = {k: v for k, v in old.items() if not any(pattern_key([k], f"x.{n}") for n in every_gone)}
         for name, values in sorted(special.items()):
             k = rf".*\.{re.escape(name)}"
             if values[pos] != default:

@@ -103,26 +103,16 @@ def _targets(raw: dict) -> dict:
 # round trip and verify: every model
 
 
-def test_round_trip_is_byte_identical(case, tmp_path, request):
+def test_round_trip_is_byte_identical(case, tmp_path):
     """Original adapter -> converted -> back: the same adapter_model.safetensors byte for byte, and
     the same adapter config (target lists compared as sets)."""
     back = tmp_path / "back"
     convspec.convert(case.spec, case.adapter, back, base=case.base, reverse=True)
     assert filecmp.cmp(case.tiny.adapter / WEIGHTS, back / WEIGHTS, shallow=False)
-    if case.spec == "qwen2_moe":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=QWEN_CONFIG_BUG))
     original = json.loads((case.tiny.adapter / CONFIG).read_text())
     assert _targets(json.loads((back / CONFIG).read_text())) == _targets(original)
 
 
-QWEN_CONFIG_BUG = (
-    "adapters.converted_config takes the names a conversion consumes and makes as one set of leaf "
-    "names, whatever their kind: Qwen2-MoE's module experts.{e}.down_proj becomes the parameter "
-    "experts.down_proj, one leaf name, so 'down_proj' is never 'gone': forward, target_modules keeps "
-    "'down_proj' (PEFT's conversion drops it; PEFT would then adapt any down_proj Linear the config "
-    "does not exclude, shared_expert.down_proj, with factors the file does not hold); back, "
-    "target_parameters keeps ['down_proj'] where the original has null"
-)
 
 
 def test_verify_passes_both_ways(case, capsys):
@@ -189,11 +179,9 @@ def test_moe_adapter_equals_peft_conversion(made, name, peft_converts_qwen2_moe)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
-def test_moe_adapter_config_equals_peft_conversion(made, name, peft_converts_qwen2_moe, request):
+def test_moe_adapter_config_equals_peft_conversion(made, name, peft_converts_qwen2_moe):
     """The converted adapter config says what PEFT's own conversion of the config says, which PEFT
     makes as it loads the original adapter onto the v5 model."""
-    if name == "qwen2_moe":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=QWEN_CONFIG_BUG))
     c = made(name)
     loaded = _peft(lm.model_with(type(c.model), c.tiny.config, c.model.state_dict()), c.tiny.adapter)
     peft_config = loaded.peft_config["default"]
