@@ -372,12 +372,21 @@ def _is_adapter(src) -> bool:
 
 
 def adapter_plan(
-    spec: Spec | str | Path, adapter: str | Path, *, base: str | Path | None = None, reverse: bool = False
+    spec: Spec | str | Path,
+    adapter: str | Path,
+    *,
+    base: str | Path | None = None,
+    reverse: bool = False,
+    apart: bool = False,
 ):
     """The plan that converts the LoRA adapter directory `adapter` (`reverse`: one of the converted
     layout, back), checked against the adapter's headers and, given `base`, the base checkpoint's:
     A and B in pairs, of the config's ranks, of the base weights' shapes. Returns the
-    `compile.lora.Adapter` (its `plan` converts forward; with `reverse`, use `plan.inverse()`)."""
+    `compile.lora.Adapter` (its `plan` converts forward; with `reverse`, use `plan.inverse()`).
+    `apart` (with `reverse`): the adapter plan of the inverse spec instead, for an adapter trained
+    on the converted layout: parts adapted apart are joined block-diagonally, a fused weight's
+    adapter is split with every part keeping its whole A, where the inverse of the adapter plan
+    (exact, for an adapter convspec converted) refuses them."""
     from .adapters import adapter_plan as derive_for
     from .adapters import check_base, check_factors, check_refused
     from .compile.lora import derive
@@ -397,6 +406,8 @@ def adapter_plan(
     if base is not None:
         base_ckpt = open_checkpoint(base)
     plan = compile(spec, config=None if base_ckpt is None else base_ckpt.config)
+    if reverse and apart:
+        plan, reverse = plan.inverse(), False
     side = "out" if reverse else "in"
     first = derive(plan, config)
     check_factors(ckpt.layout, config, first, side, src)  # before any bind: pairs and ranks by key
@@ -446,6 +457,7 @@ def _convert_adapter(
     and the adapter config that names the converted modules, written atomically."""
     from .io.destination import check_destination, check_output, source_paths
     from .io.formats import open_checkpoint
+    from .ops.lowrank import FactorsApart
     from .streaming import convert_checkpoint
 
     flags = [flag for flag, on in refused.items() if on]
@@ -458,19 +470,32 @@ def _convert_adapter(
     check_destination(dst)
     derived = adapter_plan(spec, src, base=base, reverse=reverse)
     plan = derived.plan.inverse() if reverse else derived.plan
-    return convert_checkpoint(
-        plan,
+    options = dict(device=device, dtype=dtype, strict=strict, overwrite=overwrite, dry_run=dry_run)
+    try:
+        return convert_checkpoint(
+            plan, src, dst, **options, on_tensor=on_tensor, ckpt=open_checkpoint(src), adapter=derived
+        )
+    except FactorsApart as exc:
+        if not reverse:
+            raise
+        why = exc.short
+    # not the output of a forward conversion (nothing was written): the inverse spec's own adapter
+    # plan converts it faithfully, at the rank of the parts together
+    derived = adapter_plan(spec, src, base=base, reverse=True, apart=True)
+    result = convert_checkpoint(
+        derived.plan,
         src,
         dst,
-        device=device,
-        dtype=dtype,
-        strict=strict,
-        overwrite=overwrite,
-        dry_run=dry_run,
+        **options,
         on_tensor=on_tensor,
         ckpt=open_checkpoint(src),
         adapter=derived,
     )
+    result.notes.append(
+        f"{src} is no conversion of an adapter of the original layout ({why}): converted by the adapter "
+        "plan of the inverse spec, whose parts keep the fused weight's whole rank (rank_pattern says it)"
+    )
+    return result
 
 
 def gguf_spec(

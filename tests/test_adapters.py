@@ -182,8 +182,10 @@ def test_merge_check_passes_both_ways_and_fails_when_the_config_is_wrong(pair, m
     assert all(m.max_abs_diff > 1e-3 for m in bad.mismatches)
 
 
-def test_a_fused_adapter_trained_fused_is_refused_on_the_way_back(tmp_path):
-    """B of a fused weight that is not block diagonal has no per-part adapters: refused, not split."""
+def test_a_fused_adapter_trained_fused_is_split_with_its_whole_rank(tmp_path):
+    """B of a fused weight that is not block diagonal has no per-part adapters of the parts' rank:
+    every part keeps the whole A and its rows of B (rank 2r), said in a note, and the parts' updates
+    are the fused update's rows, exactly."""
     g = torch.Generator().manual_seed(3)
     x = f"{P}model.layers.0.mlp.experts"
     tensors = {
@@ -194,9 +196,19 @@ def test_a_fused_adapter_trained_fused_is_refused_on_the_way_back(tmp_path):
         target_modules=None, target_parameters=["gate_up_proj"], rank_pattern={"gate_up_proj": 2 * R}
     )
     src = write_adapter(tmp_path / "fused", tensors, config)
-    with pytest.raises(ConvspecError, match="not block diagonal"):
-        convspec.convert("mixtral", src, tmp_path / "o", reverse=True)
-    assert not (tmp_path / "o").exists()
+    r = convspec.convert("mixtral", src, tmp_path / "o", reverse=True)
+    assert "a B is not block diagonal" in r.notes[0]
+    out = load_file(tmp_path / "o" / "adapter_model.safetensors")
+    a = tensors[f"{x}.lora_A.weight"].reshape(E, 2 * R, H)
+    b = tensors[f"{x}.lora_B.weight"].reshape(2 * I, 2 * R, E).permute(2, 0, 1)
+    for e in range(E):
+        m = f"{P}model.layers.0.block_sparse_moe.experts.{e}"
+        for w, rows in (("w1", slice(0, I)), ("w3", slice(I, 2 * I))):
+            assert torch.equal(out[f"{m}.{w}.lora_A.weight"], a[e])
+            assert torch.equal(out[f"{m}.{w}.lora_B.weight"], b[e][rows])
+    config = json.loads((tmp_path / "o" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {r".*\.w1": 2 * R, r".*\.w3": 2 * R}
+    assert config["target_modules"] == ["w1", "w3"] and config["target_parameters"] is None
 
 
 def test_split_qkv_shares_a_and_joins_back_with_one_a(tmp_path):

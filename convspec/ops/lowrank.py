@@ -8,6 +8,15 @@ import math
 from .base import NotInvertible, Op, OpError, Param, TensorInfo, check_extent, same_dtype
 
 
+class FactorsApart(OpError):
+    """Factors that no part-by-part adapters make: a B off its diagonal blocks, or parts' A's that
+    differ. The adapter was trained on this layout, not converted to it. `short` says which."""
+
+    def __init__(self, message: str, short: str, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.short = short
+
+
 def _last_two(name: str, ins: list[TensorInfo]) -> None:
     for i in ins:
         if len(i.shape) < 2:
@@ -139,10 +148,11 @@ class UnblockDiag(Op):
             rest[..., r0 : r0 + r, c0 : c0 + c] = 0
             r0 += r
         if rest.count_nonzero():
-            raise OpError(
+            raise FactorsApart(
                 f"the tensor of shape {list(x.shape)} is not block diagonal in {len(rows)} parts "
                 f"(largest value off the diagonal: {rest.abs().max().item():.3g}): its parts were "
                 "trained together, so they cannot be split into the adapters of separate weights",
+                "a B is not block diagonal",
                 hint="merge the adapter into the base model and convert the merged weights",
             )
         return out
@@ -195,9 +205,10 @@ class Same(Op):
         first = ins[0]
         for i, t in enumerate(ins[1:], 2):
             if not torch.equal(first, t):
-                raise OpError(
+                raise FactorsApart(
                     f"the parts do not share one factor: part {i} differs from part 1 "
                     "(the weights were adapted separately, so they cannot be joined with one A)",
+                    "the parts' A's differ",
                     hint="merge the adapter into the base model and convert the merged weights",
                 )
         return [first]
