@@ -9,6 +9,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convspec.ops import OPS, Factors, NoLowRank, OnFactors
 
@@ -75,12 +77,14 @@ def _side(on, values: list[torch.Tensor], n_out: int) -> list[torch.Tensor]:
     return OPS["same"].apply({}, values)
 
 
-def _check(name: str, p: dict, fs: list[Factors], shapes: list[tuple], integer: bool, seed: int = 0):
+def _check(
+    name: str, p: dict, fs: list[Factors], shapes: list[tuple], integer: bool, seed: int = 0, rank: int = RANK
+):
     """The op on W against its factors' ops; `fs` are what low_rank is given (one per input value:
     a stack's collection is one), `shapes` the weights' shapes (a stack: its members')."""
     gen = torch.Generator().manual_seed(seed)
     members = fs * len(shapes) if len(fs) == 1 else fs
-    pairs = [_factors(f, s, RANK, gen, integer) for f, s in zip(members, shapes, strict=True)]
+    pairs = [_factors(f, s, rank, gen, integer) for f, s in zip(members, shapes, strict=True)]
     ws = [_product(a, b, f) for (a, b), f in zip(pairs, members, strict=True)]
     on = OPS[name].low_rank(dict(p), list(fs))
     assert isinstance(on, OnFactors)
@@ -89,7 +93,7 @@ def _check(name: str, p: dict, fs: list[Factors], shapes: list[tuple], integer: 
     rights = _side(on.right, [b for _, b in pairs], len(want))
     outs = on.outs * len(want) if len(on.outs) == 1 else on.outs
     assert len(lefts) == len(rights) == len(outs) == len(want)
-    rank = RANK * len(pairs) if on.joins_ranks else RANK
+    rank = rank * len(pairs) if on.joins_ranks else rank
     for left, right, f, w in zip(lefts, rights, outs, want, strict=True):
         assert left.ndim == right.ndim == f.ndim == w.ndim
         assert left.shape[-1] == right.shape[-2] == rank
@@ -209,6 +213,47 @@ def test_transposing_the_last_two_dims_swaps_the_factors_roles():
     assert on == OnFactors(None, None, (Factors(2, True),))
     on = OPS["permute"].low_rank({"dims": [0, 2, 1]}, [Factors(3, True)])
     assert on.outs == (Factors(3, False),)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), swapped=st.booleans(), rank=st.integers(1, 5), seed=st.integers(0, 2**31))
+def test_random_shapes_and_ranks(data, swapped, rank, seed):
+    """cat, split, chunk, stack and permute on weights of random shapes, forms and ranks."""
+    shape = data.draw(st.lists(st.integers(1, 5), min_size=2, max_size=4))
+    n = len(shape)
+    f = Factors(n, swapped)
+    d = data.draw(st.integers(-n, n - 1))
+    name = data.draw(st.sampled_from(["cat", "split", "chunk", "stack", "permute"]))
+    if name == "cat":
+        sizes = data.draw(st.lists(st.integers(1, 4), min_size=2, max_size=4))
+        shapes = [tuple(k if i == d % n else s for i, s in enumerate(shape)) for k in sizes]
+        case = "cat", {"dim": d, "sizes": sizes, "equal": False}, [f] * len(sizes), shapes
+    elif name == "split":
+        sizes = data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=4))
+        shape[d % n] = sum(sizes)
+        case = "split", {"dim": d, "sizes": sizes}, [f], [tuple(shape)]
+    elif name == "chunk":
+        k = data.draw(st.integers(1, 3))
+        shape[d % n] *= k
+        case = "chunk", {"n": k, "dim": d}, [f], [tuple(shape)]
+    elif name == "stack":
+        d = data.draw(st.integers(-(n + 1), n - 2))
+        case = (
+            "stack",
+            {"over": "e", "dim": d, "parts": 1},
+            [f],
+            [tuple(shape)] * data.draw(st.integers(1, 3)),
+        )
+    else:
+        lead = list(data.draw(st.permutations(range(n - 2))))
+        case = "permute", {"dims": lead + data.draw(st.permutations([n - 2, n - 1]))}, [f], [tuple(shape)]
+    name, p, fs, shapes = case
+    if name == "stack" and d % (n + 1) > n - 2:
+        with pytest.raises(NoLowRank):
+            OPS[name].low_rank(p, fs)
+        return
+    _check(name, p, fs, shapes, integer=True, seed=seed, rank=rank)
+    _check(name, p, fs, shapes, integer=False, seed=seed, rank=rank)
 
 
 # ---- refusals ------------------------------------------------------------------------------------
