@@ -35,7 +35,14 @@ PARAMS = {
     "regroup_heads": ({"groups": 2, "size": 3, "rows": 2, "dim": 0, "offset": 1}, [(13, 3)]),
     "dequant_ggml": ({"type": 8}, [(4, 68)]),  # q8_0, bytes of quantize_ggml (finite scales)
     "quantize_ggml": ({"type": 8}, [(4, 64)]),
+    "block_diag": ({"dim": -2, "sizes": [2, 3], "equal": False}, [(2, 4), (3, 4)]),
+    "unblock_diag": ({"n": 2, "dim": -1, "sizes": [3, 1]}, [(2, 8, 4)]),  # block_diag of two parts
+    "share": ({"n": 3}, [(4, 2)]),
+    "same": ({}, [(4, 2)] * 3),  # copies of the first
+    "flatten": ({"dim": 0, "sizes": [2, -1]}, [(2, 3, 4)]),
+    "unflatten": ({"dim": 1, "sizes": [-1, 2]}, [(3, 4)]),
 }
+REFUSING = {"no_low_rank"}  # refuses any input, on any device: tests/test_lowrank_ops.py
 # the input dtypes of ops that take other than bfloat16 values: FP8 weights, packed bytes (uint8)
 INPUT_DTYPES = {
     "dequant_fp8": ("float8_e4m3fn", "float32"),
@@ -53,6 +60,10 @@ def _input(shape, dtype: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_op_on_cuda_matches_cpu(name):
+    if name in REFUSING:
+        with pytest.raises(convspec.ConvspecError, match="cannot be converted"):
+            OPS[name].apply({"op": "cast"}, [torch.ones(2, 2, device="cuda")])
+        return
     params, shapes = PARAMS[name]
     dtypes = INPUT_DTYPES.get(name, ("bfloat16",) * len(shapes))
     # fixed inputs: log_neg and neg_exp compute exp/log in float32, where CUDA's and the CPU's may
@@ -63,6 +74,12 @@ def test_op_on_cuda_matches_cpu(name):
         ins = [-t.abs() - 1 for t in ins]
     if name == "dequant_ggml":
         ins = OPS["quantize_ggml"].apply(params, [torch.randn(4, 64)])
+    if name == "unblock_diag":  # a block-diagonal input, which it takes apart
+        ins = OPS["block_diag"].apply(
+            {"dim": -1}, [t.bfloat16() for t in (torch.randn(2, 4, 3), torch.randn(2, 4, 1))]
+        )
+    if name == "same":
+        ins = [ins[0].clone() for _ in ins]
     cpu = OPS[name].apply(params, ins)
     gpu = OPS[name].apply(params, [t.cuda() for t in ins])
     assert all(g.device.type == "cuda" for g in gpu)

@@ -159,7 +159,7 @@ CASES = [
         "FILE:3:17: error: rule 1 (convert): unknown op 'stak'\n"
         "         -> {p}.y = stak(x, over=e)\n"
         "                    ^\n"
-        "  hint: did you mean 'stack'? ops: add, cast, cat, chunk, deinterleave, dequant_fp8, dequant_fp8_tensor, dequant_ggml, dequant_mxfp4, interleave, log_neg, neg_exp, permute, permute_rope, quantize_ggml, regroup_heads, reshape, split, squeeze, stack, transpose, unpermute_rope, unsqueeze, unstack\n",
+        "  hint: did you mean 'stack'? ops: add, block_diag, cast, cat, chunk, deinterleave, dequant_fp8, dequant_fp8_tensor, dequant_ggml, dequant_mxfp4, flatten, interleave, log_neg, neg_exp, no_low_rank, permute, permute_rope, quantize_ggml, regroup_heads, reshape, same, share, split, squeeze, stack, transpose, unblock_diag, unflatten, unpermute_rope, unsqueeze, unstack\n",
     ),
     Case(
         "arity",

@@ -165,6 +165,61 @@ def b_regroup_heads(data, dtype, seed):
     return p, [random_tensor(shape, dtype, seed)]
 
 
+def _diagonal_parts(data, dtype, seed):
+    """Parts for block_diag: leading dims alike, one rank (the other of the last two dims) shared."""
+    lead = data.draw(st.lists(st.integers(1, 3), max_size=1))
+    dim = data.draw(st.sampled_from([-2, -1]))
+    n, rank = data.draw(st.integers(2, 4)), data.draw(st.integers(1, 3))
+    equal = data.draw(st.booleans())
+    sizes = (
+        [data.draw(st.integers(1, 3))] * n
+        if equal
+        else data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
+    )
+    shapes = [[*lead, s, rank] if dim == -2 else [*lead, rank, s] for s in sizes]
+    ins = [random_tensor(sh, dtype, seed + i) for i, sh in enumerate(shapes)]
+    return dim, sizes, equal, ins
+
+
+def b_block_diag(data, dtype, seed):
+    dim, sizes, equal, ins = _diagonal_parts(data, dtype, seed)
+    return {"dim": dim, "sizes": None if equal else sizes, "equal": equal}, ins
+
+
+def b_unblock_diag(data, dtype, seed):
+    dim, sizes, equal, ins = _diagonal_parts(data, dtype, seed)
+    (x,) = OPS["block_diag"].apply({"dim": dim}, ins)
+    return {"n": len(ins), "dim": dim, "sizes": None if equal else sizes}, [x]
+
+
+def b_share(data, dtype, seed):
+    return {"n": data.draw(st.integers(1, 4))}, [random_tensor(data.draw(dims_st), dtype, seed)]
+
+
+def b_same(data, dtype, seed):  # copies of one tensor, bit for bit (NaNs and -0.0 included)
+    x = random_tensor(data.draw(dims_st), dtype, seed)
+    return {}, [x.clone() for _ in range(data.draw(st.integers(1, 4)))]
+
+
+def b_flatten(data, dtype, seed):
+    shape = data.draw(st.lists(st.integers(1, 3), min_size=2, max_size=4))
+    dim = data.draw(st.integers(0, len(shape) - 2))
+    sizes = shape[dim : dim + data.draw(st.integers(2, len(shape) - dim))]
+    if data.draw(st.booleans()):
+        sizes[data.draw(st.integers(0, len(sizes) - 1))] = -1
+    return {"dim": dim, "sizes": sizes}, [random_tensor(shape, dtype, seed)]
+
+
+def b_unflatten(data, dtype, seed):
+    shape = data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    sizes = data.draw(st.lists(st.integers(1, 3), min_size=2, max_size=3))
+    shape[dim] = math.prod(sizes)
+    if data.draw(st.booleans()):
+        sizes[data.draw(st.integers(0, len(sizes) - 1))] = -1
+    return {"dim": dim, "sizes": sizes}, [random_tensor(shape, dtype, seed)]
+
+
 GGML = st.sampled_from(sorted(ggml.DEQUANTIZABLE))
 
 
@@ -207,10 +262,17 @@ BUILDERS = {
     "regroup_heads": b_regroup_heads,
     "dequant_ggml": b_dequant_ggml,
     "quantize_ggml": b_quantize_ggml,
+    "block_diag": b_block_diag,
+    "unblock_diag": b_unblock_diag,
+    "share": b_share,
+    "same": b_same,
+    "flatten": b_flatten,
+    "unflatten": b_unflatten,
 }
 
 
 ONE_WAY = {"dequant_fp8", "dequant_fp8_tensor"}  # no inverse by design: tests/test_quant_ops.py tests them
+ONE_WAY |= {"no_low_rank"}  # refuses whatever it is given: tests/test_lowrank_ops.py tests it
 
 
 def test_every_op_has_a_builder():

@@ -68,6 +68,15 @@ CASES = [
     ("dequant_ggml", {"type": 2}, [(2, 3, 36)]),  # q4_0
     ("quantize_ggml", {"type": 8}, [(3, 64)]),
     ("quantize_ggml", {"type": 2}, [(2, 1, 96)]),
+    ("block_diag", {"dim": -2, "sizes": [2, 3]}, [(2, 4), (3, 4)]),
+    ("block_diag", {"dim": -1, "equal": True}, [(2, 3, 2)] * 3),
+    ("unblock_diag", {"n": 2, "dim": -2, "sizes": [1, 3]}, [(4, 6)]),
+    ("unblock_diag", {"n": 3, "dim": -1}, [(2, 6, 3)]),
+    ("share", {"n": 3}, [(3, 4)]),
+    ("same", {}, [(3, 4)] * 2),
+    ("flatten", {"dim": 0, "sizes": [2, -1]}, [(2, 3, 4)]),
+    ("flatten", {"dim": 1, "sizes": [3, 4]}, [(2, 3, 4)]),
+    ("unflatten", {"dim": 1, "sizes": [-1, 2]}, [(3, 4)]),
 ]
 # the dtypes of an op's inputs where they are not float32, input by input (values small and finite)
 INPUT_DTYPES = {
@@ -100,6 +109,16 @@ def _values(name, params, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Inputs an op reads as numbers: negative ones for log_neg, GGML blocks of finite scales."""
     if name == "log_neg":
         return [-(x + 1) for x in xs]
+    if name == "same":  # parts that share one factor
+        return [xs[0]] * len(xs)
+    if name == "unblock_diag":  # a block-diagonal tensor of distinct blocks
+        (x,) = xs
+        n, dim = params["n"], params["dim"]
+        sizes = params.get("sizes") or [x.shape[dim] // n] * n
+        other = [x.shape[-1 if dim == -2 else -2] // n] * n
+        rows, cols = (sizes, other) if dim == -2 else (other, sizes)
+        parts = [x[..., :r, :c] + i * 100 for i, (r, c) in enumerate(zip(rows, cols, strict=True))]
+        return OPS["block_diag"].apply({"dim": dim}, parts)
     if name == "dequant_ggml":
         t = params["type"]
         n, size = ggml.block_size(t)
@@ -161,6 +180,8 @@ def _aligned(name, params, shape, inputs, rng):
             continue  # reads its inputs whole (a byte holds two values, a scale a block of them)
         elif name in ("dequant_ggml", "quantize_ggml"):
             continue  # whole blocks of bytes in, values out (or back): never counted as exact
+        elif name in ("block_diag", "unblock_diag", "share", "same", "flatten", "unflatten"):
+            continue  # LoRA factors, small: read whole (the default map), never counted as exact
         if region_numel(region):  # an empty region reads nothing worth counting
             yield region
 

@@ -142,12 +142,14 @@ class Cast(Op):
     def slice_map(self, p, ins, k, region):
         return SliceMap(((region,),), self, p)
 
+    def low_rank(self, p, ins):
+        """The factors keep their own dtype: an adapter's precision is its own (float32 factors of a
+        bfloat16 model are usual), and casting them would make the adapter plan lossy."""
+        return OnFactors(None, None, (ins[0],))
+
 
 def _ints(dtype: str):
     """The signed integer torch dtype as wide as `dtype`: a view of its bits."""
     import torch
 
     return getattr(torch, f"int{8 * ITEMSIZE[dtype]}")
-
-    def low_rank(self, p, ins):
-        return OnFactors((self.name, p), (self.name, p), (ins[0],))

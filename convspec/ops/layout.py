@@ -92,6 +92,17 @@ class Permute(Op):
             src[d] = region[i]
         return SliceMap(((tuple(src),),), self, p)
 
+    def low_rank(self, p, ins):
+        (f,) = ins
+        dims, n = [d % f.ndim for d in p["dims"]], f.ndim
+        if len(dims) != n or sorted(dims[n - 2 :]) != [n - 2, n - 1]:
+            raise NoLowRank(
+                f"permute(dims={list(p['dims'])}) moves the weight's rows or columns among its leading dims"
+            )
+        lead = {"dims": [*dims[: n - 2], n - 2, n - 1]}
+        swapped = f.swapped != (dims[n - 2] == n - 1)
+        return OnFactors((self.name, lead), (self.name, lead), (f._replace(swapped=swapped),), rows=False)
+
 
 def _resolve(shape: list[int], numel: int) -> tuple[int, ...]:
     """Fill in one -1 of a target shape, checking the element count."""
@@ -105,17 +116,6 @@ def _resolve(shape: list[int], numel: int) -> tuple[int, ...]:
     if math.prod(shape) != numel:
         raise OpError(f"cannot reshape {numel} elements to {shape}")
     return tuple(shape)
-
-    def low_rank(self, p, ins):
-        (f,) = ins
-        dims, n = [d % f.ndim for d in p["dims"]], f.ndim
-        if len(dims) != n or sorted(dims[n - 2 :]) != [n - 2, n - 1]:
-            raise NoLowRank(
-                f"permute(dims={list(p['dims'])}) moves the weight's rows or columns among its leading dims"
-            )
-        lead = {"dims": [*dims[: n - 2], n - 2, n - 1]}
-        swapped = f.swapped != (dims[n - 2] == n - 1)
-        return OnFactors((self.name, lead), (self.name, lead), (f._replace(swapped=swapped),), rows=False)
 
 
 class Reshape(Op):

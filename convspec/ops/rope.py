@@ -90,6 +90,12 @@ class UnpermuteRope(Op):
     def slice_map(self, p, ins, k, region):
         return _rope_slice(self, p, ins, region)
 
+    def low_rank(self, p, ins):
+        (f,) = ins
+        if f.ndim != 2 or f.swapped:
+            raise NoLowRank(f"{self.name} permutes dim 0, which is not the rows of a 2-D weight here")
+        return OnFactors((self.name, p), None, (f,))
+
 
 def _interleave_check(p, x: TensorInfo, name: str) -> int:
     dim = Op.norm_dim(p["dim"], len(x.shape))
@@ -102,12 +108,6 @@ def _regroup(t, dim: int, a: int, b: int):
     shape = list(t.shape)
     split = shape[:dim] + [a, b] + shape[dim + 1 :]
     return t.reshape(split).transpose(dim, dim + 1).reshape(shape).contiguous()
-
-    def low_rank(self, p, ins):
-        (f,) = ins
-        if f.ndim != 2 or f.swapped:
-            raise NoLowRank(f"{self.name} permutes dim 0, which is not the rows of a 2-D weight here")
-        return OnFactors((self.name, p), None, (f,))
 
 
 class Interleave(Op):

@@ -147,7 +147,9 @@ class Unstack(Op):
         return SliceMap(((region[:dim] + ((k, k + 1),) + region[dim:],),), self, p)
 
     def low_rank(self, p, ins):
-        (f,) = ins
+        f = ins[0]  # parts=k: k inputs, each unstacked alike
+        if len(set(ins)) > 1:
+            raise NoLowRank("unstacks weights whose factors lie differently (one transposed)")
         dim = self.norm_dim(p["dim"], f.ndim)
         if dim >= f.ndim - 2:
             raise NoLowRank(f"unstack along dim {p['dim']} cuts the weight's rows or columns apart")
