@@ -151,4 +151,10 @@ def dequantize(plan: Plan, dtype: str) -> Plan:
     return dequantized(plan, dtype)
 
 
+def adapter(plan: Plan, config: dict | None) -> Plan:
+    from .compile.lora import derive
+
+    return derive(plan, config).plan
+
+
 _plan.install_runtime(sys.modules[__name__])

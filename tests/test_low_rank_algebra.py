@@ -196,6 +196,7 @@ def test_cat_along_the_rows_is_peft_fused_form():
         ("cat", {"dim": 0, "equal": True}),
         (Factors(2),),
         True,
+        ("cat", {"dim": 0, "sizes": [4, 2], "equal": False}),  # DoRA's magnitudes: one per row, joined
     )
     on = OPS["cat"].low_rank({"dim": 1, "sizes": None, "equal": True}, [Factors(2, True)] * 2)
     assert on.left[0] == "block_diag" and on.joins_ranks  # a transposed weight's columns are L's rows
@@ -210,7 +211,7 @@ def test_split_along_the_rows_shares_the_a():
 
 def test_transposing_the_last_two_dims_swaps_the_factors_roles():
     on = OPS["transpose"].low_rank({"dim0": 0, "dim1": 1}, [Factors(2)])
-    assert on == OnFactors(None, None, (Factors(2, True),))
+    assert on == OnFactors(None, None, (Factors(2, True),), rows=False)  # DoRA: rows become columns
     on = OPS["permute"].low_rank({"dims": [0, 2, 1]}, [Factors(3, True)])
     assert on.outs == (Factors(3, False),)
 
@@ -261,7 +262,7 @@ def test_random_shapes_and_ranks(data, swapped, rank, seed):
 
 @pytest.mark.parametrize("name", sorted(set(OPS) - FOLLOWS))
 def test_an_op_without_a_low_rank_counterpart_refuses(name):
-    with pytest.raises(NoLowRank, match=f"{name} changes values in a way low-rank factors cannot follow"):
+    with pytest.raises(NoLowRank, match=f"{name} has no counterpart on low-rank factors"):
         OPS[name].low_rank({}, [Factors(2)])
 
 

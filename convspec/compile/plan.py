@@ -382,9 +382,7 @@ class Plan:
             raise ConvspecError(
                 f"adapter kind {kind!r}: convspec derives LoRA adapter plans", hint='kind="lora"'
             )
-        from .lora import derive
-
-        return derive(self, config).plan
+        return _runtime().adapter(self, config)
 
     def for_dtype(self, dtype: str | None, dequantize: bool | str = False) -> Plan:
         """The plan to run when outputs are cast to `dtype`: dequantizing when asked (to `dequantize`
@@ -575,6 +573,7 @@ class Runtime(Protocol):
     def from_json(self, text: str | bytes) -> Plan: ...
     def check(self, plan: Plan) -> None: ...
     def dequantize(self, plan: Plan, dtype: str) -> Plan: ...
+    def adapter(self, plan: Plan, config: dict | None) -> Plan: ...
 
 
 _installed: list[Runtime] = []

@@ -186,8 +186,8 @@ class Share(Op):
     def infer(self, p, ins):
         return [ins[0]] * p["n"]
 
-    def apply(self, p, ins):
-        return [ins[0]] * p["n"]
+    def apply(self, p, ins):  # copies: a state dict of one tensor under n keys is refused by save_file
+        return [ins[0], *(ins[0].clone() for _ in range(p["n"] - 1))]
 
     def inverse(self, p, n_inputs):
         return "same", {}
