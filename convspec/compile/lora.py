@@ -119,6 +119,7 @@ class _Rule:
         self.d, self.rule, self.variant = d, rule, variant
         self.params: list[tuple[str, Pattern, Pattern]] = []
         self.mags: dict[str, str] = {}  # DoRA: base value -> its magnitude value
+        self.scalings: dict[str, float] = {}  # base value -> its factors' scaling (alpha / r)
         self.nodes: list[Node] = []
         self.free: dict[str, tuple[str, ...]] = {}
         self.count = 0
@@ -180,93 +181,24 @@ class _Rule:
             vals[name] = (left, right, Factors(3), r)
         return ins, vals
 
-    def build(self) -> tuple[PlanRule, tuple[Produced, ...], tuple[str, ...]]:
+    def build(self) -> tuple[PlanRule, tuple[Produced, ...], tuple[Produced, ...]]:
+        """The adapter rule, what it writes for each base output, and what it reads."""
         ins, vals = self.inputs()
-        initial = {name: vals[name][3] for name, _ in self.rule.inputs}
-        scalings = {}
-        for name, pat in self.rule.inputs:
-            module, leaf = _split(pat)
-            r = vals[name][3]
-            scalings[name] = self.d.config.scaling(r, self.d.alpha(module, leaf))
-        for node in self.rule.nodes:
-            op = OPS[node.op]
-            facs = [vals[v][2] for v in node.inputs]
-            on = op.low_rank(dict(node.params), facs)
-            n = len(node.outputs)
-            outs = on.outs * n if len(on.outs) == 1 else on.outs
-            ranks = [vals[v][3] for v in node.inputs]
-            joins = on.joins_ranks
-            if joins and len(set(ranks)) > 1:
-                raise NoLowRank(
-                    f"{node.op} joins weights whose adapters have ranks {ranks} (adapter config): the "
-                    "block-diagonal form needs one rank, so that its inverse can split it"
-                )
-            if joins and len({scalings.get(v) for v in node.inputs}) > 1:
-                raise NoLowRank(f"{node.op} joins weights whose adapters scale differently (alpha / r)")
-            if self.variant == "dora":
-                self.magnitude(node, on, facs)
-            lefts = self.side(on.left, [vals[v][0] for v in node.inputs], node, "B")
-            rights = self.side(on.right, [vals[v][1] for v in node.inputs], node, "A")
-            rank = sum(ranks) if joins else ranks[0]
-            scale = scalings.get(node.inputs[0])
-            for k, v in enumerate(node.outputs):
-                vals[v] = (lefts[k], rights[k], outs[k], rank)
-                scalings[v] = scale
-        outputs, produced = [], []
-        for value, pat in self.rule.outputs:
-            left, right, f, rank = vals[value]
-            split = _split(pat)
-            if split is None:
-                raise NoLowRank(f"its output {pat.text} ends in a capture, so its weight has no module name")
-            module, leaf = split
-            want = self.variant == "embedding"
-            if value in self.mags:
-                if kind_of(leaf) != "module" or f.swapped or f.ndim != 2:
-                    raise NoLowRank(
-                        f"its output {pat.text} is no Linear weight, which DoRA's magnitude needs"
-                    )
-                outputs.append(
-                    (
-                        self.mags[value],
-                        _pattern((("lit", PREFIX, None), *module, ("lit", "." + MAGNITUDE, None))),
-                    )
-                )
-            if f.swapped != want:  # (L @ R)^T = R^T @ L^T: the factors trade places
-                dims = {"dim0": f.ndim - 2, "dim1": f.ndim - 1}
-                (left,), (right,) = (
-                    self.node("transpose", [right], dims, value, "B"),
-                    self.node("transpose", [left], dims, value, "A"),
-                )
-            alpha = self.d.config.alpha_for(rank, scalings[value])
-            if self.variant == "embedding":
-                names, kind = EMBEDDING, "embedding"
-                tail = [("lit", "." + s, None) for s in names]
-            elif leaf == "weight":
-                if f.ndim != 2:
-                    raise NoLowRank(f"its output {pat.text} is a module's weight of {f.ndim} dims")
-                kind, tail = "module", [("lit", "." + s, None) for s in LINEAR]
-            else:
-                kind = "param"
-                wrap = "." + WRAPPED * self.d.depth(module, leaf, "out")
-                tail = [("lit", wrap + s, None) for s in LINEAR]
-                if f.ndim == 3:
-                    (right,) = self.node("flatten", [right], {"dim": 0, "sizes": [-1, rank]}, value, "A")
-                    (u,) = self.node("permute", [left], {"dims": [1, 2, 0]}, value, "B")
-                    (left,) = self.node("flatten", [u], {"dim": 1, "sizes": [rank, -1]}, value, "B")
-                elif f.ndim != 2:
-                    raise NoLowRank(f"its output {pat.text} has {f.ndim} dims; PEFT adapts 2 or 3")
-            a, b = (_pattern((("lit", PREFIX, None), *module, t)) for t in tail)
-            outputs += [(right, a), (left, b)]
-            if kind == "param":
-                self.params.append(("out", a, pat))
-            name = leaf if kind == "param" else _leaf(module)
-            produced.append(Produced(kind, _text(module), name, rank, alpha))
         consumed = []
         for name, pat in self.rule.inputs:
             module, leaf = _split(pat)
             kind = kind_of(leaf) if self.variant != "embedding" else "embedding"
             label = leaf if kind == "param" else _leaf(module)
-            consumed.append(Produced(kind, _text(module), label, initial[name], self.d.alpha(module, leaf)))
+            alpha = self.d.alpha(module, leaf)
+            consumed.append(Produced(kind, _text(module), label, vals[name][3], alpha))
+            self.scalings[name] = self.d.config.scaling(vals[name][3], alpha)
+        for node in self.rule.nodes:
+            self.walk(node, vals)
+        outputs, produced = [], []
+        for value, pat in self.rule.outputs:
+            made = self.output(value, pat, vals[value])
+            outputs += made[0]
+            produced.append(made[1])
         rule = PlanRule(
             index=0,
             kind="convert",
@@ -280,6 +212,72 @@ class _Rule:
         )
         self.d.params += self.params
         return rule, tuple(produced), tuple(consumed)
+
+    def walk(self, node: Node, vals: dict) -> None:
+        """One base op, as ops on the factors of its inputs (and DoRA's magnitudes)."""
+        facs = [vals[v][2] for v in node.inputs]
+        on = OPS[node.op].low_rank(dict(node.params), facs)
+        outs = on.outs * len(node.outputs) if len(on.outs) == 1 else on.outs
+        ranks = [vals[v][3] for v in node.inputs]
+        if on.joins_ranks and len(set(ranks)) > 1:
+            raise NoLowRank(
+                f"{node.op} joins weights whose adapters have ranks {ranks} (adapter config): the "
+                "block-diagonal form needs one rank, so that its inverse can split it"
+            )
+        if on.joins_ranks and len({self.scalings.get(v) for v in node.inputs}) > 1:
+            raise NoLowRank(f"{node.op} joins weights whose adapters scale differently (alpha / r)")
+        if self.variant == "dora":
+            self.magnitude(node, on, facs)
+        lefts = self.side(on.left, [vals[v][0] for v in node.inputs], node, "B")
+        rights = self.side(on.right, [vals[v][1] for v in node.inputs], node, "A")
+        rank = sum(ranks) if on.joins_ranks else ranks[0]
+        for k, v in enumerate(node.outputs):
+            vals[v] = (lefts[k], rights[k], outs[k], rank)
+            self.scalings[v] = self.scalings.get(node.inputs[0])
+
+    def output(self, value: str, pat: Pattern, val) -> tuple[list, Produced]:
+        """The adapter outputs of one base output: its factors as PEFT names and lays them out."""
+        left, right, f, rank = val
+        split = _split(pat)
+        if split is None:
+            raise NoLowRank(f"its output {pat.text} ends in a capture, so its weight has no module name")
+        module, leaf = split
+        outputs = []
+        if value in self.mags:
+            if kind_of(leaf) != "module" or f.swapped or f.ndim != 2:
+                raise NoLowRank(f"its output {pat.text} is no Linear weight, which DoRA's magnitude needs")
+            outputs.append(
+                (self.mags[value], _pattern((("lit", PREFIX, None), *module, ("lit", "." + MAGNITUDE, None))))
+            )
+        if f.swapped != (self.variant == "embedding"):  # (L @ R)^T = R^T @ L^T: the factors trade places
+            dims = {"dim0": f.ndim - 2, "dim1": f.ndim - 1}
+            (left,), (right,) = (
+                self.node("transpose", [right], dims, value, "B"),
+                self.node("transpose", [left], dims, value, "A"),
+            )
+        if self.variant == "embedding":
+            kind, tail = "embedding", [("lit", "." + s, None) for s in EMBEDDING]
+        elif leaf == "weight":
+            if f.ndim != 2:
+                raise NoLowRank(f"its output {pat.text} is a module's weight of {f.ndim} dims")
+            kind, tail = "module", [("lit", "." + s, None) for s in LINEAR]
+        else:
+            kind = "param"
+            wrap = "." + WRAPPED * self.d.depth(module, leaf, "out")
+            tail = [("lit", wrap + s, None) for s in LINEAR]
+            if f.ndim == 3:  # PEFT's layout: the experts flattened into the rank
+                (right,) = self.node("flatten", [right], {"dim": 0, "sizes": [-1, rank]}, value, "A")
+                (u,) = self.node("permute", [left], {"dims": [1, 2, 0]}, value, "B")
+                (left,) = self.node("flatten", [u], {"dim": 1, "sizes": [rank, -1]}, value, "B")
+            elif f.ndim != 2:
+                raise NoLowRank(f"its output {pat.text} has {f.ndim} dims; PEFT adapts 2 or 3")
+        a, b = (_pattern((("lit", PREFIX, None), *module, t)) for t in tail)
+        outputs += [(right, a), (left, b)]
+        if kind == "param":
+            self.params.append(("out", a, pat))
+        name = leaf if kind == "param" else _leaf(module)
+        alpha = self.d.config.alpha_for(rank, self.scalings[value])
+        return outputs, Produced(kind, _text(module), name, rank, alpha)
 
     def magnitude(self, node: Node, on, facs: list[Factors]) -> None:
         """DoRA's magnitude vectors through `node`: they follow the weight's rows as B does."""
