@@ -247,8 +247,9 @@ def test_every_op_maps_a_slice_on_meta_tensors(bound):
     from convspec.ops import OPS, TensorInfo
     from convspec.ops.slicing import finish, take
 
+    refusing = {"no_low_rank"}  # refuses whatever it is given: it has no slice to map
     assert {name for name, _, _ in CASES} >= {
-        n for n, op in OPS.items() if type(op).__module__.startswith("convspec.")
+        n for n, op in OPS.items() if type(op).__module__.startswith("convspec.") and n not in refusing
     }
     reader = CountingReader(bound)
     for name, params, shapes in CASES:
