@@ -23,6 +23,7 @@ from .errors import (
     TransformersMissing,
 )
 from .spec import Spec
+from .synthesis import infer
 
 __version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it
 
@@ -31,6 +32,7 @@ __version__ = "0.1.0"  # the one place the version is written: pyproject.toml re
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 __all__ = [
+    "infer",
     "__version__",
     "BindError",
     "BoundPlan",

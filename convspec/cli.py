@@ -186,6 +186,13 @@ def _parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("schema", help="the JSON Schema of the YAML spec form (for editors)")
     sc.add_argument("-o", "--output", metavar="FILE", help="write the schema here")
     _json_flag(sc)  # the schema is JSON already; accepted so that every command takes --json
+    inf = sub.add_parser("infer", help="synthesize the spec that maps one layout to another, and prove it")
+    inf.add_argument("source", help="a checkpoint, a layout .json ({key: [shape, dtype]}), or a model type")
+    inf.add_argument("target", help="the same kinds: a transformers model type or class is built on meta")
+    inf.add_argument("-o", "--output", metavar="SPEC", help="write the spec here (a .yaml file)")
+    inf.add_argument("--config", help="a config.json for a model type named as SOURCE or TARGET")
+    inf.add_argument("--name", default="inferred", help="the spec's name")
+    _json_flag(inf)
     im = sub.add_parser(
         "import-transformers",
         help="write the spec for a transformers model type or class (needs transformers)",
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "fmt": _fmt,
             "schema": _schema,
             "import-transformers": _import,
+            "infer": _infer,
         }
         return commands[args.command](args)
     except ConvspecError as exc:
@@ -692,6 +700,71 @@ def _explain(args) -> int:
     else:
         print(explanation_text(e, _style(sys.stdout)))
     return 1 if e.problems or e.claim == "error" else 0
+
+
+def _infer(args) -> int:
+    """The synthesized spec (printed, or -o FILE) and the report; exit 1 when it explains less than
+    every key, binds other than exactly, or draws a lint warning."""
+    import tempfile
+    from pathlib import Path
+
+    from .io.files import write_file_atomic
+    from .layout_sources import read_layout
+    from .lint import check_spec
+    from .ops import TensorInfo
+    from .synthesis import infer
+
+    if args.output is not None and not args.output.endswith((".yaml", ".yml")):
+        raise ConvspecError(f"-o {args.output}: infer writes a YAML spec", hint="name it NAME.yaml")
+    source, target = read_layout(args.source, args.config), read_layout(args.target, args.config)
+    r = infer(source, target, name=args.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{args.name}.yaml"
+        path.write_text(r.spec)
+        layout = {k: TensorInfo(shape, dtype) for k, (shape, dtype) in source.items()}
+        lint = check_spec(str(path), layout=layout)
+    findings = [  # warnings and errors; I301 (keys passed through) is what unchanged keys are
+        f.text(_style(sys.stdout)).replace(str(path), args.output or "<spec>")
+        for f in lint.findings
+        if f.severity != "info"
+    ]
+    ok = r.ok and not findings
+    if args.output is not None:
+        write_file_atomic(Path(args.output), r.spec.encode())
+    if args.json:
+        print(json.dumps({**r.to_dict(), "ok": ok, "lint": findings}, indent=2))
+        return 0 if ok else 1
+    if args.output is None:
+        print(r.spec, end="")
+    print(_infer_report(r, findings, ok), file=sys.stderr if args.output is None else sys.stdout)
+    return 0 if ok else 1
+
+
+SHOWN = 20  # groups of unexplained keys shown per side (--json has them all)
+
+
+def _infer_report(r, findings: list[str], ok: bool) -> str:
+    """What infer explained, left, asked and proved, for a person."""
+    f = r.found
+    explained = r.source_keys - len(f.unexplained_source)
+    lines = [
+        f"{explained} of {r.source_keys} source keys explained ({f.unchanged} unchanged, {len(f.rules)} rules)"
+    ]
+    for side, left in (("source", f.unexplained_source), ("target", f.unexplained_target)):
+        from .synthesis import _grouped
+
+        for g in _grouped(left)[:SHOWN]:
+            lines.append(
+                f"  not explained ({side}): {g['template']} {g['shape']} {g['dtype']} x{g['keys']}, e.g. {g['first']}"
+            )
+    lines += [f"  question: {q}" for q in f.questions]
+    lines += [f"  lint: {x}" for x in findings]
+    p = r.proof
+    if p.error:
+        lines.append(f"  not proved: {p.error}")
+    lines += [f"  forward differs: {d}" for d in p.forward] + [f"  inverse differs: {d}" for d in p.inverse]
+    lines.append("ok: binds both ways exactly on these layouts" if ok else "not a complete, proved spec")
+    return "\n".join(lines)
 
 
 def _fmt(args) -> int:

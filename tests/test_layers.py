@@ -48,13 +48,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     # the public Python API
-    ("api", ("convspec", "api")),
+    ("api", ("convspec", "api", "synthesis")),
     # what is built on the API: lint, explain, pictures, the transformers importer and exporter
     (
         "tools",
         (
             "lint",
             "explain",
+            "layout_sources",
             "dot",
             "render",
             "pictures",

@@ -1,0 +1,543 @@
+"""Spec synthesis: from a source layout and a target layout (keys, shapes, dtypes), the spec that maps
+one to the other, cheapest explanation first (renames, stacks, concatenations, transposes), proved by
+binding it both ways; what it cannot explain is reported, never guessed. `convspec infer`."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Shape = tuple[int, ...]
+Layout = dict[str, tuple[Shape, str]]
+NUMBER = re.compile(r"\d+")
+SLOT = "#"
+MAX_PARTS_TRIED = 8  # the most alike candidates a join is looked for among (C(8, 4) = 70 tries at most)
+
+MAX_LAYOUT_BYTES = 256 << 20  # a layout file of 10^6 keys is ~100 MB
+
+# capture names by the segment a number follows (model.layers.{i}, experts.{e}); else n, m, ...
+CAPTURE_AFTER = {"layers": "i", "layer": "i", "h": "i", "blocks": "i", "block": "i", "experts": "e"}
+
+
+@dataclass(frozen=True)
+class Template:
+    """A key with its numbers taken out: `model.layers.#.mlp.experts.#.w1.weight`."""
+
+    segments: tuple[str, ...]
+
+    @property
+    def slots(self) -> int:
+        return sum(s == SLOT for s in self.segments)
+
+    def text(self, names: list[str], typed: bool) -> str:
+        it = iter(names)
+        return ".".join(
+            (f"{{{next(it)}:int}}" if typed else f"{{{next(it)}}}") if s == SLOT else s for s in self.segments
+        )
+
+    def key(self, index: tuple[str, ...]) -> str:
+        it = iter(index)
+        return ".".join(next(it) if s == SLOT else s for s in self.segments)
+
+
+Members = dict[tuple[str, ...], tuple[Shape, str]]
+
+
+def templates(layout: Layout) -> dict[Template, Members]:
+    """Every key of a layout under its template, by its numbers."""
+    out: dict[Template, Members] = defaultdict(dict)
+    for key, (shape, dtype) in layout.items():
+        segs = key.split(".")
+        index = tuple(s for s in segs if NUMBER.fullmatch(s))
+        t = Template(tuple(SLOT if NUMBER.fullmatch(s) else s for s in segs))
+        out[t][index] = (tuple(shape), dtype)
+    return dict(out)
+
+
+def capture_names(t: Template, extra: dict[int, str] | None = None) -> list[str]:
+    """The capture of each slot of `t`, named by the segment before it, distinct."""
+    names, used = [], set()
+    for k, s in enumerate(t.segments):
+        if s != SLOT:
+            continue
+        prev = t.segments[k - 1] if k else ""
+        name = CAPTURE_AFTER.get(prev, "n")
+        base, n = name, 1
+        while name in used:
+            n += 1
+            name = f"{base}{n}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def similarity(a: Template, b: Template) -> float:
+    return difflib.SequenceMatcher(None, a.segments, b.segments, autojunk=False).ratio()
+
+
+@dataclass
+class Explained:
+    """One rule of the synthesized spec, in YAML, and the source keys it explains."""
+
+    yaml: str
+    keys: int
+    kind: str
+
+
+@dataclass
+class Synthesis:
+    """What `infer` found: the spec's rules, the keys explained and not, decisions and questions."""
+
+    rules: list[Explained] = field(default_factory=list)
+    unexplained_source: Layout = field(default_factory=dict)
+    unexplained_target: Layout = field(default_factory=dict)
+    questions: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+    def spec_text(self, name: str = "inferred", doc: str = "") -> str:
+        head = [f"spec: {name}", f"doc: {doc or 'synthesized by convspec infer'}"]
+        if not self.rules:
+            return "\n".join(head) + "\nrules: []\n"
+        body = "\n".join(r.yaml for r in self.rules)
+        return "\n".join(head) + "\nrules:\n" + body + "\n"
+
+
+def _q(s: str) -> str:
+    return '"' + s + '"'
+
+
+class Search:
+    """The search, step by step, over the templates not yet explained on each side."""
+
+    def __init__(self, source: Layout, target: Layout):
+        self.src = templates(source)
+        self.dst = templates(target)
+        self.out = Synthesis()
+
+    # ---- one-to-one ---------------------------------------------------------------------------
+
+    def unchanged(self) -> None:
+        for t in [t for t in self.src if self.dst.get(t) == self.src[t]]:
+            self.out.unchanged += len(self.src.pop(t))
+            del self.dst[t]
+
+    def renames(self) -> None:
+        """Template pairs with the same members (numbers, shapes, dtypes): renames, most alike first."""
+        pairs = []
+        for s, ms in self.src.items():
+            for t, mt in self.dst.items():
+                if s.slots == t.slots and ms == mt:
+                    pairs.append((similarity(s, t), s, t))
+        pairs.sort(key=lambda p: (-p[0], p[1].segments, p[2].segments))
+        taken_s, taken_t = set(), set()
+        chosen = []
+        for score, s, t in pairs:
+            if s in taken_s or t in taken_t:
+                continue
+            rivals = [
+                p for p in pairs if p[0] == score and (p[1] == s) != (p[2] == t) and p[1] not in taken_s
+            ]
+            rivals = [p for p in rivals if p[2] not in taken_t]
+            if rivals:
+                alt = rivals[0]
+                self.out.questions.append(
+                    f"{s.text(capture_names(s), False)} could be {t.text(capture_names(t), False)} or "
+                    f"{alt[2].text(capture_names(alt[2]), False)}: same shapes, names as alike; took the first"
+                )
+            taken_s.add(s)
+            taken_t.add(t)
+            chosen.append((s, t))
+        for s, t in chosen:
+            n = len(self.src.pop(s))
+            del self.dst[t]
+            names = capture_names(s)
+            self.out.rules.append(
+                Explained(
+                    f"  - rename: {_q(s.text(names, True))}  # {n} keys\n    to: {_q(t.text(names, False))}",
+                    n,
+                    "rename",
+                )
+            )
+
+    # ---- many-to-one and one-to-many ----------------------------------------------------------
+
+    def stacks(self) -> None:
+        """A target of leading dim N from source templates with one more number, running 0..N-1, of
+        the target's shape without that dim: stack; several of them joined along a dim: cat(stack)."""
+        for t in sorted(self.dst, key=lambda t: t.segments):
+            mt = self.dst[t]
+            found = self._stack_parts(t, mt)
+            if found is None:
+                continue
+            parts, dim, extra = found
+            names = capture_names(t)
+            over = "e"
+            n = sum(len(self.src[p]) for p, _, _ in parts)
+            inputs = []
+            for k, (p, pos, _) in enumerate(parts):
+                pn = names[:pos] + [over] + names[pos:]
+                inputs.append((f"x{k}" if len(parts) > 1 else "x", p.text(pn, True)))
+            if len(parts) == 1:
+                expr = f"stack({inputs[0][0]}, over={over})"
+            else:
+                sizes = [size for _, _, size in parts]
+                stacks = ", ".join(f"stack({v}, over={over})" for v, _ in inputs)
+                expr = f"cat({stacks}, dim={dim}, {_sized(sizes)})"
+                if len(set(sizes)) == 1:
+                    self.out.questions.append(_order_question(t, [p for p, _, _ in parts]))
+            ins = "\n".join(f"      {v}: {_q(text)}" for v, text in inputs)
+            self.out.rules.append(
+                Explained(
+                    f"  - convert:  # {n} keys\n{ins}\n    to:\n      {_q(t.text(names, False))}: {expr}",
+                    n,
+                    "stack",
+                )
+            )
+            for p, _, _ in parts:
+                del self.src[p]
+            del self.dst[t]
+
+    def _stack_parts(self, t: Template, mt: Members):
+        shapes = {s for s, _ in mt.values()}
+        if len(shapes) != 1:
+            return None
+        (shape,) = shapes
+        if len(shape) < 2:
+            return None
+        dtype = next(iter(mt.values()))[1]
+        n = shape[0]
+        candidates = []  # (template, slot position of the stacked number, member shape)
+        for s, ms in self.src.items():
+            if s.slots != t.slots + 1:
+                continue
+            for pos in range(s.slots):
+                groups: dict[tuple, dict[str, tuple]] = defaultdict(dict)
+                for idx, v in ms.items():
+                    groups[idx[:pos] + idx[pos + 1 :]][idx[pos]] = v
+                if set(groups) != set(mt):
+                    continue
+                ok = all(
+                    sorted(g, key=int) == [str(x) for x in range(n)] and len({v for v in g.values()}) == 1
+                    for g in groups.values()
+                )
+                vals = {v for g in groups.values() for v in g.values()}
+                if ok and len(vals) == 1 and next(iter(vals))[1] == dtype:
+                    candidates.append((s, pos, next(iter(vals))[0]))
+        if not candidates:
+            return None
+        inner = shape[1:]
+        exact = [c for c in candidates if c[2] == inner]
+        if exact:
+            best = max(exact, key=lambda c: similarity(c[0], t))
+            return [(best[0], best[1], None)], 0, None
+        # parts joined along one dim of the stacked shape: the dims but one equal, the sizes adding up
+        for d in range(len(inner)):
+            fits = [c for c in candidates if len(c[2]) == len(inner) and all(
+                a == b for k, (a, b) in enumerate(zip(c[2], inner, strict=True)) if k != d)]  # fmt: skip
+            fits.sort(key=lambda c: -similarity(c[0], t))
+            for size in range(2, min(len(fits), 4) + 1):
+                for combo in _combinations(fits, size):
+                    if sum(c[2][d] for c in combo) == inner[d] and len({c[1] for c in combo}) == 1:
+                        ordered = _order_parts(t, list(combo))
+                        return [(c[0], c[1], c[2][d]) for c in ordered], d + 1, None
+        return None
+
+    def joins(self) -> None:
+        """Targets made of sibling sources whose shapes add up along one dim (fused qkv): cat; and a
+        source cut into sibling targets: split."""
+        for joining in (True, False):  # a whole target of source parts; then a whole source cut
+            whole_side, part_side = (self.dst, self.src) if joining else (self.src, self.dst)
+            for w in sorted(whole_side, key=lambda t: t.segments):
+                if w not in whole_side:
+                    continue
+                found = self._parts(w, whole_side[w], part_side)
+                if found is None:
+                    continue
+                parts, dim = found
+                names = capture_names(w)
+                n = len(whole_side[w]) * (len(parts) if joining else 1)
+                if joining:
+                    ins = "\n".join(f"      x{k}: {_q(p.text(names, True))}" for k, p in enumerate(parts))
+                    sizes = [next(iter(part_side[p].values()))[0][dim] for p in parts]
+                    args = ", ".join(f"x{k}" for k in range(len(parts)))
+                    expr = f"cat({args}, dim={dim}, {_sized(sizes)})"
+                    if len(set(sizes)) == 1:
+                        self.out.questions.append(_order_question(w, parts))
+                    body = f"{ins}\n    to:\n      {_q(w.text(names, False))}: {expr}"
+                else:
+                    sizes = ", ".join(str(next(iter(part_side[p].values()))[0][dim]) for p in parts)
+                    outs = ", ".join(p.text(names, False) for p in parts)
+                    if len({next(iter(part_side[p].values()))[0][dim] for p in parts}) == 1:
+                        self.out.questions.append(_order_question(w, parts))
+                    body = (
+                        f"      x: {_q(w.text(names, True))}\n    to:\n"
+                        f"      {_q(outs)}: split(x, dim={dim}, sizes=[{sizes}])"
+                    )
+                self.out.rules.append(
+                    Explained(f"  - convert:  # {n} keys\n{body}", n, "join" if joining else "cut")
+                )
+                for p in parts:
+                    del part_side[p]
+                del whole_side[w]
+
+    def _parts(self, w: Template, mw: Members, others: dict[Template, Members]):
+        """Templates of the other side, of the same numbers and dtype, whose shapes add up to `w`'s
+        along one dim: the most alike first (siblings of the whole), a few of them tried together."""
+        shapes = {s for s, _ in mw.values()}
+        if len(shapes) != 1:
+            return None
+        (shape,) = shapes
+        dtype = next(iter(mw.values()))[1]
+        sibs = []
+        for p, mp in others.items():
+            vals = set(mp.values())
+            if p.slots == w.slots and set(mp) == set(mw) and len(vals) == 1:
+                ((pshape, pdtype),) = vals
+                if len(pshape) == len(shape) and pdtype == dtype and p.segments[-1] == w.segments[-1]:
+                    sibs.append((similarity(p, w), p, pshape))
+        sibs.sort(key=lambda c: (-c[0], c[1].segments))
+        for d in range(len(shape)):
+            fits = [
+                c
+                for c in sibs
+                if all(a == b for k, (a, b) in enumerate(zip(c[2], shape, strict=True)) if k != d)
+            ]
+            fits = fits[:MAX_PARTS_TRIED]
+            for size in range(2, min(len(fits), 4) + 1):
+                for combo in _combinations(fits, size):
+                    if sum(c[2][d] for c in combo) == shape[d]:
+                        ordered = _order_parts(w, [(c[1], 0, None) for c in combo])
+                        return [c[0] for c in ordered], d
+        return None
+
+    def transposes(self) -> None:
+        """One-to-one pairs whose 2-D shapes are each other's transpose (not square): rename + transpose."""
+        pairs = []
+        for s, ms in self.src.items():
+            for t, mt in self.dst.items():
+                if s.slots != t.slots or set(ms) != set(mt):
+                    continue
+                if all(len(ms[i][0]) == 2 and ms[i][0][::-1] == mt[i][0] and ms[i][0][0] != ms[i][0][1]
+                       and ms[i][1] == mt[i][1] for i in ms):  # fmt: skip
+                    pairs.append((similarity(s, t), s, t))
+        pairs.sort(key=lambda p: (-p[0], p[1].segments))
+        for _, s, t in pairs:
+            if s not in self.src or t not in self.dst:
+                continue
+            n = len(self.src.pop(s))
+            del self.dst[t]
+            names = capture_names(s)
+            self.out.rules.append(
+                Explained(
+                    f"  - convert:  # {n} keys\n      x: {_q(s.text(names, True))}\n    to:\n"
+                    f"      {_q(t.text(names, False))}: transpose(x, dim0=0, dim1=1)",
+                    n,
+                    "transpose",
+                )
+            )
+
+    def run(self) -> Synthesis:
+        self.unchanged()
+        self.renames()
+        self.stacks()
+        self.joins()
+        self.transposes()
+        for t, ms in self.src.items():
+            for idx, v in ms.items():
+                self.out.unexplained_source[t.key(idx)] = v
+        for t, ms in self.dst.items():
+            for idx, v in ms.items():
+                self.out.unexplained_target[t.key(idx)] = v
+        return self.out
+
+
+def _sized(sizes: list[int]) -> str:
+    """What a cat says of its parts, so that its inverse can cut them apart again."""
+    return "equal=true" if len(set(sizes)) == 1 else f"sizes=[{', '.join(map(str, sizes))}]"
+
+
+def _order_question(whole: Template, parts: list) -> str:
+    names = ", ".join(".".join(p.segments) for p in parts)
+    return (
+        f"{'.'.join(whole.segments)}: parts of one size ({names}); their order is taken from the names, "
+        "and only data can confirm it"
+    )
+
+
+def _combinations(items: list, size: int):
+    import itertools
+
+    yield from itertools.combinations(items, size)
+
+
+def _order_parts(whole: Template, parts: list) -> list:
+    """Parts in the order the whole's name mentions them (`gate_up_proj`: gate, then up;
+    `qkv_proj`: q, k, v), else in their names' natural order (w1 before w3)."""
+    leaf = "_".join(s for s in whole.segments if s != SLOT)
+
+    def own(p) -> str:
+        diff = [a for a, b in zip(p[0].segments, whole.segments, strict=False) if a != b and a != SLOT]
+        return diff[-1] if diff else ".".join(p[0].segments)
+
+    def where(p) -> tuple:
+        word = own(p).split("_")[0]
+        pos = leaf.find(word) if word else -1
+        natural = [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", own(p))]
+        return (pos if pos >= 0 else len(leaf) + 1, str(natural))
+
+    return sorted(parts, key=where)
+
+
+def search(source: Layout, target: Layout) -> Synthesis:
+    """The synthesized spec's rules and what they leave, for layouts {key: (shape, dtype)}."""
+    return Search(source, target).run()
+
+
+@dataclass
+class Inferred:
+    """What `infer` made: the spec (canonical YAML, each rule with how many keys it explains), what
+    the search found and left, and the proof on the layouts it was made from."""
+
+    spec: str
+    found: Synthesis
+    proof: Proof
+    source_keys: int
+    target_keys: int
+
+    @property
+    def ok(self) -> bool:
+        """Every key explained, and the spec binds both ways exactly."""
+        return self.proof.ok and not self.found.unexplained_source and not self.found.unexplained_target
+
+    def to_dict(self) -> dict:
+        f = self.found
+        return {
+            "ok": self.ok,
+            "source_keys": self.source_keys,
+            "target_keys": self.target_keys,
+            "unchanged": f.unchanged,
+            "rules": [{"kind": r.kind, "keys": r.keys} for r in f.rules],
+            "unexplained_source": _grouped(f.unexplained_source),
+            "unexplained_target": _grouped(f.unexplained_target),
+            "questions": f.questions,
+            "proof": {
+                "forward": self.proof.forward,
+                "inverse": self.proof.inverse,
+                "error": self.proof.error,
+            },
+            "spec": self.spec,
+        }
+
+
+def _grouped(layout: Layout) -> list[dict]:
+    """Keys by template and shape, as `check` groups the keys no rule claims."""
+    out: dict[tuple, list[str]] = defaultdict(list)
+    for key, (shape, dtype) in layout.items():
+        t = ".".join(SLOT if NUMBER.fullmatch(s) else s for s in key.split("."))
+        out[(t, tuple(shape), dtype)].append(key)
+    return [
+        {"template": t, "shape": list(shape), "dtype": dtype, "keys": len(keys), "first": keys[0]}
+        for (t, shape, dtype), keys in sorted(out.items())
+    ]
+
+
+def infer(source, target, *, name: str = "inferred") -> Inferred:
+    """The spec that maps the layout `source` to `target` (each a {key: (shape, dtype)} dict, a layout
+    .json file or a checkpoint), proved by binding it both ways on them; see docs/synthesis.md.
+
+    Example:
+        >>> src = {f"model.layers.0.experts.{e}.w1.weight": ((8, 4), "float32") for e in range(2)}
+        >>> dst = {"model.layers.0.experts.w1": ((2, 8, 4), "float32")}
+        >>> r = convspec.infer(src, dst)
+        >>> r.ok, [rule.kind for rule in r.found.rules]
+        (True, ['stack'])
+    """
+    from .spec.format import format_text
+
+    src, dst = layout_of(source), layout_of(target)
+    found = search(src, dst)
+    text = format_text(found.spec_text(name), f"{name}.yaml")
+    return Inferred(text, found, prove(text, src, dst), len(src), len(dst))
+
+
+@dataclass
+class Proof:
+    """The synthesized spec bound both ways on the layouts it was made from: what differs, if anything."""
+
+    forward: list[str]
+    inverse: list[str]
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not (self.forward or self.inverse or self.error)
+
+
+def prove(text: str, source: Layout, target: Layout) -> Proof:
+    """Compile the spec and bind it: the source must give exactly the target (keys, shapes,
+    dtypes), and the inverse the source."""
+    from . import api
+    from .errors import ConvspecError
+    from .spec import parse_spec
+
+    try:
+        plan = api.compile(parse_spec(text, "inferred.yaml"))
+        fwd = plan.bind(source).outputs
+        inv = plan.inverse().bind(target).outputs
+    except ConvspecError as exc:
+        return Proof([], [], exc.render().splitlines()[0])
+    return Proof(_differ(fwd, target), _differ(inv, source))
+
+
+def _differ(got: dict, want: Layout, limit: int = 5) -> list[str]:
+    out = [f"missing {k}" for k in want if k not in got][:limit]
+    out += [f"extra {k}" for k in got if k not in want][:limit]
+    out += [
+        f"{k}: {list(got[k][0])} {got[k][1]}, want {list(want[k][0])} {want[k][1]}"
+        for k in want
+        if k in got and (tuple(got[k][0]), got[k][1]) != (tuple(want[k][0]), want[k][1])
+    ][:limit]
+    return out
+
+
+def layout_of(source) -> Layout:
+    """A layout from a dict (as it is), a layout `.json` file (`{key: [shape, dtype]}`, checked key by
+    key), or a checkpoint (a directory or a file: its headers, no data)."""
+    if isinstance(source, dict):
+        return {k: (tuple(v[0]), v[1]) for k, v in source.items()}
+    path = Path(source)
+    if path.suffix == ".json" and path.is_file():
+        return _layout_file(path)
+    from .io.formats import open_checkpoint
+
+    return {k: (tuple(v.shape), v.dtype) for k, v in open_checkpoint(path).layout.items()}
+
+
+def _layout_file(path: Path) -> Layout:
+    from .dtypes import DTYPES
+    from .errors import ConfigError
+    from .io.sidefile import load_json
+
+    data = load_json(path, MAX_LAYOUT_BYTES, ConfigError, "layout file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a layout is a JSON object of key -> [shape, dtype]")
+    out = {}
+    for key, v in data.items():
+        ok = (
+            isinstance(v, list)
+            and len(v) == 2
+            and isinstance(v[0], list)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v[0])
+            and v[1] in DTYPES
+        )
+        if not ok:
+            raise ConfigError(
+                f"{path}: {key!r}: {json.dumps(v)[:80]} is not [shape, dtype]",
+                hint='e.g. "model.embed.weight": [[32000, 4096], "bfloat16"]',
+            )
+        out[key] = (tuple(v[0]), v[1])
+    return out
