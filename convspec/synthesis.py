@@ -76,7 +76,23 @@ def capture_names(t: Template, extra: dict[int, str] | None = None) -> list[str]
 
 
 def similarity(a: Template, b: Template) -> float:
+    """How alike two names are, segment by segment: what ranks candidates."""
     return difflib.SequenceMatcher(None, a.segments, b.segments, autojunk=False).ratio()
+
+
+def alike(a: Template, b: Template) -> bool:
+    """Names alike enough to pair by: their segments, or their letters (`c_attn` ~ `attn`)."""
+    if similarity(a, b) >= ALIKE:
+        return True
+    return (
+        difflib.SequenceMatcher(None, ".".join(a.segments), ".".join(b.segments), autojunk=False).ratio()
+        >= ALIKE
+    )
+
+
+# a pairing by shapes needs names at least this alike: unrelated layouts stay unexplained, even where
+# shapes happen to agree (a spec that binds is not thereby right)
+ALIKE = 0.5
 
 
 @dataclass
@@ -130,7 +146,7 @@ class Search:
         pairs = []
         for s, ms in self.src.items():
             for t, mt in self.dst.items():
-                if s.slots == t.slots and ms == mt:
+                if s.slots == t.slots and ms == mt and alike(s, t):
                     pairs.append((similarity(s, t), s, t))
         pairs.sort(key=lambda p: (-p[0], p[1].segments, p[2].segments))
         taken_s, taken_t = set(), set()
@@ -227,6 +243,10 @@ class Search:
                 vals = {v for g in groups.values() for v in g.values()}
                 if ok and len(vals) == 1 and next(iter(vals))[1] == dtype:
                     candidates.append((s, pos, next(iter(vals))[0]))
+        # names alike first; else the structure alone (an index running 0..N-1 over parts of the
+        # stacked shape) is the evidence, where it leaves few candidates
+        named = [c for c in candidates if alike(c[0], t)]
+        candidates = named or (candidates if len(candidates) <= 2 else [])
         if not candidates:
             return None
         inner = shape[1:]
@@ -295,7 +315,7 @@ class Search:
         sibs = []
         for p, mp in others.items():
             vals = set(mp.values())
-            if p.slots == w.slots and set(mp) == set(mw) and len(vals) == 1:
+            if p.slots == w.slots and set(mp) == set(mw) and len(vals) == 1 and alike(p, w):
                 ((pshape, pdtype),) = vals
                 if len(pshape) == len(shape) and pdtype == dtype and p.segments[-1] == w.segments[-1]:
                     sibs.append((similarity(p, w), p, pshape))
@@ -321,7 +341,7 @@ class Search:
             for t, mt in self.dst.items():
                 if s.slots != t.slots or set(ms) != set(mt):
                     continue
-                if all(len(ms[i][0]) == 2 and ms[i][0][::-1] == mt[i][0] and ms[i][0][0] != ms[i][0][1]
+                if alike(s, t) and all(len(ms[i][0]) == 2 and ms[i][0][::-1] == mt[i][0] and ms[i][0][0] != ms[i][0][1]
                        and ms[i][1] == mt[i][1] for i in ms):  # fmt: skip
                     pairs.append((similarity(s, t), s, t))
         pairs.sort(key=lambda p: (-p[0], p[1].segments))
@@ -340,12 +360,76 @@ class Search:
                 )
             )
 
+    def literal_renames(self) -> None:
+        """Keys left on both sides, one by one: a number that is a module's name, not an index
+        (`mlp1.0.weight` -> `projector.linear_1.weight`), renamed where the shape and dtype have one
+        alike name on each side."""
+        left = {t.key(i): v for t, ms in self.src.items() for i, v in ms.items()}
+        right = {t.key(i): v for t, ms in self.dst.items() for i, v in ms.items()}
+        by_shape: dict[tuple, list[str]] = defaultdict(list)
+        for k, v in right.items():
+            by_shape[v].append(k)
+        pairs = []
+        for k, v in left.items():
+            for t in by_shape.get(v, ()):
+                a, b = Template(tuple(k.split("."))), Template(tuple(t.split(".")))
+                score = similarity(a, b)
+                if alike(a, b):
+                    pairs.append((score, k, t))
+        pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+        done_s, done_t = set(), set()
+        for score, k, t in pairs:
+            if k in done_s or t in done_t:
+                continue
+            if any(q[0] == score and q[1] == k and q[2] not in done_t and q[2] != t for q in pairs):
+                self.out.questions.append(f"{k} could be {t} or another key of its shape: took {t}")
+            done_s.add(k)
+            done_t.add(t)
+            self.out.rules.append(Explained(f"  - rename: {_q(k)}  # 1 key\n    to: {_q(t)}", 1, "rename"))
+        for side, done in ((self.src, done_s), (self.dst, done_t)):
+            for tpl in list(side):
+                for idx in [i for i in side[tpl] if tpl.key(i) in done]:
+                    del side[tpl][idx]
+                if not side[tpl]:
+                    del side[tpl]
+
+    def shape_renames(self, explained: int) -> None:
+        """Templates left whose members (numbers, shapes, dtypes) are unique on both sides: renamed
+        by shape alone (`output.weight` -> `lm_head.weight`), and asked about; only where names
+        explained most of the layout already, so that unrelated layouts stay unexplained."""
+        total = explained + sum(len(m) for m in self.src.values())
+        if not total or explained < total / 2:
+            return
+        key = lambda m: tuple(sorted(m.items()))  # noqa: E731
+        src_by, dst_by = defaultdict(list), defaultdict(list)
+        for t, m in self.src.items():
+            src_by[key(m)].append(t)
+        for t, m in self.dst.items():
+            dst_by[key(m)].append(t)
+        for k, ss in sorted(src_by.items(), key=lambda kv: kv[1][0].segments):
+            ts = dst_by.get(k, [])
+            if len(ss) != 1 or len(ts) != 1 or ss[0].slots != ts[0].slots:
+                continue
+            s, t = ss[0], ts[0]
+            n = len(self.src.pop(s))
+            del self.dst[t]
+            names = capture_names(s)
+            a, b = s.text(names, False), t.text(names, False)
+            self.out.questions.append(
+                f"{a} -> {b}: paired by shape alone, the only one of its shape on each side"
+            )
+            self.out.rules.append(
+                Explained(f"  - rename: {_q(s.text(names, True))}  # {n} keys\n    to: {_q(b)}", n, "rename")
+            )
+
     def run(self) -> Synthesis:
         self.unchanged()
         self.renames()
         self.stacks()
         self.joins()
         self.transposes()
+        self.literal_renames()
+        self.shape_renames(self.out.unchanged + sum(r.keys for r in self.out.rules))
         for t, ms in self.src.items():
             for idx, v in ms.items():
                 self.out.unexplained_source[t.key(idx)] = v
