@@ -102,6 +102,8 @@ class Explained:
     yaml: str
     keys: int
     kind: str
+    square: bool = False  # a rename of square 2-D weights: a transpose would fit the shapes too
+    label: str = ""  # the source template, as a person reads it
 
 
 @dataclass
@@ -168,14 +170,18 @@ class Search:
             taken_t.add(t)
             chosen.append((s, t))
         for s, t in chosen:
-            n = len(self.src.pop(s))
+            members = self.src.pop(s)
+            n = len(members)
             del self.dst[t]
             names = capture_names(s)
+            square = all(len(shape) == 2 and shape[0] == shape[1] for shape, _ in members.values())
             self.out.rules.append(
                 Explained(
                     f"  - rename: {_q(s.text(names, True))}  # {n} keys\n    to: {_q(t.text(names, False))}",
                     n,
                     "rename",
+                    square,
+                    s.text(names, False),
                 )
             )
 
@@ -422,12 +428,25 @@ class Search:
                 Explained(f"  - rename: {_q(s.text(names, True))}  # {n} keys\n    to: {_q(b)}", n, "rename")
             )
 
+    def square_questions(self) -> None:
+        """Where weights were found transposed, a square 2-D weight renamed as it is may have been
+        transposed too: its shape cannot tell, so it is asked."""
+        if not any(r.kind == "transpose" for r in self.out.rules):
+            return
+        for r in self.out.rules:
+            if r.kind == "rename" and r.square:
+                self.out.questions.append(
+                    f"{r.label}: square, renamed as it is; weights "
+                    "beside it are transposed, so it may be too (only data can tell)"
+                )
+
     def run(self) -> Synthesis:
         self.unchanged()
         self.renames()
         self.stacks()
         self.joins()
         self.transposes()
+        self.square_questions()
         self.literal_renames()
         self.shape_renames(self.out.unchanged + sum(r.keys for r in self.out.rules))
         for t, ms in self.src.items():

@@ -1,0 +1,151 @@
+"""`convspec infer`: specs synthesized from two layouts, each proved by binding it both ways, what is
+left unexplained reported (never a wrong guess), and the command line. The count over every model
+type of the conformance run is bench/synthesis.py's (docs/synthesis.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import convspec
+from convspec.cli import main
+from convspec.errors import ConvspecError
+
+ROOT = Path(__file__).resolve().parent.parent
+F = "float32"
+
+
+def mixtral_pair(layers: int = 2, experts: int = 3) -> tuple[dict, dict]:
+    src, dst = {}, {}
+    for i in range(layers):
+        src[f"model.layers.{i}.block_sparse_moe.gate.weight"] = ((experts, 16), F)
+        dst[f"model.layers.{i}.mlp.gate.weight"] = ((experts, 16), F)
+        src[f"model.layers.{i}.self_attn.q_proj.weight"] = dst[
+            f"model.layers.{i}.self_attn.q_proj.weight"
+        ] = ((16, 16), F)
+        for e in range(experts):
+            for w, shape in {"w1": (8, 16), "w2": (16, 8), "w3": (8, 16)}.items():
+                src[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"] = (shape, F)
+        dst[f"model.layers.{i}.mlp.experts.gate_up_proj"] = ((experts, 16, 16), F)
+        dst[f"model.layers.{i}.mlp.experts.down_proj"] = ((experts, 16, 8), F)
+    return src, dst
+
+
+def test_mixtral_layouts_give_renames_stacks_and_a_cat_of_stacks():
+    src, dst = mixtral_pair()
+    r = convspec.infer(src, dst)
+    assert r.ok and r.proof.ok
+    assert [rule.kind for rule in r.found.rules] == ["rename", "stack", "stack"]
+    assert "cat(stack(x0, over=e), stack(x1, over=e), dim=1, equal=true)" in r.spec
+    assert "x0: model.layers.{i:int}.block_sparse_moe.experts.{e:int}.w1.weight" in r.spec
+    assert r.found.unchanged == 2  # q_proj: the same key and shape on both sides
+    assert len(r.found.questions) == 1 and "only data can confirm" in r.found.questions[0]
+
+
+def test_the_synthesized_spec_converts_a_checkpoint_as_the_builtin_spec_does(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "make_tiny_mixtral.py"), str(tmp_path / "m")], check=True
+    )
+    spec = tmp_path / "inferred.yaml"
+    config = str(tmp_path / "m" / "config.json")
+    argv = ["infer", str(tmp_path / "m"), "mixtral", "--config", config, "-o", str(spec)]
+    assert main(argv) == 0
+    assert main(["check", str(spec)]) == 0
+    convspec.convert(str(spec), tmp_path / "m", tmp_path / "ours")
+    convspec.convert("mixtral", tmp_path / "m", tmp_path / "builtin")
+    ours, builtin = (tmp_path / d / "model.safetensors" for d in ("ours", "builtin"))
+    assert ours.read_bytes() == builtin.read_bytes()
+
+
+def test_a_fused_qkv_of_gqa_sizes_is_cut_and_joined_with_its_sizes():
+    fused = {f"layers.{i}.attn.qkv_proj.weight": ((32, 16), F) for i in range(2)}
+    parts = {}
+    for i in range(2):
+        parts[f"layers.{i}.attn.q_proj.weight"] = ((16, 16), F)
+        parts[f"layers.{i}.attn.k_proj.weight"] = ((8, 16), F)
+        parts[f"layers.{i}.attn.v_proj.weight"] = ((8, 16), F)
+    cut = convspec.infer(fused, parts)
+    assert cut.ok and "split(x, dim=0, sizes=[16, 8, 8])" in cut.spec
+    assert (
+        "layers.{i}.attn.q_proj.weight, layers.{i}.attn.k_proj.weight, layers.{i}.attn.v_proj.weight"
+        in cut.spec
+    )
+    joined = convspec.infer(parts, fused)
+    assert joined.ok and "cat(x0, x1, x2, dim=0, sizes=[16, 8, 8])" in joined.spec
+    assert not joined.found.questions  # the sizes differ: q first, then k and v as the name says
+
+
+def test_a_transpose_is_found_where_the_shape_says_so_and_asked_where_square():
+    src = {"h.0.c_fc.weight": ((16, 64), F), "h.0.c_proj.weight": ((64, 64), F)}
+    dst = {"h.0.c_fc.w": ((64, 16), F), "h.0.c_proj.w": ((64, 64), F)}
+    r = convspec.infer(src, dst)
+    assert "transpose(x, dim0=0, dim1=1)" in r.spec
+    # the square one binds as a plain rename (its transpose would too): asked, only data can tell
+    assert r.ok and any("h.{i}.c_proj.weight: square" in q for q in r.found.questions)
+
+
+def test_unrelated_layouts_stay_unexplained_quickly():
+    src = {f"encoder.block{i}.conv.weight": ((3 + i, 5), F) for i in range(200)}
+    dst = {f"vocab_head.table_{i}": ((5, 3 + i), F) for i in range(200)}
+    start = time.perf_counter()
+    r = convspec.infer(src, dst)
+    assert time.perf_counter() - start < 30  # a bound against a hang, not a speed figure
+    assert not r.ok and not r.found.rules
+    assert len(r.found.unexplained_source) == 200 and len(r.found.unexplained_target) == 200
+
+
+def test_shapes_alone_pair_only_what_is_unique_once_names_explain_most():
+    src, dst = mixtral_pair()
+    src["zz.q"], dst["lm_head.weight"] = ((64, 16), F), ((64, 16), F)  # names nothing alike
+    r = convspec.infer(src, dst)
+    assert r.ok and "rename: zz.q" in r.spec
+    assert any("paired by shape alone" in q for q in r.found.questions)
+
+
+@pytest.mark.parametrize("key", ["mixtral", "qwen2_moe", "phi3", "gpt_oss"])
+def test_conformance_pairs_from_transformers_bind_exactly(key):
+    from convspec.hf.mapping import applied, meta_model, observe
+
+    o = observe(applied(meta_model(key)))
+    r = convspec.infer(dict(o.original), dict(o.converted))
+    assert r.ok, (key, r.found.unexplained_source, r.proof)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "a layout is a JSON object"),
+        ('{"a.weight": [[2, 2]]}', "is not [shape, dtype]"),
+        ('{"a.weight": [[2, -1], "float32"]}', "is not [shape, dtype]"),
+        ('{"a.weight": [[2, 2], "float33"]}', "is not [shape, dtype]"),
+        ("{not json", "layout"),
+    ],
+)
+def test_a_bad_layout_file_is_one_error(tmp_path, capsys, text, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    good = tmp_path / "good.json"
+    good.write_text('{"a.weight": [[2, 2], "float32"]}')
+    assert main(["infer", str(bad), str(good)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_infer_reports_and_exits_1_when_keys_are_left(tmp_path, capsys):
+    src, dst = mixtral_pair()
+    dst["model.extra.weight"] = ((7, 7), F)
+    for name, layout in (("src", src), ("dst", dst)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({k: [list(s), d] for k, (s, d) in layout.items()}))
+    assert main(["infer", str(tmp_path / "src.json"), str(tmp_path / "dst.json"), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert not report["ok"] and report["unexplained_target"][0]["first"] == "model.extra.weight"
+    assert [r["kind"] for r in report["rules"]] == ["rename", "stack", "stack"]
+    assert main(["infer", str(tmp_path / "src.json"), "not-a-model-type"]) == 2
+    assert "not a checkpoint, a layout .json, or a transformers model type" in capsys.readouterr().err
+    with pytest.raises(ConvspecError, match="no such file"):
+        convspec.infer(src, tmp_path / "missing")
