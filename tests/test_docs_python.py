@@ -26,6 +26,7 @@ PAGES = [
     "docs/quantization.md",
     "docs/gguf.md",
     "docs/adapters.md",
+    "docs/synthesis.md",
 ]
 RUN_ELSEWHERE = {"docs/integrations.md"}
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
