@@ -716,8 +716,12 @@ def _infer(args) -> int:
 
     if args.output is not None and not args.output.endswith((".yaml", ".yml")):
         raise ConvspecError(f"-o {args.output}: infer writes a YAML spec", hint="name it NAME.yaml")
-    source, target = read_layout(args.source, args.config), read_layout(args.target, args.config)
-    r = infer(source, target, name=args.name)
+
+    def named(x: str):  # a checkpoint stays a path: its tensors decide what shapes cannot
+        return x if Path(x).exists() else read_layout(x, args.config)
+
+    r = infer(named(args.source), named(args.target), name=args.name)
+    source = r.source_layout
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{args.name}.yaml"
         path.write_text(r.spec)
@@ -757,6 +761,7 @@ def _infer_report(r, findings: list[str], ok: bool) -> str:
             lines.append(
                 f"  not explained ({side}): {g['template']} {g['shape']} {g['dtype']} x{g['keys']}, e.g. {g['first']}"
             )
+    lines += [f"  decided: {d}" for d in f.decided]
     lines += [f"  question: {q}" for q in f.questions]
     lines += [f"  lint: {x}" for x in findings]
     p = r.proof

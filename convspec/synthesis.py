@@ -5,6 +5,7 @@ binding it both ways; what it cannot explain is reported, never guessed. `convsp
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import re
 from collections import defaultdict
@@ -104,6 +105,8 @@ class Explained:
     kind: str
     square: bool = False  # a rename of square 2-D weights: a transpose would fit the shapes too
     label: str = ""  # the source template, as a person reads it
+    alternatives: list[str] = field(default_factory=list)  # other rules the shapes allow: data decides
+    question: str = ""  # what is asked of this rule, while data has not decided it
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Synthesis:
     unexplained_source: Layout = field(default_factory=dict)
     unexplained_target: Layout = field(default_factory=dict)
     questions: list[str] = field(default_factory=list)
+    decided: list[str] = field(default_factory=list)  # choices the data made (a checkpoint pair)
     unchanged: int = 0
 
     def spec_text(self, name: str = "inferred", doc: str = "") -> str:
@@ -203,22 +207,23 @@ class Search:
             for k, (p, pos, _) in enumerate(parts):
                 pn = names[:pos] + [over] + names[pos:]
                 inputs.append((f"x{k}" if len(parts) > 1 else "x", p.text(pn, True)))
+            ins = "\n".join(f"      {v}: {_q(text)}" for v, text in inputs)
+            head = f"  - convert:  # {n} keys\n{ins}\n    to:\n      {_q(t.text(names, False))}: "
             if len(parts) == 1:
-                expr = f"stack({inputs[0][0]}, over={over})"
+                rule = Explained(head + f"stack({inputs[0][0]}, over={over})", n, "stack")
             else:
                 sizes = [size for _, _, size in parts]
-                stacks = ", ".join(f"stack({v}, over={over})" for v, _ in inputs)
-                expr = f"cat({stacks}, dim={dim}, {_sized(sizes)})"
+                stacks = [f"stack({v}, over={over})" for v, _ in inputs]
+                orders = [
+                    head + f"cat({', '.join(order)}, dim={dim}, {_sized(sizes)})"
+                    for order in itertools.permutations(stacks)
+                ]
+                rule = Explained(orders[0], n, "stack")
                 if len(set(sizes)) == 1:
-                    self.out.questions.append(_order_question(t, [p for p, _, _ in parts]))
-            ins = "\n".join(f"      {v}: {_q(text)}" for v, text in inputs)
-            self.out.rules.append(
-                Explained(
-                    f"  - convert:  # {n} keys\n{ins}\n    to:\n      {_q(t.text(names, False))}: {expr}",
-                    n,
-                    "stack",
-                )
-            )
+                    rule.question = _order_question(t, [p for p, _, _ in parts])
+                    self.out.questions.append(rule.question)
+                    rule.alternatives = orders
+            self.out.rules.append(rule)
             for p, _, _ in parts:
                 del self.src[p]
             del self.dst[t]
@@ -289,23 +294,25 @@ class Search:
                 if joining:
                     ins = "\n".join(f"      x{k}: {_q(p.text(names, True))}" for k, p in enumerate(parts))
                     sizes = [next(iter(part_side[p].values()))[0][dim] for p in parts]
-                    args = ", ".join(f"x{k}" for k in range(len(parts)))
-                    expr = f"cat({args}, dim={dim}, {_sized(sizes)})"
-                    if len(set(sizes)) == 1:
-                        self.out.questions.append(_order_question(w, parts))
-                    body = f"{ins}\n    to:\n      {_q(w.text(names, False))}: {expr}"
+                    head = f"{ins}\n    to:\n      {_q(w.text(names, False))}: "
+                    orders = [
+                        head + f"cat({', '.join(order)}, dim={dim}, {_sized(sizes)})"
+                        for order in itertools.permutations(f"x{k}" for k in range(len(parts)))
+                    ]
                 else:
-                    sizes = ", ".join(str(next(iter(part_side[p].values()))[0][dim]) for p in parts)
-                    outs = ", ".join(p.text(names, False) for p in parts)
-                    if len({next(iter(part_side[p].values()))[0][dim] for p in parts}) == 1:
-                        self.out.questions.append(_order_question(w, parts))
-                    body = (
-                        f"      x: {_q(w.text(names, True))}\n    to:\n"
-                        f"      {_q(outs)}: split(x, dim={dim}, sizes=[{sizes}])"
-                    )
-                self.out.rules.append(
-                    Explained(f"  - convert:  # {n} keys\n{body}", n, "join" if joining else "cut")
-                )
+                    sizes = [next(iter(part_side[p].values()))[0][dim] for p in parts]
+                    orders = [
+                        f"      x: {_q(w.text(names, True))}\n    to:\n      "
+                        f"{_q(', '.join(p.text(names, False) for p in order))}: "
+                        f"split(x, dim={dim}, sizes=[{', '.join(map(str, sizes))}])"
+                        for order in itertools.permutations(parts)
+                    ]
+                rule = Explained(f"  - convert:  # {n} keys\n{orders[0]}", n, "join" if joining else "cut")
+                if len(set(sizes)) == 1:
+                    rule.question = _order_question(w, parts)
+                    self.out.questions.append(rule.question)
+                    rule.alternatives = [f"  - convert:  # {n} keys\n{b}" for b in orders]
+                self.out.rules.append(rule)
                 for p in parts:
                     del part_side[p]
                 del whole_side[w]
@@ -435,10 +442,17 @@ class Search:
             return
         for r in self.out.rules:
             if r.kind == "rename" and r.square:
-                self.out.questions.append(
+                r.question = (
                     f"{r.label}: square, renamed as it is; weights "
                     "beside it are transposed, so it may be too (only data can tell)"
                 )
+                self.out.questions.append(r.question)
+                src = r.yaml.split("rename:")[1].split("#")[0].strip()
+                dst = r.yaml.split("to:")[1].strip()
+                r.alternatives = [
+                    r.yaml,
+                    f"  - convert:  # {r.keys} keys\n      x: {src}\n    to:\n      {dst}: transpose(x, dim0=0, dim1=1)",
+                ]
 
     def run(self) -> Synthesis:
         self.unchanged()
@@ -472,8 +486,6 @@ def _order_question(whole: Template, parts: list) -> str:
 
 
 def _combinations(items: list, size: int):
-    import itertools
-
     yield from itertools.combinations(items, size)
 
 
@@ -510,6 +522,7 @@ class Inferred:
     proof: Proof
     source_keys: int
     target_keys: int
+    source_layout: Layout = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -527,6 +540,7 @@ class Inferred:
             "unexplained_source": _grouped(f.unexplained_source),
             "unexplained_target": _grouped(f.unexplained_target),
             "questions": f.questions,
+            "decided": f.decided,
             "proof": {
                 "forward": self.proof.forward,
                 "inverse": self.proof.inverse,
@@ -563,8 +577,12 @@ def infer(source, target, *, name: str = "inferred") -> Inferred:
 
     src, dst = layout_of(source), layout_of(target)
     found = search(src, dst)
+    if _has_data(source) and _has_data(target):
+        from .io.formats import open_checkpoint
+
+        decide(found, open_checkpoint(Path(source)), open_checkpoint(Path(target)))
     text = format_text(found.spec_text(name), f"{name}.yaml")
-    return Inferred(text, found, prove(text, src, dst), len(src), len(dst))
+    return Inferred(text, found, prove(text, src, dst), len(src), len(dst), src)
 
 
 @dataclass
@@ -644,3 +662,65 @@ def _layout_file(path: Path) -> Layout:
             )
         out[key] = (tuple(v[0]), v[1])
     return out
+
+
+def _has_data(x) -> bool:
+    """A checkpoint (not a layout file, not a dict): its tensors can decide what shapes cannot."""
+    return (
+        not isinstance(x, dict) and Path(x).exists() and not (Path(x).suffix == ".json" and Path(x).is_file())
+    )
+
+
+def decide(found: Synthesis, source, target) -> None:
+    """Where the shapes allowed several rules (parts of one size in some order, a square weight
+    transposed or not), keep the one that gives the target's tensors bit for bit from the source's,
+    tried on one group of each rule; the question becomes a decision, or says that no choice fits."""
+    from dataclasses import replace
+
+    for k, rule in enumerate(found.rules):
+        if len(rule.alternatives) < 2:
+            continue
+        fits = [alt for alt in rule.alternatives if _fits(alt, source, target)]
+        if rule.question in found.questions:
+            found.questions.remove(rule.question)
+        where = rule.question.split(":")[0]
+        if len(fits) == 1:
+            found.rules[k] = replace(rule, yaml=fits[0], alternatives=[], question="")
+            found.decided.append(f"{where}: decided from the data, bit for bit")
+        elif not fits:
+            found.questions.append(f"{where}: no choice the shapes allow gives the target's data")
+        else:
+            found.questions.append(f"{where}: {len(fits)} choices give the target's data; took the first")
+
+
+def _fits(rule_yaml: str, source, target) -> bool:
+    """Whether the one-rule spec gives, from the source's tensors, the target's, on one group."""
+    import torch
+
+    from . import api
+    from .errors import ConvspecError
+    from .spec import parse_spec
+
+    try:
+        plan = api.compile(parse_spec(f"spec: trial\nrules:\n{rule_yaml}\n", "trial.yaml"))
+        bound = plan.bind(source.layout)
+    except ConvspecError:
+        return False
+    if bound.groups:
+        g = bound.groups[0]
+        keys = [key for members in g.members.values() for key in members.values()]
+        out = plan.apply({key: source.get(key) for key in keys})
+        pairs = [(out[key], key) for key in g.outputs]
+    else:
+        renamed = [(a, b) for a, b in bound.passthrough.items() if a != b]
+        if not renamed:
+            return False
+        a, b = renamed[0]
+        pairs = [(source.get(a), b)]
+    for got, key in pairs:
+        if key not in target.layout:
+            return False
+        want = target.get(key)
+        if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
+            return False
+    return True

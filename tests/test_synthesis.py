@@ -149,3 +149,43 @@ def test_cli_infer_reports_and_exits_1_when_keys_are_left(tmp_path, capsys):
     assert "not a checkpoint, a layout .json, or a transformers model type" in capsys.readouterr().err
     with pytest.raises(ConvspecError, match="no such file"):
         convspec.infer(src, tmp_path / "missing")
+
+
+def test_a_checkpoint_pair_decides_what_shapes_cannot(tmp_path):
+    """Both sides checkpoints: the order of parts of one size and a square transpose are tried on one
+    group's tensors, and the choice that gives the target bit for bit is kept."""
+    import torch
+
+    from convspec.io.writer import write_file
+
+    g = torch.Generator().manual_seed(0)
+    src = {
+        f"layers.{i}.experts.{e}.{w}.weight": torch.randn(4, 6, generator=g)
+        for i in range(2)
+        for e in range(3)
+        for w in ("w1", "w3")
+    }
+    src.update({f"layers.{i}.proj.weight": torch.randn(6, 6, generator=g) for i in range(2)})
+    dst = {}
+    for i in range(2):  # up (w3) first: not the order the names suggest
+        up = torch.stack([src[f"layers.{i}.experts.{e}.w3.weight"] for e in range(3)])
+        gate = torch.stack([src[f"layers.{i}.experts.{e}.w1.weight"] for e in range(3)])
+        dst[f"layers.{i}.mlp.gate_up_proj"] = torch.cat([up, gate], dim=1)
+        dst[f"layers.{i}.mlp.proj.weight"] = src[f"layers.{i}.proj.weight"].T.contiguous()
+        dst[f"layers.{i}.mlp.fc.weight"] = torch.randn(5, 6, generator=g)  # a transpose beside it
+        src[f"layers.{i}.fc.weight"] = dst[f"layers.{i}.mlp.fc.weight"].T.contiguous()
+    for name, tensors in (("a", src), ("b", dst)):
+        (tmp_path / name).mkdir()
+        write_file(tmp_path / name / "model.safetensors", tensors)
+    r = convspec.infer(tmp_path / "a", tmp_path / "b")
+    assert r.ok and not r.found.questions, r.found.questions
+    assert len(r.found.decided) == 2
+    assert "cat(stack(x1, over=e), stack(x0, over=e), dim=1, equal=true)" in r.spec
+    assert r.spec.count("transpose(x, dim0=0, dim1=1)") == 2
+    spec = tmp_path / "s.yaml"
+    spec.write_text(r.spec)
+    convspec.convert(str(spec), tmp_path / "a", tmp_path / "c")
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "c" / "model.safetensors")
+    assert got.keys() == dst.keys() and all(torch.equal(got[k], dst[k]) for k in dst)
