@@ -192,6 +192,11 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("-o", "--output", metavar="SPEC", help="write the spec here (a .yaml file)")
     inf.add_argument("--config", help="a config.json for a model type named as SOURCE or TARGET")
     inf.add_argument("--name", default="inferred", help="the spec's name")
+    inf.add_argument(
+        "--against-spec",
+        metavar="SPEC",
+        help="compare with an existing spec by behaviour on SOURCE: the keys that go elsewhere",
+    )
     _json_flag(inf)
     im = sub.add_parser(
         "import-transformers",
@@ -733,14 +738,30 @@ def _infer(args) -> int:
         if f.severity != "info"
     ]
     ok = r.ok and not findings
+    differs = None
+    if args.against_spec is not None:
+        from .synthesis import compare
+
+        plan = api.compile(args.against_spec, config=args.config)
+        differs = compare(r.spec, plan, source)
+        ok = ok and not differs
     if args.output is not None:
         write_file_atomic(Path(args.output), r.spec.encode())
     if args.json:
-        print(json.dumps({**r.to_dict(), "ok": ok, "lint": findings}, indent=2))
+        extra = {} if differs is None else {"against_spec": differs}
+        print(json.dumps({**r.to_dict(), "ok": ok, "lint": findings, **extra}, indent=2))
         return 0 if ok else 1
     if args.output is None:
         print(r.spec, end="")
-    print(_infer_report(r, findings, ok), file=sys.stderr if args.output is None else sys.stdout)
+    report = _infer_report(r, findings, ok)
+    if differs is not None:
+        head = f"against {args.against_spec}: " + (
+            f"{len(differs)} source keys go elsewhere"
+            if differs
+            else "the same behaviour on every source key"
+        )
+        report += "\n" + "\n".join([head, *(f"  {d}" for d in differs[:SHOWN])])
+    print(report, file=sys.stderr if args.output is None else sys.stdout)
     return 0 if ok else 1
 
 

@@ -724,3 +724,47 @@ def _fits(rule_yaml: str, source, target) -> bool:
         if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
             return False
     return True
+
+
+def routes(plan, layout: Layout) -> dict[str, frozenset]:
+    """Where each source key goes under `plan`, from headers: a renamed or unchanged key its new
+    name; a key a convert moves, the byte ranges it fills in which outputs (so parts joined in
+    another order differ); one a convert computes from, the outputs it is part of."""
+    from .blocks import block_runs
+
+    bound = plan.bind(layout)
+    out: dict[str, frozenset] = {k: frozenset([v]) for k, v in bound.passthrough.items()}
+    for g in bound.groups:
+        runs = block_runs(bound, g, 0)
+        placed: dict[str, set] = defaultdict(set)
+        for output, rs in (runs or {}).items():
+            for run in rs:
+                placed[run.source].add((output, run.src, run.dst, run.size))
+        for members in g.members.values():
+            for key in members.values():
+                out[key] = frozenset(placed[key]) if runs is not None else frozenset(g.outputs)
+    return out
+
+
+def compare(text: str, other, layout: Layout) -> list[str]:
+    """Where the synthesized spec and `other` (a compiled plan) behave differently on `layout`: each
+    source key that goes elsewhere, or nowhere under one of them. Text may differ freely."""
+    from . import api
+    from .spec import parse_spec
+
+    ours = routes(api.compile(parse_spec(text, "inferred.yaml")), layout)
+    theirs = routes(other, layout)
+    diffs = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if a != b:
+            diffs.append(f"{key}: inferred -> {_where(a)}; the spec -> {_where(b)}")
+    return diffs
+
+
+def _where(route: frozenset | None) -> str:
+    if route is None:
+        return "dropped"
+    return ", ".join(
+        sorted({x if isinstance(x, str) else f"{x[0]}[bytes {x[2]}..{x[2] + x[3]}]" for x in route})
+    )

@@ -189,3 +189,37 @@ def test_a_checkpoint_pair_decides_what_shapes_cannot(tmp_path):
 
     got = load_file(tmp_path / "c" / "model.safetensors")
     assert got.keys() == dst.keys() and all(torch.equal(got[k], dst[k]) for k in dst)
+
+
+def test_against_spec_compares_behaviour_not_text(tmp_path, capsys):
+    """The same behaviour as the built-in spec on every source key, though the texts differ; parts
+    joined in the other order are named, byte range by byte range."""
+    from convspec.synthesis import compare
+
+    src, dst = mixtral_pair()
+    r = convspec.infer(src, dst)
+    assert compare(r.spec, convspec.compile("mixtral"), src) == []
+    swapped = r.spec.replace(
+        "cat(stack(x0, over=e), stack(x1, over=e)", "cat(stack(x1, over=e), stack(x0, over=e)"
+    )
+    diffs = compare(swapped, convspec.compile("mixtral"), src)
+    assert len(diffs) == 2 * 3 * 2  # w1 and w3 of every expert of both layers
+    assert (
+        "experts.0.w1.weight: inferred -> model.layers.0.mlp.experts.gate_up_proj[bytes 512..1024]; the spec -> model.layers.0.mlp.experts.gate_up_proj[bytes 0..512]"
+        in diffs[0]
+    )
+    for name, layout in (("src", src), ("dst", dst)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({k: [list(s), d] for k, (s, d) in layout.items()}))
+    argv = [
+        "infer",
+        str(tmp_path / "src.json"),
+        str(tmp_path / "dst.json"),
+        "--against-spec",
+        "qwen2_moe",
+        "--json",
+    ]
+    assert main(argv) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert (
+        report["against_spec"] and "the spec -> model.layers.0.block_sparse_moe" in report["against_spec"][0]
+    )
