@@ -369,7 +369,7 @@ class Search:
                     f"  - convert:  # {n} keys\n      x: {_q(s.text(names, True))}\n    to:\n"
                     f"      {_q(t.text(names, False))}: transpose(x, dim0=0, dim1=1)",
                     n,
-                    "transpose",
+                    "transposed",
                 )
             )
 
@@ -438,7 +438,7 @@ class Search:
     def square_questions(self) -> None:
         """Where weights were found transposed, a square 2-D weight renamed as it is may have been
         transposed too: its shape cannot tell, so it is asked."""
-        if not any(r.kind == "transpose" for r in self.out.rules):
+        if not any(r.kind == "transposed" for r in self.out.rules):
             return
         for r in self.out.rules:
             if r.kind == "rename" and r.square:
