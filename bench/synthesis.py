@@ -50,16 +50,16 @@ def main() -> int:
             continue
         r = convspec.infer(src, dst)
         if r.ok:
-            counts["exact, a choice of order" if r.found.questions else "exact"] += 1
+            counts["exact, with a question" if r.found.questions else "exact"] += 1
         else:
             counts["not explained"] += 1
             left = next(iter(r.found.unexplained_source or r.found.unexplained_target), "")
             failures.append((key, len(r.found.unexplained_source), len(r.found.unexplained_target), left))
     built = sum(v for k, v in counts.items() if k != "no model")
-    exact = counts["exact"] + counts["exact, a choice of order"]
+    exact = counts["exact"] + counts["exact, with a question"]
     print(f"model types and classes: {len(keys)}, built on meta: {built}")
     print(
-        f"  bind exactly both ways from the layouts alone: {exact} ({counts['exact, a choice of order']} of them with parts of one size ordered by name)"
+        f"  bind exactly both ways from the layouts alone: {exact} ({counts['exact, with a question']} of them with a question only data can answer)"
     )
     print(f"  not explained: {counts['not explained']}")
     for key, ns, nt, left in failures:
