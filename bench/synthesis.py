@@ -3,8 +3,8 @@
 - the yardstick: for every model type and class of convspec's conformance run (transformers 5.23 on
   the meta device: the original layout from transformers' own revert, the target from the model),
   `convspec.infer` on the pair of layouts alone; how many specs bind exactly both ways, how many of
-  those rest on a choice only data could confirm (parts of one size joined in the order their names
-  give), and why each of the rest fails;
+  those leave a question only data can answer (the order of parts of one size, a square transpose,
+  a pairing by shape alone), and why each of the rest fails;
 - time to synthesize (and prove) the full-size DeepSeek-V3 (45,395 source keys) and Qwen3-Next
   (74,391) pairs, best of `--repeat`, against the issue's target of 10 s each.
 
