@@ -16,6 +16,7 @@ Shape = tuple[int, ...]
 Layout = dict[str, tuple[Shape, str]]
 NUMBER = re.compile(r"\d+")
 SLOT = "#"
+MAX_TRANSFORMS_TRIED = 64  # value transforms a rename's data is tried with (rope: every head count)
 MAX_PARTS_TRIED = 8  # the most alike candidates a join is looked for among (C(8, 4) = 70 tries at most)
 
 MAX_LAYOUT_BYTES = 256 << 20  # a layout file of 10^6 keys is ~100 MB
@@ -81,14 +82,14 @@ def similarity(a: Template, b: Template) -> float:
     return difflib.SequenceMatcher(None, a.segments, b.segments, autojunk=False).ratio()
 
 
+def letters(a: Template, b: Template) -> float:
+    """How alike two names are letter by letter (`wq` ~ `q_proj` more than ~ `o_proj`): ties' breaker."""
+    return difflib.SequenceMatcher(None, ".".join(a.segments), ".".join(b.segments), autojunk=False).ratio()
+
+
 def alike(a: Template, b: Template) -> bool:
     """Names alike enough to pair by: their segments, or their letters (`c_attn` ~ `attn`)."""
-    if similarity(a, b) >= ALIKE:
-        return True
-    return (
-        difflib.SequenceMatcher(None, ".".join(a.segments), ".".join(b.segments), autojunk=False).ratio()
-        >= ALIKE
-    )
+    return similarity(a, b) >= ALIKE or letters(a, b) >= ALIKE
 
 
 # a pairing by shapes needs names at least this alike: unrelated layouts stay unexplained, even where
@@ -154,7 +155,7 @@ class Search:
             for t, mt in self.dst.items():
                 if s.slots == t.slots and ms == mt and alike(s, t):
                     pairs.append((similarity(s, t), s, t))
-        pairs.sort(key=lambda p: (-p[0], p[1].segments, p[2].segments))
+        pairs.sort(key=lambda p: (-p[0], -letters(p[1], p[2]), p[1].segments, p[2].segments))
         taken_s, taken_t = set(), set()
         chosen = []
         for score, s, t in pairs:
@@ -164,16 +165,18 @@ class Search:
                 p for p in pairs if p[0] == score and (p[1] == s) != (p[2] == t) and p[1] not in taken_s
             ]
             rivals = [p for p in rivals if p[2] not in taken_t]
+            question = ""
             if rivals:
                 alt = rivals[0]
-                self.out.questions.append(
+                question = (
                     f"{s.text(capture_names(s), False)} could be {t.text(capture_names(t), False)} or "
                     f"{alt[2].text(capture_names(alt[2]), False)}: same shapes, names as alike; took the first"
                 )
+                self.out.questions.append(question)
             taken_s.add(s)
             taken_t.add(t)
-            chosen.append((s, t))
-        for s, t in chosen:
+            chosen.append((s, t, question))
+        for s, t, question in chosen:
             members = self.src.pop(s)
             n = len(members)
             del self.dst[t]
@@ -186,6 +189,7 @@ class Search:
                     "rename",
                     square,
                     s.text(names, False),
+                    question=question,
                 )
             )
 
@@ -691,6 +695,53 @@ def decide(found: Synthesis, source, target) -> None:
             found.questions.append(f"{where}: no choice the shapes allow gives the target's data")
         else:
             found.questions.append(f"{where}: {len(fits)} choices give the target's data; took the first")
+    for k, rule in enumerate(found.rules):  # renames whose values differ: a value transform, from data
+        if rule.kind != "rename" or rule.alternatives:
+            continue
+        if not _fits(rule.yaml, source, target):
+            rule = found.rules[k] = _transformed(rule, source, target, found)
+        if rule.question and rule.kind != "rename" or _fits(rule.yaml, source, target):
+            if rule.question in found.questions:  # a pairing among keys of one shape, confirmed
+                found.questions.remove(rule.question)
+                found.decided.append(
+                    f"{rule.question.split(' could be ')[0]}: its pairing confirmed by the data"
+                )
+
+
+def _transformed(rule: Explained, source, target, found: Synthesis) -> Explained:
+    """A rename whose tensors differ from the target's: the row permutations a checkpoint may hold
+    (rope halves <-> interleaved pairs per head, for every head count the rows allow; interleaved
+    parts), tried on the data; the one that fits bit for bit, else the rename and a question."""
+    from dataclasses import replace
+
+    src = rule.yaml.split("rename:")[1].split("#")[0].strip()
+    dst = rule.yaml.split("to:")[1].strip()
+    rows = _rows(rule, source)
+    tries = []
+    for heads in (h for h in range(1, rows // 2 + 1) if rows % (2 * h) == 0):
+        tries += [f"permute_rope(x, heads={heads})", f"unpermute_rope(x, heads={heads})"]
+    tries += [f"interleave(x, dim=0, parts={n})" for n in (2, 3) if rows % n == 0]
+    tries += [f"deinterleave(x, dim=0, parts={n})" for n in (2, 3) if rows % n == 0]
+    for expr in tries[:MAX_TRANSFORMS_TRIED]:
+        yaml = f"  - convert:  # {rule.keys} keys\n      x: {src}\n    to:\n      {dst}: {expr}"
+        if _fits(yaml, source, target):
+            found.decided.append(f"{rule.label or src}: {expr.split('(')[0]} found in the data, bit for bit")
+            return replace(rule, yaml=yaml, kind="transformed")
+    found.questions.append(
+        f"{rule.label or src}: renamed, but its values differ from the target's (no transform tried fits)"
+    )
+    return rule
+
+
+def _rows(rule: Explained, source) -> int:
+    """Dim 0 of the tensors a rename moves (one of them, from the source's headers)."""
+    from . import api
+    from .spec import parse_spec
+
+    plan = api.compile(parse_spec(f"spec: trial\nrules:\n{rule.yaml}\n", "trial.yaml"))
+    renamed = [a for a, b in plan.bind(source.layout).passthrough.items() if a != b]
+    shape = source.layout[renamed[0]].shape if renamed else ()
+    return shape[0] if shape else 0
 
 
 def _fits(rule_yaml: str, source, target) -> bool:

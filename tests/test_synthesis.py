@@ -223,3 +223,41 @@ def test_against_spec_compares_behaviour_not_text(tmp_path, capsys):
     assert (
         report["against_spec"] and "the spec -> model.layers.0.block_sparse_moe" in report["against_spec"][0]
     )
+
+
+def test_a_meta_order_llama_pair_finds_its_rope_permutation_in_the_data(tmp_path):
+    """Meta's q/k rows are rope pairs interleaved per head; transformers' are halves: a rename whose
+    values differ is tried with the row permutations a checkpoint may hold, and the head count that
+    gives the target bit for bit is found (here 4 query heads, 2 key/value heads)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from convspec.io.writer import write_file
+    from convspec.ops import OPS
+
+    g = torch.Generator().manual_seed(1)
+    h, kv = 16, 8
+    meta, hf = {}, {}
+    for i in range(2):
+        wq, wk, wv = (
+            torch.randn(h, h, generator=g),
+            torch.randn(kv, h, generator=g),
+            torch.randn(kv, h, generator=g),
+        )
+        meta.update({f"layers.{i}.attention.wq.weight": wq, f"layers.{i}.attention.wk.weight": wk})
+        meta[f"layers.{i}.attention.wv.weight"] = wv
+        p = f"model.layers.{i}.self_attn"
+        hf[f"{p}.q_proj.weight"] = OPS["permute_rope"].apply({"heads": 4}, [wq])[0]
+        hf[f"{p}.k_proj.weight"] = OPS["permute_rope"].apply({"heads": 2}, [wk])[0]
+        hf[f"{p}.v_proj.weight"] = wv
+    for name, tensors in (("meta", meta), ("hf", hf)):
+        (tmp_path / name).mkdir()
+        write_file(tmp_path / name / "model.safetensors", tensors)
+    r = convspec.infer(tmp_path / "meta", tmp_path / "hf")
+    assert r.ok and not r.found.questions, r.found.questions
+    assert "permute_rope(x, heads=4)" in r.spec and "permute_rope(x, heads=2)" in r.spec
+    spec = tmp_path / "s.yaml"
+    spec.write_text(r.spec)
+    convspec.convert(str(spec), tmp_path / "meta", tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert got.keys() == hf.keys() and all(torch.equal(got[k], hf[k]) for k in hf)
