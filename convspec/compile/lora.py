@@ -4,7 +4,7 @@ hand: the adapter plan binds, streams and inverts like any other."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import CompileError, Span
 from ..io.adapter import EMBEDDING, LINEAR, MAGNITUDE, PREFIX, WRAPPED, LoraConfig, lora_config
@@ -66,6 +66,12 @@ def _pattern(parts) -> Pattern:
     return Pattern(_text(merged), tuple(merged))
 
 
+def _adapted(parts, tail: str = "") -> Pattern:
+    """The key PEFT saves for `parts` (a base template, or a module's) and `tail`: `base_model.model.`
+    before it, `tail` (`.lora_A.weight`, ...) after it."""
+    return _pattern((("lit", PREFIX, None), *parts, ("lit", tail, None)))
+
+
 def _split(p: Pattern) -> tuple[tuple, str] | None:
     """A weight template as (the module's parts, the parameter's name), None when it ends in a capture."""
     kind, last, _ = p.parts[-1]
@@ -78,8 +84,6 @@ def _split(p: Pattern) -> tuple[tuple, str] | None:
 def _specialized(rule: PlanRule) -> PlanRule:
     """A rule whose every template ends in one segment capture (`{p}.qkv_proj.{kind}`: weight or
     bias) as the same rule on weights: the capture written as `weight`, as adapters adapt them."""
-    from dataclasses import replace
-
     pats = [p for _, p in (*rule.inputs, *rule.outputs)]
     ends = {p.parts[-1][1] if p.parts[-1][0] == "cap" else None for p in pats}
     types = dict(rule.types)
@@ -122,7 +126,6 @@ class _Rule:
         self.scalings: dict[str, float] = {}  # base value -> its factors' scaling (alpha / r)
         self.nodes: list[Node] = []
         self.free: dict[str, tuple[str, ...]] = {}
-        self.count = 0
 
     def fresh(self, like: str, factor: str) -> str:
         """A value of `factor` (A or B) of the base value `like`: `B%3` (`B%3'`, ... as it is rewritten)."""
@@ -148,26 +151,21 @@ class _Rule:
             module, leaf = split
             where = self.rule.where
             if self.variant == "embedding":
-                a, b = (_pattern((("lit", PREFIX, None), *module, ("lit", "." + s, None))) for s in EMBEDDING)
+                a, b = (_adapted(module, "." + s) for s in EMBEDDING)
                 ins += [(f"{name}_A", a), (f"{name}_B", b)]
                 self.free[f"{name}_A"] = self.free[f"{name}_B"] = self.rule.free_of.get(name, ())
                 vals[name] = (f"{name}_B", f"{name}_A", Factors(2, True), self.d.rank(module, leaf))
                 continue
             depth = 0 if leaf == "weight" else self.d.depth(module, leaf, "in")
             wrap = "." + WRAPPED * depth
-            a, b = (_pattern((("lit", PREFIX, None), *module, ("lit", wrap + s, None))) for s in LINEAR)
+            a, b = (_adapted(module, wrap + s) for s in LINEAR)
             ins += [(f"{name}_A", a), (f"{name}_B", b)]
             self.free[f"{name}_A"] = self.free[f"{name}_B"] = self.rule.free_of.get(name, ())
             r = self.d.rank(module, leaf)
             if leaf == "weight":
                 vals[name] = (f"{name}_B", f"{name}_A", Factors(2), r)
                 if self.variant == "dora":  # DoRA: the magnitude of each of the weight's rows
-                    ins.append(
-                        (
-                            f"{name}_M",
-                            _pattern((("lit", PREFIX, None), *module, ("lit", "." + MAGNITUDE, None))),
-                        )
-                    )
+                    ins.append((f"{name}_M", _adapted(module, "." + MAGNITUDE)))
                     self.free[f"{name}_M"] = self.rule.free_of.get(name, ())
                     self.mags[name] = f"{name}_M"
                 continue
@@ -246,9 +244,7 @@ class _Rule:
         if value in self.mags:
             if kind_of(leaf) != "module" or f.swapped or f.ndim != 2:
                 raise NoLowRank(f"its output {pat.text} is no Linear weight, which DoRA's magnitude needs")
-            outputs.append(
-                (self.mags[value], _pattern((("lit", PREFIX, None), *module, ("lit", "." + MAGNITUDE, None))))
-            )
+            outputs.append((self.mags[value], _adapted(module, "." + MAGNITUDE)))
         if f.swapped != (self.variant == "embedding"):  # (L @ R)^T = R^T @ L^T: the factors trade places
             dims = {"dim0": f.ndim - 2, "dim1": f.ndim - 1}
             (left,), (right,) = (
@@ -256,22 +252,22 @@ class _Rule:
                 self.node("transpose", [left], dims, value, "A"),
             )
         if self.variant == "embedding":
-            kind, tail = "embedding", [("lit", "." + s, None) for s in EMBEDDING]
+            kind, tail = "embedding", ["." + s for s in EMBEDDING]
         elif leaf == "weight":
             if f.ndim != 2:
                 raise NoLowRank(f"its output {pat.text} is a module's weight of {f.ndim} dims")
-            kind, tail = "module", [("lit", "." + s, None) for s in LINEAR]
+            kind, tail = "module", ["." + s for s in LINEAR]
         else:
             kind = "param"
             wrap = "." + WRAPPED * self.d.depth(module, leaf, "out")
-            tail = [("lit", wrap + s, None) for s in LINEAR]
+            tail = [wrap + s for s in LINEAR]
             if f.ndim == 3:  # PEFT's layout: the experts flattened into the rank
                 (right,) = self.node("flatten", [right], {"dim": 0, "sizes": [-1, rank]}, value, "A")
                 (u,) = self.node("permute", [left], {"dims": [1, 2, 0]}, value, "B")
                 (left,) = self.node("flatten", [u], {"dim": 1, "sizes": [rank, -1]}, value, "B")
             elif f.ndim != 2:
                 raise NoLowRank(f"its output {pat.text} has {f.ndim} dims; PEFT adapts 2 or 3")
-        a, b = (_pattern((("lit", PREFIX, None), *module, t)) for t in tail)
+        a, b = (_adapted(module, t) for t in tail)
         outputs += [(right, a), (left, b)]
         if kind == "param":
             self.params.append(("out", a, pat))
@@ -339,9 +335,27 @@ class Derivation:
 
         rules: list[PlanRule] = []
         refused, produced, consumed = [], {}, {}
+        readers: dict[str, PlanRule] = {}  # adapter key template -> the convert that reads it
+
+        def add(new: PlanRule, made: tuple = (), used: tuple = ()) -> None:
+            """The next rule, unless a convert reads keys an earlier one reads: PEFT's names cannot
+            tell those weights' adapters apart (a module's `weight` and its parameter `weight_1`),
+            so the first keeps them and this one is said among the refused."""
+            new = _with_index(new, len(rules))
+            texts = [p.text for _, p in new.inputs] if new.kind == "convert" else []
+            first = next((readers[t] for t in texts if t in readers), None)
+            if first is not None:
+                refused.append((-1, new.label, f"its adapters' names are those of {first.label}'s"))
+                return
+            readers.update(dict.fromkeys(texts, new))
+            if new.kind == "convert":
+                produced[new.index], consumed[new.index] = made, used
+            rules.append(new)
+
         for rule in map(_specialized, self.base.rules):
             if rule.kind in ("rename", "drop"):
-                rules += [_with_index(r, len(rules) + i) for i, r in enumerate(self.renamed(rule))]
+                for r in self.renamed(rule):
+                    add(r)
                 continue
             weights = [_split(p) for _, p in (*rule.inputs, *rule.outputs)]
             if all(w is not None and w[1] in SKIPPED for w in weights[: len(rule.inputs)]):
@@ -359,25 +373,15 @@ class Derivation:
                 ):
                     continue
                 if variant == "full":
-                    rules.append(_prefixed(rule, len(rules)))
+                    add(_prefixed(rule))
                     continue
                 try:
-                    new, made, used = _Rule(self, rule, variant).build()
+                    add(*_Rule(self, rule, variant).build())
                 except NoLowRank as exc:
                     why = str(exc) if variant != "embedding" else f"as an embedding's adapter: {exc}"
-                    refused.append((len(rules), rule.label, why))
-                    new, made, used = _refusal(rule, variant, str(exc)), (), ()
-                produced[len(rules)], consumed[len(rules)] = made, used
-                rules.append(_with_index(new, len(rules)))
-        kept = _claimed_once(rules, refused)
-        if len(kept) < len(rules):  # renumbered: what each rule produced follows it
-            old = {id(r): r.index for r in kept}
-            produced = {i: produced[old[id(r)]] for i, r in enumerate(kept) if old[id(r)] in produced}
-            consumed = {i: consumed[old[id(r)]] for i, r in enumerate(kept) if old[id(r)] in consumed}
-            refused = [
-                (next((i for i, r in enumerate(kept) if r.index == j), -1), la, w) for j, la, w in refused
-            ]
-            rules = [_with_index(r, i) for i, r in enumerate(kept)]
+                    n = len(rules)
+                    add(_refusal(rule, variant, str(exc)))
+                    refused.append((n if len(rules) > n else -1, rule.label, why))
         inverse_rules, inverse_error, lossy = inverse_of(rules)
         plan = Plan(
             name=f"{self.base.name}.lora",
@@ -395,15 +399,10 @@ class Derivation:
     def renamed(self, rule: PlanRule) -> list[PlanRule]:
         """A rename or a drop, for every name PEFT saves under the weights it matches."""
         (_, src), (_, dst) = rule.inputs[0], (rule.outputs[0] if rule.outputs else (None, None))
-        forms: list[tuple[tuple, tuple | None]] = []
+        forms: list[tuple[Pattern, Pattern | None]] = []
         s_split, d_split = _split(src), _split(dst) if dst is not None else None
         if s_split is None or (dst is not None and d_split is None):  # ends in a capture: the rest follows
-            forms.append(
-                (
-                    (("lit", PREFIX, None), *src.parts),
-                    None if dst is None else (("lit", PREFIX, None), *dst.parts),
-                )
-            )
+            forms.append((_adapted(src.parts), None if dst is None else _adapted(dst.parts)))
         else:
             (sm, sl), dd = s_split, d_split
             if sl in SKIPPED:
@@ -417,17 +416,11 @@ class Derivation:
             tails.append(
                 ("." + sl, "." + (dd[1] if dd is not None else sl))
             )  # the weight itself (modules_to_save)
-            for ts, td in tails:
-                forms.append(
-                    (
-                        (("lit", PREFIX, None), *sm, ("lit", ts, None)),
-                        None if dd is None else (("lit", PREFIX, None), *dd[0], ("lit", td, None)),
-                    )
-                )
+            forms += [(_adapted(sm, ts), None if dd is None else _adapted(dd[0], td)) for ts, td in tails]
         out = []
         for s, d in forms:
-            inputs = (("x", _pattern(s)),)
-            outputs = () if d is None else (("x", _pattern(d)),)
+            inputs = (("x", s),)
+            outputs = () if d is None else (("x", d),)
             out.append(
                 PlanRule(
                     0,
@@ -438,44 +431,24 @@ class Derivation:
                     keep=rule.keep,
                     free=rule.free,
                     types=rule.types,
-                    unless=tuple(_pattern((("lit", PREFIX, None), *u.parts)) for u in rule.unless),
+                    unless=tuple(_adapted(u.parts) for u in rule.unless),
                     one_way=rule.one_way,
                 )
             )
         return out
 
 
-def _claimed_once(rules: list[PlanRule], refused: list) -> list[PlanRule]:
-    """The rules, each adapter key read by one: where PEFT's names cannot tell two weights' adapters
-    apart (a module's weight and a parameter of it, `gate.weight` and `gate.weight_1`), the first
-    rule keeps them and the other is dropped, said in `refused`."""
-    seen: dict[str, PlanRule] = {}
-    out = []
-    for rule in rules:
-        pats = [p.text for _, p in rule.inputs] if rule.kind == "convert" else []
-        first = next((seen[t] for t in pats if t in seen), None)
-        if first is not None:
-            refused.append((-1, rule.label, f"its adapters' names are those of {first.label}'s"))
-            continue
-        seen.update(dict.fromkeys(pats, rule))
-        out.append(rule)
-    return out
-
-
 def _with_index(rule: PlanRule, index: int) -> PlanRule:
-    from dataclasses import replace
-
     return replace(rule, index=index)
 
 
-def _prefixed(rule: PlanRule, index: int) -> PlanRule:
+def _prefixed(rule: PlanRule) -> PlanRule:
     """The base rule on the weights themselves, as an adapter saves the ones it trains whole."""
-    from dataclasses import replace
 
     def pre(pats):
-        return tuple((n, _pattern((("lit", PREFIX, None), *p.parts))) for n, p in pats)
+        return tuple((n, _adapted(p.parts)) for n, p in pats)
 
-    return replace(rule, index=index, inputs=pre(rule.inputs), outputs=pre(rule.outputs))
+    return replace(rule, inputs=pre(rule.inputs), outputs=pre(rule.outputs))
 
 
 def _refusal(rule: PlanRule, variant: str, why: str) -> PlanRule:
@@ -487,10 +460,10 @@ def _refusal(rule: PlanRule, variant: str, why: str) -> PlanRule:
         split = _split(pat)
         module = split[0] if split is not None else pat.parts
         for i, s in enumerate(names):
-            ins.append((f"{name}_{i}", _pattern((("lit", PREFIX, None), *module, ("lit", "." + s, None)))))
+            ins.append((f"{name}_{i}", _adapted(module, "." + s)))
             free[f"{name}_{i}"] = rule.free_of.get(name, ())
     node = Node("no_low_rank", tuple(n for n, _ in ins), ("out",), (("op", op),), rule.where)
-    out_pat = _pattern((("lit", PREFIX, None), *rule.outputs[0][1].parts, ("lit", ".refused", None)))
+    out_pat = _adapted(rule.outputs[0][1].parts, ".refused")
     outs.append(("out", out_pat))
     return PlanRule(
         0,
