@@ -37,22 +37,23 @@ def partner(module: str, kind: str, factor: str) -> str:
     return f"{PREFIX}{module}.{names[0 if factor == 'A' else 1]}"
 
 
-def adapter_plan(base, config: LoraConfig, layout: dict[str, TensorInfo], reverse: bool = False) -> Adapter:
-    """The adapter plan of `base` for this adapter (`reverse`: an adapter of the converted layout,
-    converted back). PEFT names a parameter's adapter by which other parameters of its module are
-    adapted too, so the plan is made for the parameters the adapter holds."""
+def adapter_plan(first: Adapter, layout: dict[str, TensorInfo], reverse: bool = False) -> Adapter:
+    """The adapter plan for the adapter of `layout`, from `first` (derived as if every parameter
+    were adapted; `reverse`: an adapter of the converted layout, converted back). PEFT names a
+    parameter's adapter by which other parameters of its module are adapted too, so the plan is
+    made again for the parameters the adapter holds, where they are fewer."""
+    base, config = first.base, first.config
     if reverse:
         names = config.raw.get("target_parameters") or []
         names = [names] if isinstance(names, str) else names
         return derive(base, config, targeted={n.rpartition(".")[2] for n in names})
-    adapter = derive(base, config)
-    every = {p.name for ps in adapter.produced.values() for p in ps if p.kind == "param"}
+    every = {p.name for ps in first.produced.values() for p in ps if p.kind == "param"}
     if not every:
-        return adapter
+        return first
     made = set()
-    for g in adapter.plan.bind(layout).groups:
-        made |= {p.name for p in adapter.produced.get(g.rule.index, ()) if p.kind == "param"}
-    return adapter if made == every else derive(base, config, targeted=made)
+    for g in first.plan.bind(layout).groups:
+        made |= {p.name for p in first.produced.get(g.rule.index, ()) if p.kind == "param"}
+    return first if made == every else derive(base, config, targeted=made)
 
 
 def check_refused(adapter: Adapter, plan, layout: dict[str, TensorInfo], src) -> None:
@@ -277,7 +278,7 @@ def merge_check(
 
     src_side, dst_side = ("out", "in") if reverse else ("in", "out")
     plan_w = base_plan.inverse() if reverse else base_plan
-    plan_a = adapter.plan.inverse() if reverse else adapter.plan
+    plan_a = adapter.converting(reverse)
     weights = {k: v.to(torch.float64) if v.is_floating_point() else v for k, v in weights.items()}
     one = plan_w.apply(merge(weights, factors, adapter.config.raw, adapter, src_side))
     converted = plan_a.apply(factors)

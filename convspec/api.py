@@ -387,6 +387,11 @@ def adapter_plan(
     on the converted layout: parts adapted apart are joined block-diagonally, a fused weight's
     adapter is split with every part keeping its whole A, where the inverse of the adapter plan
     (exact, for an adapter convspec converted) refuses them."""
+    return _adapter(spec, adapter, base=base, reverse=reverse, apart=apart)[0]
+
+
+def _adapter(spec, adapter, *, base=None, reverse=False, apart=False, ckpt=None):
+    """`adapter_plan`, and the adapter's checkpoint it read the headers of (`ckpt`: read already)."""
     from .adapters import adapter_plan as derive_for
     from .adapters import check_base, check_factors, check_refused
     from .compile.lora import derive
@@ -401,7 +406,7 @@ def adapter_plan(
             hint="pass the directory PEFT saved the adapter in",
         )
     config = read_adapter_config(src)
-    ckpt = open_checkpoint(src)
+    ckpt = open_checkpoint(src) if ckpt is None else ckpt
     base_ckpt = None
     if base is not None:
         base_ckpt = open_checkpoint(base)
@@ -411,11 +416,11 @@ def adapter_plan(
     side = "out" if reverse else "in"
     first = derive(plan, config)
     check_factors(ckpt.layout, config, first, side, src)  # before any bind: pairs and ranks by key
-    check_refused(first, first.plan.inverse() if reverse else first.plan, ckpt.layout, src)
-    derived = derive_for(plan, config, ckpt.layout, reverse)
+    check_refused(first, first.converting(reverse), ckpt.layout, src)
+    derived = derive_for(first, ckpt.layout, reverse)
     if base_ckpt is not None:
         check_base(ckpt.layout, base_ckpt.layout, derived, side, src, base)
-    return derived
+    return derived, ckpt
 
 
 def verify_adapter(
@@ -430,9 +435,8 @@ def verify_adapter(
     from .adapters import merge_check
     from .io.formats import open_checkpoint
 
-    derived = adapter_plan(spec, adapter, base=base, reverse=reverse)
-    forward = derived.plan.inverse() if reverse else derived.plan
-    ckpt = open_checkpoint(adapter)
+    derived, ckpt = _adapter(spec, adapter, base=base, reverse=reverse)
+    forward = derived.converting(reverse)
     factors = {k: ckpt.get(k) for k in ckpt.layout}
     back = forward.inverse().apply(forward.apply(factors))
     problems = [(k, "missing after the round trip") for k in factors if k not in back]
@@ -456,7 +460,6 @@ def _convert_adapter(
     """`convert` of a PEFT LoRA adapter: the adapter plan of the spec, one adapter_model.safetensors
     and the adapter config that names the converted modules, written atomically."""
     from .io.destination import check_destination, check_output, source_paths
-    from .io.formats import open_checkpoint
     from .ops.lowrank import FactorsApart
     from .streaming import convert_checkpoint
 
@@ -468,12 +471,11 @@ def _convert_adapter(
         )
     check_output(dst, source_paths(src), src)
     check_destination(dst)
-    derived = adapter_plan(spec, src, base=base, reverse=reverse)
-    plan = derived.plan.inverse() if reverse else derived.plan
+    derived, ckpt = _adapter(spec, src, base=base, reverse=reverse)
     options = dict(device=device, dtype=dtype, strict=strict, overwrite=overwrite, dry_run=dry_run)
     try:
         return convert_checkpoint(
-            plan, src, dst, **options, on_tensor=on_tensor, ckpt=open_checkpoint(src), adapter=derived
+            derived.converting(reverse), src, dst, **options, on_tensor=on_tensor, ckpt=ckpt, adapter=derived
         )
     except FactorsApart as exc:
         if not reverse:
@@ -481,15 +483,9 @@ def _convert_adapter(
         why = exc.short
     # not the output of a forward conversion (nothing was written): the inverse spec's own adapter
     # plan converts it faithfully, at the rank of the parts together
-    derived = adapter_plan(spec, src, base=base, reverse=True, apart=True)
+    derived, _ = _adapter(spec, src, base=base, reverse=True, apart=True, ckpt=ckpt)
     result = convert_checkpoint(
-        derived.plan,
-        src,
-        dst,
-        **options,
-        on_tensor=on_tensor,
-        ckpt=open_checkpoint(src),
-        adapter=derived,
+        derived.plan, src, dst, **options, on_tensor=on_tensor, ckpt=ckpt, adapter=derived
     )
     result.notes.append(
         f"{src} is no conversion of an adapter of the original layout ({why}): converted by the adapter "

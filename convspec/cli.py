@@ -401,7 +401,7 @@ def _adapter_plan(args):
 
         config = args.config or _checkpoint_config(args.base)
         derived = derive(api.compile(args.spec, config=config))
-    return derived.plan.inverse() if args.reverse else derived.plan
+    return derived.converting(args.reverse)
 
 
 def _checkpoint_config(against: str | None) -> str | None:

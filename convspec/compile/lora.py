@@ -41,6 +41,10 @@ class Adapter:
     consumed: dict[int, tuple[Produced, ...]] = field(default_factory=dict)  # ... and what it reads
     params: tuple[tuple[str, Pattern, Pattern], ...] = ()  # (side in|out, adapter A pattern, weight)
 
+    def converting(self, reverse: bool = False) -> Plan:
+        """The plan that converts this adapter: forward, or (`reverse`) from the converted layout back."""
+        return self.plan.inverse() if reverse else self.plan
+
     def param_weight(self, key: str, side: str) -> str | None:
         """The weight a parameter adapter's A key (`side`: the base plan's in or out) adapts, None
         for a module's adapter (its weight is the module's `.weight`)."""
