@@ -770,15 +770,15 @@ SHOWN = 20  # groups of unexplained keys shown per side (--json has them all)
 
 def _infer_report(r, findings: list[str], ok: bool) -> str:
     """What infer explained, left, asked and proved, for a person."""
+    from .synthesis import grouped
+
     f = r.found
     explained = r.source_keys - len(f.unexplained_source)
     lines = [
         f"{explained} of {r.source_keys} source keys explained ({f.unchanged} unchanged, {len(f.rules)} rules)"
     ]
     for side, left in (("source", f.unexplained_source), ("target", f.unexplained_target)):
-        from .synthesis import _grouped
-
-        for g in _grouped(left)[:SHOWN]:
+        for g in grouped(left)[:SHOWN]:
             lines.append(
                 f"  not explained ({side}): {g['template']} {g['shape']} {g['dtype']} x{g['keys']}, e.g. {g['first']}"
             )

@@ -22,34 +22,25 @@ def read_layout(name: str | Path, config: str | Path | None = None) -> Layout:
 
 def model_layout(key: str, config: str | Path | None = None) -> Layout:
     """The state_dict layout of a transformers model type or class, built on the meta device."""
-    import contextlib
-    import io
-    import warnings
-
     from .extras import require_transformers
 
     require_transformers("a model type as a layout")
     import torch
 
-    from .hf.mapping import model_class
+    from .hf.mapping import meta_model, state_layout
     from .io.config import load_config
 
-    cls, config_cls = model_class(key)
-    if cls is None or config_cls is None:
+    values = load_config(config) if config is not None else {}
+    try:
+        model = meta_model(key, config=values)
+    except ConvspecError:  # transformers has no model class by that name
         raise ConvspecError(
             f"{key}: not a checkpoint, a layout .json, or a transformers model type or class",
             hint="name a checkpoint directory, a layout file, or e.g. `mixtral` / `MixtralForCausalLM`",
-        )
-    values = load_config(config) if config is not None else {}
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            cfg = config_cls(**{k: v for k, v in values.items() if k != "model_type"})
-            with torch.device("meta"):
-                model = cls(cfg)
-            dtype = values.get("torch_dtype") or values.get("dtype")  # what a checkpoint of it stores
-            if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
-                model = model.to(getattr(torch, dtype))
-        except Exception as exc:  # noqa: BLE001 - transformers' own error for this config
-            raise ConfigError(f"transformers cannot build {key} from this config: {exc}"[:300]) from None
-    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - transformers' own error for this config
+        raise ConfigError(f"transformers cannot build {key} from this config: {exc}"[:300]) from None
+    dtype = values.get("torch_dtype") or values.get("dtype")  # what a checkpoint of it stores
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        model = model.to(getattr(torch, dtype))
+    return state_layout(model.state_dict())

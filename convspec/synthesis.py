@@ -541,8 +541,8 @@ class Inferred:
             "target_keys": self.target_keys,
             "unchanged": f.unchanged,
             "rules": [{"kind": r.kind, "keys": r.keys} for r in f.rules],
-            "unexplained_source": _grouped(f.unexplained_source),
-            "unexplained_target": _grouped(f.unexplained_target),
+            "unexplained_source": grouped(f.unexplained_source),
+            "unexplained_target": grouped(f.unexplained_target),
             "questions": f.questions,
             "decided": f.decided,
             "proof": {
@@ -554,7 +554,7 @@ class Inferred:
         }
 
 
-def _grouped(layout: Layout) -> list[dict]:
+def grouped(layout: Layout) -> list[dict]:
     """Keys by template and shape, as `check` groups the keys no rule claims."""
     out: dict[tuple, list[str]] = defaultdict(list)
     for key, (shape, dtype) in layout.items():
@@ -577,14 +577,14 @@ def infer(source, target, *, name: str = "inferred") -> Inferred:
         >>> r.ok, [rule.kind for rule in r.found.rules]
         (True, ['stack'])
     """
+    from .io.checkpoint import Checkpoint
     from .spec.format import format_text
 
+    source, target = _opened(source), _opened(target)  # a checkpoint's headers are read once
     src, dst = layout_of(source), layout_of(target)
     found = search(src, dst)
-    if _has_data(source) and _has_data(target):
-        from .io.formats import open_checkpoint
-
-        decide(found, open_checkpoint(Path(source)), open_checkpoint(Path(target)))
+    if isinstance(source, Checkpoint) and isinstance(target, Checkpoint):
+        decide(found, source, target)
     text = format_text(found.spec_text(name), f"{name}.yaml")
     return Inferred(text, found, prove(text, src, dst), len(src), len(dst), src)
 
@@ -632,8 +632,12 @@ def _differ(got: dict, want: Layout, limit: int = 5) -> list[str]:
 def layout_of(source) -> Layout:
     """A layout from a dict (as it is), a layout `.json` file (`{key: [shape, dtype]}`, checked key by
     key), or a checkpoint (a directory or a file: its headers, no data)."""
+    from .io.checkpoint import Checkpoint
+
     if isinstance(source, dict):
         return {k: (tuple(v[0]), v[1]) for k, v in source.items()}
+    if isinstance(source, Checkpoint):
+        return {k: (tuple(v.shape), v.dtype) for k, v in source.layout.items()}
     path = Path(source)
     if path.suffix == ".json" and path.is_file():
         return _layout_file(path)
@@ -668,11 +672,13 @@ def _layout_file(path: Path) -> Layout:
     return out
 
 
-def _has_data(x) -> bool:
-    """A checkpoint (not a layout file, not a dict): its tensors can decide what shapes cannot."""
-    return (
-        not isinstance(x, dict) and Path(x).exists() and not (Path(x).suffix == ".json" and Path(x).is_file())
-    )
+def _opened(x):
+    """A checkpoint opened (its tensors can decide what shapes cannot); a dict or a layout file as is."""
+    if isinstance(x, dict) or not Path(x).exists() or (Path(x).suffix == ".json" and Path(x).is_file()):
+        return x
+    from .io.formats import open_checkpoint
+
+    return open_checkpoint(Path(x))
 
 
 def decide(found: Synthesis, source, target) -> None:
@@ -698,14 +704,13 @@ def decide(found: Synthesis, source, target) -> None:
     for k, rule in enumerate(found.rules):  # renames whose values differ: a value transform, from data
         if rule.kind != "rename" or rule.alternatives:
             continue
-        if not _fits(rule.yaml, source, target):
+        fits = _fits(rule.yaml, source, target)
+        if not fits:
             rule = found.rules[k] = _transformed(rule, source, target, found)
-        if rule.question and rule.kind != "rename" or _fits(rule.yaml, source, target):
-            if rule.question in found.questions:  # a pairing among keys of one shape, confirmed
-                found.questions.remove(rule.question)
-                found.decided.append(
-                    f"{rule.question.split(' could be ')[0]}: its pairing confirmed by the data"
-                )
+            fits = rule.kind != "rename"  # a transform found in the data
+        if fits and rule.question in found.questions:  # a pairing among keys of one shape, confirmed
+            found.questions.remove(rule.question)
+            found.decided.append(f"{rule.question.split(' could be ')[0]}: its pairing confirmed by the data")
 
 
 def _transformed(rule: Explained, source, target, found: Synthesis) -> Explained:
@@ -733,12 +738,17 @@ def _transformed(rule: Explained, source, target, found: Synthesis) -> Explained
     return rule
 
 
-def _rows(rule: Explained, source) -> int:
-    """Dim 0 of the tensors a rename moves (one of them, from the source's headers)."""
+def _trial(rule_yaml: str):
+    """One rule of a synthesized spec, compiled on its own to be tried."""
     from . import api
     from .spec import parse_spec
 
-    plan = api.compile(parse_spec(f"spec: trial\nrules:\n{rule.yaml}\n", "trial.yaml"))
+    return api.compile(parse_spec(f"spec: trial\nrules:\n{rule_yaml}\n", "trial.yaml"))
+
+
+def _rows(rule: Explained, source) -> int:
+    """Dim 0 of the tensors a rename moves (one of them, from the source's headers)."""
+    plan = _trial(rule.yaml)
     renamed = [a for a, b in plan.bind(source.layout).passthrough.items() if a != b]
     shape = source.layout[renamed[0]].shape if renamed else ()
     return shape[0] if shape else 0
@@ -748,12 +758,10 @@ def _fits(rule_yaml: str, source, target) -> bool:
     """Whether the one-rule spec gives, from the source's tensors, the target's, on one group."""
     import torch
 
-    from . import api
     from .errors import ConvspecError
-    from .spec import parse_spec
 
     try:
-        plan = api.compile(parse_spec(f"spec: trial\nrules:\n{rule_yaml}\n", "trial.yaml"))
+        plan = _trial(rule_yaml)
         bound = plan.bind(source.layout)
     except ConvspecError:
         return False

@@ -72,9 +72,9 @@ def model_class(key: str):
     return cls, getattr(cls, "config_class", None)
 
 
-def meta_model(key: str, base: bool = False):
-    """The model for `key` built from its default config on the meta device (no memory, no data);
-    with `base`, the model type's base-model class (AutoModel) instead."""
+def meta_model(key: str, base: bool = False, config: dict | None = None):
+    """The model for `key` built from its default config (or the fields of `config`) on the meta
+    device (no memory, no data); with `base`, the model type's base-model class (AutoModel) instead."""
     import torch
 
     cls, config_cls = model_class(key)
@@ -87,9 +87,9 @@ def meta_model(key: str, base: bool = False):
         raise ConvspecError(f"transformers has no model class for {key!r}")
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        config = config_cls()
+        made = config_cls(**{k: v for k, v in (config or {}).items() if k != "model_type"})
         with torch.device("meta"):
-            return cls(config)
+            return cls(made)
 
 
 @dataclass
@@ -153,7 +153,8 @@ class Observed:
     prefix_fixed: int = 0  # keys transformers fixed by adding/stripping base_model_prefix
 
 
-def _layout(sd) -> dict:
+def state_layout(sd) -> dict:
+    """A state dict's layout: {key: (shape, dtype name)}."""
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sd.items()}
 
 
@@ -167,7 +168,7 @@ def observe(app: Applied) -> Observed:
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         original = cl.revert_weight_conversion(model, sd)
-    obs = Observed(_layout(original), _layout(sd))
+    obs = Observed(state_layout(original), state_layout(sd))
     renamings = [(k, i, t) for k, i, _, t in app.entries if isinstance(t, cl.WeightRenaming)]
     converters = [(k, i, t) for k, i, _, t in app.entries if isinstance(t, cl.WeightConverter)]
     base = model.base_model_prefix
