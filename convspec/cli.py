@@ -721,6 +721,12 @@ def _infer(args) -> int:
 
     if args.output is not None and not args.output.endswith((".yaml", ".yml")):
         raise ConvspecError(f"-o {args.output}: infer writes a YAML spec", hint="name it NAME.yaml")
+    if args.output is not None:  # never onto, around or inside what it reads
+        from .io.destination import check_output, source_paths
+
+        for x in (args.source, args.target, args.config):
+            if x is not None and Path(x).exists():
+                check_output(args.output, source_paths(x), x)
 
     def named(x: str):  # a checkpoint stays a path: its tensors decide what shapes cannot
         return x if Path(x).exists() else read_layout(x, args.config)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import convspec
 from convspec.cli import main
@@ -145,6 +146,13 @@ def test_cli_infer_reports_and_exits_1_when_keys_are_left(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert not report["ok"] and report["unexplained_target"][0]["first"] == "model.extra.weight"
     assert [r["kind"] for r in report["rules"]] == ["rename", "stack", "stack"]
+    from safetensors.torch import save_file
+
+    (tmp_path / "ckpt").mkdir()
+    save_file({"a.weight": torch.zeros(2, 2)}, str(tmp_path / "ckpt" / "model.safetensors"))
+    inside = str(tmp_path / "ckpt" / "s.yaml")  # never written into what it reads
+    assert main(["infer", str(tmp_path / "ckpt"), str(tmp_path / "dst.json"), "-o", inside]) == 2
+    assert "is inside the source" in capsys.readouterr().err and not (tmp_path / "ckpt" / "s.yaml").exists()
     assert main(["infer", str(tmp_path / "src.json"), "not-a-model-type"]) == 2
     assert "not a checkpoint, a layout .json, or a transformers model type" in capsys.readouterr().err
     with pytest.raises(ConvspecError, match="no such file"):
