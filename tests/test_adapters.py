@@ -323,6 +323,8 @@ def test_an_adapter_of_only_some_parts_of_a_fused_weight_is_refused(tmp_path, ca
         (json.dumps(peft_config(lora_alpha=float("inf"))), "lora_alpha must be a positive number"),
         (json.dumps(peft_config(rank_pattern=[1])), "rank_pattern must be an object"),
         (json.dumps(peft_config(rank_pattern={"w1": -2})), "rank_pattern: w1 must be a positive integer"),
+        (json.dumps(peft_config(rank_pattern={"(.*.*)*y": 4})), "repeats a part that repeats itself"),
+        (json.dumps(peft_config(alpha_pattern={"(w+)+x": 4})), "repeats a part that repeats itself"),
         (json.dumps(peft_config(peft_type="IA3")), "convspec converts LoRA adapters"),
         (json.dumps(peft_config(target_modules=7)), "target_modules must be a list of names"),
         (json.dumps(peft_config(fan_in_fan_out=True)), "fan_in_fan_out"),

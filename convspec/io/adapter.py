@@ -88,7 +88,42 @@ def _patterns(raw: dict, key: str, where: str, kind: type) -> dict:
         raise ConfigError(f"{where}: {key} must be an object of module pattern -> value")
     for k in v:
         _number(v, k, f"{where}: {key}", kind, None)
+        if _nested_repeat(k):
+            raise ConfigError(
+                f"{where}: {key}: the pattern {json.dumps(k)[:60]} repeats a part that repeats itself "
+                "(like (a+)+), which can take exponential time to match a module name",
+                hint="write it without a repetition inside a repetition",
+            )
     return dict(v)
+
+
+def _nested_repeat(pattern: str) -> bool:
+    """Whether a regex repeats (more than once) a part that itself repeats: the shape of patterns whose
+    matching backtracks exponentially. A pattern that is no regex matches nothing (`pattern_key`)."""
+    import re._parser as parser  # the parser `re` compiles with: the tree, not a guess at the text
+
+    try:
+        tree = parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+
+    def repeats(items, inside: bool) -> bool:
+        for op, av in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                lo, hi, sub = av
+                many = hi > 1
+                if inside and many or repeats(sub, inside or many):
+                    return True
+            elif name == "SUBPATTERN" and repeats(av[-1], inside):
+                return True
+            elif name == "BRANCH" and any(repeats(b, inside) for b in av[1]):
+                return True
+            elif name in ("ASSERT", "ASSERT_NOT") and repeats(av[1], inside):
+                return True
+        return False
+
+    return repeats(tree, False)
 
 
 def lora_config(raw: Any, where: str = ADAPTER_CONFIG) -> LoraConfig:
