@@ -5,6 +5,7 @@ binding it both ways; what it cannot explain is reported, never guessed. `convsp
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import json
 import re
@@ -77,11 +78,13 @@ def capture_names(t: Template, extra: dict[int, str] | None = None) -> list[str]
     return names
 
 
+@functools.lru_cache(maxsize=1 << 16)  # every step asks of the same pairs again
 def similarity(a: Template, b: Template) -> float:
     """How alike two names are, segment by segment: what ranks candidates."""
     return difflib.SequenceMatcher(None, a.segments, b.segments, autojunk=False).ratio()
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def letters(a: Template, b: Template) -> float:
     """How alike two names are letter by letter (`wq` ~ `q_proj` more than ~ `o_proj`): ties' breaker."""
     return difflib.SequenceMatcher(None, ".".join(a.segments), ".".join(b.segments), autojunk=False).ratio()
@@ -358,8 +361,8 @@ class Search:
             for t, mt in self.dst.items():
                 if s.slots != t.slots or set(ms) != set(mt):
                     continue
-                if alike(s, t) and all(len(ms[i][0]) == 2 and ms[i][0][::-1] == mt[i][0] and ms[i][0][0] != ms[i][0][1]
-                       and ms[i][1] == mt[i][1] for i in ms):  # fmt: skip
+                if all(len(ms[i][0]) == 2 and ms[i][0][::-1] == mt[i][0] and ms[i][0][0] != ms[i][0][1]
+                       and ms[i][1] == mt[i][1] for i in ms) and alike(s, t):  # fmt: skip
                     pairs.append((similarity(s, t), s, t))
         pairs.sort(key=lambda p: (-p[0], p[1].segments))
         for _, s, t in pairs:
