@@ -32,7 +32,7 @@ class Template:
 
     segments: tuple[str, ...]
 
-    @property
+    @functools.cached_property
     def slots(self) -> int:
         return sum(s == SLOT for s in self.segments)
 
@@ -91,8 +91,121 @@ def letters(a: Template, b: Template) -> float:
 
 
 def alike(a: Template, b: Template) -> bool:
-    """Names alike enough to pair by: their segments, or their letters (`c_attn` ~ `attn`)."""
-    return similarity(a, b) >= ALIKE or letters(a, b) >= ALIKE
+    """Names alike enough to pair by: their segments, or their letters (`c_attn` ~ `attn`); decided
+    on their families, so that names differing only in numbers are alike or not together."""
+    return _alike_families(family(a), family(b))
+
+
+MAX_NAME_PAIRS = 200_000  # family pairs one search compares by name (~2 s); past it, none pairs by name
+
+
+class Names:
+    """Which families are alike, each pair compared once per search, within MAX_NAME_PAIRS: layouts
+    of thousands of unrelated names end unexplained in seconds, and the report says the budget ran out."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[Template, Template], bool] = {}
+        self.true: list[tuple[Template, Template]] = []
+        self.spent = False
+
+    def alike(self, a: Template, b: Template) -> bool:
+        got = self.seen.get((a, b))
+        if got is None:
+            if len(self.seen) >= MAX_NAME_PAIRS:
+                self.spent = True
+                return False
+            got = self.seen[(a, b)] = self.seen[(b, a)] = _alike_families(a, b)
+            if got:
+                self.true.append((a, b))
+        return got
+
+    def pairs(self, fl: dict, fr: dict):
+        """The family pairs to visit: all of them, or once the budget is spent, those found alike."""
+        if self.spent:
+            for a, b in self.true:
+                for x, y in ((a, b), (b, a)):
+                    if x in fl and y in fr:
+                        yield x, y
+            return
+        for fs in fl:
+            for ft in fr:
+                if self.spent:
+                    return
+                yield fs, ft
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _alike_families(a: Template, b: Template) -> bool:
+    """`alike`, with difflib's cheap upper bounds first: most unrelated pairs stop there."""
+    for x, y in ((a.segments, b.segments), (".".join(a.segments), ".".join(b.segments))):
+        m = difflib.SequenceMatcher(None, x, y, autojunk=False)
+        if m.real_quick_ratio() >= ALIKE and m.quick_ratio() >= ALIKE and m.ratio() >= ALIKE:
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def family(t: Template) -> Template:
+    """A template with the numbers inside segments taken out too (`block12` -> `block#`)."""
+    return Template(tuple(NUMBER.sub(SLOT, s) for s in t.segments))
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def digits(t: Template) -> tuple[str, ...]:
+    """The numbers inside a template's segments (`block12.conv3` -> 12, 3): what pairs a family's names."""
+    return tuple(n for s in t.segments if s != SLOT for n in NUMBER.findall(s))
+
+
+FAMILY_PAIRS = 4096  # above this many pairs between two families, names pair only with their own numbers
+
+
+class Family(list):
+    """Templates of one family, with an index by their numbers, made once when first asked."""
+
+    @functools.cached_property
+    def by_digits(self) -> dict[tuple[str, ...], list[Template]]:
+        out: dict[tuple[str, ...], list[Template]] = defaultdict(list)
+        for t in self:
+            out[digits(t)].append(t)
+        return out
+
+
+def families(templates) -> dict[Template, Family]:
+    """Templates by family: what `near` compares names by."""
+    out: dict[Template, Family] = defaultdict(Family)
+    for t in templates:
+        out[family(t)].append(t)
+    return out
+
+
+def near(left, right, names: Names, fits=lambda s, t: True, left_families=None):
+    """Pairs (s, t) of templates, one from each side, that `fits` and whose names are alike. Names are
+    compared per pair of families, once (`encoder.block0` .. `encoder.block999` are one family), and a
+    family pair found unalike is skipped whole: unrelated numbered layouts cost little, not n^2 ratios.
+    `left_families`: the left side's `families`, made once by a caller that asks many times (members
+    since removed from `left` are skipped)."""
+    fl = families(left) if left_families is None else left_families
+    fr = families(right)
+    for fs, ft in names.pairs(fl, fr):
+        ss, ts = fl[fs], fr[ft]
+        if ss[0].slots != ts[0].slots:  # a family's templates have one number of slots
+            continue
+        if len(ss) * len(ts) > FAMILY_PAIRS:  # a numbered family: each name with its own numbers
+            if len(ts) <= len(ss):
+                block = ((s, t) for t in ts for s in ss.by_digits.get(digits(t), ()))
+            else:
+                block = ((s, t) for s in ss for t in ts.by_digits.get(digits(s), ()))
+        else:
+            block = ((s, t) for s in ss for t in ts)
+        decided = None
+        for s, t in block:
+            if s not in left or not fits(s, t):
+                continue
+            if decided is None:
+                decided = names.alike(fs, ft)
+            if not decided:
+                break
+            yield s, t
 
 
 # a pairing by shapes needs names at least this alike: unrelated layouts stay unexplained, even where
@@ -143,6 +256,8 @@ class Search:
         self.src = templates(source)
         self.dst = templates(target)
         self.out = Synthesis()
+        self._families: dict[int, dict] = {}
+        self.names = Names()
 
     # ---- one-to-one ---------------------------------------------------------------------------
 
@@ -153,11 +268,8 @@ class Search:
 
     def renames(self) -> None:
         """Template pairs with the same members (numbers, shapes, dtypes): renames, most alike first."""
-        pairs = []
-        for s, ms in self.src.items():
-            for t, mt in self.dst.items():
-                if s.slots == t.slots and ms == mt and alike(s, t):
-                    pairs.append((similarity(s, t), s, t))
+        fits = lambda s, t: self.src[s] == self.dst[t]  # noqa: E731
+        pairs = [(similarity(s, t), s, t) for s, t in near(self.src, self.dst, self.names, fits)]
         pairs.sort(key=lambda p: (-p[0], -letters(p[1], p[2]), p[1].segments, p[2].segments))
         taken_s, taken_t = set(), set()
         chosen = []
@@ -201,6 +313,9 @@ class Search:
     def stacks(self) -> None:
         """A target of leading dim N from source templates with one more number, running 0..N-1, of
         the target's shape without that dim: stack; several of them joined along a dim: cat(stack)."""
+        self._by_slots = defaultdict(list)
+        for s in self.src:
+            self._by_slots[s.slots].append(s)
         for t in sorted(self.dst, key=lambda t: t.segments):
             mt = self.dst[t]
             found = self._stack_parts(t, mt)
@@ -245,8 +360,9 @@ class Search:
         dtype = next(iter(mt.values()))[1]
         n = shape[0]
         candidates = []  # (template, slot position of the stacked number, member shape)
-        for s, ms in self.src.items():
-            if s.slots != t.slots + 1:
+        for s in self._by_slots.get(t.slots + 1, ()):
+            ms = self.src.get(s)
+            if ms is None:
                 continue
             for pos in range(s.slots):
                 groups: dict[tuple, dict[str, tuple]] = defaultdict(dict)
@@ -289,6 +405,7 @@ class Search:
         source cut into sibling targets: split."""
         for joining in (True, False):  # a whole target of source parts; then a whole source cut
             whole_side, part_side = (self.dst, self.src) if joining else (self.src, self.dst)
+            self._families = {id(part_side): families(part_side)}
             for w in sorted(whole_side, key=lambda t: t.segments):
                 if w not in whole_side:
                     continue
@@ -333,9 +450,10 @@ class Search:
         (shape,) = shapes
         dtype = next(iter(mw.values()))[1]
         sibs = []
-        for p, mp in others.items():
-            vals = set(mp.values())
-            if p.slots == w.slots and set(mp) == set(mw) and len(vals) == 1 and alike(p, w):
+        fits = lambda p, _: others[p].keys() == mw.keys()  # noqa: E731
+        for p, _ in near(others, {w: mw}, self.names, fits, self._families.get(id(others))):
+            vals = set(others[p].values())
+            if len(vals) == 1:
                 ((pshape, pdtype),) = vals
                 if len(pshape) == len(shape) and pdtype == dtype and p.segments[-1] == w.segments[-1]:
                     sibs.append((similarity(p, w), p, pshape))
@@ -356,14 +474,14 @@ class Search:
 
     def transposes(self) -> None:
         """One-to-one pairs whose 2-D shapes are each other's transpose (not square): rename + transpose."""
-        pairs = []
-        for s, ms in self.src.items():
-            for t, mt in self.dst.items():
-                if s.slots != t.slots or set(ms) != set(mt):
-                    continue
-                if all(len(ms[i][0]) == 2 and ms[i][0][::-1] == mt[i][0] and ms[i][0][0] != ms[i][0][1]
-                       and ms[i][1] == mt[i][1] for i in ms) and alike(s, t):  # fmt: skip
-                    pairs.append((similarity(s, t), s, t))
+
+        def fits(s: Template, t: Template) -> bool:
+            ms, mt = self.src[s], self.dst[t]
+            return ms.keys() == mt.keys() and all(
+                len(ms[i][0]) == 2 and ms[i][0][::-1] == mt[i][0] and ms[i][0][0] != ms[i][0][1]
+                and ms[i][1] == mt[i][1] for i in ms)  # fmt: skip
+
+        pairs = [(similarity(s, t), s, t) for s, t in near(self.src, self.dst, self.names, fits)]
         pairs.sort(key=lambda p: (-p[0], p[1].segments))
         for _, s, t in pairs:
             if s not in self.src or t not in self.dst:
@@ -386,16 +504,12 @@ class Search:
         alike name on each side."""
         left = {t.key(i): v for t, ms in self.src.items() for i, v in ms.items()}
         right = {t.key(i): v for t, ms in self.dst.items() for i, v in ms.items()}
-        by_shape: dict[tuple, list[str]] = defaultdict(list)
-        for k, v in right.items():
-            by_shape[v].append(k)
-        pairs = []
-        for k, v in left.items():
-            for t in by_shape.get(v, ()):
-                a, b = Template(tuple(k.split("."))), Template(tuple(t.split(".")))
-                score = similarity(a, b)
-                if alike(a, b):
-                    pairs.append((score, k, t))
+        ls = {Template(tuple(k.split("."))): v for k, v in left.items()}
+        rs = {Template(tuple(k.split("."))): v for k, v in right.items()}
+        pairs = [
+            (similarity(a, b), ".".join(a.segments), ".".join(b.segments))
+            for a, b in near(ls, rs, self.names, lambda a, b: ls[a] == rs[b])
+        ]
         pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
         done_s, done_t = set(), set()
         for score, k, t in pairs:
@@ -470,6 +584,11 @@ class Search:
         self.square_questions()
         self.literal_renames()
         self.shape_renames(self.out.unchanged + sum(r.keys for r in self.out.rules))
+        if self.names.spent:
+            self.out.questions.append(
+                f"names: more than {MAX_NAME_PAIRS:,} pairs of names to compare; the rest were not "
+                "compared, and the keys they would have paired are left unexplained"
+            )
         for t, ms in self.src.items():
             for idx, v in ms.items():
                 self.out.unexplained_source[t.key(idx)] = v

@@ -100,6 +100,37 @@ def test_unrelated_layouts_stay_unexplained_quickly():
     assert len(r.found.unexplained_source) == 200 and len(r.found.unexplained_target) == 200
 
 
+@pytest.mark.parametrize("n", [3000])
+def test_thousands_of_unrelated_names_of_one_shape_are_compared_by_family_and_within_a_budget(n):
+    """Names that differ only in numbers (`block0` .. `block2999`) are one family, compared once;
+    thousands of unrelated names without numbers spend the comparison budget and say so. Either way
+    every key is left unexplained, in seconds rather than the n^2 ratios a pairwise search would take."""
+    import random
+    import string
+
+    from convspec.synthesis import MAX_NAME_PAIRS
+
+    numbered = convspec.infer(
+        {f"encoder.block{i}.conv.weight": ((8, 8), F) for i in range(n)},
+        {f"vocab_head.table_{i}.w": ((8, 8), F) for i in range(n)},
+    )
+    assert not numbered.found.rules and len(numbered.found.unexplained_source) == n
+    rnd = random.Random(0)
+
+    def word() -> str:
+        return "".join(rnd.choice(string.ascii_lowercase) for _ in range(rnd.randint(3, 9)))
+
+    m = 1000  # 10^6 pairs of names: over the budget
+    start = time.perf_counter()
+    r = convspec.infer(
+        {f"{word()}.{word()}.weight": ((8, 8), F) for _ in range(m)},
+        {f"{word()}_{word()}.{word()}": ((8, 8), F) for _ in range(m)},
+    )
+    assert time.perf_counter() - start < 60  # a bound against a hang, not a speed figure
+    assert not r.ok and len(r.found.unexplained_target) >= m - len(r.found.rules)
+    assert any(f"more than {MAX_NAME_PAIRS:,} pairs of names" in q for q in r.found.questions)
+
+
 def test_shapes_alone_pair_only_what_is_unique_once_names_explain_most():
     src, dst = mixtral_pair()
     src["zz.q"], dst["lm_head.weight"] = ((64, 16), F), ((64, 16), F)  # names nothing alike
