@@ -224,6 +224,8 @@ class Explained:
     label: str = ""  # the source template, as a person reads it
     alternatives: list[str] = field(default_factory=list)  # other rules the shapes allow: data decides
     question: str = ""  # what is asked of this rule, while data has not decided it
+    pair: tuple[Template, Template] | None = None  # a rename's source and target: data may re-pair them
+    members: tuple = ()  # a rename's members (numbers, shapes, dtypes): what it may be re-paired within
 
 
 @dataclass
@@ -247,6 +249,30 @@ class Synthesis:
 
 def _q(s: str) -> str:
     return '"' + s + '"'
+
+
+def _shown(t: Template) -> str:
+    return t.text(capture_names(t), False)
+
+
+def _rename_yaml(s: Template, t: Template, n: int) -> str:
+    names = capture_names(s)
+    return (
+        f"  - rename: {_q(s.text(names, True))}  # {n} key{'s' if n != 1 else ''}\n"
+        f"    to: {_q(t.text(names, False))}"
+    )
+
+
+def _marked(s: Template, t: Template, rival_s: list[Template], rival_t: list[Template]) -> bool:
+    """Whether the names settle a pairing among names of one shape: a segment of the source that no
+    rival source has is in the target and in no rival target (`...q_proj` -> `...q_proj`, not
+    `attn_q` -> `q_proj` beside `o_proj`: there only data can say which is which)."""
+    for seg in s.segments:
+        if seg == SLOT or any(seg in r.segments for r in rival_s):
+            continue
+        if seg in t.segments and not any(seg in r.segments for r in rival_t):
+            return True
+    return False
 
 
 class Search:
@@ -273,40 +299,42 @@ class Search:
         pairs.sort(key=lambda p: (-p[0], -letters(p[1], p[2]), p[1].segments, p[2].segments))
         taken_s, taken_t = set(), set()
         chosen = []
-        for score, s, t in pairs:
+        for _, s, t in pairs:
             if s in taken_s or t in taken_t:
                 continue
-            rivals = [
-                p for p in pairs if p[0] == score and (p[1] == s) != (p[2] == t) and p[1] not in taken_s
-            ]
-            rivals = [p for p in rivals if p[2] not in taken_t]
-            question = ""
-            if rivals:
-                alt = rivals[0]
-                question = (
-                    f"{s.text(capture_names(s), False)} could be {t.text(capture_names(t), False)} or "
-                    f"{alt[2].text(capture_names(alt[2]), False)}: same shapes, names as alike; took the first"
-                )
-                self.out.questions.append(question)
             taken_s.add(s)
             taken_t.add(t)
+            rival_s = [p[1] for p in pairs if p[2] == t and p[1] != s]
+            rival_t = [p[2] for p in pairs if p[1] == s and p[2] != t]
+            question = ""
+            if (rival_s or rival_t) and not _marked(s, t, rival_s, rival_t):
+                others = ", ".join(_shown(x) for x in dict.fromkeys(rival_t + rival_s))
+                question = (
+                    f"{_shown(s)} -> {_shown(t)}: paired by name among names of one shape ({others}); "
+                    "only data can confirm it"
+                )
+                self.out.questions.append(question)
             chosen.append((s, t, question))
         for s, t, question in chosen:
-            members = self.src.pop(s)
-            n = len(members)
+            self._rename(s, t, self.src.pop(s), question)
             del self.dst[t]
-            names = capture_names(s)
-            square = all(len(shape) == 2 and shape[0] == shape[1] for shape, _ in members.values())
-            self.out.rules.append(
-                Explained(
-                    f"  - rename: {_q(s.text(names, True))}  # {n} keys\n    to: {_q(t.text(names, False))}",
-                    n,
-                    "rename",
-                    square,
-                    s.text(names, False),
-                    question=question,
-                )
+
+    def _rename(self, s: Template, t: Template, members: Members, question: str = "") -> None:
+        n = len(members)
+        names = capture_names(s)
+        square = all(len(shape) == 2 and shape[0] == shape[1] for shape, _ in members.values())
+        self.out.rules.append(
+            Explained(
+                _rename_yaml(s, t, n),
+                n,
+                "rename",
+                square,
+                s.text(names, False),
+                question=question,
+                pair=(s, t),
+                members=tuple(sorted(members.items())),
             )
+        )
 
     # ---- many-to-one and one-to-many ----------------------------------------------------------
 
@@ -432,10 +460,19 @@ class Search:
                         for order in itertools.permutations(parts)
                     ]
                 rule = Explained(f"  - convert:  # {n} keys\n{orders[0]}", n, "join" if joining else "cut")
+                grouped = _grouped_heads(w, parts, names, sizes, dim, joining)
                 if len(set(sizes)) == 1:
                     rule.question = _order_question(w, parts)
+                elif grouped:
+                    rule.question = (
+                        f"{'.'.join(w.segments)}: parts one after another, as the names' order says; the "
+                        "heads of each key/value group together (Megatron's fused QKV) fit the shapes "
+                        "too, and only data can tell"
+                    )
+                    orders = orders[:1]
+                if rule.question:
                     self.out.questions.append(rule.question)
-                    rule.alternatives = [f"  - convert:  # {n} keys\n{b}" for b in orders]
+                    rule.alternatives = [f"  - convert:  # {n} keys\n{b}" for b in orders + grouped]
                 self.out.rules.append(rule)
                 for p in parts:
                     del part_side[p]
@@ -506,20 +543,25 @@ class Search:
         right = {t.key(i): v for t, ms in self.dst.items() for i, v in ms.items()}
         ls = {Template(tuple(k.split("."))): v for k, v in left.items()}
         rs = {Template(tuple(k.split("."))): v for k, v in right.items()}
-        pairs = [
-            (similarity(a, b), ".".join(a.segments), ".".join(b.segments))
-            for a, b in near(ls, rs, self.names, lambda a, b: ls[a] == rs[b])
-        ]
-        pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
+        pairs = [(similarity(a, b), a, b) for a, b in near(ls, rs, self.names, lambda a, b: ls[a] == rs[b])]
+        pairs.sort(key=lambda p: (-p[0], p[1].segments, p[2].segments))
         done_s, done_t = set(), set()
-        for score, k, t in pairs:
+        for _, a, b in pairs:
+            k, t = ".".join(a.segments), ".".join(b.segments)
             if k in done_s or t in done_t:
                 continue
-            if any(q[0] == score and q[1] == k and q[2] not in done_t and q[2] != t for q in pairs):
-                self.out.questions.append(f"{k} could be {t} or another key of its shape: took {t}")
+            rival_s = [p[1] for p in pairs if p[2] == b and p[1] != a]
+            rival_t = [p[2] for p in pairs if p[1] == a and p[2] != b]
+            question = ""
+            if (rival_s or rival_t) and not _marked(a, b, rival_s, rival_t):
+                others = ", ".join(".".join(x.segments) for x in dict.fromkeys(rival_t + rival_s))
+                question = (
+                    f"{k} -> {t}: paired by name among keys of one shape ({others}); only data can confirm it"
+                )
+                self.out.questions.append(question)
             done_s.add(k)
             done_t.add(t)
-            self.out.rules.append(Explained(f"  - rename: {_q(k)}  # 1 key\n    to: {_q(t)}", 1, "rename"))
+            self._rename(a, b, {(): ls[a]}, question)
         for side, done in ((self.src, done_s), (self.dst, done_t)):
             for tpl in list(side):
                 for idx in [i for i in side[tpl] if tpl.key(i) in done]:
@@ -545,16 +587,12 @@ class Search:
             if len(ss) != 1 or len(ts) != 1 or ss[0].slots != ts[0].slots:
                 continue
             s, t = ss[0], ts[0]
-            n = len(self.src.pop(s))
+            question = (
+                f"{_shown(s)} -> {_shown(t)}: paired by shape alone, the only one of its shape on each side"
+            )
+            self.out.questions.append(question)
+            self._rename(s, t, self.src.pop(s), question)
             del self.dst[t]
-            names = capture_names(s)
-            a, b = s.text(names, False), t.text(names, False)
-            self.out.questions.append(
-                f"{a} -> {b}: paired by shape alone, the only one of its shape on each side"
-            )
-            self.out.rules.append(
-                Explained(f"  - rename: {_q(s.text(names, True))}  # {n} keys\n    to: {_q(b)}", n, "rename")
-            )
 
     def square_questions(self) -> None:
         """Where weights were found transposed, a square 2-D weight renamed as it is may have been
@@ -596,6 +634,39 @@ class Search:
             for idx, v in ms.items():
                 self.out.unexplained_target[t.key(idx)] = v
         return self.out
+
+
+def _grouped_heads(w: Template, parts: list, names: list, sizes: list, dim: int, joining: bool) -> list[str]:
+    """A fused q, k, v (sizes [q, kv, kv]) may hold its heads by key/value group instead, each group
+    its q heads then its k and v head (Megatron-LM's linear_qkv): the forms of that for each head
+    size the sizes allow (two groups or more), as alternatives only data can choose among."""
+    if len(parts) != 3 or sizes[1] != sizes[2] or sizes[0] % sizes[1]:
+        return []
+    q, kv = sizes[0], sizes[1]
+    out = []
+    for d in (d for d in range(1, kv // 2 + 1) if kv % d == 0):
+        groups, per = kv // d, q // kv  # key/value heads, and query heads per group
+        if len(out) >= MAX_TRANSFORMS_TRIED:
+            break
+        by_group = f"groups={groups}, size={per + 2}, rows={d}, dim={dim}"
+        if joining:
+            x0 = f"regroup_heads(x0, groups={groups}, size={per}, rows={d}, dim={dim})" if per > 1 else "x0"
+            ins = "\n".join(f"      x{k}: {_q(p.text(names, True))}" for k, p in enumerate(parts))
+            cat = f"cat({x0}, x1, x2, dim={dim}, sizes=[{q}, {kv}, {kv}])"
+            body = (
+                f"{ins}\n    to:\n      {_q(w.text(names, False))}: regroup_heads({cat}, "
+                f"groups={per + 2}, size={groups}, rows={d}, dim={dim})"
+            )
+        else:
+            outs = [_q(p.text(names, False)) for p in parts]
+            qx = f"regroup_heads(q, groups={per}, size={groups}, rows={d}, dim={dim})" if per > 1 else "q"
+            body = (
+                f'      x: {_q(w.text(names, True))}\n    let:\n      "q, k, v": split(regroup_heads(x, '
+                f"{by_group}), dim={dim}, sizes=[{q}, {kv}, {kv}])\n    to:\n      {outs[0]}: {qx}\n"
+                f"      {outs[1]}: k\n      {outs[2]}: v"
+            )
+        out.append(body)
+    return out
 
 
 def _sized(sizes: list[int]) -> str:
@@ -823,41 +894,81 @@ def decide(found: Synthesis, source, target) -> None:
             found.questions.append(f"{where}: no choice the shapes allow gives the target's data")
         else:
             found.questions.append(f"{where}: {len(fits)} choices give the target's data; took the first")
-    for k, rule in enumerate(found.rules):  # renames whose values differ: a value transform, from data
-        if rule.kind != "rename" or rule.alternatives:
-            continue
-        fits = _fits(rule.yaml, source, target)
-        if not fits:
-            rule = found.rules[k] = _transformed(rule, source, target, found)
-            fits = rule.kind != "rename"  # a transform found in the data
-        if fits and rule.question in found.questions:  # a pairing among keys of one shape, confirmed
-            found.questions.remove(rule.question)
-            found.decided.append(f"{rule.question.split(' could be ')[0]}: its pairing confirmed by the data")
+    _pairings(found, source, target)
 
 
-def _transformed(rule: Explained, source, target, found: Synthesis) -> Explained:
-    """A rename whose tensors differ from the target's: the row permutations a checkpoint may hold
-    (rope halves <-> interleaved pairs per head, for every head count the rows allow; interleaved
-    parts), tried on the data; the one that fits bit for bit, else the rename and a question."""
+def _pairings(found: Synthesis, source, target) -> None:
+    """Renames tried on the data. One that gives the target's tensors is confirmed (its question, if
+    any, answered); the others are paired again among themselves, targets of the same members, as
+    they are and then with the row permutations a checkpoint may hold (rope halves <-> interleaved
+    pairs for every head count, interleaved parts), the first that fits bit for bit kept: names
+    that shapes could not tell apart (`attn_q` ~ `q_proj` or `o_proj`) are told apart by the data."""
     from dataclasses import replace
 
-    src = rule.yaml.split("rename:")[1].split("#")[0].strip()
-    dst = rule.yaml.split("to:")[1].strip()
-    rows = _rows(rule, source)
+    misfits = []
+    for k, rule in enumerate(found.rules):
+        if rule.kind != "rename" or rule.alternatives or rule.pair is None:
+            continue
+        if not _fits(rule.yaml, source, target):
+            misfits.append(k)
+        elif rule.question:
+            _answered(found, rule, f"{rule.label}: its pairing confirmed by the data")
+    free = {found.rules[k].pair[1]: found.rules[k].members for k in misfits}
+    for k in misfits:
+        rule = found.rules[k]
+        s, was = rule.pair
+        candidates = [t for t, m in free.items() if m == rule.members]
+        candidates.sort(key=lambda t: t != was)  # its own target first
+        got = _repaired(rule, s, candidates, source, target)
+        if got is None:
+            found.questions.append(
+                f"{rule.label}: renamed, but its values differ from the target's (no pairing of its "
+                "shape, and no transform tried, gives them)"
+            )
+            continue
+        t, yaml, expr = got
+        del free[t]
+        found.rules[k] = replace(rule, yaml=yaml, kind="transformed" if expr else "rename", pair=(s, t))
+        what = f"{expr.split('(')[0]} found" if expr else "paired"
+        moved = f" with {_shown(t)} (the names said {_shown(was)})" if t != was else ""
+        _answered(found, rule, f"{rule.label}: {what}{moved} by the data, bit for bit")
+
+
+def _answered(found: Synthesis, rule: Explained, decided: str) -> None:
+    if rule.question in found.questions:
+        found.questions.remove(rule.question)
+    found.decided.append(decided)
+
+
+def _repaired(rule: Explained, s: Template, candidates: list, source, target):
+    """The first (target, yaml, transform) among the candidates, renamed as is and then transformed,
+    that gives the target's tensors; None if none does."""
+    names = capture_names(s)
+    shape = rule.members[0][1][0] if rule.members else ()
+    rows = shape[0] if shape else 0
+    for t in candidates:
+        yaml = _rename_yaml(s, t, rule.keys)
+        if _fits(yaml, source, target):
+            return t, yaml, ""
+    for t in candidates:
+        for expr in _transforms(rows):
+            yaml = (
+                f"  - convert:  # {rule.keys} keys\n      x: {_q(s.text(names, True))}\n    to:\n"
+                f"      {_q(t.text(names, False))}: {expr}"
+            )
+            if _fits(yaml, source, target):
+                return t, yaml, expr
+    return None
+
+
+def _transforms(rows: int) -> list[str]:
+    """The row permutations a checkpoint may hold, for a weight of `rows` rows."""
     tries = []
     for heads in (h for h in range(1, rows // 2 + 1) if rows % (2 * h) == 0):
         tries += [f"permute_rope(x, heads={heads})", f"unpermute_rope(x, heads={heads})"]
     tries += [f"interleave(x, dim=0, parts={n})" for n in (2, 3) if rows % n == 0]
     tries += [f"deinterleave(x, dim=0, parts={n})" for n in (2, 3) if rows % n == 0]
-    for expr in tries[:MAX_TRANSFORMS_TRIED]:
-        yaml = f"  - convert:  # {rule.keys} keys\n      x: {src}\n    to:\n      {dst}: {expr}"
-        if _fits(yaml, source, target):
-            found.decided.append(f"{rule.label or src}: {expr.split('(')[0]} found in the data, bit for bit")
-            return replace(rule, yaml=yaml, kind="transformed")
-    found.questions.append(
-        f"{rule.label or src}: renamed, but its values differ from the target's (no transform tried fits)"
-    )
-    return rule
+    return tries[:MAX_TRANSFORMS_TRIED]
 
 
 def _trial(rule_yaml: str):
@@ -866,14 +977,6 @@ def _trial(rule_yaml: str):
     from .spec import parse_spec
 
     return api.compile(parse_spec(f"spec: trial\nrules:\n{rule_yaml}\n", "trial.yaml"))
-
-
-def _rows(rule: Explained, source) -> int:
-    """Dim 0 of the tensors a rename moves (one of them, from the source's headers)."""
-    plan = _trial(rule.yaml)
-    renamed = [a for a, b in plan.bind(source.layout).passthrough.items() if a != b]
-    shape = source.layout[renamed[0]].shape if renamed else ()
-    return shape[0] if shape else 0
 
 
 def _fits(rule_yaml: str, source, target) -> bool:

@@ -168,14 +168,6 @@ def test_tiny_model_layouts_alone_give_an_honest_report(tiny, tmp_path):
 
 # ---- 2. GGUF names: a tiny checkpoint renamed (and rope-permuted) by the built-in spec's inverse ----
 
-_GGUF_XFAIL = (
-    "infer pairs same-shape templates by names alone and data does not revisit a pairing: "
-    "token_embd.weight -> lm_head.weight and output.weight -> model.embed_tokens.weight, "
-    "blk.#.attn_q.weight -> o_proj and attn_output -> q_proj, attn_norm -> post_attention_layernorm and "
-    'ffn_norm -> input_layernorm; the data then only adds "renamed, but its values differ from the '
-    "target's (no transform tried fits)\" for each (r.ok stays true, with 10 questions)"
-)
-
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def gguf_pair(request, tmp_path_factory):
@@ -206,7 +198,6 @@ def gguf_pair(request, tmp_path_factory):
     return arch, base / "gguf", base / "hf", plan
 
 
-@pytest.mark.xfail(strict=True, reason=_GGUF_XFAIL)
 def test_gguf_names_inferred_with_data_behave_as_the_builtin_spec(gguf_pair, tmp_path):
     arch, gguf, hf, plan = gguf_pair
     r = convspec.infer(gguf, hf)
@@ -218,15 +209,6 @@ def test_gguf_names_inferred_with_data_behave_as_the_builtin_spec(gguf_pair, tmp
     _assert_bit_equal(_converted(r, gguf, tmp_path), _read_safetensors(hf), f"gguf_{arch}: inferred vs HF")
 
 
-_GGUF_LAYOUT_XFAIL = (
-    "layouts alone: a question names blk.{n}.attn_q.weight (could be o_proj or q_proj) and "
-    "blk.{n}.attn_norm.weight (post_attention_layernorm or input_layernorm), but the partners these "
-    "choices force, blk.#.attn_output.weight -> q_proj and blk.#.ffn_norm.weight -> input_layernorm, "
-    "are named in no question (r.ok true)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_GGUF_LAYOUT_XFAIL)
 def test_gguf_names_from_layouts_alone_never_give_a_silent_wrong_spec(gguf_pair, tmp_path):
     _, gguf, hf, plan = gguf_pair
     r = convspec.infer(layout_of(gguf), layout_of(hf))
@@ -334,18 +316,6 @@ def megatron_pair(tmp_path_factory):
     return _save(base / "megatron", meg), _save(base / "llama", llama), meg, llama, truth
 
 
-_MEGATRON_XFAIL = (
-    "the fused QKV is explained as a plain cut/join of q, k, v by sizes "
-    f"(split(x, dim=0, sizes=[{NQ * D}, {NKV * D}, {NKV * D}]) / cat(x0, x1, x2, dim=0, sizes=[...])): "
-    "rules whose sizes differ get no alternatives, so the data never tries them and the per-group "
-    "interleave (regroup_heads) is not searched; r.ok with no question about linear_qkv "
-    "(megatron->llama asks only 'embedding.word_embeddings.weight -> model.embed_tokens.weight: paired "
-    "by shape alone', which the data confirms but does not remove; llama->megatron asks nothing), and "
-    "q/k/v (or linear_qkv) differ from the truth"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_MEGATRON_XFAIL)
 @pytest.mark.parametrize("direction", ["megatron->llama", "llama->megatron"])
 def test_megatron_fused_gqa_qkv_inferred_with_data_converts_bit_for_bit(megatron_pair, direction, tmp_path):
     meg_dir, llama_dir, meg, llama, _ = megatron_pair
@@ -358,14 +328,6 @@ def test_megatron_fused_gqa_qkv_inferred_with_data_converts_bit_for_bit(megatron
     assert not r.found.questions, r.found.questions  # the data decided every choice
 
 
-_MEGATRON_LAYOUT_XFAIL = (
-    "layouts alone: decoder.layers.#.self_attention.linear_qkv.weight is cut by sizes [16, 8, 8] with "
-    "r.ok true and no question naming it; the questions name only linear_proj (o_proj or q_proj), the "
-    "linear_fc1 order and the embedding paired by shape alone"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_MEGATRON_LAYOUT_XFAIL)
 def test_megatron_layouts_alone_never_give_a_silent_wrong_spec(megatron_pair, tmp_path):
     meg_dir, llama_dir, _, _, truth = megatron_pair
     start = time.perf_counter()
