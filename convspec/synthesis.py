@@ -292,8 +292,10 @@ class Search:
             self.out.unchanged += len(self.src.pop(t))
             del self.dst[t]
 
-    def renames(self) -> None:
-        """Template pairs with the same members (numbers, shapes, dtypes): renames, most alike first."""
+    def renames(self, settled: bool = False) -> None:
+        """Template pairs with the same members (numbers, shapes, dtypes): renames, most alike first.
+        `settled`: only those the names settle, the rest left to joins and stacks first (`attn.proj`
+        may be `q_proj` by its shape, but `q_proj` is a part of `attn.qkv`)."""
         fits = lambda s, t: self.src[s] == self.dst[t]  # noqa: E731
         pairs = [(similarity(s, t), s, t) for s, t in near(self.src, self.dst, self.names, fits)]
         pairs.sort(key=lambda p: (-p[0], -letters(p[1], p[2]), p[1].segments, p[2].segments))
@@ -302,12 +304,15 @@ class Search:
         for _, s, t in pairs:
             if s in taken_s or t in taken_t:
                 continue
-            taken_s.add(s)
-            taken_t.add(t)
             rival_s = [p[1] for p in pairs if p[2] == t and p[1] != s]
             rival_t = [p[2] for p in pairs if p[1] == s and p[2] != t]
+            unsettled = bool(rival_s or rival_t) and not _marked(s, t, rival_s, rival_t)
+            if settled and unsettled:
+                continue
+            taken_s.add(s)
+            taken_t.add(t)
             question = ""
-            if (rival_s or rival_t) and not _marked(s, t, rival_s, rival_t):
+            if unsettled:
                 others = ", ".join(_shown(x) for x in dict.fromkeys(rival_t + rival_s))
                 question = (
                     f"{_shown(s)} -> {_shown(t)}: paired by name among names of one shape ({others}); "
@@ -435,7 +440,7 @@ class Search:
             whole_side, part_side = (self.dst, self.src) if joining else (self.src, self.dst)
             self._families = {id(part_side): families(part_side)}
             for w in sorted(whole_side, key=lambda t: t.segments):
-                if w not in whole_side:
+                if w not in whole_side or self._counterpart(w, whole_side[w], part_side):
                     continue
                 found = self._parts(w, whole_side[w], part_side)
                 if found is None:
@@ -478,6 +483,12 @@ class Search:
                     del part_side[p]
                 del whole_side[w]
 
+    def _counterpart(self, w: Template, mw: Members, others: dict[Template, Members]) -> bool:
+        """Whether `w` has an alike name of its very members on the other side: then it is renamed,
+        not joined from parts that happen to add up to its shape (k + v of an o_proj's size)."""
+        fits = lambda p, _: others[p] == mw  # noqa: E731
+        return any(True for _ in near(others, {w: mw}, self.names, fits, self._families.get(id(others))))
+
     def _parts(self, w: Template, mw: Members, others: dict[Template, Members]):
         """Templates of the other side, of the same numbers and dtype, whose shapes add up to `w`'s
         along one dim: the most alike first (siblings of the whole), a few of them tried together."""
@@ -492,9 +503,9 @@ class Search:
             vals = set(others[p].values())
             if len(vals) == 1:
                 ((pshape, pdtype),) = vals
-                if len(pshape) == len(shape) and pdtype == dtype and p.segments[-1] == w.segments[-1]:
+                if len(pshape) == len(shape) and pdtype == dtype and _leaf_kind(p) == _leaf_kind(w):
                     sibs.append((similarity(p, w), p, pshape))
-        sibs.sort(key=lambda c: (-c[0], c[1].segments))
+        sibs.sort(key=lambda c: (-_mentioned(c[1], w), -c[0], c[1].segments))
         for d in range(len(shape)):
             fits = [
                 c
@@ -502,11 +513,24 @@ class Search:
                 if all(a == b for k, (a, b) in enumerate(zip(c[2], shape, strict=True)) if k != d)
             ]
             fits = fits[:MAX_PARTS_TRIED]
-            for size in range(2, min(len(fits), 4) + 1):
-                for combo in _combinations(fits, size):
-                    if sum(c[2][d] for c in combo) == shape[d]:
-                        ordered = _order_parts(w, [(c[1], 0, None) for c in combo])
-                        return [c[0] for c in ordered], d
+            combos = [
+                combo
+                for size in range(2, min(len(fits), 4) + 1)
+                for combo in _combinations(fits, size)
+                if sum(c[2][d] for c in combo) == shape[d]
+            ]
+            if combos:  # the least alike part as alike as can be; then the most parts (q, k, v, not o, q)
+                best = max(
+                    combos,
+                    key=lambda cs: (
+                        min(c[0] for c in cs),
+                        sum(_mentioned(c[1], w) for c in cs),
+                        len(cs),
+                        sum(letters(c[1], w) for c in cs),
+                    ),
+                )
+                ordered = _order_parts(w, [(c[1], 0, None) for c in best])
+                return [c[0] for c in ordered], d
         return None
 
     def transposes(self) -> None:
@@ -615,9 +639,10 @@ class Search:
 
     def run(self) -> Synthesis:
         self.unchanged()
-        self.renames()
+        self.renames(settled=True)
         self.stacks()
         self.joins()
+        self.renames()
         self.transposes()
         self.square_questions()
         self.literal_renames()
@@ -667,6 +692,25 @@ def _grouped_heads(w: Template, parts: list, names: list, sizes: list, dim: int,
             )
         out.append(body)
     return out
+
+
+def _mentioned(part: Template, whole: Template) -> bool:
+    """Whether the whole's own name mentions the part (`qkv` or `linear_qkv` the `q` of `q_proj`,
+    `gate_up_proj` the `gate` of `gate_proj`): what tells the parts of a fused weight from others of
+    their shape (`o_proj`)."""
+    own_w = [s for s in whole.segments if s != SLOT and s not in part.segments]
+    own_p = [s for s in part.segments if s != SLOT and s not in whole.segments]
+    if not own_w or not own_p:
+        return False
+    word = own_p[-1].split("_")[0]
+    tokens = own_w[-1].split("_")
+    return word in tokens or (len(word) == 1 and any(len(t) <= 3 and word in t for t in tokens))
+
+
+def _leaf_kind(t: Template) -> str:
+    """What a key holds, as far as joining goes: a bias (`bias`, `in_proj_bias`) or a weight (all else:
+    `weight`, `gate_up_proj`, `embedding`); parts of a whole hold what it holds."""
+    return "bias" if t.segments[-1].endswith("bias") else "weight"
 
 
 def _sized(sizes: list[int]) -> str:
