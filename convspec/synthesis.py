@@ -170,22 +170,23 @@ class Family(list):
         return out
 
 
-def families(templates) -> dict[Template, Family]:
-    """Templates by family: what `near` compares names by."""
+def families(templates, seen=None) -> dict[Template, Family]:
+    """Templates by family (of the name `seen` gives each, if given): what `near` compares names by."""
     out: dict[Template, Family] = defaultdict(Family)
     for t in templates:
-        out[family(t)].append(t)
+        out[family(seen(t) if seen else t)].append(t)
     return out
 
 
-def near(left, right, names: Names, fits=lambda s, t: True, left_families=None):
+def near(left, right, names: Names, fits=lambda s, t: True, left_families=None, seen=(None, None)):
     """Pairs (s, t) of templates, one from each side, that `fits` and whose names are alike. Names are
     compared per pair of families, once (`encoder.block0` .. `encoder.block999` are one family), and a
     family pair found unalike is skipped whole: unrelated numbered layouts cost little, not n^2 ratios.
     `left_families`: the left side's `families`, made once by a caller that asks many times (members
-    since removed from `left` are skipped)."""
-    fl = families(left) if left_families is None else left_families
-    fr = families(right)
+    since removed from `left` are skipped). `seen`: how each side's names are read (a source name with
+    the module path renames have shown replaced by the target's: `Search.seen`)."""
+    fl = families(left, seen[0]) if left_families is None else left_families
+    fr = families(right, seen[1])
     for fs, ft in names.pairs(fl, fr):
         ss, ts = fl[fs], fr[ft]
         if ss[0].slots != ts[0].slots:  # a family's templates have one number of slots
@@ -284,6 +285,35 @@ class Search:
         self.out = Synthesis()
         self._families: dict[int, dict] = {}
         self.names = Names()
+        self.heads: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # source path -> target path
+        self._sides: tuple = (None, None)
+
+    def learn_heads(self) -> None:
+        """Module paths the renames so far agree on (`radio_model.model.blocks.#` -> `encoder.layer.#`,
+        seen in two renames or more): later steps read source names with them replaced, so that a
+        part under a renamed path (`blocks.#.attn.qkv.bias`) is compared as if it were already there."""
+        counts: dict[tuple, int] = defaultdict(int)
+        for r in self.out.rules:
+            if r.pair is None or r.question:
+                continue
+            a, b = r.pair
+            k = 0
+            while k < min(len(a.segments), len(b.segments)) - 1 and a.segments[-1 - k] == b.segments[-1 - k]:
+                k += 1
+            if k and a.segments[:-k] != b.segments[:-k]:
+                counts[(a.segments[:-k], b.segments[:-k])] += 1
+        best: dict[tuple, tuple[int, tuple]] = {}
+        for (a, b), n in counts.items():
+            if n >= 2 and n > best.get(a, (0, ()))[0]:
+                best[a] = (n, b)
+        self.heads = sorted(((a, b) for a, (_, b) in best.items()), key=lambda h: -len(h[0]))
+
+    def seen(self, t: Template) -> Template:
+        """A source template as later steps read it: its module path replaced by the target's."""
+        for a, b in self.heads:
+            if t.segments[: len(a)] == a:
+                return Template(b + t.segments[len(a) :])
+        return t
 
     # ---- one-to-one ---------------------------------------------------------------------------
 
@@ -297,8 +327,12 @@ class Search:
         `settled`: only those the names settle, the rest left to joins and stacks first (`attn.proj`
         may be `q_proj` by its shape, but `q_proj` is a part of `attn.qkv`)."""
         fits = lambda s, t: self.src[s] == self.dst[t]  # noqa: E731
-        pairs = [(similarity(s, t), s, t) for s, t in near(self.src, self.dst, self.names, fits)]
-        pairs.sort(key=lambda p: (-p[0], -letters(p[1], p[2]), p[1].segments, p[2].segments))
+        seen = self.seen
+        pairs = [
+            (similarity(seen(s), t), s, t)
+            for s, t in near(self.src, self.dst, self.names, fits, seen=(seen, None))
+        ]
+        pairs.sort(key=lambda p: (-p[0], -letters(seen(p[1]), p[2]), p[1].segments, p[2].segments))
         taken_s, taken_t = set(), set()
         chosen = []
         for _, s, t in pairs:
@@ -438,7 +472,8 @@ class Search:
         source cut into sibling targets: split."""
         for joining in (True, False):  # a whole target of source parts; then a whole source cut
             whole_side, part_side = (self.dst, self.src) if joining else (self.src, self.dst)
-            self._families = {id(part_side): families(part_side)}
+            self._sides = (self.seen, None) if joining else (None, self.seen)  # (parts, whole)
+            self._families = {id(part_side): families(part_side, self._sides[0])}
             for w in sorted(whole_side, key=lambda t: t.segments):
                 if w not in whole_side or self._counterpart(w, whole_side[w], part_side):
                     continue
@@ -487,7 +522,8 @@ class Search:
         """Whether `w` has an alike name of its very members on the other side: then it is renamed,
         not joined from parts that happen to add up to its shape (k + v of an o_proj's size)."""
         fits = lambda p, _: others[p] == mw  # noqa: E731
-        return any(True for _ in near(others, {w: mw}, self.names, fits, self._families.get(id(others))))
+        found = near(others, {w: mw}, self.names, fits, self._families.get(id(others)), self._sides)
+        return any(True for _ in found)
 
     def _parts(self, w: Template, mw: Members, others: dict[Template, Members]):
         """Templates of the other side, of the same numbers and dtype, whose shapes add up to `w`'s
@@ -499,12 +535,13 @@ class Search:
         dtype = next(iter(mw.values()))[1]
         sibs = []
         fits = lambda p, _: others[p].keys() == mw.keys()  # noqa: E731
-        for p, _ in near(others, {w: mw}, self.names, fits, self._families.get(id(others))):
+        seen_p, seen_w = (f or (lambda t: t) for f in self._sides)
+        for p, _ in near(others, {w: mw}, self.names, fits, self._families.get(id(others)), self._sides):
             vals = set(others[p].values())
             if len(vals) == 1:
                 ((pshape, pdtype),) = vals
                 if len(pshape) == len(shape) and pdtype == dtype and _leaf_kind(p) == _leaf_kind(w):
-                    sibs.append((similarity(p, w), p, pshape))
+                    sibs.append((similarity(seen_p(p), seen_w(w)), p, pshape))
         sibs.sort(key=lambda c: (-_mentioned(c[1], w), -c[0], c[1].segments))
         for d in range(len(shape)):
             fits = [
@@ -542,7 +579,11 @@ class Search:
                 len(ms[i][0]) == 2 and ms[i][0][::-1] == mt[i][0] and ms[i][0][0] != ms[i][0][1]
                 and ms[i][1] == mt[i][1] for i in ms)  # fmt: skip
 
-        pairs = [(similarity(s, t), s, t) for s, t in near(self.src, self.dst, self.names, fits)]
+        seen = self.seen
+        pairs = [
+            (similarity(seen(s), t), s, t)
+            for s, t in near(self.src, self.dst, self.names, fits, seen=(seen, None))
+        ]
         pairs.sort(key=lambda p: (-p[0], p[1].segments))
         for _, s, t in pairs:
             if s not in self.src or t not in self.dst:
@@ -640,6 +681,7 @@ class Search:
     def run(self) -> Synthesis:
         self.unchanged()
         self.renames(settled=True)
+        self.learn_heads()
         self.stacks()
         self.joins()
         self.renames()
