@@ -287,6 +287,7 @@ class Search:
         self.names = Names()
         self.heads: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # source path -> target path
         self._sides: tuple = (None, None)
+        self._named = False
 
     def learn_heads(self) -> None:
         """Module paths the renames so far agree on (`radio_model.model.blocks.#` -> `encoder.layer.#`,
@@ -467,9 +468,11 @@ class Search:
                         return [(c[0], c[1], c[2][d]) for c in ordered], d + 1, None
         return None
 
-    def joins(self) -> None:
+    def joins(self, named: bool = False) -> None:
         """Targets made of sibling sources whose shapes add up along one dim (fused qkv): cat; and a
-        source cut into sibling targets: split."""
+        source cut into sibling targets: split. `named`: only wholes whose name mentions every part
+        (`w_qkv`: q, k, v), before any other (an `fc1` of w_qkv + out_proj rows is a coincidence)."""
+        self._named = named
         for joining in (True, False):  # a whole target of source parts; then a whole source cut
             whole_side, part_side = (self.dst, self.src) if joining else (self.src, self.dst)
             self._sides = (self.seen, None) if joining else (None, self.seen)  # (parts, whole)
@@ -566,6 +569,8 @@ class Search:
                         sum(letters(c[1], w) for c in cs),
                     ),
                 )
+                if self._named and not all(_mentioned(c[1], w) for c in best):
+                    continue
                 ordered = _order_parts(w, [(c[1], 0, None) for c in best])
                 return [c[0] for c in ordered], d
         return None
@@ -658,6 +663,31 @@ class Search:
             self.out.questions.append(question)
             self._rename(s, t, self.src.pop(s), question)
             del self.dst[t]
+        self._unique_keys()
+
+    def _unique_keys(self) -> None:
+        """Keys left whose shape and dtype no other key left has, on either side: one key each
+        (`ctc_timestamp.decoder.decoder_layers.0.bias` -> `word_timestamp_head.bias`), asked."""
+        left = {t.key(i): (t, i, v) for t, ms in self.src.items() for i, v in ms.items()}
+        right = {t.key(i): (t, i, v) for t, ms in self.dst.items() for i, v in ms.items()}
+        by: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+        for side, keys in ((0, left), (1, right)):
+            for k, (_, _, v) in keys.items():
+                by[v][side].append(k)
+        for v, (ks, kt) in sorted(by.items(), key=lambda kv: kv[1][0][:1]):
+            if len(ks) != 1 or len(kt) != 1:
+                continue
+            (ts, i, _), (tt, j, _) = left[ks[0]], right[kt[0]]
+            a, b = Template(tuple(ks[0].split("."))), Template(tuple(kt[0].split(".")))
+            question = (
+                f"{ks[0]} -> {kt[0]}: paired by shape alone, the only key of its shape left on each side"
+            )
+            self.out.questions.append(question)
+            self._rename(a, b, {(): v}, question)
+            for side, t, idx in ((self.src, ts, i), (self.dst, tt, j)):
+                del side[t][idx]
+                if not side[t]:
+                    del side[t]
 
     def square_questions(self) -> None:
         """Where weights were found transposed, a square 2-D weight renamed as it is may have been
@@ -683,6 +713,7 @@ class Search:
         self.renames(settled=True)
         self.learn_heads()
         self.stacks()
+        self.joins(named=True)
         self.joins()
         self.renames()
         self.transposes()
