@@ -302,7 +302,23 @@ class Search:
             while k < min(len(a.segments), len(b.segments)) - 1 and a.segments[-1 - k] == b.segments[-1 - k]:
                 k += 1
             if k and a.segments[:-k] != b.segments[:-k]:
-                counts[(a.segments[:-k], b.segments[:-k])] += 1
+                ha, hb = a.segments[:-k], b.segments[:-k]
+                counts[(ha, hb)] += 1
+                # a path the target nests deeper (`layers.#` -> `model.language_model.layers.#`),
+                # seen in the start of a longer head (`layers.#.attention` -> `...layers.#.self_attn`)
+                for at in range(1, len(hb)):
+                    m = 0
+                    while m < min(len(ha), len(hb) - at) and ha[m] == hb[at + m]:
+                        m += 1
+                    if m:
+                        counts[(ha[:m], hb[: at + m])] += 1
+                        break
+                if (
+                    SLOT in ha and SLOT in hb
+                ):  # the paths up to the first number: `blocks.#` -> `model.layer.#`
+                    i, j = ha.index(SLOT), hb.index(SLOT)
+                    if (ha[: i + 1], hb[: j + 1]) != (ha, hb) and ha[: i + 1] != hb[: j + 1]:
+                        counts[(ha[: i + 1], hb[: j + 1])] += 1
         best: dict[tuple, tuple[int, tuple]] = {}
         for (a, b), n in counts.items():
             if n >= 2 and n > best.get(a, (0, ()))[0]:
@@ -447,20 +463,20 @@ class Search:
                     candidates.append((s, pos, next(iter(vals))[0]))
         # names alike first; else the structure alone (an index running 0..N-1 over parts of the
         # stacked shape) is the evidence, where it leaves few candidates
-        named = [c for c in candidates if alike(c[0], t)]
+        named = [c for c in candidates if alike(self.seen(c[0]), t)]
         candidates = named or (candidates if len(candidates) <= 2 else [])
         if not candidates:
             return None
         inner = shape[1:]
         exact = [c for c in candidates if c[2] == inner]
         if exact:
-            best = max(exact, key=lambda c: similarity(c[0], t))
+            best = max(exact, key=lambda c: similarity(self.seen(c[0]), t))
             return [(best[0], best[1], None)], 0, None
         # parts joined along one dim of the stacked shape: the dims but one equal, the sizes adding up
         for d in range(len(inner)):
             fits = [c for c in candidates if len(c[2]) == len(inner) and all(
                 a == b for k, (a, b) in enumerate(zip(c[2], inner, strict=True)) if k != d)]  # fmt: skip
-            fits.sort(key=lambda c: -similarity(c[0], t))
+            fits.sort(key=lambda c: -similarity(self.seen(c[0]), t))
             for size in range(2, min(len(fits), 4) + 1):
                 for combo in _combinations(fits, size):
                     if sum(c[2][d] for c in combo) == inner[d] and len({c[1] for c in combo}) == 1:
