@@ -621,6 +621,50 @@ class Search:
                 )
             )
 
+    def renumbered(self) -> None:
+        """Templates whose members are the same but for one number moved by a constant
+        (`attn_queries.0` .. `.46` -> `layers.1` .. `.47`): a rename that writes `{i+1}`."""
+        fits = lambda s, t: len(self.src[s]) == len(self.dst[t])  # noqa: E731
+        seen = self.seen
+        pairs = sorted(
+            (
+                (similarity(seen(s), t), s, t)
+                for s, t in near(self.src, self.dst, self.names, fits, seen=(seen, None))
+            ),
+            key=lambda p: (-p[0], p[1].segments, p[2].segments),
+        )
+        for _, s, t in pairs:
+            if s not in self.src or t not in self.dst:
+                continue
+            ms, mt = self.src[s], self.dst[t]
+            for pos in range(s.slots):
+                shift = min(int(i[pos]) for i in mt) - min(int(i[pos]) for i in ms)
+                moved = {i[:pos] + (str(int(i[pos]) + shift),) + i[pos + 1 :]: v for i, v in ms.items()}
+                if shift and moved == mt:
+                    break
+            else:
+                continue
+            names = capture_names(s)
+            to = list(names)
+            to[pos] = f"{names[pos]}{shift:+d}"
+            n = len(self.src.pop(s))
+            del self.dst[t]
+            question = ""
+            if len(set(ms.values())) == 1:  # one shape throughout: only the names and the ranges agree
+                question = (
+                    f"{_shown(s)} -> {t.text(to, False)}: its numbers moved by {shift:+d}, paired by name"
+                )
+                self.out.questions.append(question)
+            self.out.rules.append(
+                Explained(
+                    f"  - rename: {_q(s.text(names, True))}  # {n} keys\n    to: {_q(t.text(to, False))}",
+                    n,
+                    "renumbered",
+                    label=s.text(names, False),
+                    question=question,
+                )
+            )
+
     def literal_renames(self) -> None:
         """Keys left on both sides, one by one: a number that is a module's name, not an index
         (`mlp1.0.weight` -> `projector.linear_1.weight`), renamed where the shape and dtype have one
@@ -734,6 +778,7 @@ class Search:
         self.renames()
         self.transposes()
         self.square_questions()
+        self.renumbered()
         self.literal_renames()
         self.shape_renames(self.out.unchanged + sum(r.keys for r in self.out.rules))
         if self.names.spent:
@@ -820,12 +865,13 @@ def _combinations(items: list, size: int):
 
 
 def _order_parts(whole: Template, parts: list) -> list:
-    """Parts in the order the whole's name mentions them (`gate_up_proj`: gate, then up;
+    """Parts in the order the whole's own name mentions them (`gate_up_proj`: gate, then up;
     `qkv_proj`: q, k, v), else in their names' natural order (w1 before w3)."""
-    leaf = "_".join(s for s in whole.segments if s != SLOT)
+    mine = [s for s in whole.segments if s != SLOT and all(s not in p[0].segments for p in parts)]
+    leaf = mine[-1] if mine else "_".join(s for s in whole.segments if s != SLOT)
 
-    def own(p) -> str:
-        diff = [a for a, b in zip(p[0].segments, whole.segments, strict=False) if a != b and a != SLOT]
+    def own(p) -> str:  # what tells this part from the others (`w1`, `q_proj`)
+        diff = [a for a in p[0].segments if a != SLOT and not all(a in q[0].segments for q in parts)]
         return diff[-1] if diff else ".".join(p[0].segments)
 
     def where(p) -> tuple:
@@ -1040,6 +1086,8 @@ def _pairings(found: Synthesis, source, target) -> None:
 
     misfits = []
     for k, rule in enumerate(found.rules):
+        if rule.kind == "renumbered" and rule.question and _fits(rule.yaml, source, target):
+            _answered(found, rule, f"{rule.label}: its renumbering confirmed by the data")
         if rule.kind != "rename" or rule.alternatives or rule.pair is None:
             continue
         if not _fits(rule.yaml, source, target):

@@ -303,3 +303,87 @@ def test_a_meta_order_llama_pair_finds_its_rope_permutation_in_the_data(tmp_path
     convspec.convert(str(spec), tmp_path / "meta", tmp_path / "out")
     got = load_file(tmp_path / "out" / "model.safetensors")
     assert got.keys() == hf.keys() and all(torch.equal(got[k], hf[k]) for k in hf)
+
+
+def test_numbers_moved_by_a_constant_are_a_rename_that_writes_the_offset():
+    """`attn_queries.0` .. `.5` are `layers.1` .. `.6` (inkling2): the members agree once one number
+    moves by +1, and the shapes, which vary, agree only there: settled, no question."""
+    src = {f"llm.attn_queries.{i}": (((3, 8) if i % 4 == 3 else (8,)), F) for i in range(6)}
+    dst = {f"llm.layers.{i + 1}.query": (((3, 8) if i % 4 == 3 else (8,)), F) for i in range(6)}
+    r = convspec.infer(src, dst)
+    assert r.ok and not r.found.questions, r.found.questions
+    assert "to: llm.layers.{n+1}.query" in r.spec
+
+
+def test_a_renamed_module_path_is_read_into_later_names():
+    """Renames that settle show `vit.blocks.#` -> `encoder.layer.#`; the fused `attn.qkv` under the old
+    path is then compared as if it were there, and cut into q, k, v (radio's layout), not left."""
+    src, dst = {}, {}
+    for i in range(2):
+        for leaf in ("norm1", "norm2"):
+            for kind in ("weight", "bias"):
+                src[f"vit.blocks.{i}.{leaf}.{kind}"] = dst[f"encoder.layer.{i}.{leaf}.{kind}"] = ((16,), F)
+        src[f"vit.blocks.{i}.attn.qkv.bias"] = ((48,), F)
+        src[f"vit.blocks.{i}.attn.proj.bias"] = ((16,), F)
+        for p in ("q", "k", "v", "o"):
+            dst[f"encoder.layer.{i}.attention.{p}_proj.bias"] = ((16,), F)
+    r = convspec.infer(src, dst)
+    assert r.ok, (r.found.unexplained_source, r.proof)
+    assert (
+        "encoder.layer.{i}.attention.q_proj.bias, encoder.layer.{i}.attention.k_proj.bias, "
+        "encoder.layer.{i}.attention.v_proj.bias" in r.spec.replace("\n        ", " ")
+    )
+    assert "rename: vit.blocks.{i:int}.attn.proj.bias" in r.spec and "o_proj.bias" in r.spec
+
+
+def test_a_whole_that_names_its_parts_is_cut_before_rows_that_merely_add_up():
+    """fc1's 64 rows are w_qkv's 48 + out_proj's 16 (nemo_speechlm): a coincidence; w_qkv names q, k, v,
+    so it is cut into them first, and net.0/net.3 go to fc1/fc2 one key at a time."""
+    src, dst = {}, {}
+    for i in range(2):
+        src[f"enc.layers.{i}.attn.w_qkv.weight"] = ((48, 16), F)
+        src[f"enc.layers.{i}.attn.out_proj.weight"] = ((16, 16), F)
+        src[f"enc.layers.{i}.ffn.net.0.weight"] = ((64, 16), F)
+        src[f"enc.layers.{i}.ffn.net.3.weight"] = ((16, 64), F)
+        src[f"enc.layers.{i}.norm1.weight"] = dst[f"enc.layers.{i}.norm1.weight"] = ((16,), F)
+        for p in ("q", "k", "v", "o"):
+            dst[f"enc.layers.{i}.self_attn.{p}_proj.weight"] = ((16, 16), F)
+        dst[f"enc.layers.{i}.mlp.fc1.weight"] = ((64, 16), F)
+        dst[f"enc.layers.{i}.mlp.fc2.weight"] = ((16, 64), F)
+    r = convspec.infer(src, dst)
+    assert r.ok, (r.found.unexplained_source, r.proof)
+    assert "x: enc.layers.{i:int}.attn.w_qkv.weight" in r.spec and "cat(" not in r.spec
+    assert "to: enc.layers.0.mlp.fc1.weight" in r.spec
+
+
+def test_the_one_key_of_a_shape_left_on_each_side_is_paired_and_asked():
+    src, dst = mixtral_pair()
+    src["ctc.decoder.decoder_layers.0.bias"], dst["word_timestamp_head.bias"] = ((23,), F), ((23,), F)
+    r = convspec.infer(src, dst)
+    assert r.ok and "rename: ctc.decoder.decoder_layers.0.bias" in r.spec
+    assert any("the only key of its shape left on each side" in q for q in r.found.questions)
+
+
+def test_names_that_do_not_settle_a_pairing_among_one_shape_are_asked():
+    """`attn_q` is as near `q_proj` as `o_proj` by segments: the pairing is kept but asked, and so is
+    the one it forces (`attn_output`); `q_norm` -> `q_norm` is settled by its own segment."""
+    src, dst = {}, {}
+    for i in range(2):
+        src[f"blk.{i}.attn_q.weight"] = src[f"blk.{i}.attn_output.weight"] = ((16, 16), F)
+        dst[f"model.layers.{i}.self_attn.q_proj.weight"] = dst[
+            f"model.layers.{i}.self_attn.o_proj.weight"
+        ] = (
+            (16, 16),
+            F,
+        )
+        src[f"blk.{i}.attn.q_norm.weight"] = src[f"blk.{i}.attn.k_norm.weight"] = ((4,), F)
+        dst[f"model.layers.{i}.self_attn.q_norm.weight"] = dst[
+            f"model.layers.{i}.self_attn.k_norm.weight"
+        ] = (
+            (4,),
+            F,
+        )
+    r = convspec.infer(src, dst)
+    asked = " ".join(r.found.questions)
+    assert "blk.{n}.attn_q.weight ->" in asked and "blk.{n}.attn_output.weight ->" in asked
+    assert "q_norm" not in asked.split("only data")[0] or "attn.q_norm.weight ->" not in asked
