@@ -22,6 +22,17 @@ import time
 import warnings
 
 
+# the kinds of question infer asks, by what each says
+QUESTIONS = [
+    ("the order of parts of one size", "parts of one size"),
+    ("a pairing by name among names of one shape", "paired by name among"),
+    ("a fused q, k, v contiguous or by key/value group", "Megatron's fused QKV"),
+    ("a square weight beside transposed ones", ": square,"),
+    ("a pairing by shape alone", "paired by shape alone"),
+    ("numbers moved by a constant", "its numbers moved by"),
+]
+
+
 def pair(key: str):
     from convspec.hf.mapping import applied, meta_model, observe
 
@@ -41,6 +52,8 @@ def main() -> int:
     a = ap.parse_args()
     keys = a.only.split(",") if a.only else sorted(raw_mapping())
     counts: collections.Counter = collections.Counter()
+    asked: collections.Counter = collections.Counter()  # specs with a question of each kind
+    rules = folded = 0
     failures = []
     for key in keys:
         try:
@@ -51,6 +64,9 @@ def main() -> int:
         r = convspec.infer(src, dst)
         if r.ok:
             counts["exact, with a question" if r.found.questions else "exact"] += 1
+            rules += len(r.found.rules)
+            folded += sum(rule.kind == "moved" for rule in r.found.rules)
+            asked.update({kind for q in r.found.questions for kind, says in QUESTIONS if says in q})
         else:
             counts["not explained"] += 1
             left = next(iter(r.found.unexplained_source or r.found.unexplained_target), "")
@@ -61,6 +77,9 @@ def main() -> int:
     print(
         f"  bind exactly both ways from the layouts alone: {exact} ({counts['exact, with a question']} of them with a question only data can answer)"
     )
+    for kind, _ in QUESTIONS:
+        print(f"    {asked[kind]:4} with a question of {kind}")
+    print(f"  rules written for those: {rules}, of them {folded} moving a whole module path ({{rest:path}})")
     print(f"  not explained: {counts['not explained']}")
     for key, ns, nt, left in failures:
         print(f"    {key}: {ns} source / {nt} target keys left, e.g. {left}")

@@ -238,6 +238,7 @@ class Synthesis:
     unexplained_target: Layout = field(default_factory=dict)
     questions: list[str] = field(default_factory=list)
     decided: list[str] = field(default_factory=list)  # choices the data made (a checkpoint pair)
+    heads: list = field(default_factory=list)  # module paths the renames moved (source, target)
     unchanged: int = 0
 
     def spec_text(self, name: str = "inferred", doc: str = "") -> str:
@@ -324,6 +325,7 @@ class Search:
             if n >= 2 and n > best.get(a, (0, ()))[0]:
                 best[a] = (n, b)
         self.heads = sorted(((a, b) for a, (_, b) in best.items()), key=lambda h: -len(h[0]))
+        self.out.heads = self.heads
 
     def seen(self, t: Template) -> Template:
         """A source template as later steps read it: its module path replaced by the target's."""
@@ -958,7 +960,66 @@ def infer(source, target, *, name: str = "inferred") -> Inferred:
     if isinstance(source, Checkpoint) and isinstance(target, Checkpoint):
         decide(found, source, target)
     text = format_text(found.spec_text(name), f"{name}.yaml")
-    return Inferred(text, found, prove(text, src, dst), len(src), len(dst), src)
+    proof = prove(text, src, dst)
+    folded = fold_paths(found, src, dst) if proof.ok else None
+    if folded is not None:  # fewer rules, kept only where they prove as the many did
+        folded_text = format_text(folded.spec_text(name), f"{name}.yaml")
+        folded_proof = prove(folded_text, src, dst)
+        if folded_proof.ok:
+            found, text, proof = folded, folded_text, folded_proof
+    return Inferred(text, found, proof, len(src), len(dst), src)
+
+
+MIN_FOLDED = 3  # renames under one module path folded into one `{rest:path}` rule
+
+
+def fold_paths(found: Synthesis, layout: Layout, target: Layout) -> Synthesis | None:
+    """The renames that only move a module path (`vit.blocks.{i}.X` -> `encoder.layer.{i}.X` for many
+    X) as one rule `vit.blocks.{i:int}.{rest:path}` -> `encoder.layer.{i}.{rest}`, where the path holds
+    those keys alone on both sides (a convert's key under it would be taken by the rule in one
+    direction or the other); None if nothing folds."""
+    from dataclasses import replace
+
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for k, r in enumerate(found.rules):
+        if r.kind == "rename" and r.pair and not r.question:
+            for ha, hb in found.heads:
+                a, b = r.pair
+                if a.segments[: len(ha)] == ha and b.segments[: len(hb)] == hb:
+                    if a.segments[len(ha) :] == b.segments[len(hb) :] and len(a.segments) > len(ha):
+                        groups[(ha, hb)].append(k)
+                    break
+    groups = {h: ks for h, ks in groups.items() if len(ks) >= MIN_FOLDED}
+    if not groups:
+        return None
+    folded, gone = [], set()
+    for (ha, hb), ks in groups.items():
+        mine = [found.rules[k] for k in ks]
+        sources = {r.pair[0].key(i) for r in mine for i, _ in r.members}
+        targets = {r.pair[1].key(i) for r in mine for i, _ in r.members}
+        # the path holds these keys alone, on both sides (the inverse meets the rule first)
+        if {key for key in layout if _under(key, ha)} != sources or any(
+            _under(key, hb) and key not in targets for key in target
+        ):
+            continue
+        head = Template(ha)
+        names = capture_names(head)
+        n = sum(found.rules[k].keys for k in ks)
+        src = ".".join([head.text(names, True), "{rest:path}"])
+        dst = ".".join([Template(hb).text(names, False), "{rest}"])
+        rule = Explained(f"  - rename: {_q(src)}  # {n} keys\n    to: {_q(dst)}", n, "moved")
+        folded.append(rule)
+        gone.update(ks)
+    if not gone:
+        return None
+    return replace(found, rules=[r for k, r in enumerate(found.rules) if k not in gone] + folded)
+
+
+def _under(key: str, head: tuple[str, ...]) -> bool:
+    segs = key.split(".")
+    return len(segs) > len(head) and all(
+        (NUMBER.fullmatch(s) is not None) if h == SLOT else s == h for s, h in zip(segs, head, strict=False)
+    )
 
 
 @dataclass

@@ -387,3 +387,18 @@ def test_names_that_do_not_settle_a_pairing_among_one_shape_are_asked():
     asked = " ".join(r.found.questions)
     assert "blk.{n}.attn_q.weight ->" in asked and "blk.{n}.attn_output.weight ->" in asked
     assert "q_norm" not in asked.split("only data")[0] or "attn.q_norm.weight ->" not in asked
+
+
+def test_renames_that_only_move_a_module_path_fold_into_one_path_rule():
+    """Every key under `vision_tower.` moves under `model.vision_tower.` unchanged otherwise: one rule
+    with a `{rest:path}` capture, proved both ways like the many it replaces. The experts under
+    `model.layers` are converted, so that path is not folded (its rule would take them)."""
+    src, dst = mixtral_pair()
+    for i in range(3):
+        for leaf, shape in (("q.weight", (8, 8)), ("mlp.fc1.weight", (16, 8)), ("norm.bias", (8,))):
+            src[f"vision_tower.blocks.{i}.{leaf}"] = ((shape), F)
+            dst[f"model.vision_tower.blocks.{i}.{leaf}"] = ((shape), F)
+    r = convspec.infer(src, dst)
+    assert r.ok and r.proof.ok
+    assert "rename: vision_tower.{rest:path}  # 9 keys\n    to: model.vision_tower.{rest}" in r.spec
+    assert r.spec.count("vision_tower") == 2 and "stack(" in r.spec
