@@ -21,7 +21,6 @@ import sys
 import time
 import warnings
 
-
 # the kinds of question infer asks, by what each says
 QUESTIONS = [
     ("the order of parts of one size", "parts of one size"),

@@ -524,6 +524,10 @@ class Search:
                 grouped = _grouped_heads(w, parts, names, sizes, dim, joining)
                 if len(set(sizes)) == 1:
                     rule.question = _order_question(w, parts)
+                    if grouped:
+                        rule.question += (
+                            "; or the heads of each key/value group together (Megatron's fused QKV)"
+                        )
                 elif grouped:
                     rule.question = (
                         f"{'.'.join(w.segments)}: parts one after another, as the names' order says; the "
