@@ -136,12 +136,20 @@ class Names:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _alike_families(a: Template, b: Template) -> bool:
-    """`alike`, with difflib's cheap upper bounds first: most unrelated pairs stop there."""
+    """`alike`, with difflib's cheap upper bounds first: most unrelated pairs stop there. By letters,
+    the names must also share a word (`c_attn`, `attn`): random names match half their letters often
+    enough by chance."""
     for x, y in ((a.segments, b.segments), (".".join(a.segments), ".".join(b.segments))):
+        if isinstance(x, str) and not _words(a) & _words(b):
+            continue
         m = difflib.SequenceMatcher(None, x, y, autojunk=False)
         if m.real_quick_ratio() >= ALIKE and m.quick_ratio() >= ALIKE and m.ratio() >= ALIKE:
             return True
     return False
+
+
+def _words(t: Template) -> set[str]:
+    return {w for s in t.segments for w in re.split(r"[_\W\d]+", s) if len(w) >= 2}
 
 
 @functools.lru_cache(maxsize=1 << 18)

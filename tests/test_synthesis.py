@@ -130,7 +130,7 @@ def test_thousands_of_unrelated_names_of_one_shape_are_compared_by_family_and_wi
         {f"{word()}_{word()}.{word()}": ((8, 8), F) for _ in range(m)},
     )
     assert time.perf_counter() - start < 60  # a bound against a hang, not a speed figure
-    assert not r.ok and len(r.found.unexplained_target) >= m - len(r.found.rules)
+    assert not r.found.rules and len(r.found.unexplained_target) == m  # no pair of random names by chance
     assert any(f"more than {MAX_NAME_PAIRS:,} pairs of names" in q for q in r.found.questions)
 
 
