@@ -261,6 +261,12 @@ def _q(s: str) -> str:
     return '"' + s + '"'
 
 
+def _listed(names: list[str], most: int = 3) -> str:
+    """Names for a question, the first few and how many more."""
+    more = f", and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
 def _shown(t: Template) -> str:
     return t.text(capture_names(t), False)
 
@@ -374,7 +380,7 @@ class Search:
             taken_t.add(t)
             question = ""
             if unsettled:
-                others = ", ".join(_shown(x) for x in dict.fromkeys(rival_t + rival_s))
+                others = _listed([_shown(x) for x in dict.fromkeys(rival_t + rival_s)])
                 question = (
                     f"{_shown(s)} -> {_shown(t)}: paired by name among names of one shape ({others}); "
                     "only data can confirm it"
@@ -698,7 +704,7 @@ class Search:
             rival_t = [p[2] for p in pairs if p[1] == a and p[2] != b]
             question = ""
             if (rival_s or rival_t) and not _marked(a, b, rival_s, rival_t):
-                others = ", ".join(".".join(x.segments) for x in dict.fromkeys(rival_t + rival_s))
+                others = _listed([".".join(x.segments) for x in dict.fromkeys(rival_t + rival_s)])
                 question = (
                     f"{k} -> {t}: paired by name among keys of one shape ({others}); only data can confirm it"
                 )

@@ -23,6 +23,7 @@ from convspec.synthesis import Inferred, Proof, Synthesis, compare, layout_of, r
 transformers = pytest.importorskip("transformers")
 
 from test_transformers_tiny import (  # noqa: E402
+    _ATTN,
     CASES,
     _assert_bit_equal,
     _build,
@@ -174,18 +175,7 @@ def gguf_pair(request, tmp_path_factory):
     """(arch, GGUF-named checkpoint, the HF checkpoint save_pretrained wrote, the built-in plan)."""
     arch = request.param
     config = transformers.AutoConfig.for_model(
-        arch,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+        arch, **dict(_ATTN, intermediate_size=24, tie_word_embeddings=False)
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).float()
