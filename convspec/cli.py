@@ -731,13 +731,13 @@ def _infer(args) -> int:
     def named(x: str):  # a checkpoint stays a path: its tensors decide what shapes cannot
         return x if Path(x).exists() else read_layout(x, args.config)
 
-    r = infer(named(args.source), named(args.target), name=args.name)
+    r = infer(named(args.source), named(args.target), name=args.name, config=args.config)
     source = r.source_layout
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{args.name}.yaml"
         path.write_text(r.spec)
         layout = {k: TensorInfo(shape, dtype) for k, (shape, dtype) in source.items()}
-        lint = check_spec(str(path), layout=layout)
+        lint = check_spec(str(path), config=args.config, layout=layout)
     findings = [  # warnings and errors; I301 (keys passed through) is what unchanged keys are
         f.text(_style(sys.stdout)).replace(str(path), args.output or "<spec>")
         for f in lint.findings
@@ -749,7 +749,7 @@ def _infer(args) -> int:
         from .synthesis import compare
 
         plan = api.compile(args.against_spec, config=args.config)
-        differs = compare(r.spec, plan, source)
+        differs = compare(r.spec, plan, source, args.config)
         ok = ok and not differs
     if args.output is not None:
         write_file_atomic(Path(args.output), r.spec.encode())

@@ -958,9 +958,56 @@ def grouped(layout: Layout) -> list[dict]:
     ]
 
 
-def infer(source, target, *, name: str = "inferred") -> Inferred:
+# config fields a size or a head count is written with, in order of preference: a size that is heads
+# times head_dim is written so before it is taken for hidden_size, which often equals it
+HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
+SIZE_FIELDS = ("intermediate_size", "moe_intermediate_size", "hidden_size", "vocab_size")
+
+
+def config_terms(config: dict) -> tuple[dict[int, str], dict[int, str]]:
+    """(sizes, head counts) the config names, each value with the expression a spec writes for it:
+    `config.num_key_value_heads * config.head_dim`, `config.intermediate_size`; the first in order
+    of preference where two agree."""
+
+    def value(k: str) -> int | None:
+        v = config.get(k)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 1 else None
+
+    heads: dict[int, str] = {}
+    for k in HEAD_FIELDS:
+        if value(k):
+            heads.setdefault(value(k), f"config.{k}")
+    sizes: dict[int, str] = {}
+    if value("head_dim"):
+        for v, expr in heads.items():
+            sizes.setdefault(v * value("head_dim"), f"{expr} * config.head_dim")
+    for k in SIZE_FIELDS:
+        if value(k):
+            sizes.setdefault(value(k), f"config.{k}")
+    return sizes, heads
+
+
+def configured(found: Synthesis, config: dict) -> None:
+    """The sizes of joins and cuts, and the head counts of row permutations, written with the
+    config's names where it names them, so that the spec holds for the model's other sizes too."""
+    sizes, heads = config_terms(config)
+
+    def sized(m: re.Match) -> str:
+        values = [int(v) for v in m.group(1).split(",")]
+        return "sizes=[" + ", ".join(sizes.get(v, str(v)) for v in values) + "]"
+
+    for rule in found.rules:
+        if rule.kind in ("join", "cut", "transformed"):
+            yaml = re.sub(r"sizes=\[([\d, ]+)\]", sized, rule.yaml)
+            rule.yaml = re.sub(
+                r"\bheads=(\d+)", lambda m: "heads=" + heads.get(int(m.group(1)), m.group(1)), yaml
+            )
+
+
+def infer(source, target, *, name: str = "inferred", config=None) -> Inferred:
     """The spec that maps the layout `source` to `target` (each a {key: (shape, dtype)} dict, a layout
-    .json file or a checkpoint), proved by binding it both ways on them; see docs/synthesis.md.
+    .json file or a checkpoint), proved by binding it both ways on them; see docs/synthesis.md. With
+    `config` (a dict or a config.json), the sizes and head counts it names are written with its names.
 
     Example:
         >>> src = {f"model.layers.0.experts.{e}.w1.weight": ((8, 4), "float32") for e in range(2)}
@@ -970,19 +1017,23 @@ def infer(source, target, *, name: str = "inferred") -> Inferred:
         (True, ['stack'])
     """
     from .io.checkpoint import Checkpoint
+    from .io.config import load_config
     from .spec.format import format_text
 
+    config = load_config(config)
     source, target = _opened(source), _opened(target)  # a checkpoint's headers are read once
     src, dst = layout_of(source), layout_of(target)
     found = search(src, dst)
     if isinstance(source, Checkpoint) and isinstance(target, Checkpoint):
         decide(found, source, target)
+    if config:
+        configured(found, config)
     text = format_text(found.spec_text(name), f"{name}.yaml")
-    proof = prove(text, src, dst)
+    proof = prove(text, src, dst, config)
     folded = fold_paths(found, src, dst) if proof.ok else None
     if folded is not None:  # fewer rules, kept only where they prove as the many did
         folded_text = format_text(folded.spec_text(name), f"{name}.yaml")
-        folded_proof = prove(folded_text, src, dst)
+        folded_proof = prove(folded_text, src, dst, config)
         if folded_proof.ok:
             found, text, proof = folded, folded_text, folded_proof
     return Inferred(text, found, proof, len(src), len(dst), src)
@@ -1053,15 +1104,15 @@ class Proof:
         return not (self.forward or self.inverse or self.error)
 
 
-def prove(text: str, source: Layout, target: Layout) -> Proof:
-    """Compile the spec and bind it: the source must give exactly the target (keys, shapes,
-    dtypes), and the inverse the source."""
+def prove(text: str, source: Layout, target: Layout, config: dict | None = None) -> Proof:
+    """Compile the spec (with the config its `config.*` sizes read) and bind it: the source must give
+    exactly the target (keys, shapes, dtypes), and the inverse the source."""
     from . import api
     from .errors import ConvspecError
     from .spec import parse_spec
 
     try:
-        plan = api.compile(parse_spec(text, "inferred.yaml"))
+        plan = api.compile(parse_spec(text, "inferred.yaml"), config=config)
         fwd = plan.bind(source).outputs
         inv = plan.inverse().bind(target).outputs
     except ConvspecError as exc:
@@ -1290,13 +1341,13 @@ def routes(plan, layout: Layout) -> dict[str, frozenset]:
     return out
 
 
-def compare(text: str, other, layout: Layout) -> list[str]:
+def compare(text: str, other, layout: Layout, config=None) -> list[str]:
     """Where the synthesized spec and `other` (a compiled plan) behave differently on `layout`: each
     source key that goes elsewhere, or nowhere under one of them. Text may differ freely."""
     from . import api
     from .spec import parse_spec
 
-    ours = routes(api.compile(parse_spec(text, "inferred.yaml")), layout)
+    ours = routes(api.compile(parse_spec(text, "inferred.yaml"), config=config), layout)
     theirs = routes(other, layout)
     diffs = []
     for key in sorted(set(ours) | set(theirs)):

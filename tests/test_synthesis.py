@@ -402,3 +402,32 @@ def test_renames_that_only_move_a_module_path_fold_into_one_path_rule():
     assert r.ok and r.proof.ok
     assert "rename: vision_tower.{rest:path}  # 9 keys\n    to: model.vision_tower.{rest}" in r.spec
     assert r.spec.count("vision_tower") == 2 and "stack(" in r.spec
+
+
+def test_sizes_and_head_counts_the_config_names_are_written_with_its_names(tmp_path):
+    """With a config, a cut's sizes read `config.num_key_value_heads * config.head_dim` (the spec then
+    holds for the model's other sizes), proved with that config; a size it does not name stays a number."""
+    fused = {f"layers.{i}.attn.qkv_proj.weight": ((32, 16), F) for i in range(2)}
+    parts = {}
+    for i in range(2):
+        parts[f"layers.{i}.attn.q_proj.weight"] = ((16, 16), F)
+        parts[f"layers.{i}.attn.k_proj.weight"] = ((8, 16), F)
+        parts[f"layers.{i}.attn.v_proj.weight"] = ((8, 16), F)
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4, "hidden_size": 16}
+    r = convspec.infer(fused, parts, config=config)
+    assert r.ok and r.proof.ok
+    text = " ".join(r.spec.split())
+    assert (
+        "sizes=[config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim, "
+        "config.num_key_value_heads * config.head_dim]" in text
+    )
+    bigger = {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 4, "hidden_size": 32}
+    plan = convspec.compile(convspec.spec.parse_spec(r.spec, "s.yaml"), config=bigger)
+    out = plan.bind({"layers.0.attn.qkv_proj.weight": ((48, 32), F)}).outputs
+    assert out["layers.0.attn.q_proj.weight"][0] == (32, 32) and out["layers.0.attn.k_proj.weight"][0] == (
+        8,
+        32,
+    )
+    assert "sizes=[16, 8, 8]" in " ".join(convspec.infer(fused, parts, config={"vocab_size": 7}).spec.split())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert "config.head_dim" in convspec.infer(fused, parts, config=tmp_path / "config.json").spec
