@@ -1189,6 +1189,7 @@ def decide(found: Synthesis, source, target) -> None:
     tried on one group of each rule; the question becomes a decision, or says that no choice fits."""
     from dataclasses import replace
 
+    source, target = Tensors(source), Tensors(target)
     for k, rule in enumerate(found.rules):
         if len(rule.alternatives) < 2:
             continue
@@ -1204,6 +1205,26 @@ def decide(found: Synthesis, source, target) -> None:
         else:
             found.questions.append(f"{where}: {len(fits)} choices give the target's data; took the first")
     _pairings(found, source, target)
+
+
+class Tensors:
+    """A checkpoint whose tensors are read once each while choices are tried on them (a rename may be
+    tried with dozens of permutations against several targets: one read of a 128 MB weight, not one
+    per try), the last few kept."""
+
+    KEPT = 8
+
+    def __init__(self, checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.layout = checkpoint.layout
+        self.read: dict = {}
+
+    def get(self, key: str):
+        if key not in self.read:
+            if len(self.read) >= self.KEPT:
+                del self.read[next(iter(self.read))]
+            self.read[key] = self.checkpoint.get(key)
+        return self.read[key]
 
 
 def _pairings(found: Synthesis, source, target) -> None:

@@ -431,3 +431,38 @@ def test_sizes_and_head_counts_the_config_names_are_written_with_its_names(tmp_p
     assert "sizes=[16, 8, 8]" in " ".join(convspec.infer(fused, parts, config={"vocab_size": 7}).spec.split())
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert "config.head_dim" in convspec.infer(fused, parts, config=tmp_path / "config.json").spec
+
+
+def test_data_decisions_read_each_tensor_once_however_many_forms_are_tried(tmp_path):
+    """A rename tried with every rope head count and interleave reads its tensors once, not once per
+    try (a 128 MB weight tried 30 ways is one read)."""
+    from collections import Counter
+
+    from convspec.io.formats import open_checkpoint
+    from convspec.io.writer import write_file
+    from convspec.ops import OPS
+    from convspec.synthesis import decide, layout_of, search
+
+    g = torch.Generator().manual_seed(2)
+    meta = {f"layers.{i}.attention.wq.weight": torch.randn(16, 16, generator=g) for i in range(2)}
+    hf = {
+        f"model.layers.{i}.self_attn.q_proj.weight": OPS["permute_rope"].apply({"heads": 4}, [w])[0]
+        for i, w in enumerate(meta.values())
+    }
+    for name, tensors in (("meta", meta), ("hf", hf)):
+        (tmp_path / name).mkdir()
+        write_file(tmp_path / name / "model.safetensors", tensors)
+
+    class Counted:
+        def __init__(self, ckpt):
+            self.ckpt, self.layout, self.reads = ckpt, ckpt.layout, Counter()
+
+        def get(self, key):
+            self.reads[key] += 1
+            return self.ckpt.get(key)
+
+    a, b = Counted(open_checkpoint(tmp_path / "meta")), Counted(open_checkpoint(tmp_path / "hf"))
+    found = search(layout_of(tmp_path / "meta"), layout_of(tmp_path / "hf"))
+    decide(found, a, b)
+    assert any("permute_rope found" in d for d in found.decided)
+    assert a.reads and max(a.reads.values()) == 1 and max(b.reads.values()) == 1
