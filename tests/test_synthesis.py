@@ -142,7 +142,22 @@ def test_shapes_alone_pair_only_what_is_unique_once_names_explain_most():
     assert any("paired by shape alone" in q for q in r.found.questions)
 
 
-@pytest.mark.parametrize("key", ["mixtral", "qwen2_moe", "phi3", "gpt_oss"])
+# each a step of the search: stacks and joins; a fused qkv; transposes; module paths folded
+# (mistral3); numbers moved (inkling2); paths read into later names (radio, sapiens2); in_proj cuts
+@pytest.mark.parametrize(
+    "key",
+    [
+        "mixtral",
+        "qwen2_moe",
+        "phi3",
+        "gpt_oss",
+        "mistral3",
+        "inkling2",
+        "radio",
+        "sapiens2",
+        "Tipsv2TextModel",
+    ],
+)
 def test_conformance_pairs_from_transformers_bind_exactly(key):
     from convspec.hf.mapping import applied, meta_model, observe
 
