@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     # the public Python API
-    ("api", ("convspec", "api", "synthesis")),
+    ("api", ("convspec", "api", "synthesis", "synthesis.*")),
     # what is built on the API: lint, explain, pictures, the transformers importer and exporter
     (
         "tools",

@@ -1,225 +1,35 @@
-"""Spec synthesis: from a source layout and a target layout (keys, shapes, dtypes), the spec that maps
-one to the other, cheapest explanation first (renames, stacks, concatenations, transposes), proved by
-binding it both ways; what it cannot explain is reported, never guessed. `convspec infer`."""
+"""The synthesis search: from two layouts' templates, the rules of a spec, cheapest explanation first
+(renames, stacks, joins and cuts, transposes, moved numbers, one key at a time); what it cannot
+explain is left, and what the shapes cannot decide is asked."""
 
 from __future__ import annotations
 
-import difflib
-import functools
 import itertools
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
-Shape = tuple[int, ...]
-Layout = dict[str, tuple[Shape, str]]
-NUMBER = re.compile(r"\d+")
-SLOT = "#"
+from .names import (
+    MAX_NAME_PAIRS,
+    NUMBER,
+    SLOT,
+    Layout,
+    Members,
+    Names,
+    Template,
+    alike,
+    capture_names,
+    families,
+    letters,
+    near,
+    similarity,
+    templates,
+)
+
 MAX_TRANSFORMS_TRIED = 64  # value transforms a rename's data is tried with (rope: every head count)
+
+
 MAX_PARTS_TRIED = 8  # the most alike candidates a join is looked for among (C(8, 4) = 70 tries at most)
-
-MAX_LAYOUT_BYTES = 256 << 20  # a layout file of 10^6 keys is ~100 MB
-
-# capture names by the segment a number follows (model.layers.{i}, experts.{e}); else n, m, ...
-CAPTURE_AFTER = {"layers": "i", "layer": "i", "h": "i", "blocks": "i", "block": "i", "experts": "e"}
-
-
-@dataclass(frozen=True)
-class Template:
-    """A key with its numbers taken out: `model.layers.#.mlp.experts.#.w1.weight`."""
-
-    segments: tuple[str, ...]
-
-    @functools.cached_property
-    def slots(self) -> int:
-        return sum(s == SLOT for s in self.segments)
-
-    def text(self, names: list[str], typed: bool) -> str:
-        it = iter(names)
-        return ".".join(
-            (f"{{{next(it)}:int}}" if typed else f"{{{next(it)}}}") if s == SLOT else s for s in self.segments
-        )
-
-    def key(self, index: tuple[str, ...]) -> str:
-        it = iter(index)
-        return ".".join(next(it) if s == SLOT else s for s in self.segments)
-
-
-Members = dict[tuple[str, ...], tuple[Shape, str]]
-
-
-def templates(layout: Layout) -> dict[Template, Members]:
-    """Every key of a layout under its template, by its numbers."""
-    out: dict[Template, Members] = defaultdict(dict)
-    for key, (shape, dtype) in layout.items():
-        segs = key.split(".")
-        index = tuple(s for s in segs if NUMBER.fullmatch(s))
-        t = Template(tuple(SLOT if NUMBER.fullmatch(s) else s for s in segs))
-        out[t][index] = (tuple(shape), dtype)
-    return dict(out)
-
-
-def capture_names(t: Template, extra: dict[int, str] | None = None) -> list[str]:
-    """The capture of each slot of `t`, named by the segment before it, distinct."""
-    names, used = [], set()
-    for k, s in enumerate(t.segments):
-        if s != SLOT:
-            continue
-        prev = t.segments[k - 1] if k else ""
-        name = CAPTURE_AFTER.get(prev, "n")
-        base, n = name, 1
-        while name in used:
-            n += 1
-            name = f"{base}{n}"
-        used.add(name)
-        names.append(name)
-    return names
-
-
-@functools.lru_cache(maxsize=1 << 16)  # every step asks of the same pairs again
-def similarity(a: Template, b: Template) -> float:
-    """How alike two names are, segment by segment: what ranks candidates."""
-    return difflib.SequenceMatcher(None, a.segments, b.segments, autojunk=False).ratio()
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def letters(a: Template, b: Template) -> float:
-    """How alike two names are letter by letter (`wq` ~ `q_proj` more than ~ `o_proj`): ties' breaker."""
-    return difflib.SequenceMatcher(None, ".".join(a.segments), ".".join(b.segments), autojunk=False).ratio()
-
-
-def alike(a: Template, b: Template) -> bool:
-    """Names alike enough to pair by: their segments, or their letters (`c_attn` ~ `attn`); decided
-    on their families, so that names differing only in numbers are alike or not together."""
-    return _alike_families(family(a), family(b))
-
-
-MAX_NAME_PAIRS = 200_000  # family pairs one search compares by name (~2 s); past it, none pairs by name
-
-
-class Names:
-    """Which families are alike, each pair compared once per search, within MAX_NAME_PAIRS: layouts
-    of thousands of unrelated names end unexplained in seconds, and the report says the budget ran out."""
-
-    def __init__(self) -> None:
-        self.seen: dict[tuple[Template, Template], bool] = {}
-        self.true: list[tuple[Template, Template]] = []
-        self.spent = False
-
-    def alike(self, a: Template, b: Template) -> bool:
-        got = self.seen.get((a, b))
-        if got is None:
-            if len(self.seen) >= MAX_NAME_PAIRS:
-                self.spent = True
-                return False
-            got = self.seen[(a, b)] = self.seen[(b, a)] = _alike_families(a, b)
-            if got:
-                self.true.append((a, b))
-        return got
-
-    def pairs(self, fl: dict, fr: dict):
-        """The family pairs to visit: all of them, or once the budget is spent, those found alike."""
-        if self.spent:
-            for a, b in self.true:
-                for x, y in ((a, b), (b, a)):
-                    if x in fl and y in fr:
-                        yield x, y
-            return
-        for fs in fl:
-            for ft in fr:
-                if self.spent:
-                    return
-                yield fs, ft
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _alike_families(a: Template, b: Template) -> bool:
-    """`alike`, with difflib's cheap upper bounds first: most unrelated pairs stop there. By letters,
-    the names must also share a word (`c_attn`, `attn`): random names match half their letters often
-    enough by chance."""
-    for x, y in ((a.segments, b.segments), (".".join(a.segments), ".".join(b.segments))):
-        if isinstance(x, str) and not _words(a) & _words(b):
-            continue
-        m = difflib.SequenceMatcher(None, x, y, autojunk=False)
-        if m.real_quick_ratio() >= ALIKE and m.quick_ratio() >= ALIKE and m.ratio() >= ALIKE:
-            return True
-    return False
-
-
-def _words(t: Template) -> set[str]:
-    return {w for s in t.segments for w in re.split(r"[_\W\d]+", s) if len(w) >= 2}
-
-
-@functools.lru_cache(maxsize=1 << 18)
-def family(t: Template) -> Template:
-    """A template with the numbers inside segments taken out too (`block12` -> `block#`)."""
-    return Template(tuple(NUMBER.sub(SLOT, s) for s in t.segments))
-
-
-@functools.lru_cache(maxsize=1 << 18)
-def digits(t: Template) -> tuple[str, ...]:
-    """The numbers inside a template's segments (`block12.conv3` -> 12, 3): what pairs a family's names."""
-    return tuple(n for s in t.segments if s != SLOT for n in NUMBER.findall(s))
-
-
-FAMILY_PAIRS = 4096  # above this many pairs between two families, names pair only with their own numbers
-
-
-class Family(list):
-    """Templates of one family, with an index by their numbers, made once when first asked."""
-
-    @functools.cached_property
-    def by_digits(self) -> dict[tuple[str, ...], list[Template]]:
-        out: dict[tuple[str, ...], list[Template]] = defaultdict(list)
-        for t in self:
-            out[digits(t)].append(t)
-        return out
-
-
-def families(templates, seen=None) -> dict[Template, Family]:
-    """Templates by family (of the name `seen` gives each, if given): what `near` compares names by."""
-    out: dict[Template, Family] = defaultdict(Family)
-    for t in templates:
-        out[family(seen(t) if seen else t)].append(t)
-    return out
-
-
-def near(left, right, names: Names, fits=lambda s, t: True, left_families=None, seen=(None, None)):
-    """Pairs (s, t) of templates, one from each side, that `fits` and whose names are alike. Names are
-    compared per pair of families, once (`encoder.block0` .. `encoder.block999` are one family), and a
-    family pair found unalike is skipped whole: unrelated numbered layouts cost little, not n^2 ratios.
-    `left_families`: the left side's `families`, made once by a caller that asks many times (members
-    since removed from `left` are skipped). `seen`: how each side's names are read (a source name with
-    the module path renames have shown replaced by the target's: `Search.seen`)."""
-    fl = families(left, seen[0]) if left_families is None else left_families
-    fr = families(right, seen[1])
-    for fs, ft in names.pairs(fl, fr):
-        ss, ts = fl[fs], fr[ft]
-        if ss[0].slots != ts[0].slots:  # a family's templates have one number of slots
-            continue
-        if len(ss) * len(ts) > FAMILY_PAIRS:  # a numbered family: each name with its own numbers
-            if len(ts) <= len(ss):
-                block = ((s, t) for t in ts for s in ss.by_digits.get(digits(t), ()))
-            else:
-                block = ((s, t) for s in ss for t in ts.by_digits.get(digits(s), ()))
-        else:
-            block = ((s, t) for s in ss for t in ts)
-        decided = None
-        for s, t in block:
-            if s not in left or not fits(s, t):
-                continue
-            if decided is None:
-                decided = names.alike(fs, ft)
-            if not decided:
-                break
-            yield s, t
-
-
-# a pairing by shapes needs names at least this alike: unrelated layouts stay unexplained, even where
-# shapes happen to agree (a spec that binds is not thereby right)
-ALIKE = 0.5
 
 
 @dataclass
@@ -257,7 +67,7 @@ class Synthesis:
         return "\n".join(head) + "\nrules:\n" + body + "\n"
 
 
-def _q(s: str) -> str:
+def quoted(s: str) -> str:
     return '"' + s + '"'
 
 
@@ -267,15 +77,15 @@ def _listed(names: list[str], most: int = 3) -> str:
     return ", ".join(names[:most]) + more
 
 
-def _shown(t: Template) -> str:
+def shown(t: Template) -> str:
     return t.text(capture_names(t), False)
 
 
-def _rename_yaml(s: Template, t: Template, n: int) -> str:
+def rename_yaml(s: Template, t: Template, n: int) -> str:
     names = capture_names(s)
     return (
-        f"  - rename: {_q(s.text(names, True))}  # {n} key{'s' if n != 1 else ''}\n"
-        f"    to: {_q(t.text(names, False))}"
+        f"  - rename: {quoted(s.text(names, True))}  # {n} key{'s' if n != 1 else ''}\n"
+        f"    to: {quoted(t.text(names, False))}"
     )
 
 
@@ -380,9 +190,9 @@ class Search:
             taken_t.add(t)
             question = ""
             if unsettled:
-                others = _listed([_shown(x) for x in dict.fromkeys(rival_t + rival_s)])
+                others = _listed([shown(x) for x in dict.fromkeys(rival_t + rival_s)])
                 question = (
-                    f"{_shown(s)} -> {_shown(t)}: paired by name among names of one shape ({others}); "
+                    f"{shown(s)} -> {shown(t)}: paired by name among names of one shape ({others}); "
                     "only data can confirm it"
                 )
                 self.out.questions.append(question)
@@ -397,7 +207,7 @@ class Search:
         square = all(len(shape) == 2 and shape[0] == shape[1] for shape, _ in members.values())
         self.out.rules.append(
             Explained(
-                _rename_yaml(s, t, n),
+                rename_yaml(s, t, n),
                 n,
                 "rename",
                 square,
@@ -429,8 +239,8 @@ class Search:
             for k, (p, pos, _) in enumerate(parts):
                 pn = names[:pos] + [over] + names[pos:]
                 inputs.append((f"x{k}" if len(parts) > 1 else "x", p.text(pn, True)))
-            ins = "\n".join(f"      {v}: {_q(text)}" for v, text in inputs)
-            head = f"  - convert:  # {n} keys\n{ins}\n    to:\n      {_q(t.text(names, False))}: "
+            ins = "\n".join(f"      {v}: {quoted(text)}" for v, text in inputs)
+            head = f"  - convert:  # {n} keys\n{ins}\n    to:\n      {quoted(t.text(names, False))}: "
             if len(parts) == 1:
                 rule = Explained(head + f"stack({inputs[0][0]}, over={over})", n, "stack")
             else:
@@ -519,9 +329,9 @@ class Search:
                 names = capture_names(w)
                 n = len(whole_side[w]) * (len(parts) if joining else 1)
                 if joining:
-                    ins = "\n".join(f"      x{k}: {_q(p.text(names, True))}" for k, p in enumerate(parts))
+                    ins = "\n".join(f"      x{k}: {quoted(p.text(names, True))}" for k, p in enumerate(parts))
                     sizes = [next(iter(part_side[p].values()))[0][dim] for p in parts]
-                    head = f"{ins}\n    to:\n      {_q(w.text(names, False))}: "
+                    head = f"{ins}\n    to:\n      {quoted(w.text(names, False))}: "
                     orders = [
                         head + f"cat({', '.join(order)}, dim={dim}, {_sized(sizes)})"
                         for order in itertools.permutations(f"x{k}" for k in range(len(parts)))
@@ -529,8 +339,8 @@ class Search:
                 else:
                     sizes = [next(iter(part_side[p].values()))[0][dim] for p in parts]
                     orders = [
-                        f"      x: {_q(w.text(names, True))}\n    to:\n      "
-                        f"{_q(', '.join(p.text(names, False) for p in order))}: "
+                        f"      x: {quoted(w.text(names, True))}\n    to:\n      "
+                        f"{quoted(', '.join(p.text(names, False) for p in order))}: "
                         f"split(x, dim={dim}, sizes=[{', '.join(map(str, sizes))}])"
                         for order in itertools.permutations(parts)
                     ]
@@ -634,8 +444,8 @@ class Search:
             names = capture_names(s)
             self.out.rules.append(
                 Explained(
-                    f"  - convert:  # {n} keys\n      x: {_q(s.text(names, True))}\n    to:\n"
-                    f"      {_q(t.text(names, False))}: transpose(x, dim0=0, dim1=1)",
+                    f"  - convert:  # {n} keys\n      x: {quoted(s.text(names, True))}\n    to:\n"
+                    f"      {quoted(t.text(names, False))}: transpose(x, dim0=0, dim1=1)",
                     n,
                     "transposed",
                 )
@@ -672,12 +482,12 @@ class Search:
             question = ""
             if len(set(ms.values())) == 1:  # one shape throughout: only the names and the ranges agree
                 question = (
-                    f"{_shown(s)} -> {t.text(to, False)}: its numbers moved by {shift:+d}, paired by name"
+                    f"{shown(s)} -> {t.text(to, False)}: its numbers moved by {shift:+d}, paired by name"
                 )
                 self.out.questions.append(question)
             self.out.rules.append(
                 Explained(
-                    f"  - rename: {_q(s.text(names, True))}  # {n} keys\n    to: {_q(t.text(to, False))}",
+                    f"  - rename: {quoted(s.text(names, True))}  # {n} keys\n    to: {quoted(t.text(to, False))}",
                     n,
                     "renumbered",
                     label=s.text(names, False),
@@ -738,7 +548,7 @@ class Search:
                 continue
             s, t = ss[0], ts[0]
             question = (
-                f"{_shown(s)} -> {_shown(t)}: paired by shape alone, the only one of its shape on each side"
+                f"{shown(s)} -> {shown(t)}: paired by shape alone, the only one of its shape on each side"
             )
             self.out.questions.append(question)
             self._rename(s, t, self.src.pop(s), question)
@@ -830,17 +640,17 @@ def _grouped_heads(w: Template, parts: list, names: list, sizes: list, dim: int,
         by_group = f"groups={groups}, size={per + 2}, rows={d}, dim={dim}"
         if joining:
             x0 = f"regroup_heads(x0, groups={groups}, size={per}, rows={d}, dim={dim})" if per > 1 else "x0"
-            ins = "\n".join(f"      x{k}: {_q(p.text(names, True))}" for k, p in enumerate(parts))
+            ins = "\n".join(f"      x{k}: {quoted(p.text(names, True))}" for k, p in enumerate(parts))
             cat = f"cat({x0}, x1, x2, dim={dim}, sizes=[{q}, {kv}, {kv}])"
             body = (
-                f"{ins}\n    to:\n      {_q(w.text(names, False))}: regroup_heads({cat}, "
+                f"{ins}\n    to:\n      {quoted(w.text(names, False))}: regroup_heads({cat}, "
                 f"groups={per + 2}, size={groups}, rows={d}, dim={dim})"
             )
         else:
-            outs = [_q(p.text(names, False)) for p in parts]
+            outs = [quoted(p.text(names, False)) for p in parts]
             qx = f"regroup_heads(q, groups={per}, size={groups}, rows={d}, dim={dim})" if per > 1 else "q"
             body = (
-                f'      x: {_q(w.text(names, True))}\n    let:\n      "q, k, v": split(regroup_heads(x, '
+                f'      x: {quoted(w.text(names, True))}\n    let:\n      "q, k, v": split(regroup_heads(x, '
                 f"{by_group}), dim={dim}, sizes=[{q}, {kv}, {kv}])\n    to:\n      {outs[0]}: {qx}\n"
                 f"      {outs[1]}: k\n      {outs[2]}: v"
             )
@@ -908,59 +718,11 @@ def search(source: Layout, target: Layout) -> Synthesis:
     return Search(source, target).run()
 
 
-@dataclass
-class Inferred:
-    """What `infer` made: the spec (canonical YAML, each rule with how many keys it explains), what
-    the search found and left, and the proof on the layouts it was made from."""
-
-    spec: str
-    found: Synthesis
-    proof: Proof
-    source_keys: int
-    target_keys: int
-    source_layout: Layout = field(default_factory=dict, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        """Every key explained, and the spec binds both ways exactly."""
-        return self.proof.ok and not self.found.unexplained_source and not self.found.unexplained_target
-
-    def to_dict(self) -> dict:
-        f = self.found
-        return {
-            "ok": self.ok,
-            "source_keys": self.source_keys,
-            "target_keys": self.target_keys,
-            "unchanged": f.unchanged,
-            "rules": [{"kind": r.kind, "keys": r.keys} for r in f.rules],
-            "unexplained_source": grouped(f.unexplained_source),
-            "unexplained_target": grouped(f.unexplained_target),
-            "questions": f.questions,
-            "decided": f.decided,
-            "proof": {
-                "forward": self.proof.forward,
-                "inverse": self.proof.inverse,
-                "error": self.proof.error,
-            },
-            "spec": self.spec,
-        }
-
-
-def grouped(layout: Layout) -> list[dict]:
-    """Keys by template and shape, as `check` groups the keys no rule claims."""
-    out: dict[tuple, list[str]] = defaultdict(list)
-    for key, (shape, dtype) in layout.items():
-        t = ".".join(SLOT if NUMBER.fullmatch(s) else s for s in key.split("."))
-        out[(t, tuple(shape), dtype)].append(key)
-    return [
-        {"template": t, "shape": list(shape), "dtype": dtype, "keys": len(keys), "first": keys[0]}
-        for (t, shape, dtype), keys in sorted(out.items())
-    ]
-
-
 # config fields a size or a head count is written with, in order of preference: a size that is heads
 # times head_dim is written so before it is taken for hidden_size, which often equals it
 HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
+
+
 SIZE_FIELDS = ("intermediate_size", "moe_intermediate_size", "hidden_size", "vocab_size")
 
 
@@ -1004,41 +766,6 @@ def configured(found: Synthesis, config: dict) -> None:
             )
 
 
-def infer(source, target, *, name: str = "inferred", config=None) -> Inferred:
-    """The spec that maps the layout `source` to `target` (each a {key: (shape, dtype)} dict, a layout
-    .json file or a checkpoint), proved by binding it both ways on them; see docs/synthesis.md. With
-    `config` (a dict or a config.json), the sizes and head counts it names are written with its names.
-
-    Example:
-        >>> src = {f"model.layers.0.experts.{e}.w1.weight": ((8, 4), "float32") for e in range(2)}
-        >>> dst = {"model.layers.0.experts.w1": ((2, 8, 4), "float32")}
-        >>> r = convspec.infer(src, dst)
-        >>> r.ok, [rule.kind for rule in r.found.rules]
-        (True, ['stack'])
-    """
-    from .io.checkpoint import Checkpoint
-    from .io.config import load_config
-    from .spec.format import format_text
-
-    config = load_config(config)
-    source, target = _opened(source), _opened(target)  # a checkpoint's headers are read once
-    src, dst = layout_of(source), layout_of(target)
-    found = search(src, dst)
-    if isinstance(source, Checkpoint) and isinstance(target, Checkpoint):
-        decide(found, source, target)
-    if config:
-        configured(found, config)
-    text = format_text(found.spec_text(name), f"{name}.yaml")
-    proof = prove(text, src, dst, config)
-    folded = fold_paths(found, src, dst) if proof.ok else None
-    if folded is not None:  # fewer rules, kept only where they prove as the many did
-        folded_text = format_text(folded.spec_text(name), f"{name}.yaml")
-        folded_proof = prove(folded_text, src, dst, config)
-        if folded_proof.ok:
-            found, text, proof = folded, folded_text, folded_proof
-    return Inferred(text, found, proof, len(src), len(dst), src)
-
-
 MIN_FOLDED = 3  # renames under one module path folded into one `{rest:path}` rule
 
 
@@ -1076,7 +803,7 @@ def fold_paths(found: Synthesis, layout: Layout, target: Layout) -> Synthesis | 
         n = sum(found.rules[k].keys for k in ks)
         src = ".".join([head.text(names, True), "{rest:path}"])
         dst = ".".join([Template(hb).text(names, False), "{rest}"])
-        rule = Explained(f"  - rename: {_q(src)}  # {n} keys\n    to: {_q(dst)}", n, "moved")
+        rule = Explained(f"  - rename: {quoted(src)}  # {n} keys\n    to: {quoted(dst)}", n, "moved")
         folded.append(rule)
         gone.update(ks)
     if not gone:
@@ -1088,299 +815,4 @@ def _under(key: str, head: tuple[str, ...]) -> bool:
     segs = key.split(".")
     return len(segs) > len(head) and all(
         (NUMBER.fullmatch(s) is not None) if h == SLOT else s == h for s, h in zip(segs, head, strict=False)
-    )
-
-
-@dataclass
-class Proof:
-    """The synthesized spec bound both ways on the layouts it was made from: what differs, if anything."""
-
-    forward: list[str]
-    inverse: list[str]
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not (self.forward or self.inverse or self.error)
-
-
-def prove(text: str, source: Layout, target: Layout, config: dict | None = None) -> Proof:
-    """Compile the spec (with the config its `config.*` sizes read) and bind it: the source must give
-    exactly the target (keys, shapes, dtypes), and the inverse the source."""
-    from . import api
-    from .errors import ConvspecError
-    from .spec import parse_spec
-
-    try:
-        plan = api.compile(parse_spec(text, "inferred.yaml"), config=config)
-        fwd = plan.bind(source).outputs
-        inv = plan.inverse().bind(target).outputs
-    except ConvspecError as exc:
-        return Proof([], [], exc.render().splitlines()[0])
-    return Proof(_differ(fwd, target), _differ(inv, source))
-
-
-def _differ(got: dict, want: Layout, limit: int = 5) -> list[str]:
-    out = [f"missing {k}" for k in want if k not in got][:limit]
-    out += [f"extra {k}" for k in got if k not in want][:limit]
-    out += [
-        f"{k}: {list(got[k][0])} {got[k][1]}, want {list(want[k][0])} {want[k][1]}"
-        for k in want
-        if k in got and (tuple(got[k][0]), got[k][1]) != (tuple(want[k][0]), want[k][1])
-    ][:limit]
-    return out
-
-
-def layout_of(source) -> Layout:
-    """A layout from a dict (as it is), a layout `.json` file (`{key: [shape, dtype]}`, checked key by
-    key), or a checkpoint (a directory or a file: its headers, no data)."""
-    from .io.checkpoint import Checkpoint
-
-    if isinstance(source, dict):
-        return {k: (tuple(v[0]), v[1]) for k, v in source.items()}
-    if isinstance(source, Checkpoint):
-        return {k: (tuple(v.shape), v.dtype) for k, v in source.layout.items()}
-    path = Path(source)
-    if path.suffix == ".json" and path.is_file():
-        return _layout_file(path)
-    from .io.formats import open_checkpoint
-
-    return {k: (tuple(v.shape), v.dtype) for k, v in open_checkpoint(path).layout.items()}
-
-
-def _layout_file(path: Path) -> Layout:
-    from .dtypes import DTYPES
-    from .errors import ConfigError
-    from .io.sidefile import load_json
-
-    data = load_json(path, MAX_LAYOUT_BYTES, ConfigError, "layout file")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a layout is a JSON object of key -> [shape, dtype]")
-    out = {}
-    for key, v in data.items():
-        ok = (
-            isinstance(v, list)
-            and len(v) == 2
-            and isinstance(v[0], list)
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v[0])
-            and v[1] in DTYPES
-        )
-        if not ok:
-            raise ConfigError(
-                f"{path}: {key!r}: {json.dumps(v)[:80]} is not [shape, dtype]",
-                hint='e.g. "model.embed.weight": [[32000, 4096], "bfloat16"]',
-            )
-        out[key] = (tuple(v[0]), v[1])
-    return out
-
-
-def _opened(x):
-    """A checkpoint opened (its tensors can decide what shapes cannot); a dict or a layout file as is."""
-    if isinstance(x, dict) or not Path(x).exists() or (Path(x).suffix == ".json" and Path(x).is_file()):
-        return x
-    from .io.formats import open_checkpoint
-
-    return open_checkpoint(Path(x))
-
-
-def decide(found: Synthesis, source, target) -> None:
-    """Where the shapes allowed several rules (parts of one size in some order, a square weight
-    transposed or not), keep the one that gives the target's tensors bit for bit from the source's,
-    tried on one group of each rule; the question becomes a decision, or says that no choice fits."""
-    from dataclasses import replace
-
-    source, target = Tensors(source), Tensors(target)
-    for k, rule in enumerate(found.rules):
-        if len(rule.alternatives) < 2:
-            continue
-        fits = [alt for alt in rule.alternatives if _fits(alt, source, target)]
-        if rule.question in found.questions:
-            found.questions.remove(rule.question)
-        where = rule.question.split(":")[0]
-        if len(fits) == 1:
-            found.rules[k] = replace(rule, yaml=fits[0], alternatives=[], question="")
-            found.decided.append(f"{where}: decided from the data, bit for bit")
-        elif not fits:
-            found.questions.append(f"{where}: no choice the shapes allow gives the target's data")
-        else:
-            found.questions.append(f"{where}: {len(fits)} choices give the target's data; took the first")
-    _pairings(found, source, target)
-
-
-class Tensors:
-    """A checkpoint whose tensors are read once each while choices are tried on them (a rename may be
-    tried with dozens of permutations against several targets: one read of a 128 MB weight, not one
-    per try), the last few kept."""
-
-    KEPT = 8
-
-    def __init__(self, checkpoint) -> None:
-        self.checkpoint = checkpoint
-        self.layout = checkpoint.layout
-        self.read: dict = {}
-
-    def get(self, key: str):
-        if key not in self.read:
-            if len(self.read) >= self.KEPT:
-                del self.read[next(iter(self.read))]
-            self.read[key] = self.checkpoint.get(key)
-        return self.read[key]
-
-
-def _pairings(found: Synthesis, source, target) -> None:
-    """Renames tried on the data. One that gives the target's tensors is confirmed (its question, if
-    any, answered); the others are paired again among themselves, targets of the same members, as
-    they are and then with the row permutations a checkpoint may hold (rope halves <-> interleaved
-    pairs for every head count, interleaved parts), the first that fits bit for bit kept: names
-    that shapes could not tell apart (`attn_q` ~ `q_proj` or `o_proj`) are told apart by the data."""
-    from dataclasses import replace
-
-    misfits = []
-    for k, rule in enumerate(found.rules):
-        if rule.kind == "renumbered" and rule.question and _fits(rule.yaml, source, target):
-            _answered(found, rule, f"{rule.label}: its renumbering confirmed by the data")
-        if rule.kind != "rename" or rule.alternatives or rule.pair is None:
-            continue
-        if not _fits(rule.yaml, source, target):
-            misfits.append(k)
-        elif rule.question:
-            _answered(found, rule, f"{rule.label}: its pairing confirmed by the data")
-    free = {found.rules[k].pair[1]: found.rules[k].members for k in misfits}
-    for k in misfits:
-        rule = found.rules[k]
-        s, was = rule.pair
-        candidates = [t for t, m in free.items() if m == rule.members]
-        candidates.sort(key=lambda t: t != was)  # its own target first
-        got = _repaired(rule, s, candidates, source, target)
-        if got is None:
-            found.questions.append(
-                f"{rule.label}: renamed, but its values differ from the target's (no pairing of its "
-                "shape, and no transform tried, gives them)"
-            )
-            continue
-        t, yaml, expr = got
-        del free[t]
-        found.rules[k] = replace(rule, yaml=yaml, kind="transformed" if expr else "rename", pair=(s, t))
-        what = f"{expr.split('(')[0]} found" if expr else "paired"
-        moved = f" with {_shown(t)} (the names said {_shown(was)})" if t != was else ""
-        _answered(found, rule, f"{rule.label}: {what}{moved} by the data, bit for bit")
-
-
-def _answered(found: Synthesis, rule: Explained, decided: str) -> None:
-    if rule.question in found.questions:
-        found.questions.remove(rule.question)
-    found.decided.append(decided)
-
-
-def _repaired(rule: Explained, s: Template, candidates: list, source, target):
-    """The first (target, yaml, transform) among the candidates, renamed as is and then transformed,
-    that gives the target's tensors; None if none does."""
-    names = capture_names(s)
-    shape = rule.members[0][1][0] if rule.members else ()
-    rows = shape[0] if shape else 0
-    for t in candidates:
-        yaml = _rename_yaml(s, t, rule.keys)
-        if _fits(yaml, source, target):
-            return t, yaml, ""
-    for t in candidates:
-        for expr in _transforms(rows):
-            yaml = (
-                f"  - convert:  # {rule.keys} keys\n      x: {_q(s.text(names, True))}\n    to:\n"
-                f"      {_q(t.text(names, False))}: {expr}"
-            )
-            if _fits(yaml, source, target):
-                return t, yaml, expr
-    return None
-
-
-def _transforms(rows: int) -> list[str]:
-    """The row permutations a checkpoint may hold, for a weight of `rows` rows."""
-    tries = []
-    for heads in (h for h in range(1, rows // 2 + 1) if rows % (2 * h) == 0):
-        tries += [f"permute_rope(x, heads={heads})", f"unpermute_rope(x, heads={heads})"]
-    tries += [f"interleave(x, dim=0, parts={n})" for n in (2, 3) if rows % n == 0]
-    tries += [f"deinterleave(x, dim=0, parts={n})" for n in (2, 3) if rows % n == 0]
-    return tries[:MAX_TRANSFORMS_TRIED]
-
-
-def _trial(rule_yaml: str):
-    """One rule of a synthesized spec, compiled on its own to be tried."""
-    from . import api
-    from .spec import parse_spec
-
-    return api.compile(parse_spec(f"spec: trial\nrules:\n{rule_yaml}\n", "trial.yaml"))
-
-
-def _fits(rule_yaml: str, source, target) -> bool:
-    """Whether the one-rule spec gives, from the source's tensors, the target's, on one group."""
-    import torch
-
-    from .errors import ConvspecError
-
-    try:
-        plan = _trial(rule_yaml)
-        bound = plan.bind(source.layout)
-    except ConvspecError:
-        return False
-    if bound.groups:
-        g = bound.groups[0]
-        keys = [key for members in g.members.values() for key in members.values()]
-        out = plan.apply({key: source.get(key) for key in keys})
-        pairs = [(out[key], key) for key in g.outputs]
-    else:
-        renamed = [(a, b) for a, b in bound.passthrough.items() if a != b]
-        if not renamed:
-            return False
-        a, b = renamed[0]
-        pairs = [(source.get(a), b)]
-    for got, key in pairs:
-        if key not in target.layout:
-            return False
-        want = target.get(key)
-        if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
-            return False
-    return True
-
-
-def routes(plan, layout: Layout) -> dict[str, frozenset]:
-    """Where each source key goes under `plan`, from headers: a renamed or unchanged key its new
-    name; a key a convert moves, the byte ranges it fills in which outputs (so parts joined in
-    another order differ); one a convert computes from, the outputs it is part of."""
-    from .blocks import block_runs
-
-    bound = plan.bind(layout)
-    out: dict[str, frozenset] = {k: frozenset([v]) for k, v in bound.passthrough.items()}
-    for g in bound.groups:
-        runs = block_runs(bound, g, 0)
-        placed: dict[str, set] = defaultdict(set)
-        for output, rs in (runs or {}).items():
-            for run in rs:
-                placed[run.source].add((output, run.src, run.dst, run.size))
-        for members in g.members.values():
-            for key in members.values():
-                out[key] = frozenset(placed[key]) if runs is not None else frozenset(g.outputs)
-    return out
-
-
-def compare(text: str, other, layout: Layout, config=None) -> list[str]:
-    """Where the synthesized spec and `other` (a compiled plan) behave differently on `layout`: each
-    source key that goes elsewhere, or nowhere under one of them. Text may differ freely."""
-    from . import api
-    from .spec import parse_spec
-
-    ours = routes(api.compile(parse_spec(text, "inferred.yaml"), config=config), layout)
-    theirs = routes(other, layout)
-    diffs = []
-    for key in sorted(set(ours) | set(theirs)):
-        a, b = ours.get(key), theirs.get(key)
-        if a != b:
-            diffs.append(f"{key}: inferred -> {_where(a)}; the spec -> {_where(b)}")
-    return diffs
-
-
-def _where(route: frozenset | None) -> str:
-    if route is None:
-        return "dropped"
-    return ", ".join(
-        sorted({x if isinstance(x, str) else f"{x[0]}[bytes {x[2]}..{x[2] + x[3]}]" for x in route})
     )
