@@ -481,3 +481,12 @@ def test_data_decisions_read_each_tensor_once_however_many_forms_are_tried(tmp_p
     decide(found, a, b)
     assert any("permute_rope found" in d for d in found.decided)
     assert a.reads and max(a.reads.values()) == 1 and max(b.reads.values()) == 1
+
+
+def test_a_dim_of_size_one_dropped_or_added_is_a_squeeze_or_an_unsqueeze():
+    src = {f"enc.layers.{i}.embeddings.cls_token": ((1, 1, 8), F) for i in range(2)}
+    src.update({f"enc.layers.{i}.scale": ((8,), F) for i in range(2)})
+    dst = {f"enc.layers.{i}.embeddings.cls_token": ((1, 8), F) for i in range(2)}
+    dst.update({f"enc.layers.{i}.scale": ((8, 1), F) for i in range(2)})
+    r = convspec.infer(src, dst)
+    assert r.ok and "squeeze(x, dim=0)" in r.spec and "unsqueeze(x, dim=1)" in r.spec

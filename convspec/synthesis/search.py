@@ -579,6 +579,51 @@ class Search:
                 if not side[t]:
                     del side[t]
 
+    def squeezes(self) -> None:
+        """One-to-one pairs whose shapes differ by one dim of size 1, at one place for every member
+        (`cls_token` [1, 1, 384] -> `mask_token` [1, 384]): `squeeze`, or `unsqueeze` the other way."""
+
+        def dropped(a: tuple, b: tuple) -> int | None:  # the dim of size 1 that a has and b lacks
+            if len(a) != len(b) + 1:
+                return None
+            return next((d for d in range(len(a)) if a[d] == 1 and a[:d] + a[d + 1 :] == b), None)
+
+        def form(s: Template, t: Template) -> str | None:
+            ms, mt = self.src[s], self.dst[t]
+            if ms.keys() != mt.keys() or any(ms[i][1] != mt[i][1] for i in ms):
+                return None
+            for op, extra in (
+                ("squeeze", lambda i: (ms[i][0], mt[i][0])),
+                ("unsqueeze", lambda i: (mt[i][0], ms[i][0])),
+            ):
+                dims = {dropped(*extra(i)) for i in ms}
+                if len(dims) == 1 and None not in dims:
+                    return f"{op}(x, dim={dims.pop()})"
+            return None
+
+        seen = self.seen
+        pairs = [
+            (similarity(seen(s), t), s, t)
+            for s, t in near(
+                self.src, self.dst, self.names, lambda s, t: form(s, t) is not None, seen=(seen, None)
+            )
+        ]
+        for _, s, t in sorted(pairs, key=lambda p: (-p[0], p[1].segments, p[2].segments)):
+            if s not in self.src or t not in self.dst:
+                continue
+            expr = form(s, t)
+            n = len(self.src.pop(s))
+            del self.dst[t]
+            names = capture_names(s)
+            self.out.rules.append(
+                Explained(
+                    f"  - convert:  # {n} keys\n      x: {quoted(s.text(names, True))}\n    to:\n"
+                    f"      {quoted(t.text(names, False))}: {expr}",
+                    n,
+                    "squeezed",
+                )
+            )
+
     def square_questions(self) -> None:
         """Where weights were found transposed, a square 2-D weight renamed as it is may have been
         transposed too: its shape cannot tell, so it is asked."""
@@ -607,6 +652,7 @@ class Search:
         self.joins()
         self.renames()
         self.transposes()
+        self.squeezes()
         self.square_questions()
         self.renumbered()
         self.literal_renames()
