@@ -490,3 +490,15 @@ def test_a_dim_of_size_one_dropped_or_added_is_a_squeeze_or_an_unsqueeze():
     dst.update({f"enc.layers.{i}.scale": ((8, 1), F) for i in range(2)})
     r = convspec.infer(src, dst)
     assert r.ok and "squeeze(x, dim=0)" in r.spec and "unsqueeze(x, dim=1)" in r.spec
+
+
+def test_a_stack_whose_count_differs_from_block_to_block():
+    """Dots3's vision blocks hold 2, 3 or 4 experts: each stacked target has its own count, each
+    source group runs 0..count-1."""
+    src, dst = {}, {}
+    for b, n in enumerate((2, 3, 4)):
+        for e in range(n):
+            src[f"vision.blocks.{b}.mlp.experts.{e}.fc2.weight"] = ((8, 4), F)
+        dst[f"vision.blocks.{b}.mlp.experts.down_proj"] = ((n, 8, 4), F)
+    r = convspec.infer(src, dst)
+    assert r.ok and "stack(x, over=e)" in r.spec and r.found.rules[0].keys == 9

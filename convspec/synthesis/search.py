@@ -262,13 +262,12 @@ class Search:
 
     def _stack_parts(self, t: Template, mt: Members):
         shapes = {s for s, _ in mt.values()}
-        if len(shapes) != 1:
-            return None
-        (shape,) = shapes
+        if len({s[1:] for s in shapes}) != 1 or len({d for _, d in mt.values()}) != 1:
+            return None  # the count may differ from member to member (4, 8, 12 experts a block)
+        shape = next(iter(shapes))
         if len(shape) < 2:
             return None
         dtype = next(iter(mt.values()))[1]
-        n = shape[0]
         candidates = []  # (template, slot position of the stacked number, member shape)
         for s in self._by_slots.get(t.slots + 1, ()):
             ms = self.src.get(s)
@@ -281,8 +280,8 @@ class Search:
                 if set(groups) != set(mt):
                     continue
                 ok = all(
-                    sorted(g, key=int) == [str(x) for x in range(n)] and len({v for v in g.values()}) == 1
-                    for g in groups.values()
+                    sorted(g, key=int) == [str(x) for x in range(mt[k][0][0])] and len(set(g.values())) == 1
+                    for k, g in groups.items()
                 )
                 vals = {v for g in groups.values() for v in g.values()}
                 if ok and len(vals) == 1 and next(iter(vals))[1] == dtype:
