@@ -190,8 +190,16 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("source", help="a checkpoint, a layout .json ({key: [shape, dtype]}), or a model type")
     inf.add_argument("target", help="the same kinds: a transformers model type or class is built on meta")
     inf.add_argument("-o", "--output", metavar="SPEC", help="write the spec here (a .yaml file)")
-    inf.add_argument("--config", help="a config.json for a model type named as SOURCE or TARGET")
+    inf.add_argument(
+        "--config",
+        help="a config.json: builds a model type named as SOURCE or TARGET, and names the spec's sizes",
+    )
     inf.add_argument("--name", default="inferred", help="the spec's name")
+    inf.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 while a question is left (a choice only data can confirm)",
+    )
     inf.add_argument(
         "--against-spec",
         metavar="SPEC",
@@ -743,7 +751,7 @@ def _infer(args) -> int:
         for f in lint.findings
         if f.severity != "info"
     ]
-    ok = r.ok and not findings
+    ok = r.ok and not findings and not (args.strict and r.found.questions)
     differs = None
     if args.against_spec is not None:
         from .synthesis import compare
@@ -759,7 +767,8 @@ def _infer(args) -> int:
         return 0 if ok else 1
     if args.output is None:
         print(r.spec, end="")
-    report = _infer_report(r, findings, ok)
+    unsettled = args.strict and r.ok and not findings and bool(r.found.questions) and not differs
+    report = _infer_report(r, findings, ok, unsettled)
     if differs is not None:
         head = f"against {args.against_spec}: " + (
             f"{len(differs)} source keys go elsewhere"
@@ -774,7 +783,7 @@ def _infer(args) -> int:
 SHOWN = 20  # groups of unexplained keys shown per side (--json has them all)
 
 
-def _infer_report(r, findings: list[str], ok: bool) -> str:
+def _infer_report(r, findings: list[str], ok: bool, unsettled: bool = False) -> str:
     """What infer explained, left, asked and proved, for a person."""
     from .synthesis import grouped
 
@@ -795,7 +804,12 @@ def _infer_report(r, findings: list[str], ok: bool) -> str:
     if p.error:
         lines.append(f"  not proved: {p.error}")
     lines += [f"  forward differs: {d}" for d in p.forward] + [f"  inverse differs: {d}" for d in p.inverse]
-    lines.append("ok: binds both ways exactly on these layouts" if ok else "not a complete, proved spec")
+    if ok:
+        lines.append("ok: binds both ways exactly on these layouts")
+    elif unsettled:
+        lines.append("not settled: binds both ways exactly, but questions are left (--strict)")
+    else:
+        lines.append("not a complete, proved spec")
     return "\n".join(lines)
 
 

@@ -502,3 +502,15 @@ def test_a_stack_whose_count_differs_from_block_to_block():
         dst[f"vision.blocks.{b}.mlp.experts.down_proj"] = ((n, 8, 4), F)
     r = convspec.infer(src, dst)
     assert r.ok and "stack(x, over=e)" in r.spec and r.found.rules[0].keys == 9
+
+
+def test_strict_exits_1_while_a_question_is_left(tmp_path, capsys):
+    src, dst = mixtral_pair()  # explained and proved, with the gate/up order asked
+    for name, layout in (("src", src), ("dst", dst)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({k: [list(s), d] for k, (s, d) in layout.items()}))
+    argv = ["infer", str(tmp_path / "src.json"), str(tmp_path / "dst.json"), "-o", str(tmp_path / "s.yaml")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--strict"]) == 1
+    out = capsys.readouterr().out
+    assert "question:" in out and "not settled: binds both ways exactly, but questions are left" in out
