@@ -373,9 +373,9 @@ def test_a_whole_that_names_its_parts_is_cut_before_rows_that_merely_add_up():
 
 def test_the_one_key_of_a_shape_left_on_each_side_is_paired_and_asked():
     src, dst = mixtral_pair()
-    src["ctc.decoder.decoder_layers.0.bias"], dst["word_timestamp_head.bias"] = ((23,), F), ((23,), F)
+    src["ctc.decoder.decoder_layers.0.b"], dst["word_timestamp_head.bias"] = ((23,), F), ((23,), F)
     r = convspec.infer(src, dst)
-    assert r.ok and "rename: ctc.decoder.decoder_layers.0.bias" in r.spec
+    assert r.ok and "rename: ctc.decoder.decoder_layers.0.b" in r.spec
     assert any("the only key of its shape left on each side" in q for q in r.found.questions)
 
 
@@ -514,3 +514,26 @@ def test_strict_exits_1_while_a_question_is_left(tmp_path, capsys):
     assert main([*argv, "--strict"]) == 1
     out = capsys.readouterr().out
     assert "question:" in out and "not settled: binds both ways exactly, but questions are left" in out
+
+
+def test_numbered_modules_pair_with_named_ones_by_their_parameters_shapes_and_order():
+    """`nn.Sequential`'s `mlp1.0`, `mlp1.1`, `mlp1.3` (a norm, two linears) are the projector's
+    `layer_norm`, `linear_1`, `linear_2` (qianfan_ocr): the norm by its parameters' shapes, the two
+    linears, alike, in the order of their names; every pairing asked."""
+    src, dst = mixtral_pair()
+    for name, shapes in (("0", ((16,), (16,))), ("1", ((16, 16), (16,))), ("3", ((16, 16), (16,)))):
+        src[f"mlp1.{name}.weight"], src[f"mlp1.{name}.bias"] = ((shapes[0], F), (shapes[1], F))
+    for name, shapes in (
+        ("layer_norm", ((16,), (16,))),
+        ("linear_1", ((16, 16), (16,))),
+        ("linear_2", ((16, 16), (16,))),
+    ):
+        dst[f"projector.{name}.weight"], dst[f"projector.{name}.bias"] = ((shapes[0], F), (shapes[1], F))
+    r = convspec.infer(src, dst)
+    assert r.ok, (r.found.unexplained_source, r.proof)
+    asked = [q for q in r.found.questions if "module paired" in q]
+    assert asked == [
+        "mlp1.0 -> projector.layer_norm: module paired by its parameters' shapes alone",
+        "mlp1.1 -> projector.linear_1: module paired by the order of 2 alike modules",
+        "mlp1.3 -> projector.linear_2: module paired by the order of 2 alike modules",
+    ]

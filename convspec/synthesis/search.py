@@ -552,7 +552,49 @@ class Search:
             self.out.questions.append(question)
             self._rename(s, t, self.src.pop(s), question)
             del self.dst[t]
+        self._modules()
         self._unique_keys()
+
+    def _modules(self) -> None:
+        """Modules left (keys by their parent: `mlp1.0` -> weight, bias) whose parameters' shapes
+        match a module left on the other side: one such module each side is a pair, several are
+        paired in the order of their names (`nn.Sequential`'s `mlp1.1`, `mlp1.3` -> `linear_1`,
+        `linear_2`); each key renamed, each pairing asked."""
+        sides = []
+        for side in (self.src, self.dst):
+            mods: dict[str, dict[str, tuple]] = defaultdict(dict)
+            where: dict[str, tuple] = {}
+            for t, ms in side.items():
+                for i, v in ms.items():
+                    key = t.key(i)
+                    parent, _, leaf = key.rpartition(".")
+                    mods[parent][leaf] = v
+                    where[key] = (t, i)
+            by: dict[frozenset, list[str]] = defaultdict(list)
+            for parent, leaves in mods.items():
+                if parent:
+                    by[frozenset(leaves.items())].append(parent)
+            sides.append((by, where))
+        (sby, swhere), (tby, twhere) = sides
+        for sig, ss in sorted(sby.items(), key=lambda kv: sorted(kv[1])):
+            ts = tby.get(sig, [])
+            if len(ss) != len(ts):
+                continue
+            ss, ts = sorted(ss, key=_natural), sorted(ts, key=_natural)
+            how = "its parameters' shapes alone" if len(ss) == 1 else f"the order of {len(ss)} alike modules"
+            for a, b in zip(ss, ts, strict=True):
+                question = f"{a} -> {b}: module paired by {how}"
+                self.out.questions.append(question)
+                for leaf, v in sorted(sig):
+                    sk, tk = f"{a}.{leaf}", f"{b}.{leaf}"
+                    self._rename(
+                        Template(tuple(sk.split("."))), Template(tuple(tk.split("."))), {(): v}, question
+                    )
+                    for side, where, key in ((self.src, swhere, sk), (self.dst, twhere, tk)):
+                        t, i = where[key]
+                        del side[t][i]
+                        if not side[t]:
+                            del side[t]
 
     def _unique_keys(self) -> None:
         """Keys left whose shape and dtype no other key left has, on either side: one key each
@@ -714,6 +756,11 @@ def _mentioned(part: Template, whole: Template) -> bool:
     word = own_p[-1].split("_")[0]
     tokens = own_w[-1].split("_")
     return word in tokens or (len(word) == 1 and any(len(t) <= 3 and word in t for t in tokens))
+
+
+def _natural(name: str) -> list:
+    """A name's order with its numbers as numbers (`mlp1.3` before `mlp1.10`)."""
+    return [(int(x), "") if x.isdigit() else (-1, x) for x in re.split(r"(\d+)", name)]
 
 
 def _leaf_kind(t: Template) -> str:
