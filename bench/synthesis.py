@@ -30,6 +30,7 @@ QUESTIONS = [
     ("a square weight beside transposed ones", ": square,"),
     ("a pairing by shape alone", "paired by shape alone"),
     ("numbers moved by a constant", "its numbers moved by"),
+    ("a module paired by its parameters' shapes", "module paired by"),
 ]
 
 

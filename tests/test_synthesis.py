@@ -537,3 +537,15 @@ def test_numbered_modules_pair_with_named_ones_by_their_parameters_shapes_and_or
         "mlp1.1 -> projector.linear_1: module paired by the order of 2 alike modules",
         "mlp1.3 -> projector.linear_2: module paired by the order of 2 alike modules",
     ]
+
+
+def test_keys_with_quotes_backslashes_spaces_or_braces():
+    """A quote or a backslash is written as itself (single-quoted YAML); a key with a space or a
+    brace, which no template can hold, is left unexplained and said, never a broken spec."""
+    for a, b in (('a"b.weight', 'c"b.weight'), ("a\\b.weight", "c\\b.weight"), ("a'b.weight", "c'b.weight")):
+        r = convspec.infer({a: ((2,), F), "m.x.weight": ((3,), F)}, {b: ((2,), F), "m.x.weight": ((3,), F)})
+        assert r.ok, (a, r.proof)
+    for a, b in (("a b.weight", "c b.weight"), ("a{x}.weight", "c{x}.weight")):
+        r = convspec.infer({a: ((2,), F), "m.x.weight": ((3,), F)}, {b: ((2,), F), "m.x.weight": ((3,), F)})
+        assert not r.ok and a in r.found.unexplained_source and not r.proof.error
+        assert any("no spec template can write" in q for q in r.found.questions)

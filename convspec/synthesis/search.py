@@ -67,8 +67,12 @@ class Synthesis:
         return "\n".join(head) + "\nrules:\n" + body + "\n"
 
 
+UNWRITABLE = re.compile(r"[\s{}]")  # what a key template cannot hold
+
+
 def quoted(s: str) -> str:
-    return '"' + s + '"'
+    """A template as a YAML scalar: single-quoted, so a backslash or a double quote is itself."""
+    return "'" + s.replace("'", "''") + "'"
 
 
 def _listed(names: list[str], most: int = 3) -> str:
@@ -105,8 +109,12 @@ class Search:
     """The search, step by step, over the templates not yet explained on each side."""
 
     def __init__(self, source: Layout, target: Layout):
-        self.src = templates(source)
-        self.dst = templates(target)
+        # a key a spec cannot write (a space, a brace) is left as it is, and said
+        self.unwritable = [
+            {k: v for k, v in side.items() if UNWRITABLE.search(k)} for side in (source, target)
+        ]
+        self.src = templates({k: v for k, v in source.items() if k not in self.unwritable[0]})
+        self.dst = templates({k: v for k, v in target.items() if k not in self.unwritable[1]})
         self.out = Synthesis()
         self._families: dict[int, dict] = {}
         self.names = Names()
@@ -709,6 +717,13 @@ class Search:
         for t, ms in self.dst.items():
             for idx, v in ms.items():
                 self.out.unexplained_target[t.key(idx)] = v
+        n = sum(len(u) for u in self.unwritable)
+        if n:
+            self.out.unexplained_source.update(self.unwritable[0])
+            self.out.unexplained_target.update(self.unwritable[1])
+            self.out.questions.append(
+                f"{n} key(s) hold a space or a brace, which no spec template can write: left unexplained"
+            )
         return self.out
 
 
