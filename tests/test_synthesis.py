@@ -37,6 +37,17 @@ def mixtral_pair(layers: int = 2, experts: int = 3) -> tuple[dict, dict]:
     return src, dst
 
 
+def gqa_pair() -> tuple[dict, dict]:
+    """A fused qkv of 4 query and 2 key/value heads of 4 rows, and its parts, in 2 layers."""
+    fused = {f"layers.{i}.attn.qkv_proj.weight": ((32, 16), F) for i in range(2)}
+    parts = {}
+    for i in range(2):
+        parts[f"layers.{i}.attn.q_proj.weight"] = ((16, 16), F)
+        parts[f"layers.{i}.attn.k_proj.weight"] = ((8, 16), F)
+        parts[f"layers.{i}.attn.v_proj.weight"] = ((8, 16), F)
+    return fused, parts
+
+
 def test_mixtral_layouts_give_renames_stacks_and_a_cat_of_stacks():
     src, dst = mixtral_pair()
     r = convspec.infer(src, dst)
@@ -64,12 +75,7 @@ def test_the_synthesized_spec_converts_a_checkpoint_as_the_builtin_spec_does(tmp
 
 
 def test_a_fused_qkv_of_gqa_sizes_is_cut_and_joined_with_its_sizes():
-    fused = {f"layers.{i}.attn.qkv_proj.weight": ((32, 16), F) for i in range(2)}
-    parts = {}
-    for i in range(2):
-        parts[f"layers.{i}.attn.q_proj.weight"] = ((16, 16), F)
-        parts[f"layers.{i}.attn.k_proj.weight"] = ((8, 16), F)
-        parts[f"layers.{i}.attn.v_proj.weight"] = ((8, 16), F)
+    fused, parts = gqa_pair()
     cut = convspec.infer(fused, parts)
     assert cut.ok and "split(x, dim=0, sizes=[16, 8, 8])" in cut.spec
     assert (
@@ -422,12 +428,7 @@ def test_renames_that_only_move_a_module_path_fold_into_one_path_rule():
 def test_sizes_and_head_counts_the_config_names_are_written_with_its_names(tmp_path):
     """With a config, a cut's sizes read `config.num_key_value_heads * config.head_dim` (the spec then
     holds for the model's other sizes), proved with that config; a size it does not name stays a number."""
-    fused = {f"layers.{i}.attn.qkv_proj.weight": ((32, 16), F) for i in range(2)}
-    parts = {}
-    for i in range(2):
-        parts[f"layers.{i}.attn.q_proj.weight"] = ((16, 16), F)
-        parts[f"layers.{i}.attn.k_proj.weight"] = ((8, 16), F)
-        parts[f"layers.{i}.attn.v_proj.weight"] = ((8, 16), F)
+    fused, parts = gqa_pair()
     config = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4, "hidden_size": 16}
     r = convspec.infer(fused, parts, config=config)
     assert r.ok and r.proof.ok

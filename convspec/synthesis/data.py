@@ -3,18 +3,8 @@ and kept where it gives the target bit for bit (part orders, transposes, pairing
 
 from __future__ import annotations
 
-from .names import (
-    Template,
-    capture_names,
-)
-from .search import (
-    MAX_TRANSFORMS_TRIED,
-    Explained,
-    Synthesis,
-    quoted,
-    rename_yaml,
-    shown,
-)
+from .names import Template
+from .search import MAX_TRANSFORMS_TRIED, Explained, Synthesis, one_convert, rename_yaml, shown
 
 
 def decide(found: Synthesis, source, target) -> None:
@@ -109,7 +99,6 @@ def _answered(found: Synthesis, rule: Explained, decided: str) -> None:
 def _repaired(rule: Explained, s: Template, candidates: list, source, target):
     """The first (target, yaml, transform) among the candidates, renamed as is and then transformed,
     that gives the target's tensors; None if none does."""
-    names = capture_names(s)
     shape = rule.members[0][1][0] if rule.members else ()
     rows = shape[0] if shape else 0
     for t in candidates:
@@ -118,10 +107,7 @@ def _repaired(rule: Explained, s: Template, candidates: list, source, target):
             return t, yaml, ""
     for t in candidates:
         for expr in _transforms(rows):
-            yaml = (
-                f"  - convert:  # {rule.keys} keys\n      x: {quoted(s.text(names, True))}\n    to:\n"
-                f"      {quoted(t.text(names, False))}: {expr}"
-            )
+            yaml = one_convert(s, t, rule.keys, expr)
             if _fits(yaml, source, target):
                 return t, yaml, expr
     return None

@@ -85,6 +85,25 @@ def shown(t: Template) -> str:
     return t.text(capture_names(t), False)
 
 
+def one_convert(s: Template, t: Template, n: int, expr: str) -> str:
+    """A convert of one input `x` to one output, `expr` of it: a transpose, a squeeze, a permutation."""
+    names = capture_names(s)
+    return (
+        f"  - convert:  # {n} keys\n      x: {quoted(s.text(names, True))}\n    to:\n"
+        f"      {quoted(t.text(names, False))}: {expr}"
+    )
+
+
+def _rivals(pairs: list) -> tuple[dict, dict]:
+    """Each source's candidate targets and each target's candidate sources, in the pairs' order."""
+    of_s: dict[Template, list] = defaultdict(list)
+    of_t: dict[Template, list] = defaultdict(list)
+    for _, s, t in pairs:
+        of_s[s].append(t)
+        of_t[t].append(s)
+    return of_s, of_t
+
+
 def rename_yaml(s: Template, t: Template, n: int) -> str:
     names = capture_names(s)
     return (
@@ -177,20 +196,16 @@ class Search:
         """Template pairs with the same members (numbers, shapes, dtypes): renames, most alike first.
         `settled`: only those the names settle, the rest left to joins and stacks first (`attn.proj`
         may be `q_proj` by its shape, but `q_proj` is a part of `attn.qkv`)."""
-        fits = lambda s, t: self.src[s] == self.dst[t]  # noqa: E731
-        seen = self.seen
-        pairs = [
-            (similarity(seen(s), t), s, t)
-            for s, t in near(self.src, self.dst, self.names, fits, seen=(seen, None))
-        ]
-        pairs.sort(key=lambda p: (-p[0], -letters(seen(p[1]), p[2]), p[1].segments, p[2].segments))
+        pairs = self._ranked(lambda s, t: self.src[s] == self.dst[t])
+        pairs.sort(key=lambda p: (-p[0], -letters(self.seen(p[1]), p[2]), p[1].segments, p[2].segments))
+        of_s, of_t = _rivals(pairs)
         taken_s, taken_t = set(), set()
         chosen = []
         for _, s, t in pairs:
             if s in taken_s or t in taken_t:
                 continue
-            rival_s = [p[1] for p in pairs if p[2] == t and p[1] != s]
-            rival_t = [p[2] for p in pairs if p[1] == s and p[2] != t]
+            rival_s = [x for x in of_t[t] if x != s]
+            rival_t = [x for x in of_s[s] if x != t]
             unsettled = bool(rival_s or rival_t) and not _marked(s, t, rival_s, rival_t)
             if settled and unsettled:
                 continue
@@ -208,6 +223,25 @@ class Search:
         for s, t, question in chosen:
             self._rename(s, t, self.src.pop(s), question)
             del self.dst[t]
+
+    def _ranked(self, fits) -> list[tuple[float, Template, Template]]:
+        """The pairs of templates left that `fits` and whose names are alike, each with how alike
+        (the source's name as the learned module paths read it)."""
+        seen = self.seen
+        return [
+            (similarity(seen(s), t), s, t)
+            for s, t in near(self.src, self.dst, self.names, fits, seen=(seen, None))
+        ]
+
+    def _one_to_one(self, pairs: list, expr, kind: str) -> None:
+        """The pairs, in order, each source and target taken once: a convert of `expr(s, t)`."""
+        for _, s, t in pairs:
+            if s not in self.src or t not in self.dst:
+                continue
+            form = expr(s, t)
+            n = len(self.src.pop(s))
+            del self.dst[t]
+            self.out.rules.append(Explained(one_convert(s, t, n, form), n, kind))
 
     def _rename(self, s: Template, t: Template, members: Members, question: str = "") -> None:
         n = len(members)
@@ -437,37 +471,14 @@ class Search:
                 len(ms[i][0]) == 2 and ms[i][0][::-1] == mt[i][0] and ms[i][0][0] != ms[i][0][1]
                 and ms[i][1] == mt[i][1] for i in ms)  # fmt: skip
 
-        seen = self.seen
-        pairs = [
-            (similarity(seen(s), t), s, t)
-            for s, t in near(self.src, self.dst, self.names, fits, seen=(seen, None))
-        ]
-        pairs.sort(key=lambda p: (-p[0], p[1].segments))
-        for _, s, t in pairs:
-            if s not in self.src or t not in self.dst:
-                continue
-            n = len(self.src.pop(s))
-            del self.dst[t]
-            names = capture_names(s)
-            self.out.rules.append(
-                Explained(
-                    f"  - convert:  # {n} keys\n      x: {quoted(s.text(names, True))}\n    to:\n"
-                    f"      {quoted(t.text(names, False))}: transpose(x, dim0=0, dim1=1)",
-                    n,
-                    "transposed",
-                )
-            )
+        pairs = sorted(self._ranked(fits), key=lambda p: (-p[0], p[1].segments))
+        self._one_to_one(pairs, lambda s, t: "transpose(x, dim0=0, dim1=1)", "transposed")
 
     def renumbered(self) -> None:
         """Templates whose members are the same but for one number moved by a constant
         (`attn_queries.0` .. `.46` -> `layers.1` .. `.47`): a rename that writes `{i+1}`."""
-        fits = lambda s, t: len(self.src[s]) == len(self.dst[t])  # noqa: E731
-        seen = self.seen
         pairs = sorted(
-            (
-                (similarity(seen(s), t), s, t)
-                for s, t in near(self.src, self.dst, self.names, fits, seen=(seen, None))
-            ),
+            self._ranked(lambda s, t: len(self.src[s]) == len(self.dst[t])),
             key=lambda p: (-p[0], p[1].segments, p[2].segments),
         )
         for _, s, t in pairs:
@@ -512,13 +523,14 @@ class Search:
         rs = {Template(tuple(k.split("."))): v for k, v in right.items()}
         pairs = [(similarity(a, b), a, b) for a, b in near(ls, rs, self.names, lambda a, b: ls[a] == rs[b])]
         pairs.sort(key=lambda p: (-p[0], p[1].segments, p[2].segments))
+        of_s, of_t = _rivals(pairs)
         done_s, done_t = set(), set()
         for _, a, b in pairs:
             k, t = ".".join(a.segments), ".".join(b.segments)
             if k in done_s or t in done_t:
                 continue
-            rival_s = [p[1] for p in pairs if p[2] == b and p[1] != a]
-            rival_t = [p[2] for p in pairs if p[1] == a and p[2] != b]
+            rival_s = [x for x in of_t[b] if x != a]
+            rival_t = [x for x in of_s[a] if x != b]
             question = ""
             if (rival_s or rival_t) and not _marked(a, b, rival_s, rival_t):
                 others = _listed([".".join(x.segments) for x in dict.fromkeys(rival_t + rival_s)])
@@ -650,28 +662,9 @@ class Search:
                     return f"{op}(x, dim={dims.pop()})"
             return None
 
-        seen = self.seen
-        pairs = [
-            (similarity(seen(s), t), s, t)
-            for s, t in near(
-                self.src, self.dst, self.names, lambda s, t: form(s, t) is not None, seen=(seen, None)
-            )
-        ]
-        for _, s, t in sorted(pairs, key=lambda p: (-p[0], p[1].segments, p[2].segments)):
-            if s not in self.src or t not in self.dst:
-                continue
-            expr = form(s, t)
-            n = len(self.src.pop(s))
-            del self.dst[t]
-            names = capture_names(s)
-            self.out.rules.append(
-                Explained(
-                    f"  - convert:  # {n} keys\n      x: {quoted(s.text(names, True))}\n    to:\n"
-                    f"      {quoted(t.text(names, False))}: {expr}",
-                    n,
-                    "squeezed",
-                )
-            )
+        pairs = self._ranked(lambda s, t: form(s, t) is not None)
+        pairs.sort(key=lambda p: (-p[0], p[1].segments, p[2].segments))
+        self._one_to_one(pairs, form, "squeezed")
 
     def square_questions(self) -> None:
         """Where weights were found transposed, a square 2-D weight renamed as it is may have been
@@ -685,12 +678,7 @@ class Search:
                     "beside it are transposed, so it may be too (only data can tell)"
                 )
                 self.out.questions.append(r.question)
-                src = r.yaml.split("rename:")[1].split("#")[0].strip()
-                dst = r.yaml.split("to:")[1].strip()
-                r.alternatives = [
-                    r.yaml,
-                    f"  - convert:  # {r.keys} keys\n      x: {src}\n    to:\n      {dst}: transpose(x, dim0=0, dim1=1)",
-                ]
+                r.alternatives = [r.yaml, one_convert(*r.pair, r.keys, "transpose(x, dim0=0, dim1=1)")]
 
     def run(self) -> Synthesis:
         self.unchanged()
