@@ -60,7 +60,7 @@ def templates(layout: Layout) -> dict[Template, Members]:
     return dict(out)
 
 
-def capture_names(t: Template, extra: dict[int, str] | None = None) -> list[str]:
+def capture_names(t: Template) -> list[str]:
     """The capture of each slot of `t`, named by the segment before it, distinct."""
     names, used = [], set()
     for k, s in enumerate(t.segments):
@@ -95,7 +95,7 @@ def alike(a: Template, b: Template) -> bool:
     return _alike_families(family(a), family(b))
 
 
-MAX_NAME_PAIRS = 200_000  # family pairs one search compares by name (~2 s); past it, none pairs by name
+MAX_NAME_PAIRS = 100_000  # family pairs one search compares by name (~2 s); past it, none pairs by name
 
 
 class Names:
@@ -103,14 +103,14 @@ class Names:
     of thousands of unrelated names end unexplained in seconds, and the report says the budget ran out."""
 
     def __init__(self) -> None:
-        self.seen: dict[tuple[Template, Template], bool] = {}
+        self.seen: dict[tuple[Template, Template], bool] = {}  # both orders of each pair compared
         self.true: list[tuple[Template, Template]] = []
         self.spent = False
 
     def alike(self, a: Template, b: Template) -> bool:
         got = self.seen.get((a, b))
         if got is None:
-            if len(self.seen) >= MAX_NAME_PAIRS:
+            if len(self.seen) >= 2 * MAX_NAME_PAIRS:
                 self.spent = True
                 return False
             got = self.seen[(a, b)] = self.seen[(b, a)] = _alike_families(a, b)
